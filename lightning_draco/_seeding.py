@@ -1,0 +1,52 @@
+"""Deterministic seeds derived from tuples of integers, and scoped RNG state."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import struct
+from typing import Iterator, Optional
+
+import torch
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed that depends on every part: the same parts give the same seed on every process."""
+    payload = struct.pack(f"<{len(parts)}q", *(int(p) & 0x7FFF_FFFF_FFFF_FFFF for p in parts))
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
+
+
+def generator(*parts: int, device: Optional[torch.device] = None) -> torch.Generator:
+    """A torch generator seeded from ``parts``, on ``device`` (CPU when None)."""
+    gen = torch.Generator(device=device if device is not None else "cpu")
+    gen.manual_seed(derive_seed(*parts))
+    return gen
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: Optional[torch.device] = None) -> Iterator[None]:
+    """Run the block with torch's, Python's and NumPy's global RNGs seeded to ``seed``; restore them after.
+
+    Replicas that compute the same partition draw the same dropout masks and augmentations
+    inside this block, whatever their own RNG streams did before.
+    """
+    devices = [device] if device is not None and device.type == "cuda" else []
+    py_state = random.getstate()
+    try:
+        import numpy
+
+        np_state = numpy.random.get_state()
+    except ImportError:  # pragma: no cover - numpy ships with the dependencies
+        numpy, np_state = None, None
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        if numpy is not None:
+            numpy.random.seed(seed % (2**32))
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            if numpy is not None:
+                numpy.random.set_state(np_state)

@@ -1,0 +1,126 @@
+"""Simulated Byzantine workers: which ranks lie at a step, and what they send."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from lightning_draco._seeding import generator
+from lightning_draco.attacks import Attack, call_attack, get_attack
+
+__all__ = ["Adversary"]
+
+
+class Adversary:
+    """Byzantine workers for research and tests: on the chosen ranks the outgoing coded gradient is replaced.
+
+    Args:
+        ranks: the lying ranks, fixed for the whole run, or ``"random"``: a fresh set of
+            ``count`` ranks every step, drawn reproducibly from ``seed`` and the step.
+        attack: the name of a built-in attack (``reverse``, ``constant``, ``gaussian``,
+            ``sign_flip``, ``bit_flip``, ``nan``, ``inf``, ``collude``) or a callable
+            ``attack(honest, **context) -> Tensor`` (see ``lightning_draco.attacks``).
+        seed: seeds the random choice of ranks and the attacks' random streams.
+        count: how many ranks lie per step with ``ranks="random"``; defaults to the
+            strategy's ``num_adversaries``.
+        **options: keyword options of the attack (``scale=``, ``sigma=``, ``num_flips=`` ...).
+
+    The parameter server is trusted: it never lies, and naming it is an error.
+    """
+
+    def __init__(
+        self,
+        ranks: Union[Sequence[int], str] = (),
+        attack: Union[str, Attack] = "reverse",
+        seed: int = 0,
+        count: Optional[int] = None,
+        **options: Any,
+    ):
+        if isinstance(ranks, str):
+            if ranks != "random":
+                raise ValueError(f'adversary ranks must be a list of ranks or "random" (got {ranks!r}).')
+            self.ranks: Union[tuple[int, ...], str] = "random"
+        else:
+            ranks = tuple(ranks)
+            if any(not isinstance(r, int) or isinstance(r, bool) or r < 0 for r in ranks):
+                raise ValueError(f"adversary ranks must be non-negative integers (got {list(ranks)}).")
+            if len(set(ranks)) != len(ranks):
+                raise ValueError(f"adversary ranks must be distinct (got {list(ranks)}).")
+            self.ranks = tuple(sorted(ranks))
+        if count is not None and (not isinstance(count, int) or count < 0):
+            raise ValueError(f"adversary count must be an integer >= 0 (got {count!r}).")
+        self.attack_fn: Attack = get_attack(attack) if isinstance(attack, str) else attack
+        if not callable(self.attack_fn):
+            raise ValueError(f"attack must be the name of a built-in attack or a callable (got {attack!r}).")
+        self.attack_name = attack if isinstance(attack, str) else getattr(attack, "__name__", repr(attack))
+        self.seed = int(seed)
+        self.count = count
+        self.options = options
+
+    @property
+    def is_random(self) -> bool:
+        return self.ranks == "random"
+
+    def check(self, world_size: Optional[int], ps_rank: int, num_adversaries: int) -> list[str]:
+        """Raise ``ValueError`` for ranks that cannot lie; return warnings for a guarantee that no longer holds."""
+        warnings = []
+        if not self.is_random:
+            if ps_rank in self.ranks:
+                raise ValueError(
+                    f"adversary ranks must not include ps_rank={ps_rank}: the parameter server is trusted."
+                )
+            if world_size is not None and any(r >= world_size for r in self.ranks):
+                raise ValueError(
+                    f"adversary ranks must be in [0, {world_size}) for a world of {world_size} ranks"
+                    f" (got {list(self.ranks)})."
+                )
+            planned = len(self.ranks)
+        else:
+            planned = num_adversaries if self.count is None else self.count
+            if world_size is not None and planned > world_size - 1:
+                raise ValueError(
+                    f"adversary count must be at most world_size - 1 = {world_size - 1}: the parameter server"
+                    f" never lies (got {planned})."
+                )
+        if planned > num_adversaries:
+            warnings.append(
+                f"{planned} simulated adversaries exceed num_adversaries={num_adversaries}: DRACO's guarantee"
+                " no longer holds, and decodes may fail or, when liars collude, go wrong unnoticed."
+            )
+        return warnings
+
+    def faulty_ranks(self, step: int, world_size: int, ps_rank: int, num_adversaries: int) -> frozenset[int]:
+        """The ranks that lie at ``step``; the same answer on every process."""
+        if not self.is_random:
+            return frozenset(self.ranks)
+        count = num_adversaries if self.count is None else self.count
+        candidates = torch.tensor([r for r in range(world_size) if r != ps_rank])
+        order = torch.randperm(len(candidates), generator=generator(self.seed, step, 0x5EED))
+        return frozenset(int(r) for r in candidates[order[:count]])
+
+    def corrupt(self, honest: Tensor, *, rank: int, step: int, bucket: int) -> Tensor:
+        """What ``rank`` sends instead of ``honest`` at this step and bucket."""
+        device = honest.device
+        context = {
+            "rank": rank,
+            "step": step,
+            "bucket": bucket,
+            "generator": generator(self.seed, step, bucket, rank, device=device),
+            "shared_generator": generator(self.seed, step, bucket, -1, device=device),
+        }
+        sent = call_attack(self.attack_fn, honest, self.options, context)
+        if not isinstance(sent, Tensor) or sent.shape != honest.shape:
+            raise ValueError(
+                f"attack {self.attack_name!r} must return a tensor of shape {tuple(honest.shape)}"
+                f" (got {type(sent).__name__} {getattr(sent, 'shape', '')})."
+            )
+        return sent.to(dtype=honest.dtype, device=honest.device)
+
+    def __repr__(self) -> str:
+        ranks = '"random"' if self.is_random else list(self.ranks)
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"Adversary(ranks={ranks}, attack={self.attack_name!r}, seed={self.seed}{opts})"
+

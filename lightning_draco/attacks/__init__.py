@@ -1,0 +1,62 @@
+"""Attacks: what a Byzantine worker sends instead of its honest coded gradient.
+
+An attack is a function ``attack(honest, **context) -> Tensor`` that must not modify
+``honest``. The context holds what a simulated adversary may know: ``rank``, ``step``,
+``bucket``, ``generator`` (its own random stream for this step and bucket) and
+``shared_generator`` (one stream shared by all colluding adversaries). An attack declares
+the context keywords it needs; the rest are not passed. Its own options (``scale``,
+``sigma``, ...) are keyword arguments with defaults.
+
+Each module of this package registers its attacks with ``@register_attack``; importing the
+package imports every module, so a new attack is one file (plus its config and tests).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from typing import Any, Callable
+
+from torch import Tensor
+
+Attack = Callable[..., Tensor]
+
+ATTACKS: dict[str, Attack] = {}
+
+CONTEXT_KEYS = ("rank", "step", "bucket", "generator", "shared_generator")
+
+
+def register_attack(name: str) -> Callable[[Attack], Attack]:
+    """Decorator: make the function available as ``Adversary(attack=name)``."""
+
+    def register(fn: Attack) -> Attack:
+        if name in ATTACKS and ATTACKS[name] is not fn:
+            raise ValueError(f"an attack named {name!r} is already registered.")
+        ATTACKS[name] = fn
+        return fn
+
+    return register
+
+
+def get_attack(name: str) -> Attack:
+    """The built-in attack called ``name``, or a ``ValueError`` listing the known ones."""
+    try:
+        return ATTACKS[name]
+    except KeyError:
+        known = ", ".join(sorted(ATTACKS))
+        raise ValueError(f"attack must be one of {known}, or a callable (got {name!r}).") from None
+
+
+def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context: dict[str, Any]) -> Tensor:
+    """Call ``attack`` with its options and the context keywords it accepts."""
+    params = inspect.signature(attack).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    chosen = {k: v for k, v in context.items() if takes_any or k in params}
+    return attack(honest, **options, **chosen)
+
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["ATTACKS", "CONTEXT_KEYS", "Attack", "call_attack", "get_attack", "register_attack"]

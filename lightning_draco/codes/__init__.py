@@ -1,0 +1,66 @@
+"""Gradient codes, made by name.
+
+Each module in this package defines one ``Code`` subclass and registers it with
+``@register_code``; importing the package imports every module, so a new code is one new
+file here (plus its config and tests) and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import Optional
+
+from lightning_draco.codes.base import (
+    Code,
+    DecodeResult,
+    DracoDecodeError,
+    NonFiniteGradientError,
+    accumulation_dtype,
+)
+
+CODES: dict[str, type[Code]] = {}
+
+
+def register_code(cls: type[Code]) -> type[Code]:
+    """Class decorator: make ``cls`` available as ``DracoStrategy(code=cls.name)``."""
+    if cls.name in CODES and CODES[cls.name] is not cls:
+        raise ValueError(f"a code named {cls.name!r} is already registered ({CODES[cls.name].__name__}).")
+    CODES[cls.name] = cls
+    return cls
+
+
+def code_class(name: str) -> type[Code]:
+    """The registered code called ``name``, or a ``ValueError`` listing the known ones."""
+    try:
+        return CODES[name]
+    except KeyError:
+        known = ", ".join(sorted(CODES))
+        raise ValueError(f"code must be one of {known} (got {name!r}).") from None
+
+
+def make_code(name: str, num_workers: int, num_adversaries: int, redundancy: Optional[int] = None) -> Code:
+    """Build the code called ``name`` for ``num_workers`` workers."""
+    return code_class(name)(num_workers, num_adversaries, redundancy)
+
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base":
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+from lightning_draco.codes.frc import FractionalRepetitionCode  # noqa: E402
+from lightning_draco.codes.uncoded import Uncoded  # noqa: E402
+
+__all__ = [
+    "CODES",
+    "Code",
+    "DecodeResult",
+    "DracoDecodeError",
+    "FractionalRepetitionCode",
+    "NonFiniteGradientError",
+    "Uncoded",
+    "accumulation_dtype",
+    "code_class",
+    "make_code",
+    "register_code",
+]

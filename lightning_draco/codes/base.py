@@ -1,0 +1,148 @@
+"""The interface every gradient code implements, and what a decode returns.
+
+A code fixes three things for ``P`` workers and ``P`` data partitions:
+
+* which partitions each worker computes gradients for (``partitions``),
+* how a worker combines them into the one vector it sends (``encoding_matrix``),
+* how the parameter server turns the ``P`` received vectors back into the exact sum
+  of all partition gradients while naming the workers that lied (``decode``).
+
+Everything here is pure torch on tensors: no process groups, no Lightning.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["Code", "DecodeResult", "DracoDecodeError", "NonFiniteGradientError", "accumulation_dtype"]
+
+
+class DracoDecodeError(RuntimeError):
+    """The received vectors do not determine the gradient sum: more workers lied than the code tolerates.
+
+    Attributes:
+        suspects: sorted worker indices that the decoder could not clear.
+        step: the optimizer step of the failed decode, when raised during training.
+        bucket: the position of the gradient bucket within that step, when raised during training.
+    """
+
+    def __init__(self, message: str, suspects: list[int], step: Optional[int] = None, bucket: Optional[int] = None):
+        super().__init__(message)
+        self.reason = message
+        self.suspects = sorted(suspects)
+        self.step = step
+        self.bucket = bucket
+
+    def at(self, step: int, bucket: int) -> "DracoDecodeError":
+        """The same failure, placed at a training step and bucket (for the message every rank raises)."""
+        located = DracoDecodeError(
+            f"DRACO decode failed at step {step}, bucket {bucket}: {self.reason}", self.suspects, step, bucket
+        )
+        return located
+
+    def __reduce__(self):  # picklable across processes with its fields
+        return (DracoDecodeError, (self.reason, self.suspects, self.step, self.bucket))
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """The honest workers agree on a gradient that contains NaN or Inf: the model diverged, nobody lied."""
+
+
+@dataclass
+class DecodeResult:
+    """What the parameter server learns from one decode.
+
+    Attributes:
+        total: ``(d,)`` sum of the gradients of all ``P`` partitions, as if nobody had lied.
+        faulty: sorted indices of the workers whose vectors were found wrong.
+    """
+
+    total: Tensor
+    faulty: list[int] = field(default_factory=list)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Sums of half-precision vectors are accumulated in float32; other dtypes in themselves."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class Code(ABC):
+    """A gradient code for ``num_workers`` workers tolerating ``num_adversaries`` Byzantine ones.
+
+    Subclasses set ``name`` (the string ``DracoStrategy(code=...)`` accepts), check their
+    parameters in ``check`` and implement ``partitions``, ``encoding_matrix`` and ``decode``.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, num_workers: int, num_adversaries: int, redundancy: Optional[int] = None):
+        redundancy = self.default_redundancy(num_adversaries) if redundancy is None else redundancy
+        self.check(num_adversaries, redundancy, num_workers)
+        self.num_workers = int(num_workers)
+        self.num_adversaries = int(num_adversaries)
+        self.redundancy = int(redundancy)
+
+    # -- parameters -------------------------------------------------------------------------
+    @classmethod
+    def default_redundancy(cls, num_adversaries: int) -> int:
+        """The smallest redundancy that tolerates ``num_adversaries`` liars: 2s+1."""
+        return 2 * num_adversaries + 1
+
+    @classmethod
+    def check(cls, num_adversaries: int, redundancy: int, num_workers: Optional[int] = None) -> None:
+        """Raise ``ValueError`` naming the parameter and the rule it breaks.
+
+        Called without ``num_workers`` before the world size is known, and with it once it is.
+        """
+        if not isinstance(num_adversaries, int) or isinstance(num_adversaries, bool) or num_adversaries < 0:
+            raise ValueError(f"num_adversaries must be an integer >= 0 (got {num_adversaries!r}).")
+        if not isinstance(redundancy, int) or isinstance(redundancy, bool) or redundancy < 1:
+            raise ValueError(f"redundancy must be an integer >= 1 (got {redundancy!r}).")
+        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
+            raise ValueError(f"num_workers must be an integer >= 1 (got {num_workers!r}).")
+
+    # -- the code ---------------------------------------------------------------------------
+    @abstractmethod
+    def partitions(self, worker: int) -> list[int]:
+        """The partitions whose gradients ``worker`` computes, in the order it computes them."""
+
+    @property
+    @abstractmethod
+    def encoding_matrix(self) -> Tensor:
+        """``(num_workers, num_partitions)`` float64: row ``i`` weights the partition gradients worker ``i`` sends."""
+
+    @abstractmethod
+    def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
+        """Recover the sum of all partition gradients from ``received`` (``(num_workers, d)``).
+
+        ``generator`` is the parameter server's secret randomness for codes that project the
+        received vectors; codes that need none ignore it. Raises ``DracoDecodeError`` when the
+        vectors reveal more liars than the code tolerates.
+        """
+
+    # -- shared helpers ---------------------------------------------------------------------
+    @property
+    def num_partitions(self) -> int:
+        return self.num_workers
+
+    def coefficients(self, worker: int) -> list[float]:
+        """The weights of ``worker``'s partitions, in the order of ``partitions(worker)``."""
+        row = self.encoding_matrix[worker]
+        return [float(row[p]) for p in self.partitions(worker)]
+
+    def _check_received(self, received: Tensor) -> None:
+        if received.dim() != 2 or received.shape[0] != self.num_workers:
+            raise ValueError(
+                f"received must have shape (num_workers={self.num_workers}, d); got {tuple(received.shape)}."
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_workers={self.num_workers}, num_adversaries={self.num_adversaries},"
+            f" redundancy={self.redundancy})"
+        )

@@ -1,0 +1,213 @@
+"""Fractional repetition code: groups of r workers compute the same sum, the server takes a verified vote."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_draco.codes import register_code
+from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
+
+# Same-width integer views: bitwise equality, under which a NaN equals an identical NaN.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@register_code
+class FractionalRepetitionCode(Code):
+    """DRACO's repetition code for ``P`` workers, ``s`` adversaries and redundancy ``r`` (``r | P``).
+
+    Workers are split into ``P / r`` groups of ``r`` consecutive indices; group ``g`` holds
+    partitions ``g*r .. g*r + r - 1`` and each of its members sends the sum of their gradients.
+
+    Decoding, per group and per block of ``chunk_size`` coordinates:
+
+    1. Compare every member with the first bit for bit; if at least ``s + 1`` agree (and the
+       others are too few to form a second such class), the first member's block is honest:
+       any ``s + 1`` members include an honest one, and honest members agree.
+    2. Otherwise split the members into classes of bitwise-identical blocks. Exactly one class
+       of at least ``s + 1`` members is the honest value; two such classes mean more than ``s``
+       liars and raise ``DracoDecodeError``.
+    3. Where no class reaches ``s + 1`` (replicas whose kernels are not deterministic), fall
+       back to comparing whole vectors within ``tolerance``: ``a`` and ``b`` agree when both are
+       finite and ``||a - b|| <= tolerance * max(||a||, ||b||)``. The member that agrees with the
+       most others wins if at least ``s + 1`` agree with it; else ``DracoDecodeError``.
+       A liar inside the tolerance can then move its group's term by that relative amount.
+    4. Sum the winners over groups (float32 accumulation for half precision). Members that
+       differ from their group's winner anywhere are reported as faulty.
+
+    Blocks are compared and summed while they are in cache, so in the common case the decode
+    reads the received data once, as a plain mean does.
+    """
+
+    name = "frc"
+
+    def __init__(
+        self,
+        num_workers: int,
+        num_adversaries: int,
+        redundancy: Optional[int] = None,
+        *,
+        tolerance: float = 1e-5,
+        chunk_size: int = 1 << 20,
+    ):
+        super().__init__(num_workers, num_adversaries, redundancy)
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0 (got {tolerance!r}).")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (got {chunk_size!r}).")
+        self.tolerance = float(tolerance)
+        self.chunk_size = int(chunk_size)
+        self._matrix: Optional[Tensor] = None
+
+    @classmethod
+    def check(cls, num_adversaries: int, redundancy: int, num_workers: Optional[int] = None) -> None:
+        super().check(num_adversaries, redundancy, num_workers)
+        if redundancy < 2 * num_adversaries + 1:
+            raise ValueError(
+                f"redundancy must be at least 2 * num_adversaries + 1 = {2 * num_adversaries + 1}"
+                f" to tolerate {num_adversaries} adversaries (got redundancy={redundancy})."
+            )
+        if num_workers is not None:
+            if num_workers < redundancy:
+                raise ValueError(
+                    f"the number of workers ({num_workers}) must be at least the redundancy r={redundancy}."
+                )
+            if num_workers % redundancy:
+                raise ValueError(
+                    f"code='frc' needs the redundancy r={redundancy} to divide the number of workers"
+                    f" ({num_workers}); use a world size that is a multiple of {redundancy}, or code='crc'."
+                )
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_workers // self.redundancy
+
+    def group_of(self, worker: int) -> int:
+        return worker // self.redundancy
+
+    def members(self, group: int) -> list[int]:
+        return list(range(group * self.redundancy, (group + 1) * self.redundancy))
+
+    def partitions(self, worker: int) -> list[int]:
+        if not 0 <= worker < self.num_workers:
+            raise ValueError(f"worker must be in [0, {self.num_workers}) (got {worker}).")
+        return self.members(self.group_of(worker))
+
+    @property
+    def encoding_matrix(self) -> Tensor:
+        if self._matrix is None:
+            block = torch.ones(self.redundancy, self.redundancy, dtype=torch.float64)
+            self._matrix = torch.block_diag(*([block] * self.num_groups))
+        return self._matrix
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
+        self._check_received(received)
+        received = received.contiguous()
+        num_groups, r = self.num_groups, self.redundancy
+        d = received.shape[1]
+        rows = received.view(num_groups, r, d)
+        bits = rows.view(_BITS[received.element_size()])
+        acc = accumulation_dtype(received.dtype)
+        total = torch.empty(d, dtype=acc, device=received.device)
+        faulty: set[int] = set()
+        unresolved: dict[int, list[slice]] = {}
+
+        for start in range(0, d, self.chunk_size):
+            block = slice(start, min(d, start + self.chunk_size))
+            winners = []
+            for g in range(num_groups):
+                winner = self._vote(bits[g, :, block], g, faulty)
+                if winner is None:
+                    unresolved.setdefault(g, []).append(block)
+                else:
+                    winners.append((g, winner))
+            if len(winners) == num_groups and all(w == 0 for _, w in winners):
+                torch.sum(rows[:, 0, block], dim=0, dtype=acc, out=total[block])
+            elif winners:
+                chosen = torch.stack([rows[g, w, block] for g, w in winners])
+                torch.sum(chosen, dim=0, dtype=acc, out=total[block])
+            else:
+                total[block].zero_()
+
+        for g, blocks in unresolved.items():
+            winner, agreeing = self._tolerance_vote(rows[g], g)
+            for block in blocks:
+                total[block] += rows[g, winner, block].to(acc)
+            group = self.members(g)
+            faulty.difference_update(group)
+            faulty.update(w for m, w in enumerate(group) if not agreeing[m])
+        return DecodeResult(total, sorted(faulty))
+
+    def _vote(self, block: Tensor, group: int, faulty: set[int]) -> Optional[int]:
+        """Index within the group of a member whose block at least s+1 members share, or None."""
+        r, need = self.redundancy, self.num_adversaries + 1
+        first = [0] + [m for m in range(1, r) if torch.equal(block[m], block[0])]
+        if len(first) >= need and r - len(first) < need:
+            classes = [first]
+        else:
+            classes = [first]
+            for m in range(1, r):
+                if m in first:
+                    continue
+                for members in classes[1:]:
+                    if torch.equal(block[m], block[members[0]]):
+                        members.append(m)
+                        break
+                else:
+                    classes.append([m])
+        majorities = [members for members in classes if len(members) >= need]
+        if len(majorities) > 1:
+            workers = self.members(group)
+            raise DracoDecodeError(
+                f"group {group} (workers {workers}) holds {len(majorities)} different values each sent by at"
+                f" least s+1={need} members: more than s={self.num_adversaries} of them are faulty.",
+                workers,
+            )
+        if not majorities:
+            return None
+        winner = majorities[0]
+        base = group * r
+        faulty.update(base + m for m in range(r) if m not in winner)
+        return winner[0]
+
+    def _tolerance_vote(self, members: Tensor, group: int) -> tuple[int, list[bool]]:
+        """Vote on whole vectors that agree within ``tolerance``: (winner index, agrees-with-winner flags)."""
+        r, need = self.redundancy, self.num_adversaries + 1
+        workers = self.members(group)
+        if self.tolerance == 0:
+            raise DracoDecodeError(
+                f"group {group} (workers {workers}): no value is sent bit for bit by at least s+1={need} of its"
+                f" {r} members, and tolerance=0 allows no approximate agreement: more than"
+                f" s={self.num_adversaries} of them are faulty.",
+                workers,
+            )
+        sq_dist = torch.zeros(r, r, dtype=torch.float64)
+        sq_norm = torch.zeros(r, dtype=torch.float64)
+        finite = torch.ones(r, dtype=torch.bool)
+        for start in range(0, members.shape[1], self.chunk_size):
+            block = members[:, start : start + self.chunk_size].to(torch.float64)
+            finite &= torch.isfinite(block).all(dim=1).cpu()
+            sq_norm += (block * block).sum(dim=1).cpu()
+            sq_dist += torch.cdist(block, block).pow(2).cpu()
+        norm, dist = sq_norm.sqrt(), sq_dist.clamp_min(0).sqrt()
+        bound = self.tolerance * torch.maximum(norm[:, None], norm[None, :])
+        agree = (dist <= bound) & finite[:, None] & finite[None, :]
+        counts = agree.sum(dim=1)
+        winner = int(torch.argmax(counts))
+        if int(counts[winner]) < need:
+            raise DracoDecodeError(
+                f"group {group} (workers {workers}): no value is shared, even within tolerance={self.tolerance:g},"
+                f" by at least s+1={need} of its {r} members: more than s={self.num_adversaries} of them are faulty.",
+                workers,
+            )
+        rivals = [m for m in range(r) if not agree[winner, m] and int(counts[m]) >= need]
+        if rivals:
+            raise DracoDecodeError(
+                f"group {group} (workers {workers}) holds two values each shared within tolerance by at least"
+                f" s+1={need} members: more than s={self.num_adversaries} of them are faulty.",
+                workers,
+            )
+        return winner, [bool(agree[winner, m]) for m in range(r)]

@@ -1,0 +1,118 @@
+"""Redundant data assignment: each rank loads the batches of every partition its code gives it.
+
+Partition ``j`` of step ``t`` is exactly the batch that plain DDP's rank ``j`` gets at step
+``t``: the same ``DistributedSampler`` (same dataset, seed, epoch, shuffle, drop_last, batch
+size) with ``rank = j``. A rank holding partitions ``[3, 4, 5]`` iterates three such loaders
+side by side and yields one ``PartitionBatch`` per step.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator, NamedTuple
+
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_draco._seeding import derive_seed, seeded_rng
+
+__all__ = ["DracoDataLoader", "PartitionBatch", "partition_seed"]
+
+# Salts keep the seeds of data loading and of the forward pass apart.
+_LOAD, _FORWARD = 0x10AD, 0xF0D
+
+
+def partition_seed(seed: int, epoch: int, index: int, partition: int) -> int:
+    """The seed of partition ``partition``'s forward pass at batch ``index`` of ``epoch``: the same on every replica."""
+    return derive_seed(_FORWARD, seed, epoch, index, partition)
+
+
+class PartitionBatch(NamedTuple):
+    """One step's data on one rank: the batch of each partition it holds, in code order."""
+
+    batches: list
+    partitions: list[int]
+    epoch: int
+    index: int
+
+
+class _EpochFanout:
+    """Stands where Lightning looks for ``loader.sampler``: ``set_epoch`` reaches every partition's sampler."""
+
+    def __init__(self, samplers: list[DistributedSampler]):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self.samplers[0].epoch
+
+    def __len__(self) -> int:
+        return len(self.samplers[0])
+
+
+class DracoDataLoader:
+    """Iterates the batches of several partitions in lockstep.
+
+    Args:
+        dataloader: the training loader as Lightning prepared it for this rank, with a
+            ``DistributedSampler`` over ``num_partitions`` replicas.
+        partitions: the partitions this rank computes.
+        num_partitions: ``P``, the world size.
+        seed: mixed into the seeds of data loading (worker seeds, in-dataset randomness), so
+            replicas of a partition load identical batches.
+    """
+
+    def __init__(self, dataloader: DataLoader, partitions: list[int], num_partitions: int, seed: int):
+        sampler = dataloader.sampler
+        if not isinstance(sampler, DistributedSampler):
+            raise ValueError(
+                "DracoStrategy needs the training DataLoader to draw from a DistributedSampler (got"
+                f" {type(sampler).__name__}): keep Trainer(use_distributed_sampler=True), or give the loader"
+                f" DistributedSampler(num_replicas={num_partitions})."
+            )
+        if sampler.num_replicas != num_partitions:
+            raise ValueError(
+                f"the training DistributedSampler has num_replicas={sampler.num_replicas}; DRACO needs one replica"
+                f" per partition: num_replicas={num_partitions}."
+            )
+
+        self.partitions = list(partitions)
+        self.seed = seed
+        self.source = dataloader
+        samplers, loaders = [], []
+        for partition in self.partitions:
+            partition_sampler = copy.copy(sampler)
+            partition_sampler.rank = partition
+            samplers.append(partition_sampler)
+            loaders.append(_update_dataloader(dataloader, partition_sampler, mode=RunningStage.TRAINING))
+        self.loaders = loaders
+        self.sampler = _EpochFanout(samplers)
+        self.batch_size = dataloader.batch_size
+        self.dataset = dataloader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def __iter__(self) -> Iterator[PartitionBatch]:
+        epoch = self.sampler.epoch
+        iterators = []
+        for partition, loader in zip(self.partitions, self.loaders):
+            # Worker seeds are drawn when the iterator starts: draw them from the partition's seed.
+            with seeded_rng(derive_seed(_LOAD, self.seed, epoch, -1, partition)):
+                iterators.append(iter(loader))
+        index = 0
+        while True:
+            batches: list[Any] = []
+            for partition, iterator in zip(self.partitions, iterators):
+                with seeded_rng(derive_seed(_LOAD, self.seed, epoch, index, partition)):
+                    try:
+                        batches.append(next(iterator))
+                    except StopIteration:
+                        return
+            yield PartitionBatch(batches, list(self.partitions), epoch, index)
+            index += 1

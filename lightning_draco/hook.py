@@ -1,0 +1,189 @@
+"""The DRACO comm hook: coded gradients go to the parameter server, the decoded mean comes back.
+
+It replaces DDP's all-reduce bucket by bucket. DDP launches buckets in index order on every
+rank, and this hook finishes each bucket's collectives before it returns, so every rank issues
+the same collectives in the same order and the parameter server holds one bucket at a time.
+"""
+
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_draco._seeding import generator
+from lightning_draco.adversary import Adversary
+from lightning_draco.codes import Code, DracoDecodeError
+
+__all__ = ["DecodeStatus", "DracoHookState", "draco_hook"]
+
+
+class DecodeStatus:
+    """What the parameter server broadcasts about each bucket (first entry of the outcome vector)."""
+
+    OK = 0
+    FAILED = 1  # the vectors reveal more liars than the code tolerates
+    NONFINITE = 2  # the honest vectors agree on a gradient with NaN or Inf in it
+
+
+# Per-rank flags in the outcome vector.
+_HONEST, _CAUGHT, _SUSPECT = 0, 1, 2
+
+
+class DracoHookState:
+    """State of ``draco_hook`` on one rank.
+
+    The strategy calls ``begin_step`` before each syncing backward and reads the step's outcome
+    (``caught``, ``failure``, ``nonfinite``) after it.
+    """
+
+    __slots__ = (
+        "process_group",
+        "code",
+        "rank",
+        "world_size",
+        "ps_rank",
+        "adversary",
+        "liars",
+        "check_finite",
+        "secret",
+        "step",
+        "bucket",
+        "calls",
+        "caught",
+        "failure",
+        "nonfinite",
+        "_received",
+    )
+
+    def __init__(
+        self,
+        code: Code,
+        rank: int,
+        ps_rank: int,
+        process_group: Optional[dist.ProcessGroup] = None,
+        adversary: Optional[Adversary] = None,
+        check_finite: bool = True,
+        secret: int = 0,
+    ):
+        #: Process group of the exchange (``None``: the default group).
+        self.process_group = process_group
+        #: The gradient code; the parameter server decodes with it.
+        self.code = code
+        #: This process's rank, and the number of ranks (= the code's number of workers).
+        self.rank = rank
+        self.world_size = code.num_workers
+        #: The trusted rank that decodes; it is also a worker.
+        self.ps_rank = ps_rank
+        #: Simulated Byzantine workers, or ``None``.
+        self.adversary = adversary
+        #: Ranks that lie at the current step (from ``adversary``).
+        self.liars = frozenset()
+        #: Whether a decoded gradient with NaN/Inf is reported as ``DecodeStatus.NONFINITE``.
+        self.check_finite = check_finite
+        #: The parameter server's secret: seeds the projections of codes that draw them. Never sent.
+        self.secret = secret
+        #: Current optimizer step, and the index of the next bucket within it.
+        self.step = 0
+        self.bucket = 0
+        #: Number of buckets this hook has exchanged since construction.
+        self.calls = 0
+        #: Outcome of the current step, the same on every rank.
+        self.caught = set()
+        self.failure: Optional[DracoDecodeError] = None
+        self.nonfinite = False
+        #: The parameter server's receive buffer, reused across buckets (grows to the largest).
+        self._received: Optional[Tensor] = None
+
+    @property
+    def is_ps(self) -> bool:
+        return self.rank == self.ps_rank
+
+    def begin_step(self, step: int) -> None:
+        """Reset the per-step outcome and choose this step's liars."""
+        self.step, self.bucket = step, 0
+        self.caught, self.failure, self.nonfinite = set(), None, False
+        if self.adversary is None:
+            self.liars = frozenset()
+        else:
+            self.liars = self.adversary.faulty_ranks(
+                step, self.world_size, self.ps_rank, self.code.num_adversaries
+            )
+
+    def receive_buffer(self, like: Tensor) -> Tensor:
+        """A ``(world_size, numel)`` view into the reusable receive buffer."""
+        need = self.world_size * like.numel()
+        buf = self._received
+        if buf is None or buf.numel() < need or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._received = torch.empty(need, dtype=like.dtype, device=like.device)
+        return buf[:need].view(self.world_size, like.numel())
+
+    def projection_generator(self, bucket: int, device: torch.device) -> torch.Generator:
+        """Fresh randomness for this step and bucket, derived from the secret on the parameter server."""
+        return generator(self.secret, self.step, bucket, device=device)
+
+
+def draco_hook(state: DracoHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Replace the all-reduce of one gradient bucket by DRACO's coded exchange.
+
+    The bucket holds this rank's coded gradient: the strategy weighted the losses of the
+    partitions this rank holds by its row of the encoding matrix before the one backward.
+
+    1. A simulated adversary replaces its outgoing vector.
+    2. ``gather``: every rank's vector reaches the parameter server (PS).
+    3. The PS decodes: the sum of the ``P`` partition gradients and the ranks that lied,
+       then divides by ``P`` so that, without liars, the result is plain averaging's.
+    4. ``broadcast`` the decoded bucket from the PS, then the outcome: status and per-rank flags.
+    5. Every rank records the outcome (who was caught, a failed decode) for the strategy.
+
+    Returns a completed future holding the decoded bucket, written into ``bucket.buffer()``.
+    """
+    buffer = bucket.buffer()
+    index = state.bucket
+    state.bucket += 1
+    state.calls += 1
+    world, ps, group = state.world_size, state.ps_rank, state.process_group
+
+    outgoing = buffer
+    if state.rank in state.liars:
+        outgoing = state.adversary.corrupt(buffer, rank=state.rank, step=state.step, bucket=index)
+
+    received = state.receive_buffer(buffer) if state.is_ps else None
+    dist.gather(outgoing, list(received.unbind(0)) if state.is_ps else None, dst=ps, group=group)
+
+    outcome = torch.zeros(1 + world, dtype=torch.int32, device=buffer.device)
+    error: Optional[DracoDecodeError] = None
+    if state.is_ps:
+        try:
+            result = state.code.decode(received, generator=state.projection_generator(index, buffer.device))
+        except DracoDecodeError as err:
+            error = err
+            outcome[0] = DecodeStatus.FAILED
+            outcome[1 + torch.tensor(err.suspects, dtype=torch.long)] = _SUSPECT
+            buffer.zero_()
+        else:
+            buffer.copy_(result.total.div_(world))
+            if result.faulty:
+                outcome[1 + torch.tensor(result.faulty, dtype=torch.long)] = _CAUGHT
+            if state.check_finite and not bool(torch.isfinite(buffer).all()):
+                outcome[0] = DecodeStatus.NONFINITE
+
+    dist.broadcast(buffer, src=ps, group=group)
+    dist.broadcast(outcome, src=ps, group=group)
+
+    flags = outcome.tolist()
+    status = flags[0]
+    state.caught.update(r for r in range(world) if flags[1 + r] == _CAUGHT)
+    if status == DecodeStatus.FAILED:
+        # Rare: let every rank raise the PS's own words, at the cost of one more collective.
+        carrier = [error]
+        dist.broadcast_object_list(carrier, src=ps, group=group)
+        if state.failure is None:
+            state.failure = carrier[0].at(state.step, index)
+    elif status == DecodeStatus.NONFINITE:
+        state.nonfinite = True
+
+    future = torch.futures.Future()
+    future.set_result(buffer)
+    return future

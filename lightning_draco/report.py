@@ -1,0 +1,91 @@
+"""Who lied: per-step records of the ranks the parameter server caught, and the end-of-fit report."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+__all__ = ["FaultLedger"]
+
+
+class FaultLedger:
+    """Counts, per rank, the steps at which its gradient was found faulty.
+
+    Every rank keeps an identical ledger (the parameter server broadcasts each outcome), so
+    decisions taken from it, such as stopping at ``max_faulty_steps``, agree everywhere.
+
+    Args:
+        hostnames: host name of each rank, by rank.
+        max_faulty_steps: stop the run once a rank has been caught at more steps than this;
+            ``None`` never stops.
+    """
+
+    def __init__(self, hostnames: list[str], max_faulty_steps: Optional[int] = None):
+        self.hostnames = list(hostnames)
+        self.max_faulty_steps = max_faulty_steps
+        self.times_caught: Counter[int] = Counter()
+        self.first_caught: dict[int, int] = {}
+        self.steps = 0
+        self.skipped_steps = 0
+
+    def record(self, step: int, caught: set[int], skipped: bool) -> list[str]:
+        """Add one step's outcome; return the warnings it warrants (a rank caught for the first time)."""
+        self.steps += 1
+        self.skipped_steps += int(skipped)
+        news = []
+        for rank in sorted(caught):
+            self.times_caught[rank] += 1
+            if rank not in self.first_caught:
+                self.first_caught[rank] = step
+                news.append(
+                    f"DRACO: rank {rank} on host {self.hostname(rank)} sent a faulty gradient at step {step};"
+                    " the parameter server corrected it. Its count is logged as draco/times_caught/rank_"
+                    f"{rank}."
+                )
+        return news
+
+    def hostname(self, rank: int) -> str:
+        return self.hostnames[rank] if rank < len(self.hostnames) else "?"
+
+    def over_threshold(self) -> list[int]:
+        """Ranks caught at more than ``max_faulty_steps`` steps."""
+        if self.max_faulty_steps is None:
+            return []
+        return sorted(r for r, n in self.times_caught.items() if n > self.max_faulty_steps)
+
+    def metrics(self, caught: set[int]) -> dict[str, float]:
+        """What to log for the step just recorded."""
+        values = {"draco/caught": float(len(caught)), "draco/skipped_steps": float(self.skipped_steps)}
+        for rank, count in self.times_caught.items():
+            values[f"draco/times_caught/rank_{rank}"] = float(count)
+        return values
+
+    def counts(self) -> dict[int, int]:
+        """Rank -> number of steps at which it was caught (only ranks caught at least once)."""
+        return dict(sorted(self.times_caught.items()))
+
+    def summary(self) -> str:
+        """The end-of-fit report: rank, host, times caught."""
+        lines = [f"DRACO report: {self.steps} steps decoded, {self.skipped_steps} skipped."]
+        if not self.times_caught:
+            lines.append("No rank was caught sending a faulty gradient.")
+            return "\n".join(lines)
+        width = max(len(self.hostname(r)) for r in self.times_caught)
+        lines.append(f"{'rank':>4}  {'host':<{width}}  times caught  first at step")
+        for rank, count in sorted(self.times_caught.items()):
+            lines.append(f"{rank:>4}  {self.hostname(rank):<{width}}  {count:>12}  {self.first_caught[rank]:>13}")
+        return "\n".join(lines)
+
+    def state_dict(self) -> dict:
+        return {
+            "times_caught": dict(self.times_caught),
+            "first_caught": dict(self.first_caught),
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.times_caught = Counter({int(k): int(v) for k, v in state["times_caught"].items()})
+        self.first_caught = {int(k): int(v) for k, v in state["first_caught"].items()}
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])

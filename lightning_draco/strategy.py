@@ -1,0 +1,362 @@
+"""``DracoStrategy``: DDP whose all-reduce is replaced by DRACO's coded exchange and decode."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_draco._seeding import derive_seed, seeded_rng
+from lightning_draco.adversary import Adversary
+from lightning_draco.codes import Code, NonFiniteGradientError, code_class
+from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed
+from lightning_draco.hook import DracoHookState, draco_hook
+from lightning_draco.report import FaultLedger
+
+__all__ = ["DracoStrategy"]
+
+_FAILURE_MODES = ("raise", "skip")
+_OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+_TRANSFER = 0x7A45
+
+
+class DracoStrategy(DDPStrategy):
+    """Byzantine-resilient data-parallel training: DDP with DRACO's coded gradients.
+
+    Each of the ``P`` ranks computes the gradients of the partitions its code assigns (one
+    forward per partition, one backward), sends one coded vector per bucket to the parameter
+    server (PS), and gets back the exact mean of the ``P`` partition gradients, whatever up to
+    ``num_adversaries`` ranks sent.
+
+    Args:
+        code: ``"frc"`` (fractional repetition, needs ``redundancy | P``), ``"none"`` (plain
+            averaging through the same exchange: the baseline), or any registered code.
+        num_adversaries: ``s``, the number of Byzantine ranks to tolerate. 0 means no redundancy.
+        redundancy: ``r``, partitions per rank; at least and by default ``2s + 1``.
+        ps_rank: the trusted rank that decodes (also a worker).
+        adversary: simulated Byzantine ranks (``Adversary`` or a dict of its arguments).
+        tolerance: relative distance within which repetition-code replicas that are not
+            bitwise equal (non-deterministic kernels) still count as agreeing.
+        on_decode_failure: ``"raise"`` a ``DracoDecodeError`` on every rank, or ``"skip"`` the
+            optimizer and scheduler step on every rank, count it and go on.
+        max_faulty_steps: stop the run once a rank has been caught at more steps than this.
+        seed: seeds per-partition randomness (dropout, augmentation, data-loader workers);
+            defaults to ``PL_GLOBAL_SEED`` (set by ``seed_everything``) or 0.
+        projection_secret: the PS's secret for codes that project what they receive; drawn from
+            OS entropy when ``None``. Fix it only for reproducible tests.
+        check_finite: treat a decoded gradient with NaN/Inf as a failed step (the honest ranks
+            agree on it: the model diverged). Default: on, except for ``code="none"``, which
+            behaves as plain DDP does.
+        broadcast_buffers: copy the PS's buffers (e.g. BatchNorm running statistics) to every
+            rank once per optimizer step, after it.
+        **kwargs: passed to ``DDPStrategy`` (``timeout``, ``bucket_cap_mb``, ``start_method``,
+            ``process_group_backend``, ...). DDP's own comm-hook arguments are refused.
+    """
+
+    strategy_name = "draco"
+
+    def __init__(
+        self,
+        code: str = "frc",
+        num_adversaries: int = 1,
+        redundancy: Optional[int] = None,
+        ps_rank: int = 0,
+        adversary: Union[Adversary, dict, None] = None,
+        tolerance: float = 1e-5,
+        on_decode_failure: str = "raise",
+        max_faulty_steps: Optional[int] = None,
+        seed: Optional[int] = None,
+        projection_secret: Optional[int] = None,
+        check_finite: Optional[bool] = None,
+        broadcast_buffers: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        for name in _OWN_HOOK_ARGS:
+            if name in kwargs:
+                raise ValueError(f"{name} cannot be set on DracoStrategy: its communication is DRACO's own hook.")
+        self._code_cls = code_class(code)
+        if redundancy is None:
+            redundancy = self._code_cls.default_redundancy(num_adversaries) if isinstance(num_adversaries, int) else 1
+        self._code_cls.check(num_adversaries, redundancy)
+        if not isinstance(ps_rank, int) or isinstance(ps_rank, bool) or ps_rank < 0:
+            raise ValueError(f"ps_rank must be an integer >= 0 (got {ps_rank!r}).")
+        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
+            raise ValueError(f"tolerance must be a number >= 0 (got {tolerance!r}).")
+        if on_decode_failure not in _FAILURE_MODES:
+            raise ValueError(f"on_decode_failure must be one of {', '.join(_FAILURE_MODES)} (got {on_decode_failure!r}).")
+        if max_faulty_steps is not None and (not isinstance(max_faulty_steps, int) or max_faulty_steps < 0):
+            raise ValueError(f"max_faulty_steps must be None or an integer >= 0 (got {max_faulty_steps!r}).")
+        if isinstance(adversary, dict):
+            adversary = Adversary(**adversary)
+        if adversary is not None and not isinstance(adversary, Adversary):
+            raise ValueError(f"adversary must be an Adversary, a dict of its arguments or None (got {adversary!r}).")
+        self._adversary_warnings = adversary.check(None, ps_rank, num_adversaries) if adversary else []
+
+        kwargs["broadcast_buffers"] = False  # DDP's per-forward broadcast from rank 0; ours is per step, from the PS
+        super().__init__(**kwargs)
+        self.code_name = code
+        self.num_adversaries = num_adversaries
+        self.redundancy = redundancy
+        self.ps_rank = ps_rank
+        self.adversary = adversary
+        self.tolerance = float(tolerance)
+        self.on_decode_failure = on_decode_failure
+        self.max_faulty_steps = max_faulty_steps
+        self.seed = seed
+        self.projection_secret = projection_secret
+        self.check_finite = check_finite if check_finite is not None else code != "none"
+        self.sync_buffers = broadcast_buffers
+
+        self.code: Optional[Code] = None
+        self._hook_state: Optional[DracoHookState] = None
+        self.ledger = FaultLedger([])
+        self._skip_current_step = False
+        self._scheduler_guard: Optional[Callable] = None
+
+    # -- configuration --------------------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        # The world size is known once the Trainer is built: refuse it before any process starts.
+        self._check_world(self.num_nodes * self.num_processes)
+
+    def _check_world(self, world_size: int) -> None:
+        self._code_cls.check(self.num_adversaries, self.redundancy, world_size)
+        if self.ps_rank >= world_size:
+            raise ValueError(f"ps_rank must be in [0, {world_size}) for a world of {world_size} ranks (got {self.ps_rank}).")
+        if self.adversary is not None:
+            self.adversary.check(world_size, self.ps_rank, self.num_adversaries)
+
+    def _make_code(self, world_size: int) -> Code:
+        options = {}
+        if "tolerance" in inspect.signature(self._code_cls).parameters:
+            options["tolerance"] = self.tolerance
+        return self._code_cls(world_size, self.num_adversaries, self.redundancy, **options)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        world_size, rank = self.world_size, self.global_rank
+        self._check_world(world_size)
+        for message in self._adversary_warnings:
+            rank_zero_warn(message)
+        self.code = self._make_code(world_size)
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        secret = self.projection_secret
+        if secret is None:
+            secret = int.from_bytes(os.urandom(8), "little") >> 1 if rank == self.ps_rank else 0
+        self._hook_state = DracoHookState(
+            self.code, rank, self.ps_rank, adversary=self.adversary, check_finite=self.check_finite, secret=secret
+        )
+        hostnames: list[Any] = [None] * world_size
+        dist.all_gather_object(hostnames, socket.gethostname())
+        self.ledger = FaultLedger(hostnames, self.max_faulty_steps)
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        if trainer.state.fn == "fit" and not trainer.lightning_module.automatic_optimization:
+            raise ValueError(
+                "DracoStrategy supports automatic optimization only: set automatic_optimization = True"
+                " in your LightningModule (manual optimizer steps bypass the decode-failure handling)."
+            )
+        super().setup(trainer)
+        if trainer.state.fn == "fit":
+            self._guard_schedulers(trainer.lightning_module)
+
+    @override
+    def configure_ddp(self) -> None:
+        super().configure_ddp()
+        # DDP copied rank 0's state; the PS is the only authority on the initial model.
+        module = self.model.module
+        self._broadcast_from_ps(list(module.parameters()) + list(module.buffers()))
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        # DDPStrategy registers hooks on CUDA only; DRACO needs its hook on every device.
+        self.model.register_comm_hook(self._hook_state, draco_hook)
+
+    # -- data -----------------------------------------------------------------------------
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
+            return dataloader
+        return DracoDataLoader(dataloader, self.code.partitions(self.global_rank), self.world_size, self.seed)
+
+    @override
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        if not isinstance(batch, PartitionBatch):
+            return super().batch_to_device(batch, device, dataloader_idx)
+        moved = []
+        for partition, part in zip(batch.partitions, batch.batches):
+            with seeded_rng(derive_seed(_TRANSFER, self.seed, batch.epoch, batch.index, partition), self.root_device):
+                moved.append(super().batch_to_device(part, device, dataloader_idx))
+        return batch._replace(batches=moved)
+
+    # -- the step -------------------------------------------------------------------------
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.pop("batch")
+        if not isinstance(batch, PartitionBatch):
+            return super().training_step(*args, **kwargs)
+        weights = self.code.coefficients(self.global_rank)
+        coded: Optional[Tensor] = None
+        losses = []
+        output: Any = None
+        for weight, partition, part in zip(weights, batch.partitions, batch.batches):
+            with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
+                output = super().training_step(part, *args[1:], **kwargs)
+            loss = _loss_of(output)
+            if loss is None:
+                raise ValueError(
+                    "DracoStrategy needs training_step to return a loss (a tensor, or a dict with 'loss') for every"
+                    f" partition; it returned {output!r} for partition {partition}."
+                )
+            term = loss if weight == 1.0 else loss * weight
+            coded = term if coded is None else coded + term
+            losses.append(loss.detach())
+        # The value is the mean partition loss (what the progress bar shows); the gradient is the coded one.
+        mean = torch.stack(losses).mean()
+        return _with_loss(output, coded + (mean - coded).detach())
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the closure (forwards, backward, coded exchange), then step only if the decode succeeded."""
+        trainer = self.lightning_module.trainer
+        state = self._hook_state
+        step = trainer.global_step
+        state.begin_step(step)
+        result = closure()
+        error: Optional[Exception] = state.failure
+        if error is None and state.nonfinite:
+            error = NonFiniteGradientError(
+                f"DRACO step {step}: the honest ranks agree on a gradient with NaN or Inf in it; no rank lied, the"
+                " model has diverged (lower the learning rate, clip gradients or check the loss)."
+            )
+        self._skip_current_step = error is not None
+        self._record(trainer, step, state.caught, skipped=error is not None and self.on_decode_failure == "skip")
+        if error is not None and self.on_decode_failure == "raise":
+            raise error
+        if error is not None:
+            rank_zero_warn(f"{error} The optimizer and scheduler step are skipped (on_decode_failure='skip').")
+            output = result
+        else:
+            output = super().optimizer_step(optimizer, lambda: result, model, **kwargs)
+        if self.sync_buffers:
+            # Each rank ran its own partitions' forwards; the PS's running statistics are the model's.
+            self._broadcast_from_ps(list(self.model.module.buffers()))
+        return output
+
+    def _record(self, trainer: "pl.Trainer", step: int, caught: set[int], skipped: bool) -> None:
+        for message in self.ledger.record(step, caught, skipped):
+            rank_zero_warn(message)
+        if self.global_rank == 0 and (caught or skipped or step % max(trainer.log_every_n_steps, 1) == 0):
+            for logger in trainer.loggers:
+                logger.log_metrics(self.ledger.metrics(caught), step=step)
+        over = self.ledger.over_threshold()
+        if over and not trainer.should_stop:
+            rank_zero_warn(
+                f"DRACO: ranks {over} were caught at more than max_faulty_steps={self.max_faulty_steps} steps;"
+                " stopping the run."
+            )
+            trainer.should_stop = True
+
+    @property
+    def faulty_counts(self) -> dict[int, int]:
+        """Rank -> number of steps at which the PS caught it sending a faulty gradient."""
+        return self.ledger.counts()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.ledger.skipped_steps
+
+    @property
+    def hook_calls(self) -> int:
+        """Buckets exchanged through the DRACO hook on this rank so far."""
+        return self._hook_state.calls if self._hook_state is not None else 0
+
+    # -- schedulers -----------------------------------------------------------------------
+    def _guard_schedulers(self, module: "pl.LightningModule") -> None:
+        """A skipped step must not move per-step LR schedulers either."""
+        original = module.lr_scheduler_step
+
+        def lr_scheduler_step(scheduler: Any, metric: Any = None) -> None:
+            if self._skip_current_step and self._steps_per_batch(scheduler):
+                return
+            original(scheduler, metric)
+
+        module.lr_scheduler_step = lr_scheduler_step
+        self._scheduler_guard = lr_scheduler_step
+
+    def _steps_per_batch(self, scheduler: Any) -> bool:
+        return any(c.scheduler is scheduler and c.interval == "step" for c in self.lr_scheduler_configs)
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        rank_zero_info(self.ledger.summary())
+
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        if self._scheduler_guard is not None and module is not None:
+            if module.__dict__.get("lr_scheduler_step") is self._scheduler_guard:
+                del module.__dict__["lr_scheduler_step"]
+            self._scheduler_guard = None
+        super().teardown()
+
+    # -- helpers --------------------------------------------------------------------------
+    def _broadcast_from_ps(self, tensors: Iterable[Tensor]) -> None:
+        groups: dict[tuple, list[Tensor]] = defaultdict(list)
+        for tensor in tensors:
+            groups[(tensor.dtype, tensor.device)].append(tensor.data)
+        for same in groups.values():
+            flat = _flatten_dense_tensors(same)
+            dist.broadcast(flat, src=self.ps_rank)
+            for tensor, value in zip(same, _unflatten_dense_tensors(flat, same)):
+                tensor.copy_(value)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if cls.strategy_name not in strategy_registry:
+            strategy_registry.register(
+                cls.strategy_name,
+                cls,
+                description="DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3)",
+            )
+
+
+def _loss_of(output: Any) -> Optional[Tensor]:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict):
+        return output.get("loss")
+    return None
+
+
+def _with_loss(output: Any, loss: Tensor) -> Any:
+    if isinstance(output, dict):
+        return {**output, "loss": loss}
+    return loss

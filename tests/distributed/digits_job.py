@@ -1,0 +1,173 @@
+"""A multi-rank job for the distributed tests: runs a list of scenarios in one set of processes.
+
+Usage: python digits_job.py OUT.json SCENARIO [SCENARIO ...]
+
+Lightning's popen launcher starts ranks 1..P-1 by re-running this script, so every rank runs
+the same scenarios in the same order, each a short fit on the digits data set. Rank 0 writes,
+per scenario, a SHA-256 of the final parameters, the parameters themselves, validation
+accuracy, the faulty counts, hook calls and any error every rank raised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_draco  # noqa: F401  (registers "draco")
+from lightning_draco import Adversary, DracoDecodeError, DracoStrategy
+
+WORLD = 6
+STEPS = 30
+
+
+class DigitsNet(L.LightningModule):
+    def __init__(self, dropout: float = 0.2, lr: float = 0.05, scheduler: bool = False):
+        super().__init__()
+        layers = [nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers += [nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 10)]
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+        self.use_scheduler = scheduler
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if not self.use_scheduler:
+            return opt
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def digits():
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x / 16.0, dtype=torch.float32)
+    y = torch.tensor(y, dtype=torch.long)
+    return TensorDataset(x[:1500], y[:1500]), (x[1500:], y[1500:])
+
+
+def param_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+SCENARIOS = {}
+
+
+def scenario(name):
+    def register(fn):
+        SCENARIOS[name] = fn
+        return fn
+
+    return register
+
+
+def draco(**kw):
+    kw.setdefault("bucket_cap_mb", 0.0005)  # several buckets even for this small model
+    kw.setdefault("start_method", "popen")
+    return DracoStrategy(**kw)
+
+
+ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude"]
+for _attack in ATTACKS:
+    SCENARIOS[f"frc_fixed_{_attack}"] = (lambda a: lambda: (dict(adversary=Adversary(ranks=[4], attack=a)), {}))(_attack)
+    SCENARIOS[f"frc_random_{_attack}"] = (lambda a: lambda: (dict(adversary=Adversary(ranks="random", attack=a, seed=3)), {}))(_attack)
+    SCENARIOS[f"none_{_attack}"] = (lambda a: lambda: (dict(code="none", adversary=Adversary(ranks=[4], attack=a)), {}))(_attack)
+SCENARIOS["frc_clean"] = lambda: ({}, {})
+SCENARIOS["none_clean"] = lambda: (dict(code="none"), {})
+SCENARIOS["frc_nodropout"] = lambda: ({}, dict(dropout=0.0))
+SCENARIOS["ddp_nodropout"] = lambda: ("ddp", dict(dropout=0.0))
+SCENARIOS["frc_ps3_clean"] = lambda: (dict(ps_rank=3), {})
+SCENARIOS["frc_ps3_reverse"] = lambda: (dict(ps_rank=3, adversary=Adversary(ranks=[0], attack="reverse")), {})
+SCENARIOS["frc_two_liars_raise"] = lambda: (dict(adversary=Adversary(ranks=[1, 2], attack="gaussian")), {})
+SCENARIOS["frc_two_liars_skip"] = lambda: (
+    dict(adversary=Adversary(ranks=[1, 2], attack="gaussian"), on_decode_failure="skip"),
+    dict(scheduler=True),
+)
+SCENARIOS["frc_clean_sched"] = lambda: ({}, dict(scheduler=True))
+SCENARIOS["by_name"] = lambda: ("draco", {})
+
+
+def run(name: str) -> dict:
+    strategy_kw, model_kw = SCENARIOS[name]()
+    L.seed_everything(1234, verbose=False)
+    if isinstance(strategy_kw, str):
+        strategy = strategy_kw if strategy_kw != "ddp" else L.pytorch.strategies.DDPStrategy(start_method="popen")
+    else:
+        strategy = draco(**strategy_kw)
+    model = DigitsNet(**model_kw)
+    train, (vx, vy) = digits()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=strategy,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    out = {"name": name}
+    try:
+        trainer.fit(model, DataLoader(train, batch_size=16, shuffle=True))
+    except DracoDecodeError as err:
+        out["error"] = {"type": "DracoDecodeError", "step": err.step, "bucket": err.bucket, "suspects": err.suspects,
+                        "message": str(err)}
+    strategy = trainer.strategy
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(vx).argmax(1) == vy).float().mean())
+    out.update(
+        sha=param_digest(model),
+        params=[p.detach().double().flatten().tolist() for p in model.parameters()],
+        finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()),
+        accuracy=acc,
+        global_step=trainer.global_step,
+        lr=[g["lr"] for g in trainer.optimizers[0].param_groups] if trainer.optimizers else None,
+    )
+    if isinstance(strategy, DracoStrategy):
+        out.update(
+            faulty_counts={str(k): v for k, v in strategy.faulty_counts.items()},
+            skipped=strategy.skipped_steps,
+            hook_calls=strategy.hook_calls,
+            steps_decoded=strategy.ledger.steps,
+        )
+    # Every rank reports what it saw, so tests can check that all ranks agree.
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {k: out.get(k) for k in ("error", "sha", "hook_calls", "skipped", "faulty_counts")})
+    out["ranks"] = gathered
+    return out
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    path, names = sys.argv[1], sys.argv[2:]
+    results = {name: run(name) for name in names}
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
