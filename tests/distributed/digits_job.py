@@ -100,10 +100,26 @@ SCENARIOS["ddp_nodropout"] = lambda: ("ddp", dict(dropout=0.0))
 SCENARIOS["frc_ps3_clean"] = lambda: (dict(ps_rank=3), {})
 SCENARIOS["frc_ps3_reverse"] = lambda: (dict(ps_rank=3, adversary=Adversary(ranks=[0], attack="reverse")), {})
 SCENARIOS["frc_two_liars_raise"] = lambda: (dict(adversary=Adversary(ranks=[1, 2], attack="gaussian")), {})
+def lie_on_even_steps(honest, *, step, generator):
+    """Two such liars in one group defeat the vote on even steps only."""
+    if step % 2:
+        return honest.clone()
+    return torch.randn(honest.shape, generator=generator)
+
+
 SCENARIOS["frc_two_liars_skip"] = lambda: (
-    dict(adversary=Adversary(ranks=[1, 2], attack="gaussian"), on_decode_failure="skip"),
+    dict(adversary=Adversary(ranks=[1, 2], attack=lie_on_even_steps), on_decode_failure="skip"),
     dict(scheduler=True),
 )
+
+
+class ManualNet(DigitsNet):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+
+SCENARIOS["manual_optimization"] = lambda: ({}, dict(manual=True))
 SCENARIOS["frc_clean_sched"] = lambda: ({}, dict(scheduler=True))
 SCENARIOS["by_name"] = lambda: ("draco", {})
 
@@ -115,7 +131,7 @@ def run(name: str) -> dict:
         strategy = strategy_kw if strategy_kw != "ddp" else L.pytorch.strategies.DDPStrategy(start_method="popen")
     else:
         strategy = draco(**strategy_kw)
-    model = DigitsNet(**model_kw)
+    model = ManualNet() if model_kw.pop("manual", False) else DigitsNet(**model_kw)
     train, (vx, vy) = digits()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -133,6 +149,8 @@ def run(name: str) -> dict:
     except DracoDecodeError as err:
         out["error"] = {"type": "DracoDecodeError", "step": err.step, "bucket": err.bucket, "suspects": err.suspects,
                         "message": str(err)}
+    except ValueError as err:
+        out["error"] = {"type": "ValueError", "message": str(err)}
     strategy = trainer.strategy
     model.eval()
     with torch.no_grad():

@@ -1,0 +1,126 @@
+"""Six ranks over gloo, FRC r=3 s=1: the model trained under attack is the clean model.
+
+All scenarios run in one multi-process job (``digits_job.py``), started once for the module:
+Lightning's launcher starts each rank as a process running the job script, and every rank
+runs the scenarios in the same order. Each test reads what the job recorded.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.distributed
+
+HERE = Path(__file__).parent
+ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude"]
+WRECKING = ["reverse", "constant", "nan", "inf"]
+SCENARIOS = (
+    ["frc_clean", "none_clean", "frc_nodropout", "ddp_nodropout", "by_name", "frc_ps3_clean", "frc_ps3_reverse"]
+    + [f"frc_fixed_{a}" for a in ATTACKS]
+    + [f"frc_random_{a}" for a in ATTACKS]
+    + [f"none_{a}" for a in WRECKING]
+    + ["frc_two_liars_raise", "frc_two_liars_skip", "manual_optimization"]
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("job") / "results.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "digits_job.py"), str(out), *SCENARIOS],
+        cwd=out.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out.read_text())
+
+
+def test_every_rank_ends_with_the_same_model(runs):
+    for name, run in runs.items():
+        if name in ("frc_two_liars_raise", "manual_optimization", "ddp_nodropout"):  # DDP keeps rank-local BN stats
+            continue
+        assert len({r["sha"] for r in run["ranks"]}) == 1, name
+
+
+def test_the_hook_replaces_all_reduce_with_at_least_three_buckets(runs):
+    run = runs["frc_clean"]
+    assert run["global_step"] == 30
+    assert run["steps_decoded"] == 30
+    # The first step runs before DDP rebuilds its buckets; every later step exchanges >= 3 buckets.
+    assert run["hook_calls"] >= 1 + 3 * 29
+    assert all(r["hook_calls"] == run["hook_calls"] for r in run["ranks"])
+
+
+def test_strategy_by_name_runs_the_draco_hook(runs):
+    assert runs["by_name"]["hook_calls"] >= 30
+    assert runs["by_name"]["sha"] == runs["frc_clean"]["sha"]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+@pytest.mark.parametrize("ranks", ["fixed", "random"])
+def test_model_under_attack_is_bitwise_the_clean_model(runs, attack, ranks):
+    run = runs[f"frc_{ranks}_{attack}"]
+    assert run["sha"] == runs["frc_clean"]["sha"]
+    assert run["params"] == runs["frc_clean"]["params"]
+    assert run.get("error") is None and run["skipped"] == 0
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_the_caught_rank_is_the_liar(runs, attack):
+    assert runs[f"frc_fixed_{attack}"]["faulty_counts"] == {"4": 30}
+    random_counts = runs[f"frc_random_{attack}"]["faulty_counts"]
+    assert sum(random_counts.values()) == 30 and "0" not in random_counts
+    assert all(r["faulty_counts"] == random_counts for r in runs[f"frc_random_{attack}"]["ranks"])
+
+
+def test_ps_on_another_rank(runs):
+    assert runs["frc_ps3_reverse"]["sha"] == runs["frc_ps3_clean"]["sha"]
+    assert runs["frc_ps3_reverse"]["faulty_counts"] == {"0": 30}
+
+
+def test_matches_plain_ddp_without_dropout(runs):
+    draco, ddp = runs["frc_nodropout"], runs["ddp_nodropout"]
+    for a, b in zip(draco["params"], ddp["params"]):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("attack", WRECKING)
+def test_plain_averaging_is_wrecked_by_one_liar(runs, attack):
+    clean, attacked = runs["none_clean"], runs[f"none_{attack}"]
+    assert clean["accuracy"] > 0.35
+    assert not attacked["finite"] or attacked["accuracy"] < 0.2
+    assert attacked["faulty_counts"] == {}
+
+
+def test_raise_reaches_every_rank_with_step_bucket_and_suspects(runs):
+    run = runs["frc_two_liars_raise"]
+    for seen in run["ranks"]:
+        error = seen["error"]
+        assert error["type"] == "DracoDecodeError"
+        assert error["step"] == 0 and error["bucket"] == 0 and error["suspects"] == [0, 1, 2]
+        assert "group 0 (workers [0, 1, 2])" in error["message"]
+    assert run["global_step"] == 0
+
+
+def test_skip_skips_optimizer_and_scheduler_on_every_rank(runs):
+    run = runs["frc_two_liars_skip"]
+    assert run["global_step"] == 30
+    assert all(r["skipped"] == 15 for r in run["ranks"])
+    # StepLR(gamma=0.5) stepped only on the 15 steps that were applied.
+    assert run["lr"] == [pytest.approx(0.05 * 0.5**15)]
+    assert run["finite"]
+
+
+def test_manual_optimization_is_refused(runs):
+    for seen in runs["manual_optimization"]["ranks"]:
+        assert seen["error"]["type"] == "ValueError"
+        assert "DracoStrategy supports automatic optimization only" in seen["error"]["message"]

@@ -1,0 +1,63 @@
+"""DracoStrategy refuses bad settings before any training, with one sentence naming the parameter."""
+
+import lightning as L
+import pytest
+from lightning.pytorch.strategies import StrategyRegistry
+
+import lightning_draco
+from lightning_draco import Adversary, DracoStrategy
+
+
+def test_import_registers_the_name_once():
+    assert "draco" in StrategyRegistry
+    lightning_draco.DracoStrategy.register_strategies(StrategyRegistry)  # a second registration is harmless
+    trainer = L.Trainer(accelerator="cpu", devices=3, strategy="draco", logger=False)
+    strategy = trainer.strategy
+    assert isinstance(strategy, DracoStrategy)
+    assert (strategy.code_name, strategy.num_adversaries, strategy.redundancy, strategy.ps_rank) == ("frc", 1, 3, 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_adversaries=-1), r"num_adversaries must be an integer >= 0 \(got -1\)"),
+        (dict(num_adversaries=1, redundancy=2), r"redundancy must be at least 2 \* num_adversaries \+ 1 = 3"),
+        (dict(code="nope"), r"code must be one of frc, none"),
+        (dict(ps_rank=-2), r"ps_rank must be an integer >= 0"),
+        (dict(adversary=Adversary(ranks=[0])), r"adversary ranks must not include ps_rank=0"),
+        (dict(ps_rank=2, adversary=Adversary(ranks=[2])), r"must not include ps_rank=2"),
+        (dict(on_decode_failure="ignore"), r"on_decode_failure must be one of raise, skip"),
+        (dict(tolerance=-1.0), r"tolerance must be a number >= 0"),
+        (dict(code="none", redundancy=3), r"code='none' gives each worker one partition: redundancy must be 1"),
+        (dict(ddp_comm_hook=print), r"ddp_comm_hook cannot be set on DracoStrategy"),
+        (dict(max_faulty_steps=-1), r"max_faulty_steps must be None or an integer >= 0"),
+    ],
+)
+def test_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DracoStrategy(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "devices, kwargs, message",
+    [
+        (4, dict(num_adversaries=1), r"needs the redundancy r=3 to divide the number of workers \(4\)"),
+        (2, dict(num_adversaries=1, redundancy=3), r"number of workers \(2\) must be at least the redundancy r=3"),
+        (3, dict(ps_rank=3), r"ps_rank must be in \[0, 3\) for a world of 3 ranks \(got 3\)"),
+        (3, dict(adversary=Adversary(ranks=[5])), r"adversary ranks must be in \[0, 3\)"),
+        (3, dict(adversary=Adversary(ranks="random", count=3)), r"adversary count must be at most world_size - 1 = 2"),
+    ],
+)
+def test_refused_when_the_trainer_is_built(devices, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        L.Trainer(accelerator="cpu", devices=devices, strategy=DracoStrategy(**kwargs), logger=False)
+
+
+def test_more_simulated_adversaries_than_s_is_allowed_with_a_warning():
+    strategy = DracoStrategy(num_adversaries=1, adversary=Adversary(ranks=[1, 2]))
+    assert any("exceed num_adversaries=1" in w for w in strategy._adversary_warnings)
+
+
+def test_zero_adversaries_is_valid():
+    trainer = L.Trainer(accelerator="cpu", devices=4, strategy=DracoStrategy(num_adversaries=0), logger=False)
+    assert trainer.strategy.redundancy == 1
