@@ -1,0 +1,31 @@
+# Everything installs itself into .venv on first use: torch's CPU build first, then the project.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test test-fast fuzz bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed  ## DRACO on digits: 6 CPU ranks, rank 4 lies every step
+	PYTHONWARNINGS=ignore $(PY) examples/train.py $(ARGS)
+
+test: $(VENV)/.installed  ## the whole suite (unit, property, six-rank gloo training)
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(VENV)/.installed  ## single-process tests only
+	$(PY) -m pytest -q -m "not distributed" $(ARGS)
+
+fuzz: $(VENV)/.installed  ## long property-based run of the decoders
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_frc.py -k decode $(ARGS)
+
+bench: $(VENV)/.installed  ## decode speed: plain mean vs each decoder
+	$(PY) benchmarks/decode.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache .hypothesis
