@@ -86,13 +86,14 @@ def scenarios(draw):
     kinds = [draw(st.sampled_from(sorted(CORRUPTIONS) + ["collude"])) for _ in liars]
     seed = draw(st.integers(0, 2**31))
     chunk = draw(st.sampled_from([1, 3, 16, 1 << 20]))
-    return s, r, workers, d, dtype, liars, kinds, seed, chunk
+    batched = draw(st.booleans())
+    return s, r, workers, d, dtype, liars, kinds, seed, chunk, batched
 
 
 @given(scenarios())
 def test_decode_recovers_total_and_names_exactly_the_liars(case):
-    s, r, workers, d, dtype, liars, kinds, seed, chunk = case
-    code = FractionalRepetitionCode(workers, s, r, chunk_size=chunk)
+    s, r, workers, d, dtype, liars, kinds, seed, chunk, batched = case
+    code = FractionalRepetitionCode(workers, s, r, chunk_size=chunk, batched=batched)
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(workers, d, generator=gen, dtype=torch.float64).to(dtype)
     honest = encode(code, grads)

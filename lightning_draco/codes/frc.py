@@ -37,8 +37,10 @@ class FractionalRepetitionCode(Code):
     4. Sum the winners over groups (float32 accumulation for half precision). Members that
        differ from their group's winner anywhere are reported as faulty.
 
-    Blocks are compared and summed while they are in cache, so in the common case the decode
-    reads the received data once, as a plain mean does.
+    On the CPU, blocks are compared and summed while they are in cache, so the decode reads the
+    received data once, as a plain mean does. On accelerators (or with ``batched=True``) the
+    common case, where every group's first member is in its majority, is settled first by one
+    batched comparison and a single host sync; otherwise the block-wise vote runs.
     """
 
     name = "frc"
@@ -51,6 +53,7 @@ class FractionalRepetitionCode(Code):
         *,
         tolerance: float = 1e-5,
         chunk_size: int = 1 << 20,
+        batched: Optional[bool] = None,
     ):
         super().__init__(num_workers, num_adversaries, redundancy)
         if not tolerance >= 0:
@@ -59,6 +62,7 @@ class FractionalRepetitionCode(Code):
             raise ValueError(f"chunk_size must be >= 1 (got {chunk_size!r}).")
         self.tolerance = float(tolerance)
         self.chunk_size = int(chunk_size)
+        self.batched = batched
         self._matrix: Optional[Tensor] = None
 
     @classmethod
@@ -111,6 +115,11 @@ class FractionalRepetitionCode(Code):
         rows = received.view(num_groups, r, d)
         bits = rows.view(_BITS[received.element_size()])
         acc = accumulation_dtype(received.dtype)
+        if self.batched or (self.batched is None and received.device.type != "cpu"):
+            # On accelerators each per-block comparison is a host sync; one batched comparison is cheaper.
+            whole = self._vote_all_at_once(rows, bits, acc)
+            if whole is not None:
+                return whole
         total = torch.empty(d, dtype=acc, device=received.device)
         faulty: set[int] = set()
         unresolved: dict[int, list[slice]] = {}
@@ -140,6 +149,18 @@ class FractionalRepetitionCode(Code):
             faulty.difference_update(group)
             faulty.update(w for m, w in enumerate(group) if not agreeing[m])
         return DecodeResult(total, sorted(faulty))
+
+    def _vote_all_at_once(self, rows: Tensor, bits: Tensor, acc: torch.dtype) -> Optional[DecodeResult]:
+        """The common case in one pass and one sync: every group's first member is in its majority."""
+        r, need = self.redundancy, self.num_adversaries + 1
+        agrees = torch.ones(self.num_groups, r, dtype=torch.bool)
+        if r > 1:
+            agrees[:, 1:] = (bits[:, 1:] == bits[:, :1]).all(dim=2).cpu()
+        sizes = agrees.sum(dim=1)
+        if not bool(((sizes >= need) & (r - sizes < need)).all()):
+            return None
+        faulty = [g * r + m for g in range(self.num_groups) for m in range(r) if not agrees[g, m]]
+        return DecodeResult(rows[:, 0].sum(dim=0, dtype=acc), faulty)
 
     def _vote(self, block: Tensor, group: int, faulty: set[int]) -> Optional[int]:
         """Index within the group of a member whose block at least s+1 members share, or None."""
