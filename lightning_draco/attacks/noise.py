@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_draco._bits import bits_dtype
 from lightning_draco.attacks import register_attack
-
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 @register_attack("gaussian")
@@ -25,7 +24,7 @@ def bit_flip(honest: Tensor, *, num_flips: int = 1, generator: torch.Generator) 
     place that no tolerance-based check would see.
     """
     corrupted = honest.clone()
-    bits = corrupted.view(-1).view(_BITS[corrupted.element_size()])
+    bits = corrupted.view(-1).view(bits_dtype(corrupted))
     width = 8 * corrupted.element_size()
     where = torch.randint(bits.numel(), (num_flips,), generator=generator, device=generator.device).to(bits.device)
     which = torch.randint(width, (num_flips,), generator=generator, device=generator.device).to(bits.device)

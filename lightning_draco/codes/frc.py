@@ -7,12 +7,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lightning_draco._bits import bits_dtype
 from lightning_draco.codes import register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
-
-# Same-width integer views: bitwise equality, under which a NaN equals an identical NaN.
-_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
 
 @register_code
 class FractionalRepetitionCode(Code):
@@ -113,7 +110,7 @@ class FractionalRepetitionCode(Code):
         num_groups, r = self.num_groups, self.redundancy
         d = received.shape[1]
         rows = received.view(num_groups, r, d)
-        bits = rows.view(_BITS[received.element_size()])
+        bits = rows.view(bits_dtype(received))
         acc = accumulation_dtype(received.dtype)
         if self.batched or (self.batched is None and received.device.type != "cpu"):
             # On accelerators each per-block comparison is a host sync; one batched comparison is cheaper.
