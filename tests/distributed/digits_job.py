@@ -122,6 +122,10 @@ class ManualNet(DigitsNet):
 SCENARIOS["manual_optimization"] = lambda: ({}, dict(manual=True))
 SCENARIOS["frc_clean_sched"] = lambda: ({}, dict(scheduler=True))
 SCENARIOS["by_name"] = lambda: ("draco", {})
+SCENARIOS["frc_threshold_logged"] = lambda: (
+    dict(adversary=Adversary(ranks=[5], attack="sign_flip"), max_faulty_steps=5),
+    dict(csv_logger=True),
+)
 
 
 def run(name: str) -> dict:
@@ -131,6 +135,11 @@ def run(name: str) -> dict:
         strategy = strategy_kw if strategy_kw != "ddp" else L.pytorch.strategies.DDPStrategy(start_method="popen")
     else:
         strategy = draco(**strategy_kw)
+    logger = False
+    if model_kw.pop("csv_logger", False):
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(os.getcwd(), name=name, version=0)
     model = ManualNet() if model_kw.pop("manual", False) else DigitsNet(**model_kw)
     train, (vx, vy) = digits()
     trainer = L.Trainer(
@@ -138,7 +147,8 @@ def run(name: str) -> dict:
         devices=WORLD,
         strategy=strategy,
         max_steps=STEPS,
-        logger=False,
+        logger=logger,
+        log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -170,6 +180,16 @@ def run(name: str) -> dict:
             hook_calls=strategy.hook_calls,
             steps_decoded=strategy.ledger.steps,
         )
+    if logger and trainer.global_rank == 0:
+        import csv
+
+        with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+            rows = list(csv.DictReader(f))
+        out["logged"] = {
+            "columns": sorted(rows[0].keys()) if rows else [],
+            "caught": [float(r["draco/caught"]) for r in rows if r.get("draco/caught")],
+            "rank_5": [float(r["draco/times_caught/rank_5"]) for r in rows if r.get("draco/times_caught/rank_5")],
+        }
     # Every rank reports what it saw, so tests can check that all ranks agree.
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {k: out.get(k) for k in ("error", "sha", "hook_calls", "skipped", "faulty_counts")})

@@ -24,7 +24,7 @@ SCENARIOS = (
     + [f"frc_fixed_{a}" for a in ATTACKS]
     + [f"frc_random_{a}" for a in ATTACKS]
     + [f"none_{a}" for a in WRECKING]
-    + ["frc_two_liars_raise", "frc_two_liars_skip", "manual_optimization"]
+    + ["frc_two_liars_raise", "frc_two_liars_skip", "manual_optimization", "frc_threshold_logged"]
 )
 
 
@@ -124,3 +124,12 @@ def test_manual_optimization_is_refused(runs):
     for seen in runs["manual_optimization"]["ranks"]:
         assert seen["error"]["type"] == "ValueError"
         assert "DracoStrategy supports automatic optimization only" in seen["error"]["message"]
+
+
+def test_caught_ranks_are_logged_and_the_threshold_stops_the_run(runs):
+    run = runs["frc_threshold_logged"]
+    # Caught at steps 0..5: the sixth catch exceeds max_faulty_steps=5 and every rank stops there.
+    assert run["global_step"] == 6
+    assert all(r["faulty_counts"] == {"5": 6} for r in run["ranks"])
+    assert run["logged"]["caught"] == [1.0] * 6
+    assert run["logged"]["rank_5"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
