@@ -17,15 +17,20 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_draco._seeding import derive_seed, seeded_rng
 
-__all__ = ["DracoDataLoader", "PartitionBatch", "partition_seed"]
+__all__ = ["DracoDataLoader", "PartitionBatch", "partition_seed", "transfer_seed"]
 
-# Salts keep the seeds of data loading and of the forward pass apart.
-_LOAD, _FORWARD = 0x10AD, 0xF0D
+# Salts keep the seeds of data loading, device transfer and the forward pass apart.
+_LOAD, _TRANSFER, _FORWARD = 0x10AD, 0x7A45, 0xF0D
 
 
 def partition_seed(seed: int, epoch: int, index: int, partition: int) -> int:
     """The seed of partition ``partition``'s forward pass at batch ``index`` of ``epoch``: the same on every replica."""
     return derive_seed(_FORWARD, seed, epoch, index, partition)
+
+
+def transfer_seed(seed: int, epoch: int, index: int, partition: int) -> int:
+    """The seed of the batch-transfer hooks (e.g. augmentation on the device) for that partition and batch."""
+    return derive_seed(_TRANSFER, seed, epoch, index, partition)
 
 
 class PartitionBatch(NamedTuple):

@@ -20,10 +20,10 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_draco._seeding import derive_seed, seeded_rng
+from lightning_draco._seeding import seeded_rng
 from lightning_draco.adversary import Adversary
 from lightning_draco.codes import Code, NonFiniteGradientError, code_class
-from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed
+from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed, transfer_seed
 from lightning_draco.hook import DracoHookState, draco_hook
 from lightning_draco.report import FaultLedger
 
@@ -31,7 +31,6 @@ __all__ = ["DracoStrategy"]
 
 _FAILURE_MODES = ("raise", "skip")
 _OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
-_TRANSFER = 0x7A45
 
 
 class DracoStrategy(DDPStrategy):
@@ -204,7 +203,7 @@ class DracoStrategy(DDPStrategy):
             return super().batch_to_device(batch, device, dataloader_idx)
         moved = []
         for partition, part in zip(batch.partitions, batch.batches):
-            with seeded_rng(derive_seed(_TRANSFER, self.seed, batch.epoch, batch.index, partition), self.root_device):
+            with seeded_rng(transfer_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
                 moved.append(super().batch_to_device(part, device, dataloader_idx))
         return batch._replace(batches=moved)
 

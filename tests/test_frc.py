@@ -179,3 +179,12 @@ def test_decode_does_not_modify_its_input_and_checks_shape():
     assert torch.equal(received.view(torch.int32), before.view(torch.int32))
     with pytest.raises(ValueError, match=r"received must have shape \(num_workers=3, d\)"):
         code.decode(torch.randn(4, 8))
+
+
+def test_located_error_keeps_its_message_and_fields_through_pickle():
+    import pickle
+
+    err = DracoDecodeError("group 1 is split", [3, 4, 5]).at(step=7, bucket=2)
+    again = pickle.loads(pickle.dumps(err))
+    assert str(again) == str(err) == "DRACO decode failed at step 7, bucket 2: group 1 is split"
+    assert (again.reason, again.suspects, again.step, again.bucket) == ("group 1 is split", [3, 4, 5], 7, 2)

@@ -43,10 +43,11 @@ class DracoDecodeError(RuntimeError):
         located = DracoDecodeError(
             f"DRACO decode failed at step {step}, bucket {bucket}: {self.reason}", self.suspects, step, bucket
         )
+        located.reason = self.reason
         return located
 
-    def __reduce__(self):  # picklable across processes with its fields
-        return (DracoDecodeError, (self.reason, self.suspects, self.step, self.bucket))
+    def __reduce__(self):  # picklable across processes with its message and fields
+        return (DracoDecodeError, (str(self), self.suspects, self.step, self.bucket), {"reason": self.reason})
 
 
 class NonFiniteGradientError(FloatingPointError):

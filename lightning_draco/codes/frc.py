@@ -11,6 +11,7 @@ from lightning_draco._bits import bits_dtype
 from lightning_draco.codes import register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
 
+
 @register_code
 class FractionalRepetitionCode(Code):
     """DRACO's repetition code for ``P`` workers, ``s`` adversaries and redundancy ``r`` (``r | P``).
@@ -147,14 +148,18 @@ class FractionalRepetitionCode(Code):
             faulty.update(w for m, w in enumerate(group) if not agreeing[m])
         return DecodeResult(total, sorted(faulty))
 
+    def _sole_majority(self, size: int) -> bool:
+        """A class of ``size`` members is a verified majority and the others are too few to form a second."""
+        need = self.num_adversaries + 1
+        return size >= need and self.redundancy - size < need
+
     def _vote_all_at_once(self, rows: Tensor, bits: Tensor, acc: torch.dtype) -> Optional[DecodeResult]:
         """The common case in one pass and one sync: every group's first member is in its majority."""
-        r, need = self.redundancy, self.num_adversaries + 1
+        r = self.redundancy
         agrees = torch.ones(self.num_groups, r, dtype=torch.bool)
         if r > 1:
             agrees[:, 1:] = (bits[:, 1:] == bits[:, :1]).all(dim=2).cpu()
-        sizes = agrees.sum(dim=1)
-        if not bool(((sizes >= need) & (r - sizes < need)).all()):
+        if not all(self._sole_majority(int(size)) for size in agrees.sum(dim=1)):
             return None
         faulty = [g * r + m for g in range(self.num_groups) for m in range(r) if not agrees[g, m]]
         return DecodeResult(rows[:, 0].sum(dim=0, dtype=acc), faulty)
@@ -163,10 +168,8 @@ class FractionalRepetitionCode(Code):
         """Index within the group of a member whose block at least s+1 members share, or None."""
         r, need = self.redundancy, self.num_adversaries + 1
         first = [0] + [m for m in range(1, r) if torch.equal(block[m], block[0])]
-        if len(first) >= need and r - len(first) < need:
-            classes = [first]
-        else:
-            classes = [first]
+        classes = [first]
+        if not self._sole_majority(len(first)):
             for m in range(1, r):
                 if m in first:
                     continue

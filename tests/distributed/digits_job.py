@@ -10,6 +10,7 @@ accuracy, the faulty counts, hook calls and any error every rank raised.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import warnings
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -100,6 +102,8 @@ SCENARIOS["ddp_nodropout"] = lambda: ("ddp", dict(dropout=0.0))
 SCENARIOS["frc_ps3_clean"] = lambda: (dict(ps_rank=3), {})
 SCENARIOS["frc_ps3_reverse"] = lambda: (dict(ps_rank=3, adversary=Adversary(ranks=[0], attack="reverse")), {})
 SCENARIOS["frc_two_liars_raise"] = lambda: (dict(adversary=Adversary(ranks=[1, 2], attack="gaussian")), {})
+
+
 def lie_on_even_steps(honest, *, step, generator):
     """Two such liars in one group defeat the vote on even steps only."""
     if step % 2:
@@ -137,8 +141,6 @@ def run(name: str) -> dict:
         strategy = draco(**strategy_kw)
     logger = False
     if model_kw.pop("csv_logger", False):
-        from lightning.pytorch.loggers import CSVLogger
-
         logger = CSVLogger(os.getcwd(), name=name, version=0)
     model = ManualNet() if model_kw.pop("manual", False) else DigitsNet(**model_kw)
     train, (vx, vy) = digits()
@@ -181,8 +183,6 @@ def run(name: str) -> dict:
             steps_decoded=strategy.ledger.steps,
         )
     if logger and trainer.global_rank == 0:
-        import csv
-
         with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
             rows = list(csv.DictReader(f))
         out["logged"] = {
