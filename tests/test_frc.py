@@ -149,14 +149,15 @@ def test_two_conflicting_majorities_raise():
 
 def test_tolerance_fallback_when_replicas_are_not_bitwise_equal():
     code = FractionalRepetitionCode(3, 1, tolerance=1e-5)
-    honest = torch.randn(1, 100).repeat(3, 1)
+    honest = torch.randn(1, 100, generator=torch.Generator().manual_seed(0)).repeat(3, 1)
     received = honest.clone()
     received[0, 0] += 1e-6 * honest[0].norm()  # non-deterministic kernel: close, not equal
     received[1, 5] += 1e-7 * honest[0].norm()
     received[2] = -100 * honest[2]
     result = code.decode(received)
     assert result.faulty == [2]
-    torch.testing.assert_close(result.total, honest[0], rtol=1e-5, atol=1e-5)
+    # The winner is one of the agreeing replicas: within tolerance of the honest vector, as documented.
+    assert float((result.total - honest[0]).norm()) <= 1e-5 * float(honest[0].norm())
     strict = FractionalRepetitionCode(3, 1, tolerance=0)
     with pytest.raises(DracoDecodeError, match="tolerance=0 allows no approximate agreement"):
         strict.decode(received)
