@@ -9,6 +9,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 from lightning_draco.adversary import Adversary
 from lightning_draco.codes import (
     Code,
+    CyclicRepetitionCode,
     DecodeResult,
     DracoDecodeError,
     FractionalRepetitionCode,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adversary",
     "Code",
+    "CyclicRepetitionCode",
     "DecodeResult",
     "DracoDecodeError",
     "DracoHookState",

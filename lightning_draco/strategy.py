@@ -42,8 +42,9 @@ class DracoStrategy(DDPStrategy):
     ``num_adversaries`` ranks sent.
 
     Args:
-        code: ``"frc"`` (fractional repetition, needs ``redundancy | P``), ``"none"`` (plain
-            averaging through the same exchange: the baseline), or any registered code.
+        code: ``"frc"`` (fractional repetition, needs ``redundancy | P``), ``"crc"`` (cyclic
+            repetition, any ``P >= 2s + 1``), ``"none"`` (plain averaging through the same
+            exchange: the baseline), or any registered code.
         num_adversaries: ``s``, the number of Byzantine ranks to tolerate. 0 means no redundancy.
         redundancy: ``r``, partitions per rank; at least and by default ``2s + 1``.
         ps_rank: the trusted rank that decodes (also a worker).
@@ -175,6 +176,8 @@ class DracoStrategy(DDPStrategy):
             )
         super().setup(trainer)
         if trainer.state.fn == "fit":
+            for dtype in sorted({p.dtype for p in trainer.lightning_module.parameters() if p.requires_grad}, key=str):
+                self.code.check_wire_dtype(dtype)
             self._guard_schedulers(trainer.lightning_module)
 
     @override

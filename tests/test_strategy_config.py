@@ -22,7 +22,8 @@ def test_import_registers_the_name_once():
     [
         (dict(num_adversaries=-1), r"num_adversaries must be an integer >= 0 \(got -1\)"),
         (dict(num_adversaries=1, redundancy=2), r"redundancy must be at least 2 \* num_adversaries \+ 1 = 3"),
-        (dict(code="nope"), r"code must be one of frc, none"),
+        (dict(code="nope"), r"code must be one of crc, frc, none"),
+        (dict(code="crc", num_adversaries=1, redundancy=5), r"code='crc' uses redundancy r = 2 \* num_adversaries \+ 1 = 3"),
         (dict(ps_rank=-2), r"ps_rank must be an integer >= 0"),
         (dict(adversary=Adversary(ranks=[0])), r"adversary ranks must not include ps_rank=0"),
         (dict(ps_rank=2, adversary=Adversary(ranks=[2])), r"must not include ps_rank=2"),
@@ -46,6 +47,7 @@ def test_refused_at_construction(kwargs, message):
         (3, dict(ps_rank=3), r"ps_rank must be in \[0, 3\) for a world of 3 ranks \(got 3\)"),
         (3, dict(adversary=Adversary(ranks=[5])), r"adversary ranks must be in \[0, 3\)"),
         (3, dict(adversary=Adversary(ranks="random", count=3)), r"adversary count must be at most world_size - 1 = 2"),
+        (4, dict(code="crc", num_adversaries=2), r"code='crc' needs at least 2 \* num_adversaries \+ 1 = 5 workers"),
     ],
 )
 def test_refused_when_the_trainer_is_built(devices, kwargs, message):

@@ -48,12 +48,14 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
         importlib.import_module(f"{__name__}.{_module.name}")
 
+from lightning_draco.codes.crc import CyclicRepetitionCode  # noqa: E402
 from lightning_draco.codes.frc import FractionalRepetitionCode  # noqa: E402
 from lightning_draco.codes.uncoded import Uncoded  # noqa: E402
 
 __all__ = [
     "CODES",
     "Code",
+    "CyclicRepetitionCode",
     "DecodeResult",
     "DracoDecodeError",
     "FractionalRepetitionCode",

@@ -126,6 +126,9 @@ class Code(ABC):
         vectors reveal more liars than the code tolerates.
         """
 
+    def check_wire_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ``ValueError`` if gradients of ``dtype`` cannot be decoded accurately by this code."""
+
     # -- shared helpers ---------------------------------------------------------------------
     @property
     def num_partitions(self) -> int:

@@ -131,13 +131,12 @@ class FractionalRepetitionCode(Code):
                     unresolved.setdefault(g, []).append(block)
                 else:
                     winners.append((g, winner))
-            if len(winners) == num_groups and all(w == 0 for _, w in winners):
-                torch.sum(rows[:, 0, block], dim=0, dtype=acc, out=total[block])
-            elif winners:
-                chosen = torch.stack([rows[g, w, block] for g, w in winners])
-                torch.sum(chosen, dim=0, dtype=acc, out=total[block])
-            else:
-                total[block].zero_()
+            # Group by group in a fixed order, whichever member won: the sum is bitwise the same
+            # whoever lied, since winners are bitwise the honest value.
+            out = total[block]
+            out.zero_()
+            for g, w in winners:
+                out.add_(rows[g, w, block])
 
         for g, blocks in unresolved.items():
             winner, agreeing = self._tolerance_vote(rows[g], g)

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_draco  # noqa: F401  (registers "draco")
 from lightning_draco import Adversary, DracoDecodeError, DracoStrategy
 
-WORLD = 6
-STEPS = 30
+WORLD = int(os.environ.get("DRACO_TEST_WORLD", "6"))
+STEPS = int(os.environ.get("DRACO_TEST_STEPS", "30"))
 
 
 class DigitsNet(L.LightningModule):
@@ -132,8 +132,18 @@ SCENARIOS["frc_threshold_logged"] = lambda: (
 )
 
 
+def cyclic_scenario(name: str):
+    """``crc<s>_<attack>``: the cyclic code with s adversaries on the last s ranks (``clean``: none)."""
+    head, attack = name.split("_", 1)
+    s = int(head[3:])
+    kw = dict(code="crc", num_adversaries=s, projection_secret=11)
+    if attack != "clean":
+        kw["adversary"] = Adversary(ranks=list(range(WORLD - s, WORLD)), attack=attack)
+    return kw, {}
+
+
 def run(name: str) -> dict:
-    strategy_kw, model_kw = SCENARIOS[name]()
+    strategy_kw, model_kw = cyclic_scenario(name) if name.startswith("crc") else SCENARIOS[name]()
     L.seed_everything(1234, verbose=False)
     if isinstance(strategy_kw, str):
         strategy = strategy_kw if strategy_kw != "ddp" else L.pytorch.strategies.DDPStrategy(start_method="popen")

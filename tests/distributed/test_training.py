@@ -28,13 +28,19 @@ SCENARIOS = (
 )
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("job") / "results.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def run_job(folder: Path, scenarios: list[str], world: int = 6, steps: int = 30) -> dict:
+    """Run ``digits_job.py`` on ``world`` ranks; return what rank 0 recorded per scenario."""
+    out = folder / "results.json"
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "DRACO_TEST_WORLD": str(world),
+        "DRACO_TEST_STEPS": str(steps),
+    }
     proc = subprocess.run(
-        [sys.executable, str(HERE / "digits_job.py"), str(out), *SCENARIOS],
-        cwd=out.parent,
+        [sys.executable, str(HERE / "digits_job.py"), str(out), *scenarios],
+        cwd=folder,
         env=env,
         capture_output=True,
         text=True,
@@ -42,6 +48,11 @@ def runs(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_job(tmp_path_factory.mktemp("job"), SCENARIOS)
 
 
 def test_every_rank_ends_with_the_same_model(runs):

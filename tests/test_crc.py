@@ -1,0 +1,157 @@
+"""CyclicRepetitionCode on its own: construction, decoding under <= s corrupted rows, adaptive liars."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lightning_draco.codes import CyclicRepetitionCode, DracoDecodeError, make_code
+
+
+def encode(code, grads):
+    """Honest coded vectors, rounded to the dtype of ``grads``."""
+    return (code.encoding_matrix @ grads.double()).to(grads.dtype)
+
+
+def projection(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("p, s", [(3, 1), (5, 2), (6, 1), (6, 2), (7, 3), (8, 3), (12, 5), (16, 2), (31, 4), (32, 6)])
+def test_construction(p, s):
+    code = CyclicRepetitionCode(p, s)
+    w = code.encoding_matrix
+    assert code.redundancy == 2 * s + 1
+    for worker in range(p):
+        held = code.partitions(worker)
+        assert held == [(worker + t) % p for t in range(2 * s + 1)]
+        assert set(torch.nonzero(w[worker]).flatten().tolist()) <= set(held)
+    assert torch.linalg.matrix_rank(w).item() == p - 2 * s
+    # The sum of all partitions is a combination of any P - s workers' vectors.
+    gen = torch.Generator().manual_seed(p * 100 + s)
+    for _ in range(10):
+        suspects = tuple(sorted(torch.randperm(p, generator=gen)[:s].tolist()))
+        b, _ = code._combiner(suspects)
+        honest = [i for i in range(p) if i not in suspects]
+        torch.testing.assert_close(b @ w[honest], torch.ones(p, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((4, 2), r"needs at least 2 \* num_adversaries \+ 1 = 5 workers"),
+        ((7, 1, 5), r"code='crc' uses redundancy r = 2 \* num_adversaries \+ 1 = 3"),
+        ((7, -1), r"num_adversaries must be an integer >= 0"),
+    ],
+)
+def test_invalid_parameters_are_refused(args, message):
+    with pytest.raises(ValueError, match=message):
+        CyclicRepetitionCode(*args)
+
+
+def test_half_precision_is_refused_where_it_is_inaccurate():
+    CyclicRepetitionCode(15, 2).check_wire_dtype(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"P=64, s=2 amplifies rounding by .* for bfloat16 gradients"):
+        CyclicRepetitionCode(64, 2).check_wire_dtype(torch.bfloat16)
+    CyclicRepetitionCode(64, 10).check_wire_dtype(torch.float32)
+
+
+def test_zero_adversaries():
+    code = make_code("crc", 4, 0)
+    grads = torch.randn(4, 9, dtype=torch.float64)
+    result = code.decode(encode(code, grads))
+    torch.testing.assert_close(result.total, grads.sum(0))
+    assert result.faulty == []
+
+
+CORRUPT = {
+    "nan": lambda row, other: torch.full_like(row, math.nan),
+    "inf": lambda row, other: torch.full_like(row, math.inf),
+    "huge": lambda row, other: torch.full_like(row, 1e30),
+    "reverse": lambda row, other: -100 * row,
+    "other_node": lambda row, other: other.clone(),
+    "tiny": lambda row, other: row * (1 + 1e-6),
+    "noise": lambda row, other: torch.randn_like(row),
+}
+
+
+@st.composite
+def cases(draw):
+    p = draw(st.sampled_from([3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 16]))
+    s = draw(st.integers(1, min(4, (p - 1) // 2)))
+    liars = draw(st.lists(st.integers(0, p - 1), min_size=0, max_size=s, unique=True))
+    kinds = [draw(st.sampled_from(sorted(CORRUPT))) for _ in liars]
+    return p, s, liars, kinds, draw(st.integers(0, 2**31)), draw(st.integers(1, 300))
+
+
+@given(cases())
+def test_decode_recovers_the_sum_and_catches_the_liars(case):
+    p, s, liars, kinds, seed, d = case
+    code = CyclicRepetitionCode(p, s)
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(p, d, dtype=torch.float64, generator=gen)
+    honest = encode(code, grads.float())
+    received = honest.clone()
+    for liar, kind in zip(liars, kinds):
+        received[liar] = CORRUPT[kind](honest[liar], honest[(liar + 1) % p])
+    result = code.decode(received, generator=projection(seed))
+    truth = grads.sum(0)
+    assert float((result.total.double() - truth).norm() / truth.norm()) <= 1e-5
+    assert set(result.faulty) <= set(liars)
+    # Every liar whose vector is far from its honest one is named.
+    big = {w for w in liars if not torch.isfinite(received[w]).all()
+           or float((received[w] - honest[w]).norm()) > 1e-3 * float(honest.norm(dim=1).max())}
+    assert big <= set(result.faulty)
+
+
+def test_projection_is_fresh_and_secret():
+    code = CyclicRepetitionCode(7, 1)
+    grads = torch.randn(7, 64, dtype=torch.float64)
+    received = encode(code, grads.float())
+    one, two = code._project(received, projection(1)), code._project(received, projection(2))
+    assert not torch.allclose(one, two)
+
+
+@pytest.mark.parametrize("guess", ["all_ones", "previous", "own_draw"])
+def test_adaptive_adversary_hiding_from_a_guessed_projection_is_caught(guess):
+    """The liar adds an error orthogonal to the sign vector it guesses; the server's secret one differs."""
+    p, s, d = 7, 1, 4096
+    code = CyclicRepetitionCode(p, s)
+    grads = torch.randn(p, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    received = encode(code, grads.float())
+    if guess == "all_ones":
+        signs = torch.ones(d)
+    else:
+        seed = 41 if guess == "previous" else 12345  # the server's previous step, or the liar's own draw
+        table = torch.tensor([[1.0 if (b >> k) & 1 else -1.0 for k in range(8)] for b in range(256)])
+        raw = torch.empty(d // 8, dtype=torch.uint8).random_(0, 256, generator=projection(seed)).long()
+        signs = table[raw].view(-1)
+    error = torch.randn(d) * 50
+    error -= (error @ signs) / (signs @ signs) * signs  # invisible under the guessed projection
+    liar = 4
+    received[liar] += error
+    result = code.decode(received, generator=projection(42))  # the server's fresh secret draw
+    truth = grads.sum(0)
+    assert result.faulty == [liar]
+    assert float((result.total.double() - truth).norm() / truth.norm()) <= 1e-5
+
+
+def test_more_than_s_liars_are_detected_not_absorbed():
+    code = CyclicRepetitionCode(9, 1)
+    grads = torch.randn(9, 200, dtype=torch.float64)
+    received = encode(code, grads.float())
+    received[2] += 10 * torch.randn(200)
+    received[6] += 10 * torch.randn(200)
+    with pytest.raises(DracoDecodeError, match="more than s=1 workers are faulty"):
+        code.decode(received, generator=projection(0))
+
+
+def test_non_finite_rows_beyond_s_raise():
+    code = CyclicRepetitionCode(7, 1)
+    received = encode(code, torch.randn(7, 10))
+    received[1] = math.nan
+    received[3] = math.inf
+    with pytest.raises(DracoDecodeError, match=r"2 workers \(\[1, 3\]\) sent non-finite or absurdly large values"):
+        code.decode(received, generator=projection(0))
