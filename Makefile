@@ -22,7 +22,7 @@ test-fast: $(VENV)/.installed  ## single-process tests only
 	$(PY) -m pytest -q -m "not distributed" $(ARGS)
 
 fuzz: $(VENV)/.installed  ## long property-based run of the decoders
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_frc.py -k decode $(ARGS)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_frc.py tests/test_crc.py -k decode $(ARGS)
 
 bench: $(VENV)/.installed  ## decode speed: plain mean vs each decoder
 	$(PY) benchmarks/decode.py $(ARGS)
