@@ -30,6 +30,7 @@ from lightning_draco.report import FaultLedger
 __all__ = ["DracoStrategy"]
 
 _FAILURE_MODES = ("raise", "skip")
+_CHECKPOINT_KEY = "draco"
 _OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
 
 
@@ -328,6 +329,65 @@ class DracoStrategy(DDPStrategy):
             self._scheduler_guard = None
         super().teardown()
 
+    # -- checkpoints ----------------------------------------------------------------------
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Add DRACO's state; the PS's projection secret goes only where no worker reads it.
+
+        With the PS on rank 0 (the default) the secret is in the checkpoint that rank 0 writes.
+        Otherwise the PS writes it to ``<checkpoint>.ps`` itself: rank 0 is a worker and must not
+        learn it.
+        """
+        checkpoint[_CHECKPOINT_KEY] = {
+            "world_size": self.world_size,
+            "code": self.code_name,
+            "num_adversaries": self.num_adversaries,
+            "redundancy": self.redundancy,
+            "ledger": self.ledger.state_dict(),
+        }
+        if self._hook_state is not None and self._hook_state.is_ps:
+            if self.global_rank == 0:
+                checkpoint[_CHECKPOINT_KEY]["projection_secret"] = self._hook_state.secret
+            else:
+                torch.save({"projection_secret": self._hook_state.secret}, _ps_sidecar(filepath))
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.get(_CHECKPOINT_KEY)
+        if state is None:
+            return checkpoint
+        self.check_resumable(state)
+        self.ledger.load_state_dict(state["ledger"])
+        if self._hook_state is not None and self._hook_state.is_ps and self.projection_secret is None:
+            secret = state.get("projection_secret")
+            sidecar = _ps_sidecar(checkpoint_path)
+            if secret is None and os.path.exists(sidecar):
+                secret = torch.load(sidecar, weights_only=True)["projection_secret"]
+            if secret is not None:
+                self._hook_state.secret = int(secret)
+        return checkpoint
+
+    def check_resumable(self, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint written under another world size or code: its partitions mean other data."""
+        now = {"world_size": self.world_size, "code": self.code_name, "num_adversaries": self.num_adversaries,
+               "redundancy": self.redundancy}
+        for key, value in now.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"the checkpoint was written with {key}={state.get(key)!r} but this run has {key}={value!r};"
+                    " DRACO resumes only under the same world size, code, num_adversaries and redundancy."
+                )
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        super().remove_checkpoint(filepath)
+        if self._hook_state is not None and self._hook_state.is_ps and self.global_rank != 0:
+            sidecar = _ps_sidecar(filepath)
+            if os.path.exists(sidecar):
+                os.remove(sidecar)
+
     # -- helpers --------------------------------------------------------------------------
     def _broadcast_from_ps(self, tensors: Iterable[Tensor]) -> None:
         groups: dict[tuple, list[Tensor]] = defaultdict(list)
@@ -348,6 +408,10 @@ class DracoStrategy(DDPStrategy):
                 cls,
                 description="DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3)",
             )
+
+
+def _ps_sidecar(checkpoint_path: Any) -> str:
+    return os.fspath(checkpoint_path) + ".ps"
 
 
 def _loss_of(output: Any) -> Optional[Tensor]:

@@ -63,3 +63,19 @@ def test_more_simulated_adversaries_than_s_is_allowed_with_a_warning():
 def test_zero_adversaries_is_valid():
     trainer = L.Trainer(accelerator="cpu", devices=4, strategy=DracoStrategy(num_adversaries=0), logger=False)
     assert trainer.strategy.redundancy == 1
+
+
+@pytest.mark.parametrize(
+    "changed, message",
+    [
+        (dict(world_size=4), r"the checkpoint was written with world_size=4 but this run has world_size=6"),
+        (dict(code="frc"), r"written with code='frc' but this run has code='crc'"),
+        (dict(num_adversaries=2), r"written with num_adversaries=2 but this run has num_adversaries=1"),
+    ],
+)
+def test_resume_under_another_world_or_code_is_refused(changed, message):
+    trainer = L.Trainer(accelerator="cpu", devices=6, strategy=DracoStrategy(code="crc"), logger=False)
+    saved = {"world_size": 6, "code": "crc", "num_adversaries": 1, "redundancy": 3, **changed}
+    with pytest.raises(ValueError, match=message):
+        trainer.strategy.check_resumable(saved)
+    trainer.strategy.check_resumable({"world_size": 6, "code": "crc", "num_adversaries": 1, "redundancy": 3})

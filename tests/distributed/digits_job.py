@@ -142,7 +142,42 @@ def cyclic_scenario(name: str):
     return kw, {}
 
 
+def resume(name: str) -> dict:
+    """``resume_ps<r>``: a cyclic-code fit that checkpoints, then a fresh strategy resumes from it."""
+    ps = int(name.rsplit("ps", 1)[1])
+    folder = os.path.join(os.getcwd(), name)
+    secrets = []
+    for attempt, steps in enumerate((STEPS // 2, STEPS)):
+        L.seed_everything(1234, verbose=False)
+        strategy = draco(code="crc", num_adversaries=1, ps_rank=ps, adversary=Adversary(ranks=[(ps + 2) % WORLD]))
+        trainer = L.Trainer(
+            accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=steps, logger=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1)],
+        )
+        trainer.fit(DigitsNet(), DataLoader(digits()[0], batch_size=16, shuffle=True),
+                    ckpt_path=os.path.join(folder, "last.ckpt") if attempt else None)
+        # Only for the test: every rank learns the PS's secret after each fit.
+        # The second strategy drew a fresh secret from OS entropy; loading the checkpoint restores the first.
+        secrets.append(strategy._hook_state.secret if strategy._hook_state.is_ps else None)
+    carrier = [secrets]
+    dist.broadcast_object_list(carrier, src=ps)
+    ckpt = torch.load(os.path.join(folder, "last.ckpt"), weights_only=False)
+    return {
+        "name": name,
+        "secrets": carrier[0],
+        "in_checkpoint": "projection_secret" in ckpt["draco"],
+        "sidecar": os.path.exists(os.path.join(folder, "last.ckpt.ps")),
+        "ledger": ckpt["draco"]["ledger"],
+        "world_size": ckpt["draco"]["world_size"],
+        "global_step": trainer.global_step,
+        "faulty_counts": {str(k): v for k, v in strategy.faulty_counts.items()},
+    }
+
+
 def run(name: str) -> dict:
+    if name.startswith("resume"):
+        return resume(name)
     strategy_kw, model_kw = cyclic_scenario(name) if name.startswith("crc") else SCENARIOS[name]()
     L.seed_everything(1234, verbose=False)
     if isinstance(strategy_kw, str):

@@ -25,6 +25,7 @@ SCENARIOS = (
     + [f"frc_random_{a}" for a in ATTACKS]
     + [f"none_{a}" for a in WRECKING]
     + ["frc_two_liars_raise", "frc_two_liars_skip", "manual_optimization", "frc_threshold_logged"]
+    + ["resume_ps0", "resume_ps3"]
 )
 
 
@@ -57,7 +58,7 @@ def runs(tmp_path_factory):
 
 def test_every_rank_ends_with_the_same_model(runs):
     for name, run in runs.items():
-        if name in ("frc_two_liars_raise", "manual_optimization", "ddp_nodropout"):  # DDP keeps rank-local BN stats
+        if name in ("frc_two_liars_raise", "manual_optimization", "ddp_nodropout") or name.startswith("resume"):
             continue
         assert len({r["sha"] for r in run["ranks"]}) == 1, name
 
@@ -144,3 +145,16 @@ def test_caught_ranks_are_logged_and_the_threshold_stops_the_run(runs):
     assert all(r["faulty_counts"] == {"5": 6} for r in run["ranks"])
     assert run["logged"]["caught"] == [1.0] * 6
     assert run["logged"]["rank_5"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+
+
+@pytest.mark.parametrize("ps", [0, 3])
+def test_checkpoint_keeps_the_secret_away_from_workers_and_resume_restores_it(runs, ps):
+    run = runs[f"resume_ps{ps}"]
+    first, resumed = run["secrets"]
+    assert first == resumed, "the resumed PS uses the saved secret, not the one it drew"
+    # Rank 0 writes the checkpoint: it may hold the secret only when rank 0 is the PS.
+    assert run["in_checkpoint"] == (ps == 0)
+    assert run["sidecar"] == (ps != 0)
+    liar = str((ps + 2) % 6)
+    assert run["ledger"]["times_caught"] == {liar: 30} and run["faulty_counts"] == {liar: 30}
+    assert run["global_step"] == 30 and run["world_size"] == 6
