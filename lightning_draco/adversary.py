@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco._seeding import generator
-from lightning_draco.attacks import Attack, call_attack, get_attack
+from lightning_draco.attacks import OMNISCIENT_KEYS, Attack, call_attack, get_attack, wants
 
 __all__ = ["Adversary"]
 
@@ -21,7 +21,8 @@ class Adversary:
         ranks: the lying ranks, fixed for the whole run, or ``"random"``: a fresh set of
             ``count`` ranks every step, drawn reproducibly from ``seed`` and the step.
         attack: the name of a built-in attack (``reverse``, ``constant``, ``gaussian``,
-            ``sign_flip``, ``bit_flip``, ``nan``, ``inf``, ``collude``) or a callable
+            ``sign_flip``, ``bit_flip``, ``nan``, ``inf``, ``collude``, and the omniscient
+            ``alie`` and ``ipm``) or a callable
             ``attack(honest, **context) -> Tensor`` (see ``lightning_draco.attacks``).
         seed: seeds the random choice of ranks and the attacks' random streams.
         count: how many ranks lie per step with ``ranks="random"``; defaults to the
@@ -59,6 +60,11 @@ class Adversary:
         self.seed = int(seed)
         self.count = count
         self.options = options
+
+    @property
+    def omniscient(self) -> bool:
+        """Whether the attack needs the honest vectors' statistics (an extra collective per bucket)."""
+        return any(wants(self.attack_fn, key) for key in OMNISCIENT_KEYS)
 
     @property
     def is_random(self) -> bool:
@@ -101,10 +107,11 @@ class Adversary:
         order = torch.randperm(len(candidates), generator=generator(self.seed, step, 0x5EED))
         return frozenset(int(r) for r in candidates[order[:count]])
 
-    def corrupt(self, honest: Tensor, *, rank: int, step: int, bucket: int) -> Tensor:
-        """What ``rank`` sends instead of ``honest`` at this step and bucket."""
+    def corrupt(self, honest: Tensor, *, rank: int, step: int, bucket: int, **knowledge: Tensor) -> Tensor:
+        """What ``rank`` sends instead of ``honest`` at this step and bucket (``knowledge``: honest statistics)."""
         device = honest.device
         context = {
+            **knowledge,
             "rank": rank,
             "step": step,
             "bucket": bucket,
@@ -123,4 +130,5 @@ class Adversary:
         ranks = '"random"' if self.is_random else list(self.ranks)
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return f"Adversary(ranks={ranks}, attack={self.attack_name!r}, seed={self.seed}{opts})"
+
 

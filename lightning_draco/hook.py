@@ -54,7 +54,12 @@ class DracoHookState:
         "caught",
         "failure",
         "nonfinite",
+        "whole_step",
+        "total_numel",
+        "offset",
+        "pending",
         "_received",
+        "_step_received",
     )
 
     def __init__(
@@ -66,6 +71,8 @@ class DracoHookState:
         adversary: Optional[Adversary] = None,
         check_finite: bool = True,
         secret: int = 0,
+        whole_step: bool = False,
+        total_numel: int = 0,
     ):
         #: Process group of the exchange (``None``: the default group).
         self.process_group = process_group
@@ -93,8 +100,17 @@ class DracoHookState:
         self.caught = set()
         self.failure: Optional[DracoDecodeError] = None
         self.nonfinite = False
-        #: The parameter server's receive buffer, reused across buckets (grows to the largest).
+        #: Decode the whole gradient once per step (True) or each bucket as it comes (False).
+        self.whole_step = whole_step
+        #: Length of the whole flattened gradient (the sum of all buckets), for ``whole_step``.
+        self.total_numel = total_numel
+        #: ``whole_step``: where the next bucket goes in the step's vector, and the buckets waiting.
+        self.offset = 0
+        self.pending: list = []
+        #: The parameter server's receive buffers, reused: one bucket (grows to the largest), or
+        #: with ``whole_step`` one whole gradient (P x total_numel).
         self._received: Optional[Tensor] = None
+        self._step_received: Optional[Tensor] = None
 
     @property
     def is_ps(self) -> bool:
@@ -104,6 +120,7 @@ class DracoHookState:
         """Reset the per-step outcome and choose this step's liars."""
         self.step, self.bucket = step, 0
         self.caught, self.failure, self.nonfinite = set(), None, False
+        self.offset, self.pending = 0, []
         if self.adversary is None:
             self.liars = frozenset()
         else:
@@ -119,6 +136,15 @@ class DracoHookState:
             buf = self._received = torch.empty(need, dtype=like.dtype, device=like.device)
         return buf[:need].view(self.world_size, like.numel())
 
+    def step_buffer(self, like: Tensor) -> Tensor:
+        """The PS's ``(world_size, total_numel)`` buffer for a whole step's gradients."""
+        buf = self._step_received
+        if buf is None or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._step_received = torch.empty(
+                self.world_size, self.total_numel, dtype=like.dtype, device=like.device
+            )
+        return buf
+
     def projection_generator(self, bucket: int, device: torch.device) -> torch.Generator:
         """Fresh randomness for this step and bucket, derived from the secret on the parameter server."""
         return generator(self.secret, self.step, bucket, device=device)
@@ -130,46 +156,101 @@ def draco_hook(state: DracoHookState, bucket: dist.GradBucket) -> torch.futures.
     The bucket holds this rank's coded gradient: the strategy weighted the losses of the
     partitions this rank holds by its row of the encoding matrix before the one backward.
 
-    1. A simulated adversary replaces its outgoing vector.
+    1. A simulated adversary replaces its outgoing vector (an omniscient one first learns the
+       honest vectors' mean and spread, through two all-reduces every rank takes part in).
     2. ``gather``: every rank's vector reaches the parameter server (PS).
     3. The PS decodes: the sum of the ``P`` partition gradients and the ranks that lied,
        then divides by ``P`` so that, without liars, the result is plain averaging's.
-    4. ``broadcast`` the decoded bucket from the PS, then the outcome: status and per-rank flags.
+       With ``whole_step`` the PS keeps gathering until DDP's last bucket of the step and
+       decodes the whole gradient at once (rules such as Krum are defined on whole vectors).
+    4. ``broadcast`` the decoded bucket(s) from the PS, then the outcome: status and per-rank flags.
     5. Every rank records the outcome (who was caught, a failed decode) for the strategy.
 
-    Returns a completed future holding the decoded bucket, written into ``bucket.buffer()``.
+    Returns the future of the decoded bucket, written into ``bucket.buffer()``: completed at
+    once, or with ``whole_step`` when the step's last bucket has been decoded.
     """
     buffer = bucket.buffer()
     index = state.bucket
     state.bucket += 1
     state.calls += 1
+    outgoing = _outgoing(state, buffer, index)
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    if not state.whole_step:
+        received = state.receive_buffer(buffer) if state.is_ps else None
+        _gather(state, outgoing, received)
+        _decode_and_share(state, [buffer], received, index)
+        future.set_result(buffer)
+        return future
+
+    start = state.offset
+    received = state.step_buffer(buffer)[:, start : start + buffer.numel()] if state.is_ps else None
+    _gather(state, outgoing, received)
+    state.offset += buffer.numel()
+    state.pending.append((buffer, future))
+    if bucket.is_last():
+        buffers = [b for b, _ in state.pending]
+        whole = state.step_buffer(buffer)[:, : state.offset] if state.is_ps else None
+        _decode_and_share(state, buffers, whole, index)
+        for b, pending in state.pending:
+            pending.set_result(b)
+        state.pending, state.offset = [], 0
+    return future
+
+
+def _outgoing(state: DracoHookState, buffer: Tensor, index: int) -> Tensor:
+    """What this rank sends: its coded bucket, or what a simulated adversary puts in its place."""
+    adversary = state.adversary
+    if adversary is None:
+        return buffer
+    knowledge = {}
+    if adversary.omniscient:
+        # Simulation cost: the honest vectors' per-coordinate mean and std, known to every rank.
+        total = buffer.detach().clone()
+        squares = buffer.detach() * buffer.detach()
+        dist.all_reduce(total, group=state.process_group)
+        dist.all_reduce(squares, group=state.process_group)
+        mean = total / state.world_size
+        knowledge = {"honest_mean": mean, "honest_std": (squares / state.world_size - mean * mean).clamp_min(0).sqrt()}
+    if state.rank not in state.liars:
+        return buffer
+    return adversary.corrupt(buffer, rank=state.rank, step=state.step, bucket=index, **knowledge)
+
+
+def _gather(state: DracoHookState, outgoing: Tensor, received: Optional[Tensor]) -> None:
+    dist.gather(
+        outgoing, list(received.unbind(0)) if state.is_ps else None, dst=state.ps_rank, group=state.process_group
+    )
+
+
+def _decode_and_share(state: DracoHookState, buffers: list[Tensor], received: Optional[Tensor], index: int) -> None:
+    """On the PS, decode ``received`` into ``buffers`` (consecutive pieces of it); then share result and outcome."""
     world, ps, group = state.world_size, state.ps_rank, state.process_group
-
-    outgoing = buffer
-    if state.rank in state.liars:
-        outgoing = state.adversary.corrupt(buffer, rank=state.rank, step=state.step, bucket=index)
-
-    received = state.receive_buffer(buffer) if state.is_ps else None
-    dist.gather(outgoing, list(received.unbind(0)) if state.is_ps else None, dst=ps, group=group)
-
-    outcome = torch.zeros(1 + world, dtype=torch.int32, device=buffer.device)
+    device = buffers[0].device
+    outcome = torch.zeros(1 + world, dtype=torch.int32, device=device)
     error: Optional[DracoDecodeError] = None
     if state.is_ps:
         try:
-            result = state.code.decode(received, generator=state.projection_generator(index, buffer.device))
+            result = state.code.decode(received, generator=state.projection_generator(index, device))
         except DracoDecodeError as err:
             error = err
             outcome[0] = DecodeStatus.FAILED
             outcome[1 + torch.tensor(err.suspects, dtype=torch.long)] = _SUSPECT
-            buffer.zero_()
+            for buffer in buffers:
+                buffer.zero_()
         else:
-            buffer.copy_(result.total.div_(world))
+            total = result.total.div_(world)
+            start = 0
+            for buffer in buffers:
+                buffer.copy_(total[start : start + buffer.numel()])
+                start += buffer.numel()
             if result.faulty:
                 outcome[1 + torch.tensor(result.faulty, dtype=torch.long)] = _CAUGHT
-            if state.check_finite and not bool(torch.isfinite(buffer).all()):
+            if state.check_finite and not bool(torch.isfinite(total).all()):
                 outcome[0] = DecodeStatus.NONFINITE
 
-    dist.broadcast(buffer, src=ps, group=group)
+    for buffer in buffers:
+        dist.broadcast(buffer, src=ps, group=group)
     dist.broadcast(outcome, src=ps, group=group)
 
     flags = outcome.tolist()
@@ -183,7 +264,3 @@ def draco_hook(state: DracoHookState, bucket: dist.GradBucket) -> torch.futures.
             state.failure = carrier[0].at(state.step, index)
     elif status == DecodeStatus.NONFINITE:
         state.nonfinite = True
-
-    future = torch.futures.Future()
-    future.set_result(buffer)
-    return future

@@ -22,7 +22,9 @@ from typing_extensions import override
 
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.adversary import Adversary
+from lightning_draco.aggregators import Aggregator, make_aggregator
 from lightning_draco.codes import Code, NonFiniteGradientError, code_class
+from lightning_draco.codes.aggregated import AggregatedCode
 from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed, transfer_seed
 from lightning_draco.hook import DracoHookState, draco_hook
 from lightning_draco.report import FaultLedger
@@ -30,6 +32,7 @@ from lightning_draco.report import FaultLedger
 __all__ = ["DracoStrategy"]
 
 _FAILURE_MODES = ("raise", "skip")
+_AGGREGATE_OVER = ("whole", "bucket")
 _CHECKPOINT_KEY = "draco"
 _OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
 
@@ -60,10 +63,19 @@ class DracoStrategy(DDPStrategy):
         projection_secret: the PS's secret for codes that project what they receive; drawn from
             OS entropy when ``None``. Fix it only for reproducible tests.
         check_finite: treat a decoded gradient with NaN/Inf as a failed step (the honest ranks
-            agree on it: the model diverged). Default: on, except for ``code="none"``, which
-            behaves as plain DDP does.
+            agree on it: the model diverged). Default: on, except for ``code="none"`` without an
+            aggregator, which behaves as plain DDP does.
         broadcast_buffers: copy the PS's buffers (e.g. BatchNorm running statistics) to every
             rank once per optimizer step, after it.
+        aggregator: a robust rule (``"median"``, ``"trimmed_mean"``, ``"geometric_median"``,
+            ``"krum"``, ``"multi_krum"``, ``"bulyan"``, ``"centered_clipping"``, ``"mean"``, or an
+            ``Aggregator``) applied by the PS: over the P received vectors with ``code="none"``,
+            over the verified group sums with ``code="frc"`` (DETOX). Its ``num_byzantine`` is
+            ``num_adversaries`` unless ``aggregator_options`` says otherwise.
+        aggregator_options: keyword options of the rule (``tau=``, ``m=``, ``num_byzantine=`` ...).
+        aggregate_over: ``"whole"`` (default): the rule sees each step's whole flattened
+            gradient; the PS then holds ``P x`` the model's gradient. ``"bucket"``: the rule runs
+            per DDP bucket (what the 2018 baseline did per layer), holding one bucket.
         **kwargs: passed to ``DDPStrategy`` (``timeout``, ``bucket_cap_mb``, ``start_method``,
             ``process_group_backend``, ...). DDP's own comm-hook arguments are refused.
     """
@@ -84,6 +96,9 @@ class DracoStrategy(DDPStrategy):
         projection_secret: Optional[int] = None,
         check_finite: Optional[bool] = None,
         broadcast_buffers: bool = True,
+        aggregator: Union[str, Aggregator, None] = None,
+        aggregator_options: Optional[dict] = None,
+        aggregate_over: str = "whole",
         **kwargs: Any,
     ) -> None:
         for name in _OWN_HOOK_ARGS:
@@ -101,6 +116,18 @@ class DracoStrategy(DDPStrategy):
             raise ValueError(f"on_decode_failure must be one of {', '.join(_FAILURE_MODES)} (got {on_decode_failure!r}).")
         if max_faulty_steps is not None and (not isinstance(max_faulty_steps, int) or max_faulty_steps < 0):
             raise ValueError(f"max_faulty_steps must be None or an integer >= 0 (got {max_faulty_steps!r}).")
+        if aggregate_over not in _AGGREGATE_OVER:
+            raise ValueError(f"aggregate_over must be one of {', '.join(_AGGREGATE_OVER)} (got {aggregate_over!r}).")
+        if isinstance(aggregator, str):
+            options = dict(aggregator_options or {})
+            aggregator = make_aggregator(aggregator, options.pop("num_byzantine", num_adversaries), **options)
+        if aggregator is not None and not isinstance(aggregator, Aggregator):
+            raise ValueError(f"aggregator must be a rule's name, an Aggregator or None (got {aggregator!r}).")
+        if aggregator is not None and not self._code_cls.supports_aggregation:
+            raise ValueError(
+                f"code={code!r} cannot be combined with an aggregator: use code='none' (robust aggregation) or"
+                " code='frc' (DETOX: a vote inside groups, then the rule across groups)."
+            )
         if isinstance(adversary, dict):
             adversary = Adversary(**adversary)
         if adversary is not None and not isinstance(adversary, Adversary):
@@ -119,8 +146,10 @@ class DracoStrategy(DDPStrategy):
         self.max_faulty_steps = max_faulty_steps
         self.seed = seed
         self.projection_secret = projection_secret
-        self.check_finite = check_finite if check_finite is not None else code != "none"
+        self.check_finite = check_finite if check_finite is not None else (code != "none" or aggregator is not None)
         self.sync_buffers = broadcast_buffers
+        self.aggregator = aggregator
+        self.aggregate_over = aggregate_over
 
         self.code: Optional[Code] = None
         self._hook_state: Optional[DracoHookState] = None
@@ -141,12 +170,15 @@ class DracoStrategy(DDPStrategy):
             raise ValueError(f"ps_rank must be in [0, {world_size}) for a world of {world_size} ranks (got {self.ps_rank}).")
         if self.adversary is not None:
             self.adversary.check(world_size, self.ps_rank, self.num_adversaries)
+        if self.aggregator is not None:
+            self.aggregator.check(world_size // self.redundancy)
 
     def _make_code(self, world_size: int) -> Code:
         options = {}
         if "tolerance" in inspect.signature(self._code_cls).parameters:
             options["tolerance"] = self.tolerance
-        return self._code_cls(world_size, self.num_adversaries, self.redundancy, **options)
+        code = self._code_cls(world_size, self.num_adversaries, self.redundancy, **options)
+        return code if self.aggregator is None else AggregatedCode(code, self.aggregator)
 
     @override
     def setup_environment(self) -> None:
@@ -162,7 +194,14 @@ class DracoStrategy(DDPStrategy):
         if secret is None:
             secret = int.from_bytes(os.urandom(8), "little") >> 1 if rank == self.ps_rank else 0
         self._hook_state = DracoHookState(
-            self.code, rank, self.ps_rank, adversary=self.adversary, check_finite=self.check_finite, secret=secret
+            self.code,
+            rank,
+            self.ps_rank,
+            adversary=self.adversary,
+            check_finite=self.check_finite,
+            secret=secret,
+            # Rules such as Krum or the geometric median are defined on whole gradients.
+            whole_step=self.aggregator is not None and self.aggregate_over == "whole",
         )
         hostnames: list[Any] = [None] * world_size
         dist.all_gather_object(hostnames, socket.gethostname())
@@ -177,8 +216,17 @@ class DracoStrategy(DDPStrategy):
             )
         super().setup(trainer)
         if trainer.state.fn == "fit":
-            for dtype in sorted({p.dtype for p in trainer.lightning_module.parameters() if p.requires_grad}, key=str):
+            trained = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
+            dtypes = sorted({p.dtype for p in trained}, key=str)
+            for dtype in dtypes:
                 self.code.check_wire_dtype(dtype)
+            if self._hook_state.whole_step:
+                if len(dtypes) > 1:
+                    raise ValueError(
+                        "aggregate_over='whole' needs every trained parameter in one dtype (got"
+                        f" {', '.join(map(str, dtypes))}); use aggregate_over='bucket'."
+                    )
+                self._hook_state.total_numel = sum(p.numel() for p in trained)
             self._guard_schedulers(trainer.lightning_module)
 
     @override

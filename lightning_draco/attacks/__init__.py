@@ -2,8 +2,10 @@
 
 An attack is a function ``attack(honest, **context) -> Tensor`` that must not modify
 ``honest``. The context holds what a simulated adversary may know: ``rank``, ``step``,
-``bucket``, ``generator`` (its own random stream for this step and bucket) and
-``shared_generator`` (one stream shared by all colluding adversaries). An attack declares
+``bucket``, ``generator`` (its own random stream for this step and bucket),
+``shared_generator`` (one stream shared by all colluding adversaries), and for omniscient
+attacks ``honest_mean`` and ``honest_std`` (per coordinate, over all workers' honest vectors;
+asking for them makes every rank pay an extra collective). An attack declares
 the context keywords it needs; the rest are not passed. Its own options (``scale``,
 ``sigma``, ...) are keyword arguments with defaults.
 
@@ -24,7 +26,10 @@ Attack = Callable[..., Tensor]
 
 ATTACKS: dict[str, Attack] = {}
 
-CONTEXT_KEYS = ("rank", "step", "bucket", "generator", "shared_generator")
+CONTEXT_KEYS = ("rank", "step", "bucket", "generator", "shared_generator", "honest_mean", "honest_std")
+
+# Context that costs a collective to simulate: the mean and std of every worker's honest vector.
+OMNISCIENT_KEYS = ("honest_mean", "honest_std")
 
 
 def register_attack(name: str) -> Callable[[Attack], Attack]:
@@ -48,6 +53,11 @@ def get_attack(name: str) -> Attack:
         raise ValueError(f"attack must be one of {known}, or a callable (got {name!r}).") from None
 
 
+def wants(attack: Attack, key: str) -> bool:
+    """Whether ``attack`` names the context keyword ``key`` (``**kwargs`` alone does not ask for it)."""
+    return key in inspect.signature(attack).parameters
+
+
 def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context: dict[str, Any]) -> Tensor:
     """Call ``attack`` with its options and the context keywords it accepts."""
     params = inspect.signature(attack).parameters
@@ -59,4 +69,4 @@ def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["ATTACKS", "CONTEXT_KEYS", "Attack", "call_attack", "get_attack", "register_attack"]
+__all__ = ["ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "call_attack", "get_attack", "register_attack", "wants"]

@@ -80,6 +80,8 @@ class Code(ABC):
     """
 
     name: ClassVar[str]
+    #: Whether ``parts`` exists, so that a robust aggregator can be put on top of the code.
+    supports_aggregation: ClassVar[bool] = False
 
     def __init__(self, num_workers: int, num_adversaries: int, redundancy: Optional[int] = None):
         redundancy = self.default_redundancy(num_adversaries) if redundancy is None else redundancy
@@ -125,6 +127,10 @@ class Code(ABC):
         received vectors; codes that need none ignore it. Raises ``DracoDecodeError`` when the
         vectors reveal more liars than the code tolerates.
         """
+
+    def parts(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[int]]:
+        """``k`` vectors whose sum is the total, and the faulty workers: the input of a robust aggregator."""
+        raise ValueError(f"code={self.name!r} cannot be combined with an aggregator.")
 
     def check_wire_dtype(self, dtype: torch.dtype) -> None:
         """Raise ``ValueError`` if gradients of ``dtype`` cannot be decoded accurately by this code."""

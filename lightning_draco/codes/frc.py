@@ -42,6 +42,7 @@ class FractionalRepetitionCode(Code):
     """
 
     name = "frc"
+    supports_aggregation = True
 
     def __init__(
         self,
@@ -106,6 +107,15 @@ class FractionalRepetitionCode(Code):
 
     # -- decoding ---------------------------------------------------------------------------
     def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
+        total, faulty = self._vote_groups(received, per_group=False)
+        return DecodeResult(total, faulty)
+
+    def parts(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[int]]:
+        """Each group's verified sum, ``(P / r, d)``: what a DETOX-style rule aggregates robustly."""
+        return self._vote_groups(received, per_group=True)
+
+    def _vote_groups(self, received: Tensor, per_group: bool) -> tuple[Tensor, list[int]]:
+        """The vote; returns the sum of the group winners (or each group's winner) and the faulty workers."""
         self._check_received(received)
         received = received.contiguous()
         num_groups, r = self.num_groups, self.redundancy
@@ -115,10 +125,11 @@ class FractionalRepetitionCode(Code):
         acc = accumulation_dtype(received.dtype)
         if self.batched or (self.batched is None and received.device.type != "cpu"):
             # On accelerators each per-block comparison is a host sync; one batched comparison is cheaper.
-            whole = self._vote_all_at_once(rows, bits, acc)
+            whole = self._vote_all_at_once(bits)
             if whole is not None:
-                return whole
-        total = torch.empty(d, dtype=acc, device=received.device)
+                firsts = rows[:, 0].to(acc)
+                return (firsts if per_group else firsts.sum(dim=0)), whole
+        out = torch.empty((num_groups, d) if per_group else (d,), dtype=acc, device=received.device)
         faulty: set[int] = set()
         unresolved: dict[int, list[slice]] = {}
 
@@ -131,37 +142,46 @@ class FractionalRepetitionCode(Code):
                     unresolved.setdefault(g, []).append(block)
                 else:
                     winners.append((g, winner))
-            # Group by group in a fixed order, whichever member won: the sum is bitwise the same
-            # whoever lied, since winners are bitwise the honest value.
-            out = total[block]
-            out.zero_()
-            for g, w in winners:
-                out.add_(rows[g, w, block])
+            if per_group:
+                for g, w in winners:
+                    out[g, block] = rows[g, w, block]
+            else:
+                # Group by group in a fixed order, whichever member won: the sum is bitwise the same
+                # whoever lied, since winners are bitwise the honest value.
+                target = out[block]
+                target.zero_()
+                for g, w in winners:
+                    target.add_(rows[g, w, block])
 
         for g, blocks in unresolved.items():
             winner, agreeing = self._tolerance_vote(rows[g], g)
             for block in blocks:
-                total[block] += rows[g, winner, block].to(acc)
+                if per_group:
+                    out[g, block] = rows[g, winner, block]
+                else:
+                    out[block] += rows[g, winner, block].to(acc)
             group = self.members(g)
             faulty.difference_update(group)
             faulty.update(w for m, w in enumerate(group) if not agreeing[m])
-        return DecodeResult(total, sorted(faulty))
+        return out, sorted(faulty)
 
     def _sole_majority(self, size: int) -> bool:
         """A class of ``size`` members is a verified majority and the others are too few to form a second."""
         need = self.num_adversaries + 1
         return size >= need and self.redundancy - size < need
 
-    def _vote_all_at_once(self, rows: Tensor, bits: Tensor, acc: torch.dtype) -> Optional[DecodeResult]:
-        """The common case in one pass and one sync: every group's first member is in its majority."""
+    def _vote_all_at_once(self, bits: Tensor) -> Optional[list[int]]:
+        """The common case in one pass and one sync: every group's first member is in its majority.
+
+        Returns the faulty workers, or None when some group needs the block-wise vote.
+        """
         r = self.redundancy
         agrees = torch.ones(self.num_groups, r, dtype=torch.bool)
         if r > 1:
             agrees[:, 1:] = (bits[:, 1:] == bits[:, :1]).all(dim=2).cpu()
         if not all(self._sole_majority(int(size)) for size in agrees.sum(dim=1)):
             return None
-        faulty = [g * r + m for g in range(self.num_groups) for m in range(r) if not agrees[g, m]]
-        return DecodeResult(rows[:, 0].sum(dim=0, dtype=acc), faulty)
+        return [g * r + m for g in range(self.num_groups) for m in range(r) if not agrees[g, m]]
 
     def _vote(self, block: Tensor, group: int, faulty: set[int]) -> Optional[int]:
         """Index within the group of a member whose block at least s+1 members share, or None."""

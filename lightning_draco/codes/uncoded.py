@@ -21,6 +21,7 @@ class Uncoded(Code):
     """
 
     name = "none"
+    supports_aggregation = True
 
     @classmethod
     def default_redundancy(cls, num_adversaries: int) -> int:
@@ -46,3 +47,8 @@ class Uncoded(Code):
     def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
         self._check_received(received)
         return DecodeResult(received.sum(dim=0, dtype=accumulation_dtype(received.dtype)), [])
+
+    def parts(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[int]]:
+        """The received rows themselves: a robust aggregator replaces the plain sum."""
+        self._check_received(received)
+        return received, []

@@ -90,7 +90,7 @@ def draco(**kw):
     return DracoStrategy(**kw)
 
 
-ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude"]
+ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude", "alie", "ipm"]
 for _attack in ATTACKS:
     SCENARIOS[f"frc_fixed_{_attack}"] = (lambda a: lambda: (dict(adversary=Adversary(ranks=[4], attack=a)), {}))(_attack)
     SCENARIOS[f"frc_random_{_attack}"] = (lambda a: lambda: (dict(adversary=Adversary(ranks="random", attack=a, seed=3)), {}))(_attack)
@@ -130,6 +130,22 @@ SCENARIOS["frc_threshold_logged"] = lambda: (
     dict(adversary=Adversary(ranks=[5], attack="sign_flip"), max_faulty_steps=5),
     dict(csv_logger=True),
 )
+
+
+def aggregator_scenario(name: str):
+    """``agg_<rule>_<attack>[_bucket]``: code "none" with a robust rule; ``detox_<attack>``: FRC + median."""
+    over = "bucket" if name.endswith("_bucket") else "whole"
+    name = name.removesuffix("_bucket")
+    if name.startswith("detox_"):
+        attack = name.split("_", 1)[1]
+        kw = dict(code="frc", aggregator="median", aggregator_options={"num_byzantine": 0})
+    else:
+        rule, attack = name[4:].rsplit("_", 1)
+        options = {"tau": 1.0} if rule == "centered_clipping" else {}
+        kw = dict(code="none", aggregator=rule, aggregator_options=options, aggregate_over=over)
+    if attack != "clean":
+        kw["adversary"] = Adversary(ranks=[4], attack=attack)
+    return kw, {}
 
 
 def cyclic_scenario(name: str):
@@ -178,7 +194,12 @@ def resume(name: str) -> dict:
 def run(name: str) -> dict:
     if name.startswith("resume"):
         return resume(name)
-    strategy_kw, model_kw = cyclic_scenario(name) if name.startswith("crc") else SCENARIOS[name]()
+    if name.startswith("crc"):
+        strategy_kw, model_kw = cyclic_scenario(name)
+    elif name.startswith(("agg_", "detox_")):
+        strategy_kw, model_kw = aggregator_scenario(name)
+    else:
+        strategy_kw, model_kw = SCENARIOS[name]()
     L.seed_everything(1234, verbose=False)
     if isinstance(strategy_kw, str):
         strategy = strategy_kw if strategy_kw != "ddp" else L.pytorch.strategies.DDPStrategy(start_method="popen")

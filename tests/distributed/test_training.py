@@ -17,7 +17,8 @@ import torch
 pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).parent
-ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude"]
+ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude", "alie", "ipm"]
+RULES = ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "centered_clipping"]
 WRECKING = ["reverse", "constant", "nan", "inf"]
 SCENARIOS = (
     ["frc_clean", "none_clean", "frc_nodropout", "ddp_nodropout", "by_name", "frc_ps3_clean", "frc_ps3_reverse"]
@@ -26,6 +27,8 @@ SCENARIOS = (
     + [f"none_{a}" for a in WRECKING]
     + ["frc_two_liars_raise", "frc_two_liars_skip", "manual_optimization", "frc_threshold_logged"]
     + ["resume_ps0", "resume_ps3"]
+    + [f"agg_{rule}_reverse" for rule in RULES]
+    + ["agg_krum_reverse_bucket", "detox_reverse", "none_alie", "agg_median_alie"]
 )
 
 
@@ -158,3 +161,31 @@ def test_checkpoint_keeps_the_secret_away_from_workers_and_resume_restores_it(ru
     liar = str((ps + 2) % 6)
     assert run["ledger"]["times_caught"] == {liar: 30} and run["faulty_counts"] == {liar: 30}
     assert run["global_step"] == 30 and run["world_size"] == 6
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_robust_rules_survive_one_liar_but_change_the_model(runs, rule):
+    run = runs[f"agg_{rule}_reverse"]
+    assert run["finite"] and run.get("error") is None
+    assert run["accuracy"] > 0.2 > runs["none_reverse"]["accuracy"] or not runs["none_reverse"]["finite"]
+    assert run["sha"] != runs["none_clean"]["sha"], "a robust rule is not the clean model"
+    assert run["hook_calls"] == runs["frc_clean"]["hook_calls"], "whole-vector aggregation still exchanges every bucket"
+
+
+def test_whole_vector_and_per_bucket_krum_are_different_rules(runs):
+    assert runs["agg_krum_reverse_bucket"]["sha"] != runs["agg_krum_reverse"]["sha"]
+    assert runs["agg_krum_reverse_bucket"]["finite"]
+
+
+def test_detox_votes_in_groups_then_aggregates(runs):
+    # Two groups of three, a median across them (num_byzantine=0): the liar is outvoted inside its
+    # group, and the median of two group sums is their mean: the FRC model, bitwise.
+    run = runs["detox_reverse"]
+    assert run["faulty_counts"] == {"4": 30}
+    assert run["sha"] == runs["frc_clean"]["sha"]
+
+
+def test_alie_hurts_the_median_and_plain_averaging_not_draco(runs):
+    assert runs["frc_fixed_alie"]["sha"] == runs["frc_clean"]["sha"]
+    assert runs["agg_median_alie"]["sha"] != runs["none_clean"]["sha"]
+    assert runs["none_alie"]["sha"] != runs["none_clean"]["sha"]

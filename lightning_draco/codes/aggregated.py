@@ -1,0 +1,48 @@
+"""A code with a robust aggregator on top: plain robust aggregation (code "none"), or DETOX (code "frc")."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from lightning_draco.aggregators import Aggregator
+from lightning_draco.codes.base import Code, DecodeResult
+
+
+class AggregatedCode(Code):
+    """Decodes with ``code.parts`` and replaces their sum by ``k x aggregator(parts)``.
+
+    With ``Uncoded`` the parts are the ``P`` received vectors (median, Krum, ... over workers);
+    with ``FractionalRepetitionCode`` they are the ``P / r`` verified group sums: DETOX
+    (Rajput et al., NeurIPS 2019), a vote inside groups, then a robust rule across them.
+    """
+
+    name = "aggregated"
+
+    def __init__(self, code: Code, aggregator: Aggregator):
+        if not code.supports_aggregation:
+            raise ValueError(f"code={code.name!r} cannot be combined with an aggregator (use 'none' or 'frc').")
+        self.inner = code
+        self.aggregator = aggregator
+        self.num_workers, self.num_adversaries, self.redundancy = code.num_workers, code.num_adversaries, code.redundancy
+        parts = code.num_workers // code.redundancy
+        aggregator.check(parts)
+
+    def partitions(self, worker: int) -> list[int]:
+        return self.inner.partitions(worker)
+
+    @property
+    def encoding_matrix(self) -> Tensor:
+        return self.inner.encoding_matrix
+
+    def check_wire_dtype(self, dtype: torch.dtype) -> None:
+        self.inner.check_wire_dtype(dtype)
+
+    def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
+        parts, faulty = self.inner.parts(received, generator=generator)
+        return DecodeResult(self.aggregator(parts) * parts.shape[0], faulty)
+
+    def __repr__(self) -> str:
+        return f"AggregatedCode({self.inner!r}, {self.aggregator!r})"

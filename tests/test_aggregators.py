@@ -1,0 +1,253 @@
+"""Robust aggregators against direct transcriptions of their textbook definitions."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lightning_draco.aggregators import AGGREGATORS, make_aggregator
+
+# -- textbook transcriptions: plain Python over lists, one coordinate or one vector at a time ---------
+
+
+def ref_median(column):
+    v = sorted(column)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def ref_trimmed(column, f):
+    v = sorted(column)
+    kept = v[f : len(v) - f]
+    return sum(kept) / len(kept)
+
+
+def sqdist(a, b):
+    return sum((x - y) ** 2 for x, y in zip(a, b))
+
+
+def ref_krum_scores(xs, f):
+    n = len(xs)
+    scores = []
+    for i in range(n):
+        d = sorted(sqdist(xs[i], xs[j]) for j in range(n) if j != i)
+        scores.append(sum(d[: n - f - 2]))
+    return scores
+
+
+def ref_krum(xs, f):
+    scores = ref_krum_scores(xs, f)
+    return xs[scores.index(min(scores))]
+
+
+def ref_multi_krum(xs, f, m):
+    scores = ref_krum_scores(xs, f)
+    order = sorted(range(len(xs)), key=lambda i: (scores[i], i))[:m]
+    return [sum(xs[i][c] for i in order) / m for c in range(len(xs[0]))]
+
+
+def ref_bulyan(xs, f):
+    n = len(xs)
+    theta, beta = n - 2 * f, n - 4 * f
+    remaining, chosen = list(range(n)), []
+    for _ in range(theta):
+        sub = [xs[i] for i in remaining]
+        if len(sub) > f + 2:
+            scores = ref_krum_scores(sub, f)
+        else:
+            scores = [sum(sqdist(a, b) for b in sub) for a in sub]
+        pick = remaining[scores.index(min(scores))]
+        chosen.append(pick)
+        remaining.remove(pick)
+    out = []
+    for c in range(len(xs[0])):
+        values = [xs[i][c] for i in chosen]
+        med = ref_median(values)
+        closest = sorted(values, key=lambda v: abs(v - med))[:beta]
+        out.append(sum(closest) / beta)
+    return out
+
+
+def ref_geometric_median(xs, iters=2000):
+    z = [ref_median([x[c] for x in xs]) for c in range(len(xs[0]))]
+    for _ in range(iters):
+        w = [1 / max(math.sqrt(sqdist(x, z)), 1e-12) for x in xs]
+        z = [sum(wi * x[c] for wi, x in zip(w, xs)) / sum(w) for c in range(len(xs[0]))]
+    return z
+
+
+def ref_clip(xs, v, tau):
+    out = list(v)
+    n = len(xs)
+    for x in xs:
+        diff = [a - b for a, b in zip(x, v)]
+        norm = math.sqrt(sum(d * d for d in diff))
+        scale = min(1.0, tau / norm) if norm > 0 else 1.0
+        for c in range(len(v)):
+            out[c] += diff[c] * scale / n
+    return out
+
+
+# -- cases -----------------------------------------------------------------------------------------
+
+@st.composite
+def inputs(draw, min_n=1, allow_ties=True):
+    n = draw(st.integers(min_n, 9))
+    d = draw(st.integers(1, 5))
+    ties = allow_ties and draw(st.booleans())
+    values = st.sampled_from([-2.0, 0.0, 1.0, 3.0]) if ties else st.floats(-10, 10, allow_nan=False, width=32)
+    rows = [[draw(values) for _ in range(d)] for _ in range(n)]
+    return rows
+
+
+def as_tensor(rows):
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+@given(inputs(), st.integers(0, 4))
+def test_coordinatewise_rules_match_their_definitions(rows, f):
+    n = len(rows)
+    x = as_tensor(rows)
+    torch.testing.assert_close(make_aggregator("mean", f)(x), x.mean(0))
+    if 2 * f < n:
+        columns = list(zip(*rows))
+        torch.testing.assert_close(make_aggregator("median", f)(x), torch.tensor([ref_median(c) for c in columns], dtype=torch.float64))
+        torch.testing.assert_close(make_aggregator("trimmed_mean", f)(x), torch.tensor([ref_trimmed(c, f) for c in columns], dtype=torch.float64))
+
+
+@given(inputs(min_n=3), st.integers(0, 3))
+def test_krum_and_multi_krum_match_their_definitions(rows, f):
+    n = len(rows)
+    if n < 2 * f + 3:
+        return
+    x = as_tensor(rows)
+    krum = make_aggregator("krum", f)(x)
+    # With tied scores any minimiser is a Krum output: check the score, not the index.
+    scores = ref_krum_scores(rows, f)
+    chosen = [i for i in range(n) if torch.equal(x[i], krum)]
+    assert chosen and min(scores[i] for i in chosen) == pytest.approx(min(scores), rel=1e-9, abs=1e-9)
+    if len(set(scores)) == n:
+        torch.testing.assert_close(krum, torch.tensor(ref_krum(rows, f), dtype=torch.float64))
+        m = n - f
+        torch.testing.assert_close(make_aggregator("multi_krum", f)(x), torch.tensor(ref_multi_krum(rows, f, m), dtype=torch.float64))
+
+
+@given(inputs(min_n=3, allow_ties=False), st.integers(0, 1))
+def test_bulyan_matches_its_definition(rows, f):
+    # Bulyan's output under ties (equal Krum scores, values equidistant from a median) depends on
+    # an arbitrary order, so it is compared on distinct values only.
+    n = len(rows)
+    if n < 4 * f + 3 or len({tuple(r) for r in rows}) < n:
+        return
+    torch.testing.assert_close(make_aggregator("bulyan", f)(as_tensor(rows)), torch.tensor(ref_bulyan(rows, f), dtype=torch.float64))
+
+
+def test_geometric_median_matches_weiszfeld_to_its_tolerance():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 4, dtype=torch.float64, generator=gen)
+    rule = make_aggregator("geometric_median", 2)
+    z = rule(x)
+    ref = torch.tensor(ref_geometric_median(x.tolist()), dtype=torch.float64)
+    assert float((z - ref).norm()) <= 1e-4 * float(ref.norm())
+    assert 1 <= rule.iterations <= 100
+
+
+def test_centered_clipping_matches_its_definition_and_keeps_its_anchor():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=gen) * 10
+    rule = make_aggregator("centered_clipping", 1, tau=2.0)
+    first = rule(x)
+    torch.testing.assert_close(first, torch.tensor(ref_clip(x.tolist(), [0.0, 0.0, 0.0], 2.0), dtype=torch.float64))
+    second = rule(x)
+    torch.testing.assert_close(second, torch.tensor(ref_clip(x.tolist(), first.tolist(), 2.0), dtype=torch.float64))
+    state = rule.state_dict()
+    fresh = make_aggregator("centered_clipping", 1, tau=2.0)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x), rule(x))
+
+
+ORDER_INVARIANT = ["mean", "median", "trimmed_mean", "geometric_median", "multi_krum", "centered_clipping"]
+
+
+@pytest.mark.parametrize("name", ORDER_INVARIANT)
+def test_order_of_workers_does_not_matter(name):
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
+    a = make_aggregator(name, 2)(x)
+    b = make_aggregator(name, 2)(x[perm])
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(AGGREGATORS))
+def test_never_aliases_or_modifies_its_input(name):
+    x = torch.randn(11, 8, generator=torch.Generator().manual_seed(4))
+    before = x.clone()
+    out = make_aggregator(name, 2)(x)
+    assert torch.equal(x, before)
+    assert out.data_ptr() not in {row.data_ptr() for row in x} and out.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize(
+    "name, n, f, message",
+    [
+        ("bulyan", 6, 1, r"aggregator 'bulyan' needs n >= 4 \* num_byzantine \+ 3 \(got n=6, num_byzantine=1\)"),
+        ("krum", 4, 1, r"aggregator 'krum' needs n >= 2 \* num_byzantine \+ 3"),
+        ("multi_krum", 6, 2, r"aggregator 'multi_krum' needs n >= 2 \* num_byzantine \+ 3"),
+        ("median", 4, 2, r"aggregator 'median' needs 2 \* num_byzantine < n"),
+        ("trimmed_mean", 2, 1, r"aggregator 'trimmed_mean' needs 2 \* num_byzantine < n"),
+        ("geometric_median", 3, 2, r"aggregator 'geometric_median' needs 2 \* num_byzantine < n"),
+    ],
+)
+def test_preconditions_are_refused_with_the_rule(name, n, f, message):
+    with pytest.raises(ValueError, match=message):
+        make_aggregator(name, f)(torch.zeros(n, 3))
+
+
+def test_smallest_allowed_sizes_work():
+    for name, n, f in [("bulyan", 7, 1), ("krum", 5, 1), ("multi_krum", 5, 1), ("median", 3, 1), ("trimmed_mean", 3, 1)]:
+        assert make_aggregator(name, f)(torch.randn(n, 4)).shape == (4,)
+
+
+def test_unknown_rule_lists_the_known_ones():
+    with pytest.raises(ValueError, match="aggregator must be one of bulyan, centered_clipping, geometric_median"):
+        make_aggregator("average", 1)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "bulyan", "centered_clipping"])
+def test_robust_rules_survive_non_finite_liars(name):
+    x = torch.randn(11, 5, generator=torch.Generator().manual_seed(5))
+    x[3] = float("nan")
+    x[7] = float("inf")
+    assert torch.isfinite(make_aggregator(name, 2)(x)).all()
+
+
+def test_alie_moves_median_rules_but_not_draco():
+    """Six workers, one liar sending ALIE (mean + 1.5 std of the honest vectors): the median-style rules
+    land away from the honest mean; FRC's decode (r=3) returns exactly the honest sum."""
+    from lightning_draco.attacks import get_attack
+    from lightning_draco.codes import FractionalRepetitionCode
+
+    gen = torch.Generator().manual_seed(7)
+    partitions = torch.randn(6, 2000, generator=gen)
+    honest_mean = partitions.mean(0)
+    honest_std = partitions.std(0, unbiased=False)
+    lie = get_attack("alie")(partitions[0], honest_mean=honest_mean, honest_std=honest_std)
+    received = partitions.clone()
+    received[4] = lie
+    for name in ("median", "trimmed_mean", "geometric_median"):
+        moved = make_aggregator(name, 1)(received) - honest_mean
+        unattacked = make_aggregator(name, 1)(partitions) - honest_mean
+        # The liar drags the rule towards +std, coordinate by coordinate, beyond its usual spread.
+        drift = float((moved * honest_std.sign()).mean() - (unattacked * honest_std.sign()).mean())
+        assert drift > 0.05, (name, drift)
+
+    code = FractionalRepetitionCode(6, 1)
+    coded = torch.stack([partitions[code.partitions(w)].sum(0) for w in range(6)])
+    stats = (coded.mean(0), coded.std(0, unbiased=False))
+    coded[4] = get_attack("alie")(coded[4], honest_mean=stats[0], honest_std=stats[1])
+    result = code.decode(coded)
+    assert result.faulty == [4]
+    assert torch.equal(result.total, coded[0] + coded[3])
