@@ -1,12 +1,15 @@
-"""Decode speed on the parameter server: plain mean vs each code's decoder, on one (P, d) tensor.
+"""Decode and aggregation speed on the parameter server, against the plain mean of the same tensor.
 
-    python benchmarks/decode.py                     # P=15, d=11.2M (ResNet-18 size), fp32, CPU
-    python benchmarks/decode.py --workers 6 --dim 1000000 --json out.json
+    python benchmarks/decode.py                                  # P in {8, 15, 31}, d in {1M, 11.2M}
+    python benchmarks/decode.py --workers 15 --dims 11200000 --methods frc crc none
+    python benchmarks/decode.py --json out.json --markdown out.md
 
-Each row is the median of ``--repeats`` runs after one warm-up; ``ratio`` is that median over
-the median of ``received.mean(0)`` on the same tensor, measured in the same run. The received
-rows are honest codewords (what honest workers send) with ``--liars`` rows replaced by
-``-100 x`` their value, on ranks drawn at random.
+For each device (CPU, and CUDA when present), P and d, every code (at s=1, its smallest valid
+r; skipped with the reason where the code does not exist at that P) and every aggregator (with
+num_byzantine=1) runs on one (P, d) float32 tensor: honest codewords with one random row
+replaced by -100x its value. Each figure is the median of ``--repeats`` runs after one
+warm-up; ``ratio`` divides it by the median of ``received.mean(0)`` on the same tensor in the
+same run. The cyclic code's time includes drawing its projection.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
+from lightning_draco.aggregators import AGGREGATORS, make_aggregator
 from lightning_draco.codes import CODES, make_code
 
 
@@ -51,75 +54,80 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, gen: torch.Generator) -> dict:
+    row = {"method": method, "device": str(device), "workers": p, "dim": d}
+    kind, name = method.split(":", 1)
+    try:
+        code = make_code(name if kind == "code" else "none", p, 1 if kind == "code" and name != "none" else 0)
+        rule = make_aggregator(name, 1) if kind == "aggregator" else None
+        if rule is not None:
+            rule.check(p)
+    except ValueError as err:
+        return {**row, "skipped": str(err)}
+    received = codeword_rows(code, d, torch.float32, gen).to(device)
+    liar = int(torch.randint(p, (1,), generator=gen))
+    received[liar] *= -100
+    mean_s = median_seconds(lambda: received.mean(0), repeats, device)
+    projection = torch.Generator(device=device).manual_seed(1)
+    if rule is None:
+        run = lambda: code.decode(received, generator=projection)  # noqa: E731
+    else:
+        run = lambda: rule(received)  # noqa: E731
+    seconds = median_seconds(run, repeats, device)
+    caught = code.decode(received, generator=projection).faulty if rule is None else None
+    del received
+    return {**row, "liar": liar, "caught": caught, "seconds": seconds, "mean_seconds": mean_s, "ratio": seconds / mean_s}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=15, help="P, the number of received rows")
-    parser.add_argument("--dim", type=int, default=11_200_000, help="d, the gradient length")
-    parser.add_argument("--adversaries", type=int, default=1, help="s (each code uses its smallest r)")
-    parser.add_argument("--liars", type=int, default=1, help="rows replaced by -100x their value")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--codes", nargs="*", default=sorted(CODES))
-    parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--workers", type=int, nargs="+", default=[8, 15, 31])
+    parser.add_argument("--dims", type=int, nargs="+", default=[1_000_000, 11_200_000])
+    parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=[f"code:{c}" for c in sorted(CODES)] + [f"aggregator:{a}" for a in sorted(AGGREGATORS)],
+        help="code:NAME or aggregator:NAME (bare names are codes)",
+    )
+    parser.add_argument("--json", help="write all rows here as JSON")
+    parser.add_argument("--markdown", help="write the table here as markdown")
     args = parser.parse_args(argv)
+    methods = [m if ":" in m else f"code:{m}" for m in args.methods]
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for name in args.codes:
-        s = args.adversaries if name != "none" else 0
-        try:
-            code = make_code(name, args.workers, s)
-        except ValueError as err:
-            rows.append({"method": f"{name} decode", "skipped": str(err)})
-            continue
-        received = codeword_rows(code, args.dim, dtype, gen).to(device)
-        liars = torch.randperm(args.workers, generator=gen)[: min(args.liars, s)].tolist()
-        received[liars] *= -100
-        mean_s = median_seconds(lambda: received.mean(0), args.repeats, device)
-        proj = torch.Generator(device=device).manual_seed(1)
-        decode_s = median_seconds(lambda: code.decode(received, generator=proj), args.repeats, device)
-        found = code.decode(received, generator=proj).faulty
-        rows.append(
-            {
-                "method": f"{name} decode",
-                "code": repr(code),
-                "liars": sorted(liars),
-                "caught": found,
-                "mean_seconds": mean_s,
-                "seconds": decode_s,
-                "ratio": decode_s / mean_s,
-            }
-        )
-    result = {
-        "workers": args.workers,
-        "dim": args.dim,
-        "dtype": args.dtype,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "repeats": args.repeats,
-        "rows": rows,
-    }
-    print(f"P={args.workers} d={args.dim} {args.dtype} on {device} ({torch.get_num_threads()} threads), median of {args.repeats}")
-    print("| method | seconds | plain mean (s) | ratio to mean | liars -> caught |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        if "skipped" in row:
-            print(f"| {row['method']} | skipped: {row['skipped']} | | | |")
-        else:
-            print(
-                f"| {row['method']} | {row['seconds']:.4f} | {row['mean_seconds']:.4f} | {row['ratio']:.2f}x |"
-                f" {row['liars']} -> {row['caught']} |"
-            )
+    for device in map(torch.device, args.devices):
+        for p in args.workers:
+            for d in args.dims:
+                for method in methods:
+                    rows.append(bench_one(method, p, d, device, args.repeats, gen))
+                    print(_line(rows[-1]), flush=True)
+    header = [
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.machine()},"
+        f" median of {args.repeats} runs, float32, one liar sending -100x",
+        "",
+        "| device | P | d | method | seconds | plain mean (s) | ratio | liar -> caught |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    table = "\n".join(header + [_line(r) for r in rows])
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+    return {"rows": rows}
+
+
+def _line(row: dict) -> str:
+    head = f"| {row['device']} | {row['workers']} | {row['dim']:,} | {row['method']} |"
+    if "skipped" in row:
+        return head + f" skipped: {row['skipped']} | | | |"
+    caught = "" if row["caught"] is None else f"{row['liar']} -> {row['caught']}"
+    return head + f" {row['seconds']:.4f} | {row['mean_seconds']:.4f} | {row['ratio']:.2f}x | {caught} |"
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

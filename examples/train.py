@@ -52,7 +52,11 @@ def build_strategy(cfg: DictConfig) -> DracoStrategy:
     if attack.name != "none":
         ranks = attack.ranks if isinstance(attack.ranks, str) else list(attack.ranks)
         adversary = Adversary(ranks=ranks, attack=attack.name, seed=attack.seed, **attack.options)
+    aggregator = cfg.aggregator
     return DracoStrategy(
+        aggregator=aggregator.name,
+        aggregator_options={"num_byzantine": aggregator.num_byzantine, **aggregator.options},
+        aggregate_over=aggregator.over,
         code=code.name,
         num_adversaries=code.num_adversaries,
         redundancy=code.redundancy,

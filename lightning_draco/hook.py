@@ -8,6 +8,8 @@ the same collectives in the same order and the parameter server holds one bucket
 
 from typing import Optional
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -58,6 +60,7 @@ class DracoHookState:
         "total_numel",
         "offset",
         "pending",
+        "seconds",
         "_received",
         "_step_received",
     )
@@ -107,6 +110,9 @@ class DracoHookState:
         #: ``whole_step``: where the next bucket goes in the step's vector, and the buckets waiting.
         self.offset = 0
         self.pending: list = []
+        #: Wall seconds this rank spent in the exchange's collectives and (on the PS) decoding,
+        #: accumulated since construction: for time breakdowns.
+        self.seconds = {"communication": 0.0, "decode": 0.0}
         #: The parameter server's receive buffers, reused: one bucket (grows to the largest), or
         #: with ``whole_step`` one whole gradient (P x total_numel).
         self._received: Optional[Tensor] = None
@@ -218,9 +224,11 @@ def _outgoing(state: DracoHookState, buffer: Tensor, index: int) -> Tensor:
 
 
 def _gather(state: DracoHookState, outgoing: Tensor, received: Optional[Tensor]) -> None:
+    start = time.perf_counter()
     dist.gather(
         outgoing, list(received.unbind(0)) if state.is_ps else None, dst=state.ps_rank, group=state.process_group
     )
+    state.seconds["communication"] += time.perf_counter() - start
 
 
 def _decode_and_share(state: DracoHookState, buffers: list[Tensor], received: Optional[Tensor], index: int) -> None:
@@ -229,6 +237,7 @@ def _decode_and_share(state: DracoHookState, buffers: list[Tensor], received: Op
     device = buffers[0].device
     outcome = torch.zeros(1 + world, dtype=torch.int32, device=device)
     error: Optional[DracoDecodeError] = None
+    start = time.perf_counter()
     if state.is_ps:
         try:
             result = state.code.decode(received, generator=state.projection_generator(index, device))
@@ -240,18 +249,21 @@ def _decode_and_share(state: DracoHookState, buffers: list[Tensor], received: Op
                 buffer.zero_()
         else:
             total = result.total.div_(world)
-            start = 0
+            offset = 0
             for buffer in buffers:
-                buffer.copy_(total[start : start + buffer.numel()])
-                start += buffer.numel()
+                buffer.copy_(total[offset : offset + buffer.numel()])
+                offset += buffer.numel()
             if result.faulty:
                 outcome[1 + torch.tensor(result.faulty, dtype=torch.long)] = _CAUGHT
             if state.check_finite and not bool(torch.isfinite(total).all()):
                 outcome[0] = DecodeStatus.NONFINITE
+    decoded = time.perf_counter()
+    state.seconds["decode"] += decoded - start
 
     for buffer in buffers:
         dist.broadcast(buffer, src=ps, group=group)
     dist.broadcast(outcome, src=ps, group=group)
+    state.seconds["communication"] += time.perf_counter() - decoded
 
     flags = outcome.tolist()
     status = flags[0]

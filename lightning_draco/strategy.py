@@ -343,6 +343,11 @@ class DracoStrategy(DDPStrategy):
         return self.ledger.skipped_steps
 
     @property
+    def exchange_seconds(self) -> dict[str, float]:
+        """Seconds this rank spent in the exchange's collectives and, on the PS, decoding (since setup)."""
+        return dict(self._hook_state.seconds) if self._hook_state is not None else {"communication": 0.0, "decode": 0.0}
+
+    @property
     def hook_calls(self) -> int:
         """Buckets exchanged through the DRACO hook on this rank so far."""
         return self._hook_state.calls if self._hook_state is not None else 0

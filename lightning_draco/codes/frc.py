@@ -127,8 +127,14 @@ class FractionalRepetitionCode(Code):
             # On accelerators each per-block comparison is a host sync; one batched comparison is cheaper.
             whole = self._vote_all_at_once(bits)
             if whole is not None:
-                firsts = rows[:, 0].to(acc)
-                return (firsts if per_group else firsts.sum(dim=0)), whole
+                winners, faulty = whole
+                chosen = rows[torch.arange(num_groups, device=rows.device), torch.tensor(winners, device=rows.device)]
+                if per_group:
+                    return chosen.to(acc), faulty
+                total = torch.zeros(d, dtype=acc, device=received.device)
+                for g in range(num_groups):  # in group order, as the block-wise path adds them
+                    total.add_(chosen[g])
+                return total, faulty
         out = torch.empty((num_groups, d) if per_group else (d,), dtype=acc, device=received.device)
         faulty: set[int] = set()
         unresolved: dict[int, list[slice]] = {}
@@ -170,18 +176,34 @@ class FractionalRepetitionCode(Code):
         need = self.num_adversaries + 1
         return size >= need and self.redundancy - size < need
 
-    def _vote_all_at_once(self, bits: Tensor) -> Optional[list[int]]:
-        """The common case in one pass and one sync: every group's first member is in its majority.
+    def _vote_all_at_once(self, bits: Tensor) -> Optional[tuple[list[int], list[int]]]:
+        """The common case in batched passes and at most two host syncs: every group has a whole-row majority.
 
-        Returns the faulty workers, or None when some group needs the block-wise vote.
+        First every member is compared with its group's first member; only if some group's first
+        member is not in a sole majority are the other pairs compared too. Returns each group's
+        winning member and the faulty workers, or None when some group needs the block-wise vote.
         """
         r = self.redundancy
-        agrees = torch.ones(self.num_groups, r, dtype=torch.bool)
-        if r > 1:
-            agrees[:, 1:] = (bits[:, 1:] == bits[:, :1]).all(dim=2).cpu()
-        if not all(self._sole_majority(int(size)) for size in agrees.sum(dim=1)):
-            return None
-        return [g * r + m for g in range(self.num_groups) for m in range(r) if not agrees[g, m]]
+        equal = torch.eye(r, dtype=torch.bool).repeat(self.num_groups, 1, 1)
+
+        def compare(pairs: list[tuple[int, int]]) -> None:
+            if pairs:  # comparisons on views (no copies of the data), one sync for the lot
+                same = torch.stack([(bits[:, a] == bits[:, b]).all(dim=1) for a, b in pairs], dim=1).cpu()
+                for k, (a, b) in enumerate(pairs):
+                    equal[:, a, b] = equal[:, b, a] = same[:, k]
+
+        compare([(0, b) for b in range(1, r)])
+        if not all(self._sole_majority(int(equal[g, 0].sum())) for g in range(self.num_groups)):
+            compare([(a, b) for a in range(1, r) for b in range(a + 1, r)])
+        winners, faulty = [], []
+        for g in range(self.num_groups):
+            sizes = equal[g].sum(dim=1)
+            leaders = [m for m in range(r) if self._sole_majority(int(sizes[m]))]
+            if not leaders:
+                return None
+            winners.append(leaders[0])
+            faulty += [g * r + m for m in range(r) if not equal[g, leaders[0], m]]
+        return winners, faulty
 
     def _vote(self, block: Tensor, group: int, faulty: set[int]) -> Optional[int]:
         """Index within the group of a member whose block at least s+1 members share, or None."""
