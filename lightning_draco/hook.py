@@ -212,10 +212,12 @@ def _outgoing(state: DracoHookState, buffer: Tensor, index: int) -> Tensor:
     knowledge = {}
     if adversary.omniscient:
         # Simulation cost: the honest vectors' per-coordinate mean and std, known to every rank.
+        start = time.perf_counter()
         total = buffer.detach().clone()
         squares = buffer.detach() * buffer.detach()
         dist.all_reduce(total, group=state.process_group)
         dist.all_reduce(squares, group=state.process_group)
+        state.seconds["communication"] += time.perf_counter() - start
         mean = total / state.world_size
         knowledge = {"honest_mean": mean, "honest_std": (squares / state.world_size - mean * mean).clamp_min(0).sqrt()}
     if state.rank not in state.liars:

@@ -402,7 +402,10 @@ class DracoStrategy(DDPStrategy):
             if self.global_rank == 0:
                 checkpoint[_CHECKPOINT_KEY]["projection_secret"] = self._hook_state.secret
             else:
-                torch.save({"projection_secret": self._hook_state.secret}, _ps_sidecar(filepath))
+                sidecar = _ps_sidecar(filepath)
+                # Rank 0 creates the checkpoint's folder when it writes; the PS may get here first.
+                os.makedirs(os.path.dirname(sidecar) or ".", exist_ok=True)
+                torch.save({"projection_secret": self._hook_state.secret}, sidecar)
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     @override

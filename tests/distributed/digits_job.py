@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_draco  # noqa: F401  (registers "draco")
-from lightning_draco import Adversary, DracoDecodeError, DracoStrategy
+from lightning_draco import Adversary, DracoDecodeError, DracoStrategy, NonFiniteGradientError
 
 WORLD = int(os.environ.get("DRACO_TEST_WORLD", "6"))
 STEPS = int(os.environ.get("DRACO_TEST_STEPS", "30"))
@@ -115,6 +115,18 @@ SCENARIOS["frc_two_liars_skip"] = lambda: (
     dict(adversary=Adversary(ranks=[1, 2], attack=lie_on_even_steps), on_decode_failure="skip"),
     dict(scheduler=True),
 )
+
+
+class DivergingNet(DigitsNet):
+    """From step 3 on, every replica computes a NaN loss: the model diverged, nobody lied."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step >= 3 else loss
+
+
+SCENARIOS["frc_diverge_raise"] = lambda: (dict(adversary=Adversary(ranks=[4])), dict(diverge=True))
+SCENARIOS["frc_diverge_skip"] = lambda: (dict(adversary=Adversary(ranks=[4]), on_decode_failure="skip"), dict(diverge=True))
 
 
 class ManualNet(DigitsNet):
@@ -208,7 +220,12 @@ def run(name: str) -> dict:
     logger = False
     if model_kw.pop("csv_logger", False):
         logger = CSVLogger(os.getcwd(), name=name, version=0)
-    model = ManualNet() if model_kw.pop("manual", False) else DigitsNet(**model_kw)
+    if model_kw.pop("manual", False):
+        model = ManualNet()
+    elif model_kw.pop("diverge", False):
+        model = DivergingNet(**model_kw)
+    else:
+        model = DigitsNet(**model_kw)
     train, (vx, vy) = digits()
     trainer = L.Trainer(
         accelerator="cpu",
@@ -227,8 +244,8 @@ def run(name: str) -> dict:
     except DracoDecodeError as err:
         out["error"] = {"type": "DracoDecodeError", "step": err.step, "bucket": err.bucket, "suspects": err.suspects,
                         "message": str(err)}
-    except ValueError as err:
-        out["error"] = {"type": "ValueError", "message": str(err)}
+    except (ValueError, NonFiniteGradientError) as err:
+        out["error"] = {"type": type(err).__name__, "message": str(err)}
     strategy = trainer.strategy
     model.eval()
     with torch.no_grad():

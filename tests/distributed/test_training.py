@@ -26,7 +26,7 @@ SCENARIOS = (
     + [f"frc_random_{a}" for a in ATTACKS]
     + [f"none_{a}" for a in WRECKING]
     + ["frc_two_liars_raise", "frc_two_liars_skip", "manual_optimization", "frc_threshold_logged"]
-    + ["resume_ps0", "resume_ps3"]
+    + ["resume_ps0", "resume_ps3", "frc_diverge_raise", "frc_diverge_skip"]
     + [f"agg_{rule}_reverse" for rule in RULES]
     + ["agg_krum_reverse_bucket", "detox_reverse", "none_alie", "agg_median_alie"]
 )
@@ -50,7 +50,10 @@ def run_job(folder: Path, scenarios: list[str], world: int = 6, steps: int = 30)
         text=True,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    if proc.returncode != 0:
+        (folder / "job.log").write_text(proc.stdout + proc.stderr)
+        first = (proc.stdout + proc.stderr).find("Traceback")
+        raise AssertionError(f"the job failed; first traceback:\n{(proc.stdout + proc.stderr)[first : first + 6000]}")
     return json.loads(out.read_text())
 
 
@@ -61,7 +64,9 @@ def runs(tmp_path_factory):
 
 def test_every_rank_ends_with_the_same_model(runs):
     for name, run in runs.items():
-        if name in ("frc_two_liars_raise", "manual_optimization", "ddp_nodropout") or name.startswith("resume"):
+        if name in ("frc_two_liars_raise", "manual_optimization", "ddp_nodropout", "frc_diverge_raise") or name.startswith(
+            "resume"
+        ):
             continue
         assert len({r["sha"] for r in run["ranks"]}) == 1, name
 
@@ -189,3 +194,17 @@ def test_alie_hurts_the_median_and_plain_averaging_not_draco(runs):
     assert runs["frc_fixed_alie"]["sha"] == runs["frc_clean"]["sha"]
     assert runs["agg_median_alie"]["sha"] != runs["none_clean"]["sha"]
     assert runs["none_alie"]["sha"] != runs["none_clean"]["sha"]
+
+
+def test_honest_nan_is_not_blamed_on_honest_ranks(runs):
+    """Every replica's loss turns NaN at step 3: all ranks stop with NonFiniteGradientError (raise),
+    or skip every step from there (skip); only the simulated liar is ever caught."""
+    for seen in runs["frc_diverge_raise"]["ranks"]:
+        assert seen["error"]["type"] == "NonFiniteGradientError"
+        assert "the honest ranks agree on a gradient with NaN or Inf" in seen["error"]["message"]
+        # Up to step 3 the liar is caught; its -100 x NaN may equal the honest NaN bit for bit after that.
+        assert set(seen["faulty_counts"]) == {"4"} and seen["faulty_counts"]["4"] >= 3
+    skip = runs["frc_diverge_skip"]
+    assert skip["global_step"] == 30 and skip["finite"]
+    assert all(r["skipped"] == 27 for r in skip["ranks"])
+    assert set(skip["faulty_counts"]) == {"4"} and skip["faulty_counts"]["4"] >= 3
