@@ -32,6 +32,9 @@ def test_import_registers_the_name_once():
         (dict(code="none", redundancy=3), r"code='none' gives each worker one partition: redundancy must be 1"),
         (dict(ddp_comm_hook=print), r"ddp_comm_hook cannot be set on DracoStrategy"),
         (dict(max_faulty_steps=-1), r"max_faulty_steps must be None or an integer >= 0"),
+        (dict(code="crc", aggregator="median"), r"code='crc' cannot be combined with an aggregator"),
+        (dict(code="none", aggregator="average"), r"aggregator must be one of bulyan, centered_clipping"),
+        (dict(code="none", aggregator="krum", aggregate_over="layer"), r"aggregate_over must be one of whole, bucket"),
     ],
 )
 def test_refused_at_construction(kwargs, message):
@@ -48,6 +51,8 @@ def test_refused_at_construction(kwargs, message):
         (3, dict(adversary=Adversary(ranks=[5])), r"adversary ranks must be in \[0, 3\)"),
         (3, dict(adversary=Adversary(ranks="random", count=3)), r"adversary count must be at most world_size - 1 = 2"),
         (4, dict(code="crc", num_adversaries=2), r"code='crc' needs at least 2 \* num_adversaries \+ 1 = 5 workers"),
+        (6, dict(code="none", aggregator="bulyan"), r"aggregator 'bulyan' needs n >= 4 \* num_byzantine \+ 3 \(got n=6"),
+        (6, dict(code="frc", aggregator="median"), r"aggregator 'median' needs 2 \* num_byzantine < n \(got n=2"),
     ],
 )
 def test_refused_when_the_trainer_is_built(devices, kwargs, message):
