@@ -15,9 +15,9 @@ from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, acc
 # Row b of _SIGN_TABLE holds the eight bits of byte b as +-1: random bytes become random signs.
 _SIGN_TABLE = torch.tensor([[1.0 if (b >> k) & 1 else -1.0 for k in range(8)] for b in range(256)])
 
-# Relative misfit of the projected rows to a codeword that rounding alone explains, per wire dtype:
-# the coded gradients' own rounding, and the float32 blockwise projection (about 3e-6 measured for
-# 64K-entry blocks, which is why float32 is not 10 eps).
+# Misfit of the projected rows to a codeword that rounding alone explains, relative to the largest
+# projected value, per wire dtype: about 10x the rounding of the coded gradients themselves (half
+# precision) or of the float32 blockwise projection (about 3e-6 measured for 64K-entry blocks).
 RESIDUAL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 8e-2}
 
 # Largest combiner growth (see ``CyclicRepetitionCode.growth``) accepted per dtype on the wire:
@@ -209,8 +209,8 @@ class CyclicRepetitionCode(Code):
         for attempt in range(self.attempts):
             # A located set that leaves the others off the code is retried under a fresh projection:
             # the locator's conditioning depends on the projected error values.
-            projected = self._project(received, gen)
-            found = self._decode_projection(projected, tolerance)
+            projected, norms = self._project(received, gen)
+            found = self._decode_projection(projected, norms, tolerance)
             if found is not None:
                 suspects, faulty = found
                 b, _ = self._combiner(suspects)
@@ -222,8 +222,15 @@ class CyclicRepetitionCode(Code):
             list(range(p)),
         )
 
-    def _decode_projection(self, projected: Tensor, tolerance: float) -> Optional[tuple[tuple[int, ...], list[int]]]:
-        """Suspects and faulty workers from one projection, or None if the rest do not fit the code."""
+    def _decode_projection(
+        self, projected: Tensor, norms: Tensor, tolerance: float
+    ) -> Optional[tuple[tuple[int, ...], list[int]]]:
+        """Suspects and faulty workers from one projection, or None if the rest do not fit the code.
+
+        The fit is checked relative to the largest projected value. Naming a suspect also weighs
+        the rows' norms: a projection can come out near zero by chance, and then its rounding is
+        large next to it; an honest suspect must not be accused for that.
+        """
         p, s = self.num_workers, self.num_adversaries
         finite = [i for i in range(p) if math.isfinite(projected[i])]
         erased = [i for i in range(p) if i not in finite]
@@ -242,20 +249,24 @@ class CyclicRepetitionCode(Code):
         honest = [i for i in range(p) if i not in suspects]
         codeword = reconstruct @ v[honest]
         size = float(codeword.abs().max()) or 1.0
-        if not float((codeword[honest] - v[honest]).abs().max()) <= tolerance * size:
+        residual = float((codeword[honest] - v[honest]).abs().max())
+        if not residual <= tolerance * size:
             return None
         # A suspect's codeword value is extrapolated from the others, with their rounding amplified by
-        # its row of the reconstruction: only a misfit beyond that is a lie.
+        # its row of the reconstruction: it is named only when it misses by more than the tolerance
+        # (or ten times what the honest rows actually miss by) times that amplification. An honest
+        # suspect is never accused; a liar whose projected error is that small is set aside all the same.
+        bound = max(10 * residual, tolerance * max(size, float(norms[honest].max())))
         amplification = reconstruct.abs().sum(dim=1)
         faulty = [
             i
             for i in suspects
-            if i in erased or abs(float(projected[i] - codeword[i])) > tolerance * size * max(1.0, float(amplification[i]))
+            if i in erased or abs(float(projected[i] - codeword[i])) > bound * max(1.0, float(amplification[i]))
         ]
         return suspects, sorted(faulty)
 
-    def _project(self, received: Tensor, gen: torch.Generator) -> Tensor:
-        """``v = Y f`` in float64, ``f`` random signs from ``gen``, one blockwise pass."""
+    def _project(self, received: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``v = Y f`` and the rows' norms, in float64; ``f`` random signs from ``gen``; one blockwise pass."""
         d = received.shape[1]
         device = received.device
         random_bytes = torch.empty((d + 7) // 8, dtype=torch.uint8, device=gen.device).random_(0, 256, generator=gen)
@@ -269,8 +280,11 @@ class CyclicRepetitionCode(Code):
         for start in range(0, d, step):
             stop = min(d, start + step)
             signs = table.index_select(0, random_bytes[start // 8 : (stop + 7) // 8]).view(-1)[: stop - start]
-            v += (received[:, start:stop].to(acc) @ signs).double()
-        return v.cpu()
+            block = received[:, start:stop].to(acc)
+            v += (block @ signs).double()
+            if start == 0:  # the rows' scale, from the first block only: cheap, and enough for a tolerance
+                squares = torch.linalg.vector_norm(block, dim=1).double().square() * (d / (stop - start))
+        return v.cpu(), squares.sqrt().cpu()
 
     def _tolerance(self, dtype: torch.dtype) -> float:
         """Relative misfit of the projected rows to a codeword that rounding alone can explain."""
