@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from torch import Tensor
 
 
-class Aggregator:
+class Aggregator(ABC):
     """A rule mapping ``n`` received vectors, up to ``num_byzantine`` of them arbitrary, to one vector.
 
     Subclasses set ``name``, extend ``check`` with their preconditions on ``n`` and implement
@@ -32,8 +33,9 @@ class Aggregator:
         self.check(inputs.shape[0])
         return self.aggregate(inputs)
 
+    @abstractmethod
     def aggregate(self, inputs: Tensor) -> Tensor:
-        raise NotImplementedError  # every registered rule implements it
+        """The rule itself, on an ``(n, d)`` tensor whose ``n`` passed ``check``."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
