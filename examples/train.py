@@ -1,4 +1,7 @@
-"""Train with DRACO from a Hydra config: ``python examples/train.py code=frc attack=reverse``.
+"""Train with DRACO from a Hydra config: ``python examples/train.py code=crc attack=alie``.
+
+Launch it as it is (Lightning starts ``trainer.devices`` local processes), under ``torchrun``, or
+under ``srun`` (``examples/slurm/train.sbatch``); ``-m`` sweeps run each job as its own launch.
 
 Every run writes ``summary.json`` into its run directory: the resolved config, the world size,
 validation accuracy per epoch, who was caught, steps, skipped steps, wall seconds and
@@ -8,25 +11,54 @@ little-endian bytes), so two runs can be compared for identity from the shell.
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, Optional
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import Callback
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+EXAMPLES = str(Path(__file__).resolve().parent)
+sys.path.insert(0, EXAMPLES)
+# Processes started from here (submitit's tasks unpickling this app) import the example modules too.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (EXAMPLES, os.environ.get("PYTHONPATH")) if p)
 
-from digits import DigitsData, DigitsMLP  # noqa: E402
+from models import Classifier  # noqa: E402
 
-from lightning_draco import Adversary, DracoStrategy  # noqa: E402
+from lightning_draco import Adversary, DracoStrategy, IncompatibleCheckpointError  # noqa: E402
+
+
+def draco_run_id() -> str:
+    """The job's id where a launcher gives one (every rank and every restart agree), else the start time."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job:
+        return f"slurm-{array_job}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if "SLURM_JOB_ID" in os.environ and SLURMEnvironment.detect():
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID']}"
+    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+
+
+# Cached: Lightning's launcher reads hydra.run.dir again later, and must see the same directory.
+OmegaConf.register_new_resolver("draco_run_id", draco_run_id, use_cache=True, replace=True)
 
 
 def param_sha256(module: torch.nn.Module) -> str:
@@ -37,22 +69,33 @@ def param_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class EpochAccuracy(Callback):
+class RunRecord(Callback):
+    """Validation accuracy per epoch, and the step the fit started from (> 0 after a resume)."""
+
     def __init__(self) -> None:
         self.val_acc: list[float] = []
+        self.start_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start_step = trainer.global_step
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
             self.val_acc.append(float(trainer.callback_metrics["val_acc"]))
 
+    def state_dict(self) -> dict:
+        return {"val_acc": list(self.val_acc)}
 
-def build_strategy(cfg: DictConfig) -> DracoStrategy:
-    code, attack = cfg.code, cfg.attack
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.val_acc = list(state_dict["val_acc"])
+
+
+def build_strategy(cfg: DictConfig, with_adversary: bool = True) -> DracoStrategy:
+    code, attack, aggregator = cfg.code, cfg.attack, cfg.aggregator
     adversary = None
-    if attack.name != "none":
+    if with_adversary and attack.name != "none":
         ranks = attack.ranks if isinstance(attack.ranks, str) else list(attack.ranks)
         adversary = Adversary(ranks=ranks, attack=attack.name, seed=attack.seed, **attack.options)
-    aggregator = cfg.aggregator
     return DracoStrategy(
         aggregator=aggregator.name,
         aggregator_options={"num_byzantine": aggregator.num_byzantine, **aggregator.options},
@@ -65,50 +108,147 @@ def build_strategy(cfg: DictConfig) -> DracoStrategy:
         tolerance=code.tolerance,
         on_decode_failure=code.on_decode_failure,
         max_faulty_steps=code.max_faulty_steps,
+        projection_secret=code.projection_secret,
         seed=cfg.seed,
+        timeout=timedelta(seconds=cfg.timeout_s),
         bucket_cap_mb=code.bucket_cap_mb,
     )
 
 
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    loggers = []
+    for name in cfg.loggers:
+        if name == "csv":
+            loggers.append(CSVLogger(run_dir, name="logs"))
+        elif name == "tensorboard":
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+                loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+        else:
+            raise ValueError(f"loggers: unknown logger {name!r}; the choices are csv and tensorboard.")
+    return loggers
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[str]:
+    """The newest checkpoint in this run's directory: SLURM's requeue checkpoint or last.ckpt."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume != "auto":
+        raise ValueError(f"resume must be 'auto' or 'never' (got {cfg.resume!r}).")
+    found = glob.glob(str(run_dir / "hpc_ckpt_*.ckpt")) + glob.glob(str(run_dir / "checkpoints" / "last.ckpt"))
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison: bool = False) -> dict[str, Any]:
+    """One training run; returns what goes into summary.json (the same on every rank).
+
+    ``comparison``: the adversary-free run of ``compare_clean``, which keeps no checkpoints or logs.
+    """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    try:
+        strategy = build_strategy(cfg, with_adversary)
+        data = instantiate(cfg.data)
+        net = instantiate(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
+        model = Classifier(net, **cfg.optimizer)
+        record = RunRecord()
+        options = OmegaConf.to_container(cfg.trainer, resolve=True)
+        callbacks: list[Callback] = [record]
+        if comparison:
+            options.update(enable_checkpointing=False, logger=False)
+        else:
+            callbacks.append(ModelCheckpoint(
+                dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, enable_version_counter=False,
+                every_n_train_steps=cfg.checkpoint.every_n_train_steps,
+            ))
+            options.setdefault("logger", build_loggers(cfg, run_dir))
+        trainer = L.Trainer(strategy=strategy, default_root_dir=str(run_dir), callbacks=callbacks, **options)
+        ckpt_path = None if comparison else resume_path(cfg, run_dir)
+    except (ValueError, FileNotFoundError, InstantiationException) as error:
+        # A broken rule, refused before any process starts, in the library's own sentence.
+        sys.exit(f"configuration error: {error.__cause__ if isinstance(error, InstantiationException) else error}")
+    start = time.perf_counter()
+    try:
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+    except IncompatibleCheckpointError as error:  # every rank refuses the same checkpoint
+        sys.exit(f"configuration error: {error} (resume=never starts afresh; or use another run directory)")
+    return {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "val_acc_per_epoch": record.val_acc,
+        "final_val_acc": record.val_acc[-1] if record.val_acc else None,
+        "faulty_counts": {str(k): v for k, v in sorted(strategy.faulty_counts.items())},
+        "optimizer_steps": trainer.global_step,
+        "skipped_steps": strategy.skipped_steps,
+        "resumed_from_step": record.start_step,
+        "resumed_from": ckpt_path,
+        "wall_seconds": round(time.perf_counter() - start, 3),
+        "param_sha256": param_sha256(model),
+    }
+
+
+def train(cfg: DictConfig) -> float:
+    torch.set_num_threads(cfg.threads_per_rank)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = fit(cfg, run_dir)
+    if cfg.compare_clean:
+        clean = fit(cfg, run_dir / "clean", with_adversary=False, comparison=True)
+        result["clean_param_sha256"] = clean["param_sha256"]
+        result["identical_to_clean"] = clean["param_sha256"] == result["param_sha256"]
+    if result.pop("rank") == 0:
+        summary = {"config": OmegaConf.to_container(cfg, resolve=True), **result}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(report(cfg, summary, run_dir))
+    return result["final_val_acc"] or 0.0
+
+
+def report(cfg: DictConfig, summary: dict, run_dir: Path) -> str:
+    caught = ", ".join(f"rank {r} at {n} steps" for r, n in summary["faulty_counts"].items()) or "nobody"
+    liars = "no adversary" if cfg.attack.name == "none" else f"attack {cfg.attack.name!r} on ranks {cfg.attack.ranks}"
+    lines = [
+        "",
+        f"DRACO code={cfg.code.name} s={cfg.code.num_adversaries} on {summary['world_size']} ranks, {liars}.",
+        f"  caught: {caught}; skipped steps: {summary['skipped_steps']}",
+        f"  final validation accuracy {summary['final_val_acc']:.3f} after {summary['optimizer_steps']} steps"
+        f" ({summary['wall_seconds']:.1f} s)",
+    ]
+    if "identical_to_clean" in summary:
+        verdict = "IDENTICAL to" if summary["identical_to_clean"] else "DIFFERENT from"
+        lines.append(f"  model {verdict} the adversary-free run (param_sha256 {summary['param_sha256'][:16]}...)")
+    lines.append(f"  summary: {run_dir / 'summary.json'}")
+    return "\n".join(lines)
+
+
+def sweep_job(cfg: DictConfig) -> float:
+    """One job of a ``-m`` sweep, launched on its own so Lightning's launcher starts its ranks.
+
+    Lightning's launcher restarts the script for each local rank and cannot do that from inside a
+    Hydra sweep; a fresh single run with this job's overrides, in this job's directory, can.
+    """
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    command = [
+        sys.executable, str(Path(__file__).resolve()), f"--config-name={hydra_cfg.job.config_name}",
+        *hydra_cfg.overrides.task, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null",
+    ]
+    done = subprocess.run(command, cwd=hydra.utils.get_original_cwd())
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"sweep job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}) exited with {done.returncode}"
+        )
+    return json.loads((run_dir / "summary.json").read_text())["final_val_acc"] or 0.0
+
+
+def launched_externally() -> bool:
+    return TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    torch.set_num_threads(cfg.threads_per_rank)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    strategy = build_strategy(cfg)  # refuses bad settings before any process starts
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    accuracy = EpochAccuracy()
-    trainer = L.Trainer(
-        strategy=strategy,
-        default_root_dir=str(run_dir),
-        callbacks=[accuracy],
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-    )
-    model = DigitsMLP(cfg.model.hidden, cfg.model.dropout, cfg.optimizer.lr, cfg.optimizer.momentum)
-    data = DigitsData(cfg.data.batch_size, cfg.data.val_fraction, seed=cfg.seed)
-    start = time.perf_counter()
-    trainer.fit(model, data)
-    wall = time.perf_counter() - start
-    if trainer.global_rank == 0:
-        summary = {
-            "config": OmegaConf.to_container(cfg, resolve=True),
-            "world_size": trainer.world_size,
-            "val_acc_per_epoch": accuracy.val_acc,
-            "final_val_acc": accuracy.val_acc[-1] if accuracy.val_acc else None,
-            "faulty_counts": {str(k): v for k, v in strategy.faulty_counts.items()},
-            "optimizer_steps": trainer.global_step,
-            "skipped_steps": strategy.skipped_steps,
-            "wall_seconds": round(wall, 3),
-            "param_sha256": param_sha256(model),
-        }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        caught = ", ".join(f"rank {r}: {n} steps" for r, n in summary["faulty_counts"].items()) or "nobody"
-        print(
-            f"\nDRACO ({cfg.code.name}, s={cfg.code.num_adversaries}) on {trainer.world_size} ranks, attack"
-            f" {cfg.attack.name!r} on ranks {cfg.attack.ranks}: caught {caught}; final validation accuracy"
-            f" {summary['final_val_acc']:.3f}; {summary['optimizer_steps']} steps in {wall:.1f} s."
-            f"\nSummary: {run_dir / 'summary.json'}"
-        )
-    return accuracy.val_acc[-1] if accuracy.val_acc else 0.0
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        sys.exit(f"configuration error: missing mandatory value: {', '.join(missing)} (set it: {missing[0]}=...)")
+    if HydraConfig.get().mode == RunMode.MULTIRUN and not launched_externally():
+        return sweep_job(cfg)
+    return train(cfg)
 
 
 if __name__ == "__main__":

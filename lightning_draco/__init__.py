@@ -17,7 +17,7 @@ from lightning_draco.codes import (
     Uncoded,
 )
 from lightning_draco.hook import DracoHookState, draco_hook
-from lightning_draco.strategy import DracoStrategy
+from lightning_draco.strategy import DracoStrategy, IncompatibleCheckpointError
 
 DracoStrategy.register_strategies(StrategyRegistry)
 
@@ -32,6 +32,7 @@ __all__ = [
     "DracoHookState",
     "DracoStrategy",
     "FractionalRepetitionCode",
+    "IncompatibleCheckpointError",
     "NonFiniteGradientError",
     "Uncoded",
     "draco_hook",

@@ -61,7 +61,13 @@ class _EpochFanout:
 
 
 class DracoDataLoader:
-    """Iterates the batches of several partitions in lockstep.
+    """Iterates the batches of several partitions in lockstep; resumable inside an epoch.
+
+    ``state_dict`` records the epoch and how many of its steps were trained (the strategy calls
+    ``note_trained`` after each optimizer step), so Lightning's checkpoints carry the position
+    and a resumed run goes on from the next batch, loading exactly what the uninterrupted run
+    would have: the batches before it are drawn and dropped, keeping every per-batch seed and
+    any loader-worker randomness where it was.
 
     Args:
         dataloader: the training loader as Lightning prepared it for this rank, with a
@@ -99,6 +105,21 @@ class DracoDataLoader:
         self.sampler = _EpochFanout(samplers)
         self.batch_size = dataloader.batch_size
         self.dataset = dataloader.dataset
+        self._trained = (0, 0)  # (epoch, steps of it trained)
+        self._resume_at: tuple[int, int] | None = None
+
+    def note_trained(self, batch: PartitionBatch) -> None:
+        """Record that the step of ``batch`` is done (its optimizer step taken or skipped)."""
+        self._trained = (batch.epoch, batch.index + 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        epoch, steps = self._trained
+        # The same on every rank (rank 0 writes it, all ranks read it): the partitions follow from the code.
+        return {"epoch": epoch, "steps_trained": steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_at = (int(state_dict["epoch"]), int(state_dict["steps_trained"]))
+        self._trained = self._resume_at
 
     def __len__(self) -> int:
         return len(self.loaders[0])
@@ -110,6 +131,11 @@ class DracoDataLoader:
             # Worker seeds are drawn when the iterator starts: draw them from the partition's seed.
             with seeded_rng(derive_seed(_LOAD, self.seed, epoch, -1, partition)):
                 iterators.append(iter(loader))
+        skip = 0
+        if self._resume_at is not None:
+            if self._resume_at[0] == epoch:
+                skip = self._resume_at[1]
+            self._resume_at = None
         index = 0
         while True:
             batches: list[Any] = []
@@ -119,5 +145,6 @@ class DracoDataLoader:
                         batches.append(next(iterator))
                     except StopIteration:
                         return
-            yield PartitionBatch(batches, list(self.partitions), epoch, index)
+            if index >= skip:
+                yield PartitionBatch(batches, list(self.partitions), epoch, index)
             index += 1

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import inspect
 import os
+import signal
 import socket
 from collections import defaultdict
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any, Callable, Optional, Union
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -23,18 +27,23 @@ from typing_extensions import override
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.adversary import Adversary
 from lightning_draco.aggregators import Aggregator, make_aggregator
-from lightning_draco.codes import Code, NonFiniteGradientError, code_class
+from lightning_draco.codes import Code, DracoDecodeError, NonFiniteGradientError, code_class
 from lightning_draco.codes.aggregated import AggregatedCode
 from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed, transfer_seed
 from lightning_draco.hook import DracoHookState, draco_hook
 from lightning_draco.report import FaultLedger
+from lightning_draco.requeue import SlurmRequeue
 
-__all__ = ["DracoStrategy"]
+__all__ = ["DracoStrategy", "IncompatibleCheckpointError"]
 
 _FAILURE_MODES = ("raise", "skip")
 _AGGREGATE_OVER = ("whole", "bucket")
 _CHECKPOINT_KEY = "draco"
 _OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint written under another world size, code, ``s`` or ``r``: its partitions mean other data."""
 
 
 class DracoStrategy(DDPStrategy):
@@ -76,7 +85,10 @@ class DracoStrategy(DDPStrategy):
         aggregate_over: ``"whole"`` (default): the rule sees each step's whole flattened
             gradient; the PS then holds ``P x`` the model's gradient. ``"bucket"``: the rule runs
             per DDP bucket (what the 2018 baseline did per layer), holding one bucket.
-        **kwargs: passed to ``DDPStrategy`` (``timeout``, ``bucket_cap_mb``, ``start_method``,
+        timeout: the process-group timeout (a ``timedelta`` or seconds): a rank that stops
+            answering makes every collective waiting on it fail after this long, never hang.
+            Default: torch's (30 minutes).
+        **kwargs: passed to ``DDPStrategy`` (``bucket_cap_mb``, ``start_method``,
             ``process_group_backend``, ...). DDP's own comm-hook arguments are refused.
     """
 
@@ -99,6 +111,7 @@ class DracoStrategy(DDPStrategy):
         aggregator: Union[str, Aggregator, None] = None,
         aggregator_options: Optional[dict] = None,
         aggregate_over: str = "whole",
+        timeout: Union[timedelta, float, None] = None,
         **kwargs: Any,
     ) -> None:
         for name in _OWN_HOOK_ARGS:
@@ -134,6 +147,12 @@ class DracoStrategy(DDPStrategy):
             raise ValueError(f"adversary must be an Adversary, a dict of its arguments or None (got {adversary!r}).")
         self._adversary_warnings = adversary.check(None, ps_rank, num_adversaries) if adversary else []
 
+        if timeout is not None:
+            if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+                timeout = timedelta(seconds=timeout)
+            if not isinstance(timeout, timedelta) or timeout.total_seconds() <= 0:
+                raise ValueError(f"timeout must be a positive number of seconds or a timedelta (got {timeout!r}).")
+            kwargs["timeout"] = timeout
         kwargs["broadcast_buffers"] = False  # DDP's per-forward broadcast from rank 0; ours is per step, from the PS
         super().__init__(**kwargs)
         self.code_name = code
@@ -155,14 +174,22 @@ class DracoStrategy(DDPStrategy):
         self._hook_state: Optional[DracoHookState] = None
         self.ledger = FaultLedger([])
         self._skip_current_step = False
+        self._train_loader: Optional[DracoDataLoader] = None
+        self._last_batch: Optional[PartitionBatch] = None
+        self._requeue: Optional[SlurmRequeue] = None
         self._scheduler_guard: Optional[Callable] = None
 
     # -- configuration --------------------------------------------------------------------
     @override
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
-        # The world size is known once the Trainer is built: refuse it before any process starts.
-        self._check_world(self.num_nodes * self.num_processes)
+        # The world size (and the precision) are known once the Trainer is built: refuse them
+        # before any process starts.
+        world_size = self.num_nodes * self.num_processes
+        self._check_world(world_size)
+        dtype = getattr(self.precision_plugin, "_desired_input_dtype", None)  # "bf16-true", "16-true"
+        if dtype is not None:
+            self._make_code(world_size).check_wire_dtype(dtype)
 
     def _check_world(self, world_size: int) -> None:
         self._code_cls.check(self.num_adversaries, self.redundancy, world_size)
@@ -187,6 +214,11 @@ class DracoStrategy(DDPStrategy):
         self._check_world(world_size)
         for message in self._adversary_warnings:
             rank_zero_warn(message)
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            rank_zero_warn(
+                "torchrun restarts with the agent's shared store can reconnect to the failed attempt's addresses and"
+                " fail; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so each attempt gets a fresh store."
+            )
         self.code = self._make_code(world_size)
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -203,6 +235,11 @@ class DracoStrategy(DDPStrategy):
             # Rules such as Krum or the geometric median are defined on whole gradients.
             whole_step=self.aggregator is not None and self.aggregate_over == "whole",
         )
+        environment = self.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+            # Replaces Lightning's handler, which checkpoints from inside the signal (see requeue.py).
+            self._requeue = SlurmRequeue(environment.requeue_signal, self.ps_rank)
+            self._requeue.install()
         hostnames: list[Any] = [None] * world_size
         dist.all_gather_object(hostnames, socket.gethostname())
         self.ledger = FaultLedger(hostnames, self.max_faulty_steps)
@@ -228,6 +265,8 @@ class DracoStrategy(DDPStrategy):
                     )
                 self._hook_state.total_numel = sum(p.numel() for p in trained)
             self._guard_schedulers(trainer.lightning_module)
+            if self._requeue is not None and self._requeue not in trainer.callbacks:
+                trainer.callbacks.append(self._requeue)
 
     @override
     def configure_ddp(self) -> None:
@@ -247,7 +286,8 @@ class DracoStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
-        return DracoDataLoader(dataloader, self.code.partitions(self.global_rank), self.world_size, self.seed)
+        self._train_loader = DracoDataLoader(dataloader, self.code.partitions(self.global_rank), self.world_size, self.seed)
+        return self._train_loader
 
     @override
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
@@ -265,6 +305,7 @@ class DracoStrategy(DDPStrategy):
         batch = args[0] if args else kwargs.pop("batch")
         if not isinstance(batch, PartitionBatch):
             return super().training_step(*args, **kwargs)
+        self._last_batch = batch
         weights = self.code.coefficients(self.global_rank)
         coded: Optional[Tensor] = None
         losses = []
@@ -317,6 +358,10 @@ class DracoStrategy(DDPStrategy):
         if self.sync_buffers:
             # Each rank ran its own partitions' forwards; the PS's running statistics are the model's.
             self._broadcast_from_ps(list(self.model.module.buffers()))
+        if self._train_loader is not None and self._last_batch is not None:
+            self._train_loader.note_trained(self._last_batch)
+        if self._requeue is not None:
+            self._requeue.agree(self.root_device)
         return output
 
     def _record(self, trainer: "pl.Trainer", step: int, caught: set[int], skipped: bool) -> None:
@@ -380,12 +425,28 @@ class DracoStrategy(DDPStrategy):
             if module.__dict__.get("lr_scheduler_step") is self._scheduler_guard:
                 del module.__dict__["lr_scheduler_step"]
             self._scheduler_guard = None
+        if self._requeue is not None:
+            self._requeue.uninstall()
+            if module is not None and module._trainer is not None and self._requeue in module.trainer.callbacks:
+                module.trainer.callbacks.remove(self._requeue)
+            self._requeue = None
         super().teardown()
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        if isinstance(exception, (DracoDecodeError, NonFiniteGradientError, ValueError)):
+            return  # raised by every rank together: the others are not waiting for this one
+        # Anything else (a lost or stalled peer, a crash on this rank alone) leaves the other ranks
+        # blocked in a collective until the timeout, or for ever if one is stopped: end the ranks this
+        # process started, as torchrun and srun do with theirs.
+        if isinstance(self.launcher, _SubprocessScriptLauncher):
+            self.launcher.kill(signal.SIGKILL)
 
     # -- checkpoints ----------------------------------------------------------------------
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """Add DRACO's state; the PS's projection secret goes only where no worker reads it.
+        """Add DRACO's state, write atomically; the PS's projection secret goes only where no worker reads it.
 
         With the PS on rank 0 (the default) the secret is in the checkpoint that rank 0 writes.
         Otherwise the PS writes it to ``<checkpoint>.ps`` itself: rank 0 is a worker and must not
@@ -405,8 +466,15 @@ class DracoStrategy(DDPStrategy):
                 sidecar = _ps_sidecar(filepath)
                 # Rank 0 creates the checkpoint's folder when it writes; the PS may get here first.
                 os.makedirs(os.path.dirname(sidecar) or ".", exist_ok=True)
-                torch.save({"projection_secret": self._hook_state.secret}, sidecar)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+                torch.save({"projection_secret": self._hook_state.secret}, sidecar + ".partial")
+                os.replace(sidecar + ".partial", sidecar)
+        if not self.is_global_zero or "://" in os.fspath(filepath):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        # Write then rename: a rank killed while saving leaves the previous checkpoint whole.
+        partial = os.fspath(filepath) + ".partial"
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        os.replace(partial, filepath)
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -431,7 +499,7 @@ class DracoStrategy(DDPStrategy):
                "redundancy": self.redundancy}
         for key, value in now.items():
             if state.get(key) != value:
-                raise ValueError(
+                raise IncompatibleCheckpointError(
                     f"the checkpoint was written with {key}={state.get(key)!r} but this run has {key}={value!r};"
                     " DRACO resumes only under the same world size, code, num_adversaries and redundancy."
                 )

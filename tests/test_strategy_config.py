@@ -35,6 +35,7 @@ def test_import_registers_the_name_once():
         (dict(code="crc", aggregator="median"), r"code='crc' cannot be combined with an aggregator"),
         (dict(code="none", aggregator="average"), r"aggregator must be one of bulyan, centered_clipping"),
         (dict(code="none", aggregator="krum", aggregate_over="layer"), r"aggregate_over must be one of whole, bucket"),
+        (dict(timeout=0), r"timeout must be a positive number of seconds or a timedelta \(got 0\)"),
     ],
 )
 def test_refused_at_construction(kwargs, message):
@@ -58,6 +59,15 @@ def test_refused_at_construction(kwargs, message):
 def test_refused_when_the_trainer_is_built(devices, kwargs, message):
     with pytest.raises(ValueError, match=message):
         L.Trainer(accelerator="cpu", devices=devices, strategy=DracoStrategy(**kwargs), logger=False)
+
+
+def test_a_wire_dtype_the_code_cannot_decode_is_refused_when_the_trainer_is_built():
+    with pytest.raises(ValueError, match=r"code='crc' with P=64, s=2 amplifies rounding by .* for bfloat16 gradients"):
+        L.Trainer(accelerator="cpu", devices=64, precision="bf16-true", strategy=DracoStrategy(code="crc", num_adversaries=2),
+                  logger=False)
+    # The same precision where the code decodes accurately is accepted.
+    L.Trainer(accelerator="cpu", devices=15, precision="bf16-true", strategy=DracoStrategy(code="crc", num_adversaries=2),
+              logger=False)
 
 
 def test_more_simulated_adversaries_than_s_is_allowed_with_a_warning():

@@ -171,23 +171,29 @@ def cyclic_scenario(name: str):
 
 
 def resume(name: str) -> dict:
-    """``resume_ps<r>``: a cyclic-code fit that checkpoints, then a fresh strategy resumes from it."""
+    """``resume_ps<r>``: an uninterrupted cyclic-code fit, then one stopped mid-epoch that a fresh
+    strategy resumes from its last checkpoint (random liars on ps0, a fixed one on ps3; dropout)."""
     ps = int(name.rsplit("ps", 1)[1])
     folder = os.path.join(os.getcwd(), name)
-    secrets = []
-    for attempt, steps in enumerate((STEPS // 2, STEPS)):
+    liars = "random" if ps == 0 else [(ps + 2) % WORLD]
+    secrets, digests = [], []
+    for attempt, steps in enumerate((STEPS, STEPS // 2, STEPS)):
         L.seed_everything(1234, verbose=False)
-        strategy = draco(code="crc", num_adversaries=1, ps_rank=ps, adversary=Adversary(ranks=[(ps + 2) % WORLD]))
+        strategy = draco(code="crc", num_adversaries=1, ps_rank=ps, adversary=Adversary(ranks=liars, seed=5))
         trainer = L.Trainer(
             accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=steps, logger=False,
-            enable_progress_bar=False, enable_model_summary=False,
-            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1)],
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=attempt > 0,
+            callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=1)]
+            if attempt else [],
         )
-        trainer.fit(DigitsNet(), DataLoader(digits()[0], batch_size=16, shuffle=True),
-                    ckpt_path=os.path.join(folder, "last.ckpt") if attempt else None)
-        # Only for the test: every rank learns the PS's secret after each fit.
-        # The second strategy drew a fresh secret from OS entropy; loading the checkpoint restores the first.
-        secrets.append(strategy._hook_state.secret if strategy._hook_state.is_ps else None)
+        model = DigitsNet()
+        trainer.fit(model, DataLoader(digits()[0], batch_size=16, shuffle=True),
+                    ckpt_path=os.path.join(folder, "last.ckpt") if attempt == 2 else None)
+        digests.append(param_digest(model))
+        if attempt:
+            # Only for the test: every rank learns the PS's secret after each fit.
+            # The second strategy drew a fresh secret from OS entropy; loading the checkpoint restores the first.
+            secrets.append(strategy._hook_state.secret if strategy._hook_state.is_ps else None)
     carrier = [secrets]
     dist.broadcast_object_list(carrier, src=ps)
     ckpt = torch.load(os.path.join(folder, "last.ckpt"), weights_only=False)
@@ -200,6 +206,9 @@ def resume(name: str) -> dict:
         "world_size": ckpt["draco"]["world_size"],
         "global_step": trainer.global_step,
         "faulty_counts": {str(k): v for k, v in strategy.faulty_counts.items()},
+        "sha_uninterrupted": digests[0],
+        "sha_resumed": digests[2],
+        "steps_per_epoch": len(trainer.train_dataloader),
     }
 
 

@@ -1,0 +1,91 @@
+"""Helpers for running the example app (examples/train.py) the way users launch it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+APP = ROOT / "examples" / "train.py"
+# 8 epochs of 8 steps on the 6-rank digits default; last.ckpt every 4 steps for the restart tests.
+BASE = ["trainer.enable_progress_bar=false", "trainer.max_epochs=8", "checkpoint.every_n_train_steps=4", "loggers=[csv]"]
+CRC = ["code=crc", "code.projection_secret=20180710"]
+
+
+def app_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
+
+
+def run_app(args: list[str], cwd: Path, timeout: float = 300, prefix: Optional[list[str]] = None, **env: str):
+    """Run the app (or ``prefix`` + app, e.g. torchrun) and return the finished process."""
+    command = [*(prefix or [sys.executable]), str(APP), *args]
+    return subprocess.run(command, cwd=cwd, env=app_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def explain(proc: subprocess.CompletedProcess) -> str:
+    text = proc.stdout + proc.stderr
+    first = text.find("Traceback")
+    return text[first : first + 5000] if first >= 0 else text[-5000:]
+
+
+def processes_with(*needles: str) -> list[int]:
+    """Live PIDs whose environment holds every ``KEY=value`` needle and whose command line holds the others."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = set((entry / "environ").read_bytes().decode(errors="replace").split("\0"))
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and all((n in environ) if "=" in n else (n in cmdline) for n in needles):
+            found.append(int(entry.name))
+    return found
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, every: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """Summaries of local single-launcher runs, computed once per session: ``reference("frc")``."""
+    cache: dict[str, dict] = {}
+    configs = {"frc": [], "crc": CRC}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            folder = tmp_path_factory.mktemp(f"reference_{name}")
+            proc = run_app([*BASE, *configs[name], f"hydra.run.dir={folder / 'run'}"], cwd=folder)
+            assert proc.returncode == 0, explain(proc)
+            cache[name] = read_summary(folder / "run")
+        return cache[name]
+
+    return get

@@ -1,0 +1,83 @@
+"""The Hydra app on this machine: the demo, sweeps, and settings refused before any process starts."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import BASE, explain, processes_with, read_summary, run_app
+
+pytestmark = pytest.mark.launch
+
+
+def test_the_demo_catches_the_liar_and_ends_with_the_adversary_free_model(tmp_path):
+    proc = run_app([*BASE, "compare_clean=true", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode == 0, explain(proc)
+    summary = read_summary(tmp_path / "run")
+    assert summary["world_size"] == 6
+    assert summary["faulty_counts"] == {"4": 64} and summary["optimizer_steps"] == 64
+    assert summary["identical_to_clean"] and summary["param_sha256"] == summary["clean_param_sha256"]
+    assert len(summary["val_acc_per_epoch"]) == 8 and summary["final_val_acc"] > 0.8
+    assert summary["config"]["attack"]["name"] == "reverse" and summary["skipped_steps"] == 0
+    # What the user reads at the end of the run.
+    assert "caught: rank 4 at 64 steps" in proc.stdout
+    assert "model IDENTICAL to the adversary-free run" in proc.stdout
+    assert (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+    # The run directory's checkpoint cannot be resumed under another world size.
+    proc = run_app([*BASE, "trainer.devices=3", "attack.ranks=[2]", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "the checkpoint was written with world_size=6 but this run has world_size=3" in proc.stdout + proc.stderr
+    assert not processes_with(str(tmp_path / "run"))
+
+
+def test_a_sweep_runs_every_combination_in_its_own_directory(tmp_path):
+    args = ["-m", "code=frc,crc", "attack=reverse,alie", "attack.ranks=[2]", "trainer.devices=3",
+            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run_app(args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, explain(proc)
+    summaries = {}
+    for job in range(4):
+        summary = read_summary(tmp_path / "sweep" / str(job))
+        summaries[summary["config"]["code"]["name"], summary["config"]["attack"]["name"]] = summary
+        assert summary["world_size"] == 3 and set(summary["faulty_counts"]) <= {"2"}
+    assert set(summaries) == {("frc", "reverse"), ("frc", "alie"), ("crc", "reverse"), ("crc", "alie")}
+    # ALIE sends mean + z * std of the honest gradients: where they agree it sends the truth, and is not caught.
+    for code in ("frc", "crc"):
+        assert summaries[code, "reverse"]["faulty_counts"] == {"2": summaries[code, "reverse"]["optimizer_steps"]}
+    assert summaries["frc", "alie"]["param_sha256"] == summaries["frc", "reverse"]["param_sha256"]
+
+
+# Each row: CLI overrides, and a piece of the one-line message the user gets.
+REFUSED = [
+    (["code=frcc"], "Could not find 'code/frcc'"),
+    (["attack=revers"], "Could not find 'attack/revers'"),
+    (["aggregator=krumm"], "Could not find 'aggregator/krumm'"),
+    (["code.num_adversary=2"], "Key 'num_adversary' is not in struct"),
+    (["code.num_adversaries=-1"], "num_adversaries must be an integer >= 0 (got -1)"),
+    (["code.num_adversaries=2", "code.redundancy=3"], "redundancy must be at least 2 * num_adversaries + 1 = 5"),
+    (["trainer.devices=4"], "needs the redundancy r=3 to divide the number of workers (4)"),
+    (["code=crc", "code.num_adversaries=3"], "code='crc' needs at least 2 * num_adversaries + 1 = 7 workers"),
+    (["code.ps_rank=6"], "ps_rank must be in [0, 6) for a world of 6 ranks (got 6)"),
+    (["attack.ranks=[0]"], "adversary ranks must not include ps_rank=0"),
+    (["code=none", "code.num_adversaries=1", "aggregator=bulyan"], "aggregator 'bulyan' needs n >= 4 * num_byzantine + 3"),
+    (["data=cifar10"], "missing mandatory value: data.root (set it: data.root=...)"),
+    (["data=cifar10", "data.root=/nonexistent"], "data.root='/nonexistent' has no CIFAR-10"),
+    (["timeout_s=0"], "timeout must be a positive number of seconds"),
+    (["code=crc", "code.num_adversaries=2", "trainer.devices=64", "trainer.precision=bf16-true"],
+     "code='crc' with P=64, s=2 amplifies rounding by"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED, ids=[" ".join(o) for o, _ in REFUSED])
+def test_a_bad_setting_is_refused_before_any_process_starts(tmp_path, overrides, message):
+    marker = tmp_path / "run"
+    proc = run_app([*overrides, f"hydra.run.dir={marker}"], cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr, explain(proc)
+    assert "Traceback" not in proc.stdout + proc.stderr, "one sentence, not a stack trace"
+    assert not processes_with(str(marker)), "no rank may be left running"
+    assert not (marker / "summary.json").exists()

@@ -1,0 +1,87 @@
+"""A real two-node SLURM cluster on this machine (scripts/slurm_cluster.sh): sbatch, requeue, submitit.
+
+Skipped, with the reason, where SLURM's Debian packages cannot be installed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import APP, BASE, ROOT, app_env, explain, read_summary, run_app, wait_for
+
+pytestmark = pytest.mark.launch
+CLUSTER = ROOT / "scripts" / "slurm_cluster.sh"
+SBATCH = ROOT / "examples" / "slurm" / "train.sbatch"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slurm")
+    started = subprocess.run(["bash", str(CLUSTER), "start", str(folder)], capture_output=True, text=True, timeout=600)
+    if started.returncode == 3:
+        pytest.skip(started.stderr.strip())
+    assert started.returncode == 0, started.stdout + started.stderr
+    env = app_env(SLURM_CONF=str(folder / "slurm.conf"), PYTHON=sys.executable, DRACO_APP=str(APP))
+    try:
+        yield env
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "stop", str(folder)], timeout=60)
+
+
+def slurm_cmd(env: dict, *args: str) -> str:
+    return subprocess.run(list(args), env=env, capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+
+
+def job_field(env: dict, job: str, field: str) -> str:
+    text = slurm_cmd(env, "scontrol", "show", "job", job)
+    return next(word.split("=", 1)[1] for word in text.split() if word.startswith(f"{field}="))
+
+
+def submit(env: dict, cwd, *overrides: str) -> str:
+    return slurm_cmd(env, "sbatch", "--parsable", f"--chdir={cwd}", "--output=job-%j.out", str(SBATCH), *overrides)
+
+
+def finished(env: dict, job: str) -> bool:
+    return job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+
+
+def test_sbatch_on_two_nodes_trains_the_model_of_the_local_run(slurm, tmp_path, reference):
+    job = submit(slurm, tmp_path, *BASE)
+    assert wait_for(lambda: finished(slurm, job), timeout=400, every=1)
+    assert job_field(slurm, job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-5000:]
+    summary = read_summary(tmp_path / "outputs" / f"slurm-{job}")
+    assert summary["world_size"] == 6 and summary["config"]["trainer"]["num_nodes"] == 2
+    assert summary["param_sha256"] == reference("frc")["param_sha256"]
+    assert summary["faulty_counts"] == {"4": 64}
+
+
+def test_a_requeued_job_resumes_mid_epoch_to_the_uninterrupted_model(slurm, tmp_path, reference):
+    job = submit(slurm, tmp_path, *BASE)
+    run_dir = tmp_path / "outputs" / f"slurm-{job}"
+    assert wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), timeout=300), "training never started"
+    # What SLURM sends --signal=SIGUSR1@90 before the time limit.
+    slurm_cmd(slurm, "scancel", "--signal=USR1", job)
+    assert wait_for(lambda: job_field(slurm, job, "Restarts") == "1", timeout=120, every=0.5), "the job was not requeued"
+    # SLURM holds a requeued job for a while before it may start again; let it start now.
+    slurm_cmd(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    assert wait_for(lambda: finished(slurm, job), timeout=400, every=1)
+    assert job_field(slurm, job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-5000:]
+    summary = read_summary(run_dir)
+    assert summary["resumed_from"] == str(run_dir / "hpc_ckpt_1.ckpt")
+    assert 0 < summary["resumed_from_step"] < 64 and summary["resumed_from_step"] % 8 != 0, "resumed inside an epoch"
+    assert summary["param_sha256"] == reference("frc")["param_sha256"]
+    assert summary["faulty_counts"] == {"4": 64} and len(summary["val_acc_per_epoch"]) == 8
+
+
+def test_a_sweep_through_the_submitit_launcher(slurm, tmp_path, reference):
+    args = ["-m", "hydra/launcher=draco_slurm", "trainer.devices=3", "trainer.num_nodes=2", *BASE,
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = run_app(args, cwd=tmp_path, timeout=400, **{k: slurm[k] for k in ("SLURM_CONF",)})
+    assert proc.returncode == 0, explain(proc)
+    summary = read_summary(tmp_path / "sweep" / "0")
+    assert summary["world_size"] == 6
+    assert summary["param_sha256"] == reference("frc")["param_sha256"]

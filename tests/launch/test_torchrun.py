@@ -1,0 +1,95 @@
+"""The app under torchrun: two node agents on loopback, restarts after kill -9, and no hang on a stalled rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import APP, BASE, CRC, app_env, explain, kill_all, processes_with, read_summary, run_app, wait_for
+
+pytestmark = pytest.mark.launch
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(job: str, *, nnodes: int, nproc: int, extra: tuple = ()) -> list[str]:
+    return [
+        *TORCHRUN, f"--nnodes={nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}", f"--rdzv-id={job}", *extra, str(APP),
+    ]
+
+
+@pytest.mark.parametrize("code", ["frc", "crc"])
+def test_two_node_agents_train_the_model_of_the_single_launcher_run(tmp_path, reference, code):
+    command = torchrun(f"two-{code}", nnodes=2, nproc=3) + BASE + (CRC if code == "crc" else [])
+    command += ["trainer.devices=3", "trainer.num_nodes=2"]
+    agents = [subprocess.Popen(command, cwd=tmp_path, env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True) for _ in range(2)]
+    outputs = [agent.communicate(timeout=400)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], outputs[0][-4000:] + outputs[1][-4000:]
+    # Every rank of both agents used the job's directory, named after the rendezvous id.
+    summary = read_summary(tmp_path / "outputs" / f"torchrun-two-{code}")
+    assert summary["world_size"] == 6 and summary["config"]["trainer"]["num_nodes"] == 2
+    expected = reference(code)
+    assert summary["param_sha256"] == expected["param_sha256"]
+    assert summary["faulty_counts"] == expected["faulty_counts"] == {"4": 64}
+
+
+@pytest.mark.parametrize("victim", [3, 0], ids=["worker", "parameter-server"])
+def test_a_killed_rank_restarts_the_job_from_its_last_checkpoint(tmp_path, reference, victim):
+    job = f"kill-{victim}"
+    command = torchrun(job, nnodes=1, nproc=6, extra=("--max-restarts=1",)) + BASE
+    # A restart reuses the agent's store, where the first attempt's addresses linger (torch issue 135712).
+    env = app_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "outputs" / f"torchrun-{job}"
+    try:
+        assert wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), timeout=240), "training never started"
+        pids = processes_with(f"TORCHELASTIC_RUN_ID={job}", f"RANK={victim}", "TORCHELASTIC_RESTART_COUNT=0")
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        output = agent.communicate(timeout=400)[0]
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, output[-6000:]
+    summary = read_summary(run_dir)
+    assert 0 < summary["resumed_from_step"] < 64, "the restarted job resumed from a checkpoint"
+    assert summary["resumed_from"].endswith("last.ckpt")
+    expected = reference("frc")
+    assert summary["param_sha256"] == expected["param_sha256"]
+    assert summary["faulty_counts"] == {"4": 64} and summary["optimizer_steps"] == 64
+
+
+def test_a_stalled_rank_fails_the_job_within_the_timeout_instead_of_hanging(tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.log"
+    command = [sys.executable, str(APP), *BASE, "trainer.max_epochs=1000", "timeout_s=10", f"hydra.run.dir={run_dir}"]
+    with open(log, "w") as out:
+        job = subprocess.Popen(command, cwd=tmp_path, env=app_env(), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), timeout=240), "training never started"
+        stalled = processes_with(str(run_dir), "LOCAL_RANK=3")
+        assert len(stalled) == 1
+        os.kill(stalled[0], signal.SIGSTOP)  # alive, holding its sockets, answering nothing
+        started = time.monotonic()
+        job.wait(timeout=120)
+        waited = time.monotonic() - started
+        assert wait_for(lambda: not processes_with(str(run_dir)), timeout=10), "every rank of the job has ended"
+    finally:
+        job.kill()
+        kill_all(processes_with(str(run_dir)))
+    output = log.read_text()
+    assert job.returncode != 0
+    assert waited < 60, f"the job took {waited:.0f} s to fail with timeout_s=10"
+    assert "timed out" in output.lower(), output[-4000:]
+    assert not (run_dir / "summary.json").exists()

@@ -1,0 +1,167 @@
+"""The Hydra config tree composes for every option of every group, and each piece builds what it names."""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import train  # noqa: E402  (registers the run-directory resolver)
+
+from lightning_draco import DracoStrategy  # noqa: E402
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+def compose_with(*overrides: str, hydra_config: bool = False):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def test_the_groups_offer_what_the_documentation_lists():
+    assert options("code") == ["crc", "frc", "none"]
+    assert options("model") == ["cnn", "mlp", "resnet18"]
+    assert options("data") == ["cifar10", "digits", "synthetic"]
+    assert options("trainer") == ["cpu", "gpu"]
+    assert set(options("attack")) >= {"none", "reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan_gradient",
+                                      "inf_gradient", "collude", "alie", "ipm"}
+    assert set(options("aggregator")) >= {"none", "mean", "median", "trimmed_mean", "geometric_median", "krum",
+                                          "multi_krum", "bulyan", "centered_clipping"}
+
+
+@pytest.mark.parametrize("code", options("code"))
+def test_every_code_builds_its_strategy(code):
+    cfg = compose_with(f"code={code}", "attack=none")
+    strategy = train.build_strategy(cfg)
+    assert isinstance(strategy, DracoStrategy) and strategy.code_name == code
+    assert strategy.num_adversaries == cfg.code.num_adversaries
+    strategy._check_world(6)
+
+
+@pytest.mark.parametrize("attack", options("attack"))
+def test_every_attack_builds_its_adversary(attack):
+    cfg = compose_with(f"attack={attack}")
+    strategy = train.build_strategy(cfg)
+    if attack == "none":
+        assert strategy.adversary is None
+    else:
+        assert strategy.adversary.attack_name == cfg.attack.name and strategy.adversary.ranks == (4,)
+        assert attack.startswith(cfg.attack.name)
+    strategy._check_world(6)
+
+
+@pytest.mark.parametrize("aggregator", options("aggregator"))
+def test_every_aggregator_builds_its_rule_with_f_from_the_code(aggregator):
+    cfg = compose_with("code=none", "code.num_adversaries=1", f"aggregator={aggregator}")
+    assert cfg.aggregator.num_byzantine == 1, "f follows code.num_adversaries"
+    strategy = train.build_strategy(cfg)
+    if aggregator == "none":
+        assert strategy.aggregator is None
+        return
+    assert strategy.aggregator is not None
+    if aggregator == "bulyan":  # needs n >= 4f + 3 = 7
+        with pytest.raises(ValueError, match=r"needs n >= 4 \* num_byzantine \+ 3"):
+            strategy._check_world(6)
+    else:
+        strategy._check_world(6)
+
+
+def _fake_cifar(folder: Path) -> Path:
+    batches = folder / "cifar-10-batches-py"
+    batches.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": list(range(4))}
+        (batches / name).write_bytes(pickle.dumps(batch))
+    return folder
+
+
+@pytest.mark.parametrize("model", options("model"))
+@pytest.mark.parametrize("data", options("data"))
+def test_every_model_trains_on_every_data_set(model, data, tmp_path):
+    overrides = [f"model={model}", f"data={data}"]
+    if data == "cifar10":
+        overrides.append(f"data.root={_fake_cifar(tmp_path)}")
+    if data == "synthetic":
+        overrides += ["data.train_size=8", "data.val_size=4"]
+    if model == "resnet18":
+        overrides.append("model.width=4")
+    cfg = compose_with(*overrides)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    net = instantiate(cfg.model, input_shape=datamodule.input_shape, num_classes=datamodule.num_classes)
+    x, y = next(iter(torch.utils.data.DataLoader(datamodule.train, batch_size=4)))
+    assert tuple(x.shape[1:]) == tuple(datamodule.input_shape)
+    logits = net(x)
+    assert logits.shape == (4, datamodule.num_classes)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+
+
+def test_resnet18_is_the_standard_network():
+    net = train.instantiate(compose_with("model=resnet18").model, input_shape=(3, 32, 32), num_classes=10)
+    assert 11_100_000 < sum(p.numel() for p in net.parameters()) < 11_200_000
+
+
+def test_cifar10_without_the_files_says_where_it_looked(tmp_path):
+    cfg = compose_with("data=cifar10", f"data.root={tmp_path}")
+    with pytest.raises(InstantiationException, match=r"has no CIFAR-10 \(missing data_batch_1"):
+        instantiate(cfg.data)
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_keys_are_trainer_arguments(trainer):
+    cfg = compose_with(f"trainer={trainer}")
+    assert set(cfg.trainer) <= set(inspect.signature(L.Trainer).parameters)
+
+
+def test_the_submitit_launcher_follows_the_trainer_shape():
+    cfg = compose_with("hydra/launcher=draco_slurm", "trainer.devices=3", "trainer.num_nodes=2", hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.cpus_per_task) == (2, 3, 1)
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "6", "SLURM_JOB_NAME": "draco"}, "slurm-4242"),
+        ({"SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "3", "SLURM_JOB_ID": "80"}, "slurm-77_3"),
+        ({"TORCHELASTIC_RUN_ID": "job-9"}, "torchrun-job-9"),
+    ],
+)
+def test_the_run_directory_is_named_after_the_job(monkeypatch, env, expected):
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert train.draco_run_id() == expected
+
+
+def test_resume_takes_the_newest_checkpoint_of_the_run(tmp_path):
+    import os
+
+    cfg = compose_with()
+    assert train.resume_path(cfg, tmp_path) is None
+    (tmp_path / "checkpoints").mkdir()
+    last, hpc = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt"
+    last.write_bytes(b"")
+    hpc.write_bytes(b"")
+    os.utime(last, (1, 1))
+    assert train.resume_path(cfg, tmp_path) == str(hpc)
+    os.utime(hpc, (0, 0))
+    assert train.resume_path(cfg, tmp_path) == str(last)
+    assert train.resume_path(compose_with("resume=never"), tmp_path) is None
