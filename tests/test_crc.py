@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from lightning_draco.codes import CyclicRepetitionCode, DracoDecodeError, make_code
+from lightning_draco.codes.crc import HALF_ROUNDING_SLACK
 
 
 def encode(code, grads):
@@ -52,7 +53,10 @@ def test_invalid_parameters_are_refused(args, message):
 
 
 def test_half_precision_is_refused_where_it_is_inaccurate():
-    CyclicRepetitionCode(15, 2).check_wire_dtype(torch.bfloat16)
+    CyclicRepetitionCode(8, 2).check_wire_dtype(torch.bfloat16)
+    CyclicRepetitionCode(15, 2).check_wire_dtype(torch.float16)
+    with pytest.raises(ValueError, match=r"P=15, s=2 amplifies rounding by 10.5, more than 6 allowed for bfloat16"):
+        CyclicRepetitionCode(15, 2).check_wire_dtype(torch.bfloat16)
     with pytest.raises(ValueError, match=r"P=64, s=2 amplifies rounding by .* for bfloat16 gradients"):
         CyclicRepetitionCode(64, 2).check_wire_dtype(torch.bfloat16)
     CyclicRepetitionCode(64, 10).check_wire_dtype(torch.float32)
@@ -66,14 +70,19 @@ def test_zero_adversaries():
     assert result.faulty == []
 
 
+def _seed_of(row):
+    finite = torch.nan_to_num(row.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    return int(finite.abs().sum() * 1e3) % 2**31
+
+
 CORRUPT = {
     "nan": lambda row, other: torch.full_like(row, math.nan),
     "inf": lambda row, other: torch.full_like(row, math.inf),
-    "huge": lambda row, other: torch.full_like(row, 1e30),
+    "huge": lambda row, other: torch.full_like(row, min(1e30, torch.finfo(row.dtype).max / 8)),
     "reverse": lambda row, other: -100 * row,
     "other_node": lambda row, other: other.clone(),
     "tiny": lambda row, other: row * (1 + 1e-6),
-    "noise": lambda row, other: torch.randn(row.shape, generator=torch.Generator().manual_seed(int(other.abs().sum() * 1e3) % 2**31)),
+    "noise": lambda row, other: torch.randn(row.shape, generator=torch.Generator().manual_seed(_seed_of(other))),
 }
 
 
@@ -111,6 +120,36 @@ def test_decode_recovers_the_sum_and_catches_the_liars(case):
         big = {w for w in liars if not torch.isfinite(received[w]).all()
                or float((received[w] - honest[w]).norm()) > 10 * float(honest.norm(dim=1).max())}
         assert big <= set(result.faulty)
+
+
+# float64: the code matrix and its solves carry their own float64 rounding, well above one ulp of the data.
+EPS = {torch.float64: 1e-13, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@given(cases(), st.sampled_from(sorted(EPS, key=str)))
+def test_decode_in_every_wire_dtype_the_code_accepts(case, dtype):
+    p, s, liars, kinds, seed, d = case
+    code = CyclicRepetitionCode(p, s)
+    try:
+        code.check_wire_dtype(dtype)
+    except ValueError:
+        assume(False)  # refused at setup for this (P, s): never decoded
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(p, d, dtype=torch.float64, generator=gen).to(dtype)
+    honest = encode(code, grads)
+    received = honest.clone()
+    for liar, kind in zip(liars, kinds):
+        received[liar] = CORRUPT[kind](honest[liar], honest[(liar + 1) % p]).to(dtype)
+    result = code.decode(received, generator=projection(seed))
+    truth = grads.double().sum(0)
+    # The coded vectors were rounded to the wire dtype, and the combiner amplifies that by at most its
+    # growth. In half precision a lie is told from rounding only beyond the decoder's misfit allowance
+    # (HALF_ROUNDING_SLACK units of rounding per partition, of the largest row): a lie below it may go
+    # unnoticed and shift the sum by that much, amplified the same way.
+    scale = max(float(truth.norm()), float(honest.double().norm(dim=1).max()), float(grads.double().norm(dim=1).max()))
+    per_row = 4 * EPS[dtype] if dtype == torch.float64 else 2 * HALF_ROUNDING_SLACK * EPS[dtype] * code.redundancy
+    assert float((result.total.double() - truth).norm()) <= per_row * max(1.0, code.growth) * scale
+    assert set(result.faulty) <= set(liars)
 
 
 def test_projection_is_fresh_and_secret():

@@ -66,7 +66,7 @@ def test_a_wire_dtype_the_code_cannot_decode_is_refused_when_the_trainer_is_buil
         L.Trainer(accelerator="cpu", devices=64, precision="bf16-true", strategy=DracoStrategy(code="crc", num_adversaries=2),
                   logger=False)
     # The same precision where the code decodes accurately is accepted.
-    L.Trainer(accelerator="cpu", devices=15, precision="bf16-true", strategy=DracoStrategy(code="crc", num_adversaries=2),
+    L.Trainer(accelerator="cpu", devices=8, precision="bf16-true", strategy=DracoStrategy(code="crc", num_adversaries=2),
               logger=False)
 
 

@@ -21,8 +21,24 @@ _SIGN_TABLE = torch.tensor([[1.0 if (b >> k) & 1 else -1.0 for k in range(8)] fo
 RESIDUAL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 8e-2}
 
 # Largest combiner growth (see ``CyclicRepetitionCode.growth``) accepted per dtype on the wire:
-# the decoded sum loses about growth * eps(dtype) of relative accuracy.
-MAX_GROWTH = {torch.float64: 1e12, torch.float32: 1e7, torch.bfloat16: 50.0, torch.float16: 400.0}
+# the decoded sum loses about growth * eps(dtype) of relative accuracy, and the checks that find
+# liars weaken as the code's conditioning does. In half precision, codes beyond these limits let
+# a liar sending another row's vector through in 0.5% to 9% of decodes (measured at P = 15..31,
+# s = 1..2 for bfloat16, P = 24..31 for float16); within them, none in 200 decodes per code.
+MAX_GROWTH = {torch.float64: 1e12, torch.float32: 1e7, torch.bfloat16: 6.0, torch.float16: 14.0}
+
+# Independent projections per decode. A lie passes one projection's check only if its projected
+# error falls within the tolerance by chance (about the tolerance's fraction of the time for an
+# error as large as the rows); it must do so in every projection at once. Looser tolerances
+# (half precision) take more.
+PROJECTIONS = {torch.float64: 2, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
+
+# Half precision: the other rows' misfit to a codeword may be at most this many units of rounding
+# (2^-9 for bfloat16, 2^-12 for float16) per summed partition, times the largest honest row norm.
+# Measured honest misfits reach 0.7 (r = 3) and 0.53 (r = 15) of a unit per partition; a bound
+# relative to the projected values instead let lies as large as the rows pass about 1 decode in 30.
+HALF_ROUNDING_SLACK = 4.0
+_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
 
 
 @register_code
@@ -48,15 +64,17 @@ class CyclicRepetitionCode(Code):
 
     Decoding ``Y = W G + E`` (at most ``s`` rows of ``E`` non-zero):
 
-    1. Project: ``v = Y f`` with ``f`` random signs drawn from the parameter server's secret
-       generator, fresh for every call (workers cannot aim an error at the kernel of ``f``).
-       Rows whose ``v`` is non-finite or absurdly large are erased first (set to zero).
-    2. Syndromes: the DFT of ``v`` (padded with the known zero for even ``P``) at ``Z``.
+    1. Project: ``V = Y F`` with ``F`` a few (``PROJECTIONS``) columns of random signs drawn
+       from the parameter server's secret generator, fresh for every call (workers cannot aim an
+       error at the kernel of ``F``). Rows of ``V`` with non-finite or absurdly large values are
+       erased first (set to zero).
+    2. Syndromes: the DFT of one column ``v`` (padded with the known zero for even ``P``) at ``Z``.
     3. Error locator: least-squares solution of the ``s x s`` Hankel system of the syndromes
        (Peterson); the ``s`` positions where ``|locator|`` is smallest (erased rows first) are
        the suspects. No absolute threshold decides who is located.
-    4. Check: the projected rows of the other ``P - s`` workers must be a codeword restricted to
-       them; if not, more than ``s`` workers lied and ``DracoDecodeError`` is raised.
+    4. Check: in every column, the projected rows of the other ``P - s`` workers must be a
+       codeword restricted to them; else steps 2-4 run on the next column, then on fresh
+       projections, and at last ``DracoDecodeError`` is raised: more than ``s`` workers lied.
     5. Combine: ``b`` with ``b^T W[H] = 1^T`` over the honest set ``H``; ``total = b^T Y[H]``.
        Suspects whose projected value is off the reconstructed codeword are reported faulty.
 
@@ -206,36 +224,39 @@ class CyclicRepetitionCode(Code):
             return DecodeResult(self._combine(received, tuple(), acc), [])
         gen = generator if generator is not None else torch.Generator(device=received.device).manual_seed(0)
         tolerance = self._tolerance(received.dtype)
+        rounding = self._row_rounding(received.dtype)
         for attempt in range(self.attempts):
             # A located set that leaves the others off the code is retried under a fresh projection:
             # the locator's conditioning depends on the projected error values.
             projected, norms = self._project(received, gen)
-            found = self._decode_projection(projected, norms, tolerance)
+            found = self._decode_projection(projected, norms, tolerance, rounding)
             if found is not None:
                 suspects, faulty = found
                 b, _ = self._combiner(suspects)
                 return DecodeResult(self._combine(received, suspects, acc, b), faulty)
         raise DracoDecodeError(
             f"under {self.attempts} independent projections, no {s} workers could be set aside so that the"
-            f" other {p - s} fit the code (relative tolerance {tolerance:.1e}): more than s={s} workers are"
+            f" other {p - s} fit the code ({self._describe_tolerance(received.dtype)}): more than s={s} workers are"
             " faulty.",
             list(range(p)),
         )
 
     def _decode_projection(
-        self, projected: Tensor, norms: Tensor, tolerance: float
+        self, projected: Tensor, norms: Tensor, tolerance: float, rounding: Optional[float] = None
     ) -> Optional[tuple[tuple[int, ...], list[int]]]:
-        """Suspects and faulty workers from one projection, or None if the rest do not fit the code.
+        """Suspects and faulty workers from one set of projections (``P x k``), or None if no fit.
 
-        The fit is checked relative to the largest projected value. Naming a suspect also weighs
-        the rows' norms: a projection can come out near zero by chance, and then its rounding is
-        large next to it; an honest suspect must not be accused for that.
+        The fit is checked per column, relative to its largest projected value (or, in half
+        precision, ``rounding`` times the largest honest row norm). Naming a suspect
+        also weighs the rows' norms: a projection can come out near zero by chance, and then its
+        rounding is large next to it; an honest suspect must not be accused for that.
         """
         p, s = self.num_workers, self.num_adversaries
-        finite = [i for i in range(p) if math.isfinite(projected[i])]
+        finite = [i for i in range(p) if bool(torch.isfinite(projected[i]).all())]
         erased = [i for i in range(p) if i not in finite]
-        scale = max(float(projected[finite].abs().median()), 1e-30) if finite else 1e-30
-        erased += [i for i in finite if abs(float(projected[i])) > 1e8 * scale]
+        magnitude = projected.abs().amax(dim=1)
+        scale = max(float(magnitude[finite].median()), 1e-30) if finite else 1e-30
+        erased += [i for i in finite if float(magnitude[i]) > 1e8 * scale]
         if len(erased) > s:
             raise DracoDecodeError(
                 f"{len(erased)} workers ({sorted(erased)}) sent non-finite or absurdly large values, more than"
@@ -244,45 +265,79 @@ class CyclicRepetitionCode(Code):
             )
         v = projected.clone()
         v[erased] = 0.0
-        suspects = self._locate(v, erased, tolerance)
+        tried = set()
+        for column in range(v.shape[1]):
+            # A liar's error can cancel in one column by chance; it is then located from another.
+            limit = None if rounding is None else rounding * float(norms[[i for i in range(p) if i not in erased]].max())
+            suspects = self._locate(v[:, column], erased, tolerance, limit)
+            if suspects in tried:
+                continue
+            tried.add(suspects)
+            named = self._check_fit(v, projected, norms, suspects, erased, tolerance, rounding)
+            if named is not None:
+                return suspects, named
+        return None
+
+    def _check_fit(
+        self,
+        v: Tensor,
+        projected: Tensor,
+        norms: Tensor,
+        suspects: tuple[int, ...],
+        erased: list[int],
+        tolerance: float,
+        rounding: Optional[float] = None,
+    ) -> Optional[list[int]]:
+        """The faulty suspects if every column of the other rows fits a codeword, else None."""
+        honest = [i for i in range(self.num_workers) if i not in suspects]
         _, reconstruct = self._combiner(suspects)
-        honest = [i for i in range(p) if i not in suspects]
         codeword = reconstruct @ v[honest]
-        size = float(codeword.abs().max()) or 1.0
-        residual = float((codeword[honest] - v[honest]).abs().max())
-        if not residual <= tolerance * size:
+        size = codeword.abs().amax(dim=0).clamp_min(1e-300)
+        residual = (codeword[honest] - v[honest]).abs().amax(dim=0)
+        largest_row = float(norms[honest].max())
+        if rounding is None:
+            allowed, floor = tolerance * size, tolerance * size.clamp_min(largest_row)
+        else:
+            allowed = floor = torch.full_like(size, rounding * largest_row)
+        if not bool((residual <= allowed).all()):
             return None
         # A suspect's codeword value is extrapolated from the others, with their rounding amplified by
         # its row of the reconstruction: it is named only when it misses by more than the tolerance
         # (or ten times what the honest rows actually miss by) times that amplification. An honest
         # suspect is never accused; a liar whose projected error is that small is set aside all the same.
-        bound = max(10 * residual, tolerance * max(size, float(norms[honest].max())))
-        amplification = reconstruct.abs().sum(dim=1)
-        faulty = [
+        bound = torch.maximum(10 * residual, floor)
+        amplification = reconstruct.abs().sum(dim=1).clamp_min(1.0)
+        return [
             i
             for i in suspects
-            if i in erased or abs(float(projected[i] - codeword[i])) > bound * max(1.0, float(amplification[i]))
+            if i in erased or bool(((projected[i] - codeword[i]).abs() > bound * amplification[i]).any())
         ]
-        return suspects, sorted(faulty)
 
     def _project(self, received: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``v = Y f`` and the rows' norms, in float64; ``f`` random signs from ``gen``; one blockwise pass."""
+        """``V = Y F`` (``P x k``) and the rows' norms, in float64; ``F`` random signs from ``gen``; one pass."""
         d = received.shape[1]
         device = received.device
-        random_bytes = torch.empty((d + 7) // 8, dtype=torch.uint8, device=gen.device).random_(0, 256, generator=gen)
+        k = PROJECTIONS.get(received.dtype, 2)
+        nbytes = (d + 7) // 8
+        random_bytes = torch.empty(k, nbytes, dtype=torch.uint8, device=gen.device).random_(0, 256, generator=gen)
         random_bytes = random_bytes.to(device).long()
-        table = _SIGN_TABLE.to(device=device, dtype=accumulation_dtype(received.dtype))
         acc = accumulation_dtype(received.dtype)
-        v = torch.zeros(self.num_workers, dtype=torch.float64, device=device)
+        table = _SIGN_TABLE.to(device=device, dtype=acc)
+        v = torch.zeros(self.num_workers, k, dtype=torch.float64, device=device)
+        rounding_bound = self._row_rounding(received.dtype) is not None
+        squares = torch.zeros(self.num_workers, dtype=torch.float64, device=device)
         # Blocks bound the float32 accumulation error on the CPU; on accelerators the reduction is a
         # tree and small blocks only add kernel launches.
         step = self.chunk_size if device.type == "cpu" else d  # a multiple of 8: each block starts on a byte
         for start in range(0, d, step):
             stop = min(d, start + step)
-            signs = table.index_select(0, random_bytes[start // 8 : (stop + 7) // 8]).view(-1)[: stop - start]
+            lanes = random_bytes[:, start // 8 : (stop + 7) // 8]
+            signs = table.index_select(0, lanes.reshape(-1)).view(k, -1)[:, : stop - start]
             block = received[:, start:stop].to(acc)
-            v += (block @ signs).double()
-            if start == 0:  # the rows' scale, from the first block only: cheap, and enough for a tolerance
+            v += (block @ signs.t()).double()
+            if rounding_bound:  # the misfit bound scales with the rows' norms: measure them all
+                squares = squares + torch.linalg.vector_norm(block, dim=1).double().square()
+            elif start == 0:  # the rows' scale, from the first block only: cheap, and enough for naming
                 squares = torch.linalg.vector_norm(block, dim=1).double().square() * (d / (stop - start))
         return v.cpu(), squares.sqrt().cpu()
 
@@ -292,7 +347,19 @@ class CyclicRepetitionCode(Code):
             return self.residual_tolerance
         return RESIDUAL_TOLERANCE[dtype]
 
-    def _locate(self, v: Tensor, erased: list[int], tolerance: float) -> tuple[int, ...]:
+    def _row_rounding(self, dtype: torch.dtype) -> Optional[float]:
+        """Half precision: the misfit allowed per unit of the largest honest row norm; else None."""
+        if self.residual_tolerance is not None or dtype not in _UNIT_ROUNDOFF:
+            return None
+        return HALF_ROUNDING_SLACK * _UNIT_ROUNDOFF[dtype] * self.redundancy
+
+    def _describe_tolerance(self, dtype: torch.dtype) -> str:
+        rounding = self._row_rounding(dtype)
+        if rounding is None:
+            return f"relative tolerance {self._tolerance(dtype):.1e}"
+        return f"misfit at most {rounding:.1e} of the largest row norm"
+
+    def _locate(self, v: Tensor, erased: list[int], tolerance: float, limit: Optional[float] = None) -> tuple[int, ...]:
         """The ``s`` suspects: erased rows, then the positions where the error locator is smallest."""
         p, s, n = self.num_workers, self.num_adversaries, self.length
         padded = torch.zeros(n, dtype=torch.complex128)
@@ -320,7 +387,8 @@ class CyclicRepetitionCode(Code):
             _, reconstruct = self._combiner(suspects)
             codeword = reconstruct @ v[honest]
             distance = (v - codeword).abs()
-            if float(distance[honest].max()) <= tolerance * (float(codeword.abs().max()) or 1.0):
+            fitted = limit if limit is not None else tolerance * (float(codeword.abs().max()) or 1.0)
+            if float(distance[honest].max()) <= fitted:
                 break
             ranked = sorted((i for i in range(p) if i not in erased), key=lambda i: -float(distance[i]))
             refined = tuple(sorted(erased + ranked[: s - len(erased)]))
