@@ -1,0 +1,53 @@
+"""DracoDataLoader on its own: the batches of each held partition, and resuming inside an epoch."""
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from lightning_draco.data import DracoDataLoader
+
+
+def loader(partitions, seed=7):
+    data = TensorDataset(torch.arange(60).float(), torch.arange(60))
+    sampler = DistributedSampler(data, num_replicas=3, rank=0, shuffle=True, seed=1)
+    return DracoDataLoader(DataLoader(data, batch_size=4, sampler=sampler), partitions, 3, seed)
+
+
+def labels(batches):
+    return [[b[1].tolist() for b in step.batches] for step in batches]
+
+
+def test_each_partition_gets_what_plain_ddp_rank_would():
+    draco = loader([1, 2])
+    draco.sampler.set_epoch(3)
+    for partition, got in zip([1, 2], zip(*labels(list(draco)))):
+        sampler = DistributedSampler(draco.dataset, num_replicas=3, rank=partition, shuffle=True, seed=1)
+        sampler.set_epoch(3)
+        plain = [b[1].tolist() for b in DataLoader(draco.dataset, batch_size=4, sampler=sampler)]
+        assert list(got) == plain
+
+
+def test_a_resumed_loader_goes_on_from_the_next_untrained_step():
+    full = loader([0, 1, 2])
+    full.sampler.set_epoch(2)
+    steps = list(full)
+    for step in steps[:3]:
+        full.note_trained(step)
+    state = full.state_dict()
+    assert state == {"epoch": 2, "steps_trained": 3}
+
+    resumed = loader([0, 1, 2])
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(2)
+    rest = list(resumed)
+    assert [s.index for s in rest] == [s.index for s in steps[3:]]
+    assert labels(rest) == labels(steps[3:])
+    # The position applies once: the next epoch starts from its first batch.
+    resumed.sampler.set_epoch(3)
+    assert next(iter(resumed)).index == 0
+
+
+def test_a_position_saved_at_the_end_of_an_epoch_starts_the_next_one_whole():
+    resumed = loader([0, 1, 2])
+    resumed.load_state_dict({"epoch": 4, "steps_trained": 5})
+    resumed.sampler.set_epoch(5)  # Lightning moved on to the next epoch
+    assert len(list(resumed)) == len(resumed) == 5
