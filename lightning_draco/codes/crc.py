@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -15,10 +15,10 @@ from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, acc
 # Row b of _SIGN_TABLE holds the eight bits of byte b as +-1: random bytes become random signs.
 _SIGN_TABLE = torch.tensor([[1.0 if (b >> k) & 1 else -1.0 for k in range(8)] for b in range(256)])
 
-# Misfit of the projected rows to a codeword that rounding alone explains, relative to the largest
-# projected value, per wire dtype: about 10x the rounding of the coded gradients themselves (half
-# precision) or of the float32 blockwise projection (about 3e-6 measured for 64K-entry blocks).
-RESIDUAL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 5e-5, torch.float16: 1e-2, torch.bfloat16: 8e-2}
+# Full precision: misfit of the projected rows to a codeword that rounding alone explains, relative
+# to the largest projected value: about 10x the rounding of the float32 blockwise projection
+# (about 3e-6 measured for 64K-entry blocks). Half precision uses HALF_ROUNDING_SLACK below.
+RESIDUAL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 5e-5}
 
 # Largest combiner growth (see ``CyclicRepetitionCode.growth``) accepted per dtype on the wire:
 # the decoded sum loses about growth * eps(dtype) of relative accuracy, and the checks that find
@@ -39,6 +39,32 @@ PROJECTIONS = {torch.float64: 2, torch.float32: 2, torch.float16: 3, torch.bfloa
 # relative to the projected values instead let lies as large as the rows pass about 1 decode in 30.
 HALF_ROUNDING_SLACK = 4.0
 _UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
+
+
+class _FitRule(NamedTuple):
+    """How far the rows outside the suspects may miss a codeword and still fit it: one of two scales."""
+
+    #: Full precision: times the largest projected codeword value of the column.
+    relative: Optional[float]
+    #: Half precision: times the largest honest row norm (rounding grows with the rows, not the projection).
+    per_row_norm: Optional[float]
+
+    def allowed(self, size: Tensor, largest_row: float) -> Tensor:
+        """The misfit allowed per column, ``size`` being each column's largest codeword value."""
+        if self.per_row_norm is not None:
+            return torch.full_like(size, self.per_row_norm * largest_row)
+        return self.relative * size
+
+    def naming_floor(self, size: Tensor, largest_row: float) -> Tensor:
+        """The least miss for which a suspect is named (a projection near zero makes ``size`` meaningless)."""
+        if self.per_row_norm is not None:
+            return self.allowed(size, largest_row)
+        return self.relative * size.clamp_min(largest_row)
+
+    def __str__(self) -> str:
+        if self.per_row_norm is not None:
+            return f"misfit at most {self.per_row_norm:.1e} of the largest row norm"
+        return f"relative tolerance {self.relative:.1e}"
 
 
 @register_code
@@ -223,33 +249,31 @@ class CyclicRepetitionCode(Code):
         if s == 0:
             return DecodeResult(self._combine(received, tuple(), acc), [])
         gen = generator if generator is not None else torch.Generator(device=received.device).manual_seed(0)
-        tolerance = self._tolerance(received.dtype)
-        rounding = self._row_rounding(received.dtype)
+        rule = self._fit_rule(received.dtype)
         for attempt in range(self.attempts):
             # A located set that leaves the others off the code is retried under a fresh projection:
             # the locator's conditioning depends on the projected error values.
-            projected, norms = self._project(received, gen)
-            found = self._decode_projection(projected, norms, tolerance, rounding)
+            projected, norms = self._project(received, gen, all_norms=rule.per_row_norm is not None)
+            found = self._decode_projection(projected, norms, rule)
             if found is not None:
                 suspects, faulty = found
                 b, _ = self._combiner(suspects)
                 return DecodeResult(self._combine(received, suspects, acc, b), faulty)
         raise DracoDecodeError(
             f"under {self.attempts} independent projections, no {s} workers could be set aside so that the"
-            f" other {p - s} fit the code ({self._describe_tolerance(received.dtype)}): more than s={s} workers are"
+            f" other {p - s} fit the code ({rule}): more than s={s} workers are"
             " faulty.",
             list(range(p)),
         )
 
     def _decode_projection(
-        self, projected: Tensor, norms: Tensor, tolerance: float, rounding: Optional[float] = None
+        self, projected: Tensor, norms: Tensor, rule: _FitRule
     ) -> Optional[tuple[tuple[int, ...], list[int]]]:
         """Suspects and faulty workers from one set of projections (``P x k``), or None if no fit.
 
-        The fit is checked per column, relative to its largest projected value (or, in half
-        precision, ``rounding`` times the largest honest row norm). Naming a suspect
-        also weighs the rows' norms: a projection can come out near zero by chance, and then its
-        rounding is large next to it; an honest suspect must not be accused for that.
+        The fit is checked per column under ``rule``. Naming a suspect also weighs the rows'
+        norms: a projection can come out near zero by chance, and then its rounding is large next
+        to it; an honest suspect must not be accused for that.
         """
         p, s = self.num_workers, self.num_adversaries
         finite = [i for i in range(p) if bool(torch.isfinite(projected[i]).all())]
@@ -265,15 +289,15 @@ class CyclicRepetitionCode(Code):
             )
         v = projected.clone()
         v[erased] = 0.0
+        largest_row = float(norms[[i for i in range(p) if i not in erased]].max())
         tried = set()
         for column in range(v.shape[1]):
             # A liar's error can cancel in one column by chance; it is then located from another.
-            limit = None if rounding is None else rounding * float(norms[[i for i in range(p) if i not in erased]].max())
-            suspects = self._locate(v[:, column], erased, tolerance, limit)
+            suspects = self._locate(v[:, column], erased, rule, largest_row)
             if suspects in tried:
                 continue
             tried.add(suspects)
-            named = self._check_fit(v, projected, norms, suspects, erased, tolerance, rounding)
+            named = self._check_fit(v, projected, norms, suspects, erased, rule)
             if named is not None:
                 return suspects, named
         return None
@@ -285,8 +309,7 @@ class CyclicRepetitionCode(Code):
         norms: Tensor,
         suspects: tuple[int, ...],
         erased: list[int],
-        tolerance: float,
-        rounding: Optional[float] = None,
+        rule: _FitRule,
     ) -> Optional[list[int]]:
         """The faulty suspects if every column of the other rows fits a codeword, else None."""
         honest = [i for i in range(self.num_workers) if i not in suspects]
@@ -295,17 +318,13 @@ class CyclicRepetitionCode(Code):
         size = codeword.abs().amax(dim=0).clamp_min(1e-300)
         residual = (codeword[honest] - v[honest]).abs().amax(dim=0)
         largest_row = float(norms[honest].max())
-        if rounding is None:
-            allowed, floor = tolerance * size, tolerance * size.clamp_min(largest_row)
-        else:
-            allowed = floor = torch.full_like(size, rounding * largest_row)
-        if not bool((residual <= allowed).all()):
+        if not bool((residual <= rule.allowed(size, largest_row)).all()):
             return None
         # A suspect's codeword value is extrapolated from the others, with their rounding amplified by
         # its row of the reconstruction: it is named only when it misses by more than the tolerance
         # (or ten times what the honest rows actually miss by) times that amplification. An honest
         # suspect is never accused; a liar whose projected error is that small is set aside all the same.
-        bound = torch.maximum(10 * residual, floor)
+        bound = torch.maximum(10 * residual, rule.naming_floor(size, largest_row))
         amplification = reconstruct.abs().sum(dim=1).clamp_min(1.0)
         return [
             i
@@ -313,8 +332,11 @@ class CyclicRepetitionCode(Code):
             if i in erased or bool(((projected[i] - codeword[i]).abs() > bound * amplification[i]).any())
         ]
 
-    def _project(self, received: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``V = Y F`` (``P x k``) and the rows' norms, in float64; ``F`` random signs from ``gen``; one pass."""
+    def _project(self, received: Tensor, gen: torch.Generator, all_norms: bool = False) -> tuple[Tensor, Tensor]:
+        """``V = Y F`` (``P x k``) and the rows' norms, in float64; ``F`` random signs from ``gen``; one pass.
+
+        The norms are measured on every block with ``all_norms``, else estimated from the first.
+        """
         d = received.shape[1]
         device = received.device
         k = PROJECTIONS.get(received.dtype, 2)
@@ -324,7 +346,6 @@ class CyclicRepetitionCode(Code):
         acc = accumulation_dtype(received.dtype)
         table = _SIGN_TABLE.to(device=device, dtype=acc)
         v = torch.zeros(self.num_workers, k, dtype=torch.float64, device=device)
-        rounding_bound = self._row_rounding(received.dtype) is not None
         squares = torch.zeros(self.num_workers, dtype=torch.float64, device=device)
         # Blocks bound the float32 accumulation error on the CPU; on accelerators the reduction is a
         # tree and small blocks only add kernel launches.
@@ -335,31 +356,21 @@ class CyclicRepetitionCode(Code):
             signs = table.index_select(0, lanes.reshape(-1)).view(k, -1)[:, : stop - start]
             block = received[:, start:stop].to(acc)
             v += (block @ signs.t()).double()
-            if rounding_bound:  # the misfit bound scales with the rows' norms: measure them all
+            if all_norms:  # the misfit bound scales with the rows' norms: measure them all
                 squares = squares + torch.linalg.vector_norm(block, dim=1).double().square()
             elif start == 0:  # the rows' scale, from the first block only: cheap, and enough for naming
                 squares = torch.linalg.vector_norm(block, dim=1).double().square() * (d / (stop - start))
         return v.cpu(), squares.sqrt().cpu()
 
-    def _tolerance(self, dtype: torch.dtype) -> float:
-        """Relative misfit of the projected rows to a codeword that rounding alone can explain."""
+    def _fit_rule(self, dtype: torch.dtype) -> _FitRule:
+        """``residual_tolerance`` if given; else per dtype: relative in full precision, per row norm in half."""
         if self.residual_tolerance is not None:
-            return self.residual_tolerance
-        return RESIDUAL_TOLERANCE[dtype]
+            return _FitRule(self.residual_tolerance, None)
+        if dtype in _UNIT_ROUNDOFF:
+            return _FitRule(None, HALF_ROUNDING_SLACK * _UNIT_ROUNDOFF[dtype] * self.redundancy)
+        return _FitRule(RESIDUAL_TOLERANCE[dtype], None)
 
-    def _row_rounding(self, dtype: torch.dtype) -> Optional[float]:
-        """Half precision: the misfit allowed per unit of the largest honest row norm; else None."""
-        if self.residual_tolerance is not None or dtype not in _UNIT_ROUNDOFF:
-            return None
-        return HALF_ROUNDING_SLACK * _UNIT_ROUNDOFF[dtype] * self.redundancy
-
-    def _describe_tolerance(self, dtype: torch.dtype) -> str:
-        rounding = self._row_rounding(dtype)
-        if rounding is None:
-            return f"relative tolerance {self._tolerance(dtype):.1e}"
-        return f"misfit at most {rounding:.1e} of the largest row norm"
-
-    def _locate(self, v: Tensor, erased: list[int], tolerance: float, limit: Optional[float] = None) -> tuple[int, ...]:
+    def _locate(self, v: Tensor, erased: list[int], rule: _FitRule, largest_row: float) -> tuple[int, ...]:
         """The ``s`` suspects: erased rows, then the positions where the error locator is smallest."""
         p, s, n = self.num_workers, self.num_adversaries, self.length
         padded = torch.zeros(n, dtype=torch.complex128)
@@ -387,8 +398,8 @@ class CyclicRepetitionCode(Code):
             _, reconstruct = self._combiner(suspects)
             codeword = reconstruct @ v[honest]
             distance = (v - codeword).abs()
-            fitted = limit if limit is not None else tolerance * (float(codeword.abs().max()) or 1.0)
-            if float(distance[honest].max()) <= fitted:
+            size = torch.tensor([float(codeword.abs().max()) or 1.0], dtype=torch.float64)
+            if float(distance[honest].max()) <= float(rule.allowed(size, largest_row)):
                 break
             ranked = sorted((i for i in range(p) if i not in erased), key=lambda i: -float(distance[i]))
             refined = tuple(sorted(erased + ranked[: s - len(erased)]))
