@@ -15,16 +15,16 @@ package imports every module, so a new attack is one file (plus its config and t
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import pkgutil
 from typing import Any, Callable
 
 from torch import Tensor
 
+from lightning_draco._registry import Registry, import_submodules
+
 Attack = Callable[..., Tensor]
 
-ATTACKS: dict[str, Attack] = {}
+ATTACKS: Registry[Attack] = Registry("an attack", "attack", alternatives=", or a callable")
 
 CONTEXT_KEYS = ("rank", "step", "bucket", "generator", "shared_generator", "honest_mean", "honest_std")
 
@@ -34,23 +34,12 @@ OMNISCIENT_KEYS = ("honest_mean", "honest_std")
 
 def register_attack(name: str) -> Callable[[Attack], Attack]:
     """Decorator: make the function available as ``Adversary(attack=name)``."""
-
-    def register(fn: Attack) -> Attack:
-        if name in ATTACKS and ATTACKS[name] is not fn:
-            raise ValueError(f"an attack named {name!r} is already registered.")
-        ATTACKS[name] = fn
-        return fn
-
-    return register
+    return lambda fn: ATTACKS.add(name, fn)
 
 
 def get_attack(name: str) -> Attack:
     """The built-in attack called ``name``, or a ``ValueError`` listing the known ones."""
-    try:
-        return ATTACKS[name]
-    except KeyError:
-        known = ", ".join(sorted(ATTACKS))
-        raise ValueError(f"attack must be one of {known}, or a callable (got {name!r}).") from None
+    return ATTACKS.lookup(name)
 
 
 def wants(attack: Attack, key: str) -> bool:
@@ -66,7 +55,6 @@ def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context
     return attack(honest, **options, **chosen)
 
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__)
 
 __all__ = ["ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "call_attack", "get_attack", "register_attack", "wants"]

@@ -7,10 +7,9 @@ file here (plus its config and tests) and nothing else changes.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Optional
 
+from lightning_draco._registry import Registry, import_submodules
 from lightning_draco.codes.base import (
     Code,
     DecodeResult,
@@ -19,24 +18,17 @@ from lightning_draco.codes.base import (
     accumulation_dtype,
 )
 
-CODES: dict[str, type[Code]] = {}
+CODES: Registry[type[Code]] = Registry("a code", "code")
 
 
 def register_code(cls: type[Code]) -> type[Code]:
     """Class decorator: make ``cls`` available as ``DracoStrategy(code=cls.name)``."""
-    if cls.name in CODES and CODES[cls.name] is not cls:
-        raise ValueError(f"a code named {cls.name!r} is already registered ({CODES[cls.name].__name__}).")
-    CODES[cls.name] = cls
-    return cls
+    return CODES.add(cls.name, cls)
 
 
 def code_class(name: str) -> type[Code]:
     """The registered code called ``name``, or a ``ValueError`` listing the known ones."""
-    try:
-        return CODES[name]
-    except KeyError:
-        known = ", ".join(sorted(CODES))
-        raise ValueError(f"code must be one of {known} (got {name!r}).") from None
+    return CODES.lookup(name)
 
 
 def make_code(name: str, num_workers: int, num_adversaries: int, redundancy: Optional[int] = None) -> Code:
@@ -44,9 +36,7 @@ def make_code(name: str, num_workers: int, num_adversaries: int, redundancy: Opt
     return code_class(name)(num_workers, num_adversaries, redundancy)
 
 
-for _module in pkgutil.iter_modules(__path__):
-    if _module.name != "base":
-        importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__, skip=("base",))
 
 from lightning_draco.codes.crc import CyclicRepetitionCode  # noqa: E402
 from lightning_draco.codes.frc import FractionalRepetitionCode  # noqa: E402
