@@ -130,5 +130,3 @@ class Adversary:
         ranks = '"random"' if self.is_random else list(self.ranks)
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
         return f"Adversary(ranks={ranks}, attack={self.attack_name!r}, seed={self.seed}{opts})"
-
-

@@ -2,13 +2,12 @@
 
 It replaces DDP's all-reduce bucket by bucket. DDP launches buckets in index order on every
 rank, and this hook finishes each bucket's collectives before it returns, so every rank issues
-the same collectives in the same order and the parameter server holds one bucket at a time.
+the same collectives in the same order and the parameter server holds one bucket at a time
+(or, when a robust rule needs whole gradients, one step's gradient from every rank).
 """
 
-
-from typing import Optional
-
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist

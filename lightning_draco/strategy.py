@@ -452,13 +452,7 @@ class DracoStrategy(DDPStrategy):
         Otherwise the PS writes it to ``<checkpoint>.ps`` itself: rank 0 is a worker and must not
         learn it.
         """
-        checkpoint[_CHECKPOINT_KEY] = {
-            "world_size": self.world_size,
-            "code": self.code_name,
-            "num_adversaries": self.num_adversaries,
-            "redundancy": self.redundancy,
-            "ledger": self.ledger.state_dict(),
-        }
+        checkpoint[_CHECKPOINT_KEY] = {**self._resume_conditions(), "ledger": self.ledger.state_dict()}
         if self._hook_state is not None and self._hook_state.is_ps:
             if self.global_rank == 0:
                 checkpoint[_CHECKPOINT_KEY]["projection_secret"] = self._hook_state.secret
@@ -466,15 +460,11 @@ class DracoStrategy(DDPStrategy):
                 sidecar = _ps_sidecar(filepath)
                 # Rank 0 creates the checkpoint's folder when it writes; the PS may get here first.
                 os.makedirs(os.path.dirname(sidecar) or ".", exist_ok=True)
-                torch.save({"projection_secret": self._hook_state.secret}, sidecar + ".partial")
-                os.replace(sidecar + ".partial", sidecar)
+                _write_then_rename(sidecar, lambda path: torch.save({"projection_secret": self._hook_state.secret}, path))
         if not self.is_global_zero or "://" in os.fspath(filepath):
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
-        # Write then rename: a rank killed while saving leaves the previous checkpoint whole.
-        partial = os.fspath(filepath) + ".partial"
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        os.replace(partial, filepath)
+        _write_then_rename(filepath, lambda path: super(DracoStrategy, self).save_checkpoint(checkpoint, path, storage_options))
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -495,14 +485,17 @@ class DracoStrategy(DDPStrategy):
 
     def check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint written under another world size or code: its partitions mean other data."""
-        now = {"world_size": self.world_size, "code": self.code_name, "num_adversaries": self.num_adversaries,
-               "redundancy": self.redundancy}
-        for key, value in now.items():
+        for key, value in self._resume_conditions().items():
             if state.get(key) != value:
                 raise IncompatibleCheckpointError(
                     f"the checkpoint was written with {key}={state.get(key)!r} but this run has {key}={value!r};"
                     " DRACO resumes only under the same world size, code, num_adversaries and redundancy."
                 )
+
+    def _resume_conditions(self) -> dict[str, Any]:
+        """What a checkpoint records and a resume must match: the partitions mean the same data."""
+        return {"world_size": self.world_size, "code": self.code_name, "num_adversaries": self.num_adversaries,
+                "redundancy": self.redundancy}
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
@@ -532,6 +525,13 @@ class DracoStrategy(DDPStrategy):
                 cls,
                 description="DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3)",
             )
+
+
+def _write_then_rename(path: Any, write: Callable[[str], None]) -> None:
+    """``write`` to ``<path>.partial``, then rename: a rank killed while saving leaves the previous file whole."""
+    partial = os.fspath(path) + ".partial"
+    write(partial)
+    os.replace(partial, path)
 
 
 def _ps_sidecar(checkpoint_path: Any) -> str:
