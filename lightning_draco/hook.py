@@ -57,6 +57,8 @@ class DracoHookState:
         "nonfinite",
         "whole_step",
         "total_numel",
+        "layout",
+        "arrivals",
         "offset",
         "pending",
         "seconds",
@@ -106,6 +108,13 @@ class DracoHookState:
         self.whole_step = whole_step
         #: Length of the whole flattened gradient (the sum of all buckets), for ``whole_step``.
         self.total_numel = total_numel
+        #: ``whole_step``: each parameter's offset (by ``data_ptr``) in the step's vector, in the
+        #: model's parameter order. Buckets arrive in an order DDP changes after the first step,
+        #: so the PS lays the vector out by parameter: a rule with state (centred clipping's
+        #: anchor) sees the same coordinate at the same place at every step and after a resume.
+        self.layout: dict[int, int] = {}
+        #: ``whole_step``: ``(offset in arrival order, offset in layout, numel)`` per parameter so far.
+        self.arrivals: list[tuple[int, int, int]] = []
         #: ``whole_step``: where the next bucket goes in the step's vector, and the buckets waiting.
         self.offset = 0
         self.pending: list = []
@@ -125,7 +134,7 @@ class DracoHookState:
         """Reset the per-step outcome and choose this step's liars."""
         self.step, self.bucket = step, 0
         self.caught, self.failure, self.nonfinite = set(), None, False
-        self.offset, self.pending = 0, []
+        self.offset, self.pending, self.arrivals = 0, [], []
         if self.adversary is None:
             self.liars = frozenset()
         else:
@@ -191,16 +200,32 @@ def draco_hook(state: DracoHookState, bucket: dist.GradBucket) -> torch.futures.
     start = state.offset
     received = state.step_buffer(buffer)[:, start : start + buffer.numel()] if state.is_ps else None
     _gather(state, outgoing, received)
+    if state.is_ps and state.layout:
+        for param in bucket.parameters():  # the bucket's buffer holds its parameters' gradients in this order
+            state.arrivals.append((start, state.layout[param.data_ptr()], param.numel()))
+            start += param.numel()
+        if start != state.offset + buffer.numel():
+            raise RuntimeError(f"DDP bucket {index} holds {buffer.numel()} values but its parameters {start - state.offset}.")
     state.offset += buffer.numel()
     state.pending.append((buffer, future))
     if bucket.is_last():
         buffers = [b for b, _ in state.pending]
         whole = state.step_buffer(buffer)[:, : state.offset] if state.is_ps else None
-        _decode_and_share(state, buffers, whole, index)
+        _decode_and_share(state, buffers, whole, index, _layout_order(state, buffer.device) if state.is_ps else None)
         for b, pending in state.pending:
             pending.set_result(b)
-        state.pending, state.offset = [], 0
+        state.pending, state.offset, state.arrivals = [], 0, []
     return future
+
+
+def _layout_order(state: DracoHookState, device: torch.device) -> Optional[Tensor]:
+    """Index into the arrival-ordered step vector giving it in ``state.layout`` order (None: no layout)."""
+    if not state.layout:
+        return None
+    order = torch.empty(state.offset, dtype=torch.long)
+    for arrived, placed, numel in state.arrivals:
+        order[placed : placed + numel] = torch.arange(arrived, arrived + numel)
+    return order.to(device)
 
 
 def _outgoing(state: DracoHookState, buffer: Tensor, index: int) -> Tensor:
@@ -232,8 +257,13 @@ def _gather(state: DracoHookState, outgoing: Tensor, received: Optional[Tensor])
     state.seconds["communication"] += time.perf_counter() - start
 
 
-def _decode_and_share(state: DracoHookState, buffers: list[Tensor], received: Optional[Tensor], index: int) -> None:
-    """On the PS, decode ``received`` into ``buffers`` (consecutive pieces of it); then share result and outcome."""
+def _decode_and_share(
+    state: DracoHookState, buffers: list[Tensor], received: Optional[Tensor], index: int, order: Optional[Tensor] = None
+) -> None:
+    """On the PS, decode ``received`` into ``buffers`` (consecutive pieces of it); then share result and outcome.
+
+    ``order``: decode ``received[:, order]`` instead, and put the result back in arrival order.
+    """
     world, ps, group = state.world_size, state.ps_rank, state.process_group
     device = buffers[0].device
     outcome = torch.zeros(1 + world, dtype=torch.int32, device=device)
@@ -241,7 +271,8 @@ def _decode_and_share(state: DracoHookState, buffers: list[Tensor], received: Op
     start = time.perf_counter()
     if state.is_ps:
         try:
-            result = state.code.decode(received, generator=state.projection_generator(index, device))
+            laid_out = received if order is None else received.index_select(1, order)
+            result = state.code.decode(laid_out, generator=state.projection_generator(index, device))
         except DracoDecodeError as err:
             error = err
             outcome[0] = DecodeStatus.FAILED
@@ -250,6 +281,8 @@ def _decode_and_share(state: DracoHookState, buffers: list[Tensor], received: Op
                 buffer.zero_()
         else:
             total = result.total.div_(world)
+            if order is not None:
+                total = torch.empty_like(total).index_copy_(0, order, total)
             offset = 0
             for buffer in buffers:
                 buffer.copy_(total[offset : offset + buffer.numel()])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import signal
 import socket
@@ -264,6 +265,8 @@ class DracoStrategy(DDPStrategy):
                         f" {', '.join(map(str, dtypes))}); use aggregate_over='bucket'."
                     )
                 self._hook_state.total_numel = sum(p.numel() for p in trained)
+                offsets = itertools.accumulate((p.numel() for p in trained), initial=0)
+                self._hook_state.layout = {p.data_ptr(): offset for p, offset in zip(trained, offsets)}
             self._guard_schedulers(trainer.lightning_module)
             if self._requeue is not None and self._requeue not in trainer.callbacks:
                 trainer.callbacks.append(self._requeue)
@@ -446,21 +449,26 @@ class DracoStrategy(DDPStrategy):
     # -- checkpoints ----------------------------------------------------------------------
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
-        """Add DRACO's state, write atomically; the PS's projection secret goes only where no worker reads it.
+        """Add DRACO's state, write atomically; the PS's own state goes only where no worker reads it.
 
-        With the PS on rank 0 (the default) the secret is in the checkpoint that rank 0 writes.
-        Otherwise the PS writes it to ``<checkpoint>.ps`` itself: rank 0 is a worker and must not
-        learn it.
+        The PS's state is its projection secret and the state of a stateful aggregator (centred
+        clipping's anchor). With the PS on rank 0 (the default) it is in the checkpoint that rank 0
+        writes. Otherwise the PS writes it to ``<checkpoint>.ps`` itself: rank 0 is a worker and
+        must not learn the secret.
         """
         checkpoint[_CHECKPOINT_KEY] = {**self._resume_conditions(), "ledger": self.ledger.state_dict()}
         if self._hook_state is not None and self._hook_state.is_ps:
+            ps_state = {
+                "projection_secret": self._hook_state.secret,
+                "aggregator": self.aggregator.state_dict() if self.aggregator is not None else {},
+            }
             if self.global_rank == 0:
-                checkpoint[_CHECKPOINT_KEY]["projection_secret"] = self._hook_state.secret
+                checkpoint[_CHECKPOINT_KEY].update(ps_state)
             else:
                 sidecar = _ps_sidecar(filepath)
                 # Rank 0 creates the checkpoint's folder when it writes; the PS may get here first.
                 os.makedirs(os.path.dirname(sidecar) or ".", exist_ok=True)
-                _write_then_rename(sidecar, lambda path: torch.save({"projection_secret": self._hook_state.secret}, path))
+                _write_then_rename(sidecar, lambda path: torch.save(ps_state, path))
         if not self.is_global_zero or "://" in os.fspath(filepath):
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
@@ -474,13 +482,16 @@ class DracoStrategy(DDPStrategy):
             return checkpoint
         self.check_resumable(state)
         self.ledger.load_state_dict(state["ledger"])
-        if self._hook_state is not None and self._hook_state.is_ps and self.projection_secret is None:
-            secret = state.get("projection_secret")
+        if self._hook_state is not None and self._hook_state.is_ps:
+            ps_state = state
             sidecar = _ps_sidecar(checkpoint_path)
-            if secret is None and os.path.exists(sidecar):
-                secret = torch.load(sidecar, weights_only=True)["projection_secret"]
-            if secret is not None:
+            if "projection_secret" not in state and os.path.exists(sidecar):
+                ps_state = torch.load(sidecar, weights_only=True)
+            secret = ps_state.get("projection_secret")
+            if secret is not None and self.projection_secret is None:
                 self._hook_state.secret = int(secret)
+            if self.aggregator is not None and ps_state.get("aggregator"):
+                self.aggregator.load_state_dict(ps_state["aggregator"])
         return checkpoint
 
     def check_resumable(self, state: dict[str, Any]) -> None:

@@ -16,8 +16,10 @@ class CenteredClipping(Aggregator):
     """v <- v + mean_i (x_i - v) * min(1, tau / ||x_i - v||), ``iterations`` times (default 1),
     starting from the previous call's result (zero at the first call). ``tau`` defaults to 100.
 
-    A non-finite input contributes nothing (as if clipped to zero length). The anchor is one vector of the full length: with whole-vector aggregation it does not depend
-    on how DDP buckets the gradients, so it survives DDP's bucket rebuild.
+    A non-finite input contributes nothing (as if clipped to zero length). The anchor is one vector
+    of the full length: with whole-vector aggregation the PS lays the gradient out by parameter,
+    not by DDP's buckets, so the anchor survives DDP's bucket rebuild and a resume (the strategy
+    keeps it in the checkpoint).
     """
 
     name = "centered_clipping"
@@ -31,8 +33,10 @@ class CenteredClipping(Aggregator):
 
     def aggregate(self, inputs: Tensor) -> Tensor:
         v = self.anchor
-        if v is None or v.shape != inputs.shape[1:] or v.device != inputs.device:
+        if v is None or v.shape != inputs.shape[1:]:
             v = torch.zeros_like(inputs[0])
+        else:  # e.g. restored from a checkpoint onto another device
+            v = v.to(device=inputs.device, dtype=inputs.dtype)
         finite = torch.isfinite(inputs).all(dim=1, keepdim=True)
         for _ in range(self.iterations):
             diff = torch.where(finite, inputs - v, torch.zeros((), dtype=inputs.dtype, device=inputs.device))

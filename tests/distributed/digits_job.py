@@ -172,14 +172,19 @@ def cyclic_scenario(name: str):
 
 def resume(name: str) -> dict:
     """``resume_ps<r>``: an uninterrupted cyclic-code fit, then one stopped mid-epoch that a fresh
-    strategy resumes from its last checkpoint (random liars on ps0, a fixed one on ps3; dropout)."""
+    strategy resumes from its last checkpoint (random liars on ps0, a fixed one on ps3; dropout).
+    ``resume_clip_ps<r>``: the same with centred clipping, a rule with state, instead of a code."""
     ps = int(name.rsplit("ps", 1)[1])
+    if name.startswith("resume_clip"):
+        rule = dict(code="none", aggregator="centered_clipping", aggregator_options={"tau": 0.5})
+    else:
+        rule = dict(code="crc")
     folder = os.path.join(os.getcwd(), name)
     liars = "random" if ps == 0 else [(ps + 2) % WORLD]
     secrets, digests = [], []
     for attempt, steps in enumerate((STEPS, STEPS // 2, STEPS)):
         L.seed_everything(1234, verbose=False)
-        strategy = draco(code="crc", num_adversaries=1, ps_rank=ps, adversary=Adversary(ranks=liars, seed=5))
+        strategy = draco(num_adversaries=1, ps_rank=ps, adversary=Adversary(ranks=liars, seed=5), **rule)
         trainer = L.Trainer(
             accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=steps, logger=False,
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=attempt > 0,

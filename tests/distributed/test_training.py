@@ -26,7 +26,7 @@ SCENARIOS = (
     + [f"frc_random_{a}" for a in ATTACKS]
     + [f"none_{a}" for a in WRECKING]
     + ["frc_two_liars_raise", "frc_two_liars_skip", "manual_optimization", "frc_threshold_logged"]
-    + ["resume_ps0", "resume_ps3", "frc_diverge_raise", "frc_diverge_skip"]
+    + ["resume_ps0", "resume_ps3", "resume_clip_ps3", "frc_diverge_raise", "frc_diverge_skip"]
     + [f"agg_{rule}_reverse" for rule in RULES]
     + ["agg_krum_reverse_bucket", "detox_reverse", "none_alie", "agg_median_alie"]
 )
@@ -171,9 +171,9 @@ def test_checkpoint_keeps_the_secret_away_from_workers_and_resume_restores_it(ru
     assert run["global_step"] == 30 and run["world_size"] == 6
 
 
-@pytest.mark.parametrize("ps", [0, 3])
-def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_model(runs, ps):
-    run = runs[f"resume_ps{ps}"]
+@pytest.mark.parametrize("name", ["resume_ps0", "resume_ps3", "resume_clip_ps3"])
+def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_model(runs, name):
+    run = runs[name]
     assert 15 % run["steps_per_epoch"] != 0, "the stop must fall inside an epoch"
     assert run["sha_resumed"] == run["sha_uninterrupted"]
 
