@@ -197,6 +197,11 @@ def train(cfg: DictConfig) -> float:
         summary = {"config": OmegaConf.to_container(cfg, resolve=True), **result}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(report(cfg, summary, run_dir))
+    if torch.distributed.is_initialized():
+        # Leave the process group together. Left to interpreter exit, its threads can abort a rank
+        # during shutdown ("terminate called without an active exception"), and srun then fails the job.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return result["final_val_acc"] or 0.0
 
 
