@@ -47,6 +47,7 @@ class DracoHookState:
         "ps_rank",
         "adversary",
         "liars",
+        "scale",
         "check_finite",
         "secret",
         "step",
@@ -91,6 +92,9 @@ class DracoHookState:
         self.adversary = adversary
         #: Ranks that lie at the current step (from ``adversary``).
         self.liars = frozenset()
+        #: Factor this rank's bucket is multiplied by before it is sent: the strategy leaves the coded
+        #: gradient divided by the rank's last non-zero encoding weight (see ``DracoStrategy._weighted_step``).
+        self.scale = 1.0
         #: Whether a decoded gradient with NaN/Inf is reported as ``DecodeStatus.NONFINITE``.
         self.check_finite = check_finite
         #: The parameter server's secret: seeds the projections of codes that draw them. Never sent.
@@ -167,9 +171,10 @@ class DracoHookState:
 def draco_hook(state: DracoHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Replace the all-reduce of one gradient bucket by DRACO's coded exchange.
 
-    The bucket holds this rank's coded gradient: the strategy weighted the losses of the
-    partitions this rank holds by its row of the encoding matrix before the one backward.
+    The bucket holds this rank's coded gradient divided by ``state.scale`` (the strategy applies
+    the encoding weights between per-partition backwards; see ``DracoStrategy._weighted_step``).
 
+    0. Multiply the bucket by ``state.scale``: this rank's coded gradient.
     1. A simulated adversary replaces its outgoing vector (an omniscient one first learns the
        honest vectors' mean and spread, through two all-reduces every rank takes part in).
     2. ``gather``: every rank's vector reaches the parameter server (PS).
@@ -187,7 +192,8 @@ def draco_hook(state: DracoHookState, bucket: dist.GradBucket) -> torch.futures.
     index = state.bucket
     state.bucket += 1
     state.calls += 1
-    outgoing = _outgoing(state, buffer, index)
+    coded = buffer if state.scale == 1.0 else buffer * state.scale
+    outgoing = _outgoing(state, coded, index)
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
 
     if not state.whole_step:

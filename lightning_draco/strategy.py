@@ -63,8 +63,10 @@ class DracoStrategy(DDPStrategy):
         redundancy: ``r``, partitions per rank; at least and by default ``2s + 1``.
         ps_rank: the trusted rank that decodes (also a worker).
         adversary: simulated Byzantine ranks (``Adversary`` or a dict of its arguments).
-        tolerance: relative distance within which repetition-code replicas that are not
-            bitwise equal (non-deterministic kernels) still count as agreeing.
+        tolerance: how far honest replicas of a partition's gradient may differ, relative to their
+            norm, beyond rounding (non-deterministic kernels). ``None``: each code's default
+            (repetition: 1e-5, used only when no value is sent bit for bit by s+1 members;
+            cyclic: the wire dtype's rounding alone).
         on_decode_failure: ``"raise"`` a ``DracoDecodeError`` on every rank, or ``"skip"`` the
             optimizer and scheduler step on every rank, count it and go on.
         max_faulty_steps: stop the run once a rank has been caught at more steps than this.
@@ -102,7 +104,7 @@ class DracoStrategy(DDPStrategy):
         redundancy: Optional[int] = None,
         ps_rank: int = 0,
         adversary: Union[Adversary, dict, None] = None,
-        tolerance: float = 1e-5,
+        tolerance: Optional[float] = None,
         on_decode_failure: str = "raise",
         max_faulty_steps: Optional[int] = None,
         seed: Optional[int] = None,
@@ -124,8 +126,8 @@ class DracoStrategy(DDPStrategy):
         self._code_cls.check(num_adversaries, redundancy)
         if not isinstance(ps_rank, int) or isinstance(ps_rank, bool) or ps_rank < 0:
             raise ValueError(f"ps_rank must be an integer >= 0 (got {ps_rank!r}).")
-        if not (isinstance(tolerance, (int, float)) and tolerance >= 0):
-            raise ValueError(f"tolerance must be a number >= 0 (got {tolerance!r}).")
+        if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+            raise ValueError(f"tolerance must be None or a number in [0, 1) (got {tolerance!r}).")
         if on_decode_failure not in _FAILURE_MODES:
             raise ValueError(f"on_decode_failure must be one of {', '.join(_FAILURE_MODES)} (got {on_decode_failure!r}).")
         if max_faulty_steps is not None and (not isinstance(max_faulty_steps, int) or max_faulty_steps < 0):
@@ -161,7 +163,7 @@ class DracoStrategy(DDPStrategy):
         self.redundancy = redundancy
         self.ps_rank = ps_rank
         self.adversary = adversary
-        self.tolerance = float(tolerance)
+        self.tolerance = None if tolerance is None else float(tolerance)
         self.on_decode_failure = on_decode_failure
         self.max_faulty_steps = max_faulty_steps
         self.seed = seed
@@ -179,6 +181,8 @@ class DracoStrategy(DDPStrategy):
         self._last_batch: Optional[PartitionBatch] = None
         self._requeue: Optional[SlurmRequeue] = None
         self._scheduler_guard: Optional[Callable] = None
+        # The weighted partitions' gradients, added to ``.grad`` just before the last backward.
+        self._pending_grads: Optional[tuple[list[Tensor], list[Optional[Tensor]]]] = None
 
     # -- configuration --------------------------------------------------------------------
     @override
@@ -203,7 +207,7 @@ class DracoStrategy(DDPStrategy):
 
     def _make_code(self, world_size: int) -> Code:
         options = {}
-        if "tolerance" in inspect.signature(self._code_cls).parameters:
+        if self.tolerance is not None and "tolerance" in inspect.signature(self._code_cls).parameters:
             options["tolerance"] = self.tolerance
         code = self._code_cls(world_size, self.num_adversaries, self.redundancy, **options)
         return code if self.aggregator is None else AggregatedCode(code, self.aggregator)
@@ -310,24 +314,97 @@ class DracoStrategy(DDPStrategy):
             return super().training_step(*args, **kwargs)
         self._last_batch = batch
         weights = self.code.coefficients(self.global_rank)
+        if all(weight == 1.0 for weight in weights):
+            return self._summed_step(batch, args[1:], kwargs)
+        return self._weighted_step(batch, weights, args[1:], kwargs)
+
+    def _partition_forward(self, batch: PartitionBatch, index: int, args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
+        """The user's training step on one partition, under that partition's seeds; its output and loss."""
+        partition, part = batch.partitions[index], batch.batches[index]
+        with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
+            output = super().training_step(part, *args, **kwargs)
+        loss = _loss_of(output)
+        if loss is None:
+            raise ValueError(
+                "DracoStrategy needs training_step to return a loss (a tensor, or a dict with 'loss') for every"
+                f" partition; it returned {output!r} for partition {partition}."
+            )
+        return output, loss
+
+    def _summed_step(self, batch: PartitionBatch, args: tuple, kwargs: dict) -> Any:
+        """Weights all 1 (the repetition code): one forward per partition, one backward of the summed losses.
+
+        Every holder of the group runs the same graphs in the same order, so the replicas of the
+        coded gradient are bitwise equal, whatever the precision.
+        """
         coded: Optional[Tensor] = None
         losses = []
         output: Any = None
-        for weight, partition, part in zip(weights, batch.partitions, batch.batches):
-            with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
-                output = super().training_step(part, *args[1:], **kwargs)
-            loss = _loss_of(output)
-            if loss is None:
-                raise ValueError(
-                    "DracoStrategy needs training_step to return a loss (a tensor, or a dict with 'loss') for every"
-                    f" partition; it returned {output!r} for partition {partition}."
-                )
-            term = loss if weight == 1.0 else loss * weight
-            coded = term if coded is None else coded + term
+        for index in range(len(batch.partitions)):
+            output, loss = self._partition_forward(batch, index, args, kwargs)
+            coded = loss if coded is None else coded + loss
             losses.append(loss.detach())
+        self._hook_state.scale = 1.0
         # The value is the mean partition loss (what the progress bar shows); the gradient is the coded one.
         mean = torch.stack(losses).mean()
         return _with_loss(output, coded + (mean - coded).detach())
+
+    def _weighted_step(self, batch: PartitionBatch, weights: list[float], args: tuple, kwargs: dict) -> Any:
+        """Rank i's coded gradient ``sum_j W[i, j] g_j`` with every ``g_j`` computed as its other holders do.
+
+        A weight inside the backward (``sum_j W[i, j] loss_j``) would scale the upstream gradient
+        inside reduced-precision kernels (bf16 autocast, TF32), so each holder's copy of ``g_j`` would
+        round differently. Instead each partition gets its own unweighted backward, and the weights
+        are applied afterwards, in the parameters' dtype (Horner's rule, dividing by ``w_last``):
+
+        1. Partitions ``0 .. k-1`` (non-zero weights only) run forward under ``no_sync`` and backward
+           with ``torch.autograd.grad`` into a side buffer ``S``: before adding ``g_k``, ``S`` is
+           multiplied by ``w_{k-1} / w_k``; at the end by ``w_{k-1} / w_last``.
+        2. The last partition's forward is synced; Lightning's closure zeroes the gradients (when it
+           would), then ``backward`` adds ``S`` to ``.grad`` and runs the last backward, which fires
+           the hook: ``.grad`` holds ``sum_j w_j g_j / w_last`` (plus earlier micro-batches' share).
+        3. The hook multiplies the bucket by ``w_last`` before it leaves.
+
+        Every backward sees Lightning's loss normalisation (gradient accumulation) and scaling.
+        The partitions' graphs live one at a time, not all at once.
+        """
+        held = [(index, weight) for index, weight in enumerate(weights) if weight != 0.0]
+        trainer = self.lightning_module.trainer
+        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        normalize = max(int(trainer.accumulate_grad_batches), 1)
+        last_weight = held[-1][1]
+        side: Optional[list[Optional[Tensor]]] = None
+        losses = []
+        previous = last_weight
+        output: Any = None
+        loss: Optional[Tensor] = None
+        for position, (index, weight) in enumerate(held):
+            if side is not None:
+                _scale_grads(side, previous / weight)
+            previous = weight
+            if position == len(held) - 1:
+                output, loss = self._partition_forward(batch, index, args, kwargs)
+            else:
+                with self.model.no_sync():
+                    output, loss = self._partition_forward(batch, index, args, kwargs)
+                inner = loss / normalize if normalize > 1 else loss
+                grads = torch.autograd.grad(scaler.scale(inner) if scaler is not None else inner, params, allow_unused=True)
+                side = list(grads) if side is None else [_add(s, g) for s, g in zip(side, grads)]
+            losses.append(loss.detach())
+        self._pending_grads = None if side is None else (params, side)
+        self._hook_state.scale = last_weight
+        mean = torch.stack(losses).mean()
+        return _with_loss(output, loss + (mean - loss).detach())
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        pending, self._pending_grads = self._pending_grads, None
+        if pending is not None:  # the weighted partitions' share, after Lightning zeroed the gradients
+            for param, share in zip(*pending):
+                if share is not None:
+                    param.grad = share if param.grad is None else param.grad.add_(share)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     @override
     def optimizer_step(
@@ -547,6 +624,19 @@ def _write_then_rename(path: Any, write: Callable[[str], None]) -> None:
 
 def _ps_sidecar(checkpoint_path: Any) -> str:
     return os.fspath(checkpoint_path) + ".ps"
+
+
+def _scale_grads(grads: list[Optional[Tensor]], factor: float) -> None:
+    """Multiply every gradient by ``factor`` in place (None stays None: it means zero)."""
+    present = [g for g in grads if g is not None]
+    if factor != 1.0 and present:
+        torch._foreach_mul_(present, factor)
+
+
+def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
+    if term is None:
+        return total
+    return term if total is None else total.add_(term)
 
 
 def _loss_of(output: Any) -> Optional[Tensor]:

@@ -28,7 +28,7 @@ def test_import_registers_the_name_once():
         (dict(adversary=Adversary(ranks=[0])), r"adversary ranks must not include ps_rank=0"),
         (dict(ps_rank=2, adversary=Adversary(ranks=[2])), r"must not include ps_rank=2"),
         (dict(on_decode_failure="ignore"), r"on_decode_failure must be one of raise, skip"),
-        (dict(tolerance=-1.0), r"tolerance must be a number >= 0"),
+        (dict(tolerance=-1.0), r"tolerance must be None or a number in \[0, 1\)"),
         (dict(code="none", redundancy=3), r"code='none' gives each worker one partition: redundancy must be 1"),
         (dict(ddp_comm_hook=print), r"ddp_comm_hook cannot be set on DracoStrategy"),
         (dict(max_faulty_steps=-1), r"max_faulty_steps must be None or an integer >= 0"),

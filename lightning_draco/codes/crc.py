@@ -1,9 +1,14 @@
-"""Cyclic repetition code: any P >= 2s+1, real coded gradients, Fourier decoding with a secret projection."""
+"""Cyclic repetition code: any P >= 2s+1, real coded gradients, liars located under secret random
+projections, and every accepted total certified by a parity check over all coordinates."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
+from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import torch
@@ -12,59 +17,85 @@ from torch import Tensor
 from lightning_draco.codes import register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
 
-# Row b of _SIGN_TABLE holds the eight bits of byte b as +-1: random bytes become random signs.
-_SIGN_TABLE = torch.tensor([[1.0 if (b >> k) & 1 else -1.0 for k in range(8)] for b in range(256)])
+# Unit roundoff of each wire dtype (half the distance from 1 to the next number).
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
-# Full precision: misfit of the projected rows to a codeword that rounding alone explains, relative
-# to the largest projected value: about 10x the rounding of the float32 blockwise projection
-# (about 3e-6 measured for 64K-entry blocks). Half precision uses HALF_ROUNDING_SLACK below.
-RESIDUAL_TOLERANCE = {torch.float64: 1e-12, torch.float32: 5e-5}
+# Rounding an honest coded row carries: each partition's gradient is added once and the running sum
+# rescaled once (the Horner steps of the coded step), 2r roundings of one unit of the wire dtype at
+# most, which add up like sqrt(2r) units of the row's norm; the parity check's own float32 (float64)
+# accumulation adds about sqrt(P) units of that dtype. Honest rows' roundings are independent, so a
+# parity row's misfit grows like the root of the sum of its weighted rows' squared norms. The floor
+# is ROUNDING_SLACK times that: measured honest misfits (random, common-mode and spiky gradients,
+# every dtype, P = 5..64) stay below 1/7 of it (tests/test_crc.py).
+ROUNDING_SLACK = 3.0
 
-# Largest combiner growth (see ``CyclicRepetitionCode.growth``) accepted per dtype on the wire:
-# the decoded sum loses about growth * eps(dtype) of relative accuracy, and the checks that find
-# liars weaken as the code's conditioning does. In half precision, codes beyond these limits let
-# a liar sending another row's vector through in 0.5% to 9% of decodes (measured at P = 15..31,
-# s = 1..2 for bfloat16, P = 24..31 for float16); within them, none in 200 decodes per code.
-MAX_GROWTH = {torch.float64: 1e12, torch.float32: 1e7, torch.bfloat16: 6.0, torch.float16: 14.0}
+# The parity rows and combination weights come from float64 solves of the code's matrix: exact to
+# about 1e-14 of the rows for P <= 64 (measured), which a float64 wire would otherwise see as misfit.
+CODE_ROUNDING = 1e-12
 
-# Independent projections per decode. A lie passes one projection's check only if its projected
-# error falls within the tolerance by chance (about the tolerance's fraction of the time for an
-# error as large as the rows); it must do so in every projection at once. Looser tolerances
-# (half precision) take more.
-PROJECTIONS = {torch.float64: 2, torch.float32: 2, torch.float16: 3, torch.bfloat16: 4}
+# Largest combiner growth (``CyclicRepetitionCode.growth``) accepted per wire dtype. The decoded sum
+# carries the rows' rounding amplified by the growth, and a lie kept under the parity floor moves it
+# by at most the floor times the growth: float32 stays within 1e-5 of the exact sum up to a growth
+# of 40 (benchmarks/crc_accuracy.py); half precision loses about growth * 2^-8 (bfloat16) or
+# growth * 2^-11 (float16) whatever the code, so those limits keep that under a few percent.
+MAX_GROWTH = {torch.float64: 1e6, torch.float32: 40.0, torch.bfloat16: 6.0, torch.float16: 14.0}
 
-# Half precision: the other rows' misfit to a codeword may be at most this many units of rounding
-# (2^-9 for bfloat16, 2^-12 for float16) per summed partition, times the largest honest row norm.
-# Measured honest misfits reach 0.7 (r = 3) and 0.53 (r = 15) of a unit per partition; a bound
-# relative to the projected values instead let lies as large as the rows pass about 1 decode in 30.
-HALF_ROUNDING_SLACK = 4.0
-_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-9, torch.float16: 2.0**-12}
+# Rounding of the sketch itself, relative to a row's norm: the float32 projection (blocks of 32K
+# coordinates) misses the exact one by up to 3e-6 of the row (measured, d up to 2M); the float64
+# one by far less than any wire dtype's rounding.
+_SKETCH_ROUNDING = {False: 1e-5, True: 1e-12}
+
+# Gaussian projection columns per decode: liars are located jointly from all of them, so an error
+# that happens to project small in one column is seen in the others.
+PROJECTIONS = 2
+
+# Length of one row of the projection's grid: the projection vector is the Kronecker product of a
+# random vector over the grid's rows and one over its columns (see ``_Projection``).
+GRID = 1024
+
+# A suspect is named only when its projected misfit exceeds the floor by this factor: an honest
+# suspect is set aside (harmlessly) but never accused.
+NAMING_MARGIN = 8.0
+
+# Limits on the search for the growth over every set of s liars (``_worst_sets``).
+EXHAUSTIVE_SETS = 3000
+RANDOM_SETS = 256
 
 
-class _FitRule(NamedTuple):
-    """How far the rows outside the suspects may miss a codeword and still fit it: one of two scales."""
+class Verdict(NamedTuple):
+    """The full-dimension check of one honest set.
 
-    #: Full precision: times the largest projected codeword value of the column.
-    relative: Optional[float]
-    #: Half precision: times the largest honest row norm (rounding grows with the rows, not the projection).
-    per_row_norm: Optional[float]
+    Attributes:
+        total: ``b^T Y[H]``, the candidate sum of all partition gradients.
+        misfit: per parity row, ``||N_t Y[H]||`` (parity rows ``N`` span the left null space of ``W[H]``).
+        allowed: per parity row, the floor ``theta * sqrt(sum_i N_ti^2 ||Y_i||^2)``.
+    """
 
-    def allowed(self, size: Tensor, largest_row: float) -> Tensor:
-        """The misfit allowed per column, ``size`` being each column's largest codeword value."""
-        if self.per_row_norm is not None:
-            return torch.full_like(size, self.per_row_norm * largest_row)
-        return self.relative * size
+    total: Tensor
+    misfit: Tensor
+    allowed: Tensor
 
-    def naming_floor(self, size: Tensor, largest_row: float) -> Tensor:
-        """The least miss for which a suspect is named (a projection near zero makes ``size`` meaningless)."""
-        if self.per_row_norm is not None:
-            return self.allowed(size, largest_row)
-        return self.relative * size.clamp_min(largest_row)
+    @property
+    def accepted(self) -> bool:
+        return bool((self.misfit <= self.allowed).all())
 
-    def __str__(self) -> str:
-        if self.per_row_norm is not None:
-            return f"misfit at most {self.per_row_norm:.1e} of the largest row norm"
-        return f"relative tolerance {self.relative:.1e}"
+    @property
+    def ratio(self) -> float:
+        """How far over (> 1) or under (<= 1) the floor the worst parity row is."""
+        over = self.misfit / self.allowed.clamp_min(1e-300)
+        return float(over.max()) if over.numel() else 0.0
+
+
+class _Combiner(NamedTuple):
+    """Everything the decode needs about one honest set ``H`` (all rows but the suspects)."""
+
+    honest: list[int]
+    #: ``b`` with ``b^T W[H] = 1^T`` (minimum norm): the total is ``b^T Y[H]``.
+    weights: Tensor
+    #: ``W W[H]^+`` (P x |H|): the codeword through the honest rows, at every row.
+    reconstruct: Tensor
+    #: s x |H|, orthonormal rows with ``N W[H] = 0``: an honest ``Y[H]`` has ``N Y[H] = 0``.
+    parity: Tensor
 
 
 @register_code
@@ -90,22 +121,31 @@ class CyclicRepetitionCode(Code):
 
     Decoding ``Y = W G + E`` (at most ``s`` rows of ``E`` non-zero):
 
-    1. Project: ``V = Y F`` with ``F`` a few (``PROJECTIONS``) columns of random signs drawn
-       from the parameter server's secret generator, fresh for every call (workers cannot aim an
-       error at the kernel of ``F``). Rows of ``V`` with non-finite or absurdly large values are
-       erased first (set to zero).
-    2. Syndromes: the DFT of one column ``v`` (padded with the known zero for even ``P``) at ``Z``.
-    3. Error locator: least-squares solution of the ``s x s`` Hankel system of the syndromes
-       (Peterson); the ``s`` positions where ``|locator|`` is smallest (erased rows first) are
-       the suspects. No absolute threshold decides who is located.
-    4. Check: in every column, the projected rows of the other ``P - s`` workers must be a
-       codeword restricted to them; else steps 2-4 run on the next column, then on fresh
-       projections, and at last ``DracoDecodeError`` is raised: more than ``s`` workers lied.
-    5. Combine: ``b`` with ``b^T W[H] = 1^T`` over the honest set ``H``; ``total = b^T Y[H]``.
-       Suspects whose projected value is off the reconstructed codeword are reported faulty.
+    1. Sketch, one pass over ``Y``: ``V = Y F`` with ``F`` two columns of secret random numbers
+       (Gaussian, Kronecker-structured, drawn fresh for every call from the parameter server's
+       generator), every row's norm, and the total and parity misfit of the previous decode's
+       honest set (the common case: nobody lies, or the same workers lie again).
+    2. Locate in the sketch: the error-locator polynomial from the syndromes (the DFT of ``V``
+       at ``Z``) of both columns jointly (Peterson, least squares); its ``s`` smallest values
+       name the suspects. Rows with non-finite values are erasures; very large rows are erased
+       one by one when the others do not fit, so that a huge lie cannot hide a small one.
+       Candidates are refined by re-ranking rows by their misfit and ordered by how well the
+       other rows fit a codeword.
+    3. Certify, over every coordinate: for the honest set ``H`` (all rows but the suspects), the
+       parity rows ``N`` (``N W[H] = 0``) must leave ``||N_t Y[H]|| <= theta * sqrt(sum_i N_ti^2 ||Y_i||^2)``
+       for each ``t``, where ``theta`` is the rounding floor of the wire dtype (or ``tolerance``
+       for replicas that differ by more, e.g. non-deterministic kernels). No secret is needed:
+       if at most ``s`` rows lie and ``N Y[H] = 0``, the lies in ``H`` form a codeword of weight
+       at most ``2s`` with the suspects, hence are zero (minimum distance ``2s + 1``). A lie in
+       ``H`` passes only by staying under the floor, which bounds how far it moves the total
+       (``hidden_shift``). The next candidate is certified if one fails (a pass each, at most
+       ``attempts``), then ``DracoDecodeError``: more than ``s`` workers lied.
+    4. ``total = b^T Y[H]`` with ``b^T W[H] = 1^T``, computed in the certifying pass. Suspects
+       whose projected values miss the codeword by ``NAMING_MARGIN`` times the floor are named.
 
-    The two passes over the data (projection, combination) run in the wire dtype, blockwise,
-    with float32 accumulation for half precision; the small solves run in float64.
+    Both passes read ``Y`` blockwise in its own dtype, accumulating half precision in float32;
+    the small solves run in float64. Without liars, or with the same liars as the previous call,
+    the decode reads ``Y`` once.
     """
 
     name = "crc"
@@ -116,22 +156,33 @@ class CyclicRepetitionCode(Code):
         num_adversaries: int,
         redundancy: Optional[int] = None,
         *,
-        residual_tolerance: Optional[float] = None,
-        chunk_size: int = 1 << 16,
+        tolerance: Optional[float] = None,
+        chunk_size: int = 1 << 15,
+        attempts: int = 3,
         refinements: int = 8,
-        attempts: int = 4,
     ):
         super().__init__(num_workers, num_adversaries, redundancy)
-        self.residual_tolerance = residual_tolerance
+        if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
+            raise ValueError(f"tolerance must be None or a number in [0, 1) (got {tolerance!r}).")
+        if chunk_size < GRID or chunk_size % GRID:
+            raise ValueError(f"chunk_size must be a positive multiple of {GRID} (got {chunk_size!r}).")
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1 (got {attempts!r}).")
+        #: Relative disagreement between honest replicas of a partition's gradient beyond rounding
+        #: (non-deterministic kernels); None: replicas agree up to the wire dtype's rounding.
+        self.tolerance = None if tolerance is None else float(tolerance)
         self.chunk_size = int(chunk_size)
-        self.refinements = int(refinements)
         self.attempts = int(attempts)
+        self.refinements = int(refinements)
         self.length = num_workers if num_workers % 2 else num_workers + 1
         s, n = self.num_adversaries, self.length
         self.zeros = list(range((n + 1) // 2 - s, (n + 1) // 2 + s))
         self._matrix = self._build_matrix()
-        self._combiners: OrderedDict[tuple[int, ...], tuple[Tensor, Tensor]] = OrderedDict()
-        self.growth = self._growth()
+        self._combiners: OrderedDict[tuple[int, ...], _Combiner] = OrderedDict()
+        # The previous decode's suspects: certified first, in the sketching pass (speed only: the
+        # result never depends on it).
+        self._hint: Optional[tuple[int, ...]] = None
+        self.growth = _growth(self)
 
     @classmethod
     def check(cls, num_adversaries: int, redundancy: int, num_workers: Optional[int] = None) -> None:
@@ -188,22 +239,6 @@ class CyclicRepetitionCode(Code):
             raise ValueError(f"code='crc' has no usable construction for P={p}, s={s}.")  # never seen for P <= 64
         return matrix / r
 
-    def _growth(self) -> float:
-        """How much the combiner amplifies rounding: ``max_H ||b_H||_1 * max|W|`` over erasure sets seen at setup."""
-        worst = 0.0
-        for suspects in self._probe_sets():
-            b, _ = self._combiner(suspects)
-            worst = max(worst, float(b.abs().sum()))
-        return worst * float(self._matrix.abs().max())
-
-    def _probe_sets(self) -> list[tuple[int, ...]]:
-        p, s = self.num_workers, self.num_adversaries
-        sets = [tuple(range(s)), tuple(range(0, 2 * s, 2))[:s], tuple(range(p - s, p))]
-        if s:
-            spread = max(p // s, 1)
-            sets.append(tuple(sorted({(i * spread) % p for i in range(s)}))[:s])
-        return [x for x in sets if len(x) == s]
-
     def check_wire_dtype(self, dtype: torch.dtype) -> None:
         """Refuse a dtype on the wire in which this (P, s) cannot decode accurately."""
         limit = MAX_GROWTH.get(dtype)
@@ -213,9 +248,19 @@ class CyclicRepetitionCode(Code):
             raise ValueError(
                 f"code='crc' with P={self.num_workers}, s={self.num_adversaries} amplifies rounding by"
                 f" {self.growth:.3g}, more than {limit:g} allowed for {str(dtype).replace('torch.', '')}"
-                " gradients: the decoded sum would be inaccurate; use fewer adversaries, float32/float64"
-                " gradients, or code='frc'."
+                " gradients: the decoded sum would be inaccurate; use fewer adversaries, another world size,"
+                " float32/float64 gradients, or code='frc'."
             )
+
+    def floor(self, dtype: torch.dtype) -> float:
+        """``theta``: how far honest rows of ``dtype`` may miss the code, relative to their norms (``allowed``)."""
+        if dtype not in UNIT_ROUNDOFF:
+            raise ValueError(f"code='crc' supports float64, float32, bfloat16 and float16 gradients (got {dtype}).")
+        wire, acc = UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[accumulation_dtype(dtype)]
+        # CODE_ROUNDING: the parity rows themselves are exact only to the float64 solves' rounding.
+        theta = ROUNDING_SLACK * (math.sqrt(2 * self.redundancy) * wire + math.sqrt(self.num_workers) * acc)
+        theta += CODE_ROUNDING
+        return max(theta, self.tolerance or 0.0)
 
     # -- the code ---------------------------------------------------------------------------------
     def partitions(self, worker: int) -> list[int]:
@@ -227,213 +272,366 @@ class CyclicRepetitionCode(Code):
     def encoding_matrix(self) -> Tensor:
         return self._matrix
 
-    def _combiner(self, suspects: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """For honest set H = not suspects: ``b`` (b^T W[H] = 1^T) and ``R`` (codeword from v[H]: c = R v[H])."""
+    def _combiner(self, suspects: tuple[int, ...]) -> _Combiner:
+        """Combination weights, reconstruction and parity rows for the honest set ``not suspects``."""
         cached = self._combiners.get(suspects)
         if cached is not None:
             self._combiners.move_to_end(suspects)
             return cached
         honest = [i for i in range(self.num_workers) if i not in suspects]
-        pinv = _pinv(self._matrix[honest], self.num_workers - 2 * self.num_adversaries)
-        combiner = (pinv.T @ torch.ones(self.num_workers, dtype=torch.float64), self._matrix @ pinv)
+        rank = self.num_workers - 2 * self.num_adversaries  # known exactly: numerical rank detection misjudges codes
+        with _small_solves():
+            u, sigma, vh = torch.linalg.svd(self._matrix[honest], full_matrices=True)
+        pinv = vh[:rank].T @ torch.diag(1.0 / sigma[:rank]) @ u[:, :rank].T
+        combiner = _Combiner(
+            honest,
+            pinv.T @ torch.ones(self.num_workers, dtype=torch.float64),
+            self._matrix @ pinv,
+            u[:, rank:].T.contiguous(),
+        )
         self._combiners[suspects] = combiner
         if len(self._combiners) > 1024:
             self._combiners.popitem(last=False)
         return combiner
 
+    def hidden_shift(self, suspects: tuple[int, ...], norms: Tensor, dtype: torch.dtype) -> float:
+        """The most one worker of the honest set can move the total while its lie stays under the floor.
+
+        A lie ``e`` in row ``l`` of ``H`` adds ``N[:, l] e`` to the parity misfit and ``b_l e`` to the
+        total; it passes only if ``|N_tl| ||e||`` fits under every row's floor.
+        """
+        comb = self._combiner(suspects)
+        allowed = _allowed(comb, norms, self.floor(dtype))
+        worst = 0.0
+        for k in range(len(comb.honest)):
+            column = comb.parity[:, k].abs()
+            if not bool((column > 0).any()):
+                return math.inf
+            hidden = float((allowed[column > 0] / column[column > 0]).min())
+            worst = max(worst, abs(float(comb.weights[k])) * hidden)
+        return worst
+
     # -- decoding ---------------------------------------------------------------------------------
     def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
         self._check_received(received)
         p, s = self.num_workers, self.num_adversaries
-        acc = accumulation_dtype(received.dtype)
+        theta = self.floor(received.dtype)
         if s == 0:
-            return DecodeResult(self._combine(received, tuple(), acc), [])
+            return DecodeResult(self._certify(received, (), [])[0], [])
         gen = generator if generator is not None else torch.Generator(device=received.device).manual_seed(0)
-        rule = self._fit_rule(received.dtype)
-        for attempt in range(self.attempts):
-            # A located set that leaves the others off the code is retried under a fresh projection:
-            # the locator's conditioning depends on the projected error values.
-            projected, norms = self._project(received, gen, all_norms=rule.per_row_norm is not None)
-            found = self._decode_projection(projected, norms, rule)
-            if found is not None:
-                suspects, faulty = found
-                b, _ = self._combiner(suspects)
-                return DecodeResult(self._combine(received, suspects, acc, b), faulty)
+        hint = self._hint
+        sketch, norms, early = self._sketch(received, gen, hint)
+        erased = [i for i in range(p) if not bool(torch.isfinite(sketch[i]).all())]
+        if len(erased) > s:
+            raise DracoDecodeError(
+                f"{len(erased)} workers ({erased}) sent non-finite values, more than s={s}: either more than"
+                f" {s} lied, or every replica agrees on NaN/Inf and the model diverged.",
+                erased,
+            )
+        closest: Optional[tuple[tuple[int, ...], float]] = None
+        certified: set[tuple[int, ...]] = set()
+        for precise in (False, True):
+            if precise:
+                # Lies too small for the float32 sketch to place (a few units of its rounding) but above
+                # the floor: sketch again in float64, with fresh secret numbers, and locate once more.
+                sketch, _, _ = self._sketch(received, gen, None, precise=True)
+            slack = _SKETCH_ROUNDING[precise]
+            for suspects in self._candidates(sketch, norms, erased, theta + slack)[: self.attempts]:
+                if suspects in certified:
+                    continue
+                certified.add(suspects)
+                if suspects == hint and early is not None and not erased:
+                    total, misfit = early
+                else:
+                    total, misfit = self._certify(received, suspects, erased)
+                verdict = Verdict(total, misfit, _allowed(self._combiner(suspects), norms, theta))
+                if verdict.accepted:
+                    self._hint = suspects
+                    return DecodeResult(total, self._named(sketch, norms, suspects, erased, theta + slack))
+                if closest is None or verdict.ratio < closest[1]:
+                    closest = (suspects, verdict.ratio)
+        assert closest is not None
         raise DracoDecodeError(
-            f"under {self.attempts} independent projections, no {s} workers could be set aside so that the"
-            f" other {p - s} fit the code ({rule}): more than s={s} workers are"
-            " faulty.",
+            f"no {s} workers could be set aside so that the other {p - s} fit the code: the closest set"
+            f" ({list(closest[0])}) leaves a parity misfit {closest[1]:.3g} times the floor"
+            f" (theta={theta:.2g} of the rows' norms): more than s={s} workers are faulty, or honest replicas"
+            " differ by more than rounding (non-deterministic kernels: set tolerance).",
             list(range(p)),
         )
 
-    def _decode_projection(
-        self, projected: Tensor, norms: Tensor, rule: _FitRule
-    ) -> Optional[tuple[tuple[int, ...], list[int]]]:
-        """Suspects and faulty workers from one set of projections (``P x k``), or None if no fit.
+    def _sketch(
+        self, received: Tensor, gen: torch.Generator, hint: Optional[tuple[int, ...]], precise: bool = False
+    ) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]:
+        """One pass: ``V = Y F`` (``P x k``, float64), the rows' norms, and ``hint``'s total and parity misfit.
 
-        The fit is checked per column under ``rule``. Naming a suspect also weighs the rows'
-        norms: a projection can come out near zero by chance, and then its rounding is large next
-        to it; an honest suspect must not be accused for that.
+        ``precise``: the projection in float64 (about 3x the time of the float32 one on the CPU).
         """
-        p, s = self.num_workers, self.num_adversaries
-        finite = [i for i in range(p) if bool(torch.isfinite(projected[i]).all())]
-        erased = [i for i in range(p) if i not in finite]
-        magnitude = projected.abs().amax(dim=1)
-        scale = max(float(magnitude[finite].median()), 1e-30) if finite else 1e-30
-        erased += [i for i in finite if float(magnitude[i]) > 1e8 * scale]
-        if len(erased) > s:
-            raise DracoDecodeError(
-                f"{len(erased)} workers ({sorted(erased)}) sent non-finite or absurdly large values, more than"
-                f" s={s}.",
-                sorted(erased),
-            )
-        v = projected.clone()
-        v[erased] = 0.0
-        largest_row = float(norms[[i for i in range(p) if i not in erased]].max())
-        tried = set()
-        for column in range(v.shape[1]):
-            # A liar's error can cancel in one column by chance; it is then located from another.
-            suspects = self._locate(v[:, column], erased, rule, largest_row)
-            if suspects in tried:
-                continue
-            tried.add(suspects)
-            named = self._check_fit(v, projected, norms, suspects, erased, rule)
-            if named is not None:
-                return suspects, named
-        return None
-
-    def _check_fit(
-        self,
-        v: Tensor,
-        projected: Tensor,
-        norms: Tensor,
-        suspects: tuple[int, ...],
-        erased: list[int],
-        rule: _FitRule,
-    ) -> Optional[list[int]]:
-        """The faulty suspects if every column of the other rows fits a codeword, else None."""
-        honest = [i for i in range(self.num_workers) if i not in suspects]
-        _, reconstruct = self._combiner(suspects)
-        codeword = reconstruct @ v[honest]
-        size = codeword.abs().amax(dim=0).clamp_min(1e-300)
-        residual = (codeword[honest] - v[honest]).abs().amax(dim=0)
-        largest_row = float(norms[honest].max())
-        if not bool((residual <= rule.allowed(size, largest_row)).all()):
-            return None
-        # A suspect's codeword value is extrapolated from the others, with their rounding amplified by
-        # its row of the reconstruction: it is named only when it misses by more than the tolerance
-        # (or ten times what the honest rows actually miss by) times that amplification. An honest
-        # suspect is never accused; a liar whose projected error is that small is set aside all the same.
-        bound = torch.maximum(10 * residual, rule.naming_floor(size, largest_row))
-        amplification = reconstruct.abs().sum(dim=1).clamp_min(1.0)
-        return [
-            i
-            for i in suspects
-            if i in erased or bool(((projected[i] - codeword[i]).abs() > bound * amplification[i]).any())
-        ]
-
-    def _project(self, received: Tensor, gen: torch.Generator, all_norms: bool = False) -> tuple[Tensor, Tensor]:
-        """``V = Y F`` (``P x k``) and the rows' norms, in float64; ``F`` random signs from ``gen``; one pass.
-
-        The norms are measured on every block with ``all_norms``, else estimated from the first.
-        """
-        d = received.shape[1]
+        p, d = received.shape
         device = received.device
-        k = PROJECTIONS.get(received.dtype, 2)
-        nbytes = (d + 7) // 8
-        random_bytes = torch.empty(k, nbytes, dtype=torch.uint8, device=gen.device).random_(0, 256, generator=gen)
-        random_bytes = random_bytes.to(device).long()
-        acc = accumulation_dtype(received.dtype)
-        table = _SIGN_TABLE.to(device=device, dtype=acc)
-        v = torch.zeros(self.num_workers, k, dtype=torch.float64, device=device)
-        squares = torch.zeros(self.num_workers, dtype=torch.float64, device=device)
-        # Blocks bound the float32 accumulation error on the CPU; on accelerators the reduction is a
-        # tree and small blocks only add kernel launches.
-        step = self.chunk_size if device.type == "cpu" else d  # a multiple of 8: each block starts on a byte
+        acc = torch.float64 if precise else accumulation_dtype(received.dtype)
+        grid = min(GRID, d)
+        rows = -(-d // grid)
+        # f[g * grid + j] = u[g] * v[j]: for any non-zero error e, e . f = u^T E v is a non-zero
+        # polynomial of degree 2 in Gaussian variables, so it is zero with probability 0 and small
+        # only with small probability; drawing 2 * sqrt(d) numbers instead of d keeps it cheap.
+        u = torch.randn(PROJECTIONS, rows, generator=gen, device=gen.device, dtype=torch.float64).to(device, acc)
+        v = torch.randn(PROJECTIONS, grid, generator=gen, device=gen.device, dtype=torch.float64).to(device, acc)
+        mix = None
+        if hint is not None:
+            comb = self._combiner(hint)
+            mix = torch.zeros(1 + self.num_adversaries, p, dtype=torch.float64)
+            mix[0, comb.honest] = comb.weights
+            mix[1:, comb.honest] = comb.parity
+            mix = mix.to(device=device, dtype=acc)
+            total = torch.empty(d, dtype=acc, device=device)
+            squares = torch.zeros(self.num_adversaries, dtype=torch.float64, device=device)
+        sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device)
+        norms = torch.zeros(p, dtype=torch.float64, device=device)
+        step = self.chunk_size if device.type == "cpu" else d  # blocks stay in cache on the CPU
+        step = -(-step // grid) * grid
         for start in range(0, d, step):
             stop = min(d, start + step)
-            lanes = random_bytes[:, start // 8 : (stop + 7) // 8]
-            signs = table.index_select(0, lanes.reshape(-1)).view(k, -1)[:, : stop - start]
             block = received[:, start:stop].to(acc)
-            v += (block @ signs.t()).double()
-            if all_norms:  # the misfit bound scales with the rows' norms: measure them all
-                squares = squares + torch.linalg.vector_norm(block, dim=1).double().square()
-            elif start == 0:  # the rows' scale, from the first block only: cheap, and enough for naming
-                squares = torch.linalg.vector_norm(block, dim=1).double().square() * (d / (stop - start))
-        return v.cpu(), squares.sqrt().cpu()
+            first, last = start // grid, -(-stop // grid)
+            f = (u[:, first:last, None] * v[:, None, :]).reshape(PROJECTIONS, -1)[:, : stop - start]
+            sketch += (block @ f.t()).double()
+            norms += torch.linalg.vector_norm(block, dim=1).double().square()
+            if mix is not None:
+                out = mix @ block
+                total[start:stop] = out[0]
+                squares += out[1:].double().square().sum(dim=1)
+        norms = _exact_norms(received, norms.sqrt())
+        early = (total, squares.sqrt().cpu()) if mix is not None else None
+        return sketch.cpu(), norms.cpu(), early
 
-    def _fit_rule(self, dtype: torch.dtype) -> _FitRule:
-        """``residual_tolerance`` if given; else per dtype: relative in full precision, per row norm in half."""
-        if self.residual_tolerance is not None:
-            return _FitRule(self.residual_tolerance, None)
-        if dtype in _UNIT_ROUNDOFF:
-            return _FitRule(None, HALF_ROUNDING_SLACK * _UNIT_ROUNDOFF[dtype] * self.redundancy)
-        return _FitRule(RESIDUAL_TOLERANCE[dtype], None)
+    def _certify(self, received: Tensor, suspects: tuple[int, ...], erased: list[int]) -> tuple[Tensor, Tensor]:
+        """One pass over the rows outside ``erased``: ``b^T Y[H]`` and each parity row's misfit ``||N_t Y[H]||``."""
+        p, d = received.shape
+        device = received.device
+        acc = accumulation_dtype(received.dtype)
+        comb = self._combiner(suspects)
+        live = [i for i in range(p) if i not in erased]
+        mix = torch.zeros(1 + len(comb.parity), p, dtype=torch.float64)
+        mix[0, comb.honest] = comb.weights
+        mix[1:, comb.honest] = comb.parity
+        mix = mix[:, live].to(device=device, dtype=acc)
+        rows = received if not erased else received[live]  # a copy only when some row is non-finite
+        total = torch.empty(d, dtype=acc, device=device)
+        squares = torch.zeros(len(comb.parity), dtype=torch.float64, device=device)
+        step = 4 * self.chunk_size if device.type == "cpu" else d
+        for start in range(0, d, step):
+            stop = min(d, start + step)
+            out = mix @ rows[:, start:stop].to(acc)
+            total[start:stop] = out[0]
+            squares += out[1:].double().square().sum(dim=1)
+        return total, squares.sqrt().cpu()
 
-    def _locate(self, v: Tensor, erased: list[int], rule: _FitRule, largest_row: float) -> tuple[int, ...]:
-        """The ``s`` suspects: erased rows, then the positions where the error locator is smallest."""
+    def _candidates(self, sketch: Tensor, norms: Tensor, erased: list[int], theta: float) -> list[tuple[int, ...]]:
+        """Suspect sets to certify, best first: the located ones, ordered by how well the others fit.
+
+        ``theta``: the floor in the sketch (the parity floor plus the sketch's own rounding).
+        """
+        p, s = self.num_workers, self.num_adversaries
+        v = sketch.clone()
+        v[erased] = 0.0
+        scale = norms.clone()
+        scale[erased] = 0.0
+        found: list[tuple[int, ...]] = []
+
+        def add(suspects: tuple[int, ...]) -> None:
+            for refined in (suspects, self._refine(v, scale, suspects, erased, theta)):
+                if refined not in found:
+                    found.append(refined)
+
+        canonical = tuple(sorted(erased + [i for i in range(p) if i not in erased][: s - len(erased)]))
+        add(self._locate(v, erased))
+        for column in range(v.shape[1]):
+            add(self._locate(v[:, column : column + 1], erased))
+        # A huge lie drowns the syndromes of a small one in float64 rounding: erase the largest rows,
+        # one more at a time, and locate the rest.
+        magnitude = v.abs().amax(dim=1)
+        largest = [int(i) for i in torch.argsort(magnitude, descending=True) if int(i) not in erased]
+        for extra in range(1, s - len(erased) + 1):
+            known = erased + largest[:extra]
+            w = v.clone()
+            w[known] = 0.0
+            add(self._locate(w, known))
+        fits = {c: self._sketch_misfit(v, scale, c) for c in found + [canonical]}
+        ordered = sorted(found, key=lambda c: fits[c])
+        # Nobody visibly lies (the fixed set fits about as well as the best located one, at the noise
+        # level): certify the fixed set first, so that the result and its rounding do not depend on
+        # where the locator's noise happens to point.
+        best = fits[ordered[0]] if ordered else math.inf
+        if fits[canonical] <= max(8 * best, theta / 8):
+            ordered = [canonical] + [c for c in ordered if c != canonical]
+        elif canonical not in ordered:
+            ordered.append(canonical)
+        return ordered
+
+    def _sketch_misfit(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...]) -> float:
+        """The worst parity row's misfit in the sketch, relative to its floor's scale."""
+        comb = self._combiner(suspects)
+        misfit = (comb.parity @ v[comb.honest]).norm(dim=1) / math.sqrt(v.shape[1])
+        room = comb.parity.abs() @ scale[comb.honest]
+        return float((misfit / room.clamp_min(1e-300)).max()) if len(misfit) else 0.0
+
+    def _row_misfits(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...]) -> Tensor:
+        """Each row's miss of the codeword through the others, relative to the rounding it can carry."""
+        comb = self._combiner(suspects)
+        codeword = comb.reconstruct @ v[comb.honest]
+        room = scale + comb.reconstruct.abs() @ scale[comb.honest]
+        return (v - codeword).abs().amax(dim=1) / room.clamp_min(1e-300)
+
+    def _locate(self, v: Tensor, erased: list[int]) -> tuple[int, ...]:
+        """The ``s`` suspects: erased rows, then the positions where the error locator is smallest.
+
+        The locator comes from the Hankel systems of every column of ``v`` at once (least squares),
+        each column scaled to its largest syndrome, so an error hidden in one column is seen in another.
+        """
         p, s, n = self.num_workers, self.num_adversaries, self.length
-        padded = torch.zeros(n, dtype=torch.complex128)
+        padded = torch.zeros(n, v.shape[1], dtype=torch.complex128)
         padded[:p] = v.to(torch.complex128)
-        k = torch.tensor(self.zeros, dtype=torch.float64)
-        positions = torch.arange(n, dtype=torch.float64)
-        basis = torch.polar(torch.ones(len(k), n, dtype=torch.float64), 2 * math.pi * k[:, None] * positions[None, :] / n)
-        syndromes = basis @ padded  # T_m = v(w^{Z[m]})
-        if float(syndromes.abs().max()) <= 1e-12 * max(float(v.abs().max()), 1e-300):
+        syndromes = _dft_rows(tuple(self.zeros), n) @ padded  # (2s, k): T_m = v(w^{Z[m]})
+        size = syndromes.abs().amax(dim=0)
+        usable = size > 1e-13 * v.abs().amax(dim=0).clamp_min(1e-300)
+        if not bool(usable.any()):
             return tuple(sorted(erased + [i for i in range(p) if i not in erased][: s - len(erased)]))
-        hankel = torch.stack([syndromes[s + row - 1 - torch.arange(s)] for row in range(s)])
-        rhs = -syndromes[s : 2 * s]
-        locator = torch.linalg.lstsq(hankel, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+        syndromes = syndromes[:, usable] / size[usable]
+        hankel = torch.cat(
+            [torch.stack([syndromes[s + row - 1 - torch.arange(s), c] for row in range(s)]) for c in range(syndromes.shape[1])]
+        )
+        rhs = torch.cat([-syndromes[s : 2 * s, c] for c in range(syndromes.shape[1])])
+        with _small_solves():
+            locator = torch.linalg.lstsq(hankel, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)
         coefficients = torch.cat([torch.ones(1, dtype=torch.complex128), locator])
-        inverse = torch.polar(torch.ones(p, dtype=torch.float64), -2 * math.pi * torch.arange(p, dtype=torch.float64) / n)
-        powers = inverse[:, None] ** torch.arange(s + 1, dtype=torch.float64)[None, :]
-        magnitude = (powers @ coefficients).abs()
+        magnitude = (_inverse_powers(p, n, s) @ coefficients).abs()
         order = [int(i) for i in torch.argsort(magnitude) if int(i) not in erased]
-        suspects = tuple(sorted(erased + order[: s - len(erased)]))
-        # Close or very unequal errors make the locator's ranking fragile near its s-th place: if the
-        # other rows do not fit a codeword, re-rank every row by its distance to the least-squares
-        # codeword of the current honest set, a few times.
+        return tuple(sorted(erased + order[: s - len(erased)]))
+
+    def _refine(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...], erased: list[int], theta: float) -> tuple[int, ...]:
+        """Re-rank rows by their misfit to the codeword through the current honest set, a few times.
+
+        Close or very unequal errors make the locator's ranking fragile near its s-th place.
+        """
+        s = self.num_adversaries
         for _ in range(self.refinements):
-            honest = [i for i in range(p) if i not in suspects]
-            _, reconstruct = self._combiner(suspects)
-            codeword = reconstruct @ v[honest]
-            distance = (v - codeword).abs()
-            size = torch.tensor([float(codeword.abs().max()) or 1.0], dtype=torch.float64)
-            if float(distance[honest].max()) <= float(rule.allowed(size, largest_row)):
+            misfit = self._row_misfits(v, scale, suspects)
+            honest = [i for i in range(self.num_workers) if i not in suspects]
+            if float(misfit[honest].max()) <= theta:
                 break
-            ranked = sorted((i for i in range(p) if i not in erased), key=lambda i: -float(distance[i]))
+            ranked = sorted((i for i in range(self.num_workers) if i not in erased), key=lambda i: -float(misfit[i]))
             refined = tuple(sorted(erased + ranked[: s - len(erased)]))
             if refined == suspects:
                 break
             suspects = refined
         return suspects
 
-    def _combine(self, received: Tensor, suspects: tuple[int, ...], acc: torch.dtype, b: Optional[Tensor] = None) -> Tensor:
-        """``total = b^T Y[H]``, one blockwise pass over the honest rows."""
-        if b is None:
-            b, _ = self._combiner(suspects)
-        p, d = received.shape
-        honest = [i for i in range(p) if i not in suspects]
-        weights = b.to(device=received.device, dtype=acc)
-        runs, first = [], 0  # contiguous runs of honest rows: [start, stop) and their weights' offset
-        for i in range(p + 1):
-            if i == p or i in suspects:
-                if first < i:
-                    offset = honest.index(first)
-                    runs.append((first, i, weights[offset : offset + i - first]))
-                first = i + 1
-        total = torch.zeros(d, dtype=acc, device=received.device)
-        # No accumulation error to bound here: larger blocks, fewer calls (one on accelerators).
-        step = 4 * self.chunk_size if received.device.type == "cpu" else d
-        for start in range(0, d, step):
-            stop = min(d, start + step)
-            block = total[start:stop]
-            for lo, hi, w in runs:
-                block.addmv_(received[lo:hi, start:stop].t().to(acc), w)
-        return total
+    def _named(self, sketch: Tensor, norms: Tensor, suspects: tuple[int, ...], erased: list[int], theta: float) -> list[int]:
+        """The suspects that are faulty: non-finite, or off the codeword well beyond the floor in the sketch."""
+        v = sketch.clone()
+        v[erased] = 0.0
+        scale = norms.clone()
+        scale[erased] = 0.0
+        misfit = self._row_misfits(v, scale, suspects)
+        bound = NAMING_MARGIN * theta
+        return [i for i in suspects if i in erased or float(misfit[i]) > bound]
 
 
-def _pinv(matrix: Tensor, rank: int) -> Tensor:
-    """Pseudo-inverse of a matrix whose rank is known exactly (numerical rank detection misjudges codes)."""
-    u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return vh[:rank].T @ torch.diag(1.0 / sigma[:rank]) @ u[:, :rank].T
+def _allowed(comb: _Combiner, norms: Tensor, theta: float) -> Tensor:
+    """Each parity row's floor: ``theta`` times the root of the sum of its weighted rows' squared norms."""
+    return theta * (comb.parity.square() @ norms[comb.honest].double().square()).sqrt()
+
+
+@lru_cache(maxsize=64)
+def _dft_rows(zeros: tuple[int, ...], n: int) -> Tensor:
+    k = torch.tensor(zeros, dtype=torch.float64)
+    positions = torch.arange(n, dtype=torch.float64)
+    return torch.polar(torch.ones(len(zeros), n, dtype=torch.float64), 2 * math.pi * k[:, None] * positions[None, :] / n)
+
+
+@lru_cache(maxsize=64)
+def _inverse_powers(p: int, n: int, s: int) -> Tensor:
+    inverse = torch.polar(torch.ones(p, dtype=torch.float64), -2 * math.pi * torch.arange(p, dtype=torch.float64) / n)
+    return inverse[:, None] ** torch.arange(s + 1, dtype=torch.float64)[None, :]
+
+
+def _exact_norms(received: Tensor, norms: Tensor) -> Tensor:
+    """Row norms, recomputed in float64 where the wire dtype's squares over- or underflowed."""
+    suspicious = ~torch.isfinite(norms) | (norms < 1e-15) | (norms > 1e15)
+    for i in torch.nonzero(suspicious).flatten().tolist():
+        row = received[i]
+        if bool(torch.isfinite(row).all()):
+            total = torch.zeros((), dtype=torch.float64, device=received.device)
+            for start in range(0, row.numel(), 1 << 20):
+                total += row[start : start + (1 << 20)].double().square().sum()
+            norms[i] = total.sqrt()
+    return norms
+
+
+@contextlib.contextmanager
+def _small_solves() -> Iterator[None]:
+    """One thread for P x P linear algebra: threading it costs 20x when the cores are busy (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+_GROWTH_CACHE: dict[tuple[int, int], float] = {}
+
+
+def _growth(code: CyclicRepetitionCode) -> float:
+    """``max ||b_H||_1 * max|W|`` over the sets of ``s`` liars searched by ``_worst_sets``: how much
+    the combiner can amplify the rows' rounding (and a lie under the floor)."""
+    key = (code.num_workers, code.num_adversaries)
+    if key not in _GROWTH_CACHE:
+        largest = float(code.encoding_matrix.abs().max())
+
+        rank = code.num_workers - 2 * code.num_adversaries
+
+        def growth_of(suspects: tuple[int, ...]) -> float:
+            honest = [i for i in range(code.num_workers) if i not in suspects]
+            u, sigma, vh = torch.linalg.svd(code.encoding_matrix[honest], full_matrices=False)
+            weights = u[:, :rank] @ ((vh[:rank] @ torch.ones(code.num_workers, dtype=torch.float64)) / sigma[:rank])
+            return float(weights.abs().sum()) * largest
+
+        with _small_solves():
+            _GROWTH_CACHE[key] = max(growth_of(c) for c in _worst_sets(code.num_workers, code.num_adversaries, growth_of))
+    return _GROWTH_CACHE[key]
+
+
+def _worst_sets(p: int, s: int, growth_of) -> list[tuple[int, ...]]:
+    """Every set of ``s`` workers when there are few (up to cyclic shifts for odd ``P``, whose ``W`` is
+    circulant); else contiguous and spread blocks, random sets, and a local search from the worst."""
+    if s == 0:
+        return [()]
+    if p % 2 and math.comb(p - 1, s - 1) <= EXHAUSTIVE_SETS:
+        return [(0,) + rest for rest in itertools.combinations(range(1, p), s - 1)]
+    if p % 2 == 0 and math.comb(p, s) <= EXHAUSTIVE_SETS:
+        return list(itertools.combinations(range(p), s))
+    gen = torch.Generator().manual_seed(p * 1000 + s)
+    sets = [tuple(sorted((start + t) % p for t in range(s))) for start in range(p)]
+    sets += [tuple(sorted({(start + t * (p // s)) % p for t in range(s)})) for start in range(p // s)]
+    sets += [tuple(sorted(torch.randperm(p, generator=gen)[:s].tolist())) for _ in range(RANDOM_SETS)]
+    sets = [x for x in dict.fromkeys(sets) if len(x) == s]
+    scored = sorted(sets, key=growth_of, reverse=True)
+    for start in scored[:4]:  # move one worker at a time to a neighbour while the growth increases
+        current, best = start, growth_of(start)
+        improved = True
+        while improved:
+            improved = False
+            for position, worker in enumerate(current):
+                for moved in ((worker + 1) % p, (worker - 1) % p):
+                    if moved in current:
+                        continue
+                    trial = tuple(sorted(current[:position] + (moved,) + current[position + 1 :]))
+                    value = growth_of(trial)
+                    if value > best:
+                        current, best, improved = trial, value, True
+                        break
+                if improved:
+                    break
+        sets.append(current)
+    return sets

@@ -101,6 +101,8 @@ SCENARIOS["frc_nodropout"] = lambda: ({}, dict(dropout=0.0))
 SCENARIOS["ddp_nodropout"] = lambda: ("ddp", dict(dropout=0.0))
 SCENARIOS["frc_ps3_clean"] = lambda: (dict(ps_rank=3), {})
 SCENARIOS["frc_ps3_reverse"] = lambda: (dict(ps_rank=3, adversary=Adversary(ranks=[0], attack="reverse")), {})
+SCENARIOS["frc_bf16_clean"] = lambda: ({}, dict(precision="bf16-mixed"))
+SCENARIOS["frc_bf16_reverse"] = lambda: (dict(adversary=Adversary(ranks=[4], attack="reverse")), dict(precision="bf16-mixed"))
 SCENARIOS["frc_two_liars_raise"] = lambda: (dict(adversary=Adversary(ranks=[1, 2], attack="gaussian")), {})
 
 
@@ -161,13 +163,17 @@ def aggregator_scenario(name: str):
 
 
 def cyclic_scenario(name: str):
-    """``crc<s>_<attack>``: the cyclic code with s adversaries on the last s ranks (``clean``: none)."""
+    """``crc<s>_<attack>[_bf16]``: the cyclic code with s adversaries on the last s ranks (``clean``: none);
+    ``_bf16``: under ``precision="bf16-mixed"``."""
     head, attack = name.split("_", 1)
+    model_kw = {}
+    if attack.endswith("_bf16"):
+        attack, model_kw["precision"] = attack.removesuffix("_bf16"), "bf16-mixed"
     s = int(head[3:])
     kw = dict(code="crc", num_adversaries=s, projection_secret=11)
     if attack != "clean":
         kw["adversary"] = Adversary(ranks=list(range(WORLD - s, WORLD)), attack=attack)
-    return kw, {}
+    return kw, model_kw
 
 
 def resume(name: str) -> dict:
@@ -234,6 +240,7 @@ def run(name: str) -> dict:
     logger = False
     if model_kw.pop("csv_logger", False):
         logger = CSVLogger(os.getcwd(), name=name, version=0)
+    precision = model_kw.pop("precision", "32-true")
     if model_kw.pop("manual", False):
         model = ManualNet()
     elif model_kw.pop("diverge", False):
@@ -245,6 +252,7 @@ def run(name: str) -> dict:
         accelerator="cpu",
         devices=WORLD,
         strategy=strategy,
+        precision=precision,
         max_steps=STEPS,
         logger=logger,
         log_every_n_steps=1,

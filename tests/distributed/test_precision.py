@@ -1,0 +1,51 @@
+"""Both codes under ``precision="bf16-mixed"`` (autocast on the CPU): honest ranks are never named.
+
+The cyclic code applies its encoding weights between per-partition backwards, so every holder of
+a partition computes its gradient with the same bf16 kernels and inputs; its replicas then fit the
+code to float32 rounding. Six ranks over gloo, 24 steps (more than one epoch of the digits data).
+"""
+
+import math
+
+import pytest
+
+from test_training import run_job
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 24
+NAMES = ["crc1_clean_bf16", "crc1_reverse_bf16", "crc1_sparse_bf16", "frc_bf16_clean", "frc_bf16_reverse"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_job(tmp_path_factory.mktemp("bf16"), NAMES, world=6, steps=STEPS)
+
+
+def relative_distance(params, reference):
+    diff = sum((a - b) ** 2 for pa, pb in zip(params, reference) for a, b in zip(pa, pb))
+    return math.sqrt(diff / sum(b * b for pb in reference for b in pb))
+
+
+@pytest.mark.parametrize("name", ["crc1_clean_bf16", "frc_bf16_clean"])
+def test_no_liar_nobody_named_and_no_step_fails(runs, name):
+    run = runs[name]
+    assert run.get("error") is None, run.get("error")
+    assert run["global_step"] == STEPS
+    assert run["faulty_counts"] == {} and run["skipped"] == 0
+
+
+@pytest.mark.parametrize("attack", ["reverse", "sparse"])
+def test_cyclic_names_only_the_liar_and_keeps_the_clean_model(runs, attack):
+    run, clean = runs[f"crc1_{attack}_bf16"], runs["crc1_clean_bf16"]
+    assert run.get("error") is None, run.get("error")
+    assert run["faulty_counts"] == {"5": STEPS}
+    assert relative_distance(run["params"], clean["params"]) <= 1e-5
+    assert len({r["sha"] for r in run["ranks"]}) == 1
+
+
+def test_repetition_code_keeps_the_clean_model_bitwise(runs):
+    run = runs["frc_bf16_reverse"]
+    assert run.get("error") is None, run.get("error")
+    assert run["faulty_counts"] == {"4": STEPS}
+    assert run["sha"] == runs["frc_bf16_clean"]["sha"]
