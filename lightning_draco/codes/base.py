@@ -128,6 +128,24 @@ class Code(ABC):
         vectors reveal more liars than the code tolerates.
         """
 
+    def encode(self, gradients: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Every worker's coded vector from the partition gradients (``(P, d)``), as training forms it.
+
+        Each row is ``sum_j W[i, j] g_j`` computed in ``dtype`` (default: the gradients') the way the
+        strategy's coded step does: Horner's rule over the worker's non-zero weights, so rounding is
+        what a real run's rows carry. For tests and benchmarks of a code.
+        """
+        dtype = dtype or gradients.dtype
+        grads = gradients.to(dtype)
+        rows = []
+        for worker in range(self.num_workers):
+            held = [(w, j) for w, j in zip(self.coefficients(worker), self.partitions(worker)) if w != 0.0]
+            row = grads[held[0][1]].clone()
+            for (before, _), (weight, partition) in zip(held, held[1:]):
+                row.mul_(before / weight).add_(grads[partition])
+            rows.append(row.mul_(held[-1][0]) if held[-1][0] != 1.0 else row)
+        return torch.stack(rows)
+
     def parts(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[int]]:
         """``k`` vectors whose sum is the total, and the faulty workers: the input of a robust aggregator."""
         raise ValueError(f"code={self.name!r} cannot be combined with an aggregator.")

@@ -33,12 +33,11 @@ ROUNDING_SLACK = 3.0
 # about 1e-14 of the rows for P <= 64 (measured), which a float64 wire would otherwise see as misfit.
 CODE_ROUNDING = 1e-12
 
-# Largest combiner growth (``CyclicRepetitionCode.growth``) accepted per wire dtype. The decoded sum
-# carries the rows' rounding amplified by the growth, and a lie kept under the parity floor moves it
-# by at most the floor times the growth: float32 stays within 1e-5 of the exact sum up to a growth
-# of 40 (benchmarks/crc_accuracy.py); half precision loses about growth * 2^-8 (bfloat16) or
-# growth * 2^-11 (float16) whatever the code, so those limits keep that under a few percent.
-MAX_GROWTH = {torch.float64: 1e6, torch.float32: 40.0, torch.bfloat16: 6.0, torch.float16: 14.0}
+# Largest error of the decoded sum accepted per wire dtype, relative to its norm, from a lie kept
+# under the parity floor (``CyclicRepetitionCode.hidden_error``): codes whose conditioning lets a
+# lie below the floor move the sum by more are refused for that dtype when the Trainer is built.
+# float32: the accuracy the decode promises; half precision: a few times the dtype's own rounding.
+MAX_HIDDEN_ERROR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}
 
 # Rounding of the sketch itself, relative to a row's norm: the float32 projection (blocks of 32K
 # coordinates) misses the exact one by up to 3e-6 of the row (measured, d up to 2M); the float64
@@ -182,7 +181,9 @@ class CyclicRepetitionCode(Code):
         # The previous decode's suspects: certified first, in the sketching pass (speed only: the
         # result never depends on it).
         self._hint: Optional[tuple[int, ...]] = None
-        self.growth = _growth(self)
+        #: ``max ||b_H||_1 * max|W|`` (how much the combiner amplifies rounding) and the exposure (how far
+        #: a lie under the floor moves the sum, per unit of floor), over the sets of s liars searched.
+        self.growth, self.exposure = _conditioning(self)
 
     @classmethod
     def check(cls, num_adversaries: int, redundancy: int, num_workers: Optional[int] = None) -> None:
@@ -240,17 +241,27 @@ class CyclicRepetitionCode(Code):
         return matrix / r
 
     def check_wire_dtype(self, dtype: torch.dtype) -> None:
-        """Refuse a dtype on the wire in which this (P, s) cannot decode accurately."""
-        limit = MAX_GROWTH.get(dtype)
+        """Refuse a dtype on the wire in which this (P, s) cannot promise the decoded sum's accuracy."""
+        limit = MAX_HIDDEN_ERROR.get(dtype)
         if limit is None:
             raise ValueError(f"code='crc' supports float64, float32, bfloat16 and float16 gradients (got {dtype}).")
-        if self.growth > limit:
+        error = self.hidden_error(dtype)
+        if error > limit:
             raise ValueError(
-                f"code='crc' with P={self.num_workers}, s={self.num_adversaries} amplifies rounding by"
-                f" {self.growth:.3g}, more than {limit:g} allowed for {str(dtype).replace('torch.', '')}"
-                " gradients: the decoded sum would be inaccurate; use fewer adversaries, another world size,"
-                " float32/float64 gradients, or code='frc'."
+                f"code='crc' with P={self.num_workers}, s={self.num_adversaries} is too ill-conditioned for"
+                f" {str(dtype).replace('torch.', '')} gradients: a lie kept under the rounding floor could move the"
+                f" decoded sum by {error:.1e} of its norm, more than the {limit:g} allowed; use fewer adversaries,"
+                " float32/float64 gradients, or code='frc' with a redundancy that divides the world size."
             )
+
+    def hidden_error(self, dtype: torch.dtype) -> float:
+        """The most a lie under the parity floor moves the decoded sum, relative to the sum's norm.
+
+        For rows of the size random partition gradients give (the sum's norm about ``sqrt(P)`` times
+        a partition's): ``exposure * floor(dtype)``, the exposure taken over every set of ``s``
+        liars searched (see ``_conditioning``).
+        """
+        return self.exposure * self.floor(dtype)
 
     def floor(self, dtype: torch.dtype) -> float:
         """``theta``: how far honest rows of ``dtype`` may miss the code, relative to their norms (``allowed``)."""
@@ -579,30 +590,40 @@ def _small_solves() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-_GROWTH_CACHE: dict[tuple[int, int], float] = {}
+_CONDITIONING: dict[tuple[int, int], tuple[float, float]] = {}
 
 
-def _growth(code: CyclicRepetitionCode) -> float:
-    """``max ||b_H||_1 * max|W|`` over the sets of ``s`` liars searched by ``_worst_sets``: how much
-    the combiner can amplify the rows' rounding (and a lie under the floor)."""
+def _conditioning(code: CyclicRepetitionCode) -> tuple[float, float]:
+    """Growth and exposure, maximised over the sets of ``s`` liars that ``_worst_sets`` searches.
+
+    Exposure of a suspect set ``S``: a lie ``e`` in row ``l`` of ``H`` passes the check when
+    ``|N_tl| ||e||`` stays under every parity row's floor and moves the sum by ``|b_l| ||e||``; with
+    rows of equal size ``||W_l|| g`` and a sum of size ``sqrt(P) g`` that is at most
+    ``floor * max_l |b_l| ||W_l|| / (max_t |N_tl| sqrt(P))``.
+    """
     key = (code.num_workers, code.num_adversaries)
-    if key not in _GROWTH_CACHE:
-        largest = float(code.encoding_matrix.abs().max())
+    if key not in _CONDITIONING:
+        p = code.num_workers
+        matrix = code.encoding_matrix
+        largest, row_norms = float(matrix.abs().max()), matrix.norm(dim=1)
+        growths: dict[tuple[int, ...], float] = {}
 
-        rank = code.num_workers - 2 * code.num_adversaries
-
-        def growth_of(suspects: tuple[int, ...]) -> float:
-            honest = [i for i in range(code.num_workers) if i not in suspects]
-            u, sigma, vh = torch.linalg.svd(code.encoding_matrix[honest], full_matrices=False)
-            weights = u[:, :rank] @ ((vh[:rank] @ torch.ones(code.num_workers, dtype=torch.float64)) / sigma[:rank])
-            return float(weights.abs().sum()) * largest
+        def exposure_of(suspects: tuple[int, ...]) -> float:
+            comb = code._combiner(suspects)
+            growths[suspects] = float(comb.weights.abs().sum()) * largest
+            if not len(comb.parity):
+                return 0.0
+            reach = comb.parity.abs().amax(dim=0).clamp_min(1e-300)
+            return float((comb.weights.abs() * row_norms[comb.honest] / reach).max()) / math.sqrt(p)
 
         with _small_solves():
-            _GROWTH_CACHE[key] = max(growth_of(c) for c in _worst_sets(code.num_workers, code.num_adversaries, growth_of))
-    return _GROWTH_CACHE[key]
+            exposure = max(exposure_of(c) for c in _worst_sets(p, code.num_adversaries, exposure_of))
+        _CONDITIONING[key] = (max(growths.values()), exposure)
+        code._combiners.clear()
+    return _CONDITIONING[key]
 
 
-def _worst_sets(p: int, s: int, growth_of) -> list[tuple[int, ...]]:
+def _worst_sets(p: int, s: int, score) -> list[tuple[int, ...]]:
     """Every set of ``s`` workers when there are few (up to cyclic shifts for odd ``P``, whose ``W`` is
     circulant); else contiguous and spread blocks, random sets, and a local search from the worst."""
     if s == 0:
@@ -616,9 +637,9 @@ def _worst_sets(p: int, s: int, growth_of) -> list[tuple[int, ...]]:
     sets += [tuple(sorted({(start + t * (p // s)) % p for t in range(s)})) for start in range(p // s)]
     sets += [tuple(sorted(torch.randperm(p, generator=gen)[:s].tolist())) for _ in range(RANDOM_SETS)]
     sets = [x for x in dict.fromkeys(sets) if len(x) == s]
-    scored = sorted(sets, key=growth_of, reverse=True)
-    for start in scored[:4]:  # move one worker at a time to a neighbour while the growth increases
-        current, best = start, growth_of(start)
+    scored = sorted(sets, key=score, reverse=True)
+    for start in scored[:4]:  # move one worker at a time to a neighbour while the score increases
+        current, best = start, score(start)
         improved = True
         while improved:
             improved = False
@@ -627,7 +648,7 @@ def _worst_sets(p: int, s: int, growth_of) -> list[tuple[int, ...]]:
                     if moved in current:
                         continue
                     trial = tuple(sorted(current[:position] + (moved,) + current[position + 1 :]))
-                    value = growth_of(trial)
+                    value = score(trial)
                     if value > best:
                         current, best, improved = trial, value, True
                         break
