@@ -189,3 +189,36 @@ def test_located_error_keeps_its_message_and_fields_through_pickle():
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) == "DRACO decode failed at step 7, bucket 2: group 1 is split"
     assert (again.reason, again.suspects, again.step, again.bucket) == ("group 1 is split", [3, 4, 5], 7, 2)
+
+
+def test_liars_inside_some_honest_replicas_radius_neither_win_nor_make_the_decode_raise():
+    """s=2: three noisy honest replicas; two liars who know them sit within the radius of two of them
+    and outside the third's. The old vote treated the third as a rival majority and raised."""
+    code = FractionalRepetitionCode(5, 2, tolerance=1e-5)
+    gen = torch.Generator().manual_seed(1)
+    base = torch.randn(2000, dtype=torch.float64, generator=gen)
+    noise = [torch.randn(2000, dtype=torch.float64, generator=gen) for _ in range(3)]
+    honest = [base + 4e-6 * float(base.norm()) * n / n.norm() for n in noise]
+    lie = (honest[0] + honest[1]) / 2 - 0.7e-5 * float(base.norm()) * noise[2] / noise[2].norm()
+    for trial in range(20):
+        order = torch.randperm(5, generator=gen).tolist()
+        rows = [honest[0], honest[1], honest[2], lie, lie]
+        received = torch.stack([rows[i] for i in order]).float()
+        liars = {order.index(3), order.index(4)}
+        result = code.decode(received)
+        assert not (set(result.faulty) - liars), "an honest replica was named"
+        assert float((result.total.double() - base).norm()) <= 2e-5 * float(base.norm())
+
+
+def test_noise_floor_is_measured_from_the_replicas_themselves():
+    """Replicas 1e-4 apart (non-deterministic kernels) agree though tolerance is 1e-5; a liar 1e-1 off is named."""
+    code = FractionalRepetitionCode(3, 1, tolerance=1e-5)
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(500, generator=gen, dtype=torch.float64)
+    received = torch.stack([base + 1e-4 * base.norm() * torch.randn(500, generator=gen, dtype=torch.float64) / 22
+                            for _ in range(3)])
+    result = code.decode(received.float())
+    assert result.faulty == []
+    received[1] = base * 1.1
+    result = code.decode(received.float())
+    assert result.faulty == [1]

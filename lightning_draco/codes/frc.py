@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -10,6 +11,14 @@ from torch import Tensor
 from lightning_draco._bits import bits_dtype
 from lightning_draco.codes import register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
+
+
+# Members within this many noise floors of each other agree, when the floor estimated from the group's
+# own replicas (non-deterministic kernels) is above ``tolerance``.
+NOISE_MARGIN = 8.0
+# ... up to this relative distance: replicas further apart than that are not rounding noise (TF32 and
+# atomics give 1e-4..1e-3), and a group with more than s liars must not widen its own radius.
+MAX_NOISE = 1e-2
 
 
 @register_code
@@ -28,10 +37,11 @@ class FractionalRepetitionCode(Code):
        of at least ``s + 1`` members is the honest value; two such classes mean more than ``s``
        liars and raise ``DracoDecodeError``.
     3. Where no class reaches ``s + 1`` (replicas whose kernels are not deterministic), fall
-       back to comparing whole vectors within ``tolerance``: ``a`` and ``b`` agree when both are
-       finite and ``||a - b|| <= tolerance * max(||a||, ||b||)``. The member that agrees with the
-       most others wins if at least ``s + 1`` agree with it; else ``DracoDecodeError``.
-       A liar inside the tolerance can then move its group's term by that relative amount.
+       back to comparing whole vectors: ``a`` and ``b`` agree when both are finite and
+       ``||a - b|| <= radius * max(||a||, ||b||)``, the radius being ``tolerance`` or, if larger,
+       ``NOISE_MARGIN`` times the noise floor measured from the group's own replicas (see
+       ``_tolerance_vote``). A liar inside the radius can move its group's term by at most twice
+       the radius (relative); it never makes the decode raise nor gets an honest member named.
     4. Sum the winners over groups (float32 accumulation for half precision). Members that
        differ from their group's winner anywhere are reported as faulty.
 
@@ -236,14 +246,30 @@ class FractionalRepetitionCode(Code):
         return winner[0]
 
     def _tolerance_vote(self, members: Tensor, group: int) -> tuple[int, list[bool]]:
-        """Vote on whole vectors that agree within ``tolerance``: (winner index, agrees-with-winner flags)."""
-        r, need = self.redundancy, self.num_adversaries + 1
+        """Vote on whole vectors that agree within a radius: (winner index, not-named flags).
+
+        1. Distances between members, relative to the larger norm. The honest noise floor is
+           estimated from this group's own data: each member's distance to its ``s``-th nearest
+           other member, and the median of those over the members: honest members have
+           at least ``s`` honest neighbours, so with at most ``s`` liars the median never exceeds the
+           largest honest distance, whatever the liars send.
+        2. Members agree within ``max(tolerance, min(NOISE_MARGIN * floor, MAX_NOISE))``.
+        3. The winner is the member that agrees with the most others (at least ``s + 1`` with
+           itself; else ``DracoDecodeError``), ties broken by the smaller total distance to those
+           it agrees with. A liar can win only by agreeing with an honest member: its value is then
+           within the radius of an honest one. Liars placed inside the radius of some honest
+           replicas and outside another's no longer make the decode raise.
+        4. A member is named only if it disagrees with at least ``s + 1`` others: an honest one
+           disagrees with at most the ``s`` liars.
+        """
+        r, s = self.redundancy, self.num_adversaries
+        need = s + 1
         workers = self.members(group)
         if self.tolerance == 0:
             raise DracoDecodeError(
                 f"group {group} (workers {workers}): no value is sent bit for bit by at least s+1={need} of its"
-                f" {r} members, and tolerance=0 allows no approximate agreement: more than"
-                f" s={self.num_adversaries} of them are faulty.",
+                f" {r} members, and tolerance=0 allows no approximate agreement: more than s={s} of them are"
+                " faulty.",
                 workers,
             )
         sq_dist = torch.zeros(r, r, dtype=torch.float64)
@@ -255,21 +281,22 @@ class FractionalRepetitionCode(Code):
             sq_norm += (block * block).sum(dim=1).cpu()
             sq_dist += torch.cdist(block, block).pow(2).cpu()
         norm, dist = sq_norm.sqrt(), sq_dist.clamp_min(0).sqrt()
-        bound = self.tolerance * torch.maximum(norm[:, None], norm[None, :])
-        agree = (dist <= bound) & finite[:, None] & finite[None, :]
+        scale = torch.maximum(norm[:, None], norm[None, :]).clamp_min(1e-300)
+        relative = torch.where(finite[:, None] & finite[None, :], dist / scale, torch.full_like(dist, math.inf))
+        relative.fill_diagonal_(0.0)
+        nearest = relative.sort(dim=1).values[:, s] if s else torch.zeros(r, dtype=torch.float64)
+        floor = float(nearest[finite].median()) if bool(finite.any()) else math.inf
+        radius = max(self.tolerance, min(NOISE_MARGIN * floor, MAX_NOISE)) if math.isfinite(floor) else self.tolerance
+        agree = (relative <= radius) & finite[:, None] & finite[None, :]
         counts = agree.sum(dim=1)
-        winner = int(torch.argmax(counts))
-        if int(counts[winner]) < need:
+        best = int(counts.max())
+        if best < need or radius == 0:
             raise DracoDecodeError(
-                f"group {group} (workers {workers}): no value is shared, even within tolerance={self.tolerance:g},"
-                f" by at least s+1={need} of its {r} members: more than s={self.num_adversaries} of them are faulty.",
+                f"group {group} (workers {workers}): no value is shared, even within a relative distance of"
+                f" {radius:.2g}, by at least s+1={need} of its {r} members: more than s={s} of them are faulty.",
                 workers,
             )
-        rivals = [m for m in range(r) if not agree[winner, m] and int(counts[m]) >= need]
-        if rivals:
-            raise DracoDecodeError(
-                f"group {group} (workers {workers}) holds two values each shared within tolerance by at least"
-                f" s+1={need} members: more than s={self.num_adversaries} of them are faulty.",
-                workers,
-            )
-        return winner, [bool(agree[winner, m]) for m in range(r)]
+        spread = torch.where(agree, relative, torch.zeros_like(relative)).sum(dim=1)
+        winner = min((m for m in range(r) if int(counts[m]) == best), key=lambda m: float(spread[m]))
+        named = [int((~agree[m]).sum()) >= need for m in range(r)]
+        return winner, [not flag for flag in named]
