@@ -6,22 +6,50 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator
+from lightning_draco.aggregators.base import Aggregator, finite_rows
 from lightning_draco.aggregators.coordinatewise import coordinate_median
 
 
 def pairwise_sq_distances(inputs: Tensor) -> Tensor:
     """``(n, n)`` squared Euclidean distances in float64; a non-finite input is infinitely far from all.
 
-    ``cdist`` computes differences directly for up to 25 inputs and through one matrix product
-    (a single pass over the data, with the cancellation error of ``|a|^2 + |b|^2 - 2ab``) above.
+    1. Find the non-finite rows with one cheap pass (``finite_rows``); copy the finite ones
+       out only when a non-finite row exists.
+    2. Gram matrix ``G = X X^T`` (one pass through BLAS): estimated squared distances
+       ``G_ii + G_jj - 2 G_ij``, and the medoid ``m`` (the row with the smallest sum of distances).
+    3. Centre every row on ``x_m`` and recompute the Gram matrix: the distances from it.
+
+    Step 3 is there for accuracy: ``|a|^2 + |b|^2 - 2ab`` loses the digits of a small distance
+    between long vectors (gradients are often far longer than their spread), while centred on a
+    point of the honest cloud the terms are of the distances' own size. Two products and one
+    subtraction cost about 0.6x of ``torch.cdist``'s direct differences for n <= 25.
     """
     x = inputs if inputs.dtype == torch.float64 else inputs.float()
-    finite = torch.isfinite(x).all(dim=1)
-    x = torch.where(finite[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    sq = torch.cdist(x, x).double().pow(2)
-    far = ~(finite[:, None] & finite[None, :])
-    return sq.masked_fill(far, float("inf")).fill_diagonal_(0.0)
+    n = x.shape[0]
+    finite = finite_rows(x)
+    if finite is not None:
+        x = x[finite]
+    sq = _centred_sq_distances(x) if x.shape[0] else x.new_zeros(0, 0, dtype=torch.float64)
+    if finite is None:
+        return sq
+    full = torch.full((n, n), float("inf"), dtype=torch.float64, device=x.device)
+    index = finite.nonzero().flatten()
+    full[index[:, None], index[None, :]] = sq
+    return full.fill_diagonal_(0.0)
+
+
+def _sq_from_gram(gram: Tensor) -> Tensor:
+    norms = gram.diagonal()
+    sq = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min_(0)
+    # Finite vectors whose squares overflow are as good as infinitely far.
+    return torch.nan_to_num(sq, nan=float("inf")).fill_diagonal_(0.0)
+
+
+def _centred_sq_distances(x: Tensor) -> Tensor:
+    rough = _sq_from_gram((x @ x.T).double())
+    medoid = int(torch.argmin(rough.sqrt().sum(dim=1)))
+    centred = x - x[medoid]
+    return _sq_from_gram((centred @ centred.T).double())
 
 
 def krum_scores(sq_dist: Tensor, num_byzantine: int) -> Tensor:
@@ -67,7 +95,7 @@ class MultiKrum(Aggregator):
         m = self.m if self.m is not None else inputs.shape[0] - self.num_byzantine
         scores = krum_scores(pairwise_sq_distances(inputs), self.num_byzantine)
         chosen = torch.argsort(scores, stable=True)[:m]
-        return inputs[chosen].mean(dim=0)
+        return mean_of_rows(inputs, chosen)
 
 
 @register_aggregator
@@ -99,11 +127,33 @@ class Bulyan(Aggregator):
         return chosen.gather(0, closest).mean(dim=0)
 
 
+def mean_of_rows(inputs: Tensor, rows: Tensor) -> Tensor:
+    """The mean of ``inputs[rows]``, read in one pass without copying the rows out when possible.
+
+    A weight vector times the matrix (``w @ X``) skips the copy of ``inputs[rows]``; it cannot be
+    used when an unchosen row is non-finite (0 * NaN is NaN) or for dtypes without a fast CPU
+    matrix product.
+    """
+    if inputs.dtype in (torch.float32, torch.float64) and finite_rows(inputs) is None:
+        weights = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+        weights[rows] = 1.0 / rows.numel()
+        return weights @ inputs
+    return inputs[rows].mean(dim=0)
+
+
 @register_aggregator
 class GeometricMedian(Aggregator):
-    """argmin_z sum_i ||z - x_i||, by Weiszfeld's iterations z <- sum(x_i / b_i) / sum(1 / b_i),
-    b_i = max(||x_i - z||, nu), from the coordinate-wise median; stops when ||z' - z|| <= tol * ||z||
-    (tol = 1e-5) or after ``max_iter`` (100) iterations. Non-finite inputs get weight 0."""
+    """argmin_z sum_i ||z - x_i|| (the geometric median), by Weiszfeld's iterations:
+
+    1. Drop non-finite inputs (infinitely far: weight 0), found with one cheap pass.
+    2. Start from the mean of the remaining inputs.
+    3. Repeat: b_i = max(||x_i - z||, nu), z' = sum_i(x_i / b_i) / sum_i(1 / b_i); stop when
+       ||z' - z|| <= tol * ||z'|| (tol = 1e-5) or after ``max_iter`` (100) iterations.
+
+    The minimiser does not depend on the start; the mean costs one pass where the coordinate-wise
+    median cost a sort (about fifteen of these iterations). Each iteration reads the inputs twice
+    (the distances, then the weighted sum as one matrix-vector product) and copies nothing.
+    """
 
     name = "geometric_median"
 
@@ -120,13 +170,14 @@ class GeometricMedian(Aggregator):
 
     def aggregate(self, inputs: Tensor) -> Tensor:
         x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
-        finite = torch.isfinite(x).all(dim=1)
-        if not bool(finite.all()):  # a non-finite input is infinitely far: weight 0
+        finite = finite_rows(x)
+        if finite is not None:
             x = x[finite]
-        z = coordinate_median(x)
+        weights = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype, device=x.device)
+        z = weights @ x
         for self.iterations in range(1, self.max_iter + 1):
-            weights = 1.0 / torch.linalg.vector_norm(x - z, dim=1).clamp_min(self.nu)
-            new = (weights[:, None] * x).sum(dim=0) / weights.sum()
+            weights = 1.0 / torch.cdist(x, z[None]).squeeze(1).clamp_min(self.nu)
+            new = (weights @ x) / weights.sum()
             moved = float(torch.linalg.vector_norm(new - z))
             z = new
             if moved <= self.tol * float(torch.linalg.vector_norm(z)):
