@@ -74,3 +74,92 @@ class Aggregator(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_byzantine={self.num_byzantine})"
+
+
+class PreAggregator(ABC):
+    """A map from ``n`` received vectors to ``m`` vectors, applied before a rule (which still tolerates
+    ``num_byzantine`` of them): mixing, bucketing, clipping.
+
+    Subclasses set ``name``, extend ``check``, implement ``transform`` and, when ``m != n``,
+    ``output_size``. A pre-aggregator never modifies its input; it may return it unchanged.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, num_byzantine: int):
+        if not isinstance(num_byzantine, int) or isinstance(num_byzantine, bool) or num_byzantine < 0:
+            raise ValueError(f"pre-aggregator {self.name!r}: num_byzantine must be an integer >= 0 (got {num_byzantine!r}).")
+        self.num_byzantine = num_byzantine
+
+    def check(self, num_inputs: int) -> None:
+        if num_inputs < 1:
+            raise ValueError(f"pre-aggregator {self.name!r} needs at least one input vector (got {num_inputs}).")
+
+    def output_size(self, num_inputs: int) -> int:
+        return num_inputs
+
+    def __call__(self, inputs: Tensor, *, generator: Optional[torch.Generator] = None) -> Tensor:
+        if inputs.dim() != 2:
+            raise ValueError(f"pre-aggregator {self.name!r} takes an (n, d) tensor (got shape {tuple(inputs.shape)}).")
+        self.check(inputs.shape[0])
+        return self.transform(inputs, generator)
+
+    @abstractmethod
+    def transform(self, inputs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+        """The map itself; ``generator`` is the PS's randomness (``None`` outside a decode)."""
+
+    def _require(self, condition: bool, rule: str, num_inputs: int) -> None:
+        if not condition:
+            raise ValueError(
+                f"pre-aggregator {self.name!r} needs {rule} (got n={num_inputs}, num_byzantine={self.num_byzantine})."
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_byzantine={self.num_byzantine})"
+
+
+class PreAggregated(Aggregator):
+    """A rule applied after pre-aggregators: ``rule(pre_k(...pre_1(x)))``, itself an ``Aggregator``.
+
+    Anything that takes a rule takes this: the strategy over the P received vectors, DETOX over
+    the group sums. The rule's state (centred clipping's anchor) is this aggregator's state.
+    """
+
+    def __init__(self, pre: list[PreAggregator], rule: Aggregator):
+        self.pre, self.rule = list(pre), rule
+        self.num_byzantine = rule.num_byzantine
+        self.name = "+".join([p.name for p in self.pre] + [rule.name])
+
+    def check(self, num_inputs: int) -> None:
+        received = num_inputs
+        for step in self.pre:
+            step.check(num_inputs)
+            num_inputs = step.output_size(num_inputs)
+        try:
+            self.rule.check(num_inputs)
+        except ValueError as err:
+            if num_inputs == received:
+                raise
+            names = ", ".join(p.name for p in self.pre)
+            raise ValueError(f"{err} The {received} inputs became {num_inputs} after the pre-aggregators ({names}).") from None
+
+    def __call__(self, inputs: Tensor, *, generator: Optional[torch.Generator] = None) -> Tensor:
+        if inputs.dim() != 2:
+            raise ValueError(f"aggregator {self.name!r} takes an (n, d) tensor (got shape {tuple(inputs.shape)}).")
+        self.check(inputs.shape[0])
+        x = inputs
+        for step in self.pre:
+            x = step(x, generator=generator)
+        return self.rule(x, generator=generator)
+
+    def aggregate(self, inputs: Tensor) -> Tensor:
+        return self(inputs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rule.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rule.load_state_dict(state)
+
+    def __repr__(self) -> str:
+        return f"PreAggregated({self.pre!r}, {self.rule!r})"

@@ -75,6 +75,21 @@ def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int) -> Tensor:
     return out
 
 
+def sorted_columns(inputs: Tensor) -> Tensor:
+    """``inputs`` sorted along dim 0, each column on its own (NaN above +Inf); the same engine as above."""
+    n, d = inputs.shape
+    if inputs.device.type != "cpu" or n > _NETWORK_MAX_ROWS or finite_rows(inputs) is not None:
+        return inputs.sort(dim=0).values
+    pairs = sorting_network(n)
+    out = torch.empty_like(inputs)
+    for start in range(0, d, _NETWORK_BLOCK):
+        rows = list(inputs[:, start : start + _NETWORK_BLOCK].unbind(0))
+        for i, j in pairs:
+            rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
+        torch.stack(rows, out=out[:, start : start + _NETWORK_BLOCK])
+    return out
+
+
 def coordinate_median(inputs: Tensor) -> Tensor:
     """Per-coordinate median (the mean of the two middle values for even n); a NaN counts as the largest value."""
     n = inputs.shape[0]
@@ -122,3 +137,41 @@ class TrimmedMean(Aggregator):
     def aggregate(self, inputs: Tensor) -> Tensor:
         n, f = inputs.shape[0], self.num_byzantine
         return mean_of_order_statistics(inputs, f, n - f)
+
+
+@register_aggregator
+class Meamed(Aggregator):
+    """Mean around the median (Meamed; Xie, Koyejo, Gupta, "Generalized Byzantine-tolerant SGD",
+    arXiv:1802.10116, 2018), per coordinate:
+
+    1. m = the median of the n values (the mean of the two middle ones when n is even).
+    2. Keep the n - f values closest to m (ties in |v - m|: the smaller value is kept).
+    3. Return their mean.
+
+    The kept values are a window of the sorted column, found by dropping, f times, whichever end
+    of the window is farther from m (the larger one on a tie). NaN sorts above +Inf and counts as
+    the farthest value.
+    """
+
+    name = "meamed"
+
+    def check(self, num_inputs: int) -> None:
+        super().check(num_inputs)
+        self._require(2 * self.num_byzantine < num_inputs, "2 * num_byzantine < n", num_inputs)
+
+    def aggregate(self, inputs: Tensor) -> Tensor:
+        n, f = inputs.shape[0], self.num_byzantine
+        ordered = sorted_columns(inputs)
+        median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
+        lo = torch.zeros(inputs.shape[1], dtype=torch.long, device=inputs.device)
+        hi = torch.full_like(lo, n - 1)
+        for _ in range(f):
+            below = median - ordered.gather(0, lo[None])[0]
+            above = ordered.gather(0, hi[None])[0] - median
+            drop_high = ~(above < below)  # NaN compares false: a NaN end is dropped
+            hi = hi - drop_high.long()
+            lo = lo + (~drop_high).long()
+        index = torch.arange(n, device=inputs.device)[:, None]
+        window = (index >= lo) & (index <= hi)
+        zero = torch.zeros((), dtype=inputs.dtype, device=inputs.device)
+        return torch.where(window, ordered, zero).sum(dim=0) / (n - f)
