@@ -329,6 +329,8 @@ class DracoStrategy(DDPStrategy):
     def _partition_forward(self, batch: PartitionBatch, index: int, args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
         """The user's training step on one partition, under that partition's seeds; its output and loss."""
         partition, part = batch.partitions[index], batch.batches[index]
+        if self.adversary is not None and self.adversary.acts_on_batch and self.global_rank in self._hook_state.liars:
+            part = self.adversary.poison(part, rank=self.global_rank, step=self._hook_state.step)
         with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
             output = super().training_step(part, *args, **kwargs)
         loss = _loss_of(output)
