@@ -30,6 +30,27 @@ def finite_rows(inputs: Tensor) -> Optional[Tensor]:
     return None if bool(finite.all()) else finite
 
 
+class Scratch:
+    """A buffer a rule keeps between calls for a temporary the size of its input.
+
+    A fresh allocation of P x d values costs its page faults at every call, about 4x the
+    arithmetic that fills it (measured: 0.09 s against 0.02 s for 15 x 4M float32 on the CPU);
+    the price is that memory held while the rule lives.
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Optional[Tensor] = None
+
+    def like(self, tensor: Tensor) -> Tensor:
+        buf = self._buffer
+        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.device != tensor.device:
+            buf = self._buffer = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+        return buf
+
+    def __getstate__(self) -> dict:
+        return {"_buffer": None}  # a copy of the rule need not carry the buffer
+
+
 class Aggregator(ABC):
     """A rule mapping ``n`` received vectors, up to ``num_byzantine`` of them arbitrary, to one vector.
 
@@ -43,6 +64,8 @@ class Aggregator(ABC):
         if not isinstance(num_byzantine, int) or isinstance(num_byzantine, bool) or num_byzantine < 0:
             raise ValueError(f"aggregator {self.name!r}: num_byzantine must be an integer >= 0 (got {num_byzantine!r}).")
         self.num_byzantine = num_byzantine
+        #: Reused temporaries (rules built on distances keep their centred inputs here).
+        self.scratch = Scratch()
 
     def check(self, num_inputs: int) -> None:
         """Raise ``ValueError`` if the rule is undefined for ``num_inputs`` vectors with this ``num_byzantine``."""
@@ -90,6 +113,7 @@ class PreAggregator(ABC):
         if not isinstance(num_byzantine, int) or isinstance(num_byzantine, bool) or num_byzantine < 0:
             raise ValueError(f"pre-aggregator {self.name!r}: num_byzantine must be an integer >= 0 (got {num_byzantine!r}).")
         self.num_byzantine = num_byzantine
+        self.scratch = Scratch()
 
     def check(self, num_inputs: int) -> None:
         if num_inputs < 1:

@@ -46,7 +46,7 @@ class MinimumDiameterAveraging(Aggregator):
 
     def aggregate(self, inputs: Tensor) -> Tensor:
         n, k = inputs.shape[0], inputs.shape[0] - self.num_byzantine
-        dist = pairwise_sq_distances(inputs).sqrt()
+        dist = pairwise_sq_distances(inputs, self.scratch).sqrt()
         best, best_diameter = None, math.inf
         # Chunks of subsets as 0/1 masks: the diameter of each is a max over a masked (n, n) matrix.
         subsets = itertools.combinations(range(n), k)
