@@ -45,7 +45,10 @@ def search_factor(objective: Callable[[float], float], high: float, grid: int, r
     Ties go to the smaller factor (the less conspicuous lie).
     """
     if grid < 2 or refine < 0 or not high > 0:
-        raise ValueError(f"the factor search needs grid >= 2, refine >= 0 and a maximum > 0 (got {grid}, {refine}, {high}).")
+        raise ValueError(
+            f"the attack's factor search needs grid >= 2, refine >= 0 and a maximum factor (z_max, eps_max) > 0"
+            f" (got grid={grid}, refine={refine}, maximum={high})."
+        )
     points = [0.0] + [high * 1000.0 ** (i / (grid - 2) - 1) for i in range(grid - 1)] if grid > 2 else [0.0, high]
     values = [objective(p) for p in points]
     best = max(range(len(points)), key=lambda i: (values[i], -i))
