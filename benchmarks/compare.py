@@ -2,6 +2,7 @@
 
     python benchmarks/compare.py                        # both data sets, all methods and attacks
     python benchmarks/compare.py --datasets digits --steps 40
+    python benchmarks/compare.py --partition dirichlet --alpha 0.1 --attacks none alie optimal_alie --out docs/alpha0.1
 
 Six CPU ranks (Lightning's launcher re-runs this script for ranks 1..5; every rank runs the same
 sequence of fits). For each data set, each method trains the same model from the same seed on the
@@ -12,6 +13,11 @@ same batches, without attack and with one liar (rank 4) sending each attack:
     median, geometric_median, krum   robust rules over the 6 received gradients (f=1)
     frc       DRACO, repetition code, r=3 (s=1)
     crc1, crc2  DRACO, cyclic code, s=1 (r=3) and s=2 (r=5)
+
+``--partition dirichlet --alpha A`` gives each partition (each rank's data under plain DDP) a class
+mix drawn from Dirichlet(A) (``lightning_draco.heterogeneous``): robust rules assume honest
+gradients are close, and lose accuracy under heterogeneity even without an attack; DRACO's
+decode is an exact sum and does not care. ``--attacks`` also accepts ``optimal_alie``.
 
 Data sets: scikit-learn's digits (a small MLP), and synthetic CIFAR-sized images (3x32x32,
 ten classes, class means plus noise) with a CNN of 2.1M parameters, where aggregation costs show.
@@ -44,6 +50,7 @@ from lightning_draco import Adversary, DracoStrategy
 WORLD = 6
 LIAR = 4
 ATTACKS = ["none", "reverse", "constant", "alie"]
+ALL_ATTACKS = ATTACKS + ["optimal_alie"]
 METHODS = ["ddp", "mean", "median", "geometric_median", "krum", "frc", "crc1", "crc2"]
 TARGETS = {"digits": 0.8, "synthetic": 0.6}
 
@@ -148,16 +155,26 @@ class Recorder(L.Callback):
         )
 
 
-def run(dataset: str, method: str, attack: str, steps: int, eval_every: int, batch: int):
+def run(dataset: str, method: str, attack: str, steps: int, eval_every: int, batch: int,
+        partition: str = "iid", alpha: float = 1.0):
     L.seed_everything(0, verbose=False)  # before the model is built: every method starts from the same weights
     train, test, net, lr = TASKS[dataset]()
+    if partition == "dirichlet":
+        from lightning_draco.heterogeneous import DirichletSampler
+
+        # Plain DDP keeps a DistributedSampler as given: its rank must be this process's (DRACO sets each partition's).
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        sampler = DirichletSampler(train, train.tensors[1].tolist(), WORLD, alpha, rank=rank, seed=0, min_size=batch)
+        loader = DataLoader(train, batch_size=batch, sampler=sampler)
+    else:
+        loader = DataLoader(train, batch_size=batch, shuffle=True)
     recorder = Recorder(test, eval_every)
     trainer = L.Trainer(
         accelerator="cpu", devices=WORLD, strategy=strategy_for(method, attack), max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[recorder],
     )
-    trainer.fit(Classifier(net, lr), DataLoader(train, batch_size=batch, shuffle=True))
+    trainer.fit(Classifier(net, lr), loader)
     return recorder
 
 
@@ -165,7 +182,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ATTACKS)
+    parser.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ALL_ATTACKS)
+    parser.add_argument("--partition", default="iid", choices=["iid", "dirichlet"],
+                        help="how the training set is split between partitions")
+    parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration with --partition dirichlet")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="per partition, as one plain-DDP rank's batch")
@@ -186,11 +206,12 @@ def main(argv=None) -> None:
             for attack in args.attacks:
                 if method == "ddp" and attack != "none":
                     continue
-                recorder = run(dataset, method, attack, args.steps, args.eval_every, args.batch)
+                recorder = run(dataset, method, attack, args.steps, args.eval_every, args.batch, args.partition, args.alpha)
                 results.append((dataset, method, attack, recorder))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        partition = "iid" if args.partition == "iid" else f"dirichlet-{args.alpha:g}"
         records = [
-            {"dataset": dataset, "method": method, "attack": attack, **row}
+            {"dataset": dataset, "method": method, "attack": attack, "partition": partition, **row}
             for dataset, method, attack, recorder in results
             for row in recorder.rows
         ]
@@ -204,7 +225,7 @@ def main(argv=None) -> None:
 
 
 CSV_FIELDS = [
-    "dataset", "method", "attack", "step", "wall_seconds", "loss", "accuracy",
+    "dataset", "method", "attack", "partition", "step", "wall_seconds", "loss", "accuracy",
     "compute_seconds", "communication_seconds", "decode_seconds",
 ]
 
@@ -212,6 +233,7 @@ CSV_FIELDS = [
 def _typed(row: dict) -> dict:
     typed = dict(row)
     typed["step"] = int(row["step"])
+    typed["partition"] = row.get("partition") or "iid"  # files written before the option were IID
     for key in ("wall_seconds", "loss", "compute_seconds", "communication_seconds", "decode_seconds"):
         typed[key] = float(row[key])
     typed["accuracy"] = float(row["accuracy"]) if row["accuracy"] not in ("", "None") else None
@@ -236,18 +258,19 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
 
     def runs_of(dataset):
         keys = sorted({(r["method"], r["attack"]) for r in records if r["dataset"] == dataset},
-                      key=lambda k: (METHODS.index(k[0]), ATTACKS.index(k[1])))
+                      key=lambda k: (METHODS.index(k[0]), ALL_ATTACKS.index(k[1])))
         return [(m, a, [r for r in records if r["dataset"] == dataset and r["method"] == m and r["attack"] == a])
                 for m, a in keys]
 
     datasets = [d for d in TASKS if any(r["dataset"] == d for r in records)]
-    attacks = [a for a in ATTACKS if any(r["attack"] == a for r in records)]
+    attacks = [a for a in ALL_ATTACKS if any(r["attack"] == a for r in records)]
+    partitions = sorted({r.get("partition", "iid") for r in records})
     steps = max(r["step"] for r in records)
     lines = [
         "# DRACO against robust aggregation",
         "",
         f"Generated by `{command}` (6 CPU ranks over gloo on one 2-core machine, {steps} steps, one liar on"
-        f" rank {LIAR}); the page and plots are redrawn from compare.csv by `python benchmarks/compare.py"
+        f" rank {LIAR}, partitions: {', '.join(partitions)}); the page and plots are redrawn from compare.csv by `python benchmarks/compare.py"
         " --report-only`. Wall clock counts training steps only; test accuracy is measured outside it. Under"
         " `alie` every rank also pays the simulation's two extra all-reduces per bucket (counted as"
         " communication). `ddp` is torch's all-reduce (its time is all 'compute' here); `mean` is plain"

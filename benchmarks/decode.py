@@ -3,26 +3,39 @@
     python benchmarks/decode.py                                  # P in {8, 15, 31}, d in {1M, 11.2M}
     python benchmarks/decode.py --workers 15 --dims 11200000 --methods frc crc none
     python benchmarks/decode.py --json out.json --markdown out.md
+    python benchmarks/decode.py --workers 15 --dims 4000000 --num-byzantine 3 --peer byzfl \
+        --methods aggregator:krum aggregator:median pre:nnm     # against ByzFL, rule by rule
 
 For each device (CPU, and CUDA when present), P and d, every code (at s=1, its smallest valid
-r; skipped with the reason where the code does not exist at that P) and every aggregator (with
-num_byzantine=1) runs on one (P, d) float32 tensor: honest codewords with one random row
-replaced by -100x its value. Each figure is the median of ``--repeats`` runs after one
-warm-up; ``ratio`` divides it by the median of ``received.mean(0)`` on the same tensor in the
-same run. The cyclic code's time includes drawing its projection.
+r; skipped with the reason where the code does not exist at that P), every aggregator (with
+``--num-byzantine``, default 1) and, when named, every pre-aggregator (``pre:NAME``) runs on one
+(P, d) float32 tensor: honest codewords with one random row replaced by -100x its value. Each
+figure is the median of ``--repeats`` runs after one warm-up; ``ratio`` divides it by the median
+of ``received.mean(0)`` on the same tensor in the same run. The cyclic code's time includes
+drawing its projection.
+
+``--peer byzfl`` adds ByzFL's time for the same rule on the same tensor in the same process, and
+``vs peer`` (ours / ByzFL's). ByzFL is a development extra, never a dependency of the package:
+``pip install --no-deps byzfl==0.0.11`` (it needs numpy and scipy; ``--no-deps`` keeps pip from
+replacing torch). The geometric median is compared per Weiszfeld iteration (ByzFL runs a fixed
+3 from zero; ours runs to a tolerance from the mean, its start counted in).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import platform
 import statistics
+import sys
 import time
+import types
 
 import torch
 
-from lightning_draco.aggregators import AGGREGATORS, make_aggregator
+from lightning_draco.aggregators import AGGREGATORS, PRE_AGGREGATORS, make_aggregator, make_pre_aggregator
 from lightning_draco.codes import CODES, make_code
 
 
@@ -54,13 +67,61 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, gen: torch.Generator) -> dict:
+def load_byzfl() -> types.ModuleType:
+    """ByzFL's aggregators module. Its package ``__init__`` also imports its training framework
+    (torchvision, pandas): when those are absent, load the aggregators alone under a bare package."""
+    spec = importlib.util.find_spec("byzfl")
+    if spec is None:
+        raise SystemExit("--peer byzfl needs ByzFL installed: pip install --no-deps byzfl==0.0.11")
+    try:
+        return importlib.import_module("byzfl.aggregators")
+    except ImportError:
+        for name in [m for m in sys.modules if m == "byzfl" or m.startswith("byzfl.")]:
+            del sys.modules[name]
+        package = types.ModuleType("byzfl")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["byzfl"] = package
+        return importlib.import_module("byzfl.aggregators")
+
+
+def byzfl_counterpart(byzfl: types.ModuleType, kind: str, name: str, f: int):
+    """ByzFL's object for the same rule with the same parameters, or None where it has none."""
+    table = {
+        ("aggregator", "mean"): lambda: byzfl.Average(),
+        ("aggregator", "median"): lambda: byzfl.Median(),
+        ("aggregator", "trimmed_mean"): lambda: byzfl.TrMean(f=f),
+        ("aggregator", "krum"): lambda: byzfl.Krum(f=f),
+        ("aggregator", "multi_krum"): lambda: byzfl.MultiKrum(f=f),
+        ("aggregator", "centered_clipping"): lambda: byzfl.CenteredClipping(tau=100.0, L=1),
+        ("aggregator", "geometric_median"): lambda: byzfl.GeometricMedian(T=3),
+        ("aggregator", "mda"): lambda: byzfl.MDA(f=f),
+        ("aggregator", "monna"): lambda: byzfl.MoNNA(f=f),
+        ("aggregator", "meamed"): lambda: byzfl.Meamed(f=f),
+        ("pre", "nnm"): lambda: byzfl.NNM(f=f),
+        ("pre", "bucketing"): lambda: byzfl.Bucketing(s=2),
+        ("pre", "arc"): lambda: byzfl.ARC(f=f),
+        ("pre", "clipping"): lambda: byzfl.Clipping(c=1.0),
+    }
+    make = table.get((kind, name))
+    return make() if make is not None else None
+
+
+# Peer rules that overwrite the tensor they are given (ours never modify their input).
+_PEER_WRITES_ITS_INPUT = {("pre", "clipping"), ("pre", "arc")}
+
+
+def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, gen: torch.Generator,
+              f: int = 1, peer: types.ModuleType | None = None) -> dict:
     row = {"method": method, "device": str(device), "workers": p, "dim": d}
     kind, name = method.split(":", 1)
     try:
         code = make_code(name if kind == "code" else "none", p, 1 if kind == "code" and name != "none" else 0)
-        rule = make_aggregator(name, 1) if kind == "aggregator" else None
-        if rule is not None:
+        rule = None
+        if kind == "aggregator":
+            rule = make_aggregator(name, f)
+            rule.check(p)
+        elif kind == "pre":
+            rule = make_pre_aggregator({"name": name, "threshold": 1.0} if name == "clipping" else name, f)
             rule.check(p)
     except ValueError as err:
         return {**row, "skipped": str(err)}
@@ -75,8 +136,23 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
         run = lambda: rule(received)  # noqa: E731
     seconds = median_seconds(run, repeats, device)
     caught = code.decode(received, generator=projection).faulty if rule is None else None
+    out = {**row, "liar": liar, "caught": caught, "seconds": seconds, "mean_seconds": mean_s, "ratio": seconds / mean_s}
+    counterpart = byzfl_counterpart(peer, kind, name, f) if peer is not None else None
+    if counterpart is not None:
+        if (kind, name) in _PEER_WRITES_ITS_INPUT:
+            # ByzFL clips the caller's rows in place: time it on a fresh copy, as ours returns a new tensor.
+            peer_seconds = median_seconds(lambda: counterpart(received.clone()), repeats, device)
+            out["peer_note"] = "copy included: ByzFL clips its input in place"
+        else:
+            peer_seconds = median_seconds(lambda: counterpart(received), repeats, device)
+        out["peer_seconds"] = peer_seconds
+        if name == "geometric_median":
+            out["iterations"], out["peer_iterations"] = rule.iterations, counterpart.T
+            out["vs_peer"] = (seconds / rule.iterations) / (peer_seconds / counterpart.T)
+        else:
+            out["vs_peer"] = seconds / peer_seconds
     del received
-    return {**row, "liar": liar, "caught": caught, "seconds": seconds, "mean_seconds": mean_s, "ratio": seconds / mean_s}
+    return out
 
 
 def main(argv=None) -> dict:
@@ -89,44 +165,55 @@ def main(argv=None) -> dict:
         "--methods",
         nargs="+",
         default=[f"code:{c}" for c in sorted(CODES)] + [f"aggregator:{a}" for a in sorted(AGGREGATORS)],
-        help="code:NAME or aggregator:NAME (bare names are codes)",
+        help="code:NAME, aggregator:NAME or pre:NAME (a pre-aggregator alone); bare names are codes",
     )
+    parser.add_argument("--num-byzantine", type=int, default=1, help="f of every aggregator and pre-aggregator")
+    parser.add_argument("--peer", choices=["byzfl"], help="also time the peer library's rule on the same tensor")
     parser.add_argument("--json", help="write all rows here as JSON")
     parser.add_argument("--markdown", help="write the table here as markdown")
     args = parser.parse_args(argv)
     methods = [m if ":" in m else f"code:{m}" for m in args.methods]
 
+    peer = load_byzfl() if args.peer == "byzfl" else None
     gen = torch.Generator().manual_seed(0)
     rows = []
     for device in map(torch.device, args.devices):
         for p in args.workers:
             for d in args.dims:
                 for method in methods:
-                    rows.append(bench_one(method, p, d, device, args.repeats, gen))
-                    print(_line(rows[-1]), flush=True)
+                    rows.append(bench_one(method, p, d, device, args.repeats, gen, args.num_byzantine, peer))
+                    print(_line(rows[-1], peer is not None), flush=True)
     header = [
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.machine()},"
-        f" median of {args.repeats} runs, float32, one liar sending -100x",
+        f" median of {args.repeats} runs, float32, one liar sending -100x, f={args.num_byzantine}"
+        + (", ByzFL 0.0.11 alongside (vs peer: ours / ByzFL's; geometric median per iteration)" if peer else ""),
         "",
-        "| device | P | d | method | seconds | plain mean (s) | ratio | liar -> caught |",
-        "|---|---|---|---|---|---|---|---|",
+        "| device | P | d | method | seconds | plain mean (s) | ratio | liar -> caught |" + (" ByzFL (s) | vs peer |" if peer else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if peer else ""),
     ]
-    table = "\n".join(header + [_line(r) for r in rows])
+    table = "\n".join(header + [_line(r, peer is not None) for r in rows])
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+            json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "peer": args.peer, "rows": rows}, f, indent=2)
     return {"rows": rows}
 
 
-def _line(row: dict) -> str:
+def _line(row: dict, with_peer: bool = False) -> str:
     head = f"| {row['device']} | {row['workers']} | {row['dim']:,} | {row['method']} |"
     if "skipped" in row:
-        return head + f" skipped: {row['skipped']} | | | |"
+        return head + f" skipped: {row['skipped']} | | | |" + (" | |" if with_peer else "")
     caught = "" if row["caught"] is None else f"{row['liar']} -> {row['caught']}"
-    return head + f" {row['seconds']:.4f} | {row['mean_seconds']:.4f} | {row['ratio']:.2f}x | {caught} |"
+    line = head + f" {row['seconds']:.4f} | {row['mean_seconds']:.4f} | {row['ratio']:.2f}x | {caught} |"
+    if with_peer:
+        if "peer_seconds" not in row:
+            return line + " | |"
+        iters = f" ({row['iterations']} vs {row['peer_iterations']} iterations)" if "iterations" in row else ""
+        iters += f" ({row['peer_note']})" if "peer_note" in row else ""
+        line += f" {row['peer_seconds']:.4f} | {row['vs_peer']:.2f}x{iters} |"
+    return line
 
 
 if __name__ == "__main__":

@@ -15,17 +15,35 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
 class _TensorData(L.LightningDataModule):
-    """Shared loaders: shuffled training batches of ``batch_size`` (per partition), large validation batches."""
+    """Shared loaders: shuffled training batches of ``batch_size`` (per partition), large validation batches.
+
+    ``partition="dirichlet"`` gives each partition a class mix drawn from Dirichlet(``alpha``)
+    (``lightning_draco.heterogeneous``); ``"iid"`` (default) is the usual uniform shuffle.
+    """
 
     train: Dataset
     val: Dataset
 
-    def __init__(self, batch_size: int, num_workers: int = 0):
+    def __init__(self, batch_size: int, num_workers: int = 0, partition: str = "iid", alpha: float = 1.0, seed: int = 0):
         super().__init__()
+        if partition not in ("iid", "dirichlet"):
+            raise ValueError(f"data.partition must be 'iid' or 'dirichlet' (got {partition!r}).")
+        if partition == "dirichlet" and not alpha > 0:
+            raise ValueError(f"data.alpha must be > 0 for partition='dirichlet' (got {alpha!r}).")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.partition, self.alpha, self.partition_seed = partition, alpha, seed
 
     def train_dataloader(self) -> DataLoader:
+        if self.partition == "dirichlet":
+            from lightning_draco.heterogeneous import DirichletSampler
+
+            labels = self.train.labels if hasattr(self.train, "labels") else self.train.tensors[1]
+            world = self.trainer.world_size if self.trainer is not None else 1
+            rank = self.trainer.global_rank if self.trainer is not None else 0  # plain DDP uses the sampler as given
+            sampler = DirichletSampler(self.train, labels.tolist(), world, self.alpha, rank=rank,
+                                       seed=self.partition_seed, min_size=self.batch_size)
+            return DataLoader(self.train, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -38,8 +56,9 @@ class DigitsData(_TensorData):
     input_shape = (1, 8, 8)
     num_classes = 10
 
-    def __init__(self, batch_size: int = 32, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0):
-        super().__init__(batch_size, num_workers)
+    def __init__(self, batch_size: int = 32, val_fraction: float = 0.2, seed: int = 0, num_workers: int = 0,
+                 partition: str = "iid", alpha: float = 1.0):
+        super().__init__(batch_size, num_workers, partition, alpha, seed)
         self.val_fraction = val_fraction
         self.seed = seed
 
@@ -72,8 +91,10 @@ class SyntheticData(_TensorData):
         batch_size: int = 32,
         seed: int = 0,
         num_workers: int = 0,
+        partition: str = "iid",
+        alpha: float = 1.0,
     ):
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, partition, alpha, seed)
         self.input_shape = tuple(int(n) for n in shape)
         self.num_classes = num_classes
         for name, value in (("train_size", train_size), ("val_size", val_size), ("num_classes", num_classes)):
@@ -127,8 +148,9 @@ class CIFAR10Folder(_TensorData):
     num_classes = 10
     _FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
-    def __init__(self, root: str, batch_size: int = 32, augment: bool = True, num_workers: int = 0):
-        super().__init__(batch_size, num_workers)
+    def __init__(self, root: str, batch_size: int = 32, augment: bool = True, num_workers: int = 0,
+                 partition: str = "iid", alpha: float = 1.0):
+        super().__init__(batch_size, num_workers, partition, alpha)
         folder = Path(root).expanduser()
         if (folder / "cifar-10-batches-py").is_dir():
             folder = folder / "cifar-10-batches-py"

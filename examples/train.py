@@ -100,6 +100,7 @@ def build_strategy(cfg: DictConfig, with_adversary: bool = True) -> DracoStrateg
         aggregator=aggregator.name,
         aggregator_options={"num_byzantine": aggregator.num_byzantine, **aggregator.options},
         aggregate_over=aggregator.over,
+        pre_aggregators=OmegaConf.to_container(aggregator.pre) if aggregator.get("pre") else None,
         code=code.name,
         num_adversaries=code.num_adversaries,
         redundancy=code.redundancy,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco._seeding import generator
-from lightning_draco.attacks import OMNISCIENT_KEYS, Attack, call_attack, get_attack, wants
+from lightning_draco.attacks import OMNISCIENT_KEYS, Attack, acts_on_batch, call_attack, get_attack, wants
 
 __all__ = ["Adversary"]
 
@@ -21,8 +21,9 @@ class Adversary:
         ranks: the lying ranks, fixed for the whole run, or ``"random"``: a fresh set of
             ``count`` ranks every step, drawn reproducibly from ``seed`` and the step.
         attack: the name of a built-in attack (``reverse``, ``constant``, ``gaussian``,
-            ``sign_flip``, ``bit_flip``, ``nan``, ``inf``, ``collude``, and the omniscient
-            ``alie`` and ``ipm``) or a callable
+            ``sign_flip``, ``bit_flip``, ``nan``, ``inf``, ``collude``, the omniscient
+            ``alie``, ``ipm``, ``optimal_alie``, ``optimal_ipm`` and ``mimic``, and
+            ``label_flip``, which poisons the liar's batch instead) or a callable
             ``attack(honest, **context) -> Tensor`` (see ``lightning_draco.attacks``).
         seed: seeds the random choice of ranks and the attacks' random streams.
         count: how many ranks lie per step with ``ranks="random"``; defaults to the
@@ -65,6 +66,20 @@ class Adversary:
     def omniscient(self) -> bool:
         """Whether the attack needs the honest vectors' statistics (an extra collective per bucket)."""
         return any(wants(self.attack_fn, key) for key in OMNISCIENT_KEYS)
+
+    def wants(self, key: str) -> bool:
+        """Whether the attack asks for the context keyword ``key``."""
+        return wants(self.attack_fn, key)
+
+    @property
+    def acts_on_batch(self) -> bool:
+        """Whether the attack poisons the liar's batch (``poison``) rather than replacing its gradient."""
+        return acts_on_batch(self.attack_fn)
+
+    def poison(self, batch: Any, *, rank: int, step: int) -> Any:
+        """What ``rank`` trains on instead of ``batch`` at this step, for an attack on data."""
+        context = {"rank": rank, "step": step, "generator": generator(self.seed, step, -1, rank)}
+        return call_attack(self.attack_fn, batch, self.options, context)
 
     @property
     def is_random(self) -> bool:
@@ -109,6 +124,8 @@ class Adversary:
 
     def corrupt(self, honest: Tensor, *, rank: int, step: int, bucket: int, **knowledge: Tensor) -> Tensor:
         """What ``rank`` sends instead of ``honest`` at this step and bucket (``knowledge``: honest statistics)."""
+        if self.acts_on_batch:  # the liar already computed on its poisoned batch
+            return honest
         device = honest.device
         context = {
             **knowledge,

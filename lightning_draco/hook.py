@@ -241,18 +241,44 @@ def _outgoing(state: DracoHookState, buffer: Tensor, index: int) -> Tensor:
         return buffer
     knowledge = {}
     if adversary.omniscient:
-        # Simulation cost: the honest vectors' per-coordinate mean and std, known to every rank.
+        # Simulation cost: the honest vectors' per-coordinate mean and std (or all of them), known to every rank.
         start = time.perf_counter()
-        total = buffer.detach().clone()
-        squares = buffer.detach() * buffer.detach()
-        dist.all_reduce(total, group=state.process_group)
-        dist.all_reduce(squares, group=state.process_group)
+        if adversary.wants("honest_vectors"):
+            gathered = [torch.empty_like(buffer) for _ in range(state.world_size)]
+            dist.all_gather(gathered, buffer.detach(), group=state.process_group)
+            vectors = torch.stack(gathered)
+            knowledge = {"honest_vectors": vectors}
+            if adversary.wants("honest_mean") or adversary.wants("honest_std"):
+                knowledge.update(honest_mean=vectors.mean(dim=0), honest_std=vectors.std(dim=0, unbiased=False))
+        else:
+            total = buffer.detach().clone()
+            squares = buffer.detach() * buffer.detach()
+            dist.all_reduce(total, group=state.process_group)
+            dist.all_reduce(squares, group=state.process_group)
+            mean = total / state.world_size
+            knowledge = {"honest_mean": mean, "honest_std": (squares / state.world_size - mean * mean).clamp_min(0).sqrt()}
         state.seconds["communication"] += time.perf_counter() - start
-        mean = total / state.world_size
-        knowledge = {"honest_mean": mean, "honest_std": (squares / state.world_size - mean * mean).clamp_min(0).sqrt()}
     if state.rank not in state.liars:
         return buffer
+    knowledge["liars"] = tuple(sorted(state.liars))
+    knowledge["defence"] = lambda received: _simulated_defence(state, received, index)
     return adversary.corrupt(buffer, rank=state.rank, step=state.step, bucket=index, **knowledge)
+
+
+def _simulated_defence(state: DracoHookState, received: Tensor, index: int) -> Optional[Tensor]:
+    """The PS's result for ``received`` as a liar can compute it: its own copy of the code and rule,
+    its own randomness in place of the PS's secret, the rule's state restored after (None: the
+    decode fails). With whole-step aggregation this runs on one bucket: a proxy for the whole step."""
+    rule = getattr(state.code, "aggregator", None)
+    saved = rule.state_dict() if rule is not None else None
+    try:
+        gen = generator(state.adversary.seed, state.step, index, -2, device=received.device)
+        return state.code.decode(received, generator=gen).total / state.world_size
+    except DracoDecodeError:
+        return None
+    finally:
+        if rule is not None:
+            rule.load_state_dict(saved)
 
 
 def _gather(state: DracoHookState, outgoing: Tensor, received: Optional[Tensor]) -> None:

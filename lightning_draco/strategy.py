@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.adversary import Adversary
-from lightning_draco.aggregators import Aggregator, make_aggregator
+from lightning_draco.aggregators import Aggregator, make_aggregator, with_pre_aggregators
 from lightning_draco.codes import Code, DracoDecodeError, NonFiniteGradientError, code_class
 from lightning_draco.codes.aggregated import AggregatedCode
 from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed, transfer_seed
@@ -85,6 +85,9 @@ class DracoStrategy(DDPStrategy):
             over the verified group sums with ``code="frc"`` (DETOX). Its ``num_byzantine`` is
             ``num_adversaries`` unless ``aggregator_options`` says otherwise.
         aggregator_options: keyword options of the rule (``tau=``, ``m=``, ``num_byzantine=`` ...).
+        pre_aggregators: applied in order before the rule (``"nnm"``, ``"bucketing"``, ``"arc"``,
+            ``{"name": "clipping", "threshold": C}``, or ``PreAggregator`` instances), also over
+            DETOX's group sums; they tolerate the rule's ``num_byzantine``.
         aggregate_over: ``"whole"`` (default): the rule sees each step's whole flattened
             gradient; the PS then holds ``P x`` the model's gradient. ``"bucket"``: the rule runs
             per DDP bucket (what the 2018 baseline did per layer), holding one bucket.
@@ -115,6 +118,7 @@ class DracoStrategy(DDPStrategy):
         aggregator_options: Optional[dict] = None,
         aggregate_over: str = "whole",
         timeout: Union[timedelta, float, None] = None,
+        pre_aggregators: Optional[list] = None,
         **kwargs: Any,
     ) -> None:
         for name in _OWN_HOOK_ARGS:
@@ -137,6 +141,10 @@ class DracoStrategy(DDPStrategy):
         if isinstance(aggregator, str):
             options = dict(aggregator_options or {})
             aggregator = make_aggregator(aggregator, options.pop("num_byzantine", num_adversaries), **options)
+        if pre_aggregators:
+            if not isinstance(aggregator, Aggregator):
+                raise ValueError(f"pre_aggregators need an aggregator to feed (got aggregator={aggregator!r}).")
+            aggregator = with_pre_aggregators(aggregator, pre_aggregators)
         if aggregator is not None and not isinstance(aggregator, Aggregator):
             raise ValueError(f"aggregator must be a rule's name, an Aggregator or None (got {aggregator!r}).")
         if aggregator is not None and not self._code_cls.supports_aggregation:
@@ -321,6 +329,8 @@ class DracoStrategy(DDPStrategy):
     def _partition_forward(self, batch: PartitionBatch, index: int, args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
         """The user's training step on one partition, under that partition's seeds; its output and loss."""
         partition, part = batch.partitions[index], batch.batches[index]
+        if self.adversary is not None and self.adversary.acts_on_batch and self.global_rank in self._hook_state.liars:
+            part = self.adversary.poison(part, rank=self.global_rank, step=self._hook_state.step)
         with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
             output = super().training_step(part, *args, **kwargs)
         loss = _loss_of(output)

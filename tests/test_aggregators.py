@@ -251,3 +251,150 @@ def test_alie_moves_median_rules_but_not_draco():
     result = code.decode(coded)
     assert result.faulty == [4]
     assert torch.equal(result.total, coded[0] + coded[3])
+
+
+# -- rules added with issue 13: MDA, MoNNA, Meamed ---------------------------------------------------
+
+
+def ref_mda(xs, f):
+    import itertools as it
+
+    best, best_diameter = None, math.inf
+    for subset in it.combinations(range(len(xs)), len(xs) - f):
+        diameter = max((sqdist(xs[i], xs[j]) for i, j in it.combinations(subset, 2)), default=0.0)
+        if diameter < best_diameter:
+            best, best_diameter = subset, diameter
+    return [sum(xs[i][c] for i in best) / len(best) for c in range(len(xs[0]))]
+
+
+def ref_monna(xs, f, reference):
+    order = sorted(range(len(xs)), key=lambda j: (-1.0 if j == reference else sqdist(xs[j], xs[reference]), j))
+    kept = order[: len(xs) - f]
+    return [sum(xs[i][c] for i in kept) / len(kept) for c in range(len(xs[0]))]
+
+
+def ref_meamed(column, f):
+    med = ref_median(column)
+    kept = sorted(column, key=lambda v: (abs(v - med), v))[: len(column) - f]
+    return sum(kept) / len(kept)
+
+
+@given(inputs(min_n=1), st.integers(0, 3), st.data())
+def test_mda_monna_meamed_match_their_definitions(rows, f, data):
+    n = len(rows)
+    if 2 * f >= n:
+        return
+    x = as_tensor(rows)
+    torch.testing.assert_close(make_aggregator("mda", f)(x), torch.tensor(ref_mda(rows, f), dtype=torch.float64))
+    reference = data.draw(st.integers(0, n - 1))
+    torch.testing.assert_close(
+        make_aggregator("monna", f, reference=reference)(x), torch.tensor(ref_monna(rows, f, reference), dtype=torch.float64)
+    )
+    columns = list(zip(*rows))
+    torch.testing.assert_close(make_aggregator("meamed", f)(x), torch.tensor([ref_meamed(c, f) for c in columns], dtype=torch.float64))
+
+
+def test_new_rules_on_the_smallest_inputs_and_ties():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
+    for name in ("mda", "monna", "meamed"):
+        # n = 2f + 1 = 3: the two nearest of three equally spaced points, ties to the lower ones.
+        torch.testing.assert_close(make_aggregator(name, 1)(x), torch.tensor([2.5, 3.5, 4.5]))
+        torch.testing.assert_close(make_aggregator(name, 0)(x), x.mean(0))  # f = 0: the mean
+        assert torch.equal(make_aggregator(name, 0)(x[:1]), x[0])  # n = 1
+    # Meamed: values equidistant from the median keep the smaller one.
+    column = torch.tensor([[0.0], [1.0], [2.0], [10.0]])  # median 1.5: 1 and 2 first, then 0 (dist 1.5) before 10
+    torch.testing.assert_close(make_aggregator("meamed", 1)(column), torch.tensor([1.0]))
+
+
+def test_monna_averages_the_neighbours_of_the_trusted_vector_only():
+    x = torch.tensor([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    torch.testing.assert_close(make_aggregator("monna", 2, reference=0)(x), torch.tensor([1.0]))
+    torch.testing.assert_close(make_aggregator("monna", 2, reference=4)(x), torch.tensor([23.0 / 3]))
+
+
+@pytest.mark.parametrize("name", ["meamed", "mda"])
+def test_new_rules_do_not_depend_on_the_order_of_workers(name):
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(make_aggregator(name, 2)(x), make_aggregator(name, 2)(x[perm]))
+
+
+def test_monna_follows_its_trusted_vector_when_workers_are_reordered():
+    x = torch.randn(9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(3))
+    moved = int((perm == 0).nonzero())
+    torch.testing.assert_close(make_aggregator("monna", 2)(x), make_aggregator("monna", 2, reference=moved)(x[perm]))
+
+
+@pytest.mark.parametrize(
+    "name, options, n, f, message",
+    [
+        ("mda", {}, 4, 2, r"aggregator 'mda' needs 2 \* num_byzantine < n \(got n=4, num_byzantine=2\)"),
+        ("mda", {"max_subsets": 10}, 7, 2, r"aggregator 'mda' needs C\(n, num_byzantine\) = 21 subsets <= max_subsets = 10"),
+        ("monna", {}, 2, 1, r"aggregator 'monna' needs 2 \* num_byzantine < n"),
+        ("monna", {"reference": 5}, 5, 1, r"aggregator 'monna' needs reference < n \(reference=5\)"),
+        ("meamed", {}, 6, 3, r"aggregator 'meamed' needs 2 \* num_byzantine < n"),
+    ],
+)
+def test_new_rules_refuse_their_preconditions(name, options, n, f, message):
+    with pytest.raises(ValueError, match=message):
+        make_aggregator(name, f, **options)(torch.zeros(n, 3))
+
+
+@pytest.mark.parametrize("name", ["mda", "monna", "meamed"])
+def test_new_rules_survive_non_finite_liars(name):
+    x = torch.randn(11, 5, generator=torch.Generator().manual_seed(5))
+    x[3] = float("nan")
+    x[7] = float("inf")
+    assert torch.isfinite(make_aggregator(name, 2)(x)).all()
+
+
+# -- the engines underneath: cheap finiteness, sorting networks, centred distances --------------------
+
+
+@given(st.lists(st.lists(st.sampled_from([0.0, -1.0, 2.5, 3e38, -3e38, float("inf"), float("-inf"), float("nan")]),
+                         min_size=3, max_size=3), min_size=1, max_size=6))
+def test_finite_rows_agrees_with_the_exact_check(rows):
+    from lightning_draco.aggregators.base import finite_rows
+
+    x = torch.tensor(rows, dtype=torch.float32)
+    exact = torch.isfinite(x).all(dim=1)
+    got = finite_rows(x)
+    assert (got is None) == bool(exact.all())
+    if got is not None:
+        assert torch.equal(got, exact)
+
+
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=32))
+def test_sorting_network_sorts_every_sequence(values):
+    from lightning_draco.aggregators.coordinatewise import sorting_network
+
+    v = list(values)
+    for i, j in sorting_network(len(v)):
+        if v[i] > v[j]:
+            v[i], v[j] = v[j], v[i]
+    assert v == sorted(values)
+
+
+@given(st.integers(1, 33), st.integers(0, 16), st.data())
+def test_order_statistics_match_a_sort_across_blocks(n, f, data):
+    from lightning_draco.aggregators import coordinatewise
+
+    lo = data.draw(st.integers(0, n - 1))
+    hi = data.draw(st.integers(lo + 1, n))
+    x = torch.randint(-3, 4, (n, 2 * coordinatewise._NETWORK_BLOCK + 5)).float()  # ties, and three blocks
+    expected = x.sort(dim=0).values[lo:hi].mean(dim=0)
+    torch.testing.assert_close(coordinatewise.mean_of_order_statistics(x, lo, hi), expected)
+    torch.testing.assert_close(coordinatewise.sorted_columns(x), x.sort(dim=0).values)
+
+
+def test_distances_keep_their_digits_for_long_vectors_close_together():
+    from lightning_draco.aggregators.distance import pairwise_sq_distances
+
+    gen = torch.Generator().manual_seed(8)
+    x = 100.0 + 1e-2 * torch.randn(6, 100_000, generator=gen)  # |x|^2 = 1e9, distances^2 ~ 20
+    exact = torch.cdist(x.double(), x.double()).pow(2)
+    torch.testing.assert_close(pairwise_sq_distances(x), exact, rtol=1e-4, atol=1e-6)
+    x[2] = float("nan")
+    sq = pairwise_sq_distances(x)
+    assert torch.isinf(sq[2, [0, 1, 3]]).all() and sq[2, 2] == 0 and torch.isfinite(sq[[0, 1], :][:, [0, 1]]).all()

@@ -40,7 +40,7 @@ def test_the_groups_offer_what_the_documentation_lists():
     assert set(options("attack")) >= {"none", "reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan_gradient",
                                       "inf_gradient", "collude", "alie", "ipm"}
     assert set(options("aggregator")) >= {"none", "mean", "median", "trimmed_mean", "geometric_median", "krum",
-                                          "multi_krum", "bulyan", "centered_clipping"}
+                                          "multi_krum", "bulyan", "centered_clipping", "mda", "monna", "meamed"}
 
 
 @pytest.mark.parametrize("code", options("code"))
@@ -50,6 +50,17 @@ def test_every_code_builds_its_strategy(code):
     assert isinstance(strategy, DracoStrategy) and strategy.code_name == code
     assert strategy.num_adversaries == cfg.code.num_adversaries
     strategy._check_world(6)
+
+
+def test_pre_aggregators_come_from_the_aggregator_group():
+    cfg = compose_with("code=none", "aggregator=krum", "aggregator.pre=[nnm,{name:clipping,threshold:5.0}]")
+    strategy = train.build_strategy(cfg)
+    assert strategy.aggregator.name == "nnm+clipping+krum" and strategy.aggregator.pre[1].threshold == 5.0
+    strategy._check_world(6)
+    cfg = compose_with("code=frc", "code.num_adversaries=1", "aggregator=median", "aggregator.pre=[bucketing]")
+    with pytest.raises(ValueError, match=r"after the pre-aggregators \(bucketing\)"):
+        train.build_strategy(cfg)._check_world(9)
+    assert train.build_strategy(compose_with("aggregator=median")).aggregator.name == "median"
 
 
 @pytest.mark.parametrize("attack", options("attack"))

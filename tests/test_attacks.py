@@ -89,3 +89,186 @@ def test_attack_returning_wrong_shape_is_an_error():
     adversary = Adversary(ranks=[1], attack=lambda honest: honest[:1])
     with pytest.raises(ValueError, match="must return a tensor of shape"):
         adversary.corrupt(torch.zeros(4), rank=1, step=0, bucket=0)
+
+
+# -- adaptive attacks (issue 13): optimal ALIE and IPM, mimic, label flipping --------------------------
+
+from lightning_draco.aggregators import make_aggregator  # noqa: E402
+from lightning_draco.attacks.adaptive import search_factor  # noqa: E402
+from lightning_draco.codes import FractionalRepetitionCode  # noqa: E402
+from lightning_draco.codes.aggregated import AggregatedCode  # noqa: E402
+from lightning_draco.codes.uncoded import Uncoded  # noqa: E402
+from lightning_draco.hook import DracoHookState, _simulated_defence  # noqa: E402
+
+
+def honest_workers(n=9, d=400, seed=0, spread=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(d, generator=gen) + spread * torch.randn(n, d, generator=gen)
+
+
+def sent_by(name, vectors, liars, defence, **options):
+    adversary = Adversary(ranks=list(liars), attack=name, **options)
+    return adversary.corrupt(vectors[liars[0]], rank=liars[0], step=0, bucket=0, honest_vectors=vectors,
+                             liars=tuple(liars), defence=defence, honest_mean=vectors.mean(0),
+                             honest_std=vectors.std(0, unbiased=False))
+
+
+def moved(rule, vectors, liars, lie):
+    received = vectors.clone()
+    received[list(liars)] = lie
+    return float((rule(received) - rule(vectors)).norm())
+
+
+def test_search_factor_finds_the_maximum_of_a_peaked_objective():
+    for peak in (0.003, 0.7, 4.2, 19.0):
+        found = search_factor(lambda x: -abs(x - peak), 20.0, grid=16, refine=12)
+        assert abs(found - peak) <= 0.05 * peak + 1e-3, (peak, found)
+    assert search_factor(lambda x: 0.0, 20.0, 16, 10) == 0.0  # nothing to gain: no lie
+    with pytest.raises(ValueError, match="grid >= 2"):
+        search_factor(lambda x: x, 1.0, 1, 0)
+
+
+@pytest.mark.parametrize("rule_name", ["median", "trimmed_mean", "krum", "geometric_median", "meamed", "centered_clipping"])
+def test_optimal_alie_moves_each_rule_at_least_as_far_as_alie(rule_name):
+    vectors, liars = honest_workers(), [7, 8]
+    rule = make_aggregator(rule_name, 2, **({"tau": 10.0} if rule_name == "centered_clipping" else {}))
+    defence = lambda received: make_aggregator(rule_name, 2, **({"tau": 10.0} if rule_name == "centered_clipping" else {}))(received)  # noqa: E731
+    fixed = sent_by("alie", vectors, liars, defence)
+    optimal = sent_by("optimal_alie", vectors, liars, defence)
+    assert moved(rule, vectors, liars, optimal) >= moved(rule, vectors, liars, fixed) - 1e-6
+    assert moved(rule, vectors, liars, optimal) > 0.2 * float(vectors.std(0).norm()) / 3, "a visible bias"
+
+
+@pytest.mark.parametrize("rule_name", ["median", "trimmed_mean", "mean"])
+def test_optimal_ipm_moves_each_rule_at_least_as_far_as_ipm(rule_name):
+    vectors, liars = honest_workers(spread=0.3), [7, 8]
+    rule = make_aggregator(rule_name, 2)
+    fixed = sent_by("ipm", vectors, liars, rule)
+    optimal = sent_by("optimal_ipm", vectors, liars, rule)
+    assert moved(rule, vectors, liars, optimal) > moved(rule, vectors, liars, fixed)
+
+
+def test_optimal_attacks_gain_nothing_against_draco():
+    """Against FRC's vote every candidate is caught: the decode is exactly the honest one."""
+    code = FractionalRepetitionCode(9, 1)
+    gen = torch.Generator().manual_seed(3)
+    partitions = torch.randn(9, 300, generator=gen)
+    coded = torch.stack([partitions[code.partitions(w)].sum(0) for w in range(9)])
+    defence = lambda received: code.decode(received).total / 9  # noqa: E731
+    for name in ("optimal_alie", "optimal_ipm", "mimic"):
+        received = coded.clone()
+        received[4] = sent_by(name, coded, [4], defence)
+        result = code.decode(received)
+        assert result.faulty == [4] and torch.equal(result.total, code.decode(coded).total), name
+
+
+def test_mimic_copies_one_honest_worker_and_krum_then_returns_it():
+    vectors, liars = honest_workers(spread=2.0), [7, 8]
+    assert torch.equal(sent_by("mimic", vectors, liars, None), vectors[0])
+    assert torch.equal(sent_by("mimic", vectors, liars, None, target=3), vectors[3])
+    received = vectors.clone()
+    received[liars] = vectors[3]
+    # f + 1 identical vectors: Krum's smallest score is the mimicked worker's, whatever the others say.
+    assert torch.equal(make_aggregator("krum", 2)(received), vectors[3])
+    with pytest.raises(ValueError, match=r"attack 'mimic': target must be a rank in \[0, 9\)"):
+        sent_by("mimic", vectors, liars, None, target=9)
+
+
+def test_the_liars_defence_is_the_ps_decode_without_side_effects():
+    clipping = make_aggregator("centered_clipping", 1, tau=1.0)
+    code = AggregatedCode(Uncoded(5, 0), clipping)
+    state = DracoHookState(code, rank=2, ps_rank=0, adversary=Adversary(ranks=[2], attack="optimal_alie"))
+    received = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
+    clipping.anchor = torch.ones(7)
+    first = _simulated_defence(state, received, 0)
+    assert torch.equal(clipping.anchor, torch.ones(7)), "the anchor is restored"
+    assert torch.equal(_simulated_defence(state, received, 0), first)
+    fresh = make_aggregator("centered_clipping", 1, tau=1.0)
+    fresh.anchor = torch.ones(7)
+    torch.testing.assert_close(first, fresh(received))  # what the PS would return, from the same anchor
+    frc = DracoHookState(FractionalRepetitionCode(3, 1), rank=1, ps_rank=0)
+    frc.adversary = Adversary(ranks=[1, 2], attack="optimal_alie")
+    assert _simulated_defence(frc, torch.randn(3, 4), 0) is None, "two of three replicas disagreeing: decode fails"
+
+
+def test_label_flip_flips_labels_and_checks_them():
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 9])
+    adversary = Adversary(ranks=[1], attack="label_flip", num_classes=10)
+    assert adversary.acts_on_batch and not adversary.omniscient
+    px, py = adversary.poison((x, y), rank=1, step=0)
+    assert px is x and torch.equal(py, torch.tensor([9, 8, 7, 0])) and torch.equal(y, torch.tensor([0, 1, 2, 9]))
+    assert torch.equal(adversary.poison({"x": x, "label": y}, rank=1, step=0)["label"], 9 - y)
+    honest = torch.randn(5)
+    assert adversary.corrupt(honest, rank=1, step=0, bucket=0) is honest, "the gradient is sent as computed"
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=3\)"):
+        Adversary(ranks=[1], attack="label_flip", num_classes=3).poison((x, y), rank=1, step=0)
+    with pytest.raises(ValueError, match="labels must be an integer tensor"):
+        adversary.poison((x, y.float()), rank=1, step=0)
+
+
+def _partition_gradients(flip_worker_partitions=()):
+    """Per-partition gradients of a linear classifier on fixed data; the given partitions on flipped labels."""
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(3, 5, generator=gen)
+    data = torch.randn(9, 16, 5, generator=gen)
+    labels = (data @ weight.T).argmax(-1)
+    grads = []
+    for p in range(9):
+        w = torch.zeros(3, 5, requires_grad=True)
+        y = labels[p]
+        if p in flip_worker_partitions:
+            _, y = get_attack("label_flip")((data[p], y), num_classes=3)
+        torch.nn.functional.cross_entropy(data[p] @ w.T, y).backward()
+        grads.append(w.grad.flatten())
+    return torch.stack(grads)
+
+
+def test_label_flipping_is_caught_by_draco_and_moves_a_robust_rule():
+    code = FractionalRepetitionCode(9, 1)
+    honest = _partition_gradients()
+    liar = 4
+    flipped = _partition_gradients(flip_worker_partitions=set(code.partitions(liar)))
+    coded = torch.stack([honest[code.partitions(w)].sum(0) for w in range(9)])
+    received = coded.clone()
+    received[liar] = flipped[code.partitions(liar)].sum(0)
+    result = code.decode(received)
+    assert result.faulty == [liar] and torch.equal(result.total, code.decode(coded).total)
+
+    # Without redundancy the liar is one of nine plausible gradients: its norm is not an outlier,
+    # and the median moves towards it.
+    received = honest.clone()
+    received[liar] = flipped[liar]
+    norms = honest.norm(dim=1)
+    assert norms.min() <= flipped[liar].norm() <= norms.max() * 2
+    median = make_aggregator("median", 1)
+    assert not torch.equal(median(received), median(honest))
+    toward = flipped[liar] - honest[liar]
+    assert float((median(received) - median(honest)) @ toward) > 0
+
+
+def test_strategy_poisons_the_liars_batches_only(monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_draco import DracoStrategy
+    from lightning_draco.data import PartitionBatch
+
+    seen = []
+
+    def record(self, batch, *args, **kwargs):
+        seen.append(batch[1].clone())
+        return (batch[0].sum() * 0 + 1).requires_grad_()
+
+    monkeypatch.setattr(DDPStrategy, "training_step", record)
+    monkeypatch.setattr(DracoStrategy, "root_device", property(lambda self: torch.device("cpu")))
+    strategy = DracoStrategy(code="frc", num_adversaries=1, adversary=dict(ranks=[1], attack="label_flip", num_classes=3))
+    strategy.code = FractionalRepetitionCode(3, 1)
+    strategy.seed = 0
+    strategy._hook_state = DracoHookState(strategy.code, rank=1, ps_rank=0, adversary=strategy.adversary)
+    strategy._hook_state.begin_step(0)
+    y = torch.tensor([0, 1, 2])
+    batch = PartitionBatch(batches=[(torch.ones(3, 2), y)] * 3, partitions=[0, 1, 2], epoch=0, index=0)
+    for rank, expected in ((1, 2 - y), (2, y)):
+        seen.clear()
+        monkeypatch.setattr(DracoStrategy, "global_rank", property(lambda self, r=rank: r))
+        strategy.training_step(batch, 0)
+        assert len(seen) == 3 and all(torch.equal(s, expected) for s in seen), rank

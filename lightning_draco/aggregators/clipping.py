@@ -8,18 +8,25 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator
+from lightning_draco.aggregators.base import Aggregator, finite_rows
 
 
 @register_aggregator
 class CenteredClipping(Aggregator):
-    """v <- v + mean_i (x_i - v) * min(1, tau / ||x_i - v||), ``iterations`` times (default 1),
-    starting from the previous call's result (zero at the first call). ``tau`` defaults to 100.
+    """Centred clipping, ``iterations`` times (default 1), from the previous call's result
+    (zero at the first call); ``tau`` defaults to 100:
 
-    A non-finite input contributes nothing (as if clipped to zero length). The anchor is one vector
-    of the full length: with whole-vector aggregation the PS lays the gradient out by parameter,
-    not by DDP's buckets, so the anchor survives DDP's bucket rebuild and a resume (the strategy
-    keeps it in the checkpoint).
+    1. Find the non-finite inputs with one cheap pass; they contribute nothing (as if clipped
+       to zero length), and only then are the finite rows copied out.
+    2. c_i = min(1, tau / ||x_i - v||) for each input.
+    3. v <- v + (1/n) sum_i c_i (x_i - v) = v (1 - sum_i c_i / n) + (sum_i c_i x_i) / n.
+
+    Step 2 reads the inputs once without forming x_i - v (a distance to one point); step 3 is one
+    matrix-vector product: two passes and no (n, d) temporaries per iteration.
+
+    The anchor is one vector of the full length: with whole-vector aggregation the PS lays the
+    gradient out by parameter, not by DDP's buckets, so the anchor survives DDP's bucket rebuild
+    and a resume (the strategy keeps it in the checkpoint).
     """
 
     name = "centered_clipping"
@@ -37,12 +44,17 @@ class CenteredClipping(Aggregator):
             v = torch.zeros_like(inputs[0])
         else:  # e.g. restored from a checkpoint onto another device
             v = v.to(device=inputs.device, dtype=inputs.dtype)
-        finite = torch.isfinite(inputs).all(dim=1, keepdim=True)
+        n = inputs.shape[0]
+        x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
+        v = v.to(x.dtype)
+        finite = finite_rows(x)
+        if finite is not None:
+            x = x[finite]
         for _ in range(self.iterations):
-            diff = torch.where(finite, inputs - v, torch.zeros((), dtype=inputs.dtype, device=inputs.device))
-            norms = torch.linalg.vector_norm(diff.float(), dim=1)
-            scale = torch.clamp(self.tau / norms.clamp_min(1e-30), max=1.0).to(inputs.dtype)
-            v = v + (diff * scale[:, None]).mean(dim=0)
+            norms = torch.cdist(x, v[None]).squeeze(1)
+            scale = torch.clamp(self.tau / norms.clamp_min(1e-30), max=1.0)
+            v = v * (1 - scale.sum() / n) + (scale @ x) / n
+        v = v.to(inputs.dtype)
         self.anchor = v.detach().clone()
         return v
 

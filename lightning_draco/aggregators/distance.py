@@ -2,26 +2,64 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator
+from lightning_draco.aggregators.base import Aggregator, Scratch, finite_rows
 from lightning_draco.aggregators.coordinatewise import coordinate_median
 
 
-def pairwise_sq_distances(inputs: Tensor) -> Tensor:
+def pairwise_sq_distances(inputs: Tensor, scratch: Optional[Scratch] = None) -> Tensor:
     """``(n, n)`` squared Euclidean distances in float64; a non-finite input is infinitely far from all.
 
-    ``cdist`` computes differences directly for up to 25 inputs and through one matrix product
-    (a single pass over the data, with the cancellation error of ``|a|^2 + |b|^2 - 2ab``) above.
+    1. Find the non-finite rows with one cheap pass (``finite_rows``); copy the finite ones
+       out only when a non-finite row exists.
+    2. Pick a centre c: the medoid (smallest sum of distances to the others) estimated on the
+       first ``_CENTRE_COLUMNS`` coordinates.
+    3. Centre the rows on c (into ``scratch`` when given: no fresh allocation), form their Gram
+       matrix G in one matrix product and return G_ii + G_jj - 2 G_ij.
+
+    Centring is for accuracy: ``|a|^2 + |b|^2 - 2ab`` on raw gradients loses the digits of a
+    small distance between long vectors, while centred on a point of the honest cloud the terms
+    are of the distances' own size (a centre a liar chose costs accuracy, never correctness).
+    With a scratch buffer this costs about a fifth of ``torch.cdist``'s direct differences for
+    n <= 25 (15 x 4M float32: 0.10 s against 0.48 s).
     """
     x = inputs if inputs.dtype == torch.float64 else inputs.float()
-    finite = torch.isfinite(x).all(dim=1)
-    x = torch.where(finite[:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
-    sq = torch.cdist(x, x).double().pow(2)
-    far = ~(finite[:, None] & finite[None, :])
-    return sq.masked_fill(far, float("inf")).fill_diagonal_(0.0)
+    n = x.shape[0]
+    finite = finite_rows(x)
+    if finite is not None:
+        x = x[finite]
+    sq = _centred_sq_distances(x, scratch) if x.shape[0] else x.new_zeros(0, 0, dtype=torch.float64)
+    if finite is None:
+        return sq
+    full = torch.full((n, n), float("inf"), dtype=torch.float64, device=x.device)
+    index = finite.nonzero().flatten()
+    full[index[:, None], index[None, :]] = sq
+    return full.fill_diagonal_(0.0)
+
+
+# Coordinates that choose the centre: enough to tell the honest cloud from liars, 1/60 of a 4M pass.
+_CENTRE_COLUMNS = 1 << 16
+
+
+def _sq_from_gram(gram: Tensor) -> Tensor:
+    norms = gram.diagonal()
+    sq = (norms[:, None] + norms[None, :] - 2 * gram).clamp_min_(0)
+    # Finite vectors whose squares overflow are as good as infinitely far.
+    return torch.nan_to_num(sq, nan=float("inf")).fill_diagonal_(0.0)
+
+
+def _centred_sq_distances(x: Tensor, scratch: Optional[Scratch]) -> Tensor:
+    head = x[:, :_CENTRE_COLUMNS]
+    head = head - head[0]
+    rough = _sq_from_gram((head @ head.T).double())
+    centre = x[int(torch.argmin(rough.sqrt().sum(dim=1)))]
+    centred = torch.sub(x, centre, out=scratch.like(x)) if scratch is not None else x - centre
+    return _sq_from_gram((centred @ centred.T).double())
 
 
 def krum_scores(sq_dist: Tensor, num_byzantine: int) -> Tensor:
@@ -43,7 +81,7 @@ class Krum(Aggregator):
         self._require(num_inputs >= 2 * self.num_byzantine + 3, "n >= 2 * num_byzantine + 3", num_inputs)
 
     def aggregate(self, inputs: Tensor) -> Tensor:
-        scores = krum_scores(pairwise_sq_distances(inputs), self.num_byzantine)
+        scores = krum_scores(pairwise_sq_distances(inputs, self.scratch), self.num_byzantine)
         return inputs[int(torch.argmin(scores))].clone()
 
 
@@ -65,9 +103,9 @@ class MultiKrum(Aggregator):
 
     def aggregate(self, inputs: Tensor) -> Tensor:
         m = self.m if self.m is not None else inputs.shape[0] - self.num_byzantine
-        scores = krum_scores(pairwise_sq_distances(inputs), self.num_byzantine)
+        scores = krum_scores(pairwise_sq_distances(inputs, self.scratch), self.num_byzantine)
         chosen = torch.argsort(scores, stable=True)[:m]
-        return inputs[chosen].mean(dim=0)
+        return mean_of_rows(inputs, chosen)
 
 
 @register_aggregator
@@ -84,7 +122,7 @@ class Bulyan(Aggregator):
     def aggregate(self, inputs: Tensor) -> Tensor:
         n, f = inputs.shape[0], self.num_byzantine
         theta, beta = n - 2 * f, n - 4 * f
-        sq_dist = pairwise_sq_distances(inputs)
+        sq_dist = pairwise_sq_distances(inputs, self.scratch)
         remaining = list(range(n))
         selected = []
         for _ in range(theta):
@@ -99,11 +137,33 @@ class Bulyan(Aggregator):
         return chosen.gather(0, closest).mean(dim=0)
 
 
+def mean_of_rows(inputs: Tensor, rows: Tensor) -> Tensor:
+    """The mean of ``inputs[rows]``, read in one pass without copying the rows out when possible.
+
+    A weight vector times the matrix (``w @ X``) skips the copy of ``inputs[rows]``; it cannot be
+    used when an unchosen row is non-finite (0 * NaN is NaN) or for dtypes without a fast CPU
+    matrix product.
+    """
+    if inputs.dtype in (torch.float32, torch.float64) and finite_rows(inputs) is None:
+        weights = torch.zeros(inputs.shape[0], dtype=inputs.dtype, device=inputs.device)
+        weights[rows] = 1.0 / rows.numel()
+        return weights @ inputs
+    return inputs[rows].mean(dim=0)
+
+
 @register_aggregator
 class GeometricMedian(Aggregator):
-    """argmin_z sum_i ||z - x_i||, by Weiszfeld's iterations z <- sum(x_i / b_i) / sum(1 / b_i),
-    b_i = max(||x_i - z||, nu), from the coordinate-wise median; stops when ||z' - z|| <= tol * ||z||
-    (tol = 1e-5) or after ``max_iter`` (100) iterations. Non-finite inputs get weight 0."""
+    """argmin_z sum_i ||z - x_i|| (the geometric median), by Weiszfeld's iterations:
+
+    1. Drop non-finite inputs (infinitely far: weight 0), found with one cheap pass.
+    2. Start from the mean of the remaining inputs.
+    3. Repeat: b_i = max(||x_i - z||, nu), z' = sum_i(x_i / b_i) / sum_i(1 / b_i); stop when
+       ||z' - z|| <= tol * ||z'|| (tol = 1e-5) or after ``max_iter`` (100) iterations.
+
+    The minimiser does not depend on the start; the mean costs one pass where the coordinate-wise
+    median cost a sort (about fifteen of these iterations). Each iteration reads the inputs twice
+    (the distances, then the weighted sum as one matrix-vector product) and copies nothing.
+    """
 
     name = "geometric_median"
 
@@ -120,13 +180,14 @@ class GeometricMedian(Aggregator):
 
     def aggregate(self, inputs: Tensor) -> Tensor:
         x = inputs.float() if inputs.dtype in (torch.float16, torch.bfloat16) else inputs
-        finite = torch.isfinite(x).all(dim=1)
-        if not bool(finite.all()):  # a non-finite input is infinitely far: weight 0
+        finite = finite_rows(x)
+        if finite is not None:
             x = x[finite]
-        z = coordinate_median(x)
+        weights = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype, device=x.device)
+        z = weights @ x
         for self.iterations in range(1, self.max_iter + 1):
-            weights = 1.0 / torch.linalg.vector_norm(x - z, dim=1).clamp_min(self.nu)
-            new = (weights[:, None] * x).sum(dim=0) / weights.sum()
+            weights = 1.0 / torch.cdist(x, z[None]).squeeze(1).clamp_min(self.nu)
+            new = (weights @ x) / weights.sum()
             moved = float(torch.linalg.vector_norm(new - z))
             z = new
             if moved <= self.tol * float(torch.linalg.vector_norm(z)):

@@ -5,7 +5,10 @@ An attack is a function ``attack(honest, **context) -> Tensor`` that must not mo
 ``bucket``, ``generator`` (its own random stream for this step and bucket),
 ``shared_generator`` (one stream shared by all colluding adversaries), and for omniscient
 attacks ``honest_mean`` and ``honest_std`` (per coordinate, over all workers' honest vectors;
-asking for them makes every rank pay an extra collective). An attack declares
+asking for them makes every rank pay an extra collective), or ``honest_vectors`` (every
+worker's honest vector, ``(P, d)``: an all-gather), ``liars`` (the ranks lying at this step) and
+``defence`` (``defence(received) -> the PS's result or None``, the PS's decode with its rule,
+run without side effects: adaptive attacks search against it). An attack declares
 the context keywords it needs; the rest are not passed. Its own options (``scale``,
 ``sigma``, ...) are keyword arguments with defaults.
 
@@ -26,15 +29,34 @@ Attack = Callable[..., Tensor]
 
 ATTACKS: Registry[Attack] = Registry("an attack", "attack", alternatives=", or a callable")
 
-CONTEXT_KEYS = ("rank", "step", "bucket", "generator", "shared_generator", "honest_mean", "honest_std")
+CONTEXT_KEYS = (
+    "rank", "step", "bucket", "generator", "shared_generator", "honest_mean", "honest_std", "honest_vectors", "liars",
+    "defence",
+)
 
-# Context that costs a collective to simulate: the mean and std of every worker's honest vector.
-OMNISCIENT_KEYS = ("honest_mean", "honest_std")
+# Context that costs a collective to simulate: statistics of, or all of, every worker's honest vector.
+OMNISCIENT_KEYS = ("honest_mean", "honest_std", "honest_vectors")
 
 
 def register_attack(name: str) -> Callable[[Attack], Attack]:
     """Decorator: make the function available as ``Adversary(attack=name)``."""
     return lambda fn: ATTACKS.add(name, fn)
+
+
+def register_data_attack(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for an attack on the liar's data, ``attack(batch, **options) -> batch``: the liar
+    then computes and sends an honest-looking gradient of the poisoned batch (``Adversary.poison``)."""
+
+    def add(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.acts_on = "batch"
+        return ATTACKS.add(name, fn)
+
+    return add
+
+
+def acts_on_batch(attack: Attack) -> bool:
+    """Whether ``attack`` poisons the liar's batch (registered with ``register_data_attack``)."""
+    return getattr(attack, "acts_on", "gradient") == "batch"
 
 
 def get_attack(name: str) -> Attack:
@@ -57,4 +79,7 @@ def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context
 
 import_submodules(__name__, __path__)
 
-__all__ = ["ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "call_attack", "get_attack", "register_attack", "wants"]
+__all__ = [
+    "ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "acts_on_batch", "call_attack", "get_attack", "register_attack",
+    "register_data_attack", "wants",
+]

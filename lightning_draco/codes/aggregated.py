@@ -42,7 +42,8 @@ class AggregatedCode(Code):
 
     def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
         parts, faulty = self.inner.parts(received, generator=generator)
-        return DecodeResult(self.aggregator(parts) * parts.shape[0], faulty)
+        # The PS's generator also reaches the rule: bucketing draws its buckets from it.
+        return DecodeResult(self.aggregator(parts, generator=generator) * parts.shape[0], faulty)
 
     def __repr__(self) -> str:
         return f"AggregatedCode({self.inner!r}, {self.aggregator!r})"

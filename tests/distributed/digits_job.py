@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_draco  # noqa: F401  (registers "draco")
 from lightning_draco import Adversary, DracoDecodeError, DracoStrategy, NonFiniteGradientError
+from lightning_draco.aggregators import AGGREGATORS
 
 WORLD = int(os.environ.get("DRACO_TEST_WORLD", "6"))
 STEPS = int(os.environ.get("DRACO_TEST_STEPS", "30"))
@@ -95,6 +96,19 @@ for _attack in ATTACKS:
     SCENARIOS[f"frc_fixed_{_attack}"] = (lambda a: lambda: (dict(adversary=Adversary(ranks=[4], attack=a)), {}))(_attack)
     SCENARIOS[f"frc_random_{_attack}"] = (lambda a: lambda: (dict(adversary=Adversary(ranks="random", attack=a, seed=3)), {}))(_attack)
     SCENARIOS[f"none_{_attack}"] = (lambda a: lambda: (dict(code="none", adversary=Adversary(ranks=[4], attack=a)), {}))(_attack)
+# Adaptive and data attacks (issue 13): with a fixed liar only, since a random liar in rank 0's
+# group that mimics rank 0 sends its own honest vector.
+ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
+for _attack in ADAPTIVE:
+    SCENARIOS[f"frc_fixed_{_attack}"] = (lambda a: lambda: (dict(adversary=Adversary(ranks=[4], attack=a)), {}))(_attack)
+SCENARIOS["pre_nnm_krum_reverse"] = lambda: (
+    dict(code="none", aggregator="krum", pre_aggregators=["nnm"], adversary=Adversary(ranks=[4], attack="reverse")), {}
+)
+SCENARIOS["pre_bucketing_median_reverse"] = lambda: (
+    dict(code="none", aggregator="median", pre_aggregators=[{"name": "bucketing", "bucket_size": 2}],
+         adversary=Adversary(ranks=[4], attack="reverse")),
+    {},
+)
 SCENARIOS["frc_clean"] = lambda: ({}, {})
 SCENARIOS["none_clean"] = lambda: (dict(code="none"), {})
 SCENARIOS["frc_nodropout"] = lambda: ({}, dict(dropout=0.0))
@@ -154,7 +168,8 @@ def aggregator_scenario(name: str):
         attack = name.split("_", 1)[1]
         kw = dict(code="frc", aggregator="median", aggregator_options={"num_byzantine": 0})
     else:
-        rule, attack = name[4:].rsplit("_", 1)
+        rule = max((r for r in AGGREGATORS if name[4:].startswith(r + "_")), key=len)
+        attack = name[4 + len(rule) + 1 :]
         options = {"tau": 1.0} if rule == "centered_clipping" else {}
         kw = dict(code="none", aggregator=rule, aggregator_options=options, aggregate_over=over)
     if attack != "clean":

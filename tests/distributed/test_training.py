@@ -18,6 +18,7 @@ pytestmark = pytest.mark.distributed
 
 HERE = Path(__file__).parent
 ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude", "alie", "ipm"]
+ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
 RULES = ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "centered_clipping"]
 WRECKING = ["reverse", "constant", "nan", "inf"]
 SCENARIOS = (
@@ -29,6 +30,8 @@ SCENARIOS = (
     + ["resume_ps0", "resume_ps3", "resume_clip_ps3", "frc_diverge_raise", "frc_diverge_skip"]
     + [f"agg_{rule}_reverse" for rule in RULES]
     + ["agg_krum_reverse_bucket", "detox_reverse", "none_alie", "agg_median_alie"]
+    + [f"frc_fixed_{a}" for a in ADAPTIVE] + ["agg_median_clean", "agg_median_optimal_alie", "agg_median_label_flip"]
+    + ["pre_nnm_krum_reverse", "pre_bucketing_median_reverse"]
 )
 
 
@@ -218,3 +221,26 @@ def test_honest_nan_is_not_blamed_on_honest_ranks(runs):
     assert skip["global_step"] == 30 and skip["finite"]
     assert all(r["skipped"] == 27 for r in skip["ranks"])
     assert set(skip["faulty_counts"]) == {"4"} and skip["faulty_counts"]["4"] >= 3
+
+
+@pytest.mark.parametrize("attack", ADAPTIVE)
+def test_adaptive_and_data_attacks_are_caught_and_leave_the_clean_model(runs, attack):
+    """Optimal ALIE/IPM search against FRC's vote and find nothing; mimic copies another group's
+    vector; label flipping sends a genuine gradient of the wrong labels: the vote catches each."""
+    run = runs[f"frc_fixed_{attack}"]
+    assert run["faulty_counts"] == {"4": 30}
+    assert run["sha"] == runs["frc_clean"]["sha"] and run.get("error") is None
+
+
+@pytest.mark.parametrize("attack", ["optimal_alie", "label_flip"])
+def test_adaptive_and_data_attacks_move_the_median(runs, attack):
+    run = runs[f"agg_median_{attack}"]
+    assert run["finite"] and run.get("error") is None
+    assert run["sha"] != runs["agg_median_clean"]["sha"]
+
+
+@pytest.mark.parametrize("name", ["pre_nnm_krum_reverse", "pre_bucketing_median_reverse"])
+def test_pre_aggregated_rules_train_through_the_strategy(runs, name):
+    run = runs[name]
+    assert run["finite"] and run.get("error") is None and run["accuracy"] > 0.2
+    assert len({r["sha"] for r in run["ranks"]}) == 1
