@@ -41,6 +41,12 @@ _FAILURE_MODES = ("raise", "skip")
 _AGGREGATE_OVER = ("whole", "bucket")
 _CHECKPOINT_KEY = "draco"
 _OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+_UNUSED_PARAMETERS_ERROR = "Expected to have finished reduction in the prior iteration"
+_UNUSED_PARAMETERS_MESSAGE = (
+    "It looks like your LightningModule has parameters that were not used in producing the loss returned by"
+    " training_step. If this is intentional, enable DDP's detection of unused parameters under DRACO:"
+    " strategy='draco_find_unused_parameters_true', or DracoStrategy(find_unused_parameters=True)."
+)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -116,7 +122,8 @@ class DracoStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         for name in _OWN_HOOK_ARGS:
-            if name in kwargs:
+            # LightningCLI passes every inherited argument, these with their default None: only a value is refused.
+            if kwargs.get(name) is not None:
                 raise ValueError(f"{name} cannot be set on DracoStrategy: its communication is DRACO's own hook.")
         self._code_cls = code_class(code)
         if redundancy is None:
@@ -437,6 +444,11 @@ class DracoStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
+        # Before DDP's own rewording, which names strategy='ddp_find_unused_parameters_true'.
+        exception.args = tuple(
+            _UNUSED_PARAMETERS_MESSAGE if isinstance(arg, str) and _UNUSED_PARAMETERS_ERROR in arg else arg
+            for arg in exception.args
+        )
         super().on_exception(exception)
         if isinstance(exception, (DracoDecodeError, NonFiniteGradientError, ValueError)):
             return  # raised by every rank together: the others are not waiting for this one
@@ -530,12 +542,20 @@ class DracoStrategy(DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name,
-                cls,
-                description="DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3)",
-            )
+        entries = (
+            (cls.strategy_name, "DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3)", {}),
+            (
+                f"{cls.strategy_name}_find_unused_parameters_true",
+                "DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3) with `find_unused_parameters=True`",
+                {"find_unused_parameters": True},
+            ),
+            # LightningCLI's --trainer.strategy=lightning_draco.DracoStrategy with no init_args reaches the
+            # Trainer as that string, which Lightning lowercases and looks up here.
+            ("lightning_draco.dracostrategy", "DRACO: the class path, as LightningCLI passes it without init_args", {}),
+        )
+        for name, description, options in entries:
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=description, **options)
 
 
 def _write_then_rename(path: Any, write: Callable[[str], None]) -> None:
