@@ -250,7 +250,11 @@ class DracoStrategy(DDPStrategy):
             self._requeue.install()
         hostnames: list[Any] = [None] * world_size
         dist.all_gather_object(hostnames, socket.gethostname())
-        self.ledger = FaultLedger(hostnames, self.max_faulty_steps)
+        if len(self.ledger.hostnames) == world_size:
+            # validate/test/predict after fit on the same Trainer: keep who was caught during fit.
+            self.ledger.hostnames = hostnames
+        else:
+            self.ledger = FaultLedger(hostnames, self.max_faulty_steps)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
