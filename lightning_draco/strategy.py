@@ -28,8 +28,10 @@ from typing_extensions import override
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.adversary import Adversary
 from lightning_draco.aggregators import Aggregator, make_aggregator
+from lightning_draco.batch_view import BatchHookView
 from lightning_draco.codes import Code, DracoDecodeError, NonFiniteGradientError, code_class
 from lightning_draco.codes.aggregated import AggregatedCode
+from lightning_draco.consistency import check_first_batch, explain_decode_failure
 from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed, transfer_seed
 from lightning_draco.hook import DracoHookState, draco_hook
 from lightning_draco.report import FaultLedger
@@ -186,6 +188,11 @@ class DracoStrategy(DDPStrategy):
         self._last_batch: Optional[PartitionBatch] = None
         self._requeue: Optional[SlurmRequeue] = None
         self._scheduler_guard: Optional[Callable] = None
+        #: This rank's ``PartitionBatch`` for the current training step (the batches of all its
+        #: partitions); the batch hooks receive only its first partition's batch.
+        self.partition_batch: Optional[PartitionBatch] = None
+        self._batch_hooks = BatchHookView()
+        self._check_data = False
 
     # -- configuration --------------------------------------------------------------------
     @override
@@ -281,6 +288,8 @@ class DracoStrategy(DDPStrategy):
             self._guard_schedulers(trainer.lightning_module)
             if self._requeue is not None and self._requeue not in trainer.callbacks:
                 trainer.callbacks.append(self._requeue)
+            self._batch_hooks.install(trainer)
+            self._check_data = True
 
     @override
     def configure_ddp(self) -> None:
@@ -307,11 +316,16 @@ class DracoStrategy(DDPStrategy):
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
         if not isinstance(batch, PartitionBatch):
             return super().batch_to_device(batch, device, dataloader_idx)
+        if self._check_data:
+            # Once per fit, before the first step: holders of a partition must have loaded the same data.
+            self._check_data = False
+            check_first_batch(batch, self.world_size)
         moved = []
         for partition, part in zip(batch.partitions, batch.batches):
             with seeded_rng(transfer_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
                 moved.append(super().batch_to_device(part, device, dataloader_idx))
-        return batch._replace(batches=moved)
+        self.partition_batch = batch._replace(batches=moved)
+        return self.partition_batch
 
     # -- the step -------------------------------------------------------------------------
     @override
@@ -355,6 +369,8 @@ class DracoStrategy(DDPStrategy):
         state.begin_step(step)
         result = closure()
         error: Optional[Exception] = state.failure
+        if isinstance(error, DracoDecodeError):
+            error = explain_decode_failure(error)
         if error is None and state.nonfinite:
             error = NonFiniteGradientError(
                 f"DRACO step {step}: the honest ranks agree on a gradient with NaN or Inf in it; no rank lied, the"
@@ -439,6 +455,9 @@ class DracoStrategy(DDPStrategy):
             if module.__dict__.get("lr_scheduler_step") is self._scheduler_guard:
                 del module.__dict__["lr_scheduler_step"]
             self._scheduler_guard = None
+        self._batch_hooks.uninstall()
+        self.partition_batch = None
+        self._check_data = False
         if self._requeue is not None:
             self._requeue.uninstall()
             if module is not None and module._trainer is not None and self._requeue in module.trainer.callbacks:
