@@ -107,7 +107,8 @@ def test_digest_follows_the_data():
     assert batch_digest(x.t()) == batch_digest(x.t().contiguous())  # the values, not the memory layout
     assert batch_digest(numpy.arange(4)) != batch_digest(numpy.arange(1, 5))
     assert batch_digest([object(), "a"]) == batch_digest([object(), "a"])  # no memory addresses
-    assert batch_digest(torch.tensor([1.0], dtype=torch.bfloat16)) != batch_digest(torch.tensor([2.0], dtype=torch.bfloat16))
+    one, two = torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([2.0], dtype=torch.bfloat16)
+    assert batch_digest(one) != batch_digest(two)
 
 
 def test_holders_that_agree_pass_and_the_first_mismatch_names_partition_and_ranks():
@@ -118,7 +119,8 @@ def test_holders_that_agree_pass_and_the_first_mismatch_names_partition_and_rank
     assert "partition 2 (rank [1] loaded one batch, rank [2] loaded another)" in message
     assert "partition 0" not in message and "partition 1" not in message
     assert "seed_everything" in message and "seed the split" in message
-    with pytest.raises(InconsistentDataError, match=r"partition 0 \(ranks \[0, 2\] loaded one batch, rank \[1\] loaded another\)"):
+    expected = r"partition 0 \(ranks \[0, 2\] loaded one batch, rank \[1\] loaded another\)"
+    with pytest.raises(InconsistentDataError, match=expected):
         compare_digests([{0: "a"}, {0: "z"}, {0: "a"}])
 
 
@@ -131,7 +133,8 @@ def _decode_error(code, rows):
 
 @pytest.mark.parametrize("tolerance", [0.0, 1e-5])
 def test_a_group_where_no_s_plus_1_members_agree_gets_the_data_hint(tolerance):
-    error = _decode_error(FractionalRepetitionCode(3, 1, tolerance=tolerance), [torch.full((4,), float(i)) for i in range(3)])
+    rows = [torch.full((4,), float(i)) for i in range(3)]
+    error = _decode_error(FractionalRepetitionCode(3, 1, tolerance=tolerance), rows)
     hinted = explain_decode_failure(error)
     assert str(hinted).startswith(str(error))
     assert "looks like inconsistent data or non-determinism rather than liars" in str(hinted)

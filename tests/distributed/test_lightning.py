@@ -31,7 +31,8 @@ def test_batch_hooks_get_the_first_partitions_plain_batch(runs):
     assert len(run["module_hooks"]) == 4 and len(run["callback_hooks"]) == 4
     for seen in run["module_hooks"]:
         # ``x, y = batch`` worked; the whole PartitionBatch was on the strategy, its first partition the hook's.
-        assert seen == {"x": [8, 4], "y": [8], "whole": "PartitionBatch", "partitions": [0, 1, 2], "first_is_hooks": True}
+        assert seen == {"x": [8, 4], "y": [8], "whole": "PartitionBatch", "partitions": [0, 1, 2],
+                        "first_is_hooks": True}
     assert all(seen == {"type": "list", "x": [8, 4]} for seen in run["callback_hooks"])
     assert run["after_fit_partition_batch"] is False
 

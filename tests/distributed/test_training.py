@@ -34,7 +34,8 @@ SCENARIOS = (
 
 def run_job(folder: Path, scenarios: list[str], world: int = 6, steps: int = 30) -> dict:
     """Run ``digits_job.py`` on ``world`` ranks; return what rank 0 recorded per scenario."""
-    return run_job_script("digits_job.py", folder, scenarios, {"DRACO_TEST_WORLD": str(world), "DRACO_TEST_STEPS": str(steps)})
+    env = {"DRACO_TEST_WORLD": str(world), "DRACO_TEST_STEPS": str(steps)}
+    return run_job_script("digits_job.py", folder, scenarios, env)
 
 
 def run_job_script(script: str, folder: Path, scenarios: list[str], extra_env: dict | None = None) -> dict:
