@@ -305,6 +305,7 @@ def _decode_and_share(
         try:
             laid_out = received if order is None else received.index_select(1, order)
             result = state.code.decode(laid_out, generator=state.projection_generator(index, device))
+            _check_verdict(state, result.faulty)
         except DracoDecodeError as err:
             error = err
             outcome[0] = DecodeStatus.FAILED
@@ -342,3 +343,34 @@ def _decode_and_share(
             state.failure = carrier[0].at(state.step, index)
     elif status == DecodeStatus.NONFINITE:
         state.nonfinite = True
+
+
+def _check_verdict(state: DracoHookState, faulty: list[int]) -> None:
+    """Raise ``DracoDecodeError`` for a verdict that at most ``s`` liars cannot produce.
+
+    With more than ``s`` liars a code can be outvoted: ``s + 1`` colluders in the PS's group win
+    the vote and name the (trusted) PS as the liar, or a decode names more than ``s`` ranks. Its
+    sum is then not known to be the honest one, so it must be neither applied nor reported.
+    """
+    code, ps, s = state.code, state.ps_rank, state.code.num_adversaries
+    blamed = sorted(set(faulty))
+    if ps in blamed:
+        outvoters = sorted(_sharing_a_partition(code, [ps]) - {ps} - set(blamed))
+        raise DracoDecodeError(
+            f"the decode names the parameter server (rank {ps}), which is trusted, as faulty: ranks {outvoters}"
+            f" outvoted it, so more than s={s} ranks lied; the decoded gradient is not applied.",
+            outvoters,
+        )
+    if len(blamed) > s:
+        suspects = sorted(_sharing_a_partition(code, blamed) - {ps})
+        raise DracoDecodeError(
+            f"the decode names {len(blamed)} ranks {blamed} as faulty, more than s={s}: more than s ranks lied and"
+            " the vote cannot be trusted; the decoded gradient is not applied.",
+            suspects,
+        )
+
+
+def _sharing_a_partition(code: Code, ranks: list[int]) -> set[int]:
+    """The ranks that compute at least one partition that one of ``ranks`` computes."""
+    held = {p for rank in ranks for p in code.partitions(rank)}
+    return {w for w in range(code.num_workers) if held.intersection(code.partitions(w))}

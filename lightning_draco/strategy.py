@@ -28,8 +28,10 @@ from typing_extensions import override
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.adversary import Adversary
 from lightning_draco.aggregators import Aggregator, make_aggregator, with_pre_aggregators
+from lightning_draco.batch_view import BatchHookView
 from lightning_draco.codes import Code, DracoDecodeError, NonFiniteGradientError, code_class
 from lightning_draco.codes.aggregated import AggregatedCode
+from lightning_draco.consistency import check_first_batch, explain_decode_failure
 from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed, transfer_seed
 from lightning_draco.hook import DracoHookState, draco_hook
 from lightning_draco.report import FaultLedger
@@ -41,6 +43,12 @@ _FAILURE_MODES = ("raise", "skip")
 _AGGREGATE_OVER = ("whole", "bucket")
 _CHECKPOINT_KEY = "draco"
 _OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+_UNUSED_PARAMETERS_ERROR = "Expected to have finished reduction in the prior iteration"
+_UNUSED_PARAMETERS_MESSAGE = (
+    "It looks like your LightningModule has parameters that were not used in producing the loss returned by"
+    " training_step. If this is intentional, enable DDP's detection of unused parameters under DRACO:"
+    " strategy='draco_find_unused_parameters_true', or DracoStrategy(find_unused_parameters=True)."
+)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -122,7 +130,8 @@ class DracoStrategy(DDPStrategy):
         **kwargs: Any,
     ) -> None:
         for name in _OWN_HOOK_ARGS:
-            if name in kwargs:
+            # LightningCLI passes every inherited argument, these with their default None: only a value is refused.
+            if kwargs.get(name) is not None:
                 raise ValueError(f"{name} cannot be set on DracoStrategy: its communication is DRACO's own hook.")
         self._code_cls = code_class(code)
         if redundancy is None:
@@ -191,6 +200,11 @@ class DracoStrategy(DDPStrategy):
         self._scheduler_guard: Optional[Callable] = None
         # The weighted partitions' gradients, added to ``.grad`` just before the last backward.
         self._pending_grads: Optional[tuple[list[Tensor], list[Optional[Tensor]]]] = None
+        #: This rank's ``PartitionBatch`` for the current training step (the batches of all its
+        #: partitions); the batch hooks receive only its first partition's batch.
+        self.partition_batch: Optional[PartitionBatch] = None
+        self._batch_hooks = BatchHookView()
+        self._check_data = False
 
     # -- configuration --------------------------------------------------------------------
     @override
@@ -255,7 +269,11 @@ class DracoStrategy(DDPStrategy):
             self._requeue.install()
         hostnames: list[Any] = [None] * world_size
         dist.all_gather_object(hostnames, socket.gethostname())
-        self.ledger = FaultLedger(hostnames, self.max_faulty_steps)
+        if len(self.ledger.hostnames) == world_size:
+            # validate/test/predict after fit on the same Trainer: keep who was caught during fit.
+            self.ledger.hostnames = hostnames
+        else:
+            self.ledger = FaultLedger(hostnames, self.max_faulty_steps)
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -282,6 +300,8 @@ class DracoStrategy(DDPStrategy):
             self._guard_schedulers(trainer.lightning_module)
             if self._requeue is not None and self._requeue not in trainer.callbacks:
                 trainer.callbacks.append(self._requeue)
+            self._batch_hooks.install(trainer)
+            self._check_data = True
 
     @override
     def configure_ddp(self) -> None:
@@ -308,11 +328,16 @@ class DracoStrategy(DDPStrategy):
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
         if not isinstance(batch, PartitionBatch):
             return super().batch_to_device(batch, device, dataloader_idx)
+        if self._check_data:
+            # Once per fit, before the first step: holders of a partition must have loaded the same data.
+            self._check_data = False
+            check_first_batch(batch, self.world_size)
         moved = []
         for partition, part in zip(batch.partitions, batch.batches):
             with seeded_rng(transfer_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
                 moved.append(super().batch_to_device(part, device, dataloader_idx))
-        return batch._replace(batches=moved)
+        self.partition_batch = batch._replace(batches=moved)
+        return self.partition_batch
 
     # -- the step -------------------------------------------------------------------------
     @override
@@ -431,6 +456,8 @@ class DracoStrategy(DDPStrategy):
         state.begin_step(step)
         result = closure()
         error: Optional[Exception] = state.failure
+        if isinstance(error, DracoDecodeError):
+            error = explain_decode_failure(error)
         if error is None and state.nonfinite:
             error = NonFiniteGradientError(
                 f"DRACO step {step}: the honest ranks agree on a gradient with NaN or Inf in it; no rank lied, the"
@@ -515,6 +542,9 @@ class DracoStrategy(DDPStrategy):
             if module.__dict__.get("lr_scheduler_step") is self._scheduler_guard:
                 del module.__dict__["lr_scheduler_step"]
             self._scheduler_guard = None
+        self._batch_hooks.uninstall()
+        self.partition_batch = None
+        self._check_data = False
         if self._requeue is not None:
             self._requeue.uninstall()
             if module is not None and module._trainer is not None and self._requeue in module.trainer.callbacks:
@@ -524,6 +554,11 @@ class DracoStrategy(DDPStrategy):
 
     @override
     def on_exception(self, exception: BaseException) -> None:
+        # Before DDP's own rewording, which names strategy='ddp_find_unused_parameters_true'.
+        exception.args = tuple(
+            _UNUSED_PARAMETERS_MESSAGE if isinstance(arg, str) and _UNUSED_PARAMETERS_ERROR in arg else arg
+            for arg in exception.args
+        )
         super().on_exception(exception)
         if isinstance(exception, (DracoDecodeError, NonFiniteGradientError, ValueError)):
             return  # raised by every rank together: the others are not waiting for this one
@@ -617,12 +652,20 @@ class DracoStrategy(DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        if cls.strategy_name not in strategy_registry:
-            strategy_registry.register(
-                cls.strategy_name,
-                cls,
-                description="DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3)",
-            )
+        entries = (
+            (cls.strategy_name, "DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3)", {}),
+            (
+                f"{cls.strategy_name}_find_unused_parameters_true",
+                "DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3) with `find_unused_parameters=True`",
+                {"find_unused_parameters": True},
+            ),
+            # LightningCLI's --trainer.strategy=lightning_draco.DracoStrategy with no init_args reaches the
+            # Trainer as that string, which Lightning lowercases and looks up here.
+            ("lightning_draco.dracostrategy", "DRACO: the class path, as LightningCLI passes it without init_args", {}),
+        )
+        for name, description, options in entries:
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=description, **options)
 
 
 def _write_then_rename(path: Any, write: Callable[[str], None]) -> None:

@@ -37,16 +37,16 @@ SCENARIOS = (
 
 def run_job(folder: Path, scenarios: list[str], world: int = 6, steps: int = 30) -> dict:
     """Run ``digits_job.py`` on ``world`` ranks; return what rank 0 recorded per scenario."""
+    env = {"DRACO_TEST_WORLD": str(world), "DRACO_TEST_STEPS": str(steps)}
+    return run_job_script("digits_job.py", folder, scenarios, env)
+
+
+def run_job_script(script: str, folder: Path, scenarios: list[str], extra_env: dict | None = None) -> dict:
+    """Run the job ``script`` (next to this file) with ``scenarios``; return what rank 0 recorded per scenario."""
     out = folder / "results.json"
-    env = {
-        **os.environ,
-        "PYTHONWARNINGS": "ignore",
-        "OMP_NUM_THREADS": "1",
-        "DRACO_TEST_WORLD": str(world),
-        "DRACO_TEST_STEPS": str(steps),
-    }
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(extra_env or {})}
     proc = subprocess.run(
-        [sys.executable, str(HERE / "digits_job.py"), str(out), *scenarios],
+        [sys.executable, str(HERE / script), str(out), *scenarios],
         cwd=folder,
         env=env,
         capture_output=True,

@@ -1,0 +1,207 @@
+"""A three-rank job for how DracoStrategy behaves inside Lightning: stages, hooks, data checks, failures.
+
+Usage: python lightning_job.py OUT.json SCENARIO [SCENARIO ...]
+
+Like ``digits_job.py``: Lightning's popen launcher re-runs this script for ranks 1 and 2, every
+rank runs the scenarios in order (FRC, s=1, r=3, P=3: every rank holds every partition; the PS
+is rank 0), and rank 0 writes what each scenario recorded, with what every rank saw.
+``unused_default`` ends in an error that rank 0 answers by ending the other ranks: run it last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_draco  # noqa: F401  (registers the names)
+from lightning_draco import Adversary, DracoDecodeError, DracoStrategy
+from lightning_draco.data import PartitionBatch
+
+WORLD = 3
+STEPS = 4
+
+
+class Net(L.LightningModule):
+    def __init__(self, unused: bool = False, rank_dependent: bool = False):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        if unused:
+            self.spare = nn.Linear(4, 2)  # never used in the loss
+        self.rank_dependent = rank_dependent
+        self.hook_batches: list = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        if self.rank_dependent:  # what non-determinism across replicas looks like to the vote
+            loss = loss + 1e-3 * self.global_rank * self.net[0].weight.sum()
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        x, y = batch  # a plain (x, y) batch, as without DRACO
+        whole = self.trainer.strategy.partition_batch
+        self.hook_batches.append(
+            {"x": list(x.shape), "y": list(y.shape), "whole": type(whole).__name__, "partitions": whole.partitions,
+             "first_is_hooks": bool(torch.equal(whole.batches[0][0], x))}
+        )
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SeeBatches(L.Callback):
+    def __init__(self):
+        self.seen: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append({"type": type(batch).__name__, "x": list(batch[0].shape)})
+
+
+def data(seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(96, 4, generator=gen)
+    return TensorDataset(x, (x.sum(1) > 0).long())
+
+
+def param_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def trainer_for(strategy, callbacks=()) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=STEPS, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, callbacks=list(callbacks),
+    )
+
+
+def draco(**kw) -> DracoStrategy:
+    kw.setdefault("start_method", "popen")
+    return DracoStrategy(**kw)
+
+
+def fit(out: dict, trainer: L.Trainer, model: Net, dataset: TensorDataset) -> None:
+    try:
+        trainer.fit(model, DataLoader(dataset, batch_size=8, shuffle=True))
+    except DracoDecodeError as err:
+        out["error"] = {"type": "DracoDecodeError", "step": err.step, "suspects": err.suspects, "message": str(err)}
+    except Exception as err:  # noqa: BLE001 - the test reads type and message
+        out["error"] = {"type": type(err).__name__, "message": str(err)}
+
+
+def stages() -> dict:
+    """fit under a liar on rank 2, then validate, test and predict on the same Trainer."""
+    callback = SeeBatches()
+    trainer = trainer_for(draco(adversary=Adversary(ranks=[2], attack="reverse")), [callback])
+    model = Net()
+    out: dict = {}
+    fit(out, trainer, model, data())
+    counts = {"fit": dict(trainer.strategy.faulty_counts)}
+    loader = DataLoader(data(1), batch_size=8)
+    trainer.validate(model, loader, verbose=False)
+    counts["validate"] = dict(trainer.strategy.faulty_counts)
+    trainer.test(model, loader, verbose=False)
+    counts["test"] = dict(trainer.strategy.faulty_counts)
+    trainer.predict(model, loader)
+    counts["predict"] = dict(trainer.strategy.faulty_counts)
+    out["counts"] = {stage: {str(k): v for k, v in c.items()} for stage, c in counts.items()}
+    out["module_hooks"] = model.hook_batches
+    out["callback_hooks"] = callback.seen
+    out["after_fit_partition_batch"] = trainer.strategy.partition_batch is not None
+    out["global_step"] = trainer.global_step
+    return out
+
+
+def ps_outvoted(mode: str) -> dict:
+    """Two colluders (more than s=1) in the PS's group send one identical wrong vector: they win the vote."""
+    trainer = trainer_for(draco(adversary=Adversary(ranks=[1, 2], attack="collude"), on_decode_failure=mode))
+    model = Net()
+    before = param_digest(model)
+    out: dict = {}
+    fit(out, trainer, model, data())
+    out.update(
+        faulty_counts={str(k): v for k, v in trainer.strategy.faulty_counts.items()},
+        skipped=trainer.strategy.skipped_steps,
+        global_step=trainer.global_step,
+        unchanged=param_digest(model) == before,
+    )
+    return out
+
+
+def rank_dependent() -> dict:
+    out: dict = {}
+    fit(out, trainer_for(draco()), Net(rank_dependent=True), data())
+    return out
+
+
+def inconsistent_data() -> dict:
+    out: dict = {}
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    fit(out, trainer_for(draco()), Net(), data(seed=rank))  # each process draws its own data set
+    return out
+
+
+def unused(name: str) -> dict:
+    trainer = trainer_for(name)
+    out: dict = {}
+    fit(out, trainer, Net(unused=True), data())
+    out["global_step"] = trainer.global_step
+    return out
+
+
+SCENARIOS = {
+    "stages": stages,
+    "ps_outvoted_raise": lambda: ps_outvoted("raise"),
+    "ps_outvoted_skip": lambda: ps_outvoted("skip"),
+    "rank_dependent": rank_dependent,
+    "inconsistent_data": inconsistent_data,
+    "unused_true": lambda: unused("draco_find_unused_parameters_true"),
+    "unused_default": lambda: unused("draco"),
+}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    path, names = sys.argv[1], sys.argv[2:]
+    results = {}
+    for name in names:
+        L.seed_everything(7, verbose=False)
+        out = SCENARIOS[name]()
+        if name != "unused_default":  # the other ranks are gone after it
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, {k: out.get(k) for k in ("error", "faulty_counts", "skipped", "counts")})
+            out["ranks"] = gathered
+        results[name] = out
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        with open(path, "w") as f:
+            json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Three ranks over gloo (FRC, s=1, r=3, PS on rank 0): DracoStrategy inside a Lightning run.
+
+All scenarios run in one job (``lightning_job.py``), started once for the module; the job's
+last scenario ends in an error on every rank, so it comes last.
+"""
+
+import pytest
+
+from test_training import run_job_script
+
+pytestmark = pytest.mark.distributed
+
+SCENARIOS = ["stages", "ps_outvoted_raise", "ps_outvoted_skip", "rank_dependent", "inconsistent_data", "unused_true",
+             "unused_default"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return run_job_script("lightning_job.py", tmp_path_factory.mktemp("lightning"), SCENARIOS)
+
+
+def test_faulty_counts_survive_validate_test_and_predict_on_the_same_trainer(runs):
+    run = runs["stages"]
+    assert run["global_step"] == 4
+    for seen in run["ranks"]:
+        assert seen["counts"] == {stage: {"2": 4} for stage in ("fit", "validate", "test", "predict")}
+
+
+def test_batch_hooks_get_the_first_partitions_plain_batch(runs):
+    run = runs["stages"]
+    assert len(run["module_hooks"]) == 4 and len(run["callback_hooks"]) == 4
+    for seen in run["module_hooks"]:
+        # ``x, y = batch`` worked; the whole PartitionBatch was on the strategy, its first partition the hook's.
+        assert seen == {"x": [8, 4], "y": [8], "whole": "PartitionBatch", "partitions": [0, 1, 2],
+                        "first_is_hooks": True}
+    assert all(seen == {"type": "list", "x": [8, 4]} for seen in run["callback_hooks"])
+    assert run["after_fit_partition_batch"] is False
+
+
+def test_colluders_outvoting_the_ps_raise_on_every_rank_and_blame_nobody(runs):
+    run = runs["ps_outvoted_raise"]
+    for seen in run["ranks"]:
+        error = seen["error"]
+        assert error["type"] == "DracoDecodeError" and error["suspects"] == [1, 2]
+        assert "names the parameter server (rank 0), which is trusted" in error["message"]
+        assert seen["faulty_counts"] == {}
+    assert run["global_step"] == 0 and run["unchanged"]
+
+
+def test_colluders_outvoting_the_ps_are_skipped_and_never_applied(runs):
+    run = runs["ps_outvoted_skip"]
+    assert run["global_step"] == 4 and run["unchanged"], "no decoded gradient of theirs reached the model"
+    assert all(seen["skipped"] == 4 and seen["faulty_counts"] == {} for seen in run["ranks"])
+
+
+def test_replicas_that_never_agree_get_the_data_hint(runs):
+    for seen in runs["rank_dependent"]["ranks"]:
+        assert seen["error"]["type"] == "DracoDecodeError"
+        assert "looks like inconsistent data or non-determinism rather than liars" in seen["error"]["message"]
+
+
+def test_holders_of_a_partition_with_different_data_are_refused_before_the_first_step(runs):
+    for seen in runs["inconsistent_data"]["ranks"]:
+        message = seen["error"]["message"]
+        assert seen["error"]["type"] == "InconsistentDataError"
+        assert "partition 0 (rank [0] loaded one batch, rank [1] loaded another, rank [2] loaded another)" in message
+        assert "seed_everything" in message
+
+
+def test_unused_parameters_train_under_the_find_unused_name(runs):
+    run = runs["unused_true"]
+    assert run["global_step"] == 4 and all(seen["error"] is None for seen in run["ranks"])
+
+
+def test_unused_parameters_error_names_the_draco_strategy(runs):
+    error = runs["unused_default"]["error"]
+    assert "strategy='draco_find_unused_parameters_true'" in error["message"]
+    assert "ddp_find_unused" not in error["message"]

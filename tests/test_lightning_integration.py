@@ -1,0 +1,196 @@
+"""Single-process checks of how DracoStrategy fits into Lightning: names, messages, hooks, verdicts, data digests."""
+
+from types import SimpleNamespace
+
+import lightning as L
+import numpy
+import pytest
+import torch
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+import lightning_draco  # noqa: F401  (registers the names)
+from lightning_draco import DracoDecodeError, DracoStrategy, FractionalRepetitionCode
+from lightning_draco.batch_view import BatchHookView
+from lightning_draco.consistency import (
+    InconsistentDataError,
+    batch_digest,
+    compare_digests,
+    explain_decode_failure,
+)
+from lightning_draco.data import PartitionBatch
+from lightning_draco.hook import _check_verdict
+
+
+# -- names and messages -------------------------------------------------------------------
+def test_find_unused_parameters_name_is_registered_and_sets_the_flag():
+    assert "draco_find_unused_parameters_true" in StrategyRegistry
+    trainer = L.Trainer(accelerator="cpu", devices=3, strategy="draco_find_unused_parameters_true", logger=False)
+    assert isinstance(trainer.strategy, DracoStrategy)
+    assert trainer.strategy._ddp_kwargs["find_unused_parameters"] is True
+    plain = L.Trainer(accelerator="cpu", devices=3, strategy="draco", logger=False)
+    assert plain.strategy._ddp_kwargs.get("find_unused_parameters", False) is False
+
+
+def test_the_class_path_string_names_the_strategy():
+    trainer = L.Trainer(accelerator="cpu", devices=3, strategy="lightning_draco.DracoStrategy", logger=False)
+    assert isinstance(trainer.strategy, DracoStrategy)
+
+
+def test_unused_parameters_error_points_at_the_draco_name():
+    error = RuntimeError(
+        "Expected to have finished reduction in the prior iteration before starting a new one. This error"
+        " indicates that your module has parameters that were not used in producing loss."
+    )
+    DracoStrategy().on_exception(error)
+    assert "strategy='draco_find_unused_parameters_true'" in str(error)
+    assert "ddp_find_unused_parameters_true" not in str(error)
+    other = RuntimeError("something else")
+    DracoStrategy().on_exception(other)
+    assert str(other) == "something else"
+
+
+@pytest.mark.parametrize("name", ["ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period"])
+def test_inherited_hook_arguments_are_accepted_at_their_default_and_refused_with_a_value(name):
+    DracoStrategy(**{name: None})  # what LightningCLI passes
+    with pytest.raises(ValueError, match=f"{name} cannot be set on DracoStrategy"):
+        DracoStrategy(**{name: 1})
+
+
+# -- the PS refuses verdicts that need more than s liars ------------------------------------
+def _state(workers=6, ps=0):
+    return SimpleNamespace(code=FractionalRepetitionCode(workers, 1), ps_rank=ps)
+
+
+def test_a_verdict_blaming_the_ps_is_a_decode_failure_naming_those_that_outvoted_it():
+    with pytest.raises(DracoDecodeError, match=r"names the parameter server \(rank 0\)") as caught:
+        _check_verdict(_state(), [0])
+    assert caught.value.suspects == [1, 2]
+    with pytest.raises(DracoDecodeError) as caught:
+        _check_verdict(_state(ps=4), [4])
+    assert caught.value.suspects == [3, 5]
+
+
+def test_a_verdict_naming_more_than_s_ranks_is_a_decode_failure():
+    with pytest.raises(DracoDecodeError, match=r"names 2 ranks \[1, 4\] as faulty, more than s=1") as caught:
+        _check_verdict(_state(), [1, 4])
+    assert caught.value.suspects == [1, 2, 3, 4, 5]  # their groups, without the trusted PS
+
+
+def test_a_verdict_within_s_passes():
+    _check_verdict(_state(), [4])
+    _check_verdict(_state(), [])
+
+
+def test_the_real_vote_outvoting_the_ps_is_caught():
+    code = FractionalRepetitionCode(3, 1)
+    honest, wrong = torch.ones(8), -torch.ones(8)
+    result = code.decode(torch.stack([honest, wrong, wrong]))
+    assert result.faulty == [0], "two colluders out of three win the vote: the premise of the check"
+    with pytest.raises(DracoDecodeError):
+        _check_verdict(SimpleNamespace(code=code, ps_rank=0), result.faulty)
+
+
+# -- digests of the first batch ---------------------------------------------------------------
+def test_digest_follows_the_data():
+    x = torch.arange(12.0).reshape(3, 4)
+    assert batch_digest((x, torch.tensor([1, 2, 3]))) == batch_digest((x.clone(), torch.tensor([1, 2, 3])))
+    different = [
+        (x + 1, torch.tensor([1, 2, 3])),
+        (x.double(), torch.tensor([1, 2, 3])),
+        (x.reshape(4, 3), torch.tensor([1, 2, 3])),
+        (x, torch.tensor([1, 2, 4])),
+        {"x": x, "y": torch.tensor([1, 2, 3])},
+    ]
+    digests = {batch_digest((x, torch.tensor([1, 2, 3])))} | {batch_digest(b) for b in different}
+    assert len(digests) == 1 + len(different)
+    assert batch_digest(x.t()) == batch_digest(x.t().contiguous())  # the values, not the memory layout
+    assert batch_digest(numpy.arange(4)) != batch_digest(numpy.arange(1, 5))
+    assert batch_digest([object(), "a"]) == batch_digest([object(), "a"])  # no memory addresses
+    one, two = torch.tensor([1.0], dtype=torch.bfloat16), torch.tensor([2.0], dtype=torch.bfloat16)
+    assert batch_digest(one) != batch_digest(two)
+
+
+def test_holders_that_agree_pass_and_the_first_mismatch_names_partition_and_ranks():
+    compare_digests([{0: "a", 1: "b"}, {1: "b", 2: "c"}, {2: "c", 0: "a"}])
+    with pytest.raises(InconsistentDataError) as caught:
+        compare_digests([{0: "a", 1: "b"}, {1: "b", 2: "c"}, {2: "x", 0: "a"}])
+    message = str(caught.value)
+    assert "partition 2 (rank [1] loaded one batch, rank [2] loaded another)" in message
+    assert "partition 0" not in message and "partition 1" not in message
+    assert "seed_everything" in message and "seed the split" in message
+    expected = r"partition 0 \(ranks \[0, 2\] loaded one batch, rank \[1\] loaded another\)"
+    with pytest.raises(InconsistentDataError, match=expected):
+        compare_digests([{0: "a"}, {0: "z"}, {0: "a"}])
+
+
+# -- the hint on failed votes ----------------------------------------------------------------
+def _decode_error(code, rows):
+    with pytest.raises(DracoDecodeError) as caught:
+        code.decode(torch.stack(rows))
+    return caught.value.at(7, 2)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1e-5])
+def test_a_group_where_no_s_plus_1_members_agree_gets_the_data_hint(tolerance):
+    rows = [torch.full((4,), float(i)) for i in range(3)]
+    error = _decode_error(FractionalRepetitionCode(3, 1, tolerance=tolerance), rows)
+    hinted = explain_decode_failure(error)
+    assert str(hinted).startswith(str(error))
+    assert "looks like inconsistent data or non-determinism rather than liars" in str(hinted)
+    assert (hinted.step, hinted.bucket, hinted.suspects) == (7, 2, error.suspects)
+    assert explain_decode_failure(hinted) is hinted
+
+
+def test_two_agreeing_classes_get_no_hint():
+    rows = [torch.zeros(4), torch.zeros(4), torch.ones(4), torch.ones(4), torch.full((4,), 2.0)]
+    error = _decode_error(FractionalRepetitionCode(5, 1, redundancy=5), rows)
+    assert "different values" in str(error)
+    assert explain_decode_failure(error) is error
+
+
+# -- batch hooks -------------------------------------------------------------------------------
+class _Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        x, y = batch
+        self.seen.append(("start", x, y))
+
+
+class _Callback(L.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen.append(batch)
+
+
+def test_hooks_get_the_first_partitions_batch_while_installed():
+    module, callback = _Module(), _Callback()
+    trainer = SimpleNamespace(lightning_module=module, callbacks=[callback])
+    first, second = (torch.zeros(2), torch.ones(2)), (torch.ones(2), torch.zeros(2))
+    batch = PartitionBatch([first, second], [3, 4], 0, 0)
+    view = BatchHookView()
+    view.install(trainer)
+    assert is_overridden("on_train_batch_start", module) and not is_overridden("on_train_batch_end", module)
+    module.on_train_batch_start(batch, 0)
+    callback.on_train_batch_end(None, module, None, batch=batch, batch_idx=0)
+    assert module.seen == [("start", *first)] and callback.seen == [first]
+    view.uninstall()
+    assert "on_train_batch_start" not in vars(module) and "on_train_batch_end" not in vars(callback)
+    with pytest.raises(ValueError):
+        module.on_train_batch_start(batch, 0)  # unwrapped: four fields do not unpack into two
+
+
+def test_uninstall_restores_a_hook_set_on_the_instance():
+    module = _Module()
+    own = lambda batch, batch_idx: ("own", batch)  # noqa: E731
+    module.on_train_batch_start = own
+    view = BatchHookView()
+    view.install(SimpleNamespace(lightning_module=module, callbacks=[]))
+    assert module.on_train_batch_start(PartitionBatch(["b"], [0], 0, 0), 0) == ("own", "b")
+    view.uninstall()
+    assert module.on_train_batch_start is own
