@@ -101,6 +101,8 @@ def _lie(kind, honest, row, other, gen, code, liars):
         return other.clone()
     if kind == "sparse":
         lied = row.clone()
+        if row.numel() < 2:
+            return lied + 100 * size
         a, b = torch.randperm(row.numel(), generator=gen)[:2].tolist()
         lied[a] += 100 * size
         lied[b] -= 100 * size
@@ -256,13 +258,13 @@ def test_a_lie_under_the_floor_moves_the_total_no_further_than_hidden_shift():
     norms = received.double().norm(dim=1)
     suspects = (0,)
     comb = code._combiner(suspects)
-    allowed = _allowed(comb, norms, code.floor(torch.float32))
+    allowed = _allowed(comb, norms, code.floor(torch.float32), 1000)
     liar = comb.honest[3]
     reach = float(comb.parity[:, 3].abs().max())
     direction = torch.randn(1000, dtype=torch.float64)
     lied = received.clone()
     lied[liar] += (0.5 * float(allowed.min()) / reach * direction / direction.norm()).float()
-    bound = code.hidden_shift(suspects, norms, torch.float32)
+    bound = code.hidden_shift(suspects, norms, torch.float32, 1000)
     result = code.decode(lied, generator=projection(0))
     honest = code.decode(received, generator=projection(0))
     assert float((result.total.double() - honest.total.double()).norm()) <= bound + 1e-6 * float(honest.total.norm())

@@ -305,14 +305,14 @@ class CyclicRepetitionCode(Code):
             self._combiners.popitem(last=False)
         return combiner
 
-    def hidden_shift(self, suspects: tuple[int, ...], norms: Tensor, dtype: torch.dtype) -> float:
+    def hidden_shift(self, suspects: tuple[int, ...], norms: Tensor, dtype: torch.dtype, length: int) -> float:
         """The most one worker of the honest set can move the total while its lie stays under the floor.
 
         A lie ``e`` in row ``l`` of ``H`` adds ``N[:, l] e`` to the parity misfit and ``b_l e`` to the
         total; it passes only if ``|N_tl| ||e||`` fits under every row's floor.
         """
         comb = self._combiner(suspects)
-        allowed = _allowed(comb, norms, self.floor(dtype))
+        allowed = _allowed(comb, norms, self.floor(dtype), length)
         worst = 0.0
         for k in range(len(comb.honest)):
             column = comb.parity[:, k].abs()
@@ -355,7 +355,7 @@ class CyclicRepetitionCode(Code):
                     total, misfit = early
                 else:
                     total, misfit = self._certify(received, suspects, erased)
-                verdict = Verdict(total, misfit, _allowed(self._combiner(suspects), norms, theta))
+                verdict = Verdict(total, misfit, _allowed(self._combiner(suspects), norms, theta, received.shape[1]))
                 if verdict.accepted:
                     self._hint = suspects
                     return DecodeResult(total, self._named(sketch, norms, suspects, erased, theta + slack))
@@ -548,9 +548,14 @@ class CyclicRepetitionCode(Code):
         return [i for i in suspects if i in erased or float(misfit[i]) > bound]
 
 
-def _allowed(comb: _Combiner, norms: Tensor, theta: float) -> Tensor:
-    """Each parity row's floor: ``theta`` times the root of the sum of its weighted rows' squared norms."""
-    return theta * (comb.parity.square() @ norms[comb.honest].double().square()).sqrt()
+def _allowed(comb: _Combiner, norms: Tensor, theta: float, length: int) -> Tensor:
+    """Each parity row's floor: ``theta`` times the root of the sum of its weighted rows' squared norms.
+
+    Over many coordinates the rows' independent roundings add in quadrature; over a few they can
+    line up, by up to ``sqrt(|H|)`` (Cauchy-Schwarz) for one coordinate: short vectors get that margin.
+    """
+    quadrature = (comb.parity.square() @ norms[comb.honest].double().square()).sqrt()
+    return theta * quadrature * (1.0 + math.sqrt(len(comb.honest) / max(length, 1)))
 
 
 @lru_cache(maxsize=64)

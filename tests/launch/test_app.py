@@ -68,7 +68,7 @@ REFUSED = [
     (["data=cifar10", "data.root=/nonexistent"], "data.root='/nonexistent' has no CIFAR-10"),
     (["timeout_s=0"], "timeout must be a positive number of seconds"),
     (["code=crc", "code.num_adversaries=2", "trainer.devices=64", "trainer.precision=bf16-true"],
-     "code='crc' with P=64, s=2 amplifies rounding by"),
+     "code='crc' with P=64, s=2 is too ill-conditioned for bfloat16 gradients"),
 ]
 
 
