@@ -52,7 +52,7 @@ PROJECTIONS = 2
 # random vector over the grid's rows and one over its columns (see ``_Projection``).
 GRID = 1024
 
-# A suspect is named only when its projected misfit exceeds the floor by this factor: an honest
+# A suspect is named only when its miss of the codeword exceeds what rounding explains by this factor: an honest
 # suspect is set aside (harmlessly) but never accused.
 NAMING_MARGIN = 8.0
 
@@ -352,13 +352,14 @@ class CyclicRepetitionCode(Code):
                     continue
                 certified.add(suspects)
                 if suspects == hint and early is not None and not erased:
-                    total, misfit = early
+                    total, misses = early
                 else:
-                    total, misfit = self._certify(received, suspects, erased)
-                verdict = Verdict(total, misfit, _allowed(self._combiner(suspects), norms, theta, received.shape[1]))
+                    total, misses = self._certify(received, suspects, erased)
+                comb = self._combiner(suspects)
+                verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, received.shape[1]))
                 if verdict.accepted:
                     self._hint = suspects
-                    return DecodeResult(total, self._named(sketch, norms, suspects, erased, theta + slack))
+                    return DecodeResult(total, self._named(comb, norms, suspects, erased, misses[s:], theta, received.shape[1]))
                 if closest is None or verdict.ratio < closest[1]:
                     closest = (suspects, verdict.ratio)
         assert closest is not None
@@ -390,12 +391,9 @@ class CyclicRepetitionCode(Code):
         mix = None
         if hint is not None:
             comb = self._combiner(hint)
-            mix = torch.zeros(1 + self.num_adversaries, p, dtype=torch.float64)
-            mix[0, comb.honest] = comb.weights
-            mix[1:, comb.honest] = comb.parity
-            mix = mix.to(device=device, dtype=acc)
+            mix = _mix(comb, hint, list(range(p))).to(device=device, dtype=acc)
             total = torch.empty(d, dtype=acc, device=device)
-            squares = torch.zeros(self.num_adversaries, dtype=torch.float64, device=device)
+            squares = torch.zeros(len(mix) - 1, dtype=torch.float64, device=device)
         sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device)
         norms = torch.zeros(p, dtype=torch.float64, device=device)
         step = self.chunk_size if device.type == "cpu" else d  # blocks stay in cache on the CPU
@@ -412,23 +410,22 @@ class CyclicRepetitionCode(Code):
                 total[start:stop] = out[0]
                 squares += out[1:].double().square().sum(dim=1)
         norms = _exact_norms(received, norms.sqrt())
-        early = (total, squares.sqrt().cpu()) if mix is not None else None
+        early = (total, squares.sqrt().cpu()) if mix is not None else None  # parity misfits, then suspects'
         return sketch.cpu(), norms.cpu(), early
 
     def _certify(self, received: Tensor, suspects: tuple[int, ...], erased: list[int]) -> tuple[Tensor, Tensor]:
+        """One pass over the rows outside ``erased``: ``b^T Y[H]``, then the norms of each parity row's
+        misfit ``N_t Y[H]`` and of each live suspect's miss ``Y_i - (W W[H]^+ Y[H])_i``."""
         """One pass over the rows outside ``erased``: ``b^T Y[H]`` and each parity row's misfit ``||N_t Y[H]||``."""
         p, d = received.shape
         device = received.device
         acc = accumulation_dtype(received.dtype)
         comb = self._combiner(suspects)
         live = [i for i in range(p) if i not in erased]
-        mix = torch.zeros(1 + len(comb.parity), p, dtype=torch.float64)
-        mix[0, comb.honest] = comb.weights
-        mix[1:, comb.honest] = comb.parity
-        mix = mix[:, live].to(device=device, dtype=acc)
+        mix = _mix(comb, suspects, live)[:, live].to(device=device, dtype=acc)
         rows = received if not erased else received[live]  # a copy only when some row is non-finite
         total = torch.empty(d, dtype=acc, device=device)
-        squares = torch.zeros(len(comb.parity), dtype=torch.float64, device=device)
+        squares = torch.zeros(len(mix) - 1, dtype=torch.float64, device=device)
         step = 4 * self.chunk_size if device.type == "cpu" else d
         for start in range(0, d, step):
             stop = min(d, start + step)
@@ -537,15 +534,33 @@ class CyclicRepetitionCode(Code):
             suspects = refined
         return suspects
 
-    def _named(self, sketch: Tensor, norms: Tensor, suspects: tuple[int, ...], erased: list[int], theta: float) -> list[int]:
-        """The suspects that are faulty: non-finite, or off the codeword well beyond the floor in the sketch."""
-        v = sketch.clone()
-        v[erased] = 0.0
-        scale = norms.clone()
-        scale[erased] = 0.0
-        misfit = self._row_misfits(v, scale, suspects)
-        bound = NAMING_MARGIN * theta
-        return [i for i in suspects if i in erased or float(misfit[i]) > bound]
+    def _named(
+        self, comb: _Combiner, norms: Tensor, suspects: tuple[int, ...], erased: list[int], misses: Tensor,
+        theta: float, length: int,
+    ) -> list[int]:
+        """The suspects that are faulty: non-finite, or off the codeword through ``H`` by ``NAMING_MARGIN``
+        times what rounding explains, measured over every coordinate (an honest suspect is set aside,
+        harmlessly, but never named)."""
+        live = [i for i in suspects if i not in erased]
+        rows = comb.reconstruct[list(live)]
+        rounding = (norms[live].double().square() + rows.square() @ norms[comb.honest].double().square()).sqrt()
+        bound = NAMING_MARGIN * theta * rounding * (1.0 + math.sqrt(len(comb.honest) / max(length, 1)))
+        named = {i for i, miss, most in zip(live, misses.tolist(), bound.tolist()) if not miss <= most}
+        return sorted(named | set(erased))
+
+
+def _mix(comb: _Combiner, suspects: tuple[int, ...], live: list[int]) -> Tensor:
+    """Rows of the certifying product, over all P workers: ``b`` (the total), the parity rows ``N``, and
+    for each live suspect ``e_i - (W W[H]^+)_i`` (its miss of the codeword through ``H``)."""
+    p = comb.reconstruct.shape[0]
+    named = [i for i in suspects if i in live]
+    mix = torch.zeros(1 + len(comb.parity) + len(named), p, dtype=torch.float64)
+    mix[0, comb.honest] = comb.weights
+    mix[1 : 1 + len(comb.parity), comb.honest] = comb.parity
+    for k, i in enumerate(named):
+        mix[1 + len(comb.parity) + k, comb.honest] = -comb.reconstruct[i]
+        mix[1 + len(comb.parity) + k, i] = 1.0
+    return mix
 
 
 def _allowed(comb: _Combiner, norms: Tensor, theta: float, length: int) -> Tensor:
