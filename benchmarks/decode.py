@@ -6,13 +6,15 @@
     python benchmarks/decode.py --workers 15 --dims 4000000 --num-byzantine 3 --peer byzfl \
         --methods aggregator:krum aggregator:median pre:nnm     # against ByzFL, rule by rule
 
-For each device (CPU, and CUDA when present), P and d, every code (at s=1, its smallest valid
-r; skipped with the reason where the code does not exist at that P), every aggregator (with
-``--num-byzantine``, default 1) and, when named, every pre-aggregator (``pre:NAME``) runs on one
-(P, d) float32 tensor: honest codewords with one random row replaced by -100x its value. Each
-figure is the median of ``--repeats`` runs after one warm-up; ``ratio`` divides it by the median
-of ``received.mean(0)`` on the same tensor in the same run. The cyclic code's time includes
-drawing its projection.
+For each device (CPU, and CUDA when present), P and d, every code (at s = ``--num-byzantine``,
+default 1, its smallest valid r; skipped with the reason where the code does not exist at that P),
+every aggregator (with ``--num-byzantine`` f) and, when named, every pre-aggregator (``pre:NAME``)
+runs on one (P, d) float32 tensor: honest codewords with one random row replaced by -100x its
+value. Each figure is the median of ``--repeats`` runs after one warm-up; ``ratio`` divides it by
+the median of ``received.mean(0)`` on the same tensor in the same run. The cyclic code's time
+includes drawing its projection. ``code:NAME:moving`` alternates between two tensors whose liars
+differ, so no decode meets the previous one's liar (the cyclic code certifies the previous
+decode's honest set in its first pass; a liar that moves costs it a second pass).
 
 ``--peer byzfl`` adds ByzFL's time for the same rule on the same tensor in the same process, and
 ``vs peer`` (ours / ByzFL's). ByzFL is a development extra, never a dependency of the package:
@@ -114,8 +116,9 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
               f: int = 1, peer: types.ModuleType | None = None) -> dict:
     row = {"method": method, "device": str(device), "workers": p, "dim": d}
     kind, name = method.split(":", 1)
+    name, moving = name.removesuffix(":moving"), name.endswith(":moving")
     try:
-        code = make_code(name if kind == "code" else "none", p, 1 if kind == "code" and name != "none" else 0)
+        code = make_code(name if kind == "code" else "none", p, f if kind == "code" and name != "none" else 0)
         rule = None
         if kind == "aggregator":
             rule = make_aggregator(name, f)
@@ -127,10 +130,16 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
         return {**row, "skipped": str(err)}
     received = codeword_rows(code, d, torch.float32, gen).to(device)
     liar = int(torch.randint(p, (1,), generator=gen))
+    if moving:  # the liar alternates between two ranks, so no decode finds the previous one's suspects
+        other = received.clone()
+        other[(liar + p // 2) % p] *= -100
     received[liar] *= -100
     mean_s = median_seconds(lambda: received.mean(0), repeats, device)
     projection = torch.Generator(device=device).manual_seed(1)
-    if rule is None:
+    if rule is None and moving:
+        turn = [received, other]
+        run = lambda: code.decode(turn.reverse() or turn[0], generator=projection)  # noqa: E731
+    elif rule is None:
         run = lambda: code.decode(received, generator=projection)  # noqa: E731
     else:
         run = lambda: rule(received)  # noqa: E731

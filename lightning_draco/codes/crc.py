@@ -408,7 +408,7 @@ class CyclicRepetitionCode(Code):
             if mix is not None:
                 out = mix @ block
                 total[start:stop] = out[0]
-                squares += out[1:].double().square().sum(dim=1)
+                squares += _squared_norms(out[1:])
         norms = _exact_norms(received, norms.sqrt())
         early = (total, squares.sqrt().cpu()) if mix is not None else None  # parity misfits, then suspects'
         return sketch.cpu(), norms.cpu(), early
@@ -431,7 +431,7 @@ class CyclicRepetitionCode(Code):
             stop = min(d, start + step)
             out = mix @ rows[:, start:stop].to(acc)
             total[start:stop] = out[0]
-            squares += out[1:].double().square().sum(dim=1)
+            squares += _squared_norms(out[1:])
         return total, squares.sqrt().cpu()
 
     def _candidates(self, sketch: Tensor, norms: Tensor, erased: list[int], theta: float) -> list[tuple[int, ...]]:
@@ -464,6 +464,7 @@ class CyclicRepetitionCode(Code):
             w = v.clone()
             w[known] = 0.0
             add(self._locate(w, known))
+        found = list(dict.fromkeys(self._canonical(v, scale, c, erased, theta) for c in found))
         fits = {c: self._sketch_misfit(v, scale, c) for c in found + [canonical]}
         ordered = sorted(found, key=lambda c: fits[c])
         # Nobody visibly lies (the fixed set fits about as well as the best located one, at the noise
@@ -475,6 +476,21 @@ class CyclicRepetitionCode(Code):
         elif canonical not in ordered:
             ordered.append(canonical)
         return ordered
+
+    def _canonical(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...], erased: list[int], theta: float) -> tuple[int, ...]:
+        """``suspects`` with those that visibly fit the code swapped for the lowest-numbered rows that do.
+
+        With fewer than s liars, the other suspects are whatever rows the locator's noise picked;
+        a fixed choice keeps the result (and its rounding) independent of that noise, and lets the
+        next decode find this one's set already certified in its first pass.
+        """
+        misfit = self._row_misfits(v, scale, suspects)
+        visible = [i for i in suspects if i in erased or float(misfit[i]) > theta]
+        fill = [i for i in range(self.num_workers) if i not in visible][: self.num_adversaries - len(visible)]
+        swapped = tuple(sorted(visible + fill))
+        if swapped == suspects or self._sketch_misfit(v, scale, swapped) > max(2 * self._sketch_misfit(v, scale, suspects), theta / 8):
+            return suspects
+        return swapped
 
     def _sketch_misfit(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...]) -> float:
         """The worst parity row's misfit in the sketch, relative to its floor's scale."""
@@ -584,6 +600,15 @@ def _dft_rows(zeros: tuple[int, ...], n: int) -> Tensor:
 def _inverse_powers(p: int, n: int, s: int) -> Tensor:
     inverse = torch.polar(torch.ones(p, dtype=torch.float64), -2 * math.pi * torch.arange(p, dtype=torch.float64) / n)
     return inverse[:, None] ** torch.arange(s + 1, dtype=torch.float64)[None, :]
+
+
+def _squared_norms(rows: Tensor) -> Tensor:
+    """Each row's squared norm in float64: the fast norm in the rows' dtype, redone in float64 only where
+    its squares could have over- or underflowed (values beyond about 1e18 or below 1e-17)."""
+    norms = torch.linalg.vector_norm(rows, dim=1).double()
+    if bool(((norms > 1e18) | ((norms < 1e-17) & (norms > 0)) | ~torch.isfinite(norms)).any()):
+        norms = torch.linalg.vector_norm(rows.double(), dim=1)
+    return norms.square()
 
 
 def _exact_norms(received: Tensor, norms: Tensor) -> Tensor:
