@@ -39,10 +39,9 @@ CODE_ROUNDING = 1e-12
 # float32: the accuracy the decode promises; half precision: a few times the dtype's own rounding.
 MAX_HIDDEN_ERROR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}
 
-# Rounding of the sketch itself, relative to a row's norm: the float32 projection (blocks of 32K
-# coordinates) misses the exact one by up to 3e-6 of the row (measured, d up to 2M); the float64
-# one by far less than any wire dtype's rounding.
-_SKETCH_ROUNDING = {False: 1e-5, True: 1e-12}
+# Rounding of the float32 sketch itself, relative to a row's norm: the projection (blocks of 32K
+# coordinates) misses the exact one by up to 3e-6 of the row (measured, d up to 2M).
+_SKETCH_ROUNDING = 1e-5
 
 # Gaussian projection columns per decode: liars are located jointly from all of them, so an error
 # that happens to project small in one column is seen in the others.
@@ -346,8 +345,10 @@ class CyclicRepetitionCode(Code):
                 # Lies too small for the float32 sketch to place (a few units of its rounding) but above
                 # the floor: sketch again in float64, with fresh secret numbers, and locate once more.
                 sketch, _, _ = self._sketch(received, gen, None, precise=True)
-            slack = _SKETCH_ROUNDING[precise]
-            for suspects in self._candidates(sketch, norms, erased, theta + slack)[: self.attempts]:
+            # In float64 the sketch adds no rounding and honest rows miss by under 1/10 of the floor:
+            # locate against a tighter bar, so that lies just above the floor are ranked out.
+            bar = theta / 8 if precise else theta + _SKETCH_ROUNDING
+            for suspects in self._candidates(sketch, norms, erased, bar)[: self.attempts + precise]:
                 if suspects in certified:
                     continue
                 certified.add(suspects)
@@ -464,7 +465,8 @@ class CyclicRepetitionCode(Code):
             w = v.clone()
             w[known] = 0.0
             add(self._locate(w, known))
-        found = list(dict.fromkeys(self._canonical(v, scale, c, erased, theta) for c in found))
+        # A fixed fill first, the located set itself right after it (in case the fill hides a small lie).
+        found = list(dict.fromkeys(x for c in found for x in (self._canonical(v, scale, c, erased, theta), c)))
         fits = {c: self._sketch_misfit(v, scale, c) for c in found + [canonical]}
         ordered = sorted(found, key=lambda c: fits[c])
         # Nobody visibly lies (the fixed set fits about as well as the best located one, at the noise
