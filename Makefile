@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast fuzz bench clean
+.PHONY: demo test test-fast fuzz bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ fuzz: $(VENV)/.installed  ## long property-based run of the decoders
 
 bench: $(VENV)/.installed  ## decode speed: plain mean vs each decoder
 	$(PY) benchmarks/decode.py $(ARGS)
+
+gpu-check: $(VENV)/.installed  ## both codes, TF32 on/off, fp32/bf16-mixed, with/without a liar, six ranks on one GPU
+	PYTHON=$(PY) bash scripts/gpu_check.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs .pytest_cache .hypothesis

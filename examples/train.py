@@ -184,17 +184,23 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
         "resumed_from": ckpt_path,
         "wall_seconds": round(time.perf_counter() - start, 3),
         "param_sha256": param_sha256(model),
+        "_params": torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()]),
     }
 
 
 def train(cfg: DictConfig) -> float:
     torch.set_num_threads(cfg.threads_per_rank)
+    if cfg.get("tf32") is not None:  # None keeps PyTorch's defaults: cuDNN convolutions in TF32, matmuls not
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = fit(cfg, run_dir)
+    params = result.pop("_params")
     if cfg.compare_clean:
         clean = fit(cfg, run_dir / "clean", with_adversary=False, comparison=True)
         result["clean_param_sha256"] = clean["param_sha256"]
         result["identical_to_clean"] = clean["param_sha256"] == result["param_sha256"]
+        reference = clean.pop("_params")
+        result["relative_distance_to_clean"] = float((params - reference).norm() / reference.norm().clamp_min(1e-300))
     if result.pop("rank") == 0:
         summary = {"config": OmegaConf.to_container(cfg, resolve=True), **result}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -210,15 +216,18 @@ def train(cfg: DictConfig) -> float:
 def report(cfg: DictConfig, summary: dict, run_dir: Path) -> str:
     caught = ", ".join(f"rank {r} at {n} steps" for r, n in summary["faulty_counts"].items()) or "nobody"
     liars = "no adversary" if cfg.attack.name == "none" else f"attack {cfg.attack.name!r} on ranks {cfg.attack.ranks}"
+    accuracy = "n/a (no validation yet)" if summary["final_val_acc"] is None else f"{summary['final_val_acc']:.3f}"
     lines = [
         "",
         f"DRACO code={cfg.code.name} s={cfg.code.num_adversaries} on {summary['world_size']} ranks, {liars}.",
         f"  caught: {caught}; skipped steps: {summary['skipped_steps']}",
-        f"  final validation accuracy {summary['final_val_acc']:.3f} after {summary['optimizer_steps']} steps"
-        f" ({summary['wall_seconds']:.1f} s)",
+        f"  final validation accuracy {accuracy} after {summary['optimizer_steps']} steps ({summary['wall_seconds']:.1f} s)",
     ]
     if "identical_to_clean" in summary:
-        verdict = "IDENTICAL to" if summary["identical_to_clean"] else "DIFFERENT from"
+        if summary["identical_to_clean"]:
+            verdict = "IDENTICAL to"
+        else:
+            verdict = f"DIFFERENT (relative distance {summary['relative_distance_to_clean']:.1e}) from"
         lines.append(f"  model {verdict} the adversary-free run (param_sha256 {summary['param_sha256'][:16]}...)")
     lines.append(f"  summary: {run_dir / 'summary.json'}")
     return "\n".join(lines)
