@@ -423,11 +423,18 @@ class CyclicRepetitionCode(Code):
         acc = accumulation_dtype(received.dtype)
         comb = self._combiner(suspects)
         live = [i for i in range(p) if i not in erased]
-        mix = _mix(comb, suspects, live)[:, live].to(device=device, dtype=acc)
-        rows = received if not erased else received[live]  # a copy only when some row is non-finite
+        mix = _mix(comb, suspects, live).to(device=device, dtype=acc)
+        rows = received
+        if erased:  # a copy, only when some row is non-finite: 0 * NaN would poison the products
+            rows = received.clone()
+            rows[erased] = 0
+
         total = torch.empty(d, dtype=acc, device=device)
         squares = torch.zeros(len(mix) - 1, dtype=torch.float64, device=device)
-        step = 4 * self.chunk_size if device.type == "cpu" else d
+        # The same products over the same blocks as the sketching pass: a set certified there or
+        # here gives the same total, bit for bit (reproducible whatever the liars sent).
+        step = self.chunk_size if device.type == "cpu" else d
+        step = -(-step // min(GRID, d)) * min(GRID, d)
         for start in range(0, d, step):
             stop = min(d, start + step)
             out = mix @ rows[:, start:stop].to(acc)
@@ -559,25 +566,26 @@ class CyclicRepetitionCode(Code):
         """The suspects that are faulty: non-finite, or off the codeword through ``H`` by ``NAMING_MARGIN``
         times what rounding explains, measured over every coordinate (an honest suspect is set aside,
         harmlessly, but never named)."""
-        live = [i for i in suspects if i not in erased]
-        rows = comb.reconstruct[list(live)]
-        rounding = (norms[live].double().square() + rows.square() @ norms[comb.honest].double().square()).sqrt()
+        rows = comb.reconstruct[list(suspects)]
+        rounding = (norms[list(suspects)].double().square() + rows.square() @ norms[comb.honest].double().square()).sqrt()
         bound = NAMING_MARGIN * theta * rounding * (1.0 + math.sqrt(len(comb.honest) / max(length, 1)))
-        named = {i for i, miss, most in zip(live, misses.tolist(), bound.tolist()) if not miss <= most}
+        named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
         return sorted(named | set(erased))
 
 
 def _mix(comb: _Combiner, suspects: tuple[int, ...], live: list[int]) -> Tensor:
     """Rows of the certifying product, over all P workers: ``b`` (the total), the parity rows ``N``, and
-    for each live suspect ``e_i - (W W[H]^+)_i`` (its miss of the codeword through ``H``)."""
+    for each suspect ``e_i - (W W[H]^+)_i`` (its miss of the codeword through ``H``; zeros for a
+    suspect that is not live). Always ``1 + 2s`` rows: the same product shape, so the same rounding
+    of the total, whoever lied and however."""
     p = comb.reconstruct.shape[0]
-    named = [i for i in suspects if i in live]
-    mix = torch.zeros(1 + len(comb.parity) + len(named), p, dtype=torch.float64)
+    mix = torch.zeros(1 + len(comb.parity) + len(suspects), p, dtype=torch.float64)
     mix[0, comb.honest] = comb.weights
     mix[1 : 1 + len(comb.parity), comb.honest] = comb.parity
-    for k, i in enumerate(named):
-        mix[1 + len(comb.parity) + k, comb.honest] = -comb.reconstruct[i]
-        mix[1 + len(comb.parity) + k, i] = 1.0
+    for k, i in enumerate(suspects):
+        if i in live:
+            mix[1 + len(comb.parity) + k, comb.honest] = -comb.reconstruct[i]
+            mix[1 + len(comb.parity) + k, i] = 1.0
     return mix
 
 
