@@ -34,6 +34,7 @@ from lightning_draco.codes.aggregated import AggregatedCode
 from lightning_draco.consistency import check_first_batch, explain_decode_failure
 from lightning_draco.data import DracoDataLoader, PartitionBatch, partition_seed, transfer_seed
 from lightning_draco.hook import DracoHookState, draco_hook
+from lightning_draco.partition_logging import mean_over_partitions
 from lightning_draco.report import FaultLedger
 from lightning_draco.requeue import SlurmRequeue
 
@@ -347,9 +348,10 @@ class DracoStrategy(DDPStrategy):
             return super().training_step(*args, **kwargs)
         self._last_batch = batch
         weights = self.code.coefficients(self.global_rank)
-        if all(weight == 1.0 for weight in weights):
-            return self._summed_step(batch, args[1:], kwargs)
-        return self._weighted_step(batch, weights, args[1:], kwargs)
+        with mean_over_partitions(self.lightning_module):
+            if all(weight == 1.0 for weight in weights):
+                return self._summed_step(batch, args[1:], kwargs)
+            return self._weighted_step(batch, weights, args[1:], kwargs)
 
     def _partition_forward(self, batch: PartitionBatch, index: int, args: tuple, kwargs: dict) -> tuple[Any, Tensor]:
         """The user's training step on one partition, under that partition's seeds; its output and loss."""
@@ -573,8 +575,8 @@ class DracoStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         """Add DRACO's state, write atomically; the PS's own state goes only where no worker reads it.
 
-        The PS's state is its projection secret and the state of a stateful aggregator (centred
-        clipping's anchor). With the PS on rank 0 (the default) it is in the checkpoint that rank 0
+        The PS's state is its projection secret, the decoder's state (the cyclic code's first set
+        to certify) and the state of a stateful aggregator (centred clipping's anchor). With the PS on rank 0 (the default) it is in the checkpoint that rank 0
         writes. Otherwise the PS writes it to ``<checkpoint>.ps`` itself: rank 0 is a worker and
         must not learn the secret.
         """
@@ -583,6 +585,7 @@ class DracoStrategy(DDPStrategy):
             ps_state = {
                 "projection_secret": self._hook_state.secret,
                 "aggregator": self.aggregator.state_dict() if self.aggregator is not None else {},
+                "decoder": self.code.state_dict(),
             }
             if self.global_rank == 0:
                 checkpoint[_CHECKPOINT_KEY].update(ps_state)
@@ -614,6 +617,7 @@ class DracoStrategy(DDPStrategy):
                 self._hook_state.secret = int(secret)
             if self.aggregator is not None and ps_state.get("aggregator"):
                 self.aggregator.load_state_dict(ps_state["aggregator"])
+            self.code.load_state_dict(ps_state.get("decoder") or {})
         return checkpoint
 
     def check_resumable(self, state: dict[str, Any]) -> None:

@@ -150,6 +150,13 @@ class Code(ABC):
         """``k`` vectors whose sum is the total, and the faulty workers: the input of a robust aggregator."""
         raise ValueError(f"code={self.name!r} cannot be combined with an aggregator.")
 
+    def state_dict(self) -> dict:
+        """What the decoder carries from one decode to the next (kept by the PS with its checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s output."""
+
     def check_wire_dtype(self, dtype: torch.dtype) -> None:
         """Raise ``ValueError`` if gradients of ``dtype`` cannot be decoded accurately by this code."""
 

@@ -119,10 +119,11 @@ class CyclicRepetitionCode(Code):
 
     Decoding ``Y = W G + E`` (at most ``s`` rows of ``E`` non-zero):
 
+    0. First, in one pass that also measures every row's norm, certify (step 3) the previous
+       decode's honest set: the common case, nobody lies or the same workers lie again, ends here.
     1. Sketch, one pass over ``Y``: ``V = Y F`` with ``F`` two columns of secret random numbers
        (Gaussian, Kronecker-structured, drawn fresh for every call from the parameter server's
-       generator), every row's norm, and the total and parity misfit of the previous decode's
-       honest set (the common case: nobody lies, or the same workers lie again).
+       generator).
     2. Locate in the sketch: the error-locator polynomial from the syndromes (the DFT of ``V``
        at ``Z``) of both columns jointly (Peterson, least squares); its ``s`` smallest values
        name the suspects. Rows with non-finite values are erasures; very large rows are erased
@@ -141,9 +142,10 @@ class CyclicRepetitionCode(Code):
     4. ``total = b^T Y[H]`` with ``b^T W[H] = 1^T``, computed in the certifying pass. Suspects
        whose projected values miss the codeword by ``NAMING_MARGIN`` times the floor are named.
 
-    Both passes read ``Y`` blockwise in its own dtype, accumulating half precision in float32;
-    the small solves run in float64. Without liars, or with the same liars as the previous call,
-    the decode reads ``Y`` once.
+    Every pass reads ``Y`` blockwise in its own dtype, accumulating half precision in float32; the
+    small solves run in float64. Without liars, or with the same liars as the previous call, the
+    decode reads ``Y`` once. Which set is certified first is state (``state_dict``): a resumed run
+    restores it, so that its decodes round exactly as the uninterrupted run's.
     """
 
     name = "crc"
@@ -325,26 +327,33 @@ class CyclicRepetitionCode(Code):
     def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
         self._check_received(received)
         p, s = self.num_workers, self.num_adversaries
-        theta = self.floor(received.dtype)
+        theta, length = self.floor(received.dtype), received.shape[1]
         if s == 0:
             return DecodeResult(self._certify(received, (), [])[0], [])
-        gen = generator if generator is not None else torch.Generator(device=received.device).manual_seed(0)
-        hint = self._hint
-        sketch, norms, early = self._sketch(received, gen, hint)
-        erased = [i for i in range(p) if not bool(torch.isfinite(sketch[i]).all())]
+        # 1. The previous decode's honest set (at first, the last P - s workers), certified in the same
+        #    pass that measures every row's norm: nobody lies, or the same workers lie again.
+        hint = self._hint or tuple(range(s))
+        total, misses, norms = self._certify(received, hint, [], measure=True)
+        norms = _exact_norms(received, norms)  # redone in float64 where squares over- or underflowed
+        erased = [i for i in range(p) if not math.isfinite(float(norms[i]))]
         if len(erased) > s:
             raise DracoDecodeError(
                 f"{len(erased)} workers ({erased}) sent non-finite values, more than s={s}: either more than"
                 f" {s} lied, or every replica agrees on NaN/Inf and the model diverged.",
                 erased,
             )
+        if not erased:
+            comb = self._combiner(hint)
+            verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, length))
+            if verdict.accepted:
+                return DecodeResult(total, self._named(comb, norms, hint, erased, misses[s:], theta, length))
+        # 2. Locate in a sketch and certify the candidates, best first; then once more from a float64
+        #    sketch with fresh secret numbers (lies too small for the float32 sketch to place).
+        gen = generator if generator is not None else torch.Generator(device=received.device).manual_seed(0)
         closest: Optional[tuple[tuple[int, ...], float]] = None
-        certified: set[tuple[int, ...]] = set()
+        certified = set() if erased else {hint}
         for precise in (False, True):
-            if precise:
-                # Lies too small for the float32 sketch to place (a few units of its rounding) but above
-                # the floor: sketch again in float64, with fresh secret numbers, and locate once more.
-                sketch, _, _ = self._sketch(received, gen, None, precise=True)
+            sketch = self._sketch(received, gen, precise)
             # In float64 the sketch adds no rounding and honest rows miss by under 1/10 of the floor:
             # locate against a tighter bar, so that lies just above the floor are ranked out.
             bar = theta / 8 if precise else theta + _SKETCH_ROUNDING
@@ -352,18 +361,16 @@ class CyclicRepetitionCode(Code):
                 if suspects in certified:
                     continue
                 certified.add(suspects)
-                if suspects == hint and early is not None and not erased:
-                    total, misses = early
-                else:
-                    total, misses = self._certify(received, suspects, erased)
+                total, misses, _ = self._certify(received, suspects, erased)
                 comb = self._combiner(suspects)
-                verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, received.shape[1]))
+                verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, length))
                 if verdict.accepted:
                     self._hint = suspects
-                    return DecodeResult(total, self._named(comb, norms, suspects, erased, misses[s:], theta, received.shape[1]))
+                    return DecodeResult(total, self._named(comb, norms, suspects, erased, misses[s:], theta, length))
                 if closest is None or verdict.ratio < closest[1]:
                     closest = (suspects, verdict.ratio)
-        assert closest is not None
+        if closest is None:
+            closest = (hint, math.inf)
         raise DracoDecodeError(
             f"no {s} workers could be set aside so that the other {p - s} fit the code: the closest set"
             f" ({list(closest[0])}) leaves a parity misfit {closest[1]:.3g} times the floor"
@@ -372,13 +379,16 @@ class CyclicRepetitionCode(Code):
             list(range(p)),
         )
 
-    def _sketch(
-        self, received: Tensor, gen: torch.Generator, hint: Optional[tuple[int, ...]], precise: bool = False
-    ) -> tuple[Tensor, Tensor, Optional[tuple[Tensor, Tensor]]]:
-        """One pass: ``V = Y F`` (``P x k``, float64), the rows' norms, and ``hint``'s total and parity misfit.
+    def state_dict(self) -> dict:
+        """The previous decode's suspects: which honest set the next decode certifies first (its rounding)."""
+        return {"hint": list(self._hint) if self._hint is not None else None}
 
-        ``precise``: the projection in float64 (about 3x the time of the float32 one on the CPU).
-        """
+    def load_state_dict(self, state: dict) -> None:
+        hint = state.get("hint")
+        self._hint = tuple(hint) if hint is not None else None
+
+    def _sketch(self, received: Tensor, gen: torch.Generator, precise: bool = False) -> Tensor:
+        """One pass: ``V = Y F`` (``P x k``, float64); ``precise``: in float64 (about 3x the time on the CPU)."""
         p, d = received.shape
         device = received.device
         acc = torch.float64 if precise else accumulation_dtype(received.dtype)
@@ -389,14 +399,7 @@ class CyclicRepetitionCode(Code):
         # only with small probability; drawing 2 * sqrt(d) numbers instead of d keeps it cheap.
         u = torch.randn(PROJECTIONS, rows, generator=gen, device=gen.device, dtype=torch.float64).to(device, acc)
         v = torch.randn(PROJECTIONS, grid, generator=gen, device=gen.device, dtype=torch.float64).to(device, acc)
-        mix = None
-        if hint is not None:
-            comb = self._combiner(hint)
-            mix = _mix(comb, hint, list(range(p))).to(device=device, dtype=acc)
-            total = torch.empty(d, dtype=acc, device=device)
-            squares = torch.zeros(len(mix) - 1, dtype=torch.float64, device=device)
         sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device)
-        norms = torch.zeros(p, dtype=torch.float64, device=device)
         step = self.chunk_size if device.type == "cpu" else d  # blocks stay in cache on the CPU
         step = -(-step // grid) * grid
         for start in range(0, d, step):
@@ -405,19 +408,17 @@ class CyclicRepetitionCode(Code):
             first, last = start // grid, -(-stop // grid)
             f = (u[:, first:last, None] * v[:, None, :]).reshape(PROJECTIONS, -1)[:, : stop - start]
             sketch += (block @ f.t()).double()
-            norms += torch.linalg.vector_norm(block, dim=1).double().square()
-            if mix is not None:
-                out = mix @ block
-                total[start:stop] = out[0]
-                squares += _squared_norms(out[1:])
-        norms = _exact_norms(received, norms.sqrt())
-        early = (total, squares.sqrt().cpu()) if mix is not None else None  # parity misfits, then suspects'
-        return sketch.cpu(), norms.cpu(), early
+        return sketch.cpu()
 
-    def _certify(self, received: Tensor, suspects: tuple[int, ...], erased: list[int]) -> tuple[Tensor, Tensor]:
-        """One pass over the rows outside ``erased``: ``b^T Y[H]``, then the norms of each parity row's
-        misfit ``N_t Y[H]`` and of each live suspect's miss ``Y_i - (W W[H]^+ Y[H])_i``."""
-        """One pass over the rows outside ``erased``: ``b^T Y[H]`` and each parity row's misfit ``||N_t Y[H]||``."""
+    def _certify(
+        self, received: Tensor, suspects: tuple[int, ...], erased: list[int], measure: bool = False
+    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """One pass: ``b^T Y[H]``; the norms of each parity row's misfit ``N_t Y[H]`` and of each suspect's
+        miss ``Y_i - (W W[H]^+ Y[H])_i``; with ``measure``, every row's norm.
+
+        The same products over the same blocks whatever the call: a set certified in one call or
+        another gives the same total, bit for bit, whoever lied and however.
+        """
         p, d = received.shape
         device = received.device
         acc = accumulation_dtype(received.dtype)
@@ -428,19 +429,21 @@ class CyclicRepetitionCode(Code):
         if erased:  # a copy, only when some row is non-finite: 0 * NaN would poison the products
             rows = received.clone()
             rows[erased] = 0
-
         total = torch.empty(d, dtype=acc, device=device)
         squares = torch.zeros(len(mix) - 1, dtype=torch.float64, device=device)
-        # The same products over the same blocks as the sketching pass: a set certified there or
-        # here gives the same total, bit for bit (reproducible whatever the liars sent).
-        step = self.chunk_size if device.type == "cpu" else d
-        step = -(-step // min(GRID, d)) * min(GRID, d)
+        norms = torch.zeros(p, dtype=torch.float64, device=device) if measure else None
+        grid = min(GRID, d)
+        step = self.chunk_size if device.type == "cpu" else d  # blocks stay in cache on the CPU
+        step = -(-step // grid) * grid
         for start in range(0, d, step):
             stop = min(d, start + step)
-            out = mix @ rows[:, start:stop].to(acc)
+            block = rows[:, start:stop].to(acc)
+            out = mix @ block
             total[start:stop] = out[0]
             squares += _squared_norms(out[1:])
-        return total, squares.sqrt().cpu()
+            if norms is not None:
+                norms += torch.linalg.vector_norm(block, dim=1).double().square()
+        return total, squares.sqrt().cpu(), norms.sqrt().cpu() if norms is not None else None
 
     def _candidates(self, sketch: Tensor, norms: Tensor, erased: list[int], theta: float) -> list[tuple[int, ...]]:
         """Suspect sets to certify, best first: the located ones, ordered by how well the others fit.

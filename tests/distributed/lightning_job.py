@@ -174,7 +174,34 @@ def unused(name: str) -> dict:
     return out
 
 
+class LoggingNet(Net):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss, on_step=True, sync_dist=True)
+        return loss
+
+
+class SeeLogged(L.Callback):
+    def __init__(self):
+        self.values: list = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(trainer.callback_metrics["train_loss"]))
+
+
+def logged(strategy_name: str) -> dict:
+    """``self.log(..., sync_dist=True)`` per step under DRACO and under plain DDP, same data and model."""
+    seen = SeeLogged()
+    strategy = draco() if strategy_name == "draco" else L.pytorch.strategies.DDPStrategy(start_method="popen")
+    out: dict = {}
+    fit(out, trainer_for(strategy, [seen]), LoggingNet(), data())
+    out["values"] = seen.values
+    return out
+
+
 SCENARIOS = {
+    "logged_draco": lambda: logged("draco"),
+    "logged_ddp": lambda: logged("ddp"),
     "stages": stages,
     "ps_outvoted_raise": lambda: ps_outvoted("raise"),
     "ps_outvoted_skip": lambda: ps_outvoted("skip"),

@@ -10,7 +10,7 @@ from test_training import run_job_script
 
 pytestmark = pytest.mark.distributed
 
-SCENARIOS = ["stages", "ps_outvoted_raise", "ps_outvoted_skip", "rank_dependent", "inconsistent_data", "unused_true",
+SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_outvoted_skip", "rank_dependent", "inconsistent_data", "unused_true",
              "unused_default"]
 
 
@@ -76,3 +76,12 @@ def test_unused_parameters_error_names_the_draco_strategy(runs):
     error = runs["unused_default"]["error"]
     assert "strategy='draco_find_unused_parameters_true'" in error["message"]
     assert "ddp_find_unused" not in error["message"]
+
+
+def test_values_logged_in_training_step_mean_what_they_mean_under_ddp(runs):
+    """Each rank runs training_step once per partition; the logged step value is their mean, as DDP's
+    sync_dist mean over ranks is (P = 3: every rank holds every partition)."""
+    draco, ddp = runs["logged_draco"]["values"], runs["logged_ddp"]["values"]
+    assert len(draco) == len(ddp) > 0
+    for ours, theirs in zip(draco, ddp):
+        assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))

@@ -1,0 +1,42 @@
+"""Values logged in ``training_step`` mean what they mean under DDP: one value per rank and step.
+
+A DRACO rank runs the user's ``training_step`` once per partition it holds. Left alone, each
+``self.log("loss", ...)`` call overwrites the previous one, so a per-step value would be the last
+partition's. While the partitions run, ``log`` calls are collected instead and replayed once per
+name with the mean of the partitions' values (tensors and numbers); torchmetrics ``Metric``
+objects pass straight through, since they accumulate their own state across calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def mean_over_partitions(module: Any) -> Iterator[None]:
+    """Within the block, ``module.log`` collects; on leaving it, each name is logged once, averaged."""
+    if module is None or "log" in module.__dict__:
+        yield
+        return
+    original = module.log
+    calls: dict[str, tuple[list[Any], dict]] = {}
+
+    def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        if args or not isinstance(value, (torch.Tensor, int, float)):
+            original(name, value, *args, **kwargs)  # a Metric (or positional options): as the user wrote it
+            return
+        values, _ = calls.setdefault(name, ([], kwargs))
+        values.append(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value)))
+        calls[name] = (values, kwargs)
+
+    module.log = log
+    try:
+        yield
+    finally:
+        del module.__dict__["log"]
+    for name, (values, kwargs) in calls.items():
+        original(name, torch.stack([v.float().reshape(()) for v in values]).mean(), **kwargs)

@@ -1,0 +1,44 @@
+"""Values logged in training_step are averaged over a rank's partitions, once per name and step."""
+
+import torch
+
+from lightning_draco.partition_logging import mean_over_partitions
+
+
+class Module:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, name, value, **kwargs):
+        self.logged.append((name, value, kwargs))
+
+
+class Metric:
+    """Stands for a torchmetrics Metric: it keeps its own state, so every call must reach log."""
+
+
+def test_each_name_is_logged_once_with_the_partitions_mean():
+    module = Module()
+    with mean_over_partitions(module):
+        for loss, acc in [(1.0, 0.5), (2.0, 0.25), (4.5, 0.75)]:
+            module.log("train_loss", torch.tensor(loss, requires_grad=True) * 1, prog_bar=True, batch_size=16)
+            module.log("acc", acc)
+        assert module.logged == []  # nothing reaches Lightning while the partitions run
+    names = [name for name, _, _ in module.logged]
+    assert names == ["train_loss", "acc"]
+    loss = module.logged[0]
+    assert float(loss[1]) == 2.5 and not loss[1].requires_grad
+    assert loss[2] == {"prog_bar": True, "batch_size": 16}
+    assert float(module.logged[1][1]) == 0.5
+
+
+def test_metrics_pass_straight_through_and_the_module_is_restored():
+    module = Module()
+    metric = Metric()
+    with mean_over_partitions(module):
+        module.log("metric", metric)
+        module.log("metric", metric)
+    assert [value for _, value, _ in module.logged] == [metric, metric]
+    assert "log" not in module.__dict__
+    module.log("after", 1.0)
+    assert module.logged[-1][0] == "after"
