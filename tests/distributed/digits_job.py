@@ -115,6 +115,8 @@ SCENARIOS["frc_nodropout"] = lambda: ({}, dict(dropout=0.0))
 SCENARIOS["ddp_nodropout"] = lambda: ("ddp", dict(dropout=0.0))
 SCENARIOS["frc_ps3_clean"] = lambda: (dict(ps_rank=3), {})
 SCENARIOS["frc_ps3_reverse"] = lambda: (dict(ps_rank=3, adversary=Adversary(ranks=[0], attack="reverse")), {})
+SCENARIOS["frc_acc2_clean"] = lambda: ({}, dict(accumulate=2))
+SCENARIOS["frc_acc2_reverse"] = lambda: (dict(adversary=Adversary(ranks=[4], attack="reverse")), dict(accumulate=2))
 SCENARIOS["frc_bf16_clean"] = lambda: ({}, dict(precision="bf16-mixed"))
 SCENARIOS["frc_bf16_reverse"] = lambda: (dict(adversary=Adversary(ranks=[4], attack="reverse")), dict(precision="bf16-mixed"))
 SCENARIOS["frc_two_liars_raise"] = lambda: (dict(adversary=Adversary(ranks=[1, 2], attack="gaussian")), {})
@@ -184,6 +186,8 @@ def cyclic_scenario(name: str):
     model_kw = {}
     if attack.endswith("_bf16"):
         attack, model_kw["precision"] = attack.removesuffix("_bf16"), "bf16-mixed"
+    if attack.endswith("_acc2"):
+        attack, model_kw["accumulate"] = attack.removesuffix("_acc2"), 2
     s = int(head[3:])
     kw = dict(code="crc", num_adversaries=s, projection_secret=11)
     if attack != "clean":
@@ -256,6 +260,7 @@ def run(name: str) -> dict:
     if model_kw.pop("csv_logger", False):
         logger = CSVLogger(os.getcwd(), name=name, version=0)
     precision = model_kw.pop("precision", "32-true")
+    accumulate = model_kw.pop("accumulate", 1)
     if model_kw.pop("manual", False):
         model = ManualNet()
     elif model_kw.pop("diverge", False):
@@ -268,6 +273,7 @@ def run(name: str) -> dict:
         devices=WORLD,
         strategy=strategy,
         precision=precision,
+        accumulate_grad_batches=accumulate,
         max_steps=STEPS,
         logger=logger,
         log_every_n_steps=1,

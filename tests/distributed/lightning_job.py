@@ -180,6 +180,9 @@ class LoggingNet(Net):
         self.log("train_loss", loss, on_step=True, sync_dist=True)
         return loss
 
+    def on_train_batch_start(self, batch, batch_idx):
+        pass  # also runs under plain DDP, which has no partition_batch
+
 
 class SeeLogged(L.Callback):
     def __init__(self):

@@ -1,4 +1,5 @@
-"""Both codes under ``precision="bf16-mixed"`` (autocast on the CPU): honest ranks are never named.
+"""Both codes under ``precision="bf16-mixed"`` (autocast on the CPU): honest ranks are never named;
+and under gradient accumulation (two micro-batches per optimizer step).
 
 The cyclic code applies its encoding weights between per-partition backwards, so every holder of
 a partition computes its gradient with the same bf16 kernels and inputs; its replicas then fit the
@@ -14,7 +15,8 @@ from test_training import run_job
 pytestmark = pytest.mark.distributed
 
 STEPS = 24
-NAMES = ["crc1_clean_bf16", "crc1_reverse_bf16", "crc1_sparse_bf16", "frc_bf16_clean", "frc_bf16_reverse"]
+NAMES = ["crc1_clean_bf16", "crc1_reverse_bf16", "crc1_sparse_bf16", "frc_bf16_clean", "frc_bf16_reverse",
+         "crc1_clean_acc2", "crc1_reverse_acc2", "frc_acc2_clean", "frc_acc2_reverse"]
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +51,14 @@ def test_repetition_code_keeps_the_clean_model_bitwise(runs):
     assert run.get("error") is None, run.get("error")
     assert run["faulty_counts"] == {"4": STEPS}
     assert run["sha"] == runs["frc_bf16_clean"]["sha"]
+
+
+def test_gradient_accumulation_keeps_the_clean_model(runs):
+    """The weighted step keeps ``.grad`` as the coded gradient over the last weight between micro-batches."""
+    crc, clean = runs["crc1_reverse_acc2"], runs["crc1_clean_acc2"]
+    for run in (crc, clean, runs["frc_acc2_reverse"]):
+        assert run.get("error") is None, run.get("error")
+        assert run["global_step"] == STEPS // 2 or run["global_step"] == STEPS
+    assert crc["faulty_counts"] == {"5": crc["global_step"]}
+    assert relative_distance(crc["params"], clean["params"]) <= 1e-5
+    assert runs["frc_acc2_reverse"]["sha"] == runs["frc_acc2_clean"]["sha"]
