@@ -55,9 +55,14 @@ GRID = 1024
 # suspect is set aside (harmlessly) but never accused.
 NAMING_MARGIN = 8.0
 
-# Limits on the search for the growth over every set of s liars (``_worst_sets``).
+# Limits on the search for the growth and exposure over every set of s suspects (``_worst_sets``),
+# of the suspect sets whose every set of s liars is tried (``_conditioning``), and of those liar sets.
 EXHAUSTIVE_SETS = 3000
 RANDOM_SETS = 256
+EXPOSURE_SETS = 16
+LIAR_SETS = 2000
+# Up to this many sets of s suspects, every one is ranked in the sketch besides the located ones.
+ALL_CANDIDATES = 64
 
 
 class Verdict(NamedTuple):
@@ -139,8 +144,10 @@ class CyclicRepetitionCode(Code):
        ``H`` passes only by staying under the floor, which bounds how far it moves the total
        (``hidden_shift``). The next candidate is certified if one fails (a pass each, at most
        ``attempts``), then ``DracoDecodeError``: more than ``s`` workers lied.
-    4. ``total = b^T Y[H]`` with ``b^T W[H] = 1^T``, computed in the certifying pass. Suspects
-       whose projected values miss the codeword by ``NAMING_MARGIN`` times the floor are named.
+    4. ``total = b^T Y[H]`` with ``b^T W[H] = 1^T``, computed in the certifying pass, with each
+       suspect's miss of the codeword through ``H`` over every coordinate: a suspect is named when
+       it misses by more than ``NAMING_MARGIN`` times its rounding plus twice what lies hidden
+       under the floor could shift the codeword there (``_hidden_reach``): never for an honest one.
 
     Every pass reads ``Y`` blockwise in its own dtype, accumulating half precision in float32; the
     small solves run in float64. Without liars, or with the same liars as the previous call, the
@@ -179,6 +186,7 @@ class CyclicRepetitionCode(Code):
         self.zeros = list(range((n + 1) // 2 - s, (n + 1) // 2 + s))
         self._matrix = self._build_matrix()
         self._combiners: OrderedDict[tuple[int, ...], _Combiner] = OrderedDict()
+        self._reach: dict[tuple[int, ...], Tensor] = {}  # per suspect set: how far hidden lies move it
         # The previous decode's suspects: certified first, in the sketching pass (speed only: the
         # result never depends on it).
         self._hint: Optional[tuple[int, ...]] = None
@@ -259,10 +267,11 @@ class CyclicRepetitionCode(Code):
         """The most a lie under the parity floor moves the decoded sum, relative to the sum's norm.
 
         For rows of the size random partition gradients give (the sum's norm about ``sqrt(P)`` times
-        a partition's): ``exposure * floor(dtype)``, the exposure taken over every set of ``s``
-        liars searched (see ``_conditioning``).
+        a partition's) and buckets of at least ``GRID`` values: ``exposure * floor(dtype)`` with the
+        short-bucket allowance of ``_allowed``, the exposure taken over the sets of ``s`` suspects
+        and of ``s`` liars searched (see ``_conditioning``).
         """
-        return self.exposure * self.floor(dtype)
+        return self.exposure * self.floor(dtype) * (1.0 + math.sqrt(self.num_workers / GRID))
 
     def floor(self, dtype: torch.dtype) -> float:
         """``theta``: how far honest rows of ``dtype`` may miss the code, relative to their norms (``allowed``)."""
@@ -475,6 +484,8 @@ class CyclicRepetitionCode(Code):
             w = v.clone()
             w[known] = 0.0
             add(self._locate(w, known))
+        if math.comb(p, s) <= ALL_CANDIDATES:  # few enough to rank every set by how well the rest fit
+            found += [c for c in itertools.combinations(range(p), s) if set(erased) <= set(c)]
         # A fixed fill first, the located set itself right after it (in case the fill hides a small lie).
         found = list(dict.fromkeys(x for c in found for x in (self._canonical(v, scale, c, erased, theta), c)))
         fits = {c: self._sketch_misfit(v, scale, c) for c in found + [canonical]}
@@ -572,6 +583,12 @@ class CyclicRepetitionCode(Code):
         rows = comb.reconstruct[list(suspects)]
         rounding = (norms[list(suspects)].double().square() + rows.square() @ norms[comb.honest].double().square()).sqrt()
         bound = NAMING_MARGIN * theta * rounding * (1.0 + math.sqrt(len(comb.honest) / max(length, 1)))
+        # Liars inside H under the floor shift the codeword at the suspects too: an honest suspect can
+        # then miss it by up to that much, and must not be named for it.
+        if suspects not in self._reach:
+            self._reach[suspects] = _hidden_reach(comb, rows)
+        allowed = _allowed(comb, norms, theta, length)
+        bound = bound + 2.0 * self._reach[suspects] * float(allowed.norm())
         named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
         return sorted(named | set(erased))
 
@@ -652,33 +669,70 @@ _CONDITIONING: dict[tuple[int, int], tuple[float, float]] = {}
 
 
 def _conditioning(code: CyclicRepetitionCode) -> tuple[float, float]:
-    """Growth and exposure, maximised over the sets of ``s`` liars that ``_worst_sets`` searches.
+    """Growth and exposure, maximised over the sets of ``s`` suspects that ``_worst_sets`` searches.
 
-    Exposure of a suspect set ``S``: a lie ``e`` in row ``l`` of ``H`` passes the check when
-    ``|N_tl| ||e||`` stays under every parity row's floor and moves the sum by ``|b_l| ||e||``; with
-    rows of equal size ``||W_l|| g`` and a sum of size ``sqrt(P) g`` that is at most
-    ``floor * max_l |b_l| ||W_l|| / (max_t |N_tl| sqrt(P))``.
+    Exposure of a suspect set ``S``: lies ``x`` on a set ``L`` of ``s`` rows of ``H`` pass the check
+    while ``||N_L x||`` stays under the floor, and move the sum by ``b_L . x``: at most
+    ``||N_L^{-T} b_L||`` times the floor (``_hidden_reach``, maximised over ``L``). With rows of
+    the size of ``||W_l|| g`` and a sum of ``sqrt(P) g``, relative to the sum that is the exposure
+    times ``theta``. Sets ``S`` are scored first by the single-liar bound, then the worst few
+    (and the contiguous ones, which the liars of the hint can aim at) by every liar set.
     """
     key = (code.num_workers, code.num_adversaries)
     if key not in _CONDITIONING:
-        p = code.num_workers
+        p, s = code.num_workers, code.num_adversaries
         matrix = code.encoding_matrix
         largest, row_norms = float(matrix.abs().max()), matrix.norm(dim=1)
         growths: dict[tuple[int, ...], float] = {}
 
-        def exposure_of(suspects: tuple[int, ...]) -> float:
+        def single(suspects: tuple[int, ...]) -> float:
             comb = code._combiner(suspects)
             growths[suspects] = float(comb.weights.abs().sum()) * largest
             if not len(comb.parity):
                 return 0.0
             reach = comb.parity.abs().amax(dim=0).clamp_min(1e-300)
-            return float((comb.weights.abs() * row_norms[comb.honest] / reach).max()) / math.sqrt(p)
+            return float((comb.weights.abs() * row_norms[comb.honest] / reach).max())
+
+        def multiple(suspects: tuple[int, ...]) -> float:
+            comb = code._combiner(suspects)
+            if not len(comb.parity):
+                return 0.0
+            floor = float((comb.parity.square() @ row_norms[comb.honest].square()).sqrt().norm())
+            return float(_hidden_reach(comb, comb.weights.unsqueeze(0))[0]) * floor
 
         with _small_solves():
-            exposure = max(exposure_of(c) for c in _worst_sets(p, code.num_adversaries, exposure_of))
+            sets = _worst_sets(p, s, single)
+            worst = sorted(sets, key=single, reverse=True)[:EXPOSURE_SETS]
+            worst += [tuple(sorted((start + t) % p for t in range(s))) for start in range(p)] if s else []
+            exposure = max(multiple(c) for c in dict.fromkeys(worst)) / math.sqrt(p)
         _CONDITIONING[key] = (max(growths.values()), exposure)
         code._combiners.clear()
     return _CONDITIONING[key]
+
+
+def _liar_sets(size: int, s: int) -> Tensor:
+    """Sets of ``s`` positions among ``size`` honest rows: all when few, else the contiguous ones and 256 random."""
+    if math.comb(size, s) <= LIAR_SETS:
+        return torch.tensor(list(itertools.combinations(range(size), s)), dtype=torch.long).reshape(-1, s)
+    gen = torch.Generator().manual_seed(size * 1000 + s)
+    sets = [tuple((start + t) % size for t in range(s)) for start in range(size)]
+    sets += [tuple(torch.randperm(size, generator=gen)[:s].tolist()) for _ in range(256)]
+    return torch.tensor([sorted(x) for x in sets], dtype=torch.long)
+
+
+def _hidden_reach(comb: _Combiner, targets: Tensor) -> Tensor:
+    """For each row ``t`` of ``targets`` (over ``H``): ``max_L ||N_L^{-T} t_L||`` over liar sets ``L`` of ``H``.
+
+    Lies ``x`` on ``L`` whose parity ``N_L x`` has norm at most ``a`` move ``t . x`` by at most this
+    times ``a``. ``N_L`` (s x s) is invertible: at most ``2s`` errors cannot form a codeword.
+    """
+    s = comb.parity.shape[0]
+    sets = _liar_sets(len(comb.honest), s)
+    blocks = comb.parity[:, sets].permute(1, 2, 0)  # (n, s, s): row j holds N[:, L_j]^T
+    values = targets[:, sets]  # (m, n, s)
+    with _small_solves():
+        solved = torch.linalg.solve(blocks.unsqueeze(0).expand(len(targets), -1, -1, -1), values)
+    return solved.norm(dim=-1).amax(dim=1)
 
 
 def _worst_sets(p: int, s: int, score) -> list[tuple[int, ...]]:
