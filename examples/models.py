@@ -138,3 +138,13 @@ def _image_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
     if len(shape) != 3:
         raise ValueError(f"this model needs image data, input_shape (C, H, W) or (H, W); got input_shape={shape}.")
     return shape
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions, on or off (PyTorch's defaults: matmuls off, convolutions on).
+
+    Here rather than in the app: submitit pickles the app's functions by value, and cuDNN's
+    backend module cannot be pickled.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled

@@ -40,7 +40,7 @@ sys.path.insert(0, EXAMPLES)
 # Processes started from here (submitit's tasks unpickling this app) import the example modules too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (EXAMPLES, os.environ.get("PYTHONPATH")) if p)
 
-from models import Classifier  # noqa: E402
+from models import Classifier, use_tf32  # noqa: E402
 
 from lightning_draco import Adversary, DracoStrategy, IncompatibleCheckpointError  # noqa: E402
 
@@ -191,7 +191,7 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
 def train(cfg: DictConfig) -> float:
     torch.set_num_threads(cfg.threads_per_rank)
     if cfg.get("tf32") is not None:  # None keeps PyTorch's defaults: cuDNN convolutions in TF32, matmuls not
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+        use_tf32(bool(cfg.tf32))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = fit(cfg, run_dir)
     params = result.pop("_params")
