@@ -187,8 +187,8 @@ class CyclicRepetitionCode(Code):
         self._matrix = self._build_matrix()
         self._combiners: OrderedDict[tuple[int, ...], _Combiner] = OrderedDict()
         self._reach: dict[tuple[int, ...], Tensor] = {}  # per suspect set: how far hidden lies move it
-        # The previous decode's suspects: certified first, in the sketching pass (speed only: the
-        # result never depends on it).
+        # The previous decode's suspects: certified first, in the pass that measures the norms. Which
+        # honest set is used decides the total's rounding, so it is state (``state_dict``).
         self._hint: Optional[tuple[int, ...]] = None
         #: ``max ||b_H||_1 * max|W|`` (how much the combiner amplifies rounding) and the exposure (how far
         #: a lie under the floor moves the sum, per unit of floor), over the sets of s liars searched.
