@@ -51,18 +51,16 @@ class Scratch:
         return {"_buffer": None}  # a copy of the rule need not carry the buffer
 
 
-class Aggregator(ABC):
-    """A rule mapping ``n`` received vectors, up to ``num_byzantine`` of them arbitrary, to one vector.
-
-    Subclasses set ``name``, extend ``check`` with their preconditions on ``n`` and implement
-    ``aggregate``. ``state_dict``/``load_state_dict`` carry the state of stateful rules.
-    """
+class _Rule:
+    """What aggregators and pre-aggregators share: ``num_byzantine``, checked once, scratch space."""
 
     name: ClassVar[str]
+    #: What the rule is called in error messages.
+    kind: ClassVar[str]
 
     def __init__(self, num_byzantine: int):
         if not isinstance(num_byzantine, int) or isinstance(num_byzantine, bool) or num_byzantine < 0:
-            raise ValueError(f"aggregator {self.name!r}: num_byzantine must be an integer >= 0 (got {num_byzantine!r}).")
+            raise ValueError(f"{self.kind} {self.name!r}: num_byzantine must be an integer >= 0 (got {num_byzantine!r}).")
         self.num_byzantine = num_byzantine
         #: Reused temporaries (rules built on distances keep their centred inputs here).
         self.scratch = Scratch()
@@ -70,7 +68,17 @@ class Aggregator(ABC):
     def check(self, num_inputs: int) -> None:
         """Raise ``ValueError`` if the rule is undefined for ``num_inputs`` vectors with this ``num_byzantine``."""
         if num_inputs < 1:
-            raise ValueError(f"aggregator {self.name!r} needs at least one input vector (got {num_inputs}).")
+            raise ValueError(f"{self.kind} {self.name!r} needs at least one input vector (got {num_inputs}).")
+
+
+class Aggregator(_Rule, ABC):
+    """A rule mapping ``n`` received vectors, up to ``num_byzantine`` of them arbitrary, to one vector.
+
+    Subclasses set ``name``, extend ``check`` with their preconditions on ``n`` and implement
+    ``aggregate``. ``state_dict``/``load_state_dict`` carry the state of stateful rules.
+    """
+
+    kind = "aggregator"
 
     def __call__(self, inputs: Tensor, *, generator: Optional[torch.Generator] = None) -> Tensor:
         """The rule on ``inputs``; ``generator`` (the PS's randomness) reaches only rules that draw from it."""
@@ -99,7 +107,7 @@ class Aggregator(ABC):
         return f"{type(self).__name__}(num_byzantine={self.num_byzantine})"
 
 
-class PreAggregator(ABC):
+class PreAggregator(_Rule, ABC):
     """A map from ``n`` received vectors to ``m`` vectors, applied before a rule (which still tolerates
     ``num_byzantine`` of them): mixing, bucketing, clipping.
 
@@ -107,17 +115,7 @@ class PreAggregator(ABC):
     ``output_size``. A pre-aggregator never modifies its input; it may return it unchanged.
     """
 
-    name: ClassVar[str]
-
-    def __init__(self, num_byzantine: int):
-        if not isinstance(num_byzantine, int) or isinstance(num_byzantine, bool) or num_byzantine < 0:
-            raise ValueError(f"pre-aggregator {self.name!r}: num_byzantine must be an integer >= 0 (got {num_byzantine!r}).")
-        self.num_byzantine = num_byzantine
-        self.scratch = Scratch()
-
-    def check(self, num_inputs: int) -> None:
-        if num_inputs < 1:
-            raise ValueError(f"pre-aggregator {self.name!r} needs at least one input vector (got {num_inputs}).")
+    kind = "pre-aggregator"
 
     def output_size(self, num_inputs: int) -> int:
         return num_inputs
