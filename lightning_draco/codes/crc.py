@@ -355,7 +355,7 @@ class CyclicRepetitionCode(Code):
             comb = self._combiner(hint)
             verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, length))
             if verdict.accepted:
-                return DecodeResult(total, self._named(comb, norms, hint, erased, misses[s:], theta, length))
+                return DecodeResult(total, self._named(comb, norms, hint, erased, misses[s:], theta, length, verdict.allowed))
         # 2. Locate in a sketch and certify the candidates, best first; then once more from a float64
         #    sketch with fresh secret numbers (lies too small for the float32 sketch to place).
         gen = generator if generator is not None else torch.Generator(device=received.device).manual_seed(0)
@@ -375,7 +375,7 @@ class CyclicRepetitionCode(Code):
                 verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, length))
                 if verdict.accepted:
                     self._hint = suspects
-                    return DecodeResult(total, self._named(comb, norms, suspects, erased, misses[s:], theta, length))
+                    return DecodeResult(total, self._named(comb, norms, suspects, erased, misses[s:], theta, length, verdict.allowed))
                 if closest is None or verdict.ratio < closest[1]:
                     closest = (suspects, verdict.ratio)
         if closest is None:
@@ -575,7 +575,7 @@ class CyclicRepetitionCode(Code):
 
     def _named(
         self, comb: _Combiner, norms: Tensor, suspects: tuple[int, ...], erased: list[int], misses: Tensor,
-        theta: float, length: int,
+        theta: float, length: int, allowed: Tensor,
     ) -> list[int]:
         """The suspects that are faulty: non-finite, or off the codeword through ``H`` by ``NAMING_MARGIN``
         times what rounding explains, measured over every coordinate (an honest suspect is set aside,
@@ -587,7 +587,6 @@ class CyclicRepetitionCode(Code):
         # then miss it by up to that much, and must not be named for it.
         if suspects not in self._reach:
             self._reach[suspects] = _hidden_reach(comb, rows)
-        allowed = _allowed(comb, norms, theta, length)
         bound = bound + 2.0 * self._reach[suspects] * float(allowed.norm())
         named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
         return sorted(named | set(erased))
