@@ -112,6 +112,7 @@ def build_strategy(cfg: DictConfig, with_adversary: bool = True) -> DracoStrateg
         projection_secret=code.projection_secret,
         seed=cfg.seed,
         timeout=timedelta(seconds=cfg.timeout_s),
+        startup_timeout=cfg.get("startup_timeout_s"),
         bucket_cap_mb=code.bucket_cap_mb,
         **{key: value for key, value in (cfg.get("ddp") or {}).items() if value is not None},
     )

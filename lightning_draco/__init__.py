@@ -6,6 +6,7 @@ Importing the package registers the strategy name ``"draco"`` with Lightning, so
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from lightning_draco import _compat  # noqa: F401  (fails loudly if Lightning renamed what DRACO overrides)
 from lightning_draco.adversary import Adversary
 from lightning_draco.codes import (
     Code,
@@ -16,7 +17,7 @@ from lightning_draco.codes import (
     NonFiniteGradientError,
     Uncoded,
 )
-from lightning_draco.hook import DracoHookState, draco_hook
+from lightning_draco.exchange import ExchangeState, ps_hook
 from lightning_draco.strategy import DracoStrategy, IncompatibleCheckpointError
 
 DracoStrategy.register_strategies(StrategyRegistry)
@@ -29,11 +30,11 @@ __all__ = [
     "CyclicRepetitionCode",
     "DecodeResult",
     "DracoDecodeError",
-    "DracoHookState",
     "DracoStrategy",
+    "ExchangeState",
     "FractionalRepetitionCode",
     "IncompatibleCheckpointError",
     "NonFiniteGradientError",
     "Uncoded",
-    "draco_hook",
+    "ps_hook",
 ]

@@ -11,7 +11,10 @@ from torch import Tensor
 from lightning_draco._seeding import generator
 from lightning_draco.attacks import OMNISCIENT_KEYS, Attack, acts_on_batch, call_attack, get_attack, wants
 
-__all__ = ["Adversary"]
+__all__ = ["Adversary", "ROLES"]
+
+#: What a liar can lie about: the coded gradient it sends, and (sharded decoding) the shards it decodes.
+ROLES = ("gradient", "decoder")
 
 
 class Adversary:
@@ -28,6 +31,9 @@ class Adversary:
         seed: seeds the random choice of ranks and the attacks' random streams.
         count: how many ranks lie per step with ``ranks="random"``; defaults to the
             strategy's ``num_adversaries``.
+        roles: where the liars lie: ``"gradient"`` (the coded gradient they send) and, with
+            sharded decoding, ``"decoder"`` (the decoded shards they pass on, the same attack
+            applied to them). Default: both.
         **options: keyword options of the attack (``scale=``, ``sigma=``, ``num_flips=`` ...).
 
     The parameter server is trusted: it never lies, and naming it is an error.
@@ -39,6 +45,7 @@ class Adversary:
         attack: Union[str, Attack] = "reverse",
         seed: int = 0,
         count: Optional[int] = None,
+        roles: Sequence[str] = ROLES,
         **options: Any,
     ):
         if isinstance(ranks, str):
@@ -52,6 +59,10 @@ class Adversary:
             if len(set(ranks)) != len(ranks):
                 raise ValueError(f"adversary ranks must be distinct (got {list(ranks)}).")
             self.ranks = tuple(sorted(ranks))
+        roles = (roles,) if isinstance(roles, str) else tuple(roles)
+        if not roles or any(role not in ROLES for role in roles):
+            raise ValueError(f"adversary roles must be a non-empty subset of {', '.join(ROLES)} (got {list(roles)}).")
+        self.roles = roles
         if count is not None and (not isinstance(count, int) or count < 0):
             raise ValueError(f"adversary count must be an integer >= 0 (got {count!r}).")
         self.attack_fn: Attack = get_attack(attack) if isinstance(attack, str) else attack
@@ -146,4 +157,5 @@ class Adversary:
     def __repr__(self) -> str:
         ranks = '"random"' if self.is_random else list(self.ranks)
         opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"Adversary(ranks={ranks}, attack={self.attack_name!r}, seed={self.seed}{opts})"
+        roles = "" if self.roles == ROLES else f", roles={list(self.roles)}"
+        return f"Adversary(ranks={ranks}, attack={self.attack_name!r}, seed={self.seed}{roles}{opts})"

@@ -12,9 +12,9 @@ import copy
 from typing import Any, Iterator, NamedTuple
 
 from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_draco._compat import update_dataloader
 from lightning_draco._seeding import derive_seed, seeded_rng
 
 __all__ = ["DracoDataLoader", "PartitionBatch", "partition_seed", "transfer_seed"]
@@ -100,7 +100,7 @@ class DracoDataLoader:
             partition_sampler = copy.copy(sampler)
             partition_sampler.rank = partition
             samplers.append(partition_sampler)
-            loaders.append(_update_dataloader(dataloader, partition_sampler, mode=RunningStage.TRAINING))
+            loaders.append(update_dataloader(dataloader, partition_sampler, mode=RunningStage.TRAINING))
         self.loaders = loaders
         self.sampler = _EpochFanout(samplers)
         self.batch_size = dataloader.batch_size

@@ -53,6 +53,20 @@ class FaultLedger:
             return []
         return sorted(r for r, n in self.times_caught.items() if n > self.max_faulty_steps)
 
+    def should_log(self, step: int, caught: set[int], skipped: bool, every_n_steps: int) -> bool:
+        """Log every ``every_n_steps`` steps, and at every step that caught a rank or was skipped."""
+        return bool(caught) or skipped or step % max(every_n_steps, 1) == 0
+
+    def stop_message(self) -> Optional[str]:
+        """Why the run must stop (a rank caught at more than ``max_faulty_steps`` steps), or ``None``."""
+        over = self.over_threshold()
+        if not over:
+            return None
+        return (
+            f"DRACO: ranks {over} were caught at more than max_faulty_steps={self.max_faulty_steps} steps;"
+            " stopping the run."
+        )
+
     def metrics(self, caught: set[int]) -> dict[str, float]:
         """What to log for the step just recorded."""
         values = {"draco/caught": float(len(caught)), "draco/skipped_steps": float(self.skipped_steps)}

@@ -27,6 +27,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_draco._compat import hpc_save_path
+
 __all__ = ["SlurmRequeue"]
 
 
@@ -62,7 +64,7 @@ class SlurmRequeue(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.agreed:
             return
-        path = trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir)
+        path = hpc_save_path(trainer)
         rank_zero_info(f"DRACO: SLURM asked to stop; saving {path} at step {trainer.global_step} and requeueing.")
         for logger in trainer.loggers:
             logger.finalize("requeued")

@@ -47,19 +47,19 @@ def test_the_groups_offer_what_the_documentation_lists():
 def test_every_code_builds_its_strategy(code):
     cfg = compose_with(f"code={code}", "attack=none")
     strategy = train.build_strategy(cfg)
-    assert isinstance(strategy, DracoStrategy) and strategy.code_name == code
+    assert isinstance(strategy, DracoStrategy) and strategy.config.code == code
     assert strategy.num_adversaries == cfg.code.num_adversaries
-    strategy._check_world(6)
+    strategy.config.build_code(6)
 
 
 def test_pre_aggregators_come_from_the_aggregator_group():
     cfg = compose_with("code=none", "aggregator=krum", "aggregator.pre=[nnm,{name:clipping,threshold:5.0}]")
     strategy = train.build_strategy(cfg)
     assert strategy.aggregator.name == "nnm+clipping+krum" and strategy.aggregator.pre[1].threshold == 5.0
-    strategy._check_world(6)
+    strategy.config.build_code(6)
     cfg = compose_with("code=frc", "code.num_adversaries=1", "aggregator=median", "aggregator.pre=[bucketing]")
     with pytest.raises(ValueError, match=r"after the pre-aggregators \(bucketing\)"):
-        train.build_strategy(cfg)._check_world(9)
+        train.build_strategy(cfg).config.build_code(9)
     assert train.build_strategy(compose_with("aggregator=median")).aggregator.name == "median"
 
 
@@ -72,7 +72,7 @@ def test_every_attack_builds_its_adversary(attack):
     else:
         assert strategy.adversary.attack_name == cfg.attack.name and strategy.adversary.ranks == (4,)
         assert attack.startswith(cfg.attack.name)
-    strategy._check_world(6)
+    strategy.config.build_code(6)
 
 
 @pytest.mark.parametrize("aggregator", options("aggregator"))
@@ -86,9 +86,9 @@ def test_every_aggregator_builds_its_rule_with_f_from_the_code(aggregator):
     assert strategy.aggregator is not None
     if aggregator == "bulyan":  # needs n >= 4f + 3 = 7
         with pytest.raises(ValueError, match=r"needs n >= 4 \* num_byzantine \+ 3"):
-            strategy._check_world(6)
+            strategy.config.build_code(6)
     else:
-        strategy._check_world(6)
+        strategy.config.build_code(6)
 
 
 def _fake_cifar(folder: Path) -> Path:

@@ -96,9 +96,11 @@ def test_attack_returning_wrong_shape_is_an_error():
 from lightning_draco.aggregators import make_aggregator  # noqa: E402
 from lightning_draco.attacks.adaptive import search_factor  # noqa: E402
 from lightning_draco.codes import FractionalRepetitionCode  # noqa: E402
-from lightning_draco.codes.aggregated import AggregatedCode  # noqa: E402
+from lightning_draco.aggregators.coded import AggregatedCode  # noqa: E402
 from lightning_draco.codes.uncoded import Uncoded  # noqa: E402
-from lightning_draco.hook import DracoHookState, _simulated_defence  # noqa: E402
+from lightning_draco.exchange import ExchangeSetup, ExchangeState  # noqa: E402
+from lightning_draco.exchange.adversarial import simulated_defence  # noqa: E402
+from lightning_draco.strategy.coded_step import CodedStep  # noqa: E402
 
 
 def honest_workers(n=9, d=400, seed=0, spread=1.0):
@@ -177,18 +179,19 @@ def test_mimic_copies_one_honest_worker_and_krum_then_returns_it():
 def test_the_liars_defence_is_the_ps_decode_without_side_effects():
     clipping = make_aggregator("centered_clipping", 1, tau=1.0)
     code = AggregatedCode(Uncoded(5, 0), clipping)
-    state = DracoHookState(code, rank=2, ps_rank=0, adversary=Adversary(ranks=[2], attack="optimal_alie"))
+    state = ExchangeState(ExchangeSetup(code, rank=2, ps_rank=0))
+    adversary = Adversary(ranks=[2], attack="optimal_alie")
     received = torch.randn(5, 7, generator=torch.Generator().manual_seed(1))
     clipping.anchor = torch.ones(7)
-    first = _simulated_defence(state, received, 0)
+    first = simulated_defence(state, adversary, received, 0)
     assert torch.equal(clipping.anchor, torch.ones(7)), "the anchor is restored"
-    assert torch.equal(_simulated_defence(state, received, 0), first)
+    assert torch.equal(simulated_defence(state, adversary, received, 0), first)
     fresh = make_aggregator("centered_clipping", 1, tau=1.0)
     fresh.anchor = torch.ones(7)
     torch.testing.assert_close(first, fresh(received))  # what the PS would return, from the same anchor
-    frc = DracoHookState(FractionalRepetitionCode(3, 1), rank=1, ps_rank=0)
-    frc.adversary = Adversary(ranks=[1, 2], attack="optimal_alie")
-    assert _simulated_defence(frc, torch.randn(3, 4), 0) is None, "two of three replicas disagreeing: decode fails"
+    frc = ExchangeState(ExchangeSetup(FractionalRepetitionCode(3, 1), rank=1, ps_rank=0))
+    two_liars = Adversary(ranks=[1, 2], attack="optimal_alie")
+    assert simulated_defence(frc, two_liars, torch.randn(3, 4), 0) is None, "two of three replicas disagreeing: decode fails"
 
 
 def test_label_flip_flips_labels_and_checks_them():
@@ -263,8 +266,8 @@ def test_strategy_poisons_the_liars_batches_only(monkeypatch):
     strategy = DracoStrategy(code="frc", num_adversaries=1, adversary=dict(ranks=[1], attack="label_flip", num_classes=3))
     strategy.code = FractionalRepetitionCode(3, 1)
     strategy.seed = 0
-    strategy._hook_state = DracoHookState(strategy.code, rank=1, ps_rank=0, adversary=strategy.adversary)
-    strategy._hook_state.begin_step(0)
+    strategy._exchange = ExchangeState(ExchangeSetup(strategy.code, rank=1, ps_rank=0))
+    strategy._coded_step = CodedStep(strategy.code, rank=1, seed=0, device=torch.device("cpu"))
     y = torch.tensor([0, 1, 2])
     batch = PartitionBatch(batches=[(torch.ones(3, 2), y)] * 3, partitions=[0, 1, 2], epoch=0, index=0)
     for rank, expected in ((1, 2 - y), (2, y)):

@@ -59,11 +59,12 @@ def test_every_repetition_code_argument_from_flags():
         "--trainer.strategy.start_method=popen",
     )
     assert isinstance(s, DracoStrategy)
-    assert (s.code_name, s.num_adversaries, s.redundancy, s.ps_rank) == ("frc", 1, 3, 1)
+    assert (s.config.code, s.num_adversaries, s.redundancy, s.ps_rank) == ("frc", 1, 3, 1)
     assert s.adversary.ranks == (2,) and s.adversary.attack_name == "gaussian" and s.adversary.seed == 4
     assert s.adversary.options == {"sigma": 2.0}
-    assert (s.tolerance, s.on_decode_failure, s.max_faulty_steps, s.seed, s.projection_secret) == (0.0, "skip", 5, 3, 11)
-    assert s.check_finite is False and s.sync_buffers is False
+    c = s.config
+    assert (c.tolerance, c.on_decode_failure, c.max_faulty_steps, s.seed, c.projection_secret) == (0.0, "skip", 5, 3, 11)
+    assert c.check_finite is False and c.broadcast_buffers is False
     assert s._timeout == timedelta(seconds=60) and s._ddp_kwargs["bucket_cap_mb"] == 1
     assert s._process_group_backend == "gloo" and s._start_method == "popen"
 
@@ -77,7 +78,7 @@ def test_aggregator_arguments_from_flags():
         "--trainer.strategy.aggregate_over=bucket",
     )
     assert isinstance(s.aggregator, Aggregator) and type(s.aggregator).__name__ == "TrimmedMean"
-    assert s.aggregator.num_byzantine == 1 and s.aggregate_over == "bucket" and s.code_name == "none"
+    assert s.aggregator.num_byzantine == 1 and s.config.aggregate_over == "bucket" and s.config.code == "none"
 
 
 def test_a_yaml_config(tmp_path):
@@ -98,14 +99,14 @@ trainer:
 """
     )
     s = strategy_from(f"--config={config}")
-    assert (s.code_name, s.on_decode_failure) == ("crc", "skip")
+    assert (s.config.code, s.config.on_decode_failure) == ("crc", "skip")
     assert s.adversary.ranks == "random" and s.adversary.seed == 9
 
 
 @pytest.mark.parametrize("value", ["lightning_draco.DracoStrategy", "draco", "draco_find_unused_parameters_true"])
 def test_the_strategy_by_class_path_or_name_alone(value):
     s = strategy_from(f"--trainer.strategy={value}")
-    assert isinstance(s, DracoStrategy) and (s.code_name, s.num_adversaries) == ("frc", 1)
+    assert isinstance(s, DracoStrategy) and (s.config.code, s.num_adversaries) == ("frc", 1)
 
 
 @pytest.mark.parametrize(

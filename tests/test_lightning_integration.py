@@ -19,7 +19,7 @@ from lightning_draco.consistency import (
     explain_decode_failure,
 )
 from lightning_draco.data import PartitionBatch
-from lightning_draco.hook import _check_verdict
+from lightning_draco.exchange.verdict import check_verdict
 
 
 # -- names and messages -------------------------------------------------------------------
@@ -58,28 +58,27 @@ def test_inherited_hook_arguments_are_accepted_at_their_default_and_refused_with
 
 
 # -- the PS refuses verdicts that need more than s liars ------------------------------------
-def _state(workers=6, ps=0):
-    return SimpleNamespace(code=FractionalRepetitionCode(workers, 1), ps_rank=ps)
+CODE = FractionalRepetitionCode(6, 1)
 
 
 def test_a_verdict_blaming_the_ps_is_a_decode_failure_naming_those_that_outvoted_it():
     with pytest.raises(DracoDecodeError, match=r"names the parameter server \(rank 0\)") as caught:
-        _check_verdict(_state(), [0])
+        check_verdict(CODE, [0], trusted=0)
     assert caught.value.suspects == [1, 2]
     with pytest.raises(DracoDecodeError) as caught:
-        _check_verdict(_state(ps=4), [4])
+        check_verdict(CODE, [4], trusted=4)
     assert caught.value.suspects == [3, 5]
 
 
 def test_a_verdict_naming_more_than_s_ranks_is_a_decode_failure():
     with pytest.raises(DracoDecodeError, match=r"names 2 ranks \[1, 4\] as faulty, more than s=1") as caught:
-        _check_verdict(_state(), [1, 4])
+        check_verdict(CODE, [1, 4], trusted=0)
     assert caught.value.suspects == [1, 2, 3, 4, 5]  # their groups, without the trusted PS
 
 
 def test_a_verdict_within_s_passes():
-    _check_verdict(_state(), [4])
-    _check_verdict(_state(), [])
+    check_verdict(CODE, [4], trusted=0)
+    check_verdict(CODE, [], trusted=0)
 
 
 def test_the_real_vote_outvoting_the_ps_is_caught():
@@ -88,7 +87,7 @@ def test_the_real_vote_outvoting_the_ps_is_caught():
     result = code.decode(torch.stack([honest, wrong, wrong]))
     assert result.faulty == [0], "two colluders out of three win the vote: the premise of the check"
     with pytest.raises(DracoDecodeError):
-        _check_verdict(SimpleNamespace(code=code, ps_rank=0), result.faulty)
+        check_verdict(code, result.faulty, trusted=0)
 
 
 # -- digests of the first batch ---------------------------------------------------------------

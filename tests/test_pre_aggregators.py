@@ -154,7 +154,7 @@ def test_bucketing_draws_from_the_generator_it_is_given():
 
 def test_pre_aggregators_work_over_detox_group_sums():
     from lightning_draco.codes import FractionalRepetitionCode
-    from lightning_draco.codes.aggregated import AggregatedCode
+    from lightning_draco.aggregators.coded import AggregatedCode
 
     code = AggregatedCode(FractionalRepetitionCode(9, 1), make_aggregator("median", 1, pre_aggregators=["nnm"]))
     gen = torch.Generator().manual_seed(6)

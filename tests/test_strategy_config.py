@@ -14,7 +14,7 @@ def test_import_registers_the_name_once():
     trainer = L.Trainer(accelerator="cpu", devices=3, strategy="draco", logger=False)
     strategy = trainer.strategy
     assert isinstance(strategy, DracoStrategy)
-    assert (strategy.code_name, strategy.num_adversaries, strategy.redundancy, strategy.ps_rank) == ("frc", 1, 3, 0)
+    assert (strategy.config.code, strategy.num_adversaries, strategy.redundancy, strategy.ps_rank) == ("frc", 1, 3, 0)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def test_a_wire_dtype_the_code_cannot_decode_is_refused_when_the_trainer_is_buil
 
 def test_more_simulated_adversaries_than_s_is_allowed_with_a_warning():
     strategy = DracoStrategy(num_adversaries=1, adversary=Adversary(ranks=[1, 2]))
-    assert any("exceed num_adversaries=1" in w for w in strategy._adversary_warnings)
+    assert any("exceed num_adversaries=1" in w for w in strategy.config.adversary_warnings())
 
 
 def test_zero_adversaries_is_valid():
@@ -94,3 +94,76 @@ def test_resume_under_another_world_or_code_is_refused(changed, message):
     with pytest.raises(ValueError, match=message):
         trainer.strategy.check_resumable(saved)
     trainer.strategy.check_resumable({"world_size": 6, "code": "crc", "num_adversaries": 1, "redundancy": 3})
+
+
+# -- the configuration, checked once ------------------------------------------------------------
+def test_the_config_builds_the_code_with_its_options_and_the_rule_on_top():
+    from lightning_draco.aggregators.coded import AggregatedCode
+    from lightning_draco.strategy import DracoConfig
+
+    config = DracoConfig.from_arguments(code="frc", num_adversaries=1, tolerance=1e-3)
+    code = config.build_code(6)
+    assert code.tolerance == 1e-3 and code.num_workers == 6 and config.redundancy == 3
+    detox = DracoConfig.from_arguments(code="frc", aggregator="median").build_code(9)
+    assert isinstance(detox, AggregatedCode) and detox.aggregator.name == "median"
+    with pytest.raises(ValueError, match=r"ps_rank must be in \[0, 6\)"):
+        DracoConfig.from_arguments(ps_rank=7).build_code(6)
+
+
+def test_tolerance_on_a_code_that_takes_none_is_refused():
+    from lightning_draco.codes import make_code
+
+    with pytest.raises(ValueError, match=r"tolerance has no effect with code='none'"):
+        DracoStrategy(code="none", num_adversaries=0, tolerance=1e-3)
+    with pytest.raises(ValueError, match=r"code='none' has no option tolerance \(its options: none\)"):
+        make_code("none", 3, 0, tolerance=1e-3)
+
+
+def test_an_unknown_decode_mode_is_named():
+    with pytest.raises(ValueError, match=r"decode must be one of ps"):
+        DracoStrategy(decode="everywhere")
+
+
+def test_a_renamed_private_lightning_name_fails_at_import_naming_it():
+    from lightning_draco import _compat
+
+    class Renamed:
+        pass
+
+    with pytest.raises(ImportError, match=r"Renamed._register_ddp_hooks \(DRACO registers its comm hook"):
+        _compat._require(Renamed, "_register_ddp_hooks", "DRACO registers its comm hook by overriding it")
+
+
+# -- processes ------------------------------------------------------------------------------------
+def test_an_error_on_one_rank_ends_the_launched_ranks_but_an_agreed_one_does_not(monkeypatch):
+    from lightning_draco import _compat
+
+    killed = []
+    monkeypatch.setattr(_compat, "kill_launched_processes", lambda launcher: killed.append(launcher))
+    strategy = DracoStrategy()
+    strategy.on_exception(ValueError("a user's own error, on this rank alone"))
+    assert len(killed) == 1, "a ValueError is not agreed just because of its type"
+    agreed = strategy._agreed(ValueError("raised by every rank together"))
+    strategy.on_exception(agreed)
+    assert len(killed) == 1
+
+
+def test_the_rendezvous_gets_its_own_timeout_and_collectives_the_short_one(monkeypatch):
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_draco import _compat
+    from lightning_draco.strategy import strategy as module
+
+    seen = {}
+    monkeypatch.setattr(DDPStrategy, "setup_distributed", lambda self: seen.setdefault("startup", self._timeout))
+    monkeypatch.setattr(module._compat, "set_process_group_timeout", lambda timeout: seen.setdefault("collective", timeout))
+    assert _compat is module._compat
+    DracoStrategy(timeout=10).setup_distributed()
+    assert seen == {"startup": timedelta(minutes=5), "collective": timedelta(seconds=10)}
+    seen.clear()
+    strategy = DracoStrategy(timeout=10, startup_timeout=42)
+    strategy.setup_distributed()
+    assert seen == {"startup": timedelta(seconds=42), "collective": timedelta(seconds=10)}
+    assert strategy._timeout == timedelta(seconds=10)

@@ -7,7 +7,7 @@ file here (plus its config and tests) and nothing else changes.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from lightning_draco._registry import Registry, import_submodules
 from lightning_draco.codes.base import (
@@ -31,9 +31,16 @@ def code_class(name: str) -> type[Code]:
     return CODES.lookup(name)
 
 
-def make_code(name: str, num_workers: int, num_adversaries: int, redundancy: Optional[int] = None) -> Code:
-    """Build the code called ``name`` for ``num_workers`` workers."""
-    return code_class(name)(num_workers, num_adversaries, redundancy)
+def make_code(
+    name: str, num_workers: int, num_adversaries: int, redundancy: Optional[int] = None, **options: Any
+) -> Code:
+    """Build the code called ``name`` for ``num_workers`` workers; ``options`` must be among the code's ``options``."""
+    cls = code_class(name)
+    unknown = sorted(set(options) - set(cls.options))
+    if unknown:
+        accepted = ", ".join(cls.options) or "none"
+        raise ValueError(f"code={name!r} has no option {', '.join(unknown)} (its options: {accepted}).")
+    return cls(num_workers, num_adversaries, redundancy, **options)
 
 
 import_submodules(__name__, __path__, skip=("base",))

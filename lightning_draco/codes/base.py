@@ -82,6 +82,12 @@ class Code(ABC):
     name: ClassVar[str]
     #: Whether ``parts`` exists, so that a robust aggregator can be put on top of the code.
     supports_aggregation: ClassVar[bool] = False
+    #: Whether any rank may decode any contiguous piece of the received vectors on its own and get
+    #: bitwise the piece of the whole decode: no secret, column by column (``decode="sharded"``).
+    shardable: ClassVar[bool] = False
+    #: Keyword options the constructor accepts beyond ``(num_workers, num_adversaries, redundancy)``,
+    #: such as ``"tolerance"``: what ``make_code`` may pass on.
+    options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, num_workers: int, num_adversaries: int, redundancy: Optional[int] = None):
         redundancy = self.default_redundancy(num_adversaries) if redundancy is None else redundancy

@@ -156,6 +156,7 @@ class CyclicRepetitionCode(Code):
     """
 
     name = "crc"
+    options = ("tolerance",)
 
     def __init__(
         self,

@@ -52,6 +52,8 @@ class FractionalRepetitionCode(Code):
     """
 
     name = "frc"
+    shardable = True
+    options = ("tolerance",)
     supports_aggregation = True
 
     def __init__(

@@ -21,6 +21,7 @@ class Uncoded(Code):
     """
 
     name = "none"
+    shardable = True
     supports_aggregation = True
 
     @classmethod

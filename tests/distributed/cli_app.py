@@ -49,7 +49,7 @@ def main() -> None:
             json.dump(
                 {
                     "strategy": type(strategy).__name__,
-                    "code": strategy.code_name,
+                    "code": strategy.config.code,
                     "adversary_ranks": strategy.adversary.ranks if strategy.adversary else None,
                     "faulty_counts": {str(k): v for k, v in strategy.faulty_counts.items()},
                     "global_step": cli.trainer.global_step,

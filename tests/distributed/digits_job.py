@@ -223,7 +223,7 @@ def resume(name: str) -> dict:
         if attempt:
             # Only for the test: every rank learns the PS's secret after each fit.
             # The second strategy drew a fresh secret from OS entropy; loading the checkpoint restores the first.
-            secrets.append(strategy._hook_state.secret if strategy._hook_state.is_ps else None)
+            secrets.append(strategy._exchange.setup.secret if strategy.is_ps else None)
     carrier = [secrets]
     dist.broadcast_object_list(carrier, src=ps)
     ckpt = torch.load(os.path.join(folder, "last.ckpt"), weights_only=False)

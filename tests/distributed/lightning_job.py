@@ -192,6 +192,22 @@ class SeeLogged(L.Callback):
         self.values.append(float(trainer.callback_metrics["train_loss"]))
 
 
+class HookNeverRegistered(DracoStrategy):
+    """What a Lightning that stopped calling ``_register_ddp_hooks`` would do: DDP keeps its all-reduce."""
+
+    def _register_ddp_hooks(self) -> None:
+        pass
+
+
+def hook_not_registered() -> dict:
+    model = Net()
+    before = param_digest(model)
+    out: dict = {}
+    fit(out, trainer_for(HookNeverRegistered(start_method="popen")), model, data())
+    out["unchanged"] = param_digest(model) == before
+    return out
+
+
 def logged(strategy_name: str) -> dict:
     """``self.log(..., sync_dist=True)`` per step under DRACO and under plain DDP, same data and model."""
     seen = SeeLogged()
@@ -211,6 +227,7 @@ SCENARIOS = {
     "rank_dependent": rank_dependent,
     "inconsistent_data": inconsistent_data,
     "unused_true": lambda: unused("draco_find_unused_parameters_true"),
+    "hook_not_registered": hook_not_registered,
     "unused_default": lambda: unused("draco"),
 }
 

@@ -11,7 +11,7 @@ from test_training import run_job_script
 pytestmark = pytest.mark.distributed
 
 SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_outvoted_skip", "rank_dependent", "inconsistent_data", "unused_true",
-             "unused_default"]
+             "hook_not_registered", "unused_default"]
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,10 @@ def test_values_logged_in_training_step_mean_what_they_mean_under_ddp(runs):
     assert len(draco) == len(ddp) > 0
     for ours, theirs in zip(draco, ddp):
         assert abs(ours - theirs) <= 1e-5 * max(1.0, abs(theirs))
+
+
+def test_a_backward_that_bypassed_the_draco_hook_fails_on_every_rank_before_the_step(runs):
+    run = runs["hook_not_registered"]
+    assert run["error"]["type"] == "RuntimeError" and "exchanged no bucket through DRACO's comm hook" in run["error"]["message"]
+    assert all(r["error"] == run["error"] for r in run["ranks"]), "every rank raises, none is left waiting"
+    assert run["unchanged"], "the unprotected all-reduce's gradient is never applied"

@@ -1,4 +1,7 @@
-"""A code with a robust aggregator on top: plain robust aggregation (code "none"), or DETOX (code "frc")."""
+"""A code with a robust aggregator on top: plain robust aggregation (code "none"), or DETOX (code "frc").
+
+It lives with the aggregators: codes know nothing of aggregation rules, the composition knows both.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_draco.aggregators import Aggregator
+from lightning_draco.aggregators.base import Aggregator
 from lightning_draco.codes.base import Code, DecodeResult
 
 
@@ -39,6 +42,13 @@ class AggregatedCode(Code):
 
     def check_wire_dtype(self, dtype: torch.dtype) -> None:
         self.inner.check_wire_dtype(dtype)
+
+    def state_dict(self) -> dict:
+        """The inner code's decoder state (the rule's own state is ``aggregator.state_dict()``)."""
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state)
 
     def decode(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> DecodeResult:
         parts, faulty = self.inner.parts(received, generator=generator)

@@ -1,0 +1,92 @@
+"""The collectives of the exchanges, timed and counted into ``ExchangeStats``.
+
+Bytes are the logical payload between ranks, what a rank's own share does not cross: a gather
+of ``b`` bytes per rank counts ``b`` sent on each sender and ``(P - 1) b`` received at the root;
+a broadcast the reverse; an all-to-all the chunks addressed to other ranks; an all-gather
+``(P - 1) b`` each way; a small all-reduce its vector once each way. These are the figures the
+traffic formulas in the README predict.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_draco.exchange.state import ExchangeState
+
+__all__ = ["all_gather", "all_reduce_min", "all_to_all", "broadcast", "broadcast_object", "count", "gather", "timed"]
+
+
+def _nbytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class timed:
+    """Context manager: adds the wall time of the block to ``stats.seconds["communication"]``."""
+
+    __slots__ = ("stats", "start")
+
+    def __init__(self, state: ExchangeState):
+        self.stats = state.stats
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stats.seconds["communication"] += time.perf_counter() - self.start
+
+
+def gather(state: ExchangeState, tensor: Tensor, received: Optional[Tensor], dst: int) -> None:
+    """Every rank's ``tensor`` into the rows of ``received`` on ``dst`` (``None`` elsewhere)."""
+    setup, stats = state.setup, state.stats
+    with timed(state):
+        dist.gather(tensor, list(received.unbind(0)) if setup.rank == dst else None, dst=dst, group=setup.process_group)
+    if setup.rank == dst:
+        stats.received += (setup.world_size - 1) * _nbytes(tensor)
+    else:
+        stats.sent += _nbytes(tensor)
+
+
+def broadcast(state: ExchangeState, tensor: Tensor, src: int) -> None:
+    """``tensor`` from ``src`` to every rank, in place."""
+    setup, stats = state.setup, state.stats
+    with timed(state):
+        dist.broadcast(tensor, src=src, group=setup.process_group)
+    if setup.rank == src:
+        stats.sent += (setup.world_size - 1) * _nbytes(tensor)
+    else:
+        stats.received += _nbytes(tensor)
+
+
+def broadcast_object(state: ExchangeState, obj: Any, src: int) -> Any:
+    """A picklable object from ``src`` (rare: a failed decode's error); its bytes are not counted."""
+    carrier = [obj]
+    with timed(state):
+        dist.broadcast_object_list(carrier, src=src, group=state.setup.process_group)
+    return carrier[0]
+
+
+def count(state: ExchangeState, sent: int, received: int, like: Tensor) -> None:
+    """Add ``sent`` and ``received`` values of ``like``'s dtype to the byte counts."""
+    state.stats.sent += sent * like.element_size()
+    state.stats.received += received * like.element_size()
+
+
+def all_reduce_min(state: ExchangeState, tensor: Tensor) -> None:
+    """The element-wise minimum over ranks, in place; counted as the vector sent and received once."""
+    with timed(state):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=state.setup.process_group)
+    state.stats.sent += _nbytes(tensor)
+    state.stats.received += _nbytes(tensor)
+
+
+def all_gather(state: ExchangeState, outputs: list[Tensor], tensor: Tensor) -> None:
+    """Every rank's ``tensor`` into ``outputs`` (by rank)."""
+    setup, stats = state.setup, state.stats
+    with timed(state):
+        dist.all_gather(outputs, tensor, group=setup.process_group)
+    stats.sent += (setup.world_size - 1) * _nbytes(tensor)
+    stats.received += sum(_nbytes(t) for j, t in enumerate(outputs) if j != setup.rank)

@@ -1,0 +1,201 @@
+"""Exchange without a parameter server: each shard of a bucket is decoded by 2s+1 ranks, and voted.
+
+Traffic per rank is about ``2 (2s+1)`` buckets whatever ``P``, and no rank is trusted with
+gradient values: with at most ``s`` liars in all (in any role), every shard has at least
+``s+1`` honest decoders, and honest decoders compute identical bytes from their inputs (the
+repetition code's vote picks the honest replica whatever a liar sends), so the copy that ``s+1``
+decoders sent bit for bit is the one the parameter server would have computed.
+
+Shard ``k`` of a bucket is its ``k``-th of ``P`` contiguous pieces; its decoders are ranks
+``k, k+1, ..., k+2s (mod P)``, so rank ``j`` decodes shards ``j-2s, ..., j (mod P)``.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_draco._bits import bits_dtype
+from lightning_draco.codes import DracoDecodeError
+from lightning_draco.exchange import collectives
+from lightning_draco.exchange.state import ExchangeState
+from lightning_draco.exchange.verdict import CAUGHT, DecodeStatus, Verdict, decode
+
+__all__ = ["decoders_of", "shard_bounds", "shards_of", "sharded_hook"]
+
+
+def shard_bounds(numel: int, world: int) -> list[int]:
+    """Offsets of the ``world`` contiguous shards of a bucket of ``numel`` values (``world + 1`` entries)."""
+    return [k * numel // world for k in range(world + 1)]
+
+
+def decoders_of(shard: int, world: int, num_adversaries: int) -> list[int]:
+    """The ``2s+1`` ranks that decode ``shard``, in vote order."""
+    return [(shard + t) % world for t in range(min(2 * num_adversaries + 1, world))]
+
+
+def shards_of(decoder: int, world: int, num_adversaries: int) -> list[int]:
+    """The shards ``decoder`` decodes, in the order it receives and sends them."""
+    m = min(2 * num_adversaries + 1, world)
+    return [(decoder - (m - 1) + u) % world for u in range(m)]
+
+
+def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """Replace the all-reduce of one bucket by a decode spread over every rank, voted shard by shard.
+
+    1. Cut the coded bucket into ``P`` contiguous shards.
+    2. ``all_to_all``: every rank sends each decoder the shards it decodes (about ``(2s+1) b``
+       values out and in, for a bucket of ``b``).
+    3. Each rank decodes its ``2s+1`` shards exactly as the parameter server would.
+    4. ``all_gather``: every rank receives every decoder's decoded shards and verdicts (status
+       and who it caught).
+    5. Per shard, keep the copy that at least ``s+1`` decoders sent bit for bit; a rank is caught
+       when ``s+1`` decoders of a shard name it; a decoder whose copy lost is caught too.
+    6. At the step's last bucket, one small all-reduce makes the step's outcome the same on every
+       rank: any rank's failure fails the step everywhere (a liar can stop a run, not change it),
+       and a rank is reported caught only if every rank found it so (a liar cannot frame one).
+
+    Returns a completed future of the voted mean, written into ``bucket.buffer()``.
+    """
+    setup = state.setup
+    world, s, rank = setup.world_size, setup.code.num_adversaries, setup.rank
+    coded = bucket.buffer()
+    index = state.next_bucket()
+    bounds = shard_bounds(coded.numel(), world)
+    length = [bounds[k + 1] - bounds[k] for k in range(world)]
+    held = [shards_of(j, world, s) for j in range(world)]
+    sizes = [sum(length[k] for k in held[j]) for j in range(world)]
+
+    # 2. Every decoder gets its shards from every rank.
+    outgoing = torch.cat([coded[bounds[k] : bounds[k + 1]] for j in range(world) for k in held[j]])
+    incoming = coded.new_empty(world * sizes[rank])
+    with collectives.timed(state):
+        dist.all_to_all_single(incoming, outgoing, [sizes[rank]] * world, sizes, group=setup.process_group)
+    collectives.count(state, sent=outgoing.numel() - sizes[rank], received=incoming.numel() - sizes[rank], like=coded)
+    received = incoming.view(world, sizes[rank])
+
+    # 3. Decode this rank's shards.
+    verdicts, start = [], 0
+    for k in held[rank]:
+        verdicts.append(_decode_shard(state, received[:, start : start + length[k]], index))
+        start += length[k]
+    decoded = torch.cat([v.mean.to(coded.dtype) for v in verdicts]) if verdicts else coded.new_empty(0)
+    if state.corrupt_decoded is not None:  # simulation: a liar lying as a decoder (exchange/adversarial.py)
+        decoded = state.corrupt_decoded(decoded, index)
+
+    # 4. Everyone receives every decoder's shards (padded to one length) and verdicts.
+    widest = max(sizes)
+    mine = torch.zeros(widest, dtype=coded.dtype, device=coded.device)
+    mine[: decoded.numel()] = decoded
+    copies = [torch.empty_like(mine) for _ in range(world)]
+    collectives.all_gather(state, copies, mine)
+    outcome = torch.stack([v.outcome for v in verdicts])
+    outcomes = [torch.empty_like(outcome) for _ in range(world)]
+    collectives.all_gather(state, outcomes, outcome)
+
+    # 5. Vote each shard.
+    for k in range(world):
+        _vote_shard(state, coded[bounds[k] : bounds[k + 1]], k, index, copies, outcomes, length, held)
+
+    # 6. Agree on the step.
+    if bucket.is_last():
+        _agree(state, coded.device, index)
+    future: torch.futures.Future[Tensor] = torch.futures.Future()
+    future.set_result(coded)
+    return future
+
+
+def _decode_shard(state: ExchangeState, received: Tensor, index: int) -> Verdict:
+    """One shard decoded as the PS would (no trusted rank, no secret); empty shards are trivially fine."""
+    if received.shape[1] == 0:
+        outcome = torch.zeros(1 + state.setup.world_size, dtype=torch.int32, device=received.device)
+        return Verdict(received.new_empty(0), outcome, None)
+    verdict = decode(state, received, index)
+    if verdict.mean is None:  # a failed decode sends zeros; its status says why
+        verdict = verdict._replace(mean=received.new_zeros(received.shape[1]))
+    return verdict
+
+
+def _vote_shard(
+    state: ExchangeState,
+    target: Tensor,
+    shard: int,
+    index: int,
+    copies: list[Tensor],
+    outcomes: list[Tensor],
+    length: list[int],
+    held: list[list[int]],
+) -> None:
+    """Write into ``target`` the copy of ``shard`` that at least ``s+1`` of its decoders sent; record the rest."""
+    setup, step = state.setup, state.outcome
+    world, s = setup.world_size, setup.code.num_adversaries
+    decoders = decoders_of(shard, world, s)
+    ballots = []
+    for j in decoders:
+        u = held[j].index(shard)
+        offset = sum(length[k] for k in held[j][:u])
+        ballots.append((copies[j][offset : offset + length[shard]], outcomes[j][u]))
+    classes: list[list[int]] = []
+    for t, (values, verdict) in enumerate(ballots):
+        for members in classes:
+            other_values, other_verdict = ballots[members[0]]
+            if int(verdict[0]) == int(other_verdict[0]) and _same_bits(values, other_values):
+                members.append(t)
+                break
+        else:
+            classes.append([t])
+    winners = [members for members in classes if len(members) >= s + 1]
+    if not winners:
+        _fail(step, DracoDecodeError(
+            f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent the same decoded values: more than"
+            f" s={s} ranks lied.", decoders,
+        ), index)
+        return
+    winner = winners[0]
+    values, verdict = ballots[winner[0]]
+    target.copy_(values)
+    step.decoders_outvoted.update(decoders[t] for t in range(len(decoders)) if t not in winner)
+    named = torch.stack([ballots[t][1][1:] == CAUGHT for t in range(len(ballots))]).sum(0)
+    step.caught.update(int(r) for r in torch.nonzero(named >= s + 1).flatten())
+    status = int(verdict[0])
+    if status == DecodeStatus.FAILED:
+        suspects = [int(r) for r in torch.nonzero(verdict[1:] != 0).flatten()]
+        _fail(step, DracoDecodeError(
+            f"the decoders {[decoders[t] for t in winner]} of shard {shard} agree that the vectors reveal more than"
+            f" s={s} liars; the decoded gradient is not applied.", suspects,
+        ), index)
+    elif status == DecodeStatus.NONFINITE:
+        step.nonfinite = True
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    return torch.equal(a.view(bits_dtype(a)), b.view(bits_dtype(b)))
+
+
+def _fail(step, error: DracoDecodeError, index: int) -> None:
+    if step.failure is None:
+        step.failure = error.at(step.step, index)
+
+
+def _agree(state: ExchangeState, device: torch.device, index: int) -> None:
+    """One all-reduce (min) of ``[-failed, -nonfinite, caught flags...]``: any rank's failure fails
+    the step on every rank; a rank stays caught only if every rank caught it."""
+    setup, step = state.setup, state.outcome
+    world = setup.world_size
+    flags = torch.zeros(2 + 2 * world, dtype=torch.int32, device=device)
+    flags[0] = -int(step.failure is not None)
+    flags[1] = -int(step.nonfinite)
+    for r in step.caught:
+        flags[2 + r] = 1
+    for r in step.decoders_outvoted:
+        flags[2 + world + r] = 1
+    collectives.all_reduce_min(state, flags)
+    agreed = flags.tolist()
+    if agreed[0] and step.failure is None:
+        _fail(step, DracoDecodeError(
+            "another rank found this step's decode failed (more than s ranks lied, or a liar reported a"
+            " failure); every rank fails the step together.", [],
+        ), index)
+    step.nonfinite = bool(agreed[1])
+    step.caught = {r for r in range(world) if agreed[2 + r]}
+    step.decoders_outvoted = {r for r in range(world) if agreed[2 + world + r]}
+    step.caught |= step.decoders_outvoted

@@ -1,0 +1,82 @@
+"""What DRACO adds to a checkpoint, and the parameter server's own state, which no worker may read.
+
+Every rank's checkpoint carries the conditions a resume must match (world size, code, ``s``,
+``r``: the partitions must mean the same data) and the ledger of who was caught. The PS's own
+state (its projection secret, the decoder's state, a stateful rule's state) goes into rank 0's
+checkpoint when the PS is rank 0, and otherwise into ``<checkpoint>.ps``, written by the PS.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import torch
+
+from lightning_draco.codes import Code
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "IncompatibleCheckpointError",
+    "check_resumable",
+    "ps_sidecar",
+    "ps_state",
+    "read_ps_state",
+    "restore_ps_state",
+    "write_then_rename",
+]
+
+CHECKPOINT_KEY = "draco"
+
+
+class IncompatibleCheckpointError(ValueError):
+    """A checkpoint written under another world size, code, ``s`` or ``r``: its partitions mean other data."""
+
+
+def check_resumable(saved: dict[str, Any], conditions: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose conditions differ from this run's."""
+    for key, value in conditions.items():
+        if saved.get(key) != value:
+            raise IncompatibleCheckpointError(
+                f"the checkpoint was written with {key}={saved.get(key)!r} but this run has {key}={value!r};"
+                " DRACO resumes only under the same world size, code, num_adversaries and redundancy."
+            )
+
+
+def ps_state(secret: int, code: Code) -> dict[str, Any]:
+    """The PS's state: its secret, the decoder's state, and the rule's (centred clipping's anchor)."""
+    rule = getattr(code, "aggregator", None)
+    return {
+        "projection_secret": secret,
+        "aggregator": rule.state_dict() if rule is not None else {},
+        "decoder": code.state_dict(),
+    }
+
+
+def read_ps_state(saved: dict[str, Any], checkpoint_path: Any) -> dict[str, Any]:
+    """The PS's state from the checkpoint's DRACO entry, or from the sidecar the PS wrote beside it."""
+    sidecar = ps_sidecar(checkpoint_path)
+    if "projection_secret" not in saved and os.path.exists(sidecar):
+        return torch.load(sidecar, weights_only=True)
+    return saved
+
+
+def restore_ps_state(state: dict[str, Any], code: Code) -> Optional[int]:
+    """Load the rule's and decoder's state into ``code``; return the saved secret (``None``: none saved)."""
+    rule = getattr(code, "aggregator", None)
+    if rule is not None and state.get("aggregator"):
+        rule.load_state_dict(state["aggregator"])
+    code.load_state_dict(state.get("decoder") or {})
+    secret = state.get("projection_secret")
+    return None if secret is None else int(secret)
+
+
+def write_then_rename(path: Any, write: Callable[[str], None]) -> None:
+    """``write`` to ``<path>.partial``, then rename: a rank killed while saving leaves the previous file whole."""
+    partial = os.fspath(path) + ".partial"
+    write(partial)
+    os.replace(partial, path)
+
+
+def ps_sidecar(checkpoint_path: Any) -> str:
+    return os.fspath(checkpoint_path) + ".ps"

@@ -1,0 +1,181 @@
+"""The coded step: this rank's coded gradient ``sum_j W[i, j] g_j`` from one forward per partition."""
+
+
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_draco._seeding import seeded_rng
+from lightning_draco.codes import Code
+from lightning_draco.data import PartitionBatch, partition_seed
+
+__all__ = ["CodedStep", "encoded"]
+
+#: The user's training step on one partition's batch; returns its output (a loss or a dict with one).
+Forward = Callable[[Any], Any]
+
+
+class CodedStep:
+    """Runs the user's training step once per partition this rank holds and prepares the backward.
+
+    Args:
+        code: the gradient code; ``rank``'s row of its encoding matrix gives the weights.
+        rank: this rank.
+        seed: seeds each partition's randomness (dropout, augmentation), the same on every holder.
+        device: where the partition's random streams live.
+    """
+
+    def __init__(self, code: Code, rank: int, seed: int, device: torch.device):
+        self.weights = code.coefficients(rank)
+        self.seed = seed
+        self.device = device
+        #: What the exchange multiplies the bucket by before it leaves (``encoded``): the weighted
+        #: step leaves ``.grad`` holding the coded gradient divided by its last non-zero weight.
+        self.scale = 1.0
+        # The weighted partitions' gradients, added to ``.grad`` by ``add_side_gradients``.
+        self._side: Optional[tuple[list[Tensor], list[Optional[Tensor]]]] = None
+
+    @property
+    def summed(self) -> bool:
+        """Weights all 1 (the repetition code): the coded gradient is the gradient of the summed losses."""
+        return all(weight == 1.0 for weight in self.weights)
+
+    def add_side_gradients(self) -> None:
+        """Before the syncing backward, after Lightning zeroed the gradients: add the weighted partitions' share."""
+        side, self._side = self._side, None
+        if side is None:
+            return
+        for param, share in zip(*side):
+            if share is not None:
+                param.grad = share if param.grad is None else param.grad.add_(share)
+
+    def _partition(self, batch: PartitionBatch, index: int, forward: Forward) -> tuple[Any, Tensor]:
+        """The user's training step on one partition, under that partition's seeds; its output and loss."""
+        partition = batch.partitions[index]
+        with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.device):
+            output = forward(batch.batches[index])
+        loss = loss_of(output)
+        if loss is None:
+            raise ValueError(
+                "DracoStrategy needs training_step to return a loss (a tensor, or a dict with 'loss') for every"
+                f" partition; it returned {output!r} for partition {partition}."
+            )
+        return output, loss
+
+    def summed_step(self, batch: PartitionBatch, forward: Forward) -> Any:
+        """The training step's output, its loss the summed partition losses (with the mean loss's value).
+
+        For weights all 1 (the repetition code): one forward per partition, one backward of the sum.
+
+        Every holder of the group runs the same graphs in the same order, so the replicas of the
+        coded gradient are bitwise equal, whatever the precision.
+        """
+        coded: Optional[Tensor] = None
+        losses = []
+        output: Any = None
+        for index in range(len(batch.partitions)):
+            output, loss = self._partition(batch, index, forward)
+            coded = loss if coded is None else coded + loss
+            losses.append(loss.detach())
+        self.scale = 1.0
+        # The value is the mean partition loss (what the progress bar shows); the gradient is the coded one.
+        mean = torch.stack(losses).mean()
+        return with_loss(output, coded + (mean - coded).detach())
+
+    def weighted_step(
+        self,
+        batch: PartitionBatch,
+        forward: Forward,
+        params: list[Tensor],
+        no_sync: Callable[[], ContextManager],
+        scale_loss: Callable[[Tensor], Tensor] = lambda loss: loss,
+        accumulate: int = 1,
+    ) -> Any:
+        """Rank i's coded gradient ``sum_j W[i, j] g_j`` with every ``g_j`` computed as its other holders do.
+
+        ``params``: the trained parameters; ``no_sync``: DDP's context that keeps a backward from
+        syncing; ``scale_loss``: the precision plugin's loss scaling; ``accumulate``: Lightning's
+        gradient accumulation factor (each backward sees the loss divided by it, as Lightning's does).
+
+        A weight inside the backward (``sum_j W[i, j] loss_j``) would scale the upstream gradient
+        inside reduced-precision kernels (bf16 autocast, TF32), so each holder's copy of ``g_j`` would
+        round differently. Instead each partition gets its own unweighted backward, and the weights
+        are applied afterwards, in the parameters' dtype (Horner's rule, dividing by ``w_last``):
+
+        1. Partitions ``0 .. k-1`` (non-zero weights only) run forward under ``no_sync`` and backward
+           with ``torch.autograd.grad`` into a side buffer ``S``: before adding ``g_k``, ``S`` is
+           multiplied by ``w_{k-1} / w_k``; at the end by ``w_{k-1} / w_last``.
+        2. The last partition's forward is synced; Lightning's closure zeroes the gradients (when it
+           would), then ``add_side_gradients`` adds ``S`` to ``.grad`` and the last backward runs,
+           which fires the exchange: ``.grad`` holds ``sum_j w_j g_j / w_last`` (plus earlier
+           micro-batches' share).
+        3. ``encoded`` multiplies the bucket by ``w_last`` before it leaves.
+
+        Every backward sees Lightning's loss normalisation (gradient accumulation) and scaling.
+        The partitions' graphs live one at a time, not all at once.
+        """
+        held = [(index, weight) for index, weight in enumerate(self.weights) if weight != 0.0]
+        last_weight = held[-1][1]
+        side: Optional[list[Optional[Tensor]]] = None
+        losses = []
+        previous = last_weight
+        output: Any = None
+        loss: Optional[Tensor] = None
+        for position, (index, weight) in enumerate(held):
+            if side is not None:
+                _scale_grads(side, previous / weight)
+            previous = weight
+            if position == len(held) - 1:
+                output, loss = self._partition(batch, index, forward)
+            else:
+                with no_sync():
+                    output, loss = self._partition(batch, index, forward)
+                inner = loss / accumulate if accumulate > 1 else loss
+                grads = torch.autograd.grad(scale_loss(inner), params, allow_unused=True)
+                side = list(grads) if side is None else [_add(s, g) for s, g in zip(side, grads)]
+            losses.append(loss.detach())
+        self._side = None if side is None else (params, side)
+        self.scale = last_weight
+        mean = torch.stack(losses).mean()
+        return with_loss(output, loss + (mean - loss).detach())
+
+
+def encoded(hook: Callable, coded_step: CodedStep) -> Callable:
+    """``hook`` on the bucket multiplied by ``coded_step.scale``: the coded step's last weight, applied
+    as the gradient leaves (see ``CodedStep.weighted_step``)."""
+
+    def encoded_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        if coded_step.scale != 1.0:
+            bucket.set_buffer(bucket.buffer() * coded_step.scale)
+        return hook(state, bucket)
+
+    return encoded_hook
+
+
+def _scale_grads(grads: list[Optional[Tensor]], factor: float) -> None:
+    """Multiply every gradient by ``factor`` in place (None stays None: it means zero)."""
+    present = [g for g in grads if g is not None]
+    if factor != 1.0 and present:
+        torch._foreach_mul_(present, factor)
+
+
+def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
+    if term is None:
+        return total
+    return term if total is None else total.add_(term)
+
+
+def loss_of(output: Any) -> Optional[Tensor]:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict):
+        return output.get("loss")
+    return None
+
+
+def with_loss(output: Any, loss: Tensor) -> Any:
+    if isinstance(output, dict):
+        return {**output, "loss": loss}
+    return loss

@@ -1,0 +1,183 @@
+"""``DracoConfig``: the strategy's arguments, checked once, and the code they build."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import timedelta
+from typing import Any, Optional, Union
+
+from lightning_draco.adversary import Adversary
+from lightning_draco.aggregators import Aggregator, make_aggregator, with_pre_aggregators
+from lightning_draco.aggregators.coded import AggregatedCode
+from lightning_draco.codes import Code, code_class, make_code
+
+__all__ = ["DracoConfig"]
+
+FAILURE_MODES = ("raise", "skip")
+AGGREGATE_OVER = ("whole", "bucket")
+DECODE_MODES = ("ps", "sharded")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class DracoConfig:
+    """What ``DracoStrategy`` was asked for (see its docstring), checked on construction.
+
+    ``validate(world_size)`` adds the checks that need the world size; ``build_code`` makes the
+    code (with the aggregator on top, if any). Nothing here starts a process or a collective.
+    """
+
+    code: str = "frc"
+    num_adversaries: int = 1
+    redundancy: Optional[int] = None
+    ps_rank: int = 0
+    adversary: Optional[Adversary] = None
+    tolerance: Optional[float] = None
+    on_decode_failure: str = "raise"
+    max_faulty_steps: Optional[int] = None
+    seed: Optional[int] = None
+    projection_secret: Optional[int] = None
+    check_finite: Optional[bool] = None
+    broadcast_buffers: bool = True
+    aggregator: Optional[Aggregator] = None
+    aggregate_over: str = "whole"
+    timeout: Optional[timedelta] = None
+    startup_timeout: Optional[timedelta] = None
+    decode: str = "ps"
+    overlap: bool = False
+
+    @classmethod
+    def from_arguments(
+        cls,
+        *,
+        aggregator: Union[str, Aggregator, None] = None,
+        aggregator_options: Optional[dict] = None,
+        pre_aggregators: Optional[list] = None,
+        adversary: Union[Adversary, dict, None] = None,
+        timeout: Union[timedelta, float, None] = None,
+        startup_timeout: Union[timedelta, float, None] = None,
+        redundancy: Optional[int] = None,
+        **fields: Any,
+    ) -> "DracoConfig":
+        """Normalise the forms the strategy accepts (names, dicts, seconds) into a checked config."""
+        code_cls = code_class(fields.get("code", cls.code))
+        num_adversaries = fields.get("num_adversaries", cls.num_adversaries)
+        if redundancy is None:
+            redundancy = code_cls.default_redundancy(num_adversaries) if _is_int(num_adversaries) else 1
+        if isinstance(aggregator, str):
+            options = dict(aggregator_options or {})
+            aggregator = make_aggregator(aggregator, options.pop("num_byzantine", num_adversaries), **options)
+        if pre_aggregators:
+            if not isinstance(aggregator, Aggregator):
+                raise ValueError(f"pre_aggregators need an aggregator to feed (got aggregator={aggregator!r}).")
+            aggregator = with_pre_aggregators(aggregator, pre_aggregators)
+        if isinstance(adversary, dict):
+            adversary = Adversary(**adversary)
+        return cls(
+            aggregator=aggregator,
+            adversary=adversary,
+            timeout=_seconds("timeout", timeout),
+            startup_timeout=_seconds("startup_timeout", startup_timeout),
+            redundancy=redundancy,
+            **fields,
+        )
+
+    def __post_init__(self) -> None:
+        code_cls = code_class(self.code)
+        code_cls.check(self.num_adversaries, self.redundancy)
+        if not _is_int(self.ps_rank) or self.ps_rank < 0:
+            raise ValueError(f"ps_rank must be an integer >= 0 (got {self.ps_rank!r}).")
+        if self.tolerance is not None and not (isinstance(self.tolerance, (int, float)) and 0 <= self.tolerance < 1):
+            raise ValueError(f"tolerance must be None or a number in [0, 1) (got {self.tolerance!r}).")
+        if self.tolerance is not None and "tolerance" not in code_cls.options:
+            raise ValueError(f"tolerance has no effect with code={self.code!r}: only codes that vote or fit take it.")
+        if self.on_decode_failure not in FAILURE_MODES:
+            raise ValueError(
+                f"on_decode_failure must be one of {', '.join(FAILURE_MODES)} (got {self.on_decode_failure!r})."
+            )
+        if self.max_faulty_steps is not None and (not _is_int(self.max_faulty_steps) or self.max_faulty_steps < 0):
+            raise ValueError(f"max_faulty_steps must be None or an integer >= 0 (got {self.max_faulty_steps!r}).")
+        if self.aggregate_over not in AGGREGATE_OVER:
+            raise ValueError(f"aggregate_over must be one of {', '.join(AGGREGATE_OVER)} (got {self.aggregate_over!r}).")
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)} (got {self.decode!r}).")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be True or False (got {self.overlap!r}).")
+        if self.decode == "sharded" and not code_cls.shardable:
+            raise ValueError(
+                f"code={self.code!r} cannot decode sharded: its decode draws projections from the parameter server's"
+                " secret, which no other rank may hold; use decode='ps', or code='frc'."
+            )
+        if self.decode == "sharded" and self.aggregator is not None:
+            raise ValueError(
+                "decode='sharded' cannot run an aggregator: robust rules need whole vectors on one rank; use"
+                " decode='ps'."
+            )
+        if self.aggregator is not None and not isinstance(self.aggregator, Aggregator):
+            raise ValueError(f"aggregator must be a rule's name, an Aggregator or None (got {self.aggregator!r}).")
+        if self.aggregator is not None and not code_cls.supports_aggregation:
+            raise ValueError(
+                f"code={self.code!r} cannot be combined with an aggregator: use code='none' (robust aggregation) or"
+                " code='frc' (DETOX: a vote inside groups, then the rule across groups)."
+            )
+        if self.adversary is not None and not isinstance(self.adversary, Adversary):
+            raise ValueError(
+                f"adversary must be an Adversary, a dict of its arguments or None (got {self.adversary!r})."
+            )
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def finite_check(self) -> bool:
+        """Whether a decoded NaN/Inf fails the step: on, except for plain averaging (``code="none"``
+        without a rule), which behaves as DDP does."""
+        if self.check_finite is not None:
+            return self.check_finite
+        return self.code != "none" or self.aggregator is not None
+
+    @property
+    def whole_step(self) -> bool:
+        """Whether the PS decodes each step's whole gradient (rules such as Krum are defined on whole vectors)."""
+        return self.aggregator is not None and self.aggregate_over == "whole"
+
+    def adversary_warnings(self) -> list[str]:
+        """Warnings for a simulated adversary beyond what the code tolerates (raises for impossible ones)."""
+        return self.adversary.check(None, self.ps_rank, self.num_adversaries) if self.adversary else []
+
+    def validate(self, world_size: int) -> None:
+        """The checks that need the world size, other than the code's own (``build_code`` runs those)."""
+        if self.ps_rank >= world_size:
+            raise ValueError(
+                f"ps_rank must be in [0, {world_size}) for a world of {world_size} ranks (got {self.ps_rank})."
+            )
+        if self.adversary is not None:
+            self.adversary.check(world_size, self.ps_rank, self.num_adversaries)
+
+    def build_code(self, world_size: int) -> Code:
+        """The code for ``world_size`` ranks (checked by its constructor), with the aggregator on top;
+        ``validate(world_size)`` first."""
+        self.validate(world_size)
+        options = {} if self.tolerance is None else {"tolerance": float(self.tolerance)}
+        code = make_code(self.code, world_size, self.num_adversaries, self.redundancy, **options)
+        return code if self.aggregator is None else AggregatedCode(code, self.aggregator)
+
+    def resume_conditions(self, world_size: int) -> dict[str, Any]:
+        """What a checkpoint records and a resume must match: the partitions mean the same data."""
+        return {
+            "world_size": world_size,
+            "code": self.code,
+            "num_adversaries": self.num_adversaries,
+            "redundancy": self.redundancy,
+        }
+
+
+def _seconds(name: str, value: Union[timedelta, float, None]) -> Optional[timedelta]:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return timedelta(seconds=value)
+    if not isinstance(value, timedelta) or value.total_seconds() <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds or a timedelta (got {value!r}).")
+    return value

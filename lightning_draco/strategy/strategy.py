@@ -1,0 +1,612 @@
+"""``DracoStrategy``: DDP whose all-reduce is replaced by DRACO's coded exchange and decode.
+
+The strategy wires collaborators together and does little itself:
+
+- ``DracoConfig`` (config.py): the arguments, checked once; builds the code;
+- ``CodedStep`` (coded_step.py): one forward per partition, the weights applied exactly;
+- the exchange (``lightning_draco.exchange``): the comm hook that replaces DDP's all-reduce;
+- checkpoint.py: what DRACO adds to a checkpoint, and the PS's own state;
+- ``SkipGuard`` (skip.py), ``FaultLedger`` (report.py), ``SlurmRequeue`` (requeue.py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+from typing_extensions import override
+
+from lightning_draco import _compat
+from lightning_draco._seeding import seeded_rng
+from lightning_draco.adversary import Adversary
+from lightning_draco.aggregators import Aggregator
+from lightning_draco.batch_view import BatchHookView
+from lightning_draco.codes import Code, DracoDecodeError, NonFiniteGradientError
+from lightning_draco.consistency import check_first_batch, explain_decode_failure
+from lightning_draco.data import DracoDataLoader, PartitionBatch, transfer_seed
+from lightning_draco.exchange import (
+    ExchangeSetup,
+    ExchangeState,
+    WholeStepAssembly,
+    adversarial,
+    overlapped,
+    ps_hook,
+    sharded_hook,
+    whole_step_hook,
+)
+from lightning_draco.exchange.adversarial import liars_at
+from lightning_draco.partition_logging import mean_over_partitions
+from lightning_draco.report import FaultLedger
+from lightning_draco.requeue import SlurmRequeue
+from lightning_draco.strategy import checkpoint as ckpt
+from lightning_draco.strategy.checkpoint import IncompatibleCheckpointError
+from lightning_draco.strategy.coded_step import CodedStep, encoded
+from lightning_draco.strategy.config import DracoConfig
+from lightning_draco.strategy.skip import SkipGuard
+
+__all__ = ["DracoStrategy", "IncompatibleCheckpointError"]
+
+_OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
+#: The rendezvous gets at least this long, whatever the collective timeout (see ``startup_timeout``).
+_MIN_STARTUP = timedelta(minutes=5)
+_UNUSED_PARAMETERS_ERROR = "Expected to have finished reduction in the prior iteration"
+_UNUSED_PARAMETERS_MESSAGE = (
+    "It looks like your LightningModule has parameters that were not used in producing the loss returned by"
+    " training_step. If this is intentional, enable DDP's detection of unused parameters under DRACO:"
+    " strategy='draco_find_unused_parameters_true', or DracoStrategy(find_unused_parameters=True)."
+)
+
+
+class DracoStrategy(DDPStrategy):
+    """Byzantine-resilient data-parallel training: DDP with DRACO's coded gradients.
+
+    Each of the ``P`` ranks computes the gradients of the partitions its code assigns (one
+    forward per partition, one backward), sends one coded vector per bucket to the parameter
+    server (PS), and gets back the exact mean of the ``P`` partition gradients, whatever up to
+    ``num_adversaries`` ranks sent.
+
+    Args:
+        code: ``"frc"`` (fractional repetition, needs ``redundancy | P``), ``"crc"`` (cyclic
+            repetition, any ``P >= 2s + 1``), ``"none"`` (plain averaging through the same
+            exchange: the baseline), or any registered code.
+        num_adversaries: ``s``, the number of Byzantine ranks to tolerate. 0 means no redundancy.
+        redundancy: ``r``, partitions per rank; at least and by default ``2s + 1``.
+        ps_rank: the trusted rank that decodes (also a worker).
+        decode: ``"ps"``: every rank's coded gradient goes to ``ps_rank``, which decodes and
+            broadcasts the result (the paper's design). ``"sharded"``: each of a bucket's ``P``
+            shards is decoded by ``2s + 1`` ranks and the copies are voted; no rank is trusted
+            with gradient values and traffic per rank does not grow with ``P`` (repetition code
+            and ``code="none"`` only; no aggregator).
+        overlap: run the exchange on a communication thread so that the backward goes on while
+            buckets are exchanged (gradients unchanged, bit for bit).
+        adversary: simulated Byzantine ranks (``Adversary`` or a dict of its arguments).
+        tolerance: how far honest replicas of a partition's gradient may differ, relative to their
+            norm, beyond rounding (non-deterministic kernels). ``None``: each code's default
+            (repetition: 1e-5, used only when no value is sent bit for bit by s+1 members;
+            cyclic: the wire dtype's rounding alone).
+        on_decode_failure: ``"raise"`` a ``DracoDecodeError`` on every rank, or ``"skip"`` the
+            optimizer and scheduler step on every rank, count it and go on.
+        max_faulty_steps: stop the run once a rank has been caught at more steps than this.
+        seed: seeds per-partition randomness (dropout, augmentation, data-loader workers);
+            defaults to ``PL_GLOBAL_SEED`` (set by ``seed_everything``) or 0.
+        projection_secret: the PS's secret for codes that project what they receive; drawn from
+            OS entropy when ``None``. Fix it only for reproducible tests.
+        check_finite: treat a decoded gradient with NaN/Inf as a failed step (the honest ranks
+            agree on it: the model diverged). Default: on, except for ``code="none"`` without an
+            aggregator, which behaves as plain DDP does.
+        broadcast_buffers: copy the PS's buffers (e.g. BatchNorm running statistics) to every
+            rank once per optimizer step, after it.
+        aggregator: a robust rule (``"median"``, ``"trimmed_mean"``, ``"geometric_median"``,
+            ``"krum"``, ``"multi_krum"``, ``"bulyan"``, ``"centered_clipping"``, ``"mean"``, or an
+            ``Aggregator``) applied by the PS: over the P received vectors with ``code="none"``,
+            over the verified group sums with ``code="frc"`` (DETOX). Its ``num_byzantine`` is
+            ``num_adversaries`` unless ``aggregator_options`` says otherwise.
+        aggregator_options: keyword options of the rule (``tau=``, ``m=``, ``num_byzantine=`` ...).
+        pre_aggregators: applied in order before the rule (``"nnm"``, ``"bucketing"``, ``"arc"``,
+            ``{"name": "clipping", "threshold": C}``, or ``PreAggregator`` instances), also over
+            DETOX's group sums; they tolerate the rule's ``num_byzantine``.
+        aggregate_over: ``"whole"`` (default): the rule sees each step's whole flattened
+            gradient; the PS then holds ``P x`` the model's gradient. ``"bucket"``: the rule runs
+            per DDP bucket (what the 2018 baseline did per layer), holding one bucket.
+        timeout: the collective timeout (a ``timedelta`` or seconds): a rank that stops
+            answering makes every collective waiting on it fail after this long, never hang.
+            Default: torch's (30 minutes).
+        startup_timeout: how long the ranks may take to find each other when the process group
+            is created (a loaded machine or a slow scheduler can take minutes). Default: the larger
+            of ``timeout`` and 5 minutes; then the group's timeout becomes ``timeout``.
+        **kwargs: passed to ``DDPStrategy`` (``bucket_cap_mb``, ``start_method``,
+            ``process_group_backend``, ...). DDP's own comm-hook arguments are refused.
+    """
+
+    strategy_name = "draco"
+
+    def __init__(
+        self,
+        code: str = "frc",
+        num_adversaries: int = 1,
+        redundancy: Optional[int] = None,
+        ps_rank: int = 0,
+        adversary: Union[Adversary, dict, None] = None,
+        tolerance: Optional[float] = None,
+        on_decode_failure: str = "raise",
+        max_faulty_steps: Optional[int] = None,
+        seed: Optional[int] = None,
+        projection_secret: Optional[int] = None,
+        check_finite: Optional[bool] = None,
+        broadcast_buffers: bool = True,
+        aggregator: Union[str, Aggregator, None] = None,
+        aggregator_options: Optional[dict] = None,
+        aggregate_over: str = "whole",
+        timeout: Union[timedelta, float, None] = None,
+        pre_aggregators: Optional[list] = None,
+        decode: str = "ps",
+        startup_timeout: Union[timedelta, float, None] = None,
+        overlap: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        for name in _OWN_HOOK_ARGS:
+            # LightningCLI passes every inherited argument, these with their default None: only a value is refused.
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name} cannot be set on DracoStrategy: its communication is DRACO's own hook.")
+        #: The checked configuration.
+        self.config = DracoConfig.from_arguments(
+            code=code, num_adversaries=num_adversaries, redundancy=redundancy, ps_rank=ps_rank, adversary=adversary,
+            tolerance=tolerance, on_decode_failure=on_decode_failure, max_faulty_steps=max_faulty_steps, seed=seed,
+            projection_secret=projection_secret, check_finite=check_finite, broadcast_buffers=broadcast_buffers,
+            aggregator=aggregator, aggregator_options=aggregator_options, pre_aggregators=pre_aggregators,
+            aggregate_over=aggregate_over, timeout=timeout, startup_timeout=startup_timeout, decode=decode, overlap=overlap,
+        )
+        self._adversary_warnings = self.config.adversary_warnings()
+        if self.config.timeout is not None:
+            kwargs["timeout"] = self.config.timeout
+        kwargs["broadcast_buffers"] = False  # DDP's per-forward broadcast from rank 0; ours is per step, from the PS
+        super().__init__(**kwargs)
+        #: The code for this world (built once the world size is known).
+        self.code: Optional[Code] = None
+        #: The seed of per-partition randomness (``seed``, else ``PL_GLOBAL_SEED``, else 0), set up per process.
+        self.seed: Optional[int] = seed
+        self.ledger = FaultLedger([])
+        #: This rank's ``PartitionBatch`` for the current training step (the batches of all its
+        #: partitions); the batch hooks receive only its first partition's batch.
+        self.partition_batch: Optional[PartitionBatch] = None
+        self._exchange: Optional[ExchangeState] = None
+        self._coded_step: Optional[CodedStep] = None
+        self._skip = SkipGuard(self._steps_per_batch)
+        self._train_loader: Optional[DracoDataLoader] = None
+        self._last_batch: Optional[PartitionBatch] = None
+        self._requeue: Optional[SlurmRequeue] = None
+        self._batch_hooks = BatchHookView()
+        self._check_data = False
+        self._agreed_failure: Optional[BaseException] = None
+        self._comm_thread: Optional[ThreadPoolExecutor] = None
+
+    # -- what the run was asked for ---------------------------------------------------------
+    @property
+    def num_adversaries(self) -> int:
+        return self.config.num_adversaries
+
+    @property
+    def redundancy(self) -> int:
+        return self.config.redundancy
+
+    @property
+    def ps_rank(self) -> int:
+        return self.config.ps_rank
+
+    @property
+    def adversary(self) -> Optional[Adversary]:
+        return self.config.adversary
+
+    @property
+    def aggregator(self) -> Optional[Aggregator]:
+        return self.config.aggregator
+
+    # -- configuration and processes ------------------------------------------------------
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        # The world size (and a *-true precision) are known once the Trainer is built: refuse them
+        # before any process starts.
+        self._build_code(self.num_nodes * self.num_processes)
+        dtype = _compat.desired_input_dtype(self.precision_plugin)
+        if dtype is not None:
+            self.code.check_wire_dtype(dtype)
+
+    def _build_code(self, world_size: int) -> None:
+        if self.code is None or self.code.num_workers != world_size:
+            self.code = self.config.build_code(world_size)
+
+    @override
+    def setup_distributed(self) -> None:
+        collective = self._timeout
+        if self.config.startup_timeout is not None or self.config.timeout is not None:
+            self._timeout = self.config.startup_timeout or max(self.config.timeout, _MIN_STARTUP)
+        try:
+            super().setup_distributed()
+        finally:
+            self._timeout = collective
+        if self.config.timeout is not None:
+            _compat.set_process_group_timeout(self.config.timeout)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        world_size, rank = self.world_size, self.global_rank
+        self._build_code(world_size)
+        for message in self._adversary_warnings:
+            rank_zero_warn(message)
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            rank_zero_warn(
+                "torchrun restarts with the agent's shared store can reconnect to the failed attempt's addresses and"
+                " fail; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so each attempt gets a fresh store."
+            )
+        if self.seed is None:
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        secret = self.config.projection_secret
+        if secret is None:
+            secret = int.from_bytes(os.urandom(8), "little") >> 1 if rank == self.ps_rank else 0
+        self._exchange = ExchangeState(
+            ExchangeSetup(self.code, rank, self.ps_rank, check_finite=self.config.finite_check, secret=secret)
+        )
+        self._coded_step = CodedStep(self.code, rank, self.seed, self.root_device)
+        environment = self.cluster_environment
+        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
+            # Replaces Lightning's handler, which checkpoints from inside the signal (see requeue.py).
+            self._requeue = SlurmRequeue(environment.requeue_signal, self.ps_rank)
+            self._requeue.install()
+        hostnames: list[Any] = [None] * world_size
+        dist.all_gather_object(hostnames, socket.gethostname())
+        if len(self.ledger.hostnames) == world_size:
+            # validate/test/predict after fit on the same Trainer: keep who was caught during fit.
+            self.ledger.hostnames = hostnames
+        else:
+            self.ledger = FaultLedger(hostnames, self.config.max_faulty_steps)
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        fitting = trainer.state.fn == "fit"
+        if fitting and not trainer.lightning_module.automatic_optimization:
+            raise self._agreed(ValueError(
+                "DracoStrategy supports automatic optimization only: set automatic_optimization = True"
+                " in your LightningModule (manual optimizer steps bypass the decode-failure handling)."
+            ))
+        if fitting:
+            trained = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
+            checked = _compat.desired_input_dtype(self.precision_plugin)
+            for dtype in sorted({p.dtype for p in trained} - {checked}, key=str):
+                self.code.check_wire_dtype(dtype)
+            if self.config.whole_step:
+                self._exchange.assembly = WholeStepAssembly(trained)
+        super().setup(trainer)
+        if fitting:
+            self._skip.install(trainer.lightning_module)
+            if self._requeue is not None and self._requeue not in trainer.callbacks:
+                trainer.callbacks.append(self._requeue)
+            self._batch_hooks.install(trainer)
+            self._check_data = True
+
+    @override
+    def configure_ddp(self) -> None:
+        super().configure_ddp()
+        # DDP copied rank 0's state; the PS is the only authority on the initial model.
+        module = self.model.module
+        self._broadcast_from_ps(list(module.parameters()) + list(module.buffers()))
+
+    @override
+    def _register_ddp_hooks(self) -> None:
+        # DDPStrategy registers hooks on CUDA only; DRACO needs its hook on every device.
+        self.model.register_comm_hook(self._exchange, self._hook())
+
+    def _hook(self) -> Callable:
+        """The exchange hook for this configuration: the decode mode's, with the simulated liars, on
+        the communication thread if asked, the coded step's last weight applied as buckets leave."""
+        if self.config.decode == "sharded":
+            hook = sharded_hook
+        else:
+            hook = whole_step_hook if self.config.whole_step else ps_hook
+        if self.adversary is not None:
+            hook = adversarial(hook, self.adversary)
+        if self.config.overlap:
+            self._comm_thread = self._comm_thread or ThreadPoolExecutor(1, thread_name_prefix="draco-exchange")
+            hook = overlapped(hook, self._comm_thread)
+        return encoded(hook, self._coded_step)
+
+    # -- data -----------------------------------------------------------------------------
+    @override
+    def process_dataloader(self, dataloader: object) -> object:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
+            return dataloader
+        self._train_loader = DracoDataLoader(dataloader, self.code.partitions(self.global_rank), self.world_size, self.seed)
+        return self._train_loader
+
+    @override
+    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
+        if not isinstance(batch, PartitionBatch):
+            return super().batch_to_device(batch, device, dataloader_idx)
+        if self._check_data:
+            # Once per fit, before the first step: holders of a partition must have loaded the same data.
+            self._check_data = False
+            check_first_batch(batch, self.world_size)
+        moved = []
+        for partition, part in zip(batch.partitions, batch.batches):
+            with seeded_rng(transfer_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
+                moved.append(super().batch_to_device(part, device, dataloader_idx))
+        self.partition_batch = batch._replace(batches=moved)
+        return self.partition_batch
+
+    # -- the step -------------------------------------------------------------------------
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        batch = args[0] if args else kwargs.pop("batch")
+        if not isinstance(batch, PartitionBatch):
+            return super().training_step(*args, **kwargs)
+        self._last_batch = batch
+        rest = args[1:]
+        poisoned = self.adversary is not None and self.adversary.acts_on_batch
+        poisoned = poisoned and self.global_rank in liars_at(self.adversary, self._exchange)
+
+        def forward(part: Any) -> Any:
+            if poisoned:
+                part = self.adversary.poison(part, rank=self.global_rank, step=self._exchange.outcome.step)
+            return super(DracoStrategy, self).training_step(part, *rest, **kwargs)
+
+        with mean_over_partitions(self.lightning_module):
+            if self._coded_step.summed:
+                return self._coded_step.summed_step(batch, forward)
+            scaler = getattr(self.precision_plugin, "scaler", None)
+            return self._coded_step.weighted_step(
+                batch,
+                forward,
+                params=[p for p in self.lightning_module.parameters() if p.requires_grad],
+                no_sync=self.model.no_sync,
+                scale_loss=scaler.scale if scaler is not None else (lambda loss: loss),
+                accumulate=max(int(self.lightning_module.trainer.accumulate_grad_batches), 1),
+            )
+
+    @override
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        self._coded_step.add_side_gradients()
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Union["pl.LightningModule", torch.nn.Module]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the closure (forwards, backward, coded exchange), then step only if the decode succeeded."""
+        trainer = self.lightning_module.trainer
+        step = trainer.global_step
+        self._exchange.begin_step(step)
+        result = closure()
+        outcome = self._exchange.outcome
+        if outcome.buckets == 0:
+            # Every rank sees the same: the backward ran without DRACO's hook, i.e. with plain all-reduce.
+            raise self._agreed(RuntimeError(
+                f"DRACO step {step}: the backward exchanged no bucket through DRACO's comm hook, so DDP averaged"
+                " the gradients unprotected. The hook is registered by overriding DDPStrategy._register_ddp_hooks;"
+                " this Lightning version may no longer call it. Use a Lightning version pyproject.toml admits."
+            ))
+        error: Optional[Exception] = outcome.failure
+        if isinstance(error, DracoDecodeError):
+            error = explain_decode_failure(error)
+        if error is None and outcome.nonfinite:
+            error = NonFiniteGradientError(
+                f"DRACO step {step}: the honest ranks agree on a gradient with NaN or Inf in it; no rank lied, the"
+                " model has diverged (lower the learning rate, clip gradients or check the loss)."
+            )
+        skip = error is not None and self.config.on_decode_failure == "skip"
+        self._skip.skipping = error is not None
+        self._record(trainer, step, outcome.caught, skipped=skip)
+        if error is not None and not skip:
+            raise self._agreed(error)
+        if error is not None:
+            rank_zero_warn(f"{error} The optimizer and scheduler step are skipped (on_decode_failure='skip').")
+            output = result
+        else:
+            output = super().optimizer_step(optimizer, lambda: result, model, **kwargs)
+        if self.config.broadcast_buffers:
+            # Each rank ran its own partitions' forwards; the PS's running statistics are the model's.
+            self._broadcast_from_ps(list(self.model.module.buffers()))
+        if self._train_loader is not None and self._last_batch is not None:
+            self._train_loader.note_trained(self._last_batch)
+        if self._requeue is not None:
+            self._requeue.agree(self.root_device)
+        return output
+
+    def _record(self, trainer: "pl.Trainer", step: int, caught: set[int], skipped: bool) -> None:
+        for message in self.ledger.record(step, caught, skipped):
+            rank_zero_warn(message)
+        if self.global_rank == 0 and self.ledger.should_log(step, caught, skipped, trainer.log_every_n_steps):
+            metrics = {**self.ledger.metrics(caught), **self._exchange_metrics()}
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        stop = self.ledger.stop_message()
+        if stop and not trainer.should_stop:
+            rank_zero_warn(stop)
+            trainer.should_stop = True
+
+    def _exchange_metrics(self) -> dict[str, float]:
+        """Rank 0's exchange so far: seconds in collectives and decoding, payload bytes each way."""
+        seconds, moved = self.exchange_seconds, self.exchange_bytes
+        return {
+            "draco/seconds_communication": seconds["communication"],
+            "draco/seconds_decode": seconds["decode"],
+            "draco/bytes_sent": float(moved["sent"]),
+            "draco/bytes_received": float(moved["received"]),
+        }
+
+    def _steps_per_batch(self, scheduler: Any) -> bool:
+        return any(c.scheduler is scheduler and c.interval == "step" for c in self.lr_scheduler_configs)
+
+    # -- what the run has seen --------------------------------------------------------------
+    @property
+    def faulty_counts(self) -> dict[int, int]:
+        """Rank -> number of steps at which it was caught sending a faulty gradient."""
+        return self.ledger.counts()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.ledger.skipped_steps
+
+    @property
+    def exchange_seconds(self) -> dict[str, float]:
+        """Seconds this rank spent in the exchange's collectives and decoding (since setup)."""
+        return dict(self._exchange.stats.seconds) if self._exchange is not None else {"communication": 0.0, "decode": 0.0}
+
+    @property
+    def exchange_bytes(self) -> dict[str, int]:
+        """Payload bytes this rank sent and received through DRACO's collectives since setup."""
+        stats = self._exchange.stats if self._exchange is not None else None
+        return {"sent": stats.sent if stats else 0, "received": stats.received if stats else 0}
+
+    @property
+    def hook_calls(self) -> int:
+        """Buckets exchanged through the DRACO hook on this rank so far."""
+        return self._exchange.stats.calls if self._exchange is not None else 0
+
+    @property
+    def is_ps(self) -> bool:
+        """Whether this process is the parameter server."""
+        return self.global_rank == self.ps_rank
+
+    # -- the end of a run -------------------------------------------------------------------
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        rank_zero_info(self.ledger.summary())
+
+    @override
+    def teardown(self) -> None:
+        module = self.lightning_module
+        self._skip.uninstall()
+        self._batch_hooks.uninstall()
+        if self._comm_thread is not None:
+            self._comm_thread.shutdown(wait=True)
+            self._comm_thread = None
+        self.partition_batch = None
+        self._check_data = False
+        if self._requeue is not None:
+            self._requeue.uninstall()
+            if module is not None and module._trainer is not None and self._requeue in module.trainer.callbacks:
+                module.trainer.callbacks.remove(self._requeue)
+            self._requeue = None
+        super().teardown()
+
+    def _agreed(self, error: BaseException) -> BaseException:
+        """Mark ``error`` as raised by every rank together (the outcome was agreed), so ``on_exception``
+        does not end the other ranks: they are raising it too."""
+        self._agreed_failure = error
+        return error
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        # Before DDP's own rewording, which names strategy='ddp_find_unused_parameters_true'.
+        exception.args = tuple(
+            _UNUSED_PARAMETERS_MESSAGE if isinstance(arg, str) and _UNUSED_PARAMETERS_ERROR in arg else arg
+            for arg in exception.args
+        )
+        super().on_exception(exception)
+        if exception is self._agreed_failure:
+            return
+        # Anything else (a lost or stalled peer, a crash or a user's error on this rank alone) leaves
+        # the other ranks blocked in a collective until the timeout, or for ever if one is stopped:
+        # end the ranks this process started, as torchrun and srun do with theirs.
+        _compat.kill_launched_processes(self.launcher)
+
+    # -- checkpoints ----------------------------------------------------------------------
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        """Add DRACO's state, write atomically; the PS's own state goes only where no worker reads it
+        (rank 0's checkpoint when the PS is rank 0, else ``<checkpoint>.ps``: see checkpoint.py)."""
+        conditions = self.config.resume_conditions(self.world_size)
+        checkpoint[ckpt.CHECKPOINT_KEY] = {**conditions, "ledger": self.ledger.state_dict()}
+        if self._exchange is not None and self.is_ps:
+            ps_state = ckpt.ps_state(self._exchange.setup.secret, self.code)
+            if self.global_rank == 0:
+                checkpoint[ckpt.CHECKPOINT_KEY].update(ps_state)
+            else:
+                sidecar = ckpt.ps_sidecar(filepath)
+                # Rank 0 creates the checkpoint's folder when it writes; the PS may get here first.
+                os.makedirs(os.path.dirname(sidecar) or ".", exist_ok=True)
+                ckpt.write_then_rename(sidecar, lambda path: torch.save(ps_state, path))
+        if not self.is_global_zero or "://" in os.fspath(filepath):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        write = super(DracoStrategy, self).save_checkpoint
+        ckpt.write_then_rename(filepath, lambda path: write(checkpoint, path, storage_options))
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = checkpoint.get(ckpt.CHECKPOINT_KEY)
+        if saved is None:
+            return checkpoint
+        try:
+            ckpt.check_resumable(saved, self.config.resume_conditions(self.world_size))
+        except IncompatibleCheckpointError as error:
+            raise self._agreed(error)  # every rank reads the same file
+        self.ledger.load_state_dict(saved["ledger"])
+        if self._exchange is not None and self.is_ps:
+            secret = ckpt.restore_ps_state(ckpt.read_ps_state(saved, checkpoint_path), self.code)
+            if secret is not None and self.config.projection_secret is None:
+                self._exchange.setup.secret = secret
+        return checkpoint
+
+    def check_resumable(self, saved: dict[str, Any]) -> None:
+        """Refuse a checkpoint's DRACO entry written under another world size or code."""
+        ckpt.check_resumable(saved, self.config.resume_conditions(self.world_size))
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        super().remove_checkpoint(filepath)
+        if self._exchange is not None and self.is_ps and self.global_rank != 0:
+            sidecar = ckpt.ps_sidecar(filepath)
+            if os.path.exists(sidecar):
+                os.remove(sidecar)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _broadcast_from_ps(self, tensors: Iterable[Tensor]) -> None:
+        groups: dict[tuple, list[Tensor]] = defaultdict(list)
+        for tensor in tensors:
+            groups[(tensor.dtype, tensor.device)].append(tensor.data)
+        for same in groups.values():
+            flat = _compat.flatten_dense_tensors(same)
+            dist.broadcast(flat, src=self.ps_rank)
+            for tensor, value in zip(same, _compat.unflatten_dense_tensors(flat, same)):
+                tensor.copy_(value)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        entries = (
+            (cls.strategy_name, "DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3)", {}),
+            (
+                f"{cls.strategy_name}_find_unused_parameters_true",
+                "DRACO: Byzantine-resilient DDP (repetition code, s=1, r=3) with `find_unused_parameters=True`",
+                {"find_unused_parameters": True},
+            ),
+            # LightningCLI's --trainer.strategy=lightning_draco.DracoStrategy with no init_args reaches the
+            # Trainer as that string, which Lightning lowercases and looks up here.
+            ("lightning_draco.dracostrategy", "DRACO: the class path, as LightningCLI passes it without init_args", {}),
+        )
+        for name, description, options in entries:
+            if name not in strategy_registry:
+                strategy_registry.register(name, cls, description=description, **options)

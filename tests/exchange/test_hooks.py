@@ -1,0 +1,125 @@
+"""The exchange hooks on hand-made buckets in a six-rank gloo world (no DDP, no Lightning)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORLD = 6
+pytestmark = pytest.mark.distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("hooks")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD)}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    script = Path(__file__).with_name("hook_world.py")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(out), str(WORLD)], env={**env, "RANK": str(r)})
+        for r in range(WORLD)
+    ]
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes == [0] * WORLD
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_every_rank_gets_the_exact_mean_and_the_traffic_the_formulas_give(seen):
+    bucket, outcome = 10 * 8, (1 + WORLD) * 4  # float64 values; int32 status and flags
+    for rank, ranks_view in enumerate(seen):
+        result, mean, caught, buckets, sent, received = ranks_view["honest"]
+        torch.testing.assert_close(result, mean, rtol=1e-12, atol=1e-12)
+        assert caught == [] and buckets == 1
+        if rank == 0:  # the PS receives every other rank's bucket and broadcasts result and outcome
+            assert (sent, received) == ((WORLD - 1) * (bucket + outcome), (WORLD - 1) * bucket)
+        else:
+            assert (sent, received) == (bucket, bucket + outcome)
+
+
+def test_a_liar_wrapped_around_the_exchange_is_corrected_and_caught_on_every_rank(seen):
+    for ranks_view in seen:
+        result, mean, caught = ranks_view["liar"]
+        torch.testing.assert_close(result, mean, rtol=1e-12, atol=1e-12)
+        assert caught == [WORLD - 1]
+
+
+def test_sharded_decoding_gives_bitwise_the_parameter_servers_result_whoever_lies(seen):
+    for ranks_view in seen:
+        reference, runs = ranks_view["sharded"]
+        for name in ("clean", "both", "gradient", "decoder"):
+            assert torch.equal(runs[name][0], reference), name
+
+
+def test_sharded_decoding_names_liars_in_each_role_and_no_one_else(seen):
+    for ranks_view in seen:
+        runs = ranks_view["sharded"][1]
+        assert runs["clean"][1:3] == ([], [])
+        assert runs["both"][1:3] == ([4], [4])
+        assert runs["gradient"][1:3] == ([4], []), "a liar only about its gradient decodes honestly"
+        assert runs["decoder"][1:3] == ([4], [4]), "a liar only as a decoder is outvoted and named"
+
+
+def test_more_than_s_liars_fail_the_sharded_step_on_every_rank(seen):
+    failures = [ranks_view["sharded"][1]["two"][3] for ranks_view in seen]
+    assert all("more than s=1" in f or "lied" in f for f in failures), failures
+
+
+def test_sharded_traffic_per_rank_is_the_formula_and_does_not_grow_with_p(seen):
+    d, s, item = 53, 1, 8
+    bounds = [k * d // WORLD for k in range(WORLD + 1)]
+    length = [bounds[k + 1] - bounds[k] for k in range(WORLD)]
+    sizes = [sum(length[(j - 2 * s + u) % WORLD] for u in range(2 * s + 1)) for j in range(WORLD)]
+    verdicts = (2 * s + 1) * (1 + WORLD) * 4
+    for rank, ranks_view in enumerate(seen):
+        sent, received = ranks_view["sharded"][1]["clean"][4:6]
+        coded_out = (sum(sizes) - sizes[rank]) * item
+        coded_in = (WORLD - 1) * sizes[rank] * item
+        gathered = (WORLD - 1) * (max(sizes) * item + verdicts)
+        agreement = (2 + 2 * WORLD) * 4
+        assert sent == coded_out + gathered + agreement
+        assert received == coded_in + gathered + agreement
+        assert received <= (2 * (2 * s + 1) + 1) * d * item, "the issue's bound on the busiest rank"
+
+
+def test_a_liar_telling_each_decoder_a_different_story_changes_nothing(seen):
+    reference = seen[0]["sharded"][0]
+    for ranks_view in seen:
+        result, caught = ranks_view["equivocation"]
+        assert torch.equal(result, reference) and caught == [4]
+
+
+def test_the_communication_thread_gives_the_same_bytes(seen):
+    reference = seen[0]["sharded"][0]
+    for ranks_view in seen:
+        assert all(torch.equal(result, reference) for result in ranks_view["overlapped"])
+
+
+def test_too_many_liars_fail_the_step_on_every_rank_in_the_ps_words(seen):
+    messages = {ranks_view["failure"][0] for ranks_view in seen}
+    assert len(messages) == 1 and "more than s=1" in messages.pop()
+    assert all(ranks_view["failure"][1] == 3 and ranks_view["failure"][2] for ranks_view in seen)
+
+
+def test_the_coded_steps_last_weight_is_applied_as_the_bucket_leaves(seen):
+    for ranks_view in seen:
+        result, mean = ranks_view["encoded"]
+        torch.testing.assert_close(result, mean, rtol=1e-12, atol=1e-12)
+
+
+def test_the_whole_step_waits_for_the_last_bucket_and_lays_the_step_out_by_parameter(seen):
+    for ranks_view in seen:
+        pending, result, median = ranks_view["whole"]
+        assert pending is False, "the first bucket's future completes only with the step's last"
+        assert torch.equal(result, median)

@@ -1,0 +1,67 @@
+"""The coded step without a Trainer: one forward per partition, the encoding weights applied exactly."""
+
+import contextlib
+
+import pytest
+import torch
+
+from lightning_draco.codes import CyclicRepetitionCode, FractionalRepetitionCode
+from lightning_draco.data import PartitionBatch
+from lightning_draco.strategy.coded_step import CodedStep
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5), torch.nn.Linear(3, 1)).double()
+
+
+def _batch(partitions):
+    gen = torch.Generator().manual_seed(1)
+    parts = [torch.randn(5, 4, generator=gen, dtype=torch.float64) for _ in partitions]
+    return PartitionBatch(batches=parts, partitions=list(partitions), epoch=0, index=0)
+
+
+def _gradient(model, step, batch, part):
+    """The gradient of one partition's loss alone, under that partition's seeds, as a flat vector."""
+    model.zero_grad()
+    one = PartitionBatch(batches=[batch.batches[part]], partitions=[batch.partitions[part]], epoch=0, index=0)
+    loss = CodedStep(FractionalRepetitionCode(1, 0), 0, step.seed, torch.device("cpu")).summed_step(
+        one, lambda x: model(x).square().mean()
+    )
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize("code, rank", [(FractionalRepetitionCode(6, 1), 4), (CyclicRepetitionCode(5, 1), 2)])
+def test_the_gradient_that_leaves_is_the_weighted_sum_of_the_partition_gradients(code, rank):
+    model = _model()
+    step = CodedStep(code, rank, seed=3, device=torch.device("cpu"))
+    batch = _batch(code.partitions(rank))
+    forward = lambda x: model(x).square().mean()  # noqa: E731
+    model.zero_grad()
+    if step.summed:
+        loss = step.summed_step(batch, forward)
+    else:
+        params = list(model.parameters())
+        loss = step.weighted_step(batch, forward, params, no_sync=contextlib.nullcontext)
+        step.add_side_gradients()
+    loss.backward()
+    sent = torch.cat([p.grad.flatten() for p in model.parameters()]) * step.scale
+    expected = sum(w * _gradient(model, step, batch, j) for j, w in enumerate(step.weights))
+    torch.testing.assert_close(sent, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_partition_that_returns_no_loss_is_named():
+    step = CodedStep(FractionalRepetitionCode(3, 1), 0, seed=0, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"returned None for partition 1"):
+        step.summed_step(_batch([1]), lambda x: None)
+
+
+def test_holders_of_a_partition_draw_the_same_dropout_masks():
+    code = FractionalRepetitionCode(3, 1)
+    masks = []
+    for rank in range(3):
+        torch.manual_seed(100 + rank)  # each rank's own stream differs before the step
+        step = CodedStep(code, rank, seed=5, device=torch.device("cpu"))
+        step.summed_step(_batch([0, 1, 2]), lambda x: masks.append(torch.nn.functional.dropout(x, 0.5)) or x.sum())
+    assert all(torch.equal(masks[i], masks[i % 3]) for i in range(9))

@@ -1,0 +1,53 @@
+"""The ledger of who lied: counts, first sightings, what is logged, when the run stops, the report."""
+
+from lightning_draco.report import FaultLedger
+
+
+def test_a_rank_is_announced_once_with_its_host_and_counted_at_every_step():
+    ledger = FaultLedger(["a", "b", "c"], max_faulty_steps=None)
+    first = ledger.record(4, {2}, skipped=False)
+    assert len(first) == 1 and "rank 2 on host c" in first[0] and "step 4" in first[0]
+    assert ledger.record(5, {2}, skipped=False) == []
+    assert ledger.counts() == {2: 2} and ledger.first_caught == {2: 4} and ledger.steps == 2
+
+
+def test_metrics_name_every_rank_ever_caught_and_the_skipped_steps():
+    ledger = FaultLedger(["a", "b", "c"])
+    ledger.record(0, {1}, skipped=False)
+    ledger.record(1, set(), skipped=True)
+    assert ledger.metrics(set()) == {"draco/caught": 0.0, "draco/skipped_steps": 1.0, "draco/times_caught/rank_1": 1.0}
+
+
+def test_steps_with_news_are_always_logged_others_every_n():
+    ledger = FaultLedger(["a"])
+    assert ledger.should_log(7, {0}, False, every_n_steps=50) and ledger.should_log(7, set(), True, 50)
+    assert not ledger.should_log(7, set(), False, 50) and ledger.should_log(50, set(), False, 50)
+    assert ledger.should_log(3, set(), False, 0), "every_n_steps=0 logs every step"
+
+
+def test_the_run_stops_once_a_rank_passes_max_faulty_steps():
+    ledger = FaultLedger(["a", "b"], max_faulty_steps=1)
+    ledger.record(0, {1}, skipped=False)
+    assert ledger.stop_message() is None
+    ledger.record(1, {1}, skipped=False)
+    assert "ranks [1] were caught at more than max_faulty_steps=1 steps" in ledger.stop_message()
+    assert FaultLedger(["a"], max_faulty_steps=None).stop_message() is None
+
+
+def test_the_report_tabulates_rank_host_count_and_first_step():
+    ledger = FaultLedger(["node-a", "node-b"])
+    assert "No rank was caught" in ledger.summary()
+    ledger.record(3, {1}, skipped=False)
+    ledger.record(4, {1}, skipped=True)
+    lines = ledger.summary().splitlines()
+    assert lines[0] == "DRACO report: 2 steps decoded, 1 skipped."
+    assert lines[-1].split() == ["1", "node-b", "2", "3"]
+
+
+def test_state_round_trips_through_a_checkpoint():
+    ledger = FaultLedger(["a", "b"])
+    ledger.record(2, {1}, skipped=True)
+    restored = FaultLedger(["a", "b"])
+    restored.load_state_dict({k: ({str(r): n for r, n in v.items()} if isinstance(v, dict) else v)
+                              for k, v in ledger.state_dict().items()})  # JSON-like keys
+    assert restored.counts() == {1: 1} and restored.first_caught == {1: 2} and restored.skipped_steps == 1
