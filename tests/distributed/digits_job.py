@@ -109,6 +109,19 @@ SCENARIOS["pre_bucketing_median_reverse"] = lambda: (
          adversary=Adversary(ranks=[4], attack="reverse")),
     {},
 )
+# Sharded decoding (no parameter server): every attack, the liar lying in both roles.
+for _attack in ATTACKS + ADAPTIVE:
+    SCENARIOS[f"sharded_fixed_{_attack}"] = (
+        lambda a: lambda: (dict(decode="sharded", adversary=Adversary(ranks=[4], attack=a)), {})
+    )(_attack)
+for _role in ("gradient", "decoder"):
+    SCENARIOS[f"sharded_{_role}_reverse"] = (
+        lambda r: lambda: (dict(decode="sharded", adversary=Adversary(ranks=[4], attack="reverse", roles=[r])), {})
+    )(_role)
+SCENARIOS["sharded_clean"] = lambda: (dict(decode="sharded"), {})
+SCENARIOS["sharded_overlap_clean"] = lambda: (dict(decode="sharded", overlap=True), {})
+SCENARIOS["frc_overlap_reverse"] = lambda: (dict(overlap=True, adversary=Adversary(ranks=[4], attack="reverse")), {})
+SCENARIOS["sharded_two_liars_raise"] = lambda: (dict(decode="sharded", adversary=Adversary(ranks=[1, 2], attack="gaussian")), {})
 SCENARIOS["frc_clean"] = lambda: ({}, {})
 SCENARIOS["none_clean"] = lambda: (dict(code="none"), {})
 SCENARIOS["frc_nodropout"] = lambda: ({}, dict(dropout=0.0))
@@ -307,6 +320,8 @@ def run(name: str) -> dict:
             skipped=strategy.skipped_steps,
             hook_calls=strategy.hook_calls,
             steps_decoded=strategy.ledger.steps,
+            exchange_bytes=strategy.exchange_bytes,
+            numel=sum(p.numel() for p in model.parameters() if p.requires_grad),
         )
     if logger and trainer.global_rank == 0:
         with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
@@ -318,7 +333,8 @@ def run(name: str) -> dict:
         }
     # Every rank reports what it saw, so tests can check that all ranks agree.
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, {k: out.get(k) for k in ("error", "sha", "hook_calls", "skipped", "faulty_counts")})
+    keys = ("error", "sha", "hook_calls", "skipped", "faulty_counts", "exchange_bytes")
+    dist.all_gather_object(gathered, {k: out.get(k) for k in keys})
     out["ranks"] = gathered
     return out
 

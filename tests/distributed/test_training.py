@@ -32,6 +32,8 @@ SCENARIOS = (
     + ["agg_krum_reverse_bucket", "detox_reverse", "none_alie", "agg_median_alie"]
     + [f"frc_fixed_{a}" for a in ADAPTIVE] + ["agg_median_clean", "agg_median_optimal_alie", "agg_median_label_flip"]
     + ["pre_nnm_krum_reverse", "pre_bucketing_median_reverse"]
+    + ["sharded_clean", "sharded_overlap_clean", "frc_overlap_reverse", "sharded_two_liars_raise"]
+    + [f"sharded_fixed_{a}" for a in ATTACKS + ADAPTIVE] + ["sharded_gradient_reverse", "sharded_decoder_reverse"]
 )
 
 
@@ -67,7 +69,8 @@ def runs(tmp_path_factory):
 
 def test_every_rank_ends_with_the_same_model(runs):
     for name, run in runs.items():
-        if name in ("frc_two_liars_raise", "manual_optimization", "ddp_nodropout", "frc_diverge_raise") or name.startswith(
+        if name in ("frc_two_liars_raise", "sharded_two_liars_raise", "manual_optimization", "ddp_nodropout",
+                    "frc_diverge_raise") or name.startswith(
             "resume"
         ):
             continue
@@ -244,3 +247,41 @@ def test_pre_aggregated_rules_train_through_the_strategy(runs, name):
     run = runs[name]
     assert run["finite"] and run.get("error") is None and run["accuracy"] > 0.2
     assert len({r["sha"] for r in run["ranks"]}) == 1
+
+
+# -- sharded decoding (no parameter server) ---------------------------------------------------
+@pytest.mark.parametrize("attack", ATTACKS + ADAPTIVE)
+def test_sharded_decoding_under_attack_in_both_roles_is_bitwise_the_ps_clean_model(runs, attack):
+    run = runs[f"sharded_fixed_{attack}"]
+    assert run.get("error") is None, run.get("error")
+    assert run["sha"] == runs["frc_clean"]["sha"] == runs["sharded_clean"]["sha"]
+    assert run["faulty_counts"] == {"4": 30}
+    assert all(r["faulty_counts"] == {"4": 30} for r in run["ranks"]), "every rank reports the same liar"
+
+
+@pytest.mark.parametrize("role", ["gradient", "decoder"])
+def test_a_liar_in_one_role_only_is_named_and_changes_nothing(runs, role):
+    run = runs[f"sharded_{role}_reverse"]
+    assert run["sha"] == runs["frc_clean"]["sha"] and run["faulty_counts"] == {"4": 30}
+
+
+def test_more_than_s_sharded_liars_raise_on_every_rank(runs):
+    run = runs["sharded_two_liars_raise"]
+    assert run["error"]["type"] == "DracoDecodeError" and run["error"]["step"] == 0
+    assert all(r["error"] is not None and r["error"]["type"] == "DracoDecodeError" for r in run["ranks"])
+
+
+def test_the_communication_thread_leaves_the_model_bitwise_unchanged(runs):
+    assert runs["sharded_overlap_clean"]["sha"] == runs["frc_clean"]["sha"]
+    assert runs["frc_overlap_reverse"]["sha"] == runs["frc_clean"]["sha"]
+    assert runs["frc_overlap_reverse"]["faulty_counts"] == {"4": 30}
+
+
+def test_sharded_traffic_per_rank_stays_within_the_bound_and_below_the_ps(runs):
+    s, steps, item = 1, 30, 4
+    sharded, ps = runs["sharded_clean"], runs["frc_clean"]
+    d = sharded["numel"]
+    busiest = max(r["exchange_bytes"]["received"] for r in sharded["ranks"]) / steps
+    assert busiest <= (2 * (2 * s + 1) + 1) * d * item
+    ps_in = max(r["exchange_bytes"]["received"] for r in ps["ranks"]) / steps
+    assert ps_in >= (6 - 1) * d * item, "the PS receives every other rank's gradient"
