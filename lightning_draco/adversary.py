@@ -124,7 +124,7 @@ class Adversary:
             )
         return warnings
 
-    def faulty_ranks(self, step: int, world_size: int, ps_rank: int, num_adversaries: int) -> frozenset[int]:
+    def lying_ranks(self, step: int, world_size: int, ps_rank: int, num_adversaries: int) -> frozenset[int]:
         """The ranks that lie at ``step``; the same answer on every process."""
         if not self.is_random:
             return frozenset(self.ranks)

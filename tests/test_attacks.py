@@ -65,10 +65,10 @@ def test_user_attack_gets_the_context_it_asks_for():
 
 def test_random_ranks_are_fresh_reproducible_and_never_the_ps():
     adversary = Adversary(ranks="random", seed=11)
-    picks = [adversary.faulty_ranks(step, 7, ps_rank=0, num_adversaries=2) for step in range(50)]
+    picks = [adversary.lying_ranks(step, 7, ps_rank=0, num_adversaries=2) for step in range(50)]
     assert all(len(p) == 2 and 0 not in p for p in picks)
     assert len(set(picks)) > 5
-    assert picks == [adversary.faulty_ranks(step, 7, 0, 2) for step in range(50)]
+    assert picks == [adversary.lying_ranks(step, 7, 0, 2) for step in range(50)]
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 def liars_at(adversary: Adversary, state: ExchangeState) -> frozenset[int]:
     """The ranks that lie at the state's current step (the same on every rank)."""
     setup = state.setup
-    return adversary.faulty_ranks(state.outcome.step, setup.world_size, setup.ps_rank, setup.code.num_adversaries)
+    return adversary.lying_ranks(state.outcome.step, setup.world_size, setup.ps_rank, setup.code.num_adversaries)
 
 
 def adversarial(hook: Hook, adversary: Adversary) -> Hook:

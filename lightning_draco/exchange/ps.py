@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_draco.codes import DracoDecodeError
 from lightning_draco.exchange import collectives
 from lightning_draco.exchange.state import ExchangeState
 from lightning_draco.exchange.verdict import DecodeStatus, Verdict, decode, record
@@ -38,17 +39,21 @@ def ps_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures.Futu
     if setup.is_ps:
         secret = setup.projection_generator(state.outcome.step, index, coded.device)
         verdict = decode(state, received, index, trusted=setup.ps_rank, generator=secret)
-    share_from_ps(state, [coded], verdict, index)
+    outcome, error = share_from_ps(state, [coded], verdict)
+    record(state, outcome, error, index)
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
 
 
-def share_from_ps(state: ExchangeState, buffers: list[Tensor], verdict: Optional[Verdict], index: int) -> None:
-    """Broadcast the PS's decoded mean into ``buffers`` (consecutive pieces of it) and its outcome; record it.
+def share_from_ps(
+    state: ExchangeState, buffers: list[Tensor], verdict: Optional[Verdict]
+) -> tuple[Tensor, Optional[DracoDecodeError]]:
+    """Broadcast the PS's decoded mean into ``buffers`` (consecutive pieces of it), then its outcome.
 
-    ``verdict`` is the PS's (``None`` on the other ranks). A failed decode zeroes the buffers and,
-    rarely, costs one more collective: every rank raises the PS's own words.
+    ``verdict`` is the PS's (``None`` on the other ranks). Returns the outcome vector and, for a
+    failed decode, the PS's error: that rare case costs one more collective, so that every rank
+    raises the PS's own words. A failed decode zeroes the buffers.
     """
     setup = state.setup
     device = buffers[0].device
@@ -69,4 +74,4 @@ def share_from_ps(state: ExchangeState, buffers: list[Tensor], verdict: Optional
     error = verdict.error if setup.is_ps else None
     if int(outcome[0]) == DecodeStatus.FAILED:
         error = collectives.broadcast_object(state, error, src=setup.ps_rank)
-    record(state, outcome, error, index)
+    return outcome, error

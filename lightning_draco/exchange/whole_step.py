@@ -14,7 +14,7 @@ from torch import Tensor
 from lightning_draco.exchange import collectives
 from lightning_draco.exchange.ps import share_from_ps
 from lightning_draco.exchange.state import ExchangeState
-from lightning_draco.exchange.verdict import decode
+from lightning_draco.exchange.verdict import decode, record
 
 __all__ = ["whole_step_hook"]
 
@@ -53,7 +53,8 @@ def whole_step_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futu
         if verdict.mean is not None:
             verdict = verdict._replace(mean=torch.empty_like(verdict.mean).index_copy_(0, order, verdict.mean))
     buffers = [b for b, _ in assembly.pending]
-    share_from_ps(state, buffers, verdict, index)
+    outcome, error = share_from_ps(state, buffers, verdict)
+    record(state, outcome, error, index)
     for buffer, pending in assembly.pending:
         pending.set_result(buffer)
     assembly.reset()
