@@ -398,7 +398,10 @@ class DracoStrategy(DDPStrategy):
         result = closure()
         outcome = self._exchange.outcome
         if outcome.buckets == 0:
-            # Every rank sees the same: the backward ran without DRACO's hook, i.e. with plain all-reduce.
+            # Every rank sees the same. A parameter the loss never reached keeps its DDP bucket from
+            # ever being ready; otherwise the backward ran without DRACO's hook, i.e. with plain all-reduce.
+            if any(p.grad is None for p in self.lightning_module.parameters() if p.requires_grad):
+                raise self._agreed(RuntimeError(_UNUSED_PARAMETERS_MESSAGE))
             raise self._agreed(RuntimeError(
                 f"DRACO step {step}: the backward exchanged no bucket through DRACO's comm hook, so DDP averaged"
                 " the gradients unprotected. The hook is registered by overriding DDPStrategy._register_ddp_hooks;"

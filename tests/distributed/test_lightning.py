@@ -76,6 +76,7 @@ def test_unused_parameters_error_names_the_draco_strategy(runs):
     error = runs["unused_default"]["error"]
     assert "strategy='draco_find_unused_parameters_true'" in error["message"]
     assert "ddp_find_unused" not in error["message"]
+    assert all(seen["error"] == error for seen in runs["unused_default"]["ranks"]), "found on every rank at once"
 
 
 def test_values_logged_in_training_step_mean_what_they_mean_under_ddp(runs):
