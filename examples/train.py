@@ -113,6 +113,8 @@ def build_strategy(cfg: DictConfig, with_adversary: bool = True) -> DracoStrateg
         seed=cfg.seed,
         timeout=timedelta(seconds=cfg.timeout_s),
         startup_timeout=cfg.get("startup_timeout_s"),
+        decode=cfg.get("decode", "ps"),
+        overlap=bool(cfg.get("overlap", False)),
         bucket_cap_mb=code.bucket_cap_mb,
         **{key: value for key, value in (cfg.get("ddp") or {}).items() if value is not None},
     )

@@ -176,3 +176,10 @@ def test_resume_takes_the_newest_checkpoint_of_the_run(tmp_path):
     os.utime(hpc, (0, 0))
     assert train.resume_path(cfg, tmp_path) == str(last)
     assert train.resume_path(compose_with("resume=never"), tmp_path) is None
+
+
+def test_decode_mode_and_overlap_come_from_the_command_line():
+    strategy = train.build_strategy(compose_with("decode=sharded", "overlap=true"))
+    assert strategy.config.decode == "sharded" and strategy.config.overlap is True
+    with pytest.raises(ValueError, match=r"code='crc' cannot decode sharded"):
+        train.build_strategy(compose_with("code=crc", "decode=sharded"))
