@@ -3,6 +3,7 @@
     python benchmarks/compare.py                        # both data sets, all methods and attacks
     python benchmarks/compare.py --datasets digits --steps 40
     python benchmarks/compare.py --partition dirichlet --alpha 0.1 --attacks none alie optimal_alie --out docs/alpha0.1
+    python benchmarks/compare.py --heterogeneity iid,1.0,0.1 --datasets digits --steps 150   # the heterogeneity sweep
 
 Six CPU ranks (Lightning's launcher re-runs this script for ranks 1..5; every rank runs the same
 sequence of fits). For each data set, each method trains the same model from the same seed on the
@@ -14,10 +15,21 @@ same batches, without attack and with one liar (rank 4) sending each attack:
     frc       DRACO, repetition code, r=3 (s=1)
     crc1, crc2  DRACO, cyclic code, s=1 (r=3) and s=2 (r=5)
 
+and, on request, trimmed_mean and centered_clipping (tau=10: the digits MLP's gradients have norms of
+about 0.5-1.5, so it clips a liar far from the last aggregate but no honest gradient; tau=1 clipped
+honest ones too, lagged and made training oscillate without attack), and any rule behind
+pre-aggregators written ``pre+rule`` (``nnm+krum``: nearest-neighbour mixing, then Krum).
+
 ``--partition dirichlet --alpha A`` gives each partition (each rank's data under plain DDP) a class
 mix drawn from Dirichlet(A) (``lightning_draco.heterogeneous``): robust rules assume honest
 gradients are close, and lose accuracy under heterogeneity even without an attack; DRACO's
 decode is an exact sum and does not care. ``--attacks`` also accepts ``optimal_alie``.
+
+``--heterogeneity iid,1.0,0.1`` runs the whole sequence once per partition (IID, then Dirichlet
+with each alpha), by default over HETERO_METHODS and the attacks none and alie, and writes
+heterogeneity.csv and heterogeneity_<dataset>.png (accuracy against training seconds and against
+steps, one column per partition, one row per attack) instead of compare.csv and its plots; the
+page benchmarks.md is redrawn from both CSVs that exist.
 
 Data sets: scikit-learn's digits (a small MLP), and synthetic CIFAR-sized images (3x32x32,
 ten classes, class means plus noise) with a CNN of 2.1M parameters, where aggregation costs show.
@@ -26,7 +38,8 @@ Rank 0 evaluates test accuracy every ``--eval-every`` steps, outside the timed w
 Writes ``--out`` (default docs/): compare.csv (method, attack, dataset, step, wall seconds, loss,
 accuracy), accuracy_vs_time_<dataset>.png, step_time_<dataset>.png (per-step time split into
 compute, communication, decode/aggregate on the parameter server) and benchmarks.md with the
-table of time to a target accuracy and final accuracy.
+table of time to a target accuracy and final accuracy. Hand-written text between
+``<!-- notes:NAME -->`` and ``<!-- /notes -->`` in benchmarks.md survives regeneration.
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 import time
 import warnings
@@ -52,6 +66,11 @@ LIAR = 4
 ATTACKS = ["none", "reverse", "constant", "alie"]
 ALL_ATTACKS = ATTACKS + ["optimal_alie"]
 METHODS = ["ddp", "mean", "median", "geometric_median", "krum", "frc", "crc1", "crc2"]
+RULES = ["median", "trimmed_mean", "geometric_median", "krum", "centered_clipping"]
+RULE_OPTIONS = {"centered_clipping": {"tau": 10.0}}
+PRE_AGGREGATORS = ["nnm", "bucketing", "arc"]
+HETERO_METHODS = ["ddp", "frc", "crc1", *RULES, *(f"nnm+{rule}" for rule in RULES)]
+HETERO_ATTACKS = ["none", "alie"]
 TARGETS = {"digits": 0.8, "synthetic": 0.6}
 
 
@@ -97,6 +116,47 @@ def synthetic_task():
 TASKS = {"digits": digits_task, "synthetic": synthetic_task}
 
 
+def method_type(name: str) -> str:
+    """argparse type of a method: one of METHODS, a rule of RULES, or ``pre+...+rule``."""
+    *pres, rule = name.split("+")
+    if (not pres and name in METHODS) or (rule in RULES and all(p in PRE_AGGREGATORS for p in pres)):
+        return name
+    raise argparse.ArgumentTypeError(
+        f"unknown method {name!r}: one of {', '.join(METHODS)}, a rule of {', '.join(RULES)},"
+        f" or pre-aggregators ({', '.join(PRE_AGGREGATORS)}) and a rule joined by '+' (nnm+krum)."
+    )
+
+
+def method_order(name: str) -> tuple:
+    """Sort key of the tables and legends: the reference, DRACO, then each rule with and without pre-aggregators."""
+    *pres, rule = name.split("+")
+    if not pres and name in METHODS and name not in RULES:
+        return (0, ["ddp", "mean", "frc", "crc1", "crc2"].index(name), "")
+    return (1, RULES.index(rule), "+".join(pres))
+
+
+def parse_heterogeneity(text: str) -> list[tuple[str, float]]:
+    """``iid,1.0,0.1`` -> [("iid", 1.0), ("dirichlet", 1.0), ("dirichlet", 0.1)] (alpha unused for IID)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "iid":
+            out.append(("iid", 1.0))
+            continue
+        try:
+            alpha = float(item)
+        except ValueError:
+            alpha = -1.0
+        if not alpha > 0:
+            raise argparse.ArgumentTypeError(f"--heterogeneity takes 'iid' and Dirichlet alphas > 0 (got {item!r}).")
+        out.append(("dirichlet", alpha))
+    return out
+
+
+def partition_label(partition: str, alpha: float) -> str:
+    return "iid" if partition == "iid" else f"dirichlet-{alpha:g}"
+
+
 def strategy_for(method: str, attack: str):
     adversary = None if attack == "none" else Adversary(ranks=[LIAR], attack=attack)
     common = dict(start_method="popen", adversary=adversary)
@@ -104,8 +164,10 @@ def strategy_for(method: str, attack: str):
         return L.pytorch.strategies.DDPStrategy(start_method="popen")
     if method == "mean":
         return DracoStrategy(code="none", num_adversaries=0, **common)
-    if method in ("median", "geometric_median", "krum"):
-        return DracoStrategy(code="none", num_adversaries=1, aggregator=method, **common)
+    *pres, rule = method.split("+")
+    if rule in RULES:
+        return DracoStrategy(code="none", num_adversaries=1, aggregator=rule, aggregator_options=RULE_OPTIONS.get(rule),
+                             pre_aggregators=pres or None, **common)
     if method == "frc":
         return DracoStrategy(code="frc", num_adversaries=1, **common)
     return DracoStrategy(code="crc", num_adversaries=int(method[-1]), **common)
@@ -178,50 +240,75 @@ def run(dataset: str, method: str, attack: str, steps: int, eval_every: int, bat
     return recorder
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--attacks", nargs="+", default=ATTACKS, choices=ALL_ATTACKS)
+    parser.add_argument("--methods", nargs="+", type=method_type,
+                        help=f"default: {' '.join(METHODS)}; with --heterogeneity: {' '.join(HETERO_METHODS)}")
+    parser.add_argument("--attacks", nargs="+", choices=ALL_ATTACKS,
+                        help=f"default: {' '.join(ATTACKS)}; with --heterogeneity: {' '.join(HETERO_ATTACKS)}")
     parser.add_argument("--partition", default="iid", choices=["iid", "dirichlet"],
                         help="how the training set is split between partitions")
     parser.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration with --partition dirichlet")
+    parser.add_argument("--heterogeneity", type=parse_heterogeneity, metavar="iid,1.0,0.1",
+                        help="sweep: every run once per listed partition (writes heterogeneity.csv and its plots)")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="per partition, as one plain-DDP rank's batch")
     parser.add_argument("--out", default="docs")
-    parser.add_argument("--report-only", action="store_true", help="redo plots and page from OUT/compare.csv")
+    parser.add_argument("--report-only", action="store_true", help="redo plots and page from the CSVs in OUT")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    out = Path(args.out)
     if args.report_only:
-        with open(Path(args.out) / "compare.csv") as f:
-            records = [_typed(row) for row in csv.DictReader(f)]
-        write_report(records, Path(args.out), _command_line(Path(args.out)))
+        redraw(out, {})
         return
+    if args.heterogeneity and args.partition != "iid":
+        parser.error("--heterogeneity lists the partitions itself: leave --partition/--alpha out.")
+    kind = "heterogeneity" if args.heterogeneity else "compare"
+    partitions = args.heterogeneity or [(args.partition, args.alpha)]
+    methods = args.methods or (HETERO_METHODS if args.heterogeneity else METHODS)
+    attacks = args.attacks or (HETERO_ATTACKS if args.heterogeneity else ATTACKS)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
 
     results = []
-    for dataset in args.datasets:
-        for method in args.methods:
-            for attack in args.attacks:
-                if method == "ddp" and attack != "none":
-                    continue
-                recorder = run(dataset, method, attack, args.steps, args.eval_every, args.batch, args.partition, args.alpha)
-                results.append((dataset, method, attack, recorder))
+    for partition, alpha in partitions:
+        for dataset in args.datasets:
+            for method in methods:
+                for attack in attacks:
+                    if method == "ddp" and attack != "none":
+                        continue
+                    recorder = run(dataset, method, attack, args.steps, args.eval_every, args.batch, partition, alpha)
+                    results.append((dataset, method, attack, partition_label(partition, alpha), recorder))
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        partition = "iid" if args.partition == "iid" else f"dirichlet-{args.alpha:g}"
         records = [
-            {"dataset": dataset, "method": method, "attack": attack, "partition": partition, **row}
-            for dataset, method, attack, recorder in results
+            {"dataset": dataset, "method": method, "attack": attack, "partition": label, **row}
+            for dataset, method, attack, label, recorder in results
             for row in recorder.rows
         ]
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "compare.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows(records)
-        write_report(records, out, " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]]))
+        save(out, kind, records, " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]]))
+
+
+def save(out: Path, kind: str, records: list[dict], command: str) -> None:
+    """Write ``kind``'s CSV (compare or heterogeneity), then redraw its plots and the page."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / CSV_FILES[kind], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(records)
+    redraw(out, {kind: (records, command)})
+
+
+CSV_FILES = {"compare": "compare.csv", "heterogeneity": "heterogeneity.csv"}
+COMMAND_PREFIXES = {"compare": "Generated by `", "heterogeneity": "Sweep generated by `"}
+DEFAULT_COMMANDS = {"compare": "python benchmarks/compare.py",
+                    "heterogeneity": "python benchmarks/compare.py --heterogeneity iid,1.0,0.1"}
+NOTES = re.compile(r"<!-- notes:([\w-]+) -->\n(.*?)<!-- /notes -->", re.DOTALL)
 
 
 CSV_FIELDS = [
@@ -240,17 +327,41 @@ def _typed(row: dict) -> dict:
     return typed
 
 
-def _command_line(out: Path) -> str:
+def _command_line(out: Path, kind: str) -> str:
     page = out / "benchmarks.md"
     if page.exists():
         for line in page.read_text().splitlines():
-            if line.startswith("Generated by `"):
+            if line.startswith(COMMAND_PREFIXES[kind]):
                 return line.split("`")[1]
-    return "python benchmarks/compare.py"
+    return DEFAULT_COMMANDS[kind]
 
 
-def write_report(records: list[dict], out: Path, command: str) -> None:
-    """Plots and benchmarks.md from the per-step records (what compare.csv holds)."""
+def redraw(out: Path, fresh: dict) -> None:
+    """benchmarks.md from ``fresh`` ({kind: (records, command)}) and the other CSVs in ``out``; the plots of
+    ``fresh`` only, or all of them when ``fresh`` is empty (``--report-only``)."""
+    sections = dict(fresh)
+    for kind, name in CSV_FILES.items():
+        if kind not in sections and (out / name).exists():
+            with open(out / name) as f:
+                records = [_typed(row) for row in csv.DictReader(f)]
+            if records:
+                sections[kind] = (records, _command_line(out, kind))
+    page = out / "benchmarks.md"
+    notes = dict(NOTES.findall(page.read_text())) if page.exists() else {}
+    if "compare" in sections:
+        records, command = sections["compare"]
+        lines = write_report(records, out, command, draw=not fresh or "compare" in fresh)
+    else:
+        lines = ["# DRACO against robust aggregation", ""]
+    if "heterogeneity" in sections:
+        records, command = sections["heterogeneity"]
+        lines += heterogeneity_report(records, out, command, notes, draw=not fresh or "heterogeneity" in fresh)
+    page.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def write_report(records: list[dict], out: Path, command: str, draw: bool = True) -> list[str]:
+    """Plots and the lines of benchmarks.md from the per-step records (what compare.csv holds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -258,7 +369,8 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
 
     def runs_of(dataset):
         keys = sorted({(r["method"], r["attack"]) for r in records if r["dataset"] == dataset},
-                      key=lambda k: (METHODS.index(k[0]), ALL_ATTACKS.index(k[1])))
+                      key=lambda k: (METHODS.index(k[0]) if k[0] in METHODS else len(METHODS),
+                                     method_order(k[0]), ALL_ATTACKS.index(k[1])))
         return [(m, a, [r for r in records if r["dataset"] == dataset and r["method"] == m and r["attack"] == a])
                 for m, a in keys]
 
@@ -280,41 +392,43 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
     for dataset in datasets:
         runs = runs_of(dataset)
         target = TARGETS[dataset]
-        columns = 2
-        rows_n = (len(attacks) + columns - 1) // columns
-        fig, axes = plt.subplots(rows_n, columns, figsize=(11, 3.8 * rows_n), sharey=True, squeeze=False)
-        for ax, attack in zip(axes.flat, attacks):
-            for method, a, rows in runs:
-                if a != attack and not (method == "ddp" and a == "none"):
-                    continue
-                points = [(r["wall_seconds"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
-                if points:
-                    ax.plot(*zip(*points), marker=".", label=method, linestyle="--" if method == "ddp" else "-")
-            ax.set_title(f"{dataset}: attack {attack}")
-            ax.set_xlabel("training wall seconds")
-            ax.set_ylabel("test accuracy")
-            ax.axhline(target, color="grey", linewidth=0.5)
-            ax.legend(fontsize=7, ncol=2)
-        for ax in list(axes.flat)[len(attacks):]:
-            ax.axis("off")
-        fig.tight_layout()
-        fig.savefig(out / f"accuracy_vs_time_{dataset}.png", dpi=100)
-        plt.close(fig)
+        if draw:
+            columns = 2
+            rows_n = (len(attacks) + columns - 1) // columns
+            fig, axes = plt.subplots(rows_n, columns, figsize=(11, 3.8 * rows_n), sharey=True, squeeze=False)
+            for ax, attack in zip(axes.flat, attacks):
+                for method, a, rows in runs:
+                    if a != attack and not (method == "ddp" and a == "none"):
+                        continue
+                    points = [(r["wall_seconds"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
+                    if points:
+                        ax.plot(*zip(*points), marker=".", label=method, linestyle="--" if method == "ddp" else "-")
+                ax.set_title(f"{dataset}: attack {attack}")
+                ax.set_xlabel("training wall seconds")
+                ax.set_ylabel("test accuracy")
+                ax.axhline(target, color="grey", linewidth=0.5)
+                ax.legend(fontsize=7, ncol=2)
+            for ax in list(axes.flat)[len(attacks):]:
+                ax.axis("off")
+            fig.tight_layout()
+            fig.savefig(out / f"accuracy_vs_time_{dataset}.png", dpi=100)
+            plt.close(fig)
 
-        clean = [(m, rows) for m, a, rows in runs if a == "none"]
-        fig, ax = plt.subplots(figsize=(8, 4))
-        bottom = [0.0] * len(clean)
-        for part, label in (("compute", "compute"), ("communication", "communication"), ("decode", "decode/aggregate")):
-            values = [rows[-1][f"{part}_seconds"] / len(rows) * 1000 for _, rows in clean]
-            ax.bar([m for m, _ in clean], values, bottom=bottom, label=label)
-            bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_ylabel("ms per step (rank 0, no attack)")
-        ax.set_title(f"{dataset}: where a step's time goes")
-        ax.tick_params(axis="x", labelrotation=30)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"step_time_{dataset}.png", dpi=100)
-        plt.close(fig)
+            clean = [(m, rows) for m, a, rows in runs if a == "none"]
+            fig, ax = plt.subplots(figsize=(8, 4))
+            bottom = [0.0] * len(clean)
+            parts = (("compute", "compute"), ("communication", "communication"), ("decode", "decode/aggregate"))
+            for part, label in parts:
+                values = [rows[-1][f"{part}_seconds"] / len(rows) * 1000 for _, rows in clean]
+                ax.bar([m for m, _ in clean], values, bottom=bottom, label=label)
+                bottom = [b + v for b, v in zip(bottom, values)]
+            ax.set_ylabel("ms per step (rank 0, no attack)")
+            ax.set_title(f"{dataset}: where a step's time goes")
+            ax.tick_params(axis="x", labelrotation=30)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out / f"step_time_{dataset}.png", dpi=100)
+            plt.close(fig)
 
         lines += [
             f"## {dataset}",
@@ -338,8 +452,141 @@ def write_report(records: list[dict], out: Path, command: str) -> None:
                 f"| {method} | {attack} | {'-' if reached is None else f'{reached:.1f}'} | {final:.3f} | {split} |"
             )
         lines.append("")
-    (out / "benchmarks.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    return lines
+
+
+def _final(rows: list[dict]) -> float:
+    evals = [r["accuracy"] for r in rows if r["accuracy"] is not None]
+    return evals[-1] if evals else float("nan")
+
+
+def shard_summary(dataset: str, partition: str, batch: int) -> str:
+    """Each partition's size and the share of its largest class, as the sweep split them."""
+    if partition == "iid":
+        return "shuffled, equal shares"
+    from lightning_draco.heterogeneous import dirichlet_shards
+
+    labels = TASKS[dataset]()[0].tensors[1]
+    shards = dirichlet_shards(labels.tolist(), WORLD, float(partition.split("-", 1)[1]), seed=0, min_size=batch)
+    cells = []
+    for shard in shards:
+        counts = torch.bincount(labels[shard], minlength=10)
+        cells.append(f"{len(shard)} ({int((counts > 0).sum())} cl, top {float(counts.max()) / len(shard):.0%})")
+    return "; ".join(cells)
+
+
+def heterogeneity_report(records: list[dict], out: Path, command: str, notes: dict, draw: bool = True) -> list[str]:
+    """Plots (accuracy against seconds and against steps, per partition and attack) and the page's section."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    options = build_parser().parse_args(command.split()[2:])
+    datasets = [d for d in TASKS if any(r["dataset"] == d for r in records)]
+    attacks = [a for a in ALL_ATTACKS if any(r["attack"] == a for r in records)]
+    partitions = sorted({r["partition"] for r in records},
+                        key=lambda p: (0, 0.0) if p == "iid" else (1, -float(p.split("-", 1)[1])))
+    steps = max(r["step"] for r in records)
+    colours = plt.get_cmap("tab10").colors
+    style = {"ddp": dict(color="black", linestyle=":", linewidth=2.0, zorder=5),
+             "frc": dict(color=colours[3], linewidth=2.2), "crc1": dict(color=colours[6], linewidth=1.6),
+             "crc2": dict(color=colours[8], linewidth=1.6), "mean": dict(color=colours[7])}
+
+    def line_style(method):
+        if method in style:
+            return style[method]
+        *pres, rule = method.split("+")
+        return dict(color=colours[[0, 1, 2, 4, 5][RULES.index(rule)]], linestyle="--" if pres else "-", linewidth=1.0)
+
+    def label(partition):
+        return "IID" if partition == "iid" else f"Dirichlet alpha={partition.split('-', 1)[1]}"
+
+    lines = [
+        "## Heterogeneous data: IID against Dirichlet partitions",
+        "",
+        f"{COMMAND_PREFIXES['heterogeneity']}{command}` ({WORLD} CPU ranks over gloo on one 2-core machine,"
+        f" {steps} steps, batch {options.batch} per partition, test accuracy every {options.eval_every} steps,"
+        f" one liar on rank {LIAR};"
+        " redrawn from heterogeneity.csv by `python benchmarks/compare.py --report-only`). Each partition"
+        " (one rank's data under plain DDP, one partition of the code under DRACO) draws its class mix from"
+        " Dirichlet(alpha) per class (`lightning_draco.heterogeneous`, seed 0); every method sees the same"
+        " partitions and batches from the same initial weights. Robust rules run over the 6 received gradients"
+        " with f=1; `nnm+rule` mixes each gradient with its n-f nearest neighbours first (Allouah et al. 2023);"
+        f" centred clipping uses tau={RULE_OPTIONS['centered_clipping']['tau']:g}; `alie` sends mean + 1.5 std of"
+        " the honest gradients.",
+        "",
+        "Partitions, rank 0 to 5: samples (classes present, share of the largest class):",
+        "",
+        "| partition | " + " | ".join(datasets) + " |",
+        "|---|" + "---|" * len(datasets),
+    ]
+    for partition in partitions:
+        cells = " | ".join(shard_summary(d, partition, options.batch) for d in datasets)
+        lines.append(f"| {label(partition)} | {cells} |")
+    lines.append("")
+    for dataset in datasets:
+        runs = {}
+        for r in records:
+            if r["dataset"] == dataset:
+                runs.setdefault((r["method"], r["attack"], r["partition"]), []).append(r)
+        methods = sorted({m for m, _, _ in runs}, key=method_order)
+        for axis, xlabel in (("time", "training wall seconds (rank 0)"), ("steps", "optimizer steps")) if draw else ():
+            fig, axes = plt.subplots(len(attacks), len(partitions), figsize=(4.6 * len(partitions), 3.6 * len(attacks)),
+                                     sharey=True, squeeze=False)
+            for i, attack in enumerate(attacks):
+                for j, partition in enumerate(partitions):
+                    ax = axes[i][j]
+                    for method in methods:
+                        rows = runs.get((method, attack, partition)) or (
+                            runs.get((method, "none", partition)) if method == "ddp" else None)
+                        if not rows:
+                            continue
+                        points = [(r["wall_seconds"] if axis == "time" else r["step"], r["accuracy"])
+                                  for r in rows if r["accuracy"] is not None]
+                        ax.plot(*zip(*points), label=method if method != "ddp" else "ddp (clean)", **line_style(method))
+                    ax.set_title(f"{dataset}, {label(partition)}, attack {attack}", fontsize=9)
+                    ax.set_xlabel(xlabel, fontsize=8)
+                    ax.set_ylabel("test accuracy", fontsize=8)
+                    ax.set_ylim(0, 1)
+                    ax.grid(alpha=0.3)
+            handles, names = axes[0][0].get_legend_handles_labels()
+            fig.legend(handles, names, loc="lower center", ncol=min(len(names), 7), fontsize=8)
+            fig.tight_layout(rect=(0, 0.06 if len(names) > 7 else 0.04, 1, 1))
+            fig.savefig(out / f"heterogeneity_{axis}_{dataset}.png", dpi=90)
+            plt.close(fig)
+
+        head = " | ".join(f"accuracy {label(p)}" for p in partitions)
+        secs = " | ".join(f"s {label(p)}" for p in partitions)
+        lines += [
+            f"### {dataset}",
+            "",
+            f"![accuracy against training seconds](heterogeneity_time_{dataset}.png)",
+            "",
+            f"![accuracy against steps](heterogeneity_steps_{dataset}.png)",
+            "",
+            f"Final test accuracy (after {steps} steps) and training wall seconds on rank 0 (steps only) per"
+            " partition; `ddp` is the clean reference (plain all-reduce, no liar):",
+            "",
+            f"| method | attack | {head} | {secs} |",
+            "|---|---|" + "---|" * (2 * len(partitions)),
+        ]
+        for method in methods:
+            for attack in attacks:
+                cells = [runs.get((method, attack, p)) for p in partitions]
+                if not any(cells):
+                    continue
+                acc = " | ".join("-" if c is None else f"{_final(c):.3f}" for c in cells)
+                sec = " | ".join("-" if c is None else f"{c[-1]['wall_seconds']:.1f}" for c in cells)
+                lines.append(f"| {method} | {attack} | {acc} | {sec} |")
+        lines.append("")
+    lines += [
+        "<!-- notes:heterogeneity -->",
+        notes.get("heterogeneity", "(What the numbers show: written by hand, kept when the page is redrawn.)\n"),
+        "<!-- /notes -->",
+        "",
+    ]
+    return lines
 
 
 if __name__ == "__main__":
