@@ -17,19 +17,21 @@ from torchmetrics.classification import MulticlassAccuracy
 
 
 class MLP(nn.Sequential):
-    """flatten -> hidden -> BatchNorm -> ReLU -> Dropout -> hidden -> classes."""
+    """flatten -> hidden -> BatchNorm -> ReLU -> Dropout -> (hidden -> ReLU) ... -> classes.
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 64, dropout: float = 0.1):
-        super().__init__(
-            nn.Flatten(),
-            nn.Linear(math.prod(input_shape), hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(),
+    ``hidden``: the hidden layers' widths, or one width for two hidden layers of it.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int | Sequence[int] = 64,
+                 dropout: float = 0.1):
+        widths = [hidden, hidden] if isinstance(hidden, int) else [int(n) for n in hidden]
+        layers: list[nn.Module] = [
+            nn.Flatten(), nn.Linear(math.prod(input_shape), widths[0]), nn.BatchNorm1d(widths[0]), nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, num_classes),
-        )
+        ]
+        for width_in, width in zip(widths, widths[1:]):
+            layers += [nn.Linear(width_in, width), nn.ReLU()]
+        super().__init__(*layers, nn.Linear(widths[-1], num_classes))
 
 
 class SmallCNN(nn.Module):

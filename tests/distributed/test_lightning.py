@@ -6,7 +6,7 @@ last scenario ends in an error on every rank, so it comes last.
 
 import pytest
 
-from test_training import run_job_script
+from jobs import run_job
 
 pytestmark = pytest.mark.distributed
 
@@ -16,7 +16,7 @@ SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_ou
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_job_script("lightning_job.py", tmp_path_factory.mktemp("lightning"), SCENARIOS)
+    return run_job("lightning_job.py", tmp_path_factory.mktemp("lightning"), SCENARIOS)
 
 
 def test_faulty_counts_survive_validate_test_and_predict_on_the_same_trainer(runs):
