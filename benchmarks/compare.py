@@ -31,7 +31,7 @@ heterogeneity.csv and heterogeneity_<dataset>.png (accuracy against training sec
 steps, one column per partition, one row per attack) instead of compare.csv and its plots; the
 page benchmarks.md is redrawn from both CSVs that exist.
 
-Data sets: scikit-learn's digits (a small MLP), and synthetic CIFAR-sized images (3x32x32,
+Data sets: scikit-learn's digits (the examples' MLP, 128 wide, without dropout), and synthetic CIFAR-sized images (3x32x32,
 ten classes, class means plus noise) with a CNN of 2.1M parameters, where aggregation costs show.
 Rank 0 evaluates test accuracy every ``--eval-every`` steps, outside the timed wall clock.
 
@@ -58,8 +58,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_draco  # noqa: F401
-from lightning_draco import Adversary, DracoStrategy
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from models import MLP, Classifier  # noqa: E402  (the examples' classifier, as in the app and the tests)
+
+import lightning_draco  # noqa: E402,F401
+from lightning_draco import Adversary, DracoStrategy  # noqa: E402
 
 WORLD = 6
 LIAR = 4
@@ -74,29 +78,13 @@ HETERO_ATTACKS = ["none", "alie"]
 TARGETS = {"digits": 0.8, "synthetic": 0.6}
 
 
-class Classifier(L.LightningModule):
-    def __init__(self, net: nn.Module, lr: float):
-        super().__init__()
-        self.net, self.lr = net, lr
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-
 def digits_task():
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x / 16.0, dtype=torch.float32)
     y = torch.tensor(y)
-    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    net = MLP((64,), 10, hidden=128, dropout=0.0)  # the app's model=mlp, wider
     return TensorDataset(x[:1400], y[:1400]), (x[1400:], y[1400:]), net, 0.1
 
 
@@ -236,7 +224,7 @@ def run(dataset: str, method: str, attack: str, steps: int, eval_every: int, bat
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[recorder],
     )
-    trainer.fit(Classifier(net, lr), loader)
+    trainer.fit(Classifier(net, 10, lr=lr), loader)
     return recorder
 
 

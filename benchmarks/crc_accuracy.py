@@ -1,4 +1,4 @@
-"""Accuracy of the cyclic code's decode under every adversary class, for the README's table.
+"""Accuracy of the cyclic code's decode under every adversary class, for docs/crc_accuracy.md.
 
     python benchmarks/crc_accuracy.py [--trials 2] [--dim 2000] [--max-s 10] [--json out.json]
 

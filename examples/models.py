@@ -13,22 +13,25 @@ from typing import Sequence
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 
 class MLP(nn.Sequential):
-    """flatten -> hidden -> BatchNorm -> ReLU -> Dropout -> hidden -> classes."""
+    """flatten -> hidden -> BatchNorm -> ReLU -> Dropout -> (hidden -> ReLU) ... -> classes.
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 64, dropout: float = 0.1):
-        super().__init__(
-            nn.Flatten(),
-            nn.Linear(math.prod(input_shape), hidden),
-            nn.BatchNorm1d(hidden),
-            nn.ReLU(),
+    ``hidden``: the hidden layers' widths, or one width for two hidden layers of it.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int | Sequence[int] = 64,
+                 dropout: float = 0.1):
+        widths = [hidden, hidden] if isinstance(hidden, int) else [int(n) for n in hidden]
+        layers: list[nn.Module] = [
+            nn.Flatten(), nn.Linear(math.prod(input_shape), widths[0]), nn.BatchNorm1d(widths[0]), nn.ReLU(),
             nn.Dropout(dropout),
-            nn.Linear(hidden, hidden),
-            nn.ReLU(),
-            nn.Linear(hidden, num_classes),
-        )
+        ]
+        for width_in, width in zip(widths, widths[1:]):
+            layers += [nn.Linear(width_in, width), nn.ReLU()]
+        super().__init__(*layers, nn.Linear(widths[-1], num_classes))
 
 
 class SmallCNN(nn.Module):
@@ -105,12 +108,19 @@ class ResNet18(nn.Module):
 
 
 class Classifier(L.LightningModule):
-    """Cross-entropy training of ``net`` with SGD + momentum; logs training loss and validation accuracy."""
+    """Cross-entropy training of ``net`` with SGD + momentum; logs training loss and validation accuracy.
 
-    def __init__(self, net: nn.Module, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 0.0):
+    The one classifier of this repository: the app, ``benchmarks/compare.py`` and the distributed
+    tests all train their networks through it.
+    """
+
+    def __init__(self, net: nn.Module, num_classes: int, lr: float = 0.05, momentum: float = 0.9,
+                 weight_decay: float = 0.0):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
+        # Counts correct predictions over the epoch on every rank and sums them across ranks.
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -123,8 +133,8 @@ class Classifier(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        correct = (self(x).argmax(dim=1) == y).sum()
-        self.log("val_acc", correct.float() / len(y), prog_bar=True, sync_dist=True, batch_size=len(y))
+        self.val_acc(self(x), y)
+        self.log("val_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self):
         hp = self.hparams

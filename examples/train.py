@@ -153,7 +153,7 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
         strategy = build_strategy(cfg, with_adversary)
         data = instantiate(cfg.data)
         net = instantiate(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
-        model = Classifier(net, **cfg.optimizer)
+        model = Classifier(net, data.num_classes, **cfg.optimizer)
         record = RunRecord()
         options = OmegaConf.to_container(cfg.trainer, resolve=True)
         callbacks: list[Callback] = [record]

@@ -135,7 +135,7 @@ def attacks(draw):
         liars = sorted(draw(st.lists(st.integers(0, p - 1), min_size=0, max_size=s, unique=True)))
     kinds = [draw(st.sampled_from(KINDS)) for _ in liars]
     # Buckets hold thousands of values; a handful whose partition gradients cancel can round beyond the
-    # floor (README: what is not covered).
+    # floor (docs/codes.md: other dtypes and honest edge cases).
     return p, s, liars, kinds, draw(st.integers(0, 2**31)), draw(st.sampled_from([64, 300, 2048]))
 
 

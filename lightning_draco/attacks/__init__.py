@@ -29,11 +29,6 @@ Attack = Callable[..., Tensor]
 
 ATTACKS: Registry[Attack] = Registry("an attack", "attack", alternatives=", or a callable")
 
-CONTEXT_KEYS = (
-    "rank", "step", "bucket", "generator", "shared_generator", "honest_mean", "honest_std", "honest_vectors", "liars",
-    "defence",
-)
-
 # Context that costs a collective to simulate: statistics of, or all of, every worker's honest vector.
 OMNISCIENT_KEYS = ("honest_mean", "honest_std", "honest_vectors")
 
@@ -80,6 +75,6 @@ def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context
 import_submodules(__name__, __path__)
 
 __all__ = [
-    "ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "acts_on_batch", "call_attack", "get_attack", "register_attack",
+    "ATTACKS", "OMNISCIENT_KEYS", "Attack", "acts_on_batch", "call_attack", "get_attack", "register_attack",
     "register_data_attack", "wants",
 ]

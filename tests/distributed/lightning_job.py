@@ -1,10 +1,10 @@
 """A three-rank job for how DracoStrategy behaves inside Lightning: stages, hooks, data checks, failures.
 
-Usage: python lightning_job.py OUT.json SCENARIO [SCENARIO ...]
+Usage: python lightning_job.py OUT.jsonl SCENARIO [SCENARIO ...]
 
 Like ``digits_job.py``: Lightning's popen launcher re-runs this script for ranks 1 and 2, every
 rank runs the scenarios in order (FRC, s=1, r=3, P=3: every rank holds every partition; the PS
-is rank 0), and rank 0 writes what each scenario recorded, with what every rank saw.
+is rank 0), and rank 0 appends what each scenario recorded, with what every rank saw, to OUT.jsonl.
 """
 
 from __future__ import annotations
@@ -235,17 +235,15 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     path, names = sys.argv[1], sys.argv[2:]
-    results = {}
     for name in names:
         L.seed_everything(7, verbose=False)
-        out = SCENARIOS[name]()
+        out = {"name": name, **SCENARIOS[name]()}
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, {k: out.get(k) for k in ("error", "faulty_counts", "skipped", "counts")})
         out["ranks"] = gathered
-        results[name] = out
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        with open(path, "w") as f:
-            json.dump(results, f)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(out) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Three ranks over gloo (FRC, s=1, r=3, PS on rank 0): DracoStrategy inside a Lightning run.
 
-All scenarios run in one job (``lightning_job.py``), started once for the module; the job's
-last scenario ends in an error on every rank, so it comes last.
+All scenarios run in one job (``lightning_job.py``), started once for the module; every
+failure here is agreed by all ranks, so the job goes on to the next scenario.
 """
 
 import pytest
 
-from test_training import run_job_script
+from jobs import run_job
 
 pytestmark = pytest.mark.distributed
 
@@ -16,7 +16,7 @@ SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_ou
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    return run_job_script("lightning_job.py", tmp_path_factory.mktemp("lightning"), SCENARIOS)
+    return run_job("lightning_job.py", tmp_path_factory.mktemp("lightning"), SCENARIOS)
 
 
 def test_faulty_counts_survive_validate_test_and_predict_on_the_same_trainer(runs):

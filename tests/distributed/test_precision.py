@@ -10,18 +10,20 @@ import math
 
 import pytest
 
-from test_training import run_job
+from jobs import run_job, selected_scenarios
+from scenarios import SCENARIOS
 
 pytestmark = pytest.mark.distributed
+scenarios = pytest.mark.scenarios
 
-STEPS = 24
 NAMES = ["crc1_clean_bf16", "crc1_reverse_bf16", "crc1_sparse_bf16", "frc_bf16_clean", "frc_bf16_reverse",
          "crc1_clean_acc2", "crc1_reverse_acc2", "frc_acc2_clean", "frc_acc2_reverse"]
+STEPS = SCENARIOS[NAMES[0]].steps
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return run_job(tmp_path_factory.mktemp("bf16"), NAMES, world=6, steps=STEPS)
+def runs(request, tmp_path_factory):
+    return run_job("digits_job.py", tmp_path_factory.mktemp("bf16"), selected_scenarios(request, NAMES))
 
 
 def relative_distance(params, reference):
@@ -29,6 +31,7 @@ def relative_distance(params, reference):
     return math.sqrt(diff / sum(b * b for pb in reference for b in pb))
 
 
+@scenarios("{name}")
 @pytest.mark.parametrize("name", ["crc1_clean_bf16", "frc_bf16_clean"])
 def test_no_liar_nobody_named_and_no_step_fails(runs, name):
     run = runs[name]
@@ -37,6 +40,7 @@ def test_no_liar_nobody_named_and_no_step_fails(runs, name):
     assert run["faulty_counts"] == {} and run["skipped"] == 0
 
 
+@scenarios("crc1_{attack}_bf16", "crc1_clean_bf16")
 @pytest.mark.parametrize("attack", ["reverse", "sparse"])
 def test_cyclic_names_only_the_liar_and_keeps_the_clean_model(runs, attack):
     run, clean = runs[f"crc1_{attack}_bf16"], runs["crc1_clean_bf16"]
@@ -46,6 +50,7 @@ def test_cyclic_names_only_the_liar_and_keeps_the_clean_model(runs, attack):
     assert len({r["sha"] for r in run["ranks"]}) == 1
 
 
+@scenarios("frc_bf16_reverse", "frc_bf16_clean")
 def test_repetition_code_keeps_the_clean_model_bitwise(runs):
     run = runs["frc_bf16_reverse"]
     assert run.get("error") is None, run.get("error")
@@ -53,6 +58,7 @@ def test_repetition_code_keeps_the_clean_model_bitwise(runs):
     assert run["sha"] == runs["frc_bf16_clean"]["sha"]
 
 
+@scenarios("crc1_reverse_acc2", "crc1_clean_acc2", "frc_acc2_reverse", "frc_acc2_clean")
 def test_gradient_accumulation_keeps_the_clean_model(runs):
     """The weighted step keeps ``.grad`` as the coded gradient over the last weight between micro-batches."""
     crc, clean = runs["crc1_reverse_acc2"], runs["crc1_clean_acc2"]

@@ -1,27 +1,23 @@
 """Six ranks over gloo, FRC r=3 s=1: the model trained under attack is the clean model.
 
-All scenarios run in one multi-process job (``digits_job.py``), started once for the module:
-Lightning's launcher starts each rank as a process running the job script, and every rank
-runs the scenarios in the same order. Each test reads what the job recorded.
+The scenarios (``scenarios.py``) that the selected tests read run in one multi-process job
+(``digits_job.py``), started once for the module: Lightning's launcher starts each rank as a
+process running the job script, and every rank runs the scenarios in the same order. Each test
+reads what the job recorded for the scenarios it names; one that the job could not finish fails
+by name.
 """
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.distributed
+from jobs import run_job, selected_scenarios
+from scenarios import ADAPTIVE, ATTACKS, RULES, SCENARIOS
 
-HERE = Path(__file__).parent
-ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude", "alie", "ipm"]
-ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
-RULES = ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "centered_clipping"]
+pytestmark = pytest.mark.distributed
+scenarios = pytest.mark.scenarios
+
 WRECKING = ["reverse", "constant", "nan", "inf"]
-SCENARIOS = (
+TRAINING = (
     ["frc_clean", "none_clean", "frc_nodropout", "ddp_nodropout", "by_name", "frc_ps3_clean", "frc_ps3_reverse"]
     + [f"frc_fixed_{a}" for a in ATTACKS]
     + [f"frc_random_{a}" for a in ATTACKS]
@@ -35,48 +31,23 @@ SCENARIOS = (
     + ["sharded_clean", "sharded_overlap_clean", "frc_overlap_reverse", "sharded_two_liars_raise"]
     + [f"sharded_fixed_{a}" for a in ATTACKS + ADAPTIVE] + ["sharded_gradient_reverse", "sharded_decoder_reverse"]
 )
-
-
-def run_job(folder: Path, scenarios: list[str], world: int = 6, steps: int = 30) -> dict:
-    """Run ``digits_job.py`` on ``world`` ranks; return what rank 0 recorded per scenario."""
-    env = {"DRACO_TEST_WORLD": str(world), "DRACO_TEST_STEPS": str(steps)}
-    return run_job_script("digits_job.py", folder, scenarios, env)
-
-
-def run_job_script(script: str, folder: Path, scenarios: list[str], extra_env: dict | None = None) -> dict:
-    """Run the job ``script`` (next to this file) with ``scenarios``; return what rank 0 recorded per scenario."""
-    out = folder / "results.json"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    proc = subprocess.run(
-        [sys.executable, str(HERE / script), str(out), *scenarios],
-        cwd=folder,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        (folder / "job.log").write_text(proc.stdout + proc.stderr)
-        first = (proc.stdout + proc.stderr).find("Traceback")
-        raise AssertionError(f"the job failed; first traceback:\n{(proc.stdout + proc.stderr)[first : first + 6000]}")
-    return json.loads(out.read_text())
+# Those that end with one model on every rank: not the refused, failed or resumed runs, nor plain DDP.
+ONE_MODEL = [n for n in TRAINING if not SCENARIOS[n].resume and n not in (
+    "frc_two_liars_raise", "sharded_two_liars_raise", "manual_optimization", "ddp_nodropout", "frc_diverge_raise")]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return run_job(tmp_path_factory.mktemp("job"), SCENARIOS)
+def runs(request, tmp_path_factory):
+    return run_job("digits_job.py", tmp_path_factory.mktemp("job"), selected_scenarios(request, TRAINING))
 
 
-def test_every_rank_ends_with_the_same_model(runs):
-    for name, run in runs.items():
-        if name in ("frc_two_liars_raise", "sharded_two_liars_raise", "manual_optimization", "ddp_nodropout",
-                    "frc_diverge_raise") or name.startswith(
-            "resume"
-        ):
-            continue
-        assert len({r["sha"] for r in run["ranks"]}) == 1, name
+@scenarios("{name}")
+@pytest.mark.parametrize("name", ONE_MODEL)
+def test_every_rank_ends_with_the_same_model(runs, name):
+    assert len({r["sha"] for r in runs[name]["ranks"]}) == 1
 
 
+@scenarios("frc_clean")
 def test_the_hook_replaces_all_reduce_with_at_least_three_buckets(runs):
     run = runs["frc_clean"]
     assert run["global_step"] == 30
@@ -86,11 +57,13 @@ def test_the_hook_replaces_all_reduce_with_at_least_three_buckets(runs):
     assert all(r["hook_calls"] == run["hook_calls"] for r in run["ranks"])
 
 
+@scenarios("by_name", "frc_clean")
 def test_strategy_by_name_runs_the_draco_hook(runs):
     assert runs["by_name"]["hook_calls"] >= 30
     assert runs["by_name"]["sha"] == runs["frc_clean"]["sha"]
 
 
+@scenarios("frc_{ranks}_{attack}", "frc_clean")
 @pytest.mark.parametrize("attack", ATTACKS)
 @pytest.mark.parametrize("ranks", ["fixed", "random"])
 def test_model_under_attack_is_bitwise_the_clean_model(runs, attack, ranks):
@@ -100,6 +73,7 @@ def test_model_under_attack_is_bitwise_the_clean_model(runs, attack, ranks):
     assert run.get("error") is None and run["skipped"] == 0
 
 
+@scenarios("frc_fixed_{attack}", "frc_random_{attack}")
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_the_caught_rank_is_the_liar(runs, attack):
     assert runs[f"frc_fixed_{attack}"]["faulty_counts"] == {"4": 30}
@@ -108,17 +82,20 @@ def test_the_caught_rank_is_the_liar(runs, attack):
     assert all(r["faulty_counts"] == random_counts for r in runs[f"frc_random_{attack}"]["ranks"])
 
 
+@scenarios("frc_ps3_reverse", "frc_ps3_clean")
 def test_ps_on_another_rank(runs):
     assert runs["frc_ps3_reverse"]["sha"] == runs["frc_ps3_clean"]["sha"]
     assert runs["frc_ps3_reverse"]["faulty_counts"] == {"0": 30}
 
 
+@scenarios("frc_nodropout", "ddp_nodropout")
 def test_matches_plain_ddp_without_dropout(runs):
     draco, ddp = runs["frc_nodropout"], runs["ddp_nodropout"]
     for a, b in zip(draco["params"], ddp["params"]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=1e-7)
 
 
+@scenarios("none_clean", "none_{attack}")
 @pytest.mark.parametrize("attack", WRECKING)
 def test_plain_averaging_is_wrecked_by_one_liar(runs, attack):
     clean, attacked = runs["none_clean"], runs[f"none_{attack}"]
@@ -127,6 +104,7 @@ def test_plain_averaging_is_wrecked_by_one_liar(runs, attack):
     assert attacked["faulty_counts"] == {}
 
 
+@scenarios("frc_two_liars_raise")
 def test_raise_reaches_every_rank_with_step_bucket_and_suspects(runs):
     run = runs["frc_two_liars_raise"]
     for seen in run["ranks"]:
@@ -137,6 +115,7 @@ def test_raise_reaches_every_rank_with_step_bucket_and_suspects(runs):
     assert run["global_step"] == 0
 
 
+@scenarios("frc_two_liars_skip")
 def test_skip_skips_optimizer_and_scheduler_on_every_rank(runs):
     run = runs["frc_two_liars_skip"]
     assert run["global_step"] == 30
@@ -146,12 +125,14 @@ def test_skip_skips_optimizer_and_scheduler_on_every_rank(runs):
     assert run["finite"]
 
 
+@scenarios("manual_optimization")
 def test_manual_optimization_is_refused(runs):
     for seen in runs["manual_optimization"]["ranks"]:
         assert seen["error"]["type"] == "ValueError"
         assert "DracoStrategy supports automatic optimization only" in seen["error"]["message"]
 
 
+@scenarios("frc_threshold_logged")
 def test_caught_ranks_are_logged_and_the_threshold_stops_the_run(runs):
     run = runs["frc_threshold_logged"]
     # Caught at steps 0..5: the sixth catch exceeds max_faulty_steps=5 and every rank stops there.
@@ -161,6 +142,7 @@ def test_caught_ranks_are_logged_and_the_threshold_stops_the_run(runs):
     assert run["logged"]["rank_5"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
 
 
+@scenarios("resume_ps{ps}")
 @pytest.mark.parametrize("ps", [0, 3])
 def test_checkpoint_keeps_the_secret_away_from_workers_and_resume_restores_it(runs, ps):
     run = runs[f"resume_ps{ps}"]
@@ -177,6 +159,7 @@ def test_checkpoint_keeps_the_secret_away_from_workers_and_resume_restores_it(ru
     assert run["global_step"] == 30 and run["world_size"] == 6
 
 
+@scenarios("{name}")
 @pytest.mark.parametrize("name", ["resume_ps0", "resume_ps3", "resume_clip_ps3"])
 def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_model(runs, name):
     run = runs[name]
@@ -184,6 +167,7 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_model(runs, name):
     assert run["sha_resumed"] == run["sha_uninterrupted"]
 
 
+@scenarios("agg_{rule}_reverse", "none_reverse", "none_clean", "frc_clean")
 @pytest.mark.parametrize("rule", RULES)
 def test_robust_rules_survive_one_liar_but_change_the_model(runs, rule):
     run = runs[f"agg_{rule}_reverse"]
@@ -193,11 +177,13 @@ def test_robust_rules_survive_one_liar_but_change_the_model(runs, rule):
     assert run["hook_calls"] == runs["frc_clean"]["hook_calls"], "whole-vector aggregation still exchanges every bucket"
 
 
+@scenarios("agg_krum_reverse_bucket", "agg_krum_reverse")
 def test_whole_vector_and_per_bucket_krum_are_different_rules(runs):
     assert runs["agg_krum_reverse_bucket"]["sha"] != runs["agg_krum_reverse"]["sha"]
     assert runs["agg_krum_reverse_bucket"]["finite"]
 
 
+@scenarios("detox_reverse", "frc_clean")
 def test_detox_votes_in_groups_then_aggregates(runs):
     # Two groups of three, a median across them (num_byzantine=0): the liar is outvoted inside its
     # group, and the median of two group sums is their mean: the FRC model, bitwise.
@@ -206,12 +192,14 @@ def test_detox_votes_in_groups_then_aggregates(runs):
     assert run["sha"] == runs["frc_clean"]["sha"]
 
 
+@scenarios("frc_fixed_alie", "frc_clean", "agg_median_alie", "none_alie", "none_clean")
 def test_alie_hurts_the_median_and_plain_averaging_not_draco(runs):
     assert runs["frc_fixed_alie"]["sha"] == runs["frc_clean"]["sha"]
     assert runs["agg_median_alie"]["sha"] != runs["none_clean"]["sha"]
     assert runs["none_alie"]["sha"] != runs["none_clean"]["sha"]
 
 
+@scenarios("frc_diverge_raise", "frc_diverge_skip")
 def test_honest_nan_is_not_blamed_on_honest_ranks(runs):
     """Every replica's loss turns NaN at step 3: all ranks stop with NonFiniteGradientError (raise),
     or skip every step from there (skip); only the simulated liar is ever caught."""
@@ -226,6 +214,7 @@ def test_honest_nan_is_not_blamed_on_honest_ranks(runs):
     assert set(skip["faulty_counts"]) == {"4"} and skip["faulty_counts"]["4"] >= 3
 
 
+@scenarios("frc_fixed_{attack}", "frc_clean")
 @pytest.mark.parametrize("attack", ADAPTIVE)
 def test_adaptive_and_data_attacks_are_caught_and_leave_the_clean_model(runs, attack):
     """Optimal ALIE/IPM search against FRC's vote and find nothing; mimic copies another group's
@@ -235,6 +224,7 @@ def test_adaptive_and_data_attacks_are_caught_and_leave_the_clean_model(runs, at
     assert run["sha"] == runs["frc_clean"]["sha"] and run.get("error") is None
 
 
+@scenarios("agg_median_{attack}", "agg_median_clean")
 @pytest.mark.parametrize("attack", ["optimal_alie", "label_flip"])
 def test_adaptive_and_data_attacks_move_the_median(runs, attack):
     run = runs[f"agg_median_{attack}"]
@@ -242,6 +232,7 @@ def test_adaptive_and_data_attacks_move_the_median(runs, attack):
     assert run["sha"] != runs["agg_median_clean"]["sha"]
 
 
+@scenarios("{name}")
 @pytest.mark.parametrize("name", ["pre_nnm_krum_reverse", "pre_bucketing_median_reverse"])
 def test_pre_aggregated_rules_train_through_the_strategy(runs, name):
     run = runs[name]
@@ -250,6 +241,7 @@ def test_pre_aggregated_rules_train_through_the_strategy(runs, name):
 
 
 # -- sharded decoding (no parameter server) ---------------------------------------------------
+@scenarios("sharded_fixed_{attack}", "sharded_clean", "frc_clean")
 @pytest.mark.parametrize("attack", ATTACKS + ADAPTIVE)
 def test_sharded_decoding_under_attack_in_both_roles_is_bitwise_the_ps_clean_model(runs, attack):
     run = runs[f"sharded_fixed_{attack}"]
@@ -259,25 +251,29 @@ def test_sharded_decoding_under_attack_in_both_roles_is_bitwise_the_ps_clean_mod
     assert all(r["faulty_counts"] == {"4": 30} for r in run["ranks"]), "every rank reports the same liar"
 
 
+@scenarios("sharded_{role}_reverse", "frc_clean")
 @pytest.mark.parametrize("role", ["gradient", "decoder"])
 def test_a_liar_in_one_role_only_is_named_and_changes_nothing(runs, role):
     run = runs[f"sharded_{role}_reverse"]
     assert run["sha"] == runs["frc_clean"]["sha"] and run["faulty_counts"] == {"4": 30}
 
 
+@scenarios("sharded_two_liars_raise")
 def test_more_than_s_sharded_liars_raise_on_every_rank(runs):
     run = runs["sharded_two_liars_raise"]
     assert run["error"]["type"] == "DracoDecodeError" and run["error"]["step"] == 0
     assert all(r["error"] is not None and r["error"]["type"] == "DracoDecodeError" for r in run["ranks"])
 
 
+@scenarios("sharded_overlap_clean", "frc_overlap_reverse", "frc_clean")
 def test_the_communication_thread_leaves_the_model_bitwise_unchanged(runs):
     assert runs["sharded_overlap_clean"]["sha"] == runs["frc_clean"]["sha"]
     assert runs["frc_overlap_reverse"]["sha"] == runs["frc_clean"]["sha"]
     assert runs["frc_overlap_reverse"]["faulty_counts"] == {"4": 30}
 
 
-def test_sharded_traffic_per_rank_stays_within_the_bound_and_below_the_ps(runs):
+@scenarios("sharded_clean", "frc_clean")
+def test_sharded_traffic_per_rank_stays_within_the_bound(runs):
     s, steps, item = 1, 30, 4
     sharded, ps = runs["sharded_clean"], runs["frc_clean"]
     d = sharded["numel"]

@@ -1,0 +1,166 @@
+"""The scenarios of the digits job (``digits_job.py``), as data: one short fit on digits each.
+
+A scenario says everything its fit needs (world size, steps, strategy, liars, network, precision),
+so a job can run any subset of them in any order, and a test names the ones it reads. The names
+are only keys: nothing reads meaning out of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Scenario:
+    world: int = 6
+    steps: int = 30
+    #: ``DracoStrategy`` keyword arguments, besides the adversary (the job adds small buckets and popen).
+    strategy: dict[str, Any] = field(default_factory=dict)
+    #: ``Adversary`` keyword arguments; None: no adversary.
+    liars: Optional[dict[str, Any]] = None
+    #: instead of a ``DracoStrategy``: "ddp" (plain ``DDPStrategy``) or "draco" (the registered name).
+    by_name: Optional[str] = None
+    #: the module: "plain" (examples/models.py's Classifier), "scheduled" (with a per-step StepLR,
+    #: gamma 0.5), "diverging" (NaN loss from step 3), "manual" (manual optimization).
+    module: str = "plain"
+    dropout: float = 0.2
+    precision: str = "32-true"
+    accumulate: int = 1
+    csv_logger: bool = False
+    #: fit uninterrupted, fit again stopped after half the steps, resume that from its last checkpoint.
+    resume: bool = False
+
+
+def lie_on_even_steps(honest, *, step, generator):
+    """Two such liars in one group defeat the vote on even steps only."""
+    if step % 2:
+        return honest.clone()
+    return torch.randn(honest.shape, generator=generator)
+
+
+ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude", "alie", "ipm"]
+# Adaptive and data attacks: with a fixed liar only, since a random liar in rank 0's group that
+# mimics rank 0 sends its own honest vector.
+ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
+RULES = ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "centered_clipping"]
+CYCLIC_ATTACKS = ["reverse", "nan", "gaussian", "collude"]
+#: (P, s) of the cyclic-code jobs; s = 1 at six ranks is trained by the precision job and the app tests.
+CYCLIC = [(5, 2), (6, 2), (7, 3)]
+
+RANK_4 = lambda attack="reverse": dict(ranks=[4], attack=attack)  # noqa: E731
+
+SCENARIOS: dict[str, Scenario] = {
+    "frc_clean": Scenario(),
+    "none_clean": Scenario(strategy=dict(code="none")),
+    "frc_nodropout": Scenario(dropout=0.0),
+    "ddp_nodropout": Scenario(by_name="ddp", dropout=0.0),
+    "by_name": Scenario(by_name="draco"),
+    "frc_ps3_clean": Scenario(strategy=dict(ps_rank=3)),
+    "frc_ps3_reverse": Scenario(strategy=dict(ps_rank=3), liars=dict(ranks=[0], attack="reverse")),
+}
+for _attack in ATTACKS:
+    SCENARIOS[f"frc_fixed_{_attack}"] = Scenario(liars=RANK_4(_attack))
+    SCENARIOS[f"frc_random_{_attack}"] = Scenario(liars=dict(ranks="random", attack=_attack, seed=3))
+    SCENARIOS[f"none_{_attack}"] = Scenario(strategy=dict(code="none"), liars=RANK_4(_attack))
+for _attack in ADAPTIVE:
+    SCENARIOS[f"frc_fixed_{_attack}"] = Scenario(liars=RANK_4(_attack))
+# Sharded decoding (no parameter server): every attack, the liar lying in both roles, or in one.
+SHARDED = dict(decode="sharded")
+for _attack in ATTACKS + ADAPTIVE:
+    SCENARIOS[f"sharded_fixed_{_attack}"] = Scenario(strategy=SHARDED, liars=RANK_4(_attack))
+for _role in ("gradient", "decoder"):
+    SCENARIOS[f"sharded_{_role}_reverse"] = Scenario(strategy=SHARDED, liars=dict(ranks=[4], attack="reverse", roles=[_role]))
+SCENARIOS.update({
+    "sharded_clean": Scenario(strategy=SHARDED),
+    "sharded_overlap_clean": Scenario(strategy=dict(decode="sharded", overlap=True)),
+    "frc_overlap_reverse": Scenario(strategy=dict(overlap=True), liars=RANK_4()),
+    "sharded_two_liars_raise": Scenario(strategy=SHARDED, liars=dict(ranks=[1, 2], attack="gaussian")),
+})
+# Nine ranks: a shard's decoders are no longer a whole group, and a decoder receives less than the PS.
+SCENARIOS.update({
+    "frc9_clean": Scenario(world=9, steps=8),
+    "sharded9_clean": Scenario(world=9, steps=8, strategy=SHARDED),
+    "sharded9_fixed_reverse": Scenario(world=9, steps=8, strategy=SHARDED, liars=RANK_4()),
+    "sharded9_decoder_reverse": Scenario(world=9, steps=8, strategy=SHARDED,
+                                         liars=dict(ranks=[4], attack="reverse", roles=["decoder"])),
+    "sharded9_fixed_alie": Scenario(world=9, steps=8, strategy=SHARDED, liars=RANK_4("alie")),
+})
+SCENARIOS.update({
+    "frc_two_liars_raise": Scenario(liars=dict(ranks=[1, 2], attack="gaussian")),
+    "frc_two_liars_skip": Scenario(strategy=dict(on_decode_failure="skip"),
+                                   liars=dict(ranks=[1, 2], attack=lie_on_even_steps), module="scheduled"),
+    "manual_optimization": Scenario(module="manual"),
+    "frc_threshold_logged": Scenario(strategy=dict(max_faulty_steps=5), liars=dict(ranks=[5], attack="sign_flip"),
+                                     csv_logger=True),
+    "frc_diverge_raise": Scenario(liars=dict(ranks=[4]), module="diverging"),
+    "frc_diverge_skip": Scenario(strategy=dict(on_decode_failure="skip"), liars=dict(ranks=[4]), module="diverging"),
+    # Resume: random liars with the PS on rank 0, a fixed one (rank ps + 2) with the PS on rank 3.
+    "resume_ps0": Scenario(strategy=dict(code="crc", num_adversaries=1, ps_rank=0),
+                           liars=dict(ranks="random", seed=5), resume=True),
+    "resume_ps3": Scenario(strategy=dict(code="crc", num_adversaries=1, ps_rank=3),
+                           liars=dict(ranks=[5], seed=5), resume=True),
+    # Centred clipping: the one aggregation rule with state (its anchor).
+    "resume_clip_ps3": Scenario(strategy=dict(code="none", aggregator="centered_clipping", num_adversaries=1,
+                                              aggregator_options={"tau": 0.5}, ps_rank=3),
+                                liars=dict(ranks=[5], seed=5), resume=True),
+})
+
+
+def aggregated(rule: str, attack: Optional[str], over: str = "whole") -> Scenario:
+    """Plain averaging's exchange (code "none") with a robust rule; the liar on rank 4."""
+    options = {"tau": 1.0} if rule == "centered_clipping" else {}
+    return Scenario(strategy=dict(code="none", aggregator=rule, aggregator_options=options, aggregate_over=over),
+                    liars=RANK_4(attack) if attack else None)
+
+
+for _rule in RULES:
+    SCENARIOS[f"agg_{_rule}_reverse"] = aggregated(_rule, "reverse")
+SCENARIOS.update({
+    "agg_krum_reverse_bucket": aggregated("krum", "reverse", over="bucket"),
+    "agg_median_clean": aggregated("median", None),
+    "agg_median_alie": aggregated("median", "alie"),
+    "agg_median_optimal_alie": aggregated("median", "optimal_alie"),
+    "agg_median_label_flip": aggregated("median", "label_flip"),
+    # DETOX: FRC's vote inside each group of three, then the median of the two group sums.
+    "detox_reverse": Scenario(strategy=dict(code="frc", aggregator="median", aggregator_options={"num_byzantine": 0}),
+                              liars=RANK_4()),
+    "pre_nnm_krum_reverse": Scenario(strategy=dict(code="none", aggregator="krum", pre_aggregators=["nnm"]),
+                                     liars=RANK_4()),
+    "pre_bucketing_median_reverse": Scenario(
+        strategy=dict(code="none", aggregator="median", pre_aggregators=[{"name": "bucketing", "bucket_size": 2}]),
+        liars=RANK_4(),
+    ),
+})
+
+
+def cyclic(world: int, s: int, attack: Optional[str], steps: int, **options: Any) -> Scenario:
+    """The cyclic code with ``s`` adversaries on the last ``s`` ranks (None: no adversary), a fixed secret."""
+    liars = dict(ranks=list(range(world - s, world)), attack=attack) if attack else None
+    return Scenario(world=world, steps=steps, strategy=dict(code="crc", num_adversaries=s, projection_secret=11),
+                    liars=liars, **options)
+
+
+def cyclic_name(world: int, s: int, attack: Optional[str]) -> str:
+    return f"crc_P{world}_s{s}_{attack or 'clean'}"
+
+
+for _world, _s in CYCLIC:
+    for _attack in [None, *CYCLIC_ATTACKS]:
+        SCENARIOS[cyclic_name(_world, _s, _attack)] = cyclic(_world, _s, _attack, steps=12)
+
+# Both codes under bf16-mixed autocast, and under gradient accumulation: six ranks, 24 steps.
+BF16, ACC2 = dict(precision="bf16-mixed"), dict(accumulate=2)
+SCENARIOS.update({
+    "crc1_clean_bf16": cyclic(6, 1, None, steps=24, **BF16),
+    "crc1_reverse_bf16": cyclic(6, 1, "reverse", steps=24, **BF16),
+    "crc1_sparse_bf16": cyclic(6, 1, "sparse", steps=24, **BF16),
+    "frc_bf16_clean": Scenario(steps=24, **BF16),
+    "frc_bf16_reverse": Scenario(steps=24, liars=RANK_4(), **BF16),
+    "crc1_clean_acc2": cyclic(6, 1, None, steps=24, **ACC2),
+    "crc1_reverse_acc2": cyclic(6, 1, "reverse", steps=24, **ACC2),
+    "frc_acc2_clean": Scenario(steps=24, **ACC2),
+    "frc_acc2_reverse": Scenario(steps=24, liars=RANK_4(), **ACC2),
+})
