@@ -61,13 +61,13 @@ def ps_formula(P: int, d: int, e: int = E) -> dict:
 
 def sharded_formula(P: int, d: int, s: int = S, e: int = E) -> list[dict]:
     """Sharded mode, one bucket that is the step's last: all_to_all of the coded shards, all_gather of the
-    decoded shards (padded to the widest) and of the verdicts ((2s+1) x (1+P) int32), one all-reduce of
+    decoded shards (padded to the widest) and of the verdicts ((2s+1) x (1+s) int32), one all-reduce of
     2+2P int32 flags. Per rank."""
     m = min(2 * s + 1, P)
     bounds = [k * d // P for k in range(P + 1)]
     length = [bounds[k + 1] - bounds[k] for k in range(P)]
     sizes = [sum(length[(j - (m - 1) + u) % P] for u in range(m)) for j in range(P)]
-    gathered = (P - 1) * (max(sizes) * e + m * (1 + P) * INT)
+    gathered = (P - 1) * (max(sizes) * e + m * (1 + s) * INT)
     agree = (2 + 2 * P) * INT
     return [
         {"sent": (sum(sizes) - sizes[j]) * e + gathered + agree, "received": (P - 1) * sizes[j] * e + gathered + agree}
@@ -240,7 +240,7 @@ def phases(mode: str, P: int, d: float, s: int = S, e: int = E, bucket_bytes: fl
     if mode == "sharded":
         coded = m * (P - 1) / P * b * e
         decoded = (P - 1) * math.ceil(m * b / P) * e
-        verdicts = (P - 1) * m * (1 + P) * INT
+        verdicts = (P - 1) * m * (1 + s) * INT
         flags = 2 * (P - 1) / P * (2 + 2 * P) * INT
         return [
             (n, P - 1, coded, coded),  # all_to_all of the coded shards
@@ -637,7 +637,8 @@ collective costs the busiest rank `messages x alpha + max(bytes sent, bytes rece
   broadcast of the outcome (1+P int32) the same way;
 - sharded: all_to_all (P-1) messages, (2s+1)(P-1)/P b each way; all_gather of the decoded shards (ring,
   P-1 messages) (P-1) ceil((2s+1) b/P) each way; all_gather of the verdicts (P-1) messages and
-  (P-1)(2s+1)(1+P) int32; once per step a ring all-reduce of 2+2P int32 flags.
+  (P-1)(2s+1)(1+s) int32 (a status and at most s named ranks per shard); once per step a ring
+  all-reduce of 2+2P int32 flags.
 
 P is treated as continuous (FRC needs r | P: 1023 or 1025 ranks in practice, not 1024).
 
@@ -649,12 +650,9 @@ Reading it: the ring's and sharded mode's bandwidth terms do not grow with P (sh
 ring's); PS mode's grows as P (the PS's link carries (P-1) d in and out). At large P and small buckets the
 latency term takes over for every mode (2(P-1) messages per bucket for the ring, 3(P-1) for the sharded
 exchange), which is why production all-reduces use trees or hierarchies there; the model has none for any
-mode. One cost that does grow with P in sharded mode: the verdicts, (2s+1)(1+P) int32 per decoder per
-bucket, all-gathered to every rank, i.e. about (2s+1) P^2 x 4 bytes per bucket per rank. With 25 MiB
-buckets that is 0.5% of the busiest rank's received bytes at P=256 and 7% at P=1024 (s=1 or 2: received
-6.48 d instead of 6 d for s=1 at P=1024); a bucket of fewer than about (2s+1) P^2 values would break the
-issue's (2(2s+1)+1) d bound (DDP's 1 MiB first bucket, 262,144 values, at P above about 300 for s=1).
-A bitmask or a sparse list of named ranks instead of 1+P int32 per verdict would remove it.
+mode. The verdicts do not grow with P either: each decoder sends, per shard, its status and the at
+most s ranks it caught ((1+s) int32), since a decode that names more than s ranks has failed. Only the
+step's agreement (2+2P int32, once per step) grows with P, and it is negligible.
 
 ## 3. Step time on this machine, measured
 

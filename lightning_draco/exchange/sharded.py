@@ -10,6 +10,8 @@ Shard ``k`` of a bucket is its ``k``-th of ``P`` contiguous pieces; its decoders
 ``k, k+1, ..., k+2s (mod P)``, so rank ``j`` decodes shards ``j-2s, ..., j (mod P)``.
 """
 
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -47,7 +49,7 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
        values out and in, for a bucket of ``b``).
     3. Each rank decodes its ``2s+1`` shards exactly as the parameter server would.
     4. ``all_gather``: every rank receives every decoder's decoded shards and verdicts (status
-       and who it caught).
+       and the at most ``s`` ranks it caught: ``1 + s`` integers per shard, whatever ``P``).
     5. Per shard, keep the copy that at least ``s+1`` decoders sent bit for bit; a rank is caught
        when ``s+1`` decoders of a shard name it; a decoder whose copy lost is caught too.
     6. At the step's last bucket, one small all-reduce makes the step's outcome the same on every
@@ -88,7 +90,7 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
     mine[: decoded.numel()] = decoded
     copies = [torch.empty_like(mine) for _ in range(world)]
     collectives.all_gather(state, copies, mine)
-    outcome = torch.stack([v.outcome for v in verdicts])
+    outcome = torch.stack([_ballot(v.outcome, s) for v in verdicts])
     outcomes = [torch.empty_like(outcome) for _ in range(world)]
     collectives.all_gather(state, outcomes, outcome)
 
@@ -102,6 +104,16 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
+
+
+def _ballot(outcome: Tensor, num_adversaries: int) -> Tensor:
+    """A decoder's verdict on one shard in ``1 + s`` entries, whatever ``P``: the status, then the ranks
+    it caught (``-1`` pads). A decode that names more than ``s`` ranks has failed, so ``s`` slots suffice."""
+    ballot = torch.full((1 + num_adversaries,), -1, dtype=torch.int32, device=outcome.device)
+    ballot[0] = outcome[0]
+    caught = torch.nonzero(outcome[1:] == CAUGHT).flatten()[:num_adversaries]
+    ballot[1 : 1 + caught.numel()] = caught.to(torch.int32)
+    return ballot
 
 
 def _decode_shard(state: ExchangeState, received: Tensor, index: int) -> Verdict:
@@ -154,14 +166,13 @@ def _vote_shard(
     values, verdict = ballots[winner[0]]
     target.copy_(values)
     step.decoders_outvoted.update(decoders[t] for t in range(len(decoders)) if t not in winner)
-    named = torch.stack([ballots[t][1][1:] == CAUGHT for t in range(len(ballots))]).sum(0)
-    step.caught.update(int(r) for r in torch.nonzero(named >= s + 1).flatten())
+    named = Counter(int(r) for _, ballot in ballots for r in ballot[1:].tolist() if r >= 0)
+    step.caught.update(r for r, times in named.items() if times >= s + 1)
     status = int(verdict[0])
     if status == DecodeStatus.FAILED:
-        suspects = [int(r) for r in torch.nonzero(verdict[1:] != 0).flatten()]
         _fail(step, DracoDecodeError(
             f"the decoders {[decoders[t] for t in winner]} of shard {shard} agree that the vectors reveal more than"
-            f" s={s} liars; the decoded gradient is not applied.", suspects,
+            f" s={s} liars; the decoded gradient is not applied.", [],
         ), index)
     elif status == DecodeStatus.NONFINITE:
         step.nonfinite = True

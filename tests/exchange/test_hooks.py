@@ -81,7 +81,7 @@ def test_sharded_traffic_per_rank_is_the_formula_and_does_not_grow_with_p(seen):
     bounds = [k * d // WORLD for k in range(WORLD + 1)]
     length = [bounds[k + 1] - bounds[k] for k in range(WORLD)]
     sizes = [sum(length[(j - 2 * s + u) % WORLD] for u in range(2 * s + 1)) for j in range(WORLD)]
-    verdicts = (2 * s + 1) * (1 + WORLD) * 4
+    verdicts = (2 * s + 1) * (1 + s) * 4  # status and the at most s ranks named, per shard
     for rank, ranks_view in enumerate(seen):
         sent, received = ranks_view["sharded"][1]["clean"][4:6]
         coded_out = (sum(sizes) - sizes[rank]) * item
