@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_draco  # noqa: F401  (registers "draco")
 from lightning_draco import Adversary, DracoDecodeError, DracoStrategy, NonFiniteGradientError
 from lightning_draco.aggregators import AGGREGATORS
+from lightning_draco.attacks import call_attack, get_attack
 
 WORLD = int(os.environ.get("DRACO_TEST_WORLD", "6"))
 STEPS = int(os.environ.get("DRACO_TEST_STEPS", "30"))
@@ -122,6 +123,57 @@ SCENARIOS["sharded_clean"] = lambda: (dict(decode="sharded"), {})
 SCENARIOS["sharded_overlap_clean"] = lambda: (dict(decode="sharded", overlap=True), {})
 SCENARIOS["frc_overlap_reverse"] = lambda: (dict(overlap=True, adversary=Adversary(ranks=[4], attack="reverse")), {})
 SCENARIOS["sharded_two_liars_raise"] = lambda: (dict(decode="sharded", adversary=Adversary(ranks=[1, 2], attack="gaussian")), {})
+# Reactive redundancy (issue 14): groups of s+1 detect, disagreeing groups are recomputed and voted.
+# One fit per way of choosing the liar covers every built-in attack: the attack changes with the step.
+REACTIVE = dict(redundancy_mode="reactive")
+GRADIENT_ATTACKS = ATTACKS + ["optimal_alie", "optimal_ipm", "mimic"]
+
+
+def rotating(names):
+    """An attack that is ``names[step % len(names)]`` at each step (it asks for every context keyword)."""
+    attacks = [get_attack(n) for n in names]
+
+    def attack(honest, *, rank, step, bucket, generator, shared_generator, honest_mean, honest_std, honest_vectors,
+               liars, defence):
+        context = dict(rank=rank, step=step, bucket=bucket, generator=generator, shared_generator=shared_generator,
+                       honest_mean=honest_mean, honest_std=honest_std, honest_vectors=honest_vectors, liars=liars,
+                       defence=defence)
+        return call_attack(attacks[step % len(attacks)], honest, {}, context)
+
+    return attack
+
+
+SCENARIOS["reactive_clean"] = lambda: (dict(REACTIVE), {})
+# mimic copies the lowest honest rank: a random liar in rank 0's group would send its own honest sum.
+SCENARIOS["reactive_fixed_all"] = lambda: (dict(REACTIVE, adversary=Adversary(ranks=[4], attack=rotating(GRADIENT_ATTACKS))), {})
+SCENARIOS["reactive_random_all"] = lambda: (
+    dict(REACTIVE, adversary=Adversary(ranks="random", attack=rotating(ATTACKS), seed=3)), {}
+)
+# ... on the communication thread (overlap), which changes nothing.
+SCENARIOS["reactive_fixed_label_flip"] = lambda: (
+    dict(REACTIVE, overlap=True, adversary=Adversary(ranks=[4], attack="label_flip")), {}
+)
+# Without a parameter server: the liar lies in both roles (gradient, recomputed sums, decoded shards).
+SCENARIOS["reactive_sharded_fixed_all"] = lambda: (
+    dict(REACTIVE, decode="sharded", adversary=Adversary(ranks=[4], attack=rotating(GRADIENT_ATTACKS))), {}
+)
+SCENARIOS["reactive_sharded_random_all"] = lambda: (
+    dict(REACTIVE, decode="sharded", adversary=Adversary(ranks="random", attack=rotating(ATTACKS), seed=3)), {}
+)
+# Two liars in group 1 ({2, 3}) send different lies: its three copies hold no majority.
+SCENARIOS["reactive_two_liars_raise"] = lambda: (dict(REACTIVE, adversary=Adversary(ranks=[2, 3], attack="gaussian")), {})
+# s = 2: groups of three, two helpers each; liars in both groups, so a liar also recomputes the other's sum.
+SCENARIOS["reactive_s2_clean"] = lambda: (dict(REACTIVE, num_adversaries=2), {})
+SCENARIOS["reactive_s2_reverse"] = lambda: (dict(REACTIVE, num_adversaries=2, adversary=Adversary(ranks=[1, 3])), {})
+
+
+def lie_before_step_3(honest, *, step):
+    return honest.clone() if step >= 3 else -100 * honest
+
+
+SCENARIOS["reactive_quarantine"] = lambda: (
+    dict(REACTIVE, quarantine_after=1, adversary=Adversary(ranks=[5], attack=lie_before_step_3)), {}
+)
 SCENARIOS["frc_clean"] = lambda: ({}, {})
 SCENARIOS["none_clean"] = lambda: (dict(code="none"), {})
 SCENARIOS["frc_nodropout"] = lambda: ({}, dict(dropout=0.0))
@@ -322,6 +374,8 @@ def run(name: str) -> dict:
             steps_decoded=strategy.ledger.steps,
             exchange_bytes=strategy.exchange_bytes,
             numel=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            escalations=strategy.escalation_stats,
+            quarantined=sorted(strategy.quarantined),
         )
     if logger and trainer.global_rank == 0:
         with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
@@ -333,7 +387,7 @@ def run(name: str) -> dict:
         }
     # Every rank reports what it saw, so tests can check that all ranks agree.
     gathered = [None] * dist.get_world_size()
-    keys = ("error", "sha", "hook_calls", "skipped", "faulty_counts", "exchange_bytes")
+    keys = ("error", "sha", "hook_calls", "skipped", "faulty_counts", "exchange_bytes", "escalations")
     dist.all_gather_object(gathered, {k: out.get(k) for k in keys})
     out["ranks"] = gathered
     return out

@@ -21,6 +21,12 @@ ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "i
 ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
 RULES = ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "centered_clipping"]
 WRECKING = ["reverse", "constant", "nan", "inf"]
+# Reactive redundancy (issue 14): each attacked fit goes through every built-in attack, one per step.
+REACTIVE = [
+    "reactive_clean", "reactive_fixed_all", "reactive_random_all", "reactive_fixed_label_flip", "reactive_two_liars_raise",
+    "reactive_s2_clean", "reactive_s2_reverse", "reactive_quarantine", "reactive_sharded_fixed_all",
+    "reactive_sharded_random_all",
+]
 SCENARIOS = (
     ["frc_clean", "none_clean", "frc_nodropout", "ddp_nodropout", "by_name", "frc_ps3_clean", "frc_ps3_reverse"]
     + [f"frc_fixed_{a}" for a in ATTACKS]
@@ -34,6 +40,7 @@ SCENARIOS = (
     + ["pre_nnm_krum_reverse", "pre_bucketing_median_reverse"]
     + ["sharded_clean", "sharded_overlap_clean", "frc_overlap_reverse", "sharded_two_liars_raise"]
     + [f"sharded_fixed_{a}" for a in ATTACKS + ADAPTIVE] + ["sharded_gradient_reverse", "sharded_decoder_reverse"]
+    + REACTIVE
 )
 
 
@@ -70,7 +77,7 @@ def runs(tmp_path_factory):
 def test_every_rank_ends_with_the_same_model(runs):
     for name, run in runs.items():
         if name in ("frc_two_liars_raise", "sharded_two_liars_raise", "manual_optimization", "ddp_nodropout",
-                    "frc_diverge_raise") or name.startswith(
+                    "frc_diverge_raise", "reactive_two_liars_raise") or name.startswith(
             "resume"
         ):
             continue
@@ -285,3 +292,64 @@ def test_sharded_traffic_per_rank_stays_within_the_bound_and_below_the_ps(runs):
     assert busiest <= (2 * (2 * s + 1) + 1) * d * item
     ps_in = max(r["exchange_bytes"]["received"] for r in ps["ranks"]) / steps
     assert ps_in >= (6 - 1) * d * item, "the PS receives every other rank's gradient"
+
+
+# -- reactive redundancy (groups of s+1; a disagreeing group is recomputed by others and voted) ----------
+@pytest.mark.parametrize("ranks", ["fixed", "random"])
+def test_reactive_mode_under_every_attack_trains_bitwise_the_reactive_clean_model(runs, ranks):
+    clean, run = runs["reactive_clean"], runs[f"reactive_{ranks}_all"]
+    assert run.get("error") is None and run["skipped"] == 0
+    assert run["sha"] == clean["sha"] and run["params"] == clean["params"]
+    assert clean["escalations"]["steps"] == 0, "nobody lies: no group is recomputed"
+    # One liar per step: exactly its group escalates, at every step, and it alone is caught.
+    assert run["escalations"]["steps"] == run["escalations"]["groups"] == 30
+    if ranks == "fixed":
+        assert run["faulty_counts"] == {"4": 30}
+    else:
+        assert sum(run["faulty_counts"].values()) == 30 and "0" not in run["faulty_counts"]
+    assert all(r["faulty_counts"] == run["faulty_counts"] and r["escalations"]["steps"] == 30 for r in run["ranks"])
+
+
+@pytest.mark.parametrize("ranks", ["fixed", "random"])
+def test_reactive_sharded_decoding_under_every_attack_trains_bitwise_the_reactive_clean_model(runs, ranks):
+    run = runs[f"reactive_sharded_{ranks}_all"]
+    assert run.get("error") is None, run.get("error")
+    assert run["sha"] == runs["reactive_clean"]["sha"]
+    assert run["escalations"]["steps"] == 30
+    expected = runs[f"reactive_{ranks}_all"]["faulty_counts"]
+    assert all(r["faulty_counts"] == expected for r in run["ranks"]), "the same liars as with the parameter server"
+
+
+def test_reactive_mode_catches_a_liar_that_trains_on_flipped_labels(runs):
+    run = runs["reactive_fixed_label_flip"]
+    assert run["sha"] == runs["reactive_clean"]["sha"] and run["faulty_counts"] == {"4": 30}
+
+
+def test_reactive_mode_recomputes_only_on_the_helpers(runs):
+    # Group 2 ({4, 5}) is recomputed by group 0's members in turn: rank 0 (the PS) at even steps, rank 1 at odd.
+    partitions = [r["escalations"]["partitions"] for r in runs["reactive_fixed_all"]["ranks"]]
+    assert partitions == [30, 30, 0, 0, 0, 0]
+
+
+def test_reactive_mode_with_s_2_survives_liars_that_also_recompute_other_groups(runs):
+    clean, run = runs["reactive_s2_clean"], runs["reactive_s2_reverse"]
+    assert run["sha"] == clean["sha"] and run["faulty_counts"] == {"1": 30, "3": 30}
+    assert run["escalations"]["groups"] == 60
+    # Groups of three are the one-shot code's groups for s=1: the same sums, the same model.
+    assert clean["sha"] == runs["frc_clean"]["sha"]
+
+
+def test_reactive_mode_more_than_s_liars_among_the_copies_raise_on_every_rank(runs):
+    run = runs["reactive_two_liars_raise"]
+    for seen in run["ranks"]:
+        error = seen["error"]
+        assert error["type"] == "DracoDecodeError" and error["step"] == 0
+        assert "ranks [2, 3, 4]" in error["message"] and "more than s=1 of these ranks lied" in error["message"]
+    assert run["global_step"] == 0
+
+
+def test_a_quarantined_rank_has_its_group_voted_at_every_later_step(runs):
+    run = runs["reactive_quarantine"]  # rank 5 lies at steps 0-2 only; quarantine_after=1
+    assert run["quarantined"] == [5] and run["faulty_counts"] == {"5": 3}
+    assert run["escalations"]["steps"] == 30, "caught twice by step 1, then forced at every step"
+    assert run["sha"] == runs["reactive_clean"]["sha"]
