@@ -397,7 +397,10 @@ class DracoStrategy(DDPStrategy):
         """
         mismatched = []
         for partition, part in zip(batch.partitions, batch.batches):
-            replayed = self._train_loader.replay(partition, batch.epoch, batch.index)
+            try:
+                replayed = self._train_loader.replay(partition, batch.epoch, batch.index)
+            except ValueError as error:  # the same loader on every rank: every rank raises it here
+                raise self._agreed(error)
             if batch_digest(replayed) != batch_digest(part):
                 mismatched.append(partition)
         gathered: list[Any] = [None] * self.world_size

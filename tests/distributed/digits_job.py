@@ -163,7 +163,6 @@ SCENARIOS["reactive_sharded_random_all"] = lambda: (
 # Two liars in group 1 ({2, 3}) send different lies: its three copies hold no majority.
 SCENARIOS["reactive_two_liars_raise"] = lambda: (dict(REACTIVE, adversary=Adversary(ranks=[2, 3], attack="gaussian")), {})
 # s = 2: groups of three, two helpers each; liars in both groups, so a liar also recomputes the other's sum.
-SCENARIOS["reactive_s2_clean"] = lambda: (dict(REACTIVE, num_adversaries=2), {})
 SCENARIOS["reactive_s2_reverse"] = lambda: (dict(REACTIVE, num_adversaries=2, adversary=Adversary(ranks=[1, 3])), {})
 
 
