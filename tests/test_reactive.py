@@ -1,7 +1,6 @@
 """Reactive redundancy without processes: the code's detection and vote, the config's refusals, the
 recomputed group gradient (issue 14)."""
 
-import contextlib
 
 import pytest
 import torch
@@ -69,7 +68,8 @@ def test_any_difference_escalates_the_liars_group_only(attack):
     code = ReactiveRepetitionCode(6, 1)
     sums = _group_sums(code)
     received = sums.clone()
-    received[3] = get_attack(attack)(sums[3], **({"generator": torch.Generator().manual_seed(1)} if attack == "bit_flip" else {}))
+    options = {"generator": torch.Generator().manual_seed(1)} if attack == "bit_flip" else {}
+    received[3] = get_attack(attack)(sums[3], **options)
     assert code.detect(received) == [True, False, True]
     with pytest.raises(EscalationNeeded):
         code.decode(received)
@@ -99,7 +99,8 @@ def test_the_vote_of_2s_plus_1_copies_gives_bitwise_the_clean_total_whoever_lies
     group, step = 1, 4
     holders = code.holders(group, step)
     liar = holders[position]  # a member or the helper
-    lie = get_attack(attack)(sums[liar], **({"generator": torch.Generator().manual_seed(2)} if attack in ("bit_flip", "gaussian") else {}))
+    options = {"generator": torch.Generator().manual_seed(2)} if attack in ("bit_flip", "gaussian") else {}
+    lie = get_attack(attack)(sums[liar], **options)
     copies, _ = _copies(code, sums, group, step, {liar: lie})
     values = {g: sums[g * 2] for g in (0, 2)}
     result = code.settle(values, {group: copies}, step)
@@ -201,7 +202,8 @@ class _Net(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 1)
+            torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+            torch.nn.Linear(8, 1),
         )
 
     def forward(self, x):

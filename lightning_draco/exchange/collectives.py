@@ -18,7 +18,8 @@ from torch import Tensor
 from lightning_draco.exchange.state import ExchangeState
 
 __all__ = [
-    "all_gather", "all_reduce_min", "all_to_all", "broadcast", "broadcast_object", "count", "gather", "recv", "send", "timed",
+    "all_gather", "all_reduce_min", "all_to_all", "broadcast", "broadcast_object", "count", "gather", "recv", "send",
+    "timed",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Reactive redundancy through the parameter server: detect in the hook, correct after the backward.
+"""Reactive redundancy in the exchange: detect in the hook, correct after the backward.
 
 Groups of ``r = s+1`` ranks compute the same sum (``codes/reactive.py``). Per bucket, the hook
 gathers every rank's vector to the PS as ``ps_hook`` does; the PS accepts each group whose
@@ -34,7 +34,7 @@ from lightning_draco.exchange import collectives
 from lightning_draco.exchange.ps import share_from_ps
 from lightning_draco.exchange.sharded import _agree, _decode_shard, _fail, _vote_shard, shard_bounds, shards_of
 from lightning_draco.exchange.state import ExchangeState
-from lightning_draco.exchange.verdict import DecodeStatus, Verdict, judge
+from lightning_draco.exchange.verdict import DecodeStatus, judge
 
 __all__ = ["Recompute", "reactive_ps_hook", "reactive_sharded_hook", "settle"]
 

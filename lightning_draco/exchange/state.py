@@ -197,7 +197,9 @@ class ExchangeState:
     The strategy calls ``begin_step`` before each syncing backward and reads ``outcome`` after it.
     """
 
-    __slots__ = ("setup", "outcome", "stats", "assembly", "corrupt_decoded", "corrupt_recomputed", "forced", "_received")
+    __slots__ = (
+        "setup", "outcome", "stats", "assembly", "corrupt_decoded", "corrupt_recomputed", "forced", "_received"
+    )
 
     def __init__(self, setup: ExchangeSetup, assembly: Optional[WholeStepAssembly] = None):
         #: Fixed for the run: code, ranks, process group, the PS's secret.

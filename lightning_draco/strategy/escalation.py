@@ -81,7 +81,8 @@ class Escalation:
 
         def recompute(group: int, buckets: list[int]) -> dict[int, Tensor]:
             partitions = self.code.partitions(self.code.members(group)[0])
-            moved = [to_device(loader.replay(p, batch.epoch, batch.index), p, batch.epoch, batch.index) for p in partitions]
+            epoch, step = batch.epoch, batch.index
+            moved = [to_device(loader.replay(p, epoch, step), p, epoch, step) for p in partitions]
             grads = self._group_gradient(PartitionBatch(moved, partitions, batch.epoch, batch.index), forward, module,
                                          params, scale_loss)
             self.partitions += len(partitions)

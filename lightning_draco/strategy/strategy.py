@@ -536,8 +536,8 @@ class DracoStrategy(DDPStrategy):
                 group = self.code.group_of(rank)
                 rank_zero_warn(
                     f"DRACO: rank {rank} on host {self.ledger.hostname(rank)} was caught at {count} steps, more than"
-                    f" quarantine_after={limit}: it is quarantined; its group ({self.code.members(group)}) is recomputed"
-                    " by other ranks and voted at every step from now on."
+                    f" quarantine_after={limit}: it is quarantined; its group ({self.code.members(group)}) is"
+                    " recomputed by other ranks and voted at every step from now on."
                 )
         self._exchange.forced = frozenset(self.code.group_of(rank) for rank in self.quarantined)
 

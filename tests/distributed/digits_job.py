@@ -145,7 +145,9 @@ def rotating(names):
 
 SCENARIOS["reactive_clean"] = lambda: (dict(REACTIVE), {})
 # mimic copies the lowest honest rank: a random liar in rank 0's group would send its own honest sum.
-SCENARIOS["reactive_fixed_all"] = lambda: (dict(REACTIVE, adversary=Adversary(ranks=[4], attack=rotating(GRADIENT_ATTACKS))), {})
+SCENARIOS["reactive_fixed_all"] = lambda: (
+    dict(REACTIVE, adversary=Adversary(ranks=[4], attack=rotating(GRADIENT_ATTACKS))), {}
+)
 SCENARIOS["reactive_random_all"] = lambda: (
     dict(REACTIVE, adversary=Adversary(ranks="random", attack=rotating(ATTACKS), seed=3)), {}
 )
@@ -161,7 +163,9 @@ SCENARIOS["reactive_sharded_random_all"] = lambda: (
     dict(REACTIVE, decode="sharded", adversary=Adversary(ranks="random", attack=rotating(ATTACKS), seed=3)), {}
 )
 # Two liars in group 1 ({2, 3}) send different lies: its three copies hold no majority.
-SCENARIOS["reactive_two_liars_raise"] = lambda: (dict(REACTIVE, adversary=Adversary(ranks=[2, 3], attack="gaussian")), {})
+SCENARIOS["reactive_two_liars_raise"] = lambda: (
+    dict(REACTIVE, adversary=Adversary(ranks=[2, 3], attack="gaussian")), {}
+)
 # s = 2: groups of three, two helpers each; liars in both groups, so a liar also recomputes the other's sum.
 SCENARIOS["reactive_s2_reverse"] = lambda: (dict(REACTIVE, num_adversaries=2, adversary=Adversary(ranks=[1, 3])), {})
 

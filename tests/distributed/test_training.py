@@ -23,8 +23,8 @@ RULES = ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "ce
 WRECKING = ["reverse", "constant", "nan", "inf"]
 # Reactive redundancy (issue 14): each attacked fit goes through every built-in attack, one per step.
 REACTIVE = [
-    "reactive_clean", "reactive_fixed_all", "reactive_random_all", "reactive_fixed_label_flip", "reactive_two_liars_raise",
-    "reactive_s2_reverse", "reactive_quarantine", "reactive_sharded_fixed_all",
+    "reactive_clean", "reactive_fixed_all", "reactive_random_all", "reactive_fixed_label_flip",
+    "reactive_two_liars_raise", "reactive_s2_reverse", "reactive_quarantine", "reactive_sharded_fixed_all",
     "reactive_sharded_random_all",
 ]
 SCENARIOS = (

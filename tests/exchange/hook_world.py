@@ -114,8 +114,9 @@ def reactive_runs(rank: int, world: int) -> dict:
             results[index] = mean
         step = state.outcome
         runs[name] = dict(
-            result=torch.cat(results), clean=code.total([group_sums[g * code.redundancy] for g in range(code.num_groups)])
-            / world, pending=pending, asked=asked, caught=sorted(step.caught), failure=str(step.failure or ""),
+            result=torch.cat(results),
+            clean=code.total([group_sums[g * code.redundancy] for g in range(code.num_groups)]) / world,
+            pending=pending, asked=asked, caught=sorted(step.caught), failure=str(step.failure or ""),
             sent=state.stats.sent, received=state.stats.received, outvoted=sorted(step.decoders_outvoted),
         )
     return runs

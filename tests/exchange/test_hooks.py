@@ -155,7 +155,7 @@ def test_reactive_only_the_helpers_recompute_and_only_the_pending_buckets(seen):
         assert run["pending"] == {0: [2], 1: [2]}
         assert run["asked"] == ([(2, [0, 1])] if rank == 0 else [])
         low_bit = ranks_view["reactive"]["low_bit"]
-        assert len(low_bit["pending"]) == 1 and list(low_bit["pending"].values()) == [[1]], "one flipped bit, one bucket"
+        assert low_bit["pending"] == {1: [1]}, "one flipped bit: one group, one bucket"
     # s = 2: groups {0,1,2} and {3,4,5}; at step 0 group 0's helpers are ranks 3, 4 and group 1's are 0, 1.
     asked = {rank: ranks_view["reactive"]["s2_liars_also_recompute"]["asked"] for rank, ranks_view in enumerate(seen)}
     assert asked == {0: [(1, [0, 1])], 1: [(1, [0, 1])], 2: [], 3: [(0, [0, 1])], 4: [(0, [0, 1])], 5: []}
