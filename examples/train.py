@@ -110,6 +110,8 @@ def build_strategy(cfg: DictConfig, with_adversary: bool = True) -> DracoStrateg
         on_decode_failure=code.on_decode_failure,
         max_faulty_steps=code.max_faulty_steps,
         projection_secret=code.projection_secret,
+        redundancy_mode=code.get("redundancy_mode", "full"),
+        quarantine_after=code.get("quarantine_after"),
         seed=cfg.seed,
         timeout=timedelta(seconds=cfg.timeout_s),
         startup_timeout=cfg.get("startup_timeout_s"),

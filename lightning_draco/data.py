@@ -103,10 +103,41 @@ class DracoDataLoader:
             loaders.append(update_dataloader(dataloader, partition_sampler, mode=RunningStage.TRAINING))
         self.loaders = loaders
         self.sampler = _EpochFanout(samplers)
+        self._template = sampler
+        self._replay_indices: dict[tuple[int, int], list[int]] = {}
         self.batch_size = dataloader.batch_size
         self.dataset = dataloader.dataset
         self._trained = (0, 0)  # (epoch, steps of it trained)
         self._resume_at: tuple[int, int] | None = None
+
+    def replay(self, partition: int, epoch: int, index: int) -> Any:
+        """Batch ``index`` of ``epoch`` for ``partition`` (any partition, held here or not), loaded by index.
+
+        What the partition's loader yields at that step when the data pipeline's randomness is the
+        per-batch seed's (the dataset and ``collate_fn`` run here, in this process): the sampler's
+        indices for the epoch, sliced by the batch size, then ``dataset[i]`` and the loader's
+        ``collate_fn`` under the seed this loader draws that batch with. Randomness drawn inside loader
+        workers cannot be replayed: ``check_replay`` compares a held batch with its replay.
+        """
+        if self.batch_size is None:
+            raise ValueError(
+                "redundancy_mode='reactive' replays a partition's batch by index and needs the training DataLoader's"
+                " batch_size (got a DataLoader with batch_size=None, e.g. a custom batch_sampler)."
+            )
+        key = (partition, epoch)
+        indices = self._replay_indices.get(key)
+        if indices is None:
+            sampler = copy.copy(self._template)
+            sampler.rank = partition
+            sampler.set_epoch(epoch)
+            indices = list(iter(sampler))
+            # One epoch's indices per partition: drop other epochs' as the run moves on.
+            self._replay_indices = {k: v for k, v in self._replay_indices.items() if k[1] == epoch}
+            self._replay_indices[key] = indices
+        chosen = indices[index * self.batch_size : (index + 1) * self.batch_size]
+        collate = self.source.collate_fn
+        with seeded_rng(derive_seed(_LOAD, self.seed, epoch, index, partition)):
+            return collate([self.dataset[i] for i in chosen])
 
     def note_trained(self, batch: PartitionBatch) -> None:
         """Record that the step of ``batch`` is done (its optimizer step taken or skipped)."""

@@ -40,3 +40,17 @@ def mean_over_partitions(module: Any) -> Iterator[None]:
         del module.__dict__["log"]
     for name, (values, kwargs) in calls.items():
         original(name, torch.stack([v.float().reshape(()) for v in values]).mean(), **kwargs)
+
+
+@contextlib.contextmanager
+def silenced_logging(module: Any) -> Iterator[None]:
+    """Within the block, ``module.log`` does nothing: a training step run again for another group's
+    partitions (reactive mode) must not log that group's values as this rank's."""
+    if module is None or "log" in module.__dict__:
+        yield
+        return
+    module.log = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del module.__dict__["log"]

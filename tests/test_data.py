@@ -51,3 +51,27 @@ def test_a_position_saved_at_the_end_of_an_epoch_starts_the_next_one_whole():
     resumed.load_state_dict({"epoch": 4, "steps_trained": 5})
     resumed.sampler.set_epoch(5)  # Lightning moved on to the next epoch
     assert len(list(resumed)) == len(resumed) == 5
+
+
+class _NoisyData(torch.utils.data.Dataset):
+    """Each item draws from the global RNG, as random augmentation in ``__getitem__`` does."""
+
+    def __len__(self):
+        return 60
+
+    def __getitem__(self, i):
+        return torch.tensor(float(i)) + torch.rand(()), i
+
+
+def test_any_partitions_batch_is_replayed_by_index_as_its_holders_load_it():
+    # Reactive mode: a helper loads another group's batch by index, randomness in the dataset included.
+    held = DracoDataLoader(DataLoader(_NoisyData(), batch_size=4, sampler=DistributedSampler(
+        _NoisyData(), num_replicas=3, rank=0, shuffle=True, seed=1)), [1, 2], 3, seed=7)
+    other = DracoDataLoader(DataLoader(_NoisyData(), batch_size=4, sampler=DistributedSampler(
+        _NoisyData(), num_replicas=3, rank=0, shuffle=True, seed=1)), [0], 3, seed=7)
+    held.sampler.set_epoch(2)
+    torch.manual_seed(99)  # the helper's own RNG state does not matter
+    for step in held:
+        for partition, batch in zip(step.partitions, step.batches):
+            replayed = other.replay(partition, step.epoch, step.index)
+            assert torch.equal(replayed[0], batch[0]) and torch.equal(replayed[1], batch[1])

@@ -21,6 +21,31 @@ NOISE_MARGIN = 8.0
 MAX_NOISE = 1e-2
 
 
+def relative_distances(members: Tensor, chunk_size: int = 1 << 20) -> tuple[Tensor, Tensor]:
+    """``(relative, finite)``: the members' pairwise distances relative to the larger norm (``(m, m)``
+    float64 on the CPU, ``inf`` where either member has a NaN or Inf), and which members are finite."""
+    m = members.shape[0]
+    sq_dist = torch.zeros(m, m, dtype=torch.float64)
+    sq_norm = torch.zeros(m, dtype=torch.float64)
+    finite = torch.ones(m, dtype=torch.bool)
+    for start in range(0, members.shape[1], chunk_size):
+        block = members[:, start : start + chunk_size].to(torch.float64)
+        finite &= torch.isfinite(block).all(dim=1).cpu()
+        sq_norm += (block * block).sum(dim=1).cpu()
+        sq_dist += torch.cdist(block, block).pow(2).cpu()
+    norm, dist = sq_norm.sqrt(), sq_dist.clamp_min(0).sqrt()
+    scale = torch.maximum(norm[:, None], norm[None, :]).clamp_min(1e-300)
+    relative = torch.where(finite[:, None] & finite[None, :], dist / scale, torch.full_like(dist, math.inf))
+    relative.fill_diagonal_(0.0)
+    return relative, finite
+
+
+def noise_radius(tolerance: float, floor: float) -> float:
+    """The relative distance within which replicas agree: ``tolerance``, or ``NOISE_MARGIN`` noise floors
+    (at most ``MAX_NOISE``) when that is larger."""
+    return max(tolerance, min(NOISE_MARGIN * floor, MAX_NOISE)) if math.isfinite(floor) else tolerance
+
+
 @register_code
 class FractionalRepetitionCode(Code):
     """DRACO's repetition code for ``P`` workers, ``s`` adversaries and redundancy ``r`` (``r | P``).
@@ -75,6 +100,8 @@ class FractionalRepetitionCode(Code):
         self.chunk_size = int(chunk_size)
         self.batched = batched
         self._matrix: Optional[Tensor] = None
+        #: The noise floor the last tolerance vote measured (``None`` before any): read by the reactive mode.
+        self.measured_floor: Optional[float] = None
 
     @classmethod
     def check(cls, num_adversaries: int, redundancy: int, num_workers: Optional[int] = None) -> None:
@@ -274,21 +301,11 @@ class FractionalRepetitionCode(Code):
                 " faulty.",
                 workers,
             )
-        sq_dist = torch.zeros(r, r, dtype=torch.float64)
-        sq_norm = torch.zeros(r, dtype=torch.float64)
-        finite = torch.ones(r, dtype=torch.bool)
-        for start in range(0, members.shape[1], self.chunk_size):
-            block = members[:, start : start + self.chunk_size].to(torch.float64)
-            finite &= torch.isfinite(block).all(dim=1).cpu()
-            sq_norm += (block * block).sum(dim=1).cpu()
-            sq_dist += torch.cdist(block, block).pow(2).cpu()
-        norm, dist = sq_norm.sqrt(), sq_dist.clamp_min(0).sqrt()
-        scale = torch.maximum(norm[:, None], norm[None, :]).clamp_min(1e-300)
-        relative = torch.where(finite[:, None] & finite[None, :], dist / scale, torch.full_like(dist, math.inf))
-        relative.fill_diagonal_(0.0)
+        relative, finite = relative_distances(members, self.chunk_size)
         nearest = relative.sort(dim=1).values[:, s] if s else torch.zeros(r, dtype=torch.float64)
         floor = float(nearest[finite].median()) if bool(finite.any()) else math.inf
-        radius = max(self.tolerance, min(NOISE_MARGIN * floor, MAX_NOISE)) if math.isfinite(floor) else self.tolerance
+        self.measured_floor = floor
+        radius = noise_radius(self.tolerance, floor)
         agree = (relative <= radius) & finite[:, None] & finite[None, :]
         counts = agree.sum(dim=1)
         best = int(counts.max())

@@ -12,8 +12,16 @@ Every hook is ``hook(state: ExchangeState, bucket: GradBucket) -> Future[Tensor]
 from lightning_draco.exchange.adversarial import adversarial
 from lightning_draco.exchange.overlap import overlapped
 from lightning_draco.exchange.ps import ps_hook
+from lightning_draco.exchange.reactive import reactive_ps_hook, reactive_sharded_hook, settle
 from lightning_draco.exchange.sharded import sharded_hook
-from lightning_draco.exchange.state import ExchangeSetup, ExchangeState, ExchangeStats, StepOutcome, WholeStepAssembly
+from lightning_draco.exchange.state import (
+    ExchangeSetup,
+    ExchangeState,
+    ExchangeStats,
+    PendingGroups,
+    StepOutcome,
+    WholeStepAssembly,
+)
 from lightning_draco.exchange.verdict import DecodeStatus
 from lightning_draco.exchange.whole_step import whole_step_hook
 
@@ -22,11 +30,15 @@ __all__ = [
     "ExchangeSetup",
     "ExchangeState",
     "ExchangeStats",
+    "PendingGroups",
     "StepOutcome",
     "WholeStepAssembly",
     "adversarial",
     "overlapped",
     "ps_hook",
+    "reactive_ps_hook",
+    "reactive_sharded_hook",
+    "settle",
     "sharded_hook",
     "whole_step_hook",
 ]

@@ -36,7 +36,8 @@ def adversarial(hook: Hook, adversary: Adversary) -> Hook:
        collectives every rank takes part in: a simulation cost, timed as communication.
     2. On a liar lying about its gradient, the bucket's buffer is replaced by the attack's vector.
     3. On a liar lying as a decoder (sharded decoding), ``state.corrupt_decoded`` applies the
-       attack to the decoded shards it passes on.
+       attack to the decoded shards it passes on; on a liar lying about its gradient, in reactive
+       mode, ``state.corrupt_recomputed`` applies it to the group sums it recomputes for others.
     4. ``hook`` exchanges the bucket as on any rank.
     """
 
@@ -51,7 +52,12 @@ def adversarial(hook: Hook, adversary: Adversary) -> Hook:
             knowledge["liars"] = tuple(sorted(liars))
             knowledge["defence"] = lambda received: simulated_defence(state, adversary, received, index)
             bucket.set_buffer(adversary.corrupt(honest, rank=rank, step=step, bucket=index, **knowledge))
-        state.corrupt_decoded = None
+        state.corrupt_decoded = state.corrupt_recomputed = None
+        if lying and "gradient" in adversary.roles:
+            # Reactive mode: the sum it recomputes for a group whose replicas disagreed is a gradient too.
+            state.corrupt_recomputed = lambda value, index: adversary.corrupt(
+                value, rank=rank, step=step, bucket=index, **_decoder_knowledge(state, value, liars)
+            )
         if lying and "decoder" in adversary.roles:
             state.corrupt_decoded = lambda decoded, index: adversary.corrupt(
                 decoded, rank=rank, step=step, bucket=index, **_decoder_knowledge(state, decoded, liars)
@@ -62,7 +68,7 @@ def adversarial(hook: Hook, adversary: Adversary) -> Hook:
 
 
 def _decoder_knowledge(state: ExchangeState, decoded: Tensor, liars: frozenset[int]) -> dict:
-    """What a lying decoder knows: the true decoded values (it computed them) and who lies with it."""
+    """What a lying decoder (or recomputing helper) knows: the true values (it computed them) and who lies with it."""
     world = state.setup.world_size
     return {
         "honest_mean": decoded,

@@ -17,7 +17,10 @@ from torch import Tensor
 
 from lightning_draco.exchange.state import ExchangeState
 
-__all__ = ["all_gather", "all_reduce_min", "all_to_all", "broadcast", "broadcast_object", "count", "gather", "timed"]
+__all__ = [
+    "all_gather", "all_reduce_min", "all_to_all", "broadcast", "broadcast_object", "count", "gather", "recv", "send",
+    "timed",
+]
 
 
 def _nbytes(tensor: Tensor) -> int:
@@ -90,3 +93,17 @@ def all_gather(state: ExchangeState, outputs: list[Tensor], tensor: Tensor) -> N
         dist.all_gather(outputs, tensor, group=setup.process_group)
     stats.sent += (setup.world_size - 1) * _nbytes(tensor)
     stats.received += sum(_nbytes(t) for j, t in enumerate(outputs) if j != setup.rank)
+
+
+def send(state: ExchangeState, tensor: Tensor, dst: int) -> None:
+    """``tensor`` to rank ``dst`` (blocking; outside comm hooks, where gloo's point-to-point works)."""
+    with timed(state):
+        dist.send(tensor, dst=dst, group=state.setup.process_group)
+    state.stats.sent += _nbytes(tensor)
+
+
+def recv(state: ExchangeState, tensor: Tensor, src: int) -> None:
+    """Into ``tensor`` from rank ``src`` (blocking)."""
+    with timed(state):
+        dist.recv(tensor, src=src, group=state.setup.process_group)
+    state.stats.received += _nbytes(tensor)

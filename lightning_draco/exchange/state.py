@@ -23,7 +23,7 @@ from torch import Tensor
 from lightning_draco._seeding import generator
 from lightning_draco.codes import Code, DracoDecodeError
 
-__all__ = ["ExchangeSetup", "ExchangeState", "ExchangeStats", "StepOutcome", "WholeStepAssembly"]
+__all__ = ["ExchangeSetup", "ExchangeState", "ExchangeStats", "PendingGroups", "StepOutcome", "WholeStepAssembly"]
 
 
 class ExchangeSetup:
@@ -63,10 +63,41 @@ class ExchangeSetup:
         return generator(self.secret, step, bucket, device=device)
 
 
+class PendingGroups:
+    """Reactive mode: the groups whose replicas disagreed at this step, until they are recomputed and voted.
+
+    Filled by the reactive hooks bucket by bucket, read by the settlement after the backward
+    (``exchange/reactive.py``). ``groups`` and ``layout`` are the same on every rank; ``kept`` is
+    held where the disagreeing groups are decoded (the parameter server, or each shard's decoders).
+    """
+
+    __slots__ = ("groups", "layout", "kept", "sharded")
+
+    def __init__(self) -> None:
+        #: Bucket index -> the groups (ascending) whose replicas disagreed in it.
+        self.groups: dict[int, list[int]] = {}
+        #: Bucket index -> the bucket's parameters, in the order of its flat buffer (every bucket of the step).
+        self.layout: dict[int, list[Tensor]] = {}
+        #: Bucket index -> what a decoder keeps of the received rows. The PS: per group, the agreed value
+        #: (one row) or, for a disagreeing group, its members' rows. A sharded decoder: one tensor, every
+        #: rank's rows of the shards it decodes.
+        self.kept: dict[int, list[Tensor]] = {}
+        #: Whether the groups were flagged without a parameter server (``reactive_sharded_hook``).
+        self.sharded = False
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+    @property
+    def escalated(self) -> list[int]:
+        """Every group that disagreed in some bucket, ascending."""
+        return sorted({g for groups in self.groups.values() for g in groups})
+
+
 class StepOutcome:
     """One optimizer step as the exchange saw it: the same on every rank once the step's buckets are done."""
 
-    __slots__ = ("step", "buckets", "caught", "decoders_outvoted", "failure", "nonfinite")
+    __slots__ = ("step", "buckets", "caught", "decoders_outvoted", "failure", "nonfinite", "pending")
 
     def __init__(self, step: int = 0):
         #: The optimizer step (``trainer.global_step``).
@@ -82,6 +113,8 @@ class StepOutcome:
         self.failure: Optional[DracoDecodeError] = None
         #: Whether the honest ranks agree on a gradient with NaN or Inf in it.
         self.nonfinite = False
+        #: Reactive mode: the groups to recompute and vote before the optimizer step.
+        self.pending = PendingGroups()
 
 
 class ExchangeStats:
@@ -164,7 +197,9 @@ class ExchangeState:
     The strategy calls ``begin_step`` before each syncing backward and reads ``outcome`` after it.
     """
 
-    __slots__ = ("setup", "outcome", "stats", "assembly", "corrupt_decoded", "_received")
+    __slots__ = (
+        "setup", "outcome", "stats", "assembly", "corrupt_decoded", "corrupt_recomputed", "forced", "_received"
+    )
 
     def __init__(self, setup: ExchangeSetup, assembly: Optional[WholeStepAssembly] = None):
         #: Fixed for the run: code, ranks, process group, the PS's secret.
@@ -178,6 +213,12 @@ class ExchangeState:
         #: Simulation only: what this rank sends in place of its decoded shards (sharded decoding),
         #: set by the adversarial wrapper on a liar for the bucket being exchanged; ``None``: the truth.
         self.corrupt_decoded: Optional[Callable[[Tensor, int], Tensor]] = None
+        #: Simulation only (reactive mode): what this rank sends in place of a group's sum it recomputed
+        #: for bucket ``index`` (``corrupt_recomputed(value, index)``); ``None``: the truth.
+        self.corrupt_recomputed: Optional[Callable[[Tensor, int], Tensor]] = None
+        #: Reactive mode: groups recomputed and voted at every step whatever their replicas say
+        #: (the groups of quarantined ranks), set by the strategy.
+        self.forced: frozenset[int] = frozenset()
         #: A reusable receive buffer (``received_rows``).
         self._received: Optional[Tensor] = None
 

@@ -7,15 +7,15 @@ entry ``1 + r`` a flag for rank ``r`` (honest, caught, or suspected in a failed 
 from __future__ import annotations
 
 import time
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from lightning_draco.codes import Code, DracoDecodeError
+from lightning_draco.codes import Code, DecodeResult, DracoDecodeError
 from lightning_draco.exchange.state import ExchangeState
 
-__all__ = ["DecodeStatus", "Verdict", "decode", "record"]
+__all__ = ["DecodeStatus", "Verdict", "decode", "judge", "record"]
 
 
 class DecodeStatus:
@@ -53,12 +53,20 @@ def decode(
     ``trusted``: a rank that never lies (the PS); a verdict that blames it, or more than ``s``
     ranks, is a failed decode (``check_verdict``). ``generator``: the decoder's secret randomness.
     """
+    return judge(state, lambda: state.setup.code.decode(received, generator=generator), received.device, trusted)
+
+
+def judge(
+    state: ExchangeState, run: Callable[[], DecodeResult], device: torch.device, trusted: Optional[int] = None
+) -> Verdict:
+    """The verdict on ``run()``, a decode (timed as decoding): its mean, or the failure it raised or
+    that its faulty ranks reveal (``check_verdict``), with the outcome every rank must learn."""
     setup = state.setup
     world = setup.world_size
-    outcome = torch.zeros(1 + world, dtype=torch.int32, device=received.device)
+    outcome = torch.zeros(1 + world, dtype=torch.int32, device=device)
     start = time.perf_counter()
     try:
-        result = setup.code.decode(received, generator=generator)
+        result = run()
         check_verdict(setup.code, result.faulty, trusted)
     except DracoDecodeError as error:
         outcome[0] = DecodeStatus.FAILED

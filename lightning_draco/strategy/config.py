@@ -10,12 +10,14 @@ from lightning_draco.adversary import Adversary
 from lightning_draco.aggregators import Aggregator, make_aggregator, with_pre_aggregators
 from lightning_draco.aggregators.coded import AggregatedCode
 from lightning_draco.codes import Code, code_class, make_code
+from lightning_draco.codes.reactive import ReactiveRepetitionCode
 
 __all__ = ["DracoConfig"]
 
 FAILURE_MODES = ("raise", "skip")
 AGGREGATE_OVER = ("whole", "bucket")
 DECODE_MODES = ("ps", "sharded")
+REDUNDANCY_MODES = ("full", "reactive")
 
 
 def _is_int(value: Any) -> bool:
@@ -48,6 +50,8 @@ class DracoConfig:
     startup_timeout: Optional[timedelta] = None
     decode: str = "ps"
     overlap: bool = False
+    redundancy_mode: str = "full"
+    quarantine_after: Optional[int] = None
 
     @classmethod
     def from_arguments(
@@ -64,6 +68,8 @@ class DracoConfig:
     ) -> "DracoConfig":
         """Normalise the forms the strategy accepts (names, dicts, seconds) into a checked config."""
         code_cls = code_class(fields.get("code", cls.code))
+        if fields.get("redundancy_mode") == "reactive" and fields.get("code", cls.code) == "frc":
+            code_cls = ReactiveRepetitionCode
         num_adversaries = fields.get("num_adversaries", cls.num_adversaries)
         if redundancy is None:
             redundancy = code_cls.default_redundancy(num_adversaries) if _is_int(num_adversaries) else 1
@@ -87,6 +93,18 @@ class DracoConfig:
 
     def __post_init__(self) -> None:
         code_cls = code_class(self.code)
+        if self.redundancy_mode not in REDUNDANCY_MODES:
+            raise ValueError(
+                f"redundancy_mode must be one of {', '.join(REDUNDANCY_MODES)} (got {self.redundancy_mode!r})."
+            )
+        if self.reactive:
+            self._check_reactive()
+            code_cls = ReactiveRepetitionCode
+        elif self.quarantine_after is not None:
+            raise ValueError(
+                "quarantine_after has no effect with redundancy_mode='full': every group is already voted at every"
+                " step; use redundancy_mode='reactive'."
+            )
         code_cls.check(self.num_adversaries, self.redundancy)
         if not _is_int(self.ps_rank) or self.ps_rank < 0:
             raise ValueError(f"ps_rank must be an integer >= 0 (got {self.ps_rank!r}).")
@@ -128,7 +146,28 @@ class DracoConfig:
                 f"adversary must be an Adversary, a dict of its arguments or None (got {self.adversary!r})."
             )
 
+    def _check_reactive(self) -> None:
+        """What ``redundancy_mode="reactive"`` cannot be combined with, each refused in one sentence."""
+        if self.code != "frc":
+            raise ValueError(
+                f"redundancy_mode='reactive' needs code='frc' (got code={self.code!r}): only the repetition code's"
+                " replicas are bitwise copies of one value, which s+1 of them can confirm without a vote."
+            )
+        if self.aggregator is not None:
+            raise ValueError(
+                "redundancy_mode='reactive' cannot run an aggregator: a robust rule needs every group's value at"
+                " every step, and reactive mode computes a group's 2s+1 copies only when its replicas disagree;"
+                " use redundancy_mode='full'."
+            )
+        if self.quarantine_after is not None and (not _is_int(self.quarantine_after) or self.quarantine_after < 0):
+            raise ValueError(f"quarantine_after must be None or an integer >= 0 (got {self.quarantine_after!r}).")
+
     # -- derived ------------------------------------------------------------------------------
+    @property
+    def reactive(self) -> bool:
+        """Whether groups of ``s+1`` detect lies and only disagreeing groups are recomputed (``redundancy_mode``)."""
+        return self.redundancy_mode == "reactive"
+
     @property
     def finite_check(self) -> bool:
         """Whether a decoded NaN/Inf fails the step: on, except for plain averaging (``code="none"``
@@ -160,17 +199,25 @@ class DracoConfig:
         ``validate(world_size)`` first."""
         self.validate(world_size)
         options = {} if self.tolerance is None else {"tolerance": float(self.tolerance)}
+        if self.reactive:
+            # Sharded: each shard's decoders must detect alike; a floor learned from their own votes would differ.
+            return ReactiveRepetitionCode(
+                world_size, self.num_adversaries, self.redundancy, learn_floor=self.decode == "ps", **options
+            )
         code = make_code(self.code, world_size, self.num_adversaries, self.redundancy, **options)
         return code if self.aggregator is None else AggregatedCode(code, self.aggregator)
 
     def resume_conditions(self, world_size: int) -> dict[str, Any]:
         """What a checkpoint records and a resume must match: the partitions mean the same data."""
-        return {
+        conditions = {
             "world_size": world_size,
             "code": self.code,
             "num_adversaries": self.num_adversaries,
             "redundancy": self.redundancy,
         }
+        if self.reactive:  # only then: checkpoints written before the mode existed stay resumable
+            conditions["redundancy_mode"] = self.redundancy_mode
+        return conditions
 
 
 def _seconds(name: str, value: Union[timedelta, float, None]) -> Optional[timedelta]:

@@ -4,6 +4,7 @@ The strategy wires collaborators together and does little itself:
 
 - ``DracoConfig`` (config.py): the arguments, checked once; builds the code;
 - ``CodedStep`` (coded_step.py): one forward per partition, the weights applied exactly;
+- ``Escalation`` (escalation.py): reactive mode's recomputation of groups whose replicas disagreed;
 - the exchange (``lightning_draco.exchange``): the comm hook that replaces DDP's all-reduce;
 - checkpoint.py: what DRACO adds to a checkpoint, and the PS's own state;
 - ``SkipGuard`` (skip.py), ``FaultLedger`` (report.py), ``SlurmRequeue`` (requeue.py).
@@ -36,7 +37,7 @@ from lightning_draco.adversary import Adversary
 from lightning_draco.aggregators import Aggregator
 from lightning_draco.batch_view import BatchHookView
 from lightning_draco.codes import Code, DracoDecodeError, NonFiniteGradientError
-from lightning_draco.consistency import check_first_batch, explain_decode_failure
+from lightning_draco.consistency import InconsistentDataError, batch_digest, check_first_batch, explain_decode_failure
 from lightning_draco.data import DracoDataLoader, PartitionBatch, transfer_seed
 from lightning_draco.exchange import (
     ExchangeSetup,
@@ -45,6 +46,8 @@ from lightning_draco.exchange import (
     adversarial,
     overlapped,
     ps_hook,
+    reactive_ps_hook,
+    reactive_sharded_hook,
     sharded_hook,
     whole_step_hook,
 )
@@ -56,6 +59,7 @@ from lightning_draco.strategy import checkpoint as ckpt
 from lightning_draco.strategy.checkpoint import IncompatibleCheckpointError
 from lightning_draco.strategy.coded_step import CodedStep, encoded
 from lightning_draco.strategy.config import DracoConfig
+from lightning_draco.strategy.escalation import Escalation
 from lightning_draco.strategy.skip import SkipGuard
 
 __all__ = ["DracoStrategy", "IncompatibleCheckpointError"]
@@ -93,6 +97,15 @@ class DracoStrategy(DDPStrategy):
             and ``code="none"`` only; no aggregator).
         overlap: run the exchange on a communication thread so that the backward goes on while
             buckets are exchanged (gradients unchanged, bit for bit).
+        redundancy_mode: ``"full"``: every partition is computed ``redundancy`` times at every step
+            (the paper's one-shot code). ``"reactive"`` (``code="frc"``): groups of ``s+1`` ranks
+            (``redundancy``, default ``s+1``; ``P`` a multiple of it) compute the same sum; a group
+            whose copies are bitwise equal is accepted (one of them is honest), and only a group
+            whose copies differ is recomputed, inside the same step, by ``2s+1-r`` ranks outside it
+            and voted over ``2s+1`` copies. The same guarantee at ``(s+1)/(2s+1)`` of the compute
+            when nobody lies; ``escalations`` counts the steps that needed the vote.
+        quarantine_after: reactive mode: a rank caught at more steps than this is quarantined: its
+            group is recomputed and voted at every later step, and it is reported (``quarantined``).
         adversary: simulated Byzantine ranks (``Adversary`` or a dict of its arguments).
         tolerance: how far honest replicas of a partition's gradient may differ, relative to their
             norm, beyond rounding (non-deterministic kernels). ``None``: each code's default
@@ -156,6 +169,8 @@ class DracoStrategy(DDPStrategy):
         decode: str = "ps",
         startup_timeout: Union[timedelta, float, None] = None,
         overlap: bool = False,
+        redundancy_mode: str = "full",
+        quarantine_after: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         for name in _OWN_HOOK_ARGS:
@@ -169,6 +184,7 @@ class DracoStrategy(DDPStrategy):
             projection_secret=projection_secret, check_finite=check_finite, broadcast_buffers=broadcast_buffers,
             aggregator=aggregator, aggregator_options=aggregator_options, pre_aggregators=pre_aggregators,
             aggregate_over=aggregate_over, timeout=timeout, startup_timeout=startup_timeout, decode=decode, overlap=overlap,
+            redundancy_mode=redundancy_mode, quarantine_after=quarantine_after,
         )
         self._adversary_warnings = self.config.adversary_warnings()
         if self.config.timeout is not None:
@@ -193,6 +209,11 @@ class DracoStrategy(DDPStrategy):
         self._check_data = False
         self._agreed_failure: Optional[BaseException] = None
         self._comm_thread: Optional[ThreadPoolExecutor] = None
+        self._escalation: Optional[Escalation] = None
+        # Reactive mode: the training step on one partition as a helper runs it (set per step).
+        self._recompute_forward: Optional[Callable[[Any], Any]] = None
+        #: Reactive mode: ranks caught at more than ``quarantine_after`` steps (their groups are always voted).
+        self.quarantined: set[int] = set()
 
     # -- what the run was asked for ---------------------------------------------------------
     @property
@@ -263,6 +284,8 @@ class DracoStrategy(DDPStrategy):
             ExchangeSetup(self.code, rank, self.ps_rank, check_finite=self.config.finite_check, secret=secret)
         )
         self._coded_step = CodedStep(self.code, rank, self.seed, self.root_device)
+        if self.config.reactive:
+            self._escalation = Escalation(self.code, self._coded_step)
         environment = self.cluster_environment
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
             # Replaces Lightning's handler, which checkpoints from inside the signal (see requeue.py).
@@ -283,6 +306,12 @@ class DracoStrategy(DDPStrategy):
             raise self._agreed(ValueError(
                 "DracoStrategy supports automatic optimization only: set automatic_optimization = True"
                 " in your LightningModule (manual optimizer steps bypass the decode-failure handling)."
+            ))
+        if fitting and self.config.reactive and int(trainer.accumulate_grad_batches) > 1:
+            raise self._agreed(ValueError(
+                f"redundancy_mode='reactive' supports accumulate_grad_batches=1 only (got"
+                f" {trainer.accumulate_grad_batches}): a group recomputed after the step's last micro-batch would"
+                " need every earlier micro-batch again; use redundancy_mode='full' to accumulate gradients."
             ))
         if fitting:
             trained = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
@@ -314,7 +343,9 @@ class DracoStrategy(DDPStrategy):
     def _hook(self) -> Callable:
         """The exchange hook for this configuration: the decode mode's, with the simulated liars, on
         the communication thread if asked, the coded step's last weight applied as buckets leave."""
-        if self.config.decode == "sharded":
+        if self.config.reactive:
+            hook = reactive_sharded_hook if self.config.decode == "sharded" else reactive_ps_hook
+        elif self.config.decode == "sharded":
             hook = sharded_hook
         else:
             hook = whole_step_hook if self.config.whole_step else ps_hook
@@ -342,12 +373,47 @@ class DracoStrategy(DDPStrategy):
             # Once per fit, before the first step: holders of a partition must have loaded the same data.
             self._check_data = False
             check_first_batch(batch, self.world_size)
-        moved = []
-        for partition, part in zip(batch.partitions, batch.batches):
-            with seeded_rng(transfer_seed(self.seed, batch.epoch, batch.index, partition), self.root_device):
-                moved.append(super().batch_to_device(part, device, dataloader_idx))
+            if self.config.reactive:
+                self._check_replay(batch)
+        moved = [
+            self._partition_to_device(part, partition, batch.epoch, batch.index, device, dataloader_idx)
+            for partition, part in zip(batch.partitions, batch.batches)
+        ]
         self.partition_batch = batch._replace(batches=moved)
         return self.partition_batch
+
+    def _partition_to_device(
+        self, part: Any, partition: int, epoch: int, index: int, device: Optional[torch.device] = None,
+        dataloader_idx: int = 0,
+    ) -> Any:
+        """One partition's batch through Lightning's transfer hooks, under that partition's transfer seed."""
+        with seeded_rng(transfer_seed(self.seed, epoch, index, partition), self.root_device):
+            return super().batch_to_device(part, device, dataloader_idx)
+
+    def _check_replay(self, batch: PartitionBatch) -> None:
+        """Reactive mode: helpers load a partition's batch by index; it must be the batch its holders loaded.
+
+        Compared once, on the first batch of each partition this rank holds; any mismatch fails every rank.
+        """
+        mismatched = []
+        for partition, part in zip(batch.partitions, batch.batches):
+            try:
+                replayed = self._train_loader.replay(partition, batch.epoch, batch.index)
+            except ValueError as error:  # the same loader on every rank: every rank raises it here
+                raise self._agreed(error)
+            if batch_digest(replayed) != batch_digest(part):
+                mismatched.append(partition)
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mismatched)
+        partitions = sorted({p for ranks_view in gathered for p in ranks_view})
+        if partitions:
+            raise self._agreed(InconsistentDataError(
+                f"redundancy_mode='reactive' recomputes a group on other ranks from its batches loaded by index"
+                f" (dataset[i] and collate_fn, under the batch's seed), but for partitions {partitions} that replay"
+                " differs from what the training DataLoader yielded: randomness drawn inside loader workers"
+                " (num_workers > 0) cannot be replayed. Use num_workers=0, or move random augmentation into"
+                " on_after_batch_transfer or training_step, which run under per-partition seeds."
+            ))
 
     # -- the step -------------------------------------------------------------------------
     @override
@@ -364,6 +430,16 @@ class DracoStrategy(DDPStrategy):
             if poisoned:
                 part = self.adversary.poison(part, rank=self.global_rank, step=self._exchange.outcome.step)
             return super(DracoStrategy, self).training_step(part, *rest, **kwargs)
+
+        def recompute_forward(part: Any) -> Any:
+            # As ``forward`` but not through DDP's forward, which only the syncing step may run (it can
+            # rebuild buckets with a collective); the gradient is the same.
+            if poisoned:
+                part = self.adversary.poison(part, rank=self.global_rank, step=self._exchange.outcome.step)
+            with self.precision_plugin.train_step_context():
+                return self.lightning_module.training_step(part, *rest, **kwargs)
+
+        self._recompute_forward = recompute_forward
 
         with mean_over_partitions(self.lightning_module):
             if self._coded_step.summed:
@@ -394,8 +470,12 @@ class DracoStrategy(DDPStrategy):
         """Run the closure (forwards, backward, coded exchange), then step only if the decode succeeded."""
         trainer = self.lightning_module.trainer
         step = trainer.global_step
+        if self._escalation is not None:
+            self._quarantine()  # from the ledger, the same on every rank (also right after a resume)
         self._exchange.begin_step(step)
         result = closure()
+        if self._escalation is not None and self._exchange.outcome.buckets:
+            self._settle_escalations()
         outcome = self._exchange.outcome
         if outcome.buckets == 0:
             # Every rank sees the same. A parameter the loss never reached keeps its DDP bucket from
@@ -434,6 +514,36 @@ class DracoStrategy(DDPStrategy):
             self._requeue.agree(self.root_device)
         return output
 
+    def _settle_escalations(self) -> None:
+        """Reactive mode: recompute and vote the groups whose replicas disagreed; ``.grad`` gets the result."""
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        self._escalation.run(
+            self._exchange,
+            self._last_batch,
+            self._train_loader,
+            self._partition_to_device,
+            self._recompute_forward,
+            self.lightning_module,
+            [p for p in self.lightning_module.parameters() if p.requires_grad],
+            scaler.scale if scaler is not None else (lambda loss: loss),
+        )
+
+    def _quarantine(self) -> None:
+        """Reactive mode: ranks caught at more than ``quarantine_after`` steps get their groups voted at every step."""
+        limit = self.config.quarantine_after
+        if limit is None:
+            return
+        for rank, count in self.ledger.counts().items():
+            if count > limit and rank not in self.quarantined:
+                self.quarantined.add(rank)
+                group = self.code.group_of(rank)
+                rank_zero_warn(
+                    f"DRACO: rank {rank} on host {self.ledger.hostname(rank)} was caught at {count} steps, more than"
+                    f" quarantine_after={limit}: it is quarantined; its group ({self.code.members(group)}) is"
+                    " recomputed by other ranks and voted at every step from now on."
+                )
+        self._exchange.forced = frozenset(self.code.group_of(rank) for rank in self.quarantined)
+
     def _record(self, trainer: "pl.Trainer", step: int, caught: set[int], skipped: bool) -> None:
         for message in self.ledger.record(step, caught, skipped):
             rank_zero_warn(message)
@@ -449,12 +559,16 @@ class DracoStrategy(DDPStrategy):
     def _exchange_metrics(self) -> dict[str, float]:
         """Rank 0's exchange so far: seconds in collectives and decoding, payload bytes each way."""
         seconds, moved = self.exchange_seconds, self.exchange_bytes
-        return {
+        metrics = {
             "draco/seconds_communication": seconds["communication"],
             "draco/seconds_decode": seconds["decode"],
             "draco/bytes_sent": float(moved["sent"]),
             "draco/bytes_received": float(moved["received"]),
         }
+        if self._escalation is not None:
+            metrics["draco/escalations"] = float(self._escalation.steps)
+            metrics["draco/escalated_groups"] = float(self._escalation.groups)
+        return metrics
 
     def _steps_per_batch(self, scheduler: Any) -> bool:
         return any(c.scheduler is scheduler and c.interval == "step" for c in self.lr_scheduler_configs)
@@ -468,6 +582,20 @@ class DracoStrategy(DDPStrategy):
     @property
     def skipped_steps(self) -> int:
         return self.ledger.skipped_steps
+
+    @property
+    def escalations(self) -> int:
+        """Reactive mode: optimizer steps at which some group was recomputed and voted (0 in full mode)."""
+        return self._escalation.steps if self._escalation is not None else 0
+
+    @property
+    def escalation_stats(self) -> dict[str, float]:
+        """Reactive mode: ``steps`` and ``groups`` escalated (the same on every rank), and this rank's
+        ``partitions`` recomputed as a helper and ``seconds`` spent settling escalations."""
+        e = self._escalation
+        if e is None:
+            return {"steps": 0, "groups": 0, "partitions": 0, "seconds": 0.0}
+        return {"steps": e.steps, "groups": e.groups, "partitions": e.partitions, "seconds": e.seconds}
 
     @property
     def exchange_seconds(self) -> dict[str, float]:
@@ -495,6 +623,12 @@ class DracoStrategy(DDPStrategy):
     def on_train_end(self) -> None:
         super().on_train_end()
         rank_zero_info(self.ledger.summary())
+        if self._escalation is not None:
+            quarantined = f"; quarantined ranks: {sorted(self.quarantined)}" if self.quarantined else ""
+            rank_zero_info(
+                f"DRACO reactive mode: {self._escalation.steps} of {self.ledger.steps} steps escalated"
+                f" ({self._escalation.groups} group recomputations){quarantined}."
+            )
 
     @override
     def teardown(self) -> None:

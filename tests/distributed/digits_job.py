@@ -191,6 +191,8 @@ def run(name: str, scenario: Scenario) -> dict:
             steps_decoded=strategy.ledger.steps,
             exchange_bytes=strategy.exchange_bytes,
             numel=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            escalations=strategy.escalation_stats,
+            quarantined=sorted(strategy.quarantined),
         )
     if logger and trainer.global_rank == 0:
         with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
@@ -202,7 +204,7 @@ def run(name: str, scenario: Scenario) -> dict:
         }
     # Every rank reports what it saw, so tests can check that all ranks agree.
     gathered = [None] * dist.get_world_size()
-    keys = ("error", "sha", "hook_calls", "skipped", "faulty_counts", "exchange_bytes")
+    keys = ("error", "sha", "hook_calls", "skipped", "faulty_counts", "exchange_bytes", "escalations")
     dist.all_gather_object(gathered, {k: out.get(k) for k in keys})
     out["ranks"] = gathered
     return out

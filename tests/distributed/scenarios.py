@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from lightning_draco.attacks import call_attack, get_attack
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -87,6 +89,49 @@ SCENARIOS.update({
     "sharded9_decoder_reverse": Scenario(world=9, steps=8, strategy=SHARDED,
                                          liars=dict(ranks=[4], attack="reverse", roles=["decoder"])),
     "sharded9_fixed_alie": Scenario(world=9, steps=8, strategy=SHARDED, liars=RANK_4("alie")),
+})
+# Reactive redundancy: groups of s+1 detect, disagreeing groups are recomputed and voted. One fit
+# per way of choosing the liar covers every built-in attack: the attack changes with the step.
+REACTIVE = dict(redundancy_mode="reactive")
+GRADIENT_ATTACKS = ATTACKS + ["optimal_alie", "optimal_ipm", "mimic"]
+
+
+def rotating(names):
+    """An attack that is ``names[step % len(names)]`` at each step (it asks for every context keyword)."""
+    attacks = [get_attack(n) for n in names]
+
+    def attack(honest, *, rank, step, bucket, generator, shared_generator, honest_mean, honest_std, honest_vectors,
+               liars, defence):
+        context = dict(rank=rank, step=step, bucket=bucket, generator=generator, shared_generator=shared_generator,
+                       honest_mean=honest_mean, honest_std=honest_std, honest_vectors=honest_vectors, liars=liars,
+                       defence=defence)
+        return call_attack(attacks[step % len(attacks)], honest, {}, context)
+
+    return attack
+
+
+def lie_before_step_3(honest, *, step):
+    return honest.clone() if step >= 3 else -100 * honest
+
+
+SCENARIOS.update({
+    "reactive_clean": Scenario(strategy=REACTIVE),
+    # mimic copies the lowest honest rank: a random liar in rank 0's group would send its own honest sum.
+    "reactive_fixed_all": Scenario(strategy=REACTIVE, liars=dict(ranks=[4], attack=rotating(GRADIENT_ATTACKS))),
+    "reactive_random_all": Scenario(strategy=REACTIVE, liars=dict(ranks="random", attack=rotating(ATTACKS), seed=3)),
+    # ... on the communication thread (overlap), which changes nothing.
+    "reactive_fixed_label_flip": Scenario(strategy=dict(REACTIVE, overlap=True), liars=RANK_4("label_flip")),
+    # Without a parameter server: the liar lies in every role (gradient, recomputed sums, decoded shards).
+    "reactive_sharded_fixed_all": Scenario(strategy=dict(REACTIVE, decode="sharded"),
+                                           liars=dict(ranks=[4], attack=rotating(GRADIENT_ATTACKS))),
+    "reactive_sharded_random_all": Scenario(strategy=dict(REACTIVE, decode="sharded"),
+                                            liars=dict(ranks="random", attack=rotating(ATTACKS), seed=3)),
+    # Two liars in group 1 ({2, 3}) send different lies: its three copies hold no majority.
+    "reactive_two_liars_raise": Scenario(strategy=REACTIVE, liars=dict(ranks=[2, 3], attack="gaussian")),
+    # s = 2: groups of three, two helpers each; liars in both groups, so a liar also recomputes the other's sum.
+    "reactive_s2_reverse": Scenario(strategy=dict(REACTIVE, num_adversaries=2), liars=dict(ranks=[1, 3])),
+    "reactive_quarantine": Scenario(strategy=dict(REACTIVE, quarantine_after=1),
+                                    liars=dict(ranks=[5], attack=lie_before_step_3)),
 })
 SCENARIOS.update({
     "frc_two_liars_raise": Scenario(liars=dict(ranks=[1, 2], attack="gaussian")),

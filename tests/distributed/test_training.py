@@ -30,10 +30,14 @@ TRAINING = (
     + ["pre_nnm_krum_reverse", "pre_bucketing_median_reverse"]
     + ["sharded_clean", "sharded_overlap_clean", "frc_overlap_reverse", "sharded_two_liars_raise"]
     + [f"sharded_fixed_{a}" for a in ATTACKS + ADAPTIVE] + ["sharded_gradient_reverse", "sharded_decoder_reverse"]
+    + ["reactive_clean", "reactive_fixed_all", "reactive_random_all", "reactive_fixed_label_flip",
+       "reactive_two_liars_raise", "reactive_s2_reverse", "reactive_quarantine", "reactive_sharded_fixed_all",
+       "reactive_sharded_random_all"]
 )
 # Those that end with one model on every rank: not the refused, failed or resumed runs, nor plain DDP.
 ONE_MODEL = [n for n in TRAINING if not SCENARIOS[n].resume and n not in (
-    "frc_two_liars_raise", "sharded_two_liars_raise", "manual_optimization", "ddp_nodropout", "frc_diverge_raise")]
+    "frc_two_liars_raise", "sharded_two_liars_raise", "reactive_two_liars_raise", "manual_optimization",
+    "ddp_nodropout", "frc_diverge_raise")]
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +285,71 @@ def test_sharded_traffic_per_rank_stays_within_the_bound(runs):
     assert busiest <= (2 * (2 * s + 1) + 1) * d * item
     ps_in = max(r["exchange_bytes"]["received"] for r in ps["ranks"]) / steps
     assert ps_in >= (6 - 1) * d * item, "the PS receives every other rank's gradient"
+
+
+# -- reactive redundancy (groups of s+1; a disagreeing group is recomputed by others and voted) ----------
+@scenarios("reactive_clean", "reactive_{ranks}_all")
+@pytest.mark.parametrize("ranks", ["fixed", "random"])
+def test_reactive_mode_under_every_attack_trains_bitwise_the_reactive_clean_model(runs, ranks):
+    clean, run = runs["reactive_clean"], runs[f"reactive_{ranks}_all"]
+    assert run.get("error") is None and run["skipped"] == 0
+    assert run["sha"] == clean["sha"] and run["params"] == clean["params"]
+    assert clean["escalations"]["steps"] == 0, "nobody lies: no group is recomputed"
+    # One liar per step: exactly its group escalates, at every step, and it alone is caught.
+    assert run["escalations"]["steps"] == run["escalations"]["groups"] == 30
+    if ranks == "fixed":
+        assert run["faulty_counts"] == {"4": 30}
+    else:
+        assert sum(run["faulty_counts"].values()) == 30 and "0" not in run["faulty_counts"]
+    assert all(r["faulty_counts"] == run["faulty_counts"] and r["escalations"]["steps"] == 30 for r in run["ranks"])
+
+
+@scenarios("reactive_clean", "reactive_{ranks}_all", "reactive_sharded_{ranks}_all")
+@pytest.mark.parametrize("ranks", ["fixed", "random"])
+def test_reactive_sharded_decoding_under_every_attack_trains_bitwise_the_reactive_clean_model(runs, ranks):
+    run = runs[f"reactive_sharded_{ranks}_all"]
+    assert run.get("error") is None, run.get("error")
+    assert run["sha"] == runs["reactive_clean"]["sha"]
+    assert run["escalations"]["steps"] == 30
+    expected = runs[f"reactive_{ranks}_all"]["faulty_counts"]
+    assert all(r["faulty_counts"] == expected for r in run["ranks"]), "the same liars as with the parameter server"
+
+
+@scenarios("reactive_clean", "reactive_fixed_label_flip")
+def test_reactive_mode_catches_a_liar_that_trains_on_flipped_labels(runs):
+    run = runs["reactive_fixed_label_flip"]
+    assert run["sha"] == runs["reactive_clean"]["sha"] and run["faulty_counts"] == {"4": 30}
+
+
+@scenarios("reactive_fixed_all")
+def test_reactive_mode_recomputes_only_on_the_helpers(runs):
+    # Group 2 ({4, 5}) is recomputed by group 0's members in turn: rank 0 (the PS) at even steps, rank 1 at odd.
+    partitions = [r["escalations"]["partitions"] for r in runs["reactive_fixed_all"]["ranks"]]
+    assert partitions == [30, 30, 0, 0, 0, 0]
+
+
+@scenarios("reactive_s2_reverse", "frc_clean")
+def test_reactive_mode_with_s_2_survives_liars_that_also_recompute_other_groups(runs):
+    # With s=2 the reactive groups are three ranks, the one-shot code's groups for s=1: the same sums
+    # added in the same order, so the adversary-free reactive model is the one-shot clean model.
+    run = runs["reactive_s2_reverse"]
+    assert run["sha"] == runs["frc_clean"]["sha"] and run["faulty_counts"] == {"1": 30, "3": 30}
+    assert run["escalations"]["groups"] == 60
+
+
+@scenarios("reactive_two_liars_raise")
+def test_reactive_mode_more_than_s_liars_among_the_copies_raise_on_every_rank(runs):
+    run = runs["reactive_two_liars_raise"]
+    for seen in run["ranks"]:
+        error = seen["error"]
+        assert error["type"] == "DracoDecodeError" and error["step"] == 0
+        assert "ranks [2, 3, 4]" in error["message"] and "more than s=1 of these ranks lied" in error["message"]
+    assert run["global_step"] == 0
+
+
+@scenarios("reactive_clean", "reactive_quarantine")
+def test_a_quarantined_rank_has_its_group_voted_at_every_later_step(runs):
+    run = runs["reactive_quarantine"]  # rank 5 lies at steps 0-2 only; quarantine_after=1
+    assert run["quarantined"] == [5] and run["faulty_counts"] == {"5": 3}
+    assert run["escalations"]["steps"] == 30, "caught twice by step 1, then forced at every step"
+    assert run["sha"] == runs["reactive_clean"]["sha"]

@@ -24,6 +24,9 @@ from lightning_draco.exchange import (
     adversarial,
     overlapped,
     ps_hook,
+    reactive_ps_hook,
+    reactive_sharded_hook,
+    settle,
     sharded_hook,
     whole_step_hook,
 )
@@ -56,6 +59,67 @@ def honest_gradient(rank: int, code, d: int) -> torch.Tensor:
     """Rank ``rank``'s coded vector from partition gradients every rank can draw."""
     grads = torch.randn(code.num_partitions, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     return code.encode(grads)[rank].clone(), grads.sum(0) / code.num_workers
+
+
+def low_bit_in_bucket_1(honest: torch.Tensor, *, bucket: int) -> torch.Tensor:
+    """The lowest mantissa bit of one entry flipped, in the second bucket only: no tolerance would see it."""
+    lie = honest.clone()
+    if bucket == 1:
+        lie.view(torch.int32)[0] ^= 1
+    return lie
+
+
+def reactive_runs(rank: int, world: int) -> dict:
+    """Reactive exchanges of two buckets (the second bucket's parameters laid out as two tensors):
+    per run, each bucket's result, the pending groups, who was caught, the failure, the bytes."""
+    from lightning_draco.codes.reactive import ReactiveRepetitionCode
+
+    runs = {}
+    for name, s, adversary in [
+        ("clean", 1, None),
+        ("liar", 1, Adversary(ranks=[4], attack="reverse")),
+        ("low_bit", 1, Adversary(ranks=[3], attack=low_bit_in_bucket_1)),
+        ("two_liars", 1, Adversary(ranks=[2, 3], attack="gaussian")),
+        ("s2_clean", 2, None),
+        ("s2_liars_also_recompute", 2, Adversary(ranks=[1, 3], attack="reverse")),
+        ("sharded_clean", 1, None),
+        ("sharded_liar", 1, Adversary(ranks=[4], attack="reverse")),
+        ("sharded_gradient", 1, Adversary(ranks=[3], attack="reverse", roles=["gradient"])),
+        ("sharded_decoder", 1, Adversary(ranks=[3], attack="gaussian", roles=["decoder"])),
+        ("sharded_two_liars", 1, Adversary(ranks=[2, 3], attack="gaussian")),
+        ("sharded_s2_liars_also_recompute", 2, Adversary(ranks=[1, 3], attack="reverse")),
+    ]:
+        code = ReactiveRepetitionCode(world, s, learn_floor=not name.startswith("sharded"))
+        exchange = reactive_sharded_hook if name.startswith("sharded") else reactive_ps_hook
+        grads = torch.randn(world, 23, generator=torch.Generator().manual_seed(11), dtype=torch.float32)
+        group_sums = code.encode(grads)  # row i: rank i's group's sum, computed as the coded step does
+        state = ExchangeState(ExchangeSetup(code, rank, ps_rank=0))
+        state.begin_step(0)
+        hook = exchange if adversary is None else adversarial(exchange, adversary)
+        params = [torch.zeros(9), torch.zeros(4, 2), torch.zeros(6)]
+        results = [
+            hook(state, Bucket(group_sums[rank, :9].clone(), 0, False, params[:1])).value().clone(),
+            hook(state, Bucket(group_sums[rank, 9:].clone(), 1, True, params[1:])).value().clone(),
+        ]
+        pending = {index: list(groups) for index, groups in state.outcome.pending.groups.items()}
+        asked = []
+
+        def recompute(group, buckets):
+            asked.append((group, list(buckets)))
+            value = group_sums[code.members(group)[0]]
+            return {index: (value[:9] if index == 0 else value[9:]).clone() for index in buckets}
+
+        corrected = settle(state, recompute)
+        for index, mean in corrected.items():
+            results[index] = mean
+        step = state.outcome
+        runs[name] = dict(
+            result=torch.cat(results),
+            clean=code.total([group_sums[g * code.redundancy] for g in range(code.num_groups)]) / world,
+            pending=pending, asked=asked, caught=sorted(step.caught), failure=str(step.failure or ""),
+            sent=state.stats.sent, received=state.stats.received, outvoted=sorted(step.decoders_outvoted),
+        )
+    return runs
 
 
 def main(out: str, world: int) -> None:
@@ -155,6 +219,9 @@ def main(out: str, world: int) -> None:
         state.begin_step(0)
         futures = [overlapped(sharded_hook, thread)(state, Bucket(coded.clone(), i, i == 2)) for i in range(3)]
         seen["overlapped"] = [f.wait().clone() for f in futures]
+
+    # 9. Reactive redundancy: groups of s+1 detect in the hook; disagreeing groups settle after it.
+    seen["reactive"] = reactive_runs(rank, world)
 
     torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()

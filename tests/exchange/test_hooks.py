@@ -123,3 +123,65 @@ def test_the_whole_step_waits_for_the_last_bucket_and_lays_the_step_out_by_param
         pending, result, median = ranks_view["whole"]
         assert pending is False, "the first bucket's future completes only with the step's last"
         assert torch.equal(result, median)
+
+
+# -- reactive redundancy -------------------------------------------------------------------------
+def test_reactive_clean_step_is_one_shot_and_costs_one_flag_vector_more_than_nothing(seen):
+    groups, d, item = WORLD // 2, 23, 4
+    for rank, ranks_view in enumerate(seen):
+        run = ranks_view["reactive"]["clean"]
+        assert torch.equal(run["result"], run["clean"])
+        assert run["pending"] == {} and run["asked"] == [] and run["caught"] == []
+        flags = 2 * (1 + groups) * 4  # one flag vector per bucket
+        if rank == 0:
+            assert (run["sent"], run["received"]) == ((WORLD - 1) * (d * item + flags), (WORLD - 1) * d * item)
+        else:
+            assert (run["sent"], run["received"]) == (d * item, d * item + flags)
+
+
+@pytest.mark.parametrize("name, liars", [("liar", [4]), ("low_bit", [3]), ("s2_liars_also_recompute", [1, 3])])
+def test_reactive_escalation_gives_bitwise_the_clean_result_and_names_the_liars(seen, name, liars):
+    clean = seen[0]["reactive"]["clean" if not name.startswith("s2") else "s2_clean"]["result"]
+    for ranks_view in seen:
+        run = ranks_view["reactive"][name]
+        assert torch.equal(run["result"], clean), name
+        assert run["caught"] == liars and run["failure"] == ""
+
+
+def test_reactive_only_the_helpers_recompute_and_only_the_pending_buckets(seen):
+    # s = 1, step 0: group 2 ({4, 5}) is recomputed by the next group's first member, rank 0.
+    for rank, ranks_view in enumerate(seen):
+        run = ranks_view["reactive"]["liar"]
+        assert run["pending"] == {0: [2], 1: [2]}
+        assert run["asked"] == ([(2, [0, 1])] if rank == 0 else [])
+        low_bit = ranks_view["reactive"]["low_bit"]
+        assert low_bit["pending"] == {1: [1]}, "one flipped bit: one group, one bucket"
+    # s = 2: groups {0,1,2} and {3,4,5}; at step 0 group 0's helpers are ranks 3, 4 and group 1's are 0, 1.
+    asked = {rank: ranks_view["reactive"]["s2_liars_also_recompute"]["asked"] for rank, ranks_view in enumerate(seen)}
+    assert asked == {0: [(1, [0, 1])], 1: [(1, [0, 1])], 2: [], 3: [(0, [0, 1])], 4: [(0, [0, 1])], 5: []}
+
+
+def test_reactive_more_than_s_liars_among_the_copies_fail_on_every_rank(seen):
+    failures = {ranks_view["reactive"]["two_liars"]["failure"] for ranks_view in seen}
+    assert len(failures) == 1
+    failure = failures.pop()
+    assert "more than s=1 of these ranks lied" in failure and "[2, 3, 4]" in failure
+
+
+@pytest.mark.parametrize(
+    "name, caught",
+    [("sharded_clean", []), ("sharded_liar", [4]), ("sharded_gradient", [3]), ("sharded_decoder", [3]),
+     ("sharded_s2_liars_also_recompute", [1, 3])],
+)
+def test_reactive_sharded_decoding_gives_bitwise_the_parameter_servers_result(seen, name, caught):
+    reference = seen[0]["reactive"]["s2_clean" if "s2" in name else "clean"]["result"]
+    for ranks_view in seen:
+        run = ranks_view["reactive"][name]
+        assert torch.equal(run["result"], reference), name
+        assert run["caught"] == caught and run["failure"] == ""
+    assert seen[0]["reactive"]["sharded_decoder"]["pending"] == {}, "a lying decoder is outvoted, nothing to recompute"
+    assert seen[0]["reactive"]["sharded_decoder"]["outvoted"] == [3]
+
+
+def test_reactive_sharded_more_than_s_liars_fail_on_every_rank(seen):
+    assert all("more than s=1" in ranks_view["reactive"]["sharded_two_liars"]["failure"] for ranks_view in seen)

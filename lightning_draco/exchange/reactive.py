@@ -1,0 +1,400 @@
+"""Reactive redundancy in the exchange: detect in the hook, correct after the backward.
+
+Groups of ``r = s+1`` ranks compute the same sum (``codes/reactive.py``). Per bucket, the hook
+gathers every rank's vector to the PS as ``ps_hook`` does; the PS accepts each group whose
+replicas agree and, if every group agrees, broadcasts the mean: the step costs what the one-shot
+exchange costs. A group whose replicas differ is *pending*: the PS keeps its members' rows and
+every rank learns which groups are pending (one small broadcast per bucket, before the values).
+
+After the backward, ``settle`` completes the pending groups: their helpers (``2s+1-r`` ranks
+outside the group, ``ReactiveRepetitionCode.helpers``) send the group's sum they recomputed for
+each pending bucket, the PS votes the ``2s+1`` copies as the repetition code votes a group, adds
+every group's value in group order (the sum is bitwise the one an agreeing step gives) and
+broadcasts the corrected buckets and who lied.
+
+Without a parameter server (``decode="sharded"``, ``reactive_sharded_hook``), each shard's
+``2s+1`` decoders detect on their shard and the copies of their verdicts (values and pending
+groups) are voted as sharded decoding votes; in ``settle`` the helpers send each decoder its
+shards of what they recomputed, every decoder votes the pending groups on its shards, and the
+decoded shards are voted again.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_draco._bits import bits_dtype
+from lightning_draco.codes import DecodeResult, DracoDecodeError
+from lightning_draco.exchange import collectives
+from lightning_draco.exchange.ps import share_from_ps
+from lightning_draco.exchange.sharded import _agree, _decode_shard, _fail, _vote_shard, shard_bounds, shards_of
+from lightning_draco.exchange.state import ExchangeState
+from lightning_draco.exchange.verdict import DecodeStatus, judge
+
+__all__ = ["Recompute", "reactive_ps_hook", "reactive_sharded_hook", "settle"]
+
+#: ``recompute(group, buckets)``: this rank's sum of ``group``'s partition gradients, flattened in the
+#: layout of each of ``buckets`` (bucket index -> flat vector of the bucket's dtype and length).
+Recompute = Callable[[int, list[int]], dict[int, Tensor]]
+
+
+def reactive_ps_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """Replace the all-reduce of one bucket: gather, accept the groups whose replicas agree, flag the others.
+
+    1. ``gather`` every rank's coded bucket to the PS; every rank notes the bucket's parameters
+       (the layout in which helpers will send a recomputed sum).
+    2. The PS compares each group's replicas (``detect``) and forces the groups of quarantined ranks.
+    3. ``broadcast`` the bucket's flags (status, then one per group): every rank learns the pending groups.
+    4. No pending group: the PS broadcasts the mean (the groups' values in group order, over ``P``).
+       Otherwise the PS keeps the disagreeing groups' rows and the others' values, and the bucket
+       waits for ``settle``; the hook returns the rank's own vector, which ``settle`` replaces.
+    """
+    setup = state.setup
+    code = setup.code
+    coded = bucket.buffer()
+    index = state.next_bucket()
+    pending = state.outcome.pending
+    pending.layout[index] = list(bucket.parameters())
+    received = state.received_rows(setup.world_size, coded) if setup.is_ps else None
+    collectives.gather(state, coded, received, dst=setup.ps_rank)
+    groups = code.num_groups
+    flags = torch.zeros(1 + groups, dtype=torch.int32, device=coded.device)
+    mean = None
+    if setup.is_ps:
+        start = time.perf_counter()
+        rows = received.view(groups, code.redundancy, -1)
+        agree = code.detect(received)
+        disagree = [g for g in range(groups) if not agree[g] or g in state.forced]
+        if disagree:
+            # ``received`` is reused by the next bucket: keep what the vote and the sum will need.
+            pending.kept[index] = [rows[g].clone() if g in disagree else rows[g, 0].clone() for g in range(groups)]
+            flags[1 + torch.tensor(disagree, dtype=torch.long)] = 1
+        else:
+            mean = code.total([rows[g, 0] for g in range(groups)]).div_(setup.world_size)
+            if setup.check_finite and not bool(torch.isfinite(mean).all()):
+                flags[0] = DecodeStatus.NONFINITE
+        state.stats.seconds["decode"] += time.perf_counter() - start
+    collectives.broadcast(state, flags, src=setup.ps_rank)
+    values = flags.tolist()
+    disagree = [g for g in range(groups) if values[1 + g]]
+    if disagree:
+        pending.groups[index] = disagree
+    else:
+        if setup.is_ps:
+            coded.copy_(mean)
+        collectives.broadcast(state, coded, src=setup.ps_rank)
+        if values[0] == DecodeStatus.NONFINITE:
+            state.outcome.nonfinite = True
+    future: torch.futures.Future[Tensor] = torch.futures.Future()
+    future.set_result(coded)
+    return future
+
+
+def settle(state: ExchangeState, recompute: Recompute) -> dict[int, Tensor]:
+    """Vote the step's pending groups; every rank gets each pending bucket's corrected mean.
+
+    Called on every rank after the backward, whatever it holds (every rank knows the pending
+    groups). Returns bucket index -> the corrected mean, laid out as the bucket (empty when no group
+    was pending); the step's outcome gets who lied and, when a vote fails, the failure.
+
+    1. Each helper of a pending group calls ``recompute`` once for all the group's pending buckets
+       and sends the pieces to the PS in one message (bucket, then group order); a simulated liar
+       corrupts them first (``state.corrupt_recomputed``).
+    2. The PS votes each pending group's ``2s+1`` copies per bucket and sums every group in order.
+    3. ``share_from_ps``: the corrected buckets and the outcome (caught ranks, or the failure).
+
+    Without a parameter server the same happens shard by shard (``_settle_sharded``).
+    """
+    pending = state.outcome.pending
+    if not pending:
+        return {}
+    setup, step = state.setup, state.outcome.step
+    code = setup.code
+    buckets = sorted(pending.groups)
+    owed = _owed(state)
+    mine = owed.get(setup.rank, [])
+    pieces = _recomputed(state, recompute, mine)  # (helper, bucket, group) -> the helper's copy
+    if sharded(state):
+        return _settle_sharded(state, owed, pieces)
+    if mine and not setup.is_ps:
+        collectives.send(state, torch.cat([pieces[(setup.rank, index, g)] for index, g in mine]), dst=setup.ps_rank)
+
+    like = {index: _like(pending.layout[index]) for index in buckets}
+    verdict = None
+    if setup.is_ps:
+        for helper in sorted(owed):
+            if helper == setup.rank:
+                continue
+            sizes = [like[index].numel() for index, _ in owed[helper]]
+            message = like[owed[helper][0][0]].new_empty(sum(sizes))
+            collectives.recv(state, message, src=helper)
+            for (index, g), piece in zip(owed[helper], message.split(sizes)):
+                pieces[(helper, index, g)] = piece
+
+        def vote() -> DecodeResult:
+            totals, faulty = [], set()
+            for index in buckets:
+                kept = pending.kept[index]
+                copies = {
+                    g: torch.cat([kept[g], torch.stack([pieces[(h, index, g)] for h in code.helpers(g, step)])])
+                    for g in pending.groups[index]
+                }
+                values = {g: kept[g] for g in range(code.num_groups) if g not in copies}
+                result = code.settle(values, copies, step)
+                totals.append(result.total)
+                faulty.update(result.faulty)
+            return DecodeResult(torch.cat(totals), sorted(faulty))
+
+        verdict = judge(state, vote, like[buckets[0]].device, trusted=setup.ps_rank)
+    corrected = {index: torch.empty_like(like[index]) for index in buckets}
+    share_from_ps(state, [corrected[index] for index in buckets], verdict, buckets[0])
+    return corrected
+
+
+def sharded(state: ExchangeState) -> bool:
+    """Whether the step's pending groups were flagged by ``reactive_sharded_hook`` (no parameter server)."""
+    return state.outcome.pending.sharded
+
+
+def _owed(state: ExchangeState) -> dict[int, list[tuple[int, int]]]:
+    """Helper -> the (bucket, group) pairs it recomputes and sends, in bucket then group order."""
+    pending, code, step = state.outcome.pending, state.setup.code, state.outcome.step
+    owed: dict[int, list[tuple[int, int]]] = {}
+    for index in sorted(pending.groups):
+        for g in pending.groups[index]:
+            for helper in code.helpers(g, step):
+                owed.setdefault(helper, []).append((index, g))
+    return owed
+
+
+def _recomputed(state: ExchangeState, recompute: Recompute, mine: list[tuple[int, int]]) -> dict:
+    """This rank's copies of the groups it recomputes, keyed ``(rank, bucket, group)``: one ``recompute``
+    per group for all its pending buckets; a simulated liar corrupts them (``state.corrupt_recomputed``)."""
+    rank = state.setup.rank
+    pieces: dict[tuple[int, int, int], Tensor] = {}
+    for g in sorted({g for _, g in mine}):
+        indices = [index for index, group in mine if group == g]
+        computed = recompute(g, indices)
+        for index in indices:
+            value = computed[index]
+            if state.corrupt_recomputed is not None:
+                value = state.corrupt_recomputed(value, index)
+            pieces[(rank, index, g)] = value
+    return pieces
+
+
+# -- without a parameter server ---------------------------------------------------------------------
+def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """Replace the all-reduce of one bucket: each shard's ``2s+1`` decoders detect, their verdicts are voted.
+
+    1. ``all_to_all`` as ``sharded_hook``: each decoder gets its shards of every rank's vector.
+    2. Each decoder detects per group on each of its shards: all agree, the shard's mean; else zeros
+       and the disagreeing groups flagged (a liar as decoder corrupts what it passes on).
+    3. ``all_gather`` every decoder's shards and verdicts (status, a flag per rank, a flag per group).
+    4. Per shard, the copy (values and verdict, bit for bit) that ``s+1`` decoders sent wins; the
+       bucket's pending groups are those any shard's winning verdict flags, the same on every rank.
+       A decoder keeps its received rows of a pending bucket for ``settle``.
+    5. At the step's last bucket, the step's outcome is agreed (``sharded._agree``).
+    """
+    setup = state.setup
+    code = setup.code
+    world, s, rank = setup.world_size, code.num_adversaries, setup.rank
+    coded = bucket.buffer()
+    index = state.next_bucket()
+    pending = state.outcome.pending
+    pending.sharded = True
+    pending.layout[index] = list(bucket.parameters())
+    bounds = shard_bounds(coded.numel(), world)
+    length = [bounds[k + 1] - bounds[k] for k in range(world)]
+    held = [shards_of(j, world, s) for j in range(world)]
+    sizes = [sum(length[k] for k in held[j]) for j in range(world)]
+    outgoing = torch.cat([coded[bounds[k] : bounds[k + 1]] for j in range(world) for k in held[j]])
+    incoming = coded.new_empty(world * sizes[rank])
+    with collectives.timed(state):
+        dist.all_to_all_single(incoming, outgoing, [sizes[rank]] * world, sizes, group=setup.process_group)
+    collectives.count(state, sent=outgoing.numel() - sizes[rank], received=incoming.numel() - sizes[rank], like=coded)
+    received = incoming.view(world, sizes[rank])
+
+    groups = code.num_groups
+    values, verdicts, start = [], [], 0
+    for k in held[rank]:
+        began = time.perf_counter()
+        columns = received[:, start : start + length[k]]
+        verdict = torch.zeros(1 + world + groups, dtype=torch.int32, device=coded.device)
+        agree = code.detect(columns) if length[k] else [True] * groups
+        if all(agree):
+            rows = columns.view(groups, code.redundancy, -1)
+            mean = code.total([rows[g, 0] for g in range(groups)]).div_(world) if length[k] else columns.new_empty(0)
+            if setup.check_finite and not bool(torch.isfinite(mean).all()):
+                verdict[0] = DecodeStatus.NONFINITE
+        else:
+            mean = columns.new_zeros(length[k])
+            verdict[1 + world + torch.tensor([g for g in range(groups) if not agree[g]], dtype=torch.long)] = 1
+        state.stats.seconds["decode"] += time.perf_counter() - began
+        values.append(mean.to(coded.dtype))
+        verdicts.append(verdict)
+        start += length[k]
+    decoded = torch.cat(values) if values else coded.new_empty(0)
+    if state.corrupt_decoded is not None:  # simulation: a liar lying as a decoder
+        decoded = state.corrupt_decoded(decoded, index)
+    copies, outcomes = _gather_decoded(state, decoded, torch.stack(verdicts), max(sizes))
+
+    flagged: set[int] = set()
+    for k in range(world):
+        verdict = _vote_detection(state, coded[bounds[k] : bounds[k + 1]], k, index, copies, outcomes, length, held)
+        if verdict is not None:
+            flagged.update(g for g, flag in enumerate(verdict[1 + world :].tolist()) if flag)
+    flagged.update(state.forced)
+    if flagged:
+        pending.groups[index] = sorted(flagged)
+        pending.kept[index] = [received]
+    if bucket.is_last():
+        _agree(state, coded.device, index)
+    future: torch.futures.Future[Tensor] = torch.futures.Future()
+    future.set_result(coded)
+    return future
+
+
+def _gather_decoded(state: ExchangeState, decoded: Tensor, verdicts: Tensor, widest: int) -> tuple[list, list]:
+    """Every decoder's decoded shards (padded to ``widest``) and verdicts, by rank."""
+    world = state.setup.world_size
+    mine = torch.zeros(widest, dtype=decoded.dtype, device=decoded.device)
+    mine[: decoded.numel()] = decoded
+    copies = [torch.empty_like(mine) for _ in range(world)]
+    collectives.all_gather(state, copies, mine)
+    outcomes = [torch.empty_like(verdicts) for _ in range(world)]
+    collectives.all_gather(state, outcomes, verdicts)
+    return copies, outcomes
+
+
+def _vote_detection(
+    state: ExchangeState,
+    target: Tensor,
+    shard: int,
+    index: int,
+    copies: list[Tensor],
+    outcomes: list[Tensor],
+    length: list[int],
+    held: list[list[int]],
+) -> "Tensor | None":
+    """Write into ``target`` the shard's values that ``s+1`` of its decoders sent with the same verdict, bit
+    for bit (the pending groups included); return that verdict, or ``None`` when no such class exists."""
+    setup, step = state.setup, state.outcome
+    world, s = setup.world_size, setup.code.num_adversaries
+    decoders = [(shard + t) % world for t in range(min(2 * s + 1, world))]
+    ballots = []
+    for j in decoders:
+        u = held[j].index(shard)
+        offset = sum(length[k] for k in held[j][:u])
+        ballots.append((copies[j][offset : offset + length[shard]], outcomes[j][u]))
+    classes: list[list[int]] = []
+    for t, (values, verdict) in enumerate(ballots):
+        for members in classes:
+            other_values, other_verdict = ballots[members[0]]
+            if torch.equal(verdict, other_verdict) and torch.equal(
+                values.view(bits_dtype(values)), other_values.view(bits_dtype(other_values))
+            ):
+                members.append(t)
+                break
+        else:
+            classes.append([t])
+    winners = [members for members in classes if len(members) >= s + 1]
+    if not winners:
+        _fail(step, DracoDecodeError(
+            f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent the same values and verdict: more"
+            f" than s={s} ranks lied.", decoders,
+        ), index)
+        return None
+    winner = winners[0]
+    values, verdict = ballots[winner[0]]
+    target.copy_(values)
+    step.decoders_outvoted.update(decoders[t] for t in range(len(decoders)) if t not in winner)
+    if int(verdict[0]) == DecodeStatus.NONFINITE:
+        step.nonfinite = True
+    return verdict
+
+
+def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int, Tensor]:
+    """``settle`` without a parameter server: helpers' shards to the decoders, votes per shard, vote of the votes."""
+    setup, pending, step = state.setup, state.outcome.pending, state.outcome.step
+    code = setup.code
+    world, s, rank = setup.world_size, code.num_adversaries, setup.rank
+    buckets = sorted(pending.groups)
+    like = {index: _like(pending.layout[index]) for index in buckets}
+    bounds = {index: shard_bounds(like[index].numel(), world) for index in buckets}
+    held = [shards_of(j, world, s) for j in range(world)]
+
+    def piece_of(vector: Tensor, index: int, decoder: int) -> Tensor:
+        cut = bounds[index]
+        return torch.cat([vector[cut[k] : cut[k + 1]] for k in held[decoder]])
+
+    def size(index: int, decoder: int) -> int:
+        cut = bounds[index]
+        return sum(cut[k + 1] - cut[k] for k in held[decoder])
+
+    # 1. Each helper sends every decoder its shards of each copy it recomputed.
+    mine = owed.get(rank, [])
+    out_sizes = [sum(size(index, j) for index, _ in mine) for j in range(world)]
+    in_sizes = [sum(size(index, rank) for index, _ in owed.get(h, [])) for h in range(world)]
+    first = like[buckets[0]]
+    outgoing = (
+        torch.cat([piece_of(pieces[(rank, index, g)], index, j) for j in range(world) for index, g in mine])
+        if mine else first.new_empty(0)
+    )
+    incoming = first.new_empty(sum(in_sizes))
+    with collectives.timed(state):
+        dist.all_to_all_single(incoming, outgoing, in_sizes, out_sizes, group=setup.process_group)
+    collectives.count(
+        state, sent=outgoing.numel() - out_sizes[rank], received=incoming.numel() - in_sizes[rank], like=first
+    )
+    received: dict[tuple[int, int, int], Tensor] = {}
+    for h, chunk in zip(range(world), incoming.split(in_sizes)):
+        parts = [size(index, rank) for index, _ in owed.get(h, [])]
+        for (index, g), part in zip(owed.get(h, []), chunk.split(parts)):
+            received[(h, index, g)] = part
+
+    # 2. Each decoder votes the pending groups on its shards; 3. the decoded shards are voted.
+    corrected = {}
+    for index in buckets:
+        kept = pending.kept[index][0]  # (P, this decoder's shards of the bucket)
+        cut = bounds[index]
+        length = [cut[k + 1] - cut[k] for k in range(world)]
+        verdicts, start = [], 0
+        for k in held[rank]:
+            columns = slice(start, start + length[k])
+            copies = {
+                g: torch.cat([kept[code.members(g), columns]]
+                             + [received[(h, index, g)][None, columns] for h in code.helpers(g, step)])
+                for g in pending.groups[index]
+            }
+            values = {g: kept[g * code.redundancy, columns] for g in range(code.num_groups) if g not in copies}
+            if length[k] == 0:
+                verdicts.append(_decode_shard(state, kept[:, columns], index))
+            else:
+                verdict = judge(state, lambda: code.settle(values, copies, step), kept.device)
+                if verdict.mean is None:  # a failed vote sends zeros; its status says why
+                    verdict = verdict._replace(mean=kept.new_zeros(length[k]))
+                verdicts.append(verdict)
+            start += length[k]
+        decoded = torch.cat([v.mean.to(kept.dtype) for v in verdicts]) if verdicts else kept.new_empty(0)
+        if state.corrupt_decoded is not None:
+            decoded = state.corrupt_decoded(decoded, index)
+        sizes = [sum(length[k] for k in held[j]) for j in range(world)]
+        copies_all, outcomes = _gather_decoded(state, decoded, torch.stack([v.outcome for v in verdicts]), max(sizes))
+        target = torch.empty_like(like[index])
+        for k in range(world):
+            _vote_shard(state, target[cut[k] : cut[k + 1]], k, index, copies_all, outcomes, length, held)
+        corrected[index] = target
+    _agree(state, first.device, buckets[0])
+    return corrected
+
+
+def _like(layout: list[Tensor]) -> Tensor:
+    """An empty flat vector shaped like a bucket of these parameters: their total length, dtype and device."""
+    first = layout[0]
+    return torch.empty(sum(p.numel() for p in layout), dtype=first.dtype, device=first.device)
