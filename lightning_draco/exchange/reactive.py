@@ -34,7 +34,7 @@ from lightning_draco.exchange import collectives
 from lightning_draco.exchange.ps import share_from_ps
 from lightning_draco.exchange.sharded import _agree, _decode_shard, _fail, _vote_shard, shard_bounds, shards_of
 from lightning_draco.exchange.state import ExchangeState
-from lightning_draco.exchange.verdict import DecodeStatus, judge
+from lightning_draco.exchange.verdict import DecodeStatus, judge, record
 
 __all__ = ["Recompute", "reactive_ps_hook", "reactive_sharded_hook", "settle"]
 
@@ -152,7 +152,8 @@ def settle(state: ExchangeState, recompute: Recompute) -> dict[int, Tensor]:
 
         verdict = judge(state, vote, like[buckets[0]].device, trusted=setup.ps_rank)
     corrected = {index: torch.empty_like(like[index]) for index in buckets}
-    share_from_ps(state, [corrected[index] for index in buckets], verdict, buckets[0])
+    outcome, error = share_from_ps(state, [corrected[index] for index in buckets], verdict)
+    record(state, outcome, error, buckets[0])
     return corrected
 
 
