@@ -32,7 +32,7 @@ from lightning_draco._bits import bits_dtype
 from lightning_draco.codes import DecodeResult, DracoDecodeError
 from lightning_draco.exchange import collectives
 from lightning_draco.exchange.ps import share_from_ps
-from lightning_draco.exchange.sharded import _agree, _decode_shard, _fail, _vote_shard, shard_bounds, shards_of
+from lightning_draco.exchange.sharded import agree, ballot, decode_shard, fail, vote_shard, shard_bounds, shards_of
 from lightning_draco.exchange.state import ExchangeState
 from lightning_draco.exchange.verdict import DecodeStatus, judge, record
 
@@ -200,7 +200,7 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     4. Per shard, the copy (values and verdict, bit for bit) that ``s+1`` decoders sent wins; the
        bucket's pending groups are those any shard's winning verdict flags, the same on every rank.
        A decoder keeps its received rows of a pending bucket for ``settle``.
-    5. At the step's last bucket, the step's outcome is agreed (``sharded._agree``).
+    5. At the step's last bucket, the step's outcome is agreed (``sharded.agree``).
     """
     setup = state.setup
     code = setup.code
@@ -255,7 +255,7 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
         pending.groups[index] = sorted(flagged)
         pending.kept[index] = [received]
     if bucket.is_last():
-        _agree(state, coded.device, index)
+        agree(state, coded.device, index)
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
@@ -306,7 +306,7 @@ def _vote_detection(
             classes.append([t])
     winners = [members for members in classes if len(members) >= s + 1]
     if not winners:
-        _fail(step, DracoDecodeError(
+        fail(step, DracoDecodeError(
             f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent the same values and verdict: more"
             f" than s={s} ranks lied.", decoders,
         ), index)
@@ -375,7 +375,7 @@ def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int,
             }
             values = {g: kept[g * code.redundancy, columns] for g in range(code.num_groups) if g not in copies}
             if length[k] == 0:
-                verdicts.append(_decode_shard(state, kept[:, columns], index))
+                verdicts.append(decode_shard(state, kept[:, columns], index))
             else:
                 verdict = judge(state, lambda: code.settle(values, copies, step), kept.device)
                 if verdict.mean is None:  # a failed vote sends zeros; its status says why
@@ -386,12 +386,13 @@ def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int,
         if state.corrupt_decoded is not None:
             decoded = state.corrupt_decoded(decoded, index)
         sizes = [sum(length[k] for k in held[j]) for j in range(world)]
-        copies_all, outcomes = _gather_decoded(state, decoded, torch.stack([v.outcome for v in verdicts]), max(sizes))
+        ballots = torch.stack([ballot(v.outcome, code.num_adversaries) for v in verdicts])
+        copies_all, outcomes = _gather_decoded(state, decoded, ballots, max(sizes))
         target = torch.empty_like(like[index])
         for k in range(world):
-            _vote_shard(state, target[cut[k] : cut[k + 1]], k, index, copies_all, outcomes, length, held)
+            vote_shard(state, target[cut[k] : cut[k + 1]], k, index, copies_all, outcomes, length, held)
         corrected[index] = target
-    _agree(state, first.device, buckets[0])
+    agree(state, first.device, buckets[0])
     return corrected
 
 

@@ -22,7 +22,7 @@ from lightning_draco.exchange import collectives
 from lightning_draco.exchange.state import ExchangeState
 from lightning_draco.exchange.verdict import CAUGHT, DecodeStatus, Verdict, decode
 
-__all__ = ["decoders_of", "shard_bounds", "shards_of", "sharded_hook"]
+__all__ = ["agree", "ballot", "decode_shard", "decoders_of", "fail", "shard_bounds", "shards_of", "sharded_hook", "vote_shard"]
 
 
 def shard_bounds(numel: int, world: int) -> list[int]:
@@ -78,7 +78,7 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
     # 3. Decode this rank's shards.
     verdicts, start = [], 0
     for k in held[rank]:
-        verdicts.append(_decode_shard(state, received[:, start : start + length[k]], index))
+        verdicts.append(decode_shard(state, received[:, start : start + length[k]], index))
         start += length[k]
     decoded = torch.cat([v.mean.to(coded.dtype) for v in verdicts]) if verdicts else coded.new_empty(0)
     if state.corrupt_decoded is not None:  # simulation: a liar lying as a decoder (exchange/adversarial.py)
@@ -90,23 +90,23 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
     mine[: decoded.numel()] = decoded
     copies = [torch.empty_like(mine) for _ in range(world)]
     collectives.all_gather(state, copies, mine)
-    outcome = torch.stack([_ballot(v.outcome, s) for v in verdicts])
+    outcome = torch.stack([ballot(v.outcome, s) for v in verdicts])
     outcomes = [torch.empty_like(outcome) for _ in range(world)]
     collectives.all_gather(state, outcomes, outcome)
 
     # 5. Vote each shard.
     for k in range(world):
-        _vote_shard(state, coded[bounds[k] : bounds[k + 1]], k, index, copies, outcomes, length, held)
+        vote_shard(state, coded[bounds[k] : bounds[k + 1]], k, index, copies, outcomes, length, held)
 
     # 6. Agree on the step.
     if bucket.is_last():
-        _agree(state, coded.device, index)
+        agree(state, coded.device, index)
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
 
 
-def _ballot(outcome: Tensor, num_adversaries: int) -> Tensor:
+def ballot(outcome: Tensor, num_adversaries: int) -> Tensor:
     """A decoder's verdict on one shard in ``1 + s`` entries, whatever ``P``: the status, then the ranks
     it caught (``-1`` pads). A decode that names more than ``s`` ranks has failed, so ``s`` slots suffice."""
     ballot = torch.full((1 + num_adversaries,), -1, dtype=torch.int32, device=outcome.device)
@@ -116,7 +116,7 @@ def _ballot(outcome: Tensor, num_adversaries: int) -> Tensor:
     return ballot
 
 
-def _decode_shard(state: ExchangeState, received: Tensor, index: int) -> Verdict:
+def decode_shard(state: ExchangeState, received: Tensor, index: int) -> Verdict:
     """One shard decoded as the PS would (no trusted rank, no secret); empty shards are trivially fine."""
     if received.shape[1] == 0:
         outcome = torch.zeros(1 + state.setup.world_size, dtype=torch.int32, device=received.device)
@@ -127,7 +127,7 @@ def _decode_shard(state: ExchangeState, received: Tensor, index: int) -> Verdict
     return verdict
 
 
-def _vote_shard(
+def vote_shard(
     state: ExchangeState,
     target: Tensor,
     shard: int,
@@ -157,7 +157,7 @@ def _vote_shard(
             classes.append([t])
     winners = [members for members in classes if len(members) >= s + 1]
     if not winners:
-        _fail(step, DracoDecodeError(
+        fail(step, DracoDecodeError(
             f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent the same decoded values: more than"
             f" s={s} ranks lied.", decoders,
         ), index)
@@ -170,7 +170,7 @@ def _vote_shard(
     step.caught.update(r for r, times in named.items() if times >= s + 1)
     status = int(verdict[0])
     if status == DecodeStatus.FAILED:
-        _fail(step, DracoDecodeError(
+        fail(step, DracoDecodeError(
             f"the decoders {[decoders[t] for t in winner]} of shard {shard} agree that the vectors reveal more than"
             f" s={s} liars; the decoded gradient is not applied.", [],
         ), index)
@@ -182,12 +182,12 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.view(bits_dtype(a)), b.view(bits_dtype(b)))
 
 
-def _fail(step, error: DracoDecodeError, index: int) -> None:
+def fail(step, error: DracoDecodeError, index: int) -> None:
     if step.failure is None:
         step.failure = error.at(step.step, index)
 
 
-def _agree(state: ExchangeState, device: torch.device, index: int) -> None:
+def agree(state: ExchangeState, device: torch.device, index: int) -> None:
     """One all-reduce (min) of ``[-failed, -nonfinite, caught flags...]``: any rank's failure fails
     the step on every rank; a rank stays caught only if every rank caught it."""
     setup, step = state.setup, state.outcome
@@ -202,7 +202,7 @@ def _agree(state: ExchangeState, device: torch.device, index: int) -> None:
     collectives.all_reduce_min(state, flags)
     agreed = flags.tolist()
     if agreed[0] and step.failure is None:
-        _fail(step, DracoDecodeError(
+        fail(step, DracoDecodeError(
             "another rank found this step's decode failed (more than s ranks lied, or a liar reported a"
             " failure); every rank fails the step together.", [],
         ), index)
