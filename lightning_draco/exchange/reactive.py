@@ -32,7 +32,15 @@ from lightning_draco._bits import bits_dtype
 from lightning_draco.codes import DecodeResult, DracoDecodeError
 from lightning_draco.exchange import collectives
 from lightning_draco.exchange.ps import share_from_ps
-from lightning_draco.exchange.sharded import agree, ballot, decode_shard, fail, vote_shard, shard_bounds, shards_of
+from lightning_draco.exchange.sharded import (
+    agree_on_step,
+    decode_shard,
+    record_failure,
+    shard_ballot,
+    shard_bounds,
+    shards_of,
+    vote_shard,
+)
 from lightning_draco.exchange.state import ExchangeState
 from lightning_draco.exchange.verdict import DecodeStatus, judge, record
 
@@ -255,7 +263,7 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
         pending.groups[index] = sorted(flagged)
         pending.kept[index] = [received]
     if bucket.is_last():
-        agree(state, coded.device, index)
+        agree_on_step(state, coded.device, index)
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
@@ -306,7 +314,7 @@ def _vote_detection(
             classes.append([t])
     winners = [members for members in classes if len(members) >= s + 1]
     if not winners:
-        fail(step, DracoDecodeError(
+        record_failure(step, DracoDecodeError(
             f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent the same values and verdict: more"
             f" than s={s} ranks lied.", decoders,
         ), index)
@@ -386,13 +394,13 @@ def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int,
         if state.corrupt_decoded is not None:
             decoded = state.corrupt_decoded(decoded, index)
         sizes = [sum(length[k] for k in held[j]) for j in range(world)]
-        ballots = torch.stack([ballot(v.outcome, code.num_adversaries) for v in verdicts])
+        ballots = torch.stack([shard_ballot(v.outcome, code.num_adversaries) for v in verdicts])
         copies_all, outcomes = _gather_decoded(state, decoded, ballots, max(sizes))
         target = torch.empty_like(like[index])
         for k in range(world):
             vote_shard(state, target[cut[k] : cut[k + 1]], k, index, copies_all, outcomes, length, held)
         corrected[index] = target
-    agree(state, first.device, buckets[0])
+    agree_on_step(state, first.device, buckets[0])
     return corrected
 
 

@@ -90,7 +90,7 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
     mine[: decoded.numel()] = decoded
     copies = [torch.empty_like(mine) for _ in range(world)]
     collectives.all_gather(state, copies, mine)
-    outcome = torch.stack([ballot(v.outcome, s) for v in verdicts])
+    outcome = torch.stack([shard_ballot(v.outcome, s) for v in verdicts])
     outcomes = [torch.empty_like(outcome) for _ in range(world)]
     collectives.all_gather(state, outcomes, outcome)
 
@@ -100,13 +100,13 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
 
     # 6. Agree on the step.
     if bucket.is_last():
-        agree(state, coded.device, index)
+        agree_on_step(state, coded.device, index)
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
 
 
-def ballot(outcome: Tensor, num_adversaries: int) -> Tensor:
+def shard_ballot(outcome: Tensor, num_adversaries: int) -> Tensor:
     """A decoder's verdict on one shard in ``1 + s`` entries, whatever ``P``: the status, then the ranks
     it caught (``-1`` pads). A decode that names more than ``s`` ranks has failed, so ``s`` slots suffice."""
     ballot = torch.full((1 + num_adversaries,), -1, dtype=torch.int32, device=outcome.device)
@@ -157,7 +157,7 @@ def vote_shard(
             classes.append([t])
     winners = [members for members in classes if len(members) >= s + 1]
     if not winners:
-        fail(step, DracoDecodeError(
+        record_failure(step, DracoDecodeError(
             f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent the same decoded values: more than"
             f" s={s} ranks lied.", decoders,
         ), index)
@@ -170,7 +170,7 @@ def vote_shard(
     step.caught.update(r for r, times in named.items() if times >= s + 1)
     status = int(verdict[0])
     if status == DecodeStatus.FAILED:
-        fail(step, DracoDecodeError(
+        record_failure(step, DracoDecodeError(
             f"the decoders {[decoders[t] for t in winner]} of shard {shard} agree that the vectors reveal more than"
             f" s={s} liars; the decoded gradient is not applied.", [],
         ), index)
@@ -182,12 +182,12 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a.view(bits_dtype(a)), b.view(bits_dtype(b)))
 
 
-def fail(step, error: DracoDecodeError, index: int) -> None:
+def record_failure(step, error: DracoDecodeError, index: int) -> None:
     if step.failure is None:
         step.failure = error.at(step.step, index)
 
 
-def agree(state: ExchangeState, device: torch.device, index: int) -> None:
+def agree_on_step(state: ExchangeState, device: torch.device, index: int) -> None:
     """One all-reduce (min) of ``[-failed, -nonfinite, caught flags...]``: any rank's failure fails
     the step on every rank; a rank stays caught only if every rank caught it."""
     setup, step = state.setup, state.outcome
@@ -202,7 +202,7 @@ def agree(state: ExchangeState, device: torch.device, index: int) -> None:
     collectives.all_reduce_min(state, flags)
     agreed = flags.tolist()
     if agreed[0] and step.failure is None:
-        fail(step, DracoDecodeError(
+        record_failure(step, DracoDecodeError(
             "another rank found this step's decode failed (more than s ranks lied, or a liar reported a"
             " failure); every rank fails the step together.", [],
         ), index)
