@@ -195,16 +195,17 @@ class DracoConfig:
             self.adversary.check(world_size, self.ps_rank, self.num_adversaries)
 
     def build_code(self, world_size: int) -> Code:
-        """The code for ``world_size`` ranks (checked by its constructor), with the aggregator on top;
-        ``validate(world_size)`` first."""
-        self.validate(world_size)
+        """The code for ``world_size`` ranks (checked by its constructor first: the world size must suit
+        the code before ranks are placed in it), then ``validate(world_size)``, then the aggregator on top."""
         options = {} if self.tolerance is None else {"tolerance": float(self.tolerance)}
         if self.reactive:
             # Sharded: each shard's decoders must detect alike; a floor learned from their own votes would differ.
-            return ReactiveRepetitionCode(
+            code = ReactiveRepetitionCode(
                 world_size, self.num_adversaries, self.redundancy, learn_floor=self.decode == "ps", **options
             )
-        code = make_code(self.code, world_size, self.num_adversaries, self.redundancy, **options)
+        else:
+            code = make_code(self.code, world_size, self.num_adversaries, self.redundancy, **options)
+        self.validate(world_size)
         return code if self.aggregator is None else AggregatedCode(code, self.aggregator)
 
     def resume_conditions(self, world_size: int) -> dict[str, Any]:
