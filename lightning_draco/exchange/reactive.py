@@ -35,7 +35,9 @@ from lightning_draco.exchange.ps import share_from_ps
 from lightning_draco.exchange.sharded import (
     agree_on_step,
     decode_shard,
+    gather_decoded,
     record_failure,
+    scatter_to_decoders,
     shard_ballot,
     shard_bounds,
     shards_of,
@@ -208,26 +210,17 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     4. Per shard, the copy (values and verdict, bit for bit) that ``s+1`` decoders sent wins; the
        bucket's pending groups are those any shard's winning verdict flags, the same on every rank.
        A decoder keeps its received rows of a pending bucket for ``settle``.
-    5. At the step's last bucket, the step's outcome is agreed (``sharded.agree``).
+    5. At the step's last bucket, the step's outcome is agreed (``sharded.agree_on_step``).
     """
     setup = state.setup
     code = setup.code
-    world, s, rank = setup.world_size, code.num_adversaries, setup.rank
+    world, rank = setup.world_size, setup.rank
     coded = bucket.buffer()
     index = state.next_bucket()
     pending = state.outcome.pending
     pending.sharded = True
     pending.layout[index] = list(bucket.parameters())
-    bounds = shard_bounds(coded.numel(), world)
-    length = [bounds[k + 1] - bounds[k] for k in range(world)]
-    held = [shards_of(j, world, s) for j in range(world)]
-    sizes = [sum(length[k] for k in held[j]) for j in range(world)]
-    outgoing = torch.cat([coded[bounds[k] : bounds[k + 1]] for j in range(world) for k in held[j]])
-    incoming = coded.new_empty(world * sizes[rank])
-    with collectives.timed(state):
-        dist.all_to_all_single(incoming, outgoing, [sizes[rank]] * world, sizes, group=setup.process_group)
-    collectives.count(state, sent=outgoing.numel() - sizes[rank], received=incoming.numel() - sizes[rank], like=coded)
-    received = incoming.view(world, sizes[rank])
+    received, (bounds, length, held, sizes) = scatter_to_decoders(state, coded)
 
     groups = code.num_groups
     values, verdicts, start = [], [], 0
@@ -251,7 +244,7 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     decoded = torch.cat(values) if values else coded.new_empty(0)
     if state.corrupt_decoded is not None:  # simulation: a liar lying as a decoder
         decoded = state.corrupt_decoded(decoded, index)
-    copies, outcomes = _gather_decoded(state, decoded, torch.stack(verdicts), max(sizes))
+    copies, outcomes = gather_decoded(state, decoded, torch.stack(verdicts), max(sizes))
 
     flagged: set[int] = set()
     for k in range(world):
@@ -267,18 +260,6 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
-
-
-def _gather_decoded(state: ExchangeState, decoded: Tensor, verdicts: Tensor, widest: int) -> tuple[list, list]:
-    """Every decoder's decoded shards (padded to ``widest``) and verdicts, by rank."""
-    world = state.setup.world_size
-    mine = torch.zeros(widest, dtype=decoded.dtype, device=decoded.device)
-    mine[: decoded.numel()] = decoded
-    copies = [torch.empty_like(mine) for _ in range(world)]
-    collectives.all_gather(state, copies, mine)
-    outcomes = [torch.empty_like(verdicts) for _ in range(world)]
-    collectives.all_gather(state, outcomes, verdicts)
-    return copies, outcomes
 
 
 def _vote_detection(
@@ -395,7 +376,7 @@ def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int,
             decoded = state.corrupt_decoded(decoded, index)
         sizes = [sum(length[k] for k in held[j]) for j in range(world)]
         ballots = torch.stack([shard_ballot(v.outcome, code.num_adversaries) for v in verdicts])
-        copies_all, outcomes = _gather_decoded(state, decoded, ballots, max(sizes))
+        copies_all, outcomes = gather_decoded(state, decoded, ballots, max(sizes))
         target = torch.empty_like(like[index])
         for k in range(world):
             vote_shard(state, target[cut[k] : cut[k + 1]], k, index, copies_all, outcomes, length, held)

@@ -11,6 +11,7 @@ Shard ``k`` of a bucket is its ``k``-th of ``P`` contiguous pieces; its decoders
 """
 
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -62,18 +63,8 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
     world, s, rank = setup.world_size, setup.code.num_adversaries, setup.rank
     coded = bucket.buffer()
     index = state.next_bucket()
-    bounds = shard_bounds(coded.numel(), world)
-    length = [bounds[k + 1] - bounds[k] for k in range(world)]
-    held = [shards_of(j, world, s) for j in range(world)]
-    sizes = [sum(length[k] for k in held[j]) for j in range(world)]
-
     # 2. Every decoder gets its shards from every rank.
-    outgoing = torch.cat([coded[bounds[k] : bounds[k + 1]] for j in range(world) for k in held[j]])
-    incoming = coded.new_empty(world * sizes[rank])
-    with collectives.timed(state):
-        dist.all_to_all_single(incoming, outgoing, [sizes[rank]] * world, sizes, group=setup.process_group)
-    collectives.count(state, sent=outgoing.numel() - sizes[rank], received=incoming.numel() - sizes[rank], like=coded)
-    received = incoming.view(world, sizes[rank])
+    received, (bounds, length, held, sizes) = scatter_to_decoders(state, coded)
 
     # 3. Decode this rank's shards.
     verdicts, start = [], 0
@@ -85,14 +76,8 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
         decoded = state.corrupt_decoded(decoded, index)
 
     # 4. Everyone receives every decoder's shards (padded to one length) and verdicts.
-    widest = max(sizes)
-    mine = torch.zeros(widest, dtype=coded.dtype, device=coded.device)
-    mine[: decoded.numel()] = decoded
-    copies = [torch.empty_like(mine) for _ in range(world)]
-    collectives.all_gather(state, copies, mine)
-    outcome = torch.stack([shard_ballot(v.outcome, s) for v in verdicts])
-    outcomes = [torch.empty_like(outcome) for _ in range(world)]
-    collectives.all_gather(state, outcomes, outcome)
+    ballots = torch.stack([shard_ballot(v.outcome, s) for v in verdicts])
+    copies, outcomes = gather_decoded(state, decoded, ballots, max(sizes))
 
     # 5. Vote each shard.
     for k in range(world):
@@ -104,6 +89,48 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
+
+
+class ShardLayout(NamedTuple):
+    """How a bucket is cut: shard offsets and lengths, each rank's shards, each rank's width."""
+
+    bounds: list[int]
+    length: list[int]
+    held: list[list[int]]
+    sizes: list[int]
+
+
+def shard_layout(numel: int, world: int, num_adversaries: int) -> ShardLayout:
+    bounds = shard_bounds(numel, world)
+    length = [bounds[k + 1] - bounds[k] for k in range(world)]
+    held = [shards_of(j, world, num_adversaries) for j in range(world)]
+    return ShardLayout(bounds, length, held, [sum(length[k] for k in held[j]) for j in range(world)])
+
+
+def scatter_to_decoders(state: ExchangeState, coded: Tensor) -> tuple[Tensor, ShardLayout]:
+    """One ``all_to_all``: this rank's shards of every rank's ``coded`` (``(P, width)``), and the layout."""
+    setup = state.setup
+    world, rank = setup.world_size, setup.rank
+    layout = shard_layout(coded.numel(), world, setup.code.num_adversaries)
+    bounds, _, held, sizes = layout
+    outgoing = torch.cat([coded[bounds[k] : bounds[k + 1]] for j in range(world) for k in held[j]])
+    incoming = coded.new_empty(world * sizes[rank])
+    with collectives.timed(state):
+        dist.all_to_all_single(incoming, outgoing, [sizes[rank]] * world, sizes, group=setup.process_group)
+    collectives.count(state, sent=outgoing.numel() - sizes[rank], received=incoming.numel() - sizes[rank], like=coded)
+    return incoming.view(world, sizes[rank]), layout
+
+
+def gather_decoded(state: ExchangeState, decoded: Tensor, ballots: Tensor, widest: int) -> tuple[list, list]:
+    """One ``all_gather`` of every decoder's decoded shards (padded to ``widest``), one of its ballots."""
+    world = state.setup.world_size
+    mine = torch.zeros(widest, dtype=decoded.dtype, device=decoded.device)
+    mine[: decoded.numel()] = decoded
+    copies = [torch.empty_like(mine) for _ in range(world)]
+    collectives.all_gather(state, copies, mine)
+    outcomes = [torch.empty_like(ballots) for _ in range(world)]
+    collectives.all_gather(state, outcomes, ballots)
+    return copies, outcomes
 
 
 def shard_ballot(outcome: Tensor, num_adversaries: int) -> Tensor:
