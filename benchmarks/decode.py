@@ -6,15 +6,22 @@
     python benchmarks/decode.py --workers 15 --dims 4000000 --num-byzantine 3 --peer byzfl \
         --methods aggregator:krum aggregator:median pre:nnm     # against ByzFL, rule by rule
 
-For each device (CPU, and CUDA when present), P and d, every code (at s = ``--num-byzantine``,
-default 1, its smallest valid r; skipped with the reason where the code does not exist at that P),
-every aggregator (with ``--num-byzantine`` f) and, when named, every pre-aggregator (``pre:NAME``)
-runs on one (P, d) float32 tensor: honest codewords with one random row replaced by -100x its
-value. Each figure is the median of ``--repeats`` runs after one warm-up; ``ratio`` divides it by
-the median of ``received.mean(0)`` on the same tensor in the same run. The cyclic code's time
-includes drawing its projection. ``code:NAME:moving`` alternates between two tensors whose liars
-differ, so no decode meets the previous one's liar (the cyclic code certifies the previous
-decode's honest set in its first pass; a liar that moves costs it a second pass).
+For each device (CPU, and CUDA when present), P, d and dtype (``--dtypes``, default float32),
+every code (at s = ``--num-byzantine``, default 1, its smallest valid r; skipped with the reason
+where the code does not exist at that P), every aggregator (with ``--num-byzantine`` f) and, when
+named, every pre-aggregator (``pre:NAME``) runs on one (P, d) tensor: honest codewords with one
+random row replaced by -100x its value. Each figure is the median of ``--repeats`` runs after one
+warm-up; ``ratio`` divides it by the median of ``received.mean(0)`` on the same tensor in the same
+run; ``GB/s`` is the received tensor's bytes over the method's time (what a single read of the data
+at that speed gives). The cyclic code's time includes drawing its projection.
+``code:NAME:moving`` alternates between two tensors whose liars differ, so no decode meets the
+previous one's liar (the cyclic code certifies the previous decode's honest set in its first pass;
+a liar that moves costs it a second pass). ``code:frc:fused`` and ``code:frc:reference`` force the
+repetition code's compiled decode or its block-wise reference (by default the fused one runs on CUDA
+only); the fused figure excludes compiling, which the warm-up pays.
+
+    python benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
+        --dtypes float32 bfloat16 --methods code:frc code:frc:reference code:crc aggregator:median
 
 ``--peer byzfl`` adds ByzFL's time for the same rule on the same tensor in the same process, and
 ``vs peer`` (ours / ByzFL's). ByzFL is a development extra, never a dependency of the package:
@@ -41,16 +48,28 @@ from lightning_draco.aggregators import AGGREGATORS, PRE_AGGREGATORS, make_aggre
 from lightning_draco.codes import CODES, make_code
 
 
-def codeword_rows(code, d: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Honest coded vectors: each worker combines its partitions' gradients the same way."""
-    grads = torch.randn(code.num_partitions, d, generator=gen, dtype=dtype)
-    received = torch.empty(code.num_workers, d, dtype=dtype)
+def codeword_rows(
+    code, d: int, dtype: torch.dtype, gen: torch.Generator, device: torch.device = torch.device("cpu")
+) -> torch.Tensor:
+    """Honest coded vectors: each worker combines its partitions' gradients the same way.
+
+    Built on ``device`` one partition gradient at a time (float32, then cast to ``dtype``), so that
+    P = 63, d = 1e8 fits beside the received tensor; every worker adds its partitions in increasing
+    order, so the members of a repetition group are bitwise equal.
+    """
+    seed = int(torch.randint(2**62, (1,), generator=gen))
+    draw = torch.Generator(device=device).manual_seed(seed)
+    received = torch.zeros(code.num_workers, d, dtype=torch.float32, device=device)
+    holders = {}
     for worker in range(code.num_workers):
-        row = received[worker]
-        row.zero_()
         for weight, partition in zip(code.coefficients(worker), code.partitions(worker)):
-            row.add_(grads[partition], alpha=weight)
-    return received
+            holders.setdefault(partition, []).append((worker, weight))
+    for partition in sorted(holders):
+        grad = torch.randn(d, generator=draw, device=device)
+        for worker, weight in holders[partition]:
+            received[worker].add_(grad, alpha=weight)
+        del grad
+    return received if dtype == torch.float32 else received.to(dtype)
 
 
 def median_seconds(fn, repeats: int, device: torch.device) -> float:
@@ -113,12 +132,17 @@ _PEER_WRITES_ITS_INPUT = {("pre", "clipping"), ("pre", "arc")}
 
 
 def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, gen: torch.Generator,
-              f: int = 1, peer: types.ModuleType | None = None) -> dict:
-    row = {"method": method, "device": str(device), "workers": p, "dim": d}
+              f: int = 1, peer: types.ModuleType | None = None, dtype: torch.dtype = torch.float32) -> dict:
+    row = {"method": method, "device": str(device), "workers": p, "dim": d, "dtype": str(dtype).removeprefix("torch.")}
     kind, name = method.split(":", 1)
-    name, moving = name.removesuffix(":moving"), name.endswith(":moving")
+    name, *flags = name.split(":")
+    moving = "moving" in flags
     try:
         code = make_code(name if kind == "code" else "none", p, f if kind == "code" and name != "none" else 0)
+        if "fused" in flags or "reference" in flags:
+            if not hasattr(code, "fused"):
+                raise ValueError(f"code {name!r} has no fused decode")
+            code.fused, code.batched = ("fused" in flags), (False if "reference" in flags else code.batched)
         rule = None
         if kind == "aggregator":
             rule = make_aggregator(name, f)
@@ -128,7 +152,17 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
             rule.check(p)
     except ValueError as err:
         return {**row, "skipped": str(err)}
-    received = codeword_rows(code, d, torch.float32, gen).to(device)
+    try:
+        return _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype)
+    except torch.OutOfMemoryError as err:
+        return {**row, "skipped": f"out of memory ({str(err).splitlines()[0][:80]})"}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype) -> dict:
+    received = codeword_rows(code, d, dtype, gen, device)
     liar = int(torch.randint(p, (1,), generator=gen))
     if moving:  # the liar alternates between two ranks, so no decode finds the previous one's suspects
         other = received.clone()
@@ -145,7 +179,9 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
         run = lambda: rule(received)  # noqa: E731
     seconds = median_seconds(run, repeats, device)
     caught = code.decode(received, generator=projection).faulty if rule is None else None
-    out = {**row, "liar": liar, "caught": caught, "seconds": seconds, "mean_seconds": mean_s, "ratio": seconds / mean_s}
+    gbps = received.numel() * received.element_size() / seconds / 1e9
+    out = {**row, "liar": liar, "caught": caught, "seconds": seconds, "mean_seconds": mean_s, "ratio": seconds / mean_s,
+           "gb_per_s": gbps, "mean_gb_per_s": received.numel() * received.element_size() / mean_s / 1e9}
     counterpart = byzfl_counterpart(peer, kind, name, f) if peer is not None else None
     if counterpart is not None:
         if (kind, name) in _PEER_WRITES_ITS_INPUT:
@@ -171,6 +207,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--devices", nargs="+", default=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
+        "--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16", "float64"]
+    )
+    parser.add_argument(
         "--methods",
         nargs="+",
         default=[f"code:{c}" for c in sorted(CODES)] + [f"aggregator:{a}" for a in sorted(AGGREGATORS)],
@@ -189,16 +228,21 @@ def main(argv=None) -> dict:
     for device in map(torch.device, args.devices):
         for p in args.workers:
             for d in args.dims:
-                for method in methods:
-                    rows.append(bench_one(method, p, d, device, args.repeats, gen, args.num_byzantine, peer))
-                    print(_line(rows[-1], peer is not None), flush=True)
+                for dtype in args.dtypes:
+                    for method in methods:
+                        rows.append(bench_one(method, p, d, device, args.repeats, gen, args.num_byzantine, peer,
+                                              getattr(torch, dtype)))
+                        print(_line(rows[-1], peer is not None), flush=True)
+    gpu = next((torch.cuda.get_device_name(0) for dev in args.devices if dev.startswith("cuda")), None)
     header = [
-        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.machine()},"
-        f" median of {args.repeats} runs, float32, one liar sending -100x, f={args.num_byzantine}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.machine()}"
+        + (f", {gpu}" if gpu else "")
+        + f", median of {args.repeats} runs, one liar sending -100x, f={args.num_byzantine}"
         + (", ByzFL 0.0.11 alongside (vs peer: ours / ByzFL's; geometric median per iteration)" if peer else ""),
         "",
-        "| device | P | d | method | seconds | plain mean (s) | ratio | liar -> caught |" + (" ByzFL (s) | vs peer |" if peer else ""),
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if peer else ""),
+        "| device | P | d | dtype | method | seconds | plain mean (s) | ratio | GB/s (mean's) | liar -> caught |"
+        + (" ByzFL (s) | vs peer |" if peer else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if peer else ""),
     ]
     table = "\n".join(header + [_line(r, peer is not None) for r in rows])
     if args.markdown:
@@ -211,11 +255,12 @@ def main(argv=None) -> dict:
 
 
 def _line(row: dict, with_peer: bool = False) -> str:
-    head = f"| {row['device']} | {row['workers']} | {row['dim']:,} | {row['method']} |"
+    head = f"| {row['device']} | {row['workers']} | {row['dim']:,} | {row.get('dtype', 'float32')} | {row['method']} |"
     if "skipped" in row:
-        return head + f" skipped: {row['skipped']} | | | |" + (" | |" if with_peer else "")
+        return head + f" skipped: {row['skipped']} | | | | |" + (" | |" if with_peer else "")
     caught = "" if row["caught"] is None else f"{row['liar']} -> {row['caught']}"
-    line = head + f" {row['seconds']:.4f} | {row['mean_seconds']:.4f} | {row['ratio']:.2f}x | {caught} |"
+    bandwidth = f"{row['gb_per_s']:.1f} ({row['mean_gb_per_s']:.1f})" if "gb_per_s" in row else ""
+    line = head + f" {row['seconds']:.4f} | {row['mean_seconds']:.4f} | {row['ratio']:.2f}x | {bandwidth} | {caught} |"
     if with_peer:
         if "peer_seconds" not in row:
             return line + " | |"

@@ -618,7 +618,7 @@ excluded, outcome vectors and flags included). The formula column is the exact c
 {checks}
 
 PS mode's busiest rank (the PS) receives (P-1) d and sends as much again (the decoded bucket to every
-worker): it grows linearly with P. Sharded mode's busiest rank receives 2(2s+1)(P-1)/P d, under the issue's
+worker): it grows linearly with P. Sharded mode's busiest rank receives 2(2s+1)(P-1)/P d, under the
 bound (2(2s+1)+1) d = 7 d, whatever P; it is (2s+1) = 3 times a ring all-reduce's 2(P-1)/P d, the price of
 having every shard decoded by 2s+1 ranks and every decoded copy sent to every rank for the vote.
 
@@ -699,7 +699,7 @@ Sharded mode's advantage, a busiest rank that receives 2(2s+1)(P-1)/P d instead 
 where every rank has its own link and cores. The decode column shows the same effect: sharded mode's
 decode seconds are wall time while all P ranks decode at once on 2 cores, whereas in PS mode the PS
 decodes alone while the other ranks wait, so each of sharded mode's decodes (a third of the PS's work
-per rank at P=9) takes longer in wall time than the PS's whole decode. So the issue's goal "at P=9,
+per rank at P=9) takes longer in wall time than the PS's whole decode. So the goal "at P=9,
 sharded mode's step time below PS mode's" is not met on this machine, and a single shared host cannot
 show it; section 2 projects it for separate hosts (not measured).
 

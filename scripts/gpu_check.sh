@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# The GPU numerics check: six ranks share one GPU over gloo (NCCL refuses two ranks on one GPU),
-# both codes, TF32 on and off, float32 and bf16-mixed, with and without a liar (rank 4, -100x).
-# Each run trains the CNN on synthetic CIFAR-sized data, then again without the liar, and prints
-# who was caught and how far the model is from the liar-free one. Writes docs/gpu_check.md.
+# The GPU checks, on one GPU.
+#
+# 1. Decode speed (issue 16): benchmarks/decode.py on CUDA at P = 15 and 63, d = 11.2M and 100M,
+#    float32 and bfloat16: the plain mean, the repetition code (fused by default on CUDA, and its
+#    block-wise reference), the cyclic code, median, trimmed mean and Krum, each against the mean and
+#    in GB/s. Writes docs/decode_cuda.md and docs/decode_cuda.json (a few minutes; the first fused
+#    decode of each dtype compiles with Triton during the warm-up run, not timed).
+# 2. Numerics: six ranks share one GPU over gloo (NCCL refuses two ranks on one GPU),
+#    both codes, TF32 on and off, float32 and bf16-mixed, with and without a liar (rank 4, -100x).
+#    Each run trains the CNN on synthetic CIFAR-sized data, then again without the liar, and prints
+#    who was caught and how far the model is from the liar-free one. Writes docs/gpu_check.md.
 #
 #   bash scripts/gpu_check.sh [STEPS]        (make gpu-check)
+#   GPU_CHECK_TRAINING=0 bash scripts/gpu_check.sh     # the decode table only
+#   GPU_CHECK_DECODE=0 bash scripts/gpu_check.sh       # the numerics only
 #
 # Needs a CUDA GPU and the project's dependencies (hydra-core included) in the python on PATH,
 # or PYTHON=... .
@@ -15,6 +24,28 @@ STEPS=${1:-40}
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)'; then
     echo "gpu_check: no CUDA GPU here; nothing was run." >&2
     exit 3
+fi
+if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
+    DECODE_MD=docs/decode_cuda.md
+    {
+        echo "# Decode speed on CUDA"
+        echo
+        echo "\`bash scripts/gpu_check.sh\` (benchmarks/decode.py), $(date -u +%Y-%m-%d) on $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0))')."
+        echo "ratio: seconds over the plain mean of the same tensor in the same run; GB/s: the received tensor's bytes"
+        echo "over the method's time (the mean's in brackets). code:frc is the fused decode (CUDA default),"
+        echo "code:frc:reference the block-wise one; rows that do not fit in memory say so."
+        echo
+    } > "$DECODE_MD.tmp"
+    PYTHONPATH=. "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
+        --dtypes float32 bfloat16 --repeats 11 \
+        --methods aggregator:mean code:none code:frc code:frc:reference code:crc \
+                  aggregator:median aggregator:trimmed_mean aggregator:krum \
+        --json docs/decode_cuda.json --markdown "$DECODE_MD.table"
+    cat "$DECODE_MD.table" >> "$DECODE_MD.tmp" && rm "$DECODE_MD.table" && mv "$DECODE_MD.tmp" "$DECODE_MD"
+    echo "wrote $DECODE_MD"
+fi
+if [ "${GPU_CHECK_TRAINING:-1}" = 0 ]; then
+    exit 0
 fi
 OUT=docs/gpu_check.md
 RUNS=$(mktemp -d)

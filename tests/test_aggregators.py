@@ -382,10 +382,90 @@ def test_order_statistics_match_a_sort_across_blocks(n, f, data):
 
     lo = data.draw(st.integers(0, n - 1))
     hi = data.draw(st.integers(lo + 1, n))
-    x = torch.randint(-3, 4, (n, 2 * coordinatewise._NETWORK_BLOCK + 5)).float()  # ties, and three blocks
+    block = 64  # the engine's block, made small: three blocks in a few hundred columns
+    x = torch.randint(-3, 4, (n, 2 * block + 5)).float()  # ties, and three blocks
     expected = x.sort(dim=0).values[lo:hi].mean(dim=0)
-    torch.testing.assert_close(coordinatewise.mean_of_order_statistics(x, lo, hi), expected)
-    torch.testing.assert_close(coordinatewise.sorted_columns(x), x.sort(dim=0).values)
+    with _network_block(block):
+        torch.testing.assert_close(coordinatewise.mean_of_order_statistics(x, lo, hi), expected)
+        torch.testing.assert_close(coordinatewise.sorted_columns(x), x.sort(dim=0).values)
+
+
+class _network_block:
+    """Within the block, the sorting network works on ``size`` columns at a time."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __enter__(self):
+        from lightning_draco.aggregators import coordinatewise
+
+        self.saved, coordinatewise._NETWORK_BLOCK = coordinatewise._NETWORK_BLOCK, self.size
+
+    def __exit__(self, *exc):
+        from lightning_draco.aggregators import coordinatewise
+
+        coordinatewise._NETWORK_BLOCK = self.saved
+
+
+def _same_bits(a, b):
+    """Equal entry for entry, NaN matching NaN (whatever its payload)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.isnan(), b.isnan()) and torch.equal(
+        torch.nan_to_num(a, nan=0.0).view(torch.uint8), torch.nan_to_num(b, nan=0.0).view(torch.uint8)
+    )
+
+
+# Where the sorting network now runs instead of the sort (n from 33 to 128, rows of NaN), it must give
+# bitwise what the sort gave: the rule's outputs did not change.
+@given(
+    st.integers(2, 128),
+    st.lists(st.integers(0, 127), max_size=4),
+    st.sampled_from(["nan_rows", "inf_rows", "mixed_nan", "finite", "ties"]),
+    st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+    st.sampled_from(["median", "trimmed_mean", "meamed"]),
+    st.sampled_from([0, 1 / 3, 1]),
+    st.integers(0, 2**31),
+)
+def test_network_paths_give_the_sorts_outputs_bit_for_bit(n, bad, kind, dtype, rule, share, seed):
+    from lightning_draco.aggregators import coordinatewise
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 100, generator=gen, dtype=torch.float64).to(dtype)
+    if kind == "ties":
+        x = torch.randint(-2, 3, (n, 100), generator=gen).to(dtype)
+        x[x == 0] = -0.0 if seed % 2 else 0.0
+    for row in {i % n for i in bad}:
+        if kind == "nan_rows":
+            x[row] = math.nan
+        elif kind == "inf_rows":
+            x[row] = math.inf if row % 2 else -math.inf
+        elif kind == "mixed_nan":
+            x[row, ::3] = math.nan
+    byz = int(share * ((n - 1) // 2))
+    with _network_block(64):  # two blocks
+        if rule == "median":
+            expected = x.sort(dim=0).values[(n - 1) // 2 : n // 2 + 1].mean(dim=0)
+        elif rule == "trimmed_mean":
+            expected = x.sort(dim=0).values[byz : n - byz].mean(dim=0)
+        else:
+            expected = _meamed_with_a_sort(x, byz)
+        got = make_aggregator(rule, byz)(x)
+        # Finite and n <= 32 is the unchanged path (the network, summed row by row): tested above.
+        if n > coordinatewise._SEQUENTIAL_MAX_ROWS or not bool(torch.isfinite(x).all()) or rule == "meamed":
+            assert _same_bits(got, expected)
+        if rule == "meamed":
+            assert _same_bits(coordinatewise.sorted_columns(x).abs(), x.sort(dim=0).values.abs())
+
+
+def _meamed_with_a_sort(x, f):
+    """Meamed as it was computed before the network took rows of NaN and n > 32: on a full sort."""
+    from lightning_draco.aggregators import coordinatewise
+
+    saved = coordinatewise._NETWORK_MAX_ROWS
+    coordinatewise._NETWORK_MAX_ROWS = 0
+    try:
+        return make_aggregator("meamed", f)(x)
+    finally:
+        coordinatewise._NETWORK_MAX_ROWS = saved
 
 
 def test_distances_keep_their_digits_for_long_vectors_close_together():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -12,7 +13,14 @@ from lightning_draco.aggregators.base import Aggregator, finite_rows
 
 
 # Sorting networks beat torch.sort on the CPU up to this many rows (sort also writes int64 indices).
-_NETWORK_MAX_ROWS = 32
+# Measured on 2 cores, d = 1M float32, medians of 5: n = 33 median 0.32 s against sort's 3.3 s, n = 64
+# 2.6 s against 9.7 s, n = 100 2.7 s against 7.3 s; torch.topk was 1.1-1.9x faster than sort, kthvalue
+# slower than both.
+_NETWORK_MAX_ROWS = 128
+# Up to this many rows and with every row finite, the network's outputs are summed row after row (the
+# outputs this rule has always had there); otherwise as ``torch.mean`` sums them, bitwise what the sort
+# path returns, so that extending the network changed no output.
+_SEQUENTIAL_MAX_ROWS = 32
 # Columns per block: the block's rows stay in the core's cache through the whole network.
 _NETWORK_BLOCK = 1 << 14
 
@@ -50,43 +58,80 @@ def sorting_network(n: int, keep: tuple[int, int] = (0, -1)) -> tuple[tuple[int,
     return tuple(reversed(kept))
 
 
-def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int) -> Tensor:
-    """Per column, the mean of the ``lo``-th to ``(hi-1)``-th smallest of the n values.
+def _network_plan(inputs: Tensor) -> Optional[tuple[list[int], list[int], bool]]:
+    """Which rows a sorting network sorts, on the CPU: ``(rows, all_nan_rows, finite)``, or None for a sort.
 
-    On the CPU with finite inputs and n <= 32, a sorting network run block by block (each
-    compare-exchange is an elementwise min and max on rows that stay in cache) replaces
-    ``torch.sort`` over the whole tensor, which also computes and writes an int64 index per entry.
-    Otherwise (accelerators, many rows, a NaN or Inf present: min/max would spread a NaN), it
-    sorts, with NaN sorting above +Inf.
+    A row that is NaN everywhere sorts last in every column (NaN sorts above +Inf), so it is set aside
+    and its positions filled afterwards; +-Inf entries need nothing (min and max order them). A row with
+    some NaN entries would spread them through min and max: the sort handles those inputs.
+    """
+    n = inputs.shape[0]
+    if inputs.device.type != "cpu" or n > _NETWORK_MAX_ROWS:
+        return None
+    finite = finite_rows(inputs)
+    if finite is None:
+        return list(range(n)), [], True
+    suspects = (~finite).nonzero().flatten()
+    nan = torch.isnan(inputs[suspects])
+    all_nan = nan.all(dim=1)
+    if bool((nan.any(dim=1) & ~all_nan).any()):
+        return None
+    dropped = set(suspects[all_nan].tolist())
+    if len(dropped) == n:
+        return None
+    return [i for i in range(n) if i not in dropped], sorted(dropped), False
+
+
+def _network_blocks(inputs: Tensor, rows: list[int], keep: tuple[int, int] = (0, -1)):
+    """For each block of columns: its slice, and the kept rows after the network (lists of row tensors)."""
+    pairs = sorting_network(len(rows), keep)
+    for start in range(0, inputs.shape[1], _NETWORK_BLOCK):
+        block = slice(start, start + _NETWORK_BLOCK)
+        values = [inputs[i, block] for i in rows]
+        for i, j in pairs:
+            values[i], values[j] = torch.minimum(values[i], values[j]), torch.maximum(values[i], values[j])
+        yield block, values
+
+
+def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int) -> Tensor:
+    """Per column, the mean of the ``lo``-th to ``(hi-1)``-th smallest of the n values (NaN above +Inf).
+
+    On the CPU with n <= 128, a sorting network run block by block (each compare-exchange is an
+    elementwise min and max on rows that stay in cache) replaces ``torch.sort`` over the whole tensor,
+    which also computes and writes an int64 index per entry; rows that are NaN everywhere (a liar's)
+    are set aside. Otherwise (accelerators, more rows, rows with some NaN entries, or more NaN rows than
+    the window leaves out) it sorts.
     """
     n, d = inputs.shape
-    if inputs.device.type != "cpu" or n > _NETWORK_MAX_ROWS or finite_rows(inputs) is not None:
+    plan = _network_plan(inputs)
+    if plan is None or hi > len(plan[0]):
         return inputs.sort(dim=0).values[lo:hi].mean(dim=0)
-    pairs = sorting_network(n, (lo, hi))
+    rows, _, finite = plan
+    sequential = finite and n <= _SEQUENTIAL_MAX_ROWS
     out = torch.empty(d, dtype=inputs.dtype)
-    for start in range(0, d, _NETWORK_BLOCK):
-        rows = list(inputs[:, start : start + _NETWORK_BLOCK].unbind(0))
-        for i, j in pairs:
-            rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
-        total = rows[lo].clone() if hi - lo > 1 else rows[lo]
-        for row in rows[lo + 1 : hi]:
-            total += row
-        torch.div(total, hi - lo, out=out[start : start + _NETWORK_BLOCK])
+    for block, values in _network_blocks(inputs, rows, (lo, hi)):
+        if sequential:
+            total = values[lo].clone() if hi - lo > 1 else values[lo]
+            for row in values[lo + 1 : hi]:
+                total += row
+            torch.div(total, hi - lo, out=out[block])
+        else:
+            torch.mean(torch.stack(values[lo:hi]), dim=0, out=out[block])
     return out
 
 
 def sorted_columns(inputs: Tensor) -> Tensor:
     """``inputs`` sorted along dim 0, each column on its own (NaN above +Inf); the same engine as above."""
     n, d = inputs.shape
-    if inputs.device.type != "cpu" or n > _NETWORK_MAX_ROWS or finite_rows(inputs) is not None:
+    plan = _network_plan(inputs)
+    if plan is None:
         return inputs.sort(dim=0).values
-    pairs = sorting_network(n)
+    rows, nan_rows, _ = plan
     out = torch.empty_like(inputs)
-    for start in range(0, d, _NETWORK_BLOCK):
-        rows = list(inputs[:, start : start + _NETWORK_BLOCK].unbind(0))
-        for i, j in pairs:
-            rows[i], rows[j] = torch.minimum(rows[i], rows[j]), torch.maximum(rows[i], rows[j])
-        torch.stack(rows, out=out[:, start : start + _NETWORK_BLOCK])
+    for block, values in _network_blocks(inputs, rows):
+        torch.stack(values, out=out[: len(rows), block])
+    if nan_rows:
+        out[len(rows) :] = inputs[nan_rows]
     return out
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import types
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -13,31 +16,111 @@ from lightning_draco.codes import register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
 
 
-# Members within this many noise floors of each other agree, when the floor estimated from the group's
-# own replicas (non-deterministic kernels) is above ``tolerance``.
+# The whole-vector vote's radius when no tolerance is given (relative; fp32 rounding of long sums).
+DEFAULT_TOLERANCE = 1e-5
+# Members within this many noise floors of each other agree, when the floor estimated from the
+# replicas themselves (non-deterministic kernels) is above ``tolerance``.
 NOISE_MARGIN = 8.0
 # ... up to this relative distance: replicas further apart than that are not rounding noise (TF32 and
 # atomics give 1e-4..1e-3), and a group with more than s liars must not widen its own radius.
 MAX_NOISE = 1e-2
+# Two members that each agree with s+1 members are at most three radii apart when at most s lie (each
+# is within the radius of an honest member, and honest members are within the radius of each other);
+# further apart than this many radii, the group holds two values and more than s liars.
+RIVAL_RADII = 4.0
+
+
+# -- the fused path: one compiled pass compares the members, one compiled pass sums the winners -----------
+def _pair_equalities(bits: Tensor, pairs: tuple[tuple[int, int], ...]) -> Tensor:
+    """``(groups, len(pairs))``: whether members ``a`` and ``b`` of each group are equal bit for bit.
+
+    ``bits`` is the ``(groups, r, d)`` integer view of the received rows. Compiled, every pair's
+    reduction over ``d`` shares one loop that reads each member once.
+    """
+    return torch.stack([(bits[:, a] == bits[:, b]).all(dim=1) for a, b in pairs], dim=1)
+
+
+def _ordered_sum(rows: Tensor, member: int, zero: Tensor) -> Tensor:
+    """``((0 + rows[0, m]) + rows[1, m]) + ...`` in ``zero``'s dtype: the reference decode's additions, in order.
+
+    ``zero`` is a 0-d tensor of +0.0 passed in at run time: a constant zero would be folded away by the
+    compiler, and ``+0.0 + (-0.0)`` is ``+0.0``, which the reference returns.
+    """
+    total = zero
+    for g in range(rows.shape[0]):
+        total = total + rows[g, member].to(zero.dtype)
+    return total
+
+
+# Coordinates per piece when measuring how far a member is from its group's winner: few launches, and
+# float32 norms of pieces this long are accurate to about 1e-4.
+_DISTANCE_STEP = 1 << 22
+
+
+def _sq_norm(v: Tensor) -> float:
+    """``||v||^2`` as a Python float: float32 (half precision widened) or float64 arithmetic by ``v``'s
+    dtype, redone in float64 where float32 squares overflow or underflow although ``v`` is finite."""
+    norm = float(torch.linalg.vector_norm(v, dtype=torch.float32 if v.element_size() < 4 else None))
+    if (norm == 0.0 or not math.isfinite(norm)) and v.dtype != torch.float64 and bool(torch.isfinite(v).all()):
+        norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+    return norm * norm
+
+
+_KERNELS = {"pairs": _pair_equalities, "sum": _ordered_sum}
+_COMPILED: dict[tuple, Callable] = {}
+# (device type, dtype) where the fused path failed: the reference path runs there from then on.
+_FUSED_FAILED: set[tuple[str, torch.dtype]] = set()
+
+
+def _compiled(name: str, *key) -> Callable:
+    """``torch.compile`` of kernel ``name`` for ``key`` (device, dtype, ...), compiled once per key.
+
+    Each key compiles its own copy of the function, so that dtypes and group layouts do not share
+    (and exhaust) one function's recompilation budget; ``dynamic=True`` makes one kernel serve every
+    bucket length and number of groups.
+    """
+    if (name, *key) not in _COMPILED:
+        fn = _KERNELS[name]
+        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+        _COMPILED[(name, *key)] = torch.compile(fresh, dynamic=True, fullgraph=True)
+    return _COMPILED[(name, *key)]
+
+
+@dataclass
+class _Vote:
+    """What the bitwise vote leaves for naming and for the tolerance vote.
+
+    ``winners[g]`` gives, for block ``i`` (of ``chunk_size`` coordinates), the member whose block won;
+    ``differs[g]``: the members of a wholly resolved group that differ from the winner somewhere;
+    ``unresolved[g]``: the blocks where no single class of s+1 bitwise-equal members exists.
+    """
+
+    out: Tensor
+    winners: dict[int, Callable[[int], int]] = field(default_factory=dict)
+    differs: dict[int, set[int]] = field(default_factory=dict)
+    unresolved: dict[int, list[slice]] = field(default_factory=dict)
 
 
 def relative_distances(members: Tensor, chunk_size: int = 1 << 20) -> tuple[Tensor, Tensor]:
-    """``(relative, finite)``: the members' pairwise distances relative to the larger norm (``(m, m)``
-    float64 on the CPU, ``inf`` where either member has a NaN or Inf), and which members are finite."""
+    """``(relative, finite)``: the members' pairwise distances ``||a - b|| / max(||a||, ||b||)`` (``(m, m)``
+    float64 on the CPU, ``inf`` where either member has a NaN or Inf), and which members are finite.
+
+    Accumulated in float64 on the members' device, block by block; one transfer to the host at the end.
+    """
     m = members.shape[0]
-    sq_dist = torch.zeros(m, m, dtype=torch.float64)
-    sq_norm = torch.zeros(m, dtype=torch.float64)
-    finite = torch.ones(m, dtype=torch.bool)
+    sq_dist = torch.zeros(m, m, dtype=torch.float64, device=members.device)
+    sq_norm = torch.zeros(m, dtype=torch.float64, device=members.device)
+    finite = torch.ones(m, dtype=torch.bool, device=members.device)
     for start in range(0, members.shape[1], chunk_size):
         block = members[:, start : start + chunk_size].to(torch.float64)
-        finite &= torch.isfinite(block).all(dim=1).cpu()
-        sq_norm += (block * block).sum(dim=1).cpu()
-        sq_dist += torch.cdist(block, block).pow(2).cpu()
+        finite &= torch.isfinite(block).all(dim=1)
+        sq_norm += (block * block).sum(dim=1)
+        sq_dist += torch.cdist(block, block).pow(2)
+    sq_dist, sq_norm, finite = sq_dist.cpu(), sq_norm.cpu(), finite.cpu()
     norm, dist = sq_norm.sqrt(), sq_dist.clamp_min(0).sqrt()
     scale = torch.maximum(norm[:, None], norm[None, :]).clamp_min(1e-300)
     relative = torch.where(finite[:, None] & finite[None, :], dist / scale, torch.full_like(dist, math.inf))
-    relative.fill_diagonal_(0.0)
-    return relative, finite
+    return relative.fill_diagonal_(0.0), finite
 
 
 def noise_radius(tolerance: float, floor: float) -> float:
@@ -58,22 +141,46 @@ class FractionalRepetitionCode(Code):
     1. Compare every member with the first bit for bit; if at least ``s + 1`` agree (and the
        others are too few to form a second such class), the first member's block is honest:
        any ``s + 1`` members include an honest one, and honest members agree.
-    2. Otherwise split the members into classes of bitwise-identical blocks. Exactly one class
-       of at least ``s + 1`` members is the honest value; two such classes mean more than ``s``
-       liars and raise ``DracoDecodeError``.
-    3. Where no class reaches ``s + 1`` (replicas whose kernels are not deterministic), fall
-       back to comparing whole vectors: ``a`` and ``b`` agree when both are finite and
-       ``||a - b|| <= radius * max(||a||, ||b||)``, the radius being ``tolerance`` or, if larger,
-       ``NOISE_MARGIN`` times the noise floor measured from the group's own replicas (see
-       ``_tolerance_vote``). A liar inside the radius can move its group's term by at most twice
-       the radius (relative); it never makes the decode raise nor gets an honest member named.
-    4. Sum the winners over groups (float32 accumulation for half precision). Members that
-       differ from their group's winner anywhere are reported as faulty.
+    2. Otherwise split the members into classes of bitwise-identical blocks. If exactly one class
+       has at least ``s + 1`` members, its block is an honest replica's, bit for bit.
+    3. Where no class reaches ``s + 1``, or several do (with ``r > 2s+1``, honest replicas of
+       non-deterministic kernels can form two), the group is settled on whole vectors: ``a`` and
+       ``b`` agree when both are finite and ``||a - b|| <= R * max(||a||, ||b||)``, the radius ``R``
+       being ``tolerance`` (default 1e-5; or half precision's rounding unit, if larger: ``least_radius``)
+       or, if larger, ``NOISE_MARGIN`` times the noise floor measured in this decode (at most
+       ``MAX_NOISE``; see ``_noise_floor`` and ``_noise_floor_of``). The winner agrees with the
+       most members, at least ``s + 1``; two such members more than ``RIVAL_RADII * R`` apart mean
+       more than ``s`` liars (``DracoDecodeError``). A liar inside the radius can move its group's
+       term by at most ``R`` (relative); it never makes the decode raise nor gets an honest member named.
+    4. Sum the winners over groups (float32 accumulation for half precision).
+
+    Naming. In a group settled on whole vectors, a member is named when it disagrees with at least
+    ``s + 1`` members. In a group settled bit for bit, a member that differs from the winning value (an
+    honest replica's) is spared only when its relative distance to it is within ``NOISE_MARGIN`` times
+    the noise floor measured in this decode (at most ``MAX_NOISE``), or within ``tolerance`` when one is
+    given explicitly; otherwise it is named. So with deterministic kernels (no noise anywhere, the
+    default) every difference is a lie, a single flipped low bit included; with non-deterministic
+    kernels the noise that groups show spares honest replicas that differ from a bitwise class. Where
+    honest replicas agree within the radius that applies, no honest member is ever named, the decode
+    never raises with at most ``s`` liars, and every liar farther than the radius from the honest values
+    is named; a spared lie does not move a bitwise-settled group's term at all, and moves a
+    whole-vector group's by at most ``R``. ``tolerance=0`` declares replicas bitwise equal: every
+    member that differs anywhere is named, and no approximate agreement is accepted.
+
+    What the data cannot tell apart: in a decode where the only difference is one member off a
+    bitwise class (one group; or liars copying honest replicas in every noisy group), a noisy honest
+    replica looks exactly like a liar with a small lie. Undeclared, it is named (as a flipped bit must
+    be); give ``tolerance`` (the replicas' known spread) to spare it. The noise floor is measured over
+    every group that is not unanimous, so that liar-free groups lend their noise to the others.
 
     On the CPU, blocks are compared and summed while they are in cache, so the decode reads the
     received data once, as a plain mean does. On accelerators (or with ``batched=True``) the
-    common case, where every group's first member is in its majority, is settled first by one
-    batched comparison and a single host sync; otherwise the block-wise vote runs.
+    common case, where every group has a whole-row majority, is settled first by one batched
+    comparison and a single host sync; otherwise the block-wise vote runs. With ``fused`` (default:
+    on CUDA) that comparison and the sum of the winners are each one ``torch.compile``-d pass; results
+    and named workers are the same as the block-wise vote's, bit for bit (but for the payload of a NaN
+    widened from half precision), and where compiling fails the block-wise vote runs instead (with a
+    warning).
     """
 
     name = "frc"
@@ -87,18 +194,23 @@ class FractionalRepetitionCode(Code):
         num_adversaries: int,
         redundancy: Optional[int] = None,
         *,
-        tolerance: float = 1e-5,
+        tolerance: Optional[float] = None,
         chunk_size: int = 1 << 20,
         batched: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         super().__init__(num_workers, num_adversaries, redundancy)
-        if not tolerance >= 0:
+        if tolerance is not None and not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0 (got {tolerance!r}).")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (got {chunk_size!r}).")
-        self.tolerance = float(tolerance)
+        #: Whether the user stated how far honest replicas may differ (then it also spares members
+        #: that differ from a bitwise class by less); ``None`` means 1e-5 for the whole-vector vote only.
+        self.tolerance_declared = tolerance is not None
+        self.tolerance = DEFAULT_TOLERANCE if tolerance is None else float(tolerance)
         self.chunk_size = int(chunk_size)
         self.batched = batched
+        self.fused = fused
         self._matrix: Optional[Tensor] = None
         #: The noise floor the last tolerance vote measured (``None`` before any): read by the reactive mode.
         self.measured_floor: Optional[float] = None
@@ -162,31 +274,147 @@ class FractionalRepetitionCode(Code):
         rows = received.view(num_groups, r, d)
         bits = rows.view(bits_dtype(received))
         acc = accumulation_dtype(received.dtype)
-        if self.batched or (self.batched is None and received.device.type != "cpu"):
+        vote = None
+        if d and self._fused_here(received):
+            vote = self._fused_vote(rows, bits, acc, per_group)
+        elif self.batched or (self.batched is None and received.device.type != "cpu"):
             # On accelerators each per-block comparison is a host sync; one batched comparison is cheaper.
-            whole = self._vote_all_at_once(bits)
-            if whole is not None:
-                winners, faulty = whole
-                chosen = rows[torch.arange(num_groups, device=rows.device), torch.tensor(winners, device=rows.device)]
-                if per_group:
-                    return chosen.to(acc), faulty
-                total = torch.zeros(d, dtype=acc, device=received.device)
-                for g in range(num_groups):  # in group order, as the block-wise path adds them
-                    total.add_(chosen[g])
-                return total, faulty
-        out = torch.empty((num_groups, d) if per_group else (d,), dtype=acc, device=received.device)
-        faulty: set[int] = set()
-        unresolved: dict[int, list[slice]] = {}
+            vote = self._batched_vote(rows, bits, acc, per_group)
+        if vote is None:
+            vote = self._blockwise_vote(rows, bits, acc, per_group)
+        return vote.out, self._settle(rows, vote, acc, per_group)
 
+    # -- the bitwise vote, three ways with one outcome ----------------------------------------
+    def _fused_here(self, received: Tensor) -> bool:
+        wanted = self.fused if self.fused is not None else received.device.type == "cuda"
+        return bool(wanted) and (received.device.type, received.dtype) not in _FUSED_FAILED
+
+    def _fused_vote(self, rows: Tensor, bits: Tensor, acc: torch.dtype, per_group: bool) -> Optional[_Vote]:
+        """The whole-row vote with compiled passes; None when some group needs the block-wise vote.
+
+        1. One pass compares the members of every group bit for bit (all pairs at once for r <= 5:
+           the pass reads every member anyway).
+        2. One pass sums, in group order, member ``m`` of every group, ``m`` the first member that is
+           in every group's winning class (bit for bit the winners the reference adds). Where no
+           member is in all of them, the winners are added one by one, as the reference does.
+        """
+        r, device = self.redundancy, rows.device.type
+        try:
+            def compare(pairs: list[tuple[int, int]]) -> Tensor:
+                return _compiled("pairs", device, bits.dtype, tuple(pairs))(bits, tuple(pairs)).cpu()
+
+            classes = self._whole_row_vote(compare, pairs_first=r <= 5)
+            if classes is None:
+                return None
+            common = set.intersection(*classes)
+            if common:
+                m = min(common)
+                if per_group:
+                    out = rows[:, m].to(acc, copy=True)
+                else:
+                    zero = torch.zeros((), dtype=acc, device=rows.device)
+                    out = _compiled("sum", device, rows.dtype, m)(rows, m, zero)
+                return self._whole_row_outcome(out, [m] * len(classes), classes)
+        except Exception as err:  # noqa: BLE001 - any failure to compile: the reference path, same results
+            _FUSED_FAILED.add((device, rows.dtype))
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            warnings.warn(
+                f"FractionalRepetitionCode: the fused decode could not run on {device} for {rows.dtype}"
+                f" ({type(err).__name__}: {message}); the block-wise decode runs instead (same results, slower).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        return self._winners_outcome(rows, classes, acc, per_group)
+
+    def _batched_vote(self, rows: Tensor, bits: Tensor, acc: torch.dtype, per_group: bool) -> Optional[_Vote]:
+        """The whole-row vote in eager torch: comparisons on views (no copies), one sync per round."""
+
+        def compare(pairs: list[tuple[int, int]]) -> Tensor:
+            return torch.stack([(bits[:, a] == bits[:, b]).all(dim=1) for a, b in pairs], dim=1).cpu()
+
+        classes = self._whole_row_vote(compare, pairs_first=False)
+        return None if classes is None else self._winners_outcome(rows, classes, acc, per_group)
+
+    def _winners_outcome(self, rows: Tensor, classes: list[set[int]], acc: torch.dtype, per_group: bool) -> _Vote:
+        """Each group's winner (the first member of its class), summed in group order as the reference does."""
+        winners = [min(members) for members in classes]
+        num_groups, d = rows.shape[0], rows.shape[2]
+        chosen = rows[torch.arange(num_groups, device=rows.device), torch.tensor(winners, device=rows.device)]
+        if per_group:
+            out = chosen.to(acc)
+        else:
+            out = torch.zeros(d, dtype=acc, device=rows.device)
+            for g in range(num_groups):
+                out.add_(chosen[g])
+        return self._whole_row_outcome(out, winners, classes)
+
+    def _whole_row_outcome(self, out: Tensor, winners: list[int], classes: list[set[int]]) -> _Vote:
+        vote = _Vote(out)
+        for g, (w, members) in enumerate(zip(winners, classes)):
+            vote.winners[g] = lambda i, w=w: w
+            if len(members) < self.redundancy:
+                vote.differs[g] = set(range(self.redundancy)) - members
+        return vote
+
+    def _sole_majority(self, size: int) -> bool:
+        """A class of ``size`` members is a verified majority and the others are too few to form a second."""
+        need = self.num_adversaries + 1
+        return size >= need and self.redundancy - size < need
+
+    def _whole_row_vote(
+        self, compare: Callable[[list[tuple[int, int]]], Tensor], pairs_first: bool
+    ) -> Optional[list[set[int]]]:
+        """The common case: every group has a whole-row majority. Each group's winning class of members.
+
+        ``compare(pairs)`` says, per group, which pairs of members are equal bit for bit. First every
+        member is compared with its group's first member (or, with ``pairs_first``, with every other
+        member at once); the other pairs only if some group's first member is not in a sole majority.
+        Returns None when some group needs the block-wise vote.
+        """
+        r, num_groups = self.redundancy, self.num_groups
+        equal = torch.eye(r, dtype=torch.bool).repeat(num_groups, 1, 1)
+        first = [(0, b) for b in range(1, r)]
+        rest = [(a, b) for a in range(1, r) for b in range(a + 1, r)]
+
+        def fill(pairs: list[tuple[int, int]]) -> None:
+            if pairs:
+                same = compare(pairs)
+                for k, (a, b) in enumerate(pairs):
+                    equal[:, a, b] = equal[:, b, a] = same[:, k]
+
+        fill(first + rest if pairs_first else first)
+        if not pairs_first and not all(self._sole_majority(int(equal[g, 0].sum())) for g in range(num_groups)):
+            fill(rest)
+        classes = []
+        for g in range(num_groups):
+            sizes = equal[g].sum(dim=1)
+            leaders = [m for m in range(r) if self._sole_majority(int(sizes[m]))]
+            if not leaders:
+                return None
+            classes.append({m for m in range(r) if equal[g, leaders[0], m]})
+        return classes
+
+    def _blockwise_vote(self, rows: Tensor, bits: Tensor, acc: torch.dtype, per_group: bool) -> _Vote:
+        """The reference: per block of ``chunk_size`` coordinates, compare and sum while the block is in cache."""
+        num_groups, r, d = rows.shape
+        out = torch.empty((num_groups, d) if per_group else (d,), dtype=acc, device=rows.device)
+        vote = _Vote(out)
+        block_winners: dict[int, list[int]] = {g: [] for g in range(num_groups)}
+        differs: dict[int, set[int]] = {g: set() for g in range(num_groups)}
         for start in range(0, d, self.chunk_size):
             block = slice(start, min(d, start + self.chunk_size))
             winners = []
             for g in range(num_groups):
-                winner = self._vote(bits[g, :, block], g, faulty)
-                if winner is None:
-                    unresolved.setdefault(g, []).append(block)
+                won = self._vote(bits[g, :, block])
+                if won is None:
+                    vote.unresolved.setdefault(g, []).append(block)
+                    block_winners[g].append(-1)
                 else:
+                    winner, members = won
                     winners.append((g, winner))
+                    block_winners[g].append(winner)
+                    differs[g].update(m for m in range(r) if m not in members)
             if per_group:
                 for g, w in winners:
                     out[g, block] = rows[g, w, block]
@@ -197,55 +425,15 @@ class FractionalRepetitionCode(Code):
                 target.zero_()
                 for g, w in winners:
                     target.add_(rows[g, w, block])
+        for g in range(num_groups):
+            if g not in vote.unresolved:
+                vote.winners[g] = block_winners[g].__getitem__
+                if differs[g]:
+                    vote.differs[g] = differs[g]
+        return vote
 
-        for g, blocks in unresolved.items():
-            winner, agreeing = self._tolerance_vote(rows[g], g)
-            for block in blocks:
-                if per_group:
-                    out[g, block] = rows[g, winner, block]
-                else:
-                    out[block] += rows[g, winner, block].to(acc)
-            group = self.members(g)
-            faulty.difference_update(group)
-            faulty.update(w for m, w in enumerate(group) if not agreeing[m])
-        return out, sorted(faulty)
-
-    def _sole_majority(self, size: int) -> bool:
-        """A class of ``size`` members is a verified majority and the others are too few to form a second."""
-        need = self.num_adversaries + 1
-        return size >= need and self.redundancy - size < need
-
-    def _vote_all_at_once(self, bits: Tensor) -> Optional[tuple[list[int], list[int]]]:
-        """The common case in batched passes and at most two host syncs: every group has a whole-row majority.
-
-        First every member is compared with its group's first member; only if some group's first
-        member is not in a sole majority are the other pairs compared too. Returns each group's
-        winning member and the faulty workers, or None when some group needs the block-wise vote.
-        """
-        r = self.redundancy
-        equal = torch.eye(r, dtype=torch.bool).repeat(self.num_groups, 1, 1)
-
-        def compare(pairs: list[tuple[int, int]]) -> None:
-            if pairs:  # comparisons on views (no copies of the data), one sync for the lot
-                same = torch.stack([(bits[:, a] == bits[:, b]).all(dim=1) for a, b in pairs], dim=1).cpu()
-                for k, (a, b) in enumerate(pairs):
-                    equal[:, a, b] = equal[:, b, a] = same[:, k]
-
-        compare([(0, b) for b in range(1, r)])
-        if not all(self._sole_majority(int(equal[g, 0].sum())) for g in range(self.num_groups)):
-            compare([(a, b) for a in range(1, r) for b in range(a + 1, r)])
-        winners, faulty = [], []
-        for g in range(self.num_groups):
-            sizes = equal[g].sum(dim=1)
-            leaders = [m for m in range(r) if self._sole_majority(int(sizes[m]))]
-            if not leaders:
-                return None
-            winners.append(leaders[0])
-            faulty += [g * r + m for m in range(r) if not equal[g, leaders[0], m]]
-        return winners, faulty
-
-    def _vote(self, block: Tensor, group: int, faulty: set[int]) -> Optional[int]:
-        """Index within the group of a member whose block at least s+1 members share, or None."""
+    def _vote(self, block: Tensor) -> Optional[tuple[int, list[int]]]:
+        """The member of the one class of at least s+1 bitwise-equal blocks, and that class; else None."""
         r, need = self.redundancy, self.num_adversaries + 1
         first = [0] + [m for m in range(1, r) if torch.equal(block[m], block[0])]
         classes = [first]
@@ -260,34 +448,158 @@ class FractionalRepetitionCode(Code):
                 else:
                     classes.append([m])
         majorities = [members for members in classes if len(members) >= need]
-        if len(majorities) > 1:
-            workers = self.members(group)
-            raise DracoDecodeError(
-                f"group {group} (workers {workers}) holds {len(majorities)} different values each sent by at"
-                f" least s+1={need} members: more than s={self.num_adversaries} of them are faulty.",
-                workers,
-            )
-        if not majorities:
-            return None
-        winner = majorities[0]
-        base = group * r
-        faulty.update(base + m for m in range(r) if m not in winner)
-        return winner[0]
+        # None, or several (honest replicas of non-deterministic kernels, or more than s liars): the
+        # whole-vector vote decides, and raises if they are too far apart to all hold honest members.
+        return (majorities[0][0], majorities[0]) if len(majorities) == 1 else None
 
-    def _tolerance_vote(self, members: Tensor, group: int) -> tuple[int, list[bool]]:
-        """Vote on whole vectors that agree within a radius: (winner index, not-named flags).
+    # -- naming, and the groups that no bitwise class settles ---------------------------------
+    def _settle(self, rows: Tensor, vote: _Vote, acc: torch.dtype, per_group: bool) -> list[int]:
+        """The faulty workers; fills the unresolved blocks of ``vote.out`` with the whole-vector vote."""
+        r = self.redundancy
+        declared = self.least_radius(rows.dtype) if self.tolerance_declared else 0.0
+        faulty: set[int] = set()
+        band: list[tuple[int, float]] = []  # (worker, distance) that only the measured noise decides
+        for g, members in sorted(vote.differs.items()):
+            members = sorted(members)
+            if self.tolerance == 0:  # replicas declared bitwise equal: any difference is a lie
+                faulty.update(g * r + m for m in members)
+                continue
+            for m, distance in zip(members, self._distance_to_winner(rows[g], vote.winners[g], members)):
+                if distance > max(declared, MAX_NOISE):  # beyond any radius
+                    faulty.add(g * r + m)
+                elif distance > declared or declared == 0:
+                    band.append((g * r + m, distance))
+        if not band and not vote.unresolved:
+            return sorted(faulty)
+        distances: dict[int, tuple[Tensor, Tensor]] = {}
+        floor = self._noise_floor_of(rows, sorted(set(vote.differs) | set(vote.unresolved)), distances)
+        self.measured_floor = floor
+        # A bitwise class is an honest replica's value: a member that differs from it is spared only by
+        # noise measured in this decode (or a declared tolerance); with none, any difference is a lie.
+        spare = max(declared, min(NOISE_MARGIN * floor, MAX_NOISE))
+        faulty.update(worker for worker, distance in band if spare == 0 or distance > spare)
+        radius = self._radius(rows.dtype, floor)
+        for g, blocks in sorted(vote.unresolved.items()):
+            winner, agreeing = self._tolerance_vote(rows[g], g, radius, distances)
+            for block in blocks:
+                if per_group:
+                    vote.out[g, block] = rows[g, winner, block]
+                else:
+                    vote.out[block] += rows[g, winner, block].to(acc)
+            faulty.update(w for m, w in enumerate(self.members(g)) if not agreeing[m])
+        return sorted(faulty)
 
-        1. Distances between members, relative to the larger norm. The honest noise floor is
-           estimated from this group's own data: each member's distance to its ``s``-th nearest
-           other member, and the median of those over the members: honest members have
-           at least ``s`` honest neighbours, so with at most ``s`` liars the median never exceeds the
-           largest honest distance, whatever the liars send.
-        2. Members agree within ``max(tolerance, min(NOISE_MARGIN * floor, MAX_NOISE))``.
-        3. The winner is the member that agrees with the most others (at least ``s + 1`` with
+    def _distance_to_winner(
+        self, members: Tensor, winner_of_block: Callable[[int], int], which: list[int]
+    ) -> list[float]:
+        """``||x_m - v|| / max(||x_m||, ||v||)`` for each member ``m`` in ``which``, ``v`` the group's winning value.
+
+        In pieces of ``_DISTANCE_STEP`` coordinates, the winning value pieced from its blocks' winners,
+        with the same operations whichever vote chose it, so that the fused and block-wise paths name the
+        same members. Norms are taken in float32 per piece and added in float64 (a relative error of
+        about 1e-4, far below the margins the radius is compared with; a piece whose squares overflow
+        float32 is redone in float64). Infinite when a member or ``v`` is not finite, and as soon as
+        ``||x_m - v|| > 2 ||v||`` (then the distance exceeds 2/3, beyond any radius): a liar sending
+        -100x costs one piece, not a pass over its row.
+        """
+        d, size = members.shape[1], self.chunk_size
+        step = max(size, _DISTANCE_STEP if members.device.type == "cpu" else 8 * _DISTANCE_STEP)  # fewer syncs
+
+        def pieces():
+            for start in range(0, d, step):
+                stop = min(d, start + step)
+                parts = [(max(start, i * size), min(stop, (i + 1) * size), winner_of_block(i))
+                         for i in range(start // size, (stop - 1) // size + 1)]
+                if all(w == parts[0][2] for _, _, w in parts):
+                    win = members[parts[0][2], start:stop]
+                else:  # the winning value pieced from its blocks' winners (honest replicas that differ)
+                    win = torch.cat([members[w, lo:hi] for lo, hi, w in parts])
+                yield start, stop, (win.float() if win.element_size() < 4 else win)
+
+        sq_win = sum(_sq_norm(win) for _, _, win in pieces())
+        distances = []
+        for m in which:
+            sq_diff, far = 0.0, False
+            for start, stop, win in pieces():
+                x = members[m, start:stop]
+                sq_diff += _sq_norm((x.float() if x.element_size() < 4 else x) - win)  # exact when close (Sterbenz)
+                if not math.isfinite(sq_diff) or sq_diff > 4 * sq_win:
+                    far = True
+                    break
+            if far or not math.isfinite(sq_win):
+                distances.append(math.inf)
+                continue
+            sq_norm = sum(_sq_norm(members[m, start:stop]) for start, stop, _ in pieces())
+            scale = math.sqrt(max(sq_norm, sq_win))
+            distance = math.sqrt(sq_diff) / max(scale, 1e-300)
+            distances.append(distance if math.isfinite(distance) else math.inf)
+        return distances
+
+    def _pairwise(self, members: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r, r)`` relative distances (infinite for non-finite members), and finiteness."""
+        return relative_distances(members, self.chunk_size)
+
+    def _noise_floor(self, relative: Tensor, finite: Tensor) -> float:
+        """One group's honest noise, estimated from its replicas so that at most ``s`` liars cannot inflate it.
+
+        Each member's distance to its ``(r-s-1)``-th nearest other member, then the ``(s+1)``-th largest
+        of those over the finite members. An honest member has at least ``r-s-1`` honest others, all
+        within the honest spread ``D``, so its value is at most ``D``; among the ``s+1`` largest values
+        one is an honest member's, so the estimate is at most ``D`` whatever the liars send. In a group
+        without liars it is about the replicas' typical distance (for ``r = 2s+1``: the median of the
+        ``s``-th nearest distances). Zero when fewer than ``s+1`` members are finite.
+        """
+        r, s = self.redundancy, self.num_adversaries
+        values = relative.sort(dim=1).values[:, r - s - 1][finite]
+        if values.numel() < s + 1:
+            return 0.0
+        floor = float(values.sort(descending=True).values[s])
+        return floor if math.isfinite(floor) else 0.0
+
+    def least_radius(self, dtype: torch.dtype) -> float:
+        """The whole-vector vote's smallest radius: ``tolerance``, or one rounding unit of ``dtype``
+        (relative) if larger (a non-deterministic reduction moves every coordinate by about that much;
+        the default tolerance, 1e-5, is below half precision's resolution). 0 when ``tolerance`` is 0."""
+        if self.tolerance == 0:
+            return 0.0
+        return max(self.tolerance, torch.finfo(dtype).eps)
+
+    def _noise_floor_of(self, rows: Tensor, groups: list[int], distances: dict[int, tuple[Tensor, Tensor]]) -> float:
+        """The decode's noise floor: the largest of ``groups``' estimates (``_noise_floor``).
+
+        Only groups that are not unanimous are measured (the others hold no noise to measure). Each
+        group's estimate is at most its honest spread, so liars cannot raise the floor past the largest
+        honest spread; the groups without liars lend their noise to those with some.
+        """
+        if self.tolerance == 0:
+            return 0.0
+        floor = 0.0
+        for g in groups:
+            if g not in distances:
+                distances[g] = self._pairwise(rows[g])
+            floor = max(floor, self._noise_floor(*distances[g]))
+        return floor
+
+    def _radius(self, dtype: torch.dtype, floor: float) -> float:
+        """The whole-vector vote's radius: ``max(least_radius, min(NOISE_MARGIN * floor, MAX_NOISE))``."""
+        if self.tolerance == 0:
+            return 0.0
+        return noise_radius(self.least_radius(dtype), floor)
+
+    def _tolerance_vote(
+        self, members: Tensor, group: int, radius: float, distances: dict[int, tuple[Tensor, Tensor]]
+    ) -> tuple[int, list[bool]]:
+        """Vote on whole vectors that agree within ``radius``: (winner index, not-named flags).
+
+        1. Members agree when both are finite and their relative distance is at most ``radius``
+           (see ``_radius``: at least the honest spread when the noise floor is measured right).
+        2. The winner is the member that agrees with the most others (at least ``s + 1`` with
            itself; else ``DracoDecodeError``), ties broken by the smaller total distance to those
-           it agrees with. A liar can win only by agreeing with an honest member: its value is then
-           within the radius of an honest one. Liars placed inside the radius of some honest
-           replicas and outside another's no longer make the decode raise.
+           it agrees with, then by index. A liar can win only by agreeing with an honest member: its
+           value is then within the radius of an honest one. Liars placed inside the radius of some
+           honest replicas and outside another's do not make the decode raise.
+        3. Two members that each agree with ``s + 1`` members but lie more than ``RIVAL_RADII`` radii
+           apart cannot both be near honest ones with at most ``s`` liars: ``DracoDecodeError``.
         4. A member is named only if it disagrees with at least ``s + 1`` others: an honest one
            disagrees with at most the ``s`` liars.
         """
@@ -301,11 +613,9 @@ class FractionalRepetitionCode(Code):
                 " faulty.",
                 workers,
             )
-        relative, finite = relative_distances(members, self.chunk_size)
-        nearest = relative.sort(dim=1).values[:, s] if s else torch.zeros(r, dtype=torch.float64)
-        floor = float(nearest[finite].median()) if bool(finite.any()) else math.inf
-        self.measured_floor = floor
-        radius = noise_radius(self.tolerance, floor)
+        if group not in distances:
+            distances[group] = self._pairwise(members)
+        relative, finite = distances[group]
         agree = (relative <= radius) & finite[:, None] & finite[None, :]
         counts = agree.sum(dim=1)
         best = int(counts.max())
@@ -316,6 +626,19 @@ class FractionalRepetitionCode(Code):
                 workers,
             )
         spread = torch.where(agree, relative, torch.zeros_like(relative)).sum(dim=1)
-        winner = min((m for m in range(r) if int(counts[m]) == best), key=lambda m: float(spread[m]))
+        supported = [m for m in range(r) if int(counts[m]) >= need]
+        order = sorted(supported, key=lambda m: (-int(counts[m]), float(spread[m]), m))
+        heads: list[int] = []
+        for m in order:
+            if all(float(relative[m, h]) > RIVAL_RADII * radius for h in heads):
+                heads.append(m)
+        if len(heads) > 1:
+            far = max(float(relative[a, b]) for a in heads for b in heads)
+            raise DracoDecodeError(
+                f"group {group} (workers {workers}) holds {len(heads)} different values each sent by at least"
+                f" s+1={need} members (up to {far:.2g} apart, relative; rounding noise explains {radius:.2g}):"
+                f" more than s={s} of them are faulty.",
+                workers,
+            )
         named = [int((~agree[m]).sum()) >= need for m in range(r)]
-        return winner, [not flag for flag in named]
+        return heads[0], [not flag for flag in named]

@@ -62,12 +62,9 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         chunk_size: int = 1 << 20,
         learn_floor: bool = True,
     ):
-        super().__init__(
-            num_workers, num_adversaries, redundancy, tolerance=1e-5 if tolerance is None else tolerance,
-            chunk_size=chunk_size,
-        )
+        super().__init__(num_workers, num_adversaries, redundancy, tolerance=tolerance, chunk_size=chunk_size)
         #: Whether the user set a tolerance: then it also lets ``s+1`` replicas agree without a vote.
-        self.explicit_tolerance = tolerance is not None
+        self.explicit_tolerance = self.tolerance_declared
         #: The honest noise floor the escalation votes measured (0: none seen, replicas bitwise equal).
         self.noise_floor = 0.0
         #: Whether votes update ``noise_floor``. Off where several decoders must reach the same verdict
@@ -76,7 +73,7 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         # One group of 2s+1 copies: the one-shot code's vote, reused as is.
         s = self.num_adversaries
         self._voter = FractionalRepetitionCode(
-            2 * s + 1, s, 2 * s + 1, tolerance=self.tolerance, chunk_size=chunk_size, batched=False
+            2 * s + 1, s, 2 * s + 1, tolerance=tolerance, chunk_size=chunk_size, batched=False
         )
 
     @classmethod

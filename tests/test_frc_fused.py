@@ -1,0 +1,194 @@
+"""The repetition code's fused decode (torch.compile) against the block-wise reference, on the CPU.
+
+The fused path runs on CUDA by default; here Inductor's CPU backend compiles the same functions, so CI
+checks them without a GPU. Totals must be equal bit for bit (NaN payloads aside: half precision widened
+by Inductor's conversion gives the canonical NaN) and the named workers identical, on adversarial inputs
+in every wire dtype. Compiling costs seconds per dtype: the functions are compiled once (dynamic shapes)
+and every case of a dtype reuses them.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lightning_draco.codes import DracoDecodeError, FractionalRepetitionCode
+from lightning_draco.codes import frc as frc_module
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@pytest.fixture(scope="module")
+def inductor():
+    """Skip the module where Inductor cannot compile for the CPU (no C++ compiler, unsupported platform)."""
+    received = torch.randn(2, 1, 16).repeat(1, 3, 1).reshape(6, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        FractionalRepetitionCode(6, 1, fused=True).decode(received)
+    failed = [w for w in caught if "fused decode could not run" in str(w.message)]
+    if failed:
+        frc_module._FUSED_FAILED.clear()
+        pytest.skip(f"torch.compile (Inductor, CPU) unavailable here: {failed[0].message}")
+    yield
+    assert not frc_module._FUSED_FAILED, "a fused decode fell back to the reference path"
+
+
+def decode_both(code_args, received, parts=False, **options):
+    """(reference, fused) outcomes: (total or parts, faulty) or the DracoDecodeError's message."""
+    outcomes = []
+    for fused in (False, True):
+        code = FractionalRepetitionCode(*code_args, fused=fused, batched=False, **options)
+        try:
+            outcomes.append(code.parts(received) if parts else tuple(code.decode(received).__dict__.values()))
+        except DracoDecodeError as err:
+            outcomes.append(str(err))
+    return outcomes
+
+
+def assert_same(reference, fused):
+    if isinstance(reference, str) or isinstance(fused, str):
+        assert reference == fused
+        return
+    (total_r, faulty_r), (total_f, faulty_f) = reference, fused
+    assert faulty_f == faulty_r
+    assert total_f.dtype == total_r.dtype and total_f.shape == total_r.shape
+    # Bit for bit, except the payload of a NaN: half precision widened to float32 by Inductor's
+    # conversion gives the canonical NaN where torch's eager conversion keeps other bits.
+    assert torch.equal(total_f.isnan(), total_r.isnan()), "NaN in different places"
+    finite_f, finite_r = total_f.nan_to_num(nan=0.0), total_r.nan_to_num(nan=0.0)
+    assert torch.equal(finite_f.view(torch.uint8), finite_r.view(torch.uint8)), "totals differ bit for bit"
+
+
+def honest_rows(groups, r, d, dtype, gen):
+    base = torch.randn(groups, 1, d, generator=gen, dtype=torch.float64).to(dtype)
+    base[:, :, ::7] = 0.0  # zeros, so that -0.0 lies have somewhere to go
+    base[0, :, 1::7] = -0.0  # and honest -0.0 (the reference sums from +0.0)
+    base[:, :, 2::7] = -0.0  # in every group: -0.0 + -0.0 from +0.0 is +0.0 (a compiler folding 0 + x gives -0.0)
+    return base.repeat(1, r, 1).reshape(groups * r, d)
+
+
+def adversarial_cases(dtype):
+    """(name, received) for FractionalRepetitionCode(6, 1): two groups of three.
+
+    Liars sit at the groups' first members (the fused sum then adds another member of every group)
+    only in float32: each member index compiles its own sum, and one dtype covers that logic.
+    """
+    gen = torch.Generator().manual_seed(0)
+    honest = honest_rows(2, 3, 301, dtype, gen)
+    cases = [("honest", honest)]
+    firsts = dtype == torch.float32
+
+    def lie(name, rank, fn):
+        rows = honest.clone()
+        rows[rank] = fn(rows[rank])
+        cases.append((name, rows))
+
+    lie("second member NaN", 1, lambda v: torch.full_like(v, math.nan))
+    lie("last member -Inf", 5, lambda v: torch.full_like(v, -math.inf))
+    lie("one NaN entry", 4, lambda v: v.index_fill(0, torch.tensor([5]), math.nan))
+    lie("signed zeros flipped", 4, lambda v: torch.where(v == 0, -v, v))
+    lie("low bit", 2, lambda v: (v.view(INTS[v.element_size()]) ^ 1).view(v.dtype))
+    lie("another group's row", 4, lambda v: honest[0].clone())
+    lie("huge", 2, lambda v: torch.full_like(v, torch.finfo(dtype).max))
+    if firsts:
+        lie("first member -100x", 0, lambda v: v * -100)
+        lie("first member, another group's row", 3, lambda v: honest[0].clone())
+        two = honest.clone()
+        two[0] = -two[0]
+        two[4] = math.nan
+        cases.append(("a liar in each group, no member honest in both", two))
+    two = honest.clone()
+    two[1] = -two[1]
+    two[5] = math.nan
+    cases.append(("a liar in each group", two))
+    diverged = honest.clone()
+    diverged[3:, 10] = math.nan  # the whole group agrees on a NaN: nobody lied
+    cases.append(("honest NaN", diverged))
+    noisy = honest.clone()
+    noisy[1] = noisy[1] + (noisy[1].abs() * 4 * torch.finfo(dtype).eps).to(dtype)  # no bitwise majority: fallback
+    noisy[2, 3] = 7.0
+    cases.append(("noisy replicas", noisy))
+    broken = honest.clone()
+    broken[4], broken[5] = 1.0, 2.0
+    cases.append(("two liars in a group", broken))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_decode_equals_the_reference_on_adversarial_inputs(inductor, dtype):
+    for name, received in adversarial_cases(dtype):
+        for chunk in (64, 1 << 20):
+            reference, fused = decode_both((6, 1), received, chunk_size=chunk)
+            assert_same(reference, fused), name
+        reference, fused = decode_both((6, 1), received, parts=True)
+        assert_same(reference, fused), name
+
+
+def test_fused_decode_with_larger_groups_and_two_classes(inductor):
+    """r = 5 (all ten pairs in one pass), s = 2 liars, and classes {A, A, B, B, C} that no bitwise vote settles."""
+    gen = torch.Generator().manual_seed(1)
+    five = honest_rows(2, 5, 257, torch.float32, gen)
+    for liars in ([0, 1], [3, 4], [2, 9]):
+        received = five.clone()
+        received[liars] = -received[liars]
+        assert_same(*decode_both((10, 2), received))
+    split = five.clone()
+    split[2:4] = split[2:4] * (1 + 1e-4)  # {A, A, B, B, A} in group 0 is a majority; {A, A, B, B, C} is not
+    split[4] = split[4] * (1 - 1e-4)
+    assert_same(*decode_both((10, 2), split))
+
+
+@given(
+    st.sampled_from(DTYPES),
+    st.integers(2, 80),
+    # ranks that are not their group's first member: the sum then always adds member 0 (one compile per dtype)
+    st.lists(st.tuples(st.sampled_from([1, 2, 4, 5]), st.sampled_from(["nan", "neg", "zero", "bit", "copy", "inf"])),
+             max_size=2),
+    st.integers(0, 2**31),
+)
+def test_fused_decode_equals_the_reference_on_random_liars(inductor, dtype, d, lies, seed):
+    gen = torch.Generator().manual_seed(seed)
+    received = honest_rows(2, 3, d, dtype, gen)
+    for rank, kind in lies:
+        row = received[rank]
+        if kind == "nan":
+            row[int(torch.randint(d, (1,), generator=gen))] = math.nan
+        elif kind == "neg":
+            row.neg_()
+        elif kind == "zero":
+            row.zero_()
+        elif kind == "bit":
+            row.view(INTS[row.element_size()])[d // 2] ^= 1 << 9
+        elif kind == "copy":
+            row.copy_(received[(rank + 3) % 6])
+        else:
+            row.fill_(math.inf)
+    assert_same(*decode_both((6, 1), received, chunk_size=16))
+
+
+def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatch):
+    def broken(*key):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(frc_module, "_compiled", broken)
+    received = honest_rows(2, 3, 50, torch.float32, torch.Generator().manual_seed(2))
+    received[1] = -received[1]
+    key = ("cpu", torch.float32)
+    try:
+        with pytest.warns(RuntimeWarning, match="fused decode could not run on cpu.*block-wise decode runs instead"):
+            fused = FractionalRepetitionCode(6, 1, fused=True).decode(received)
+        assert key in frc_module._FUSED_FAILED
+        reference = FractionalRepetitionCode(6, 1, fused=False).decode(received)
+        assert fused.faulty == reference.faulty == [1] and torch.equal(fused.total, reference.total)
+    finally:
+        frc_module._FUSED_FAILED.discard(key)
+
+
+def test_fused_is_the_default_on_cuda_only():
+    code = FractionalRepetitionCode(3, 1)
+    assert code._fused_here(torch.zeros(3, 4)) is False
+    assert FractionalRepetitionCode(3, 1, fused=True)._fused_here(torch.zeros(3, 4)) is True
