@@ -26,10 +26,12 @@ gradients are close, and lose accuracy under heterogeneity even without an attac
 decode is an exact sum and does not care. ``--attacks`` also accepts ``optimal_alie``.
 
 ``--heterogeneity iid,1.0,0.1`` runs the whole sequence once per partition (IID, then Dirichlet
-with each alpha), by default over HETERO_METHODS and the attacks none and alie, and writes
+with each alpha), by default over HETERO_METHODS and HETERO_ATTACKS (none, reverse, alie,
+optimal_alie), and writes
 heterogeneity.csv and heterogeneity_<dataset>.png (accuracy against training seconds and against
 steps, one column per partition, one row per attack) instead of compare.csv and its plots; the
-page benchmarks.md is redrawn from both CSVs that exist.
+page benchmarks.md is redrawn from both CSVs that exist. ``--merge`` keeps the CSV's rows of the
+runs a command does not redo: a sweep can be extended by attacks or methods without rerunning it.
 
 Data sets: scikit-learn's digits (the examples' MLP, 128 wide, without dropout), and synthetic CIFAR-sized images (3x32x32,
 ten classes, class means plus noise) with a CNN of 2.1M parameters, where aggregation costs show.
@@ -74,7 +76,7 @@ RULES = ["median", "trimmed_mean", "geometric_median", "krum", "centered_clippin
 RULE_OPTIONS = {"centered_clipping": {"tau": 10.0}}
 PRE_AGGREGATORS = ["nnm", "bucketing", "arc"]
 HETERO_METHODS = ["ddp", "frc", "crc1", *RULES, *(f"nnm+{rule}" for rule in RULES)]
-HETERO_ATTACKS = ["none", "alie"]
+HETERO_ATTACKS = ["none", "reverse", "alie", "optimal_alie"]
 TARGETS = {"digits": 0.8, "synthetic": 0.6}
 
 
@@ -245,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=16, help="per partition, as one plain-DDP rank's batch")
     parser.add_argument("--out", default="docs")
     parser.add_argument("--report-only", action="store_true", help="redo plots and page from the CSVs in OUT")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep OUT's CSV rows of other runs (dataset, method, attack, partition), replace those"
+                             " this command reruns: add attacks or methods to an earlier sweep")
     return parser
 
 
@@ -279,7 +284,23 @@ def main(argv=None) -> None:
             for dataset, method, attack, label, recorder in results
             for row in recorder.rows
         ]
-        save(out, kind, records, " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]]))
+        command = " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]])
+        if args.merge:
+            records, command = merged(out, kind, records, command)
+        save(out, kind, records, command)
+
+
+def merged(out: Path, kind: str, records: list[dict], command: str) -> tuple[list[dict], str]:
+    """``records`` added to the rows of OUT's CSV from other runs (a rerun run replaces its rows), and the
+    commands that made them all, joined by ``&&``."""
+    path = out / CSV_FILES[kind]
+    if not path.exists():
+        return records, command
+    runs = {(r["dataset"], r["method"], r["attack"], r["partition"]) for r in records}
+    with open(path) as f:
+        kept = [row for row in map(_typed, csv.DictReader(f))
+                if (row["dataset"], row["method"], row["attack"], row["partition"]) not in runs]
+    return kept + records, f"{_command_line(out, kind)} && {command}"
 
 
 def save(out: Path, kind: str, records: list[dict], command: str) -> None:

@@ -234,3 +234,19 @@ def test_a_helper_recomputes_the_members_gradient_bit_for_bit_and_leaves_the_buf
         assert torch.equal(grads[id(p)], expected[name]), name
         assert p.grad is None, "the helper's own .grad is untouched"
     assert all(torch.equal(b, before[name]) for name, b in helper.named_buffers()), "buffers restored"
+
+
+# -- the detection ballot of sharded decoding ------------------------------------------------------
+@pytest.mark.parametrize("num_groups", [1, 3, 30, 31, 32, 62, 63, 100])
+def test_a_detection_ballot_carries_its_status_and_exactly_its_pending_groups(num_groups):
+    from lightning_draco.exchange.reactive import detection_ballot, pending_in
+
+    generator = torch.Generator().manual_seed(num_groups)
+    for _ in range(20):
+        how_many = int(torch.randint(0, num_groups + 1, (1,), generator=generator))
+        pending = sorted(torch.randperm(num_groups, generator=generator)[:how_many].tolist())
+        ballot = detection_ballot(2, pending, num_groups, torch.device("cpu"))
+        assert ballot.dtype == torch.int32 and ballot.numel() == 1 + -(-num_groups // 31)
+        assert int(ballot[0]) == 2 and pending_in(ballot) == pending
+    every = list(range(num_groups))
+    assert pending_in(detection_ballot(0, every, num_groups, torch.device("cpu"))) == every

@@ -206,7 +206,8 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     1. ``all_to_all`` as ``sharded_hook``: each decoder gets its shards of every rank's vector.
     2. Each decoder detects per group on each of its shards: all agree, the shard's mean; else zeros
        and the disagreeing groups flagged (a liar as decoder corrupts what it passes on).
-    3. ``all_gather`` every decoder's shards and verdicts (status, a flag per rank, a flag per group).
+    3. ``all_gather`` every decoder's shards and verdicts (``detection_ballot``: the status and one bit
+       per group, ``1 + ceil(P / (31 r))`` ints).
     4. Per shard, the copy (values and verdict, bit for bit) that ``s+1`` decoders sent wins; the
        bucket's pending groups are those any shard's winning verdict flags, the same on every rank.
        A decoder keeps its received rows of a pending bucket for ``settle``.
@@ -227,19 +228,19 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     for k in held[rank]:
         began = time.perf_counter()
         columns = received[:, start : start + length[k]]
-        verdict = torch.zeros(1 + world + groups, dtype=torch.int32, device=coded.device)
+        status = DecodeStatus.OK
         agree = code.detect(columns) if length[k] else [True] * groups
         if all(agree):
             rows = columns.view(groups, code.redundancy, -1)
             mean = code.total([rows[g, 0] for g in range(groups)]).div_(world) if length[k] else columns.new_empty(0)
             if setup.check_finite and not bool(torch.isfinite(mean).all()):
-                verdict[0] = DecodeStatus.NONFINITE
+                status = DecodeStatus.NONFINITE
         else:
             mean = columns.new_zeros(length[k])
-            verdict[1 + world + torch.tensor([g for g in range(groups) if not agree[g]], dtype=torch.long)] = 1
         state.stats.seconds["decode"] += time.perf_counter() - began
         values.append(mean.to(coded.dtype))
-        verdicts.append(verdict)
+        pending_groups = [g for g in range(groups) if not agree[g]]
+        verdicts.append(detection_ballot(int(status), pending_groups, groups, coded.device))
         start += length[k]
     decoded = torch.cat(values) if values else coded.new_empty(0)
     if state.corrupt_decoded is not None:  # simulation: a liar lying as a decoder
@@ -250,7 +251,7 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     for k in range(world):
         verdict = _vote_detection(state, coded[bounds[k] : bounds[k + 1]], k, index, copies, outcomes, length, held)
         if verdict is not None:
-            flagged.update(g for g, flag in enumerate(verdict[1 + world :].tolist()) if flag)
+            flagged.update(pending_in(verdict))
     flagged.update(state.forced)
     if flagged:
         pending.groups[index] = sorted(flagged)
@@ -260,6 +261,27 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     future: torch.futures.Future[Tensor] = torch.futures.Future()
     future.set_result(coded)
     return future
+
+
+#: Pending-group flags per int32 word of a detection ballot (the sign bit unused).
+_FLAGS_PER_WORD = 31
+
+
+def detection_ballot(status: int, pending: list[int], num_groups: int, device: torch.device) -> Tensor:
+    """A decoder's detection verdict on one shard: the status, then one bit per group (set: pending).
+
+    ``1 + ceil(num_groups / 31)`` int32 words: two words up to 31 groups (``P <= 62`` for ``s = 1``).
+    """
+    words = [int(status)] + [0] * -(-num_groups // _FLAGS_PER_WORD)
+    for g in pending:
+        words[1 + g // _FLAGS_PER_WORD] |= 1 << (g % _FLAGS_PER_WORD)
+    return torch.tensor(words, dtype=torch.int32, device=device)
+
+
+def pending_in(ballot: Tensor) -> list[int]:
+    """The groups a detection ballot (``detection_ballot``) flags as pending."""
+    words = ballot[1:].tolist()
+    return [w * _FLAGS_PER_WORD + b for w, word in enumerate(words) for b in range(_FLAGS_PER_WORD) if word >> b & 1]
 
 
 def _vote_detection(
