@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -205,3 +206,37 @@ def test_decode_mode_and_overlap_come_from_the_command_line():
     assert strategy.config.decode == "sharded" and strategy.config.overlap is True
     with pytest.raises(ValueError, match=r"code='crc' cannot decode sharded"):
         train.build_strategy(compose_with("code=crc", "decode=sharded"))
+
+
+# Settings the app refuses, and a piece of its one-line message: each breaks a rule of the library
+# or of the app, checked before any process starts (``tests/launch/test_app.py`` runs the app itself
+# on one setting per layer).
+REFUSED_IN_COMPOSITION = [
+    (["attack=revers"], "Could not find 'attack/revers'"),
+    (["aggregator=krumm"], "Could not find 'aggregator/krumm'"),
+]
+REFUSED_AT_FIT = [
+    (["code.num_adversaries=-1"], "num_adversaries must be an integer >= 0 (got -1)"),
+    (["code.num_adversaries=2", "code.redundancy=3"], "redundancy must be at least 2 * num_adversaries + 1 = 5"),
+    (["code=crc", "code.num_adversaries=3"], "code='crc' needs at least 2 * num_adversaries + 1 = 7 workers"),
+    (["code.ps_rank=6"], "ps_rank must be in [0, 6) for a world of 6 ranks (got 6)"),
+    (["attack.ranks=[0]"], "adversary ranks must not include ps_rank=0"),
+    (["code=none", "code.num_adversaries=1", "aggregator=bulyan"], "aggregator 'bulyan' needs n >= 4 * num_byzantine + 3"),
+    (["timeout_s=0"], "timeout must be a positive number of seconds"),
+    (["code=crc", "code.num_adversaries=2", "trainer.devices=64", "trainer.precision=bf16-true"],
+     "code='crc' with P=64, s=2 is too ill-conditioned for bfloat16 gradients"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED_IN_COMPOSITION, ids=[" ".join(o) for o, _ in REFUSED_IN_COMPOSITION])
+def test_an_unknown_option_is_refused_when_the_config_is_composed(overrides, message):
+    with pytest.raises(Exception, match=re.escape(message)):
+        compose_with(*overrides)
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED_AT_FIT, ids=[" ".join(o) for o, _ in REFUSED_AT_FIT])
+def test_a_setting_that_breaks_a_rule_ends_the_run_with_the_rule_before_training(tmp_path, overrides, message):
+    with pytest.raises(SystemExit) as ended:
+        train.fit(compose_with(*overrides), tmp_path)
+    assert str(ended.value).startswith("configuration error: ") and message in str(ended.value)
+    assert not list(tmp_path.iterdir()), "nothing written before the refusal"

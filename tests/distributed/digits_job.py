@@ -139,6 +139,8 @@ def resume(name: str, scenario: Scenario) -> dict:
         "sha_uninterrupted": digests[0],
         "sha_resumed": digests[2],
         "steps_per_epoch": len(trainer.train_dataloader),
+        "escalations": strategy.escalation_stats,
+        "quarantined": sorted(strategy.quarantined),
     }
 
 

@@ -47,10 +47,13 @@ ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "i
 # Adaptive and data attacks: with a fixed liar only, since a random liar in rank 0's group that
 # mimics rank 0 sends its own honest vector.
 ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
+# Every attack a fixed liar can make with its gradient (label flipping changes its data instead).
+GRADIENT_ATTACKS = ATTACKS + ["optimal_alie", "optimal_ipm", "mimic"]
 RULES = ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "centered_clipping"]
 CYCLIC_ATTACKS = ["reverse", "nan", "gaussian", "collude"]
-#: (P, s) of the cyclic-code jobs; s = 1 at six ranks is trained by the precision job and the app tests.
-CYCLIC = [(5, 2), (6, 2), (7, 3)]
+#: (P, s) of the cyclic-code jobs: the smallest world P = 2s+1 at s = 3, and an even P (the shortened code).
+#: s = 1 at six ranks is trained by the precision job and the app tests.
+CYCLIC = [(6, 2), (7, 3)]
 
 RANK_4 = lambda attack="reverse": dict(ranks=[4], attack=attack)  # noqa: E731
 
@@ -65,35 +68,9 @@ SCENARIOS: dict[str, Scenario] = {
 }
 for _attack in ATTACKS:
     SCENARIOS[f"frc_fixed_{_attack}"] = Scenario(liars=RANK_4(_attack))
-    SCENARIOS[f"frc_random_{_attack}"] = Scenario(liars=dict(ranks="random", attack=_attack, seed=3))
     SCENARIOS[f"none_{_attack}"] = Scenario(strategy=dict(code="none"), liars=RANK_4(_attack))
 for _attack in ADAPTIVE:
     SCENARIOS[f"frc_fixed_{_attack}"] = Scenario(liars=RANK_4(_attack))
-# Sharded decoding (no parameter server): every attack, the liar lying in both roles, or in one.
-SHARDED = dict(decode="sharded")
-for _attack in ATTACKS + ADAPTIVE:
-    SCENARIOS[f"sharded_fixed_{_attack}"] = Scenario(strategy=SHARDED, liars=RANK_4(_attack))
-for _role in ("gradient", "decoder"):
-    SCENARIOS[f"sharded_{_role}_reverse"] = Scenario(strategy=SHARDED, liars=dict(ranks=[4], attack="reverse", roles=[_role]))
-SCENARIOS.update({
-    "sharded_clean": Scenario(strategy=SHARDED),
-    "sharded_overlap_clean": Scenario(strategy=dict(decode="sharded", overlap=True)),
-    "frc_overlap_reverse": Scenario(strategy=dict(overlap=True), liars=RANK_4()),
-    "sharded_two_liars_raise": Scenario(strategy=SHARDED, liars=dict(ranks=[1, 2], attack="gaussian")),
-})
-# Nine ranks: a shard's decoders are no longer a whole group, and a decoder receives less than the PS.
-SCENARIOS.update({
-    "frc9_clean": Scenario(world=9, steps=8),
-    "sharded9_clean": Scenario(world=9, steps=8, strategy=SHARDED),
-    "sharded9_fixed_reverse": Scenario(world=9, steps=8, strategy=SHARDED, liars=RANK_4()),
-    "sharded9_decoder_reverse": Scenario(world=9, steps=8, strategy=SHARDED,
-                                         liars=dict(ranks=[4], attack="reverse", roles=["decoder"])),
-    "sharded9_fixed_alie": Scenario(world=9, steps=8, strategy=SHARDED, liars=RANK_4("alie")),
-})
-# Reactive redundancy: groups of s+1 detect, disagreeing groups are recomputed and voted. One fit
-# per way of choosing the liar covers every built-in attack: the attack changes with the step.
-REACTIVE = dict(redundancy_mode="reactive")
-GRADIENT_ATTACKS = ATTACKS + ["optimal_alie", "optimal_ipm", "mimic"]
 
 
 def rotating(names):
@@ -114,6 +91,36 @@ def lie_before_step_3(honest, *, step):
     return honest.clone() if step >= 3 else -100 * honest
 
 
+# One fit covers every built-in attack where the attack changes with the step (``rotating``): a random
+# liar under each attack, and sharded decoding with the liar lying in both roles (gradient and decoded
+# shards) or in one.
+SCENARIOS["frc_random_all"] = Scenario(liars=dict(ranks="random", attack=rotating(ATTACKS), seed=3))
+SHARDED = dict(decode="sharded")
+SCENARIOS.update({
+    "sharded_fixed_all": Scenario(strategy=SHARDED, liars=dict(ranks=[4], attack=rotating(GRADIENT_ATTACKS))),
+    "sharded_fixed_label_flip": Scenario(strategy=SHARDED, liars=RANK_4("label_flip")),
+})
+for _role in ("gradient", "decoder"):
+    SCENARIOS[f"sharded_{_role}_reverse"] = Scenario(strategy=SHARDED, liars=dict(ranks=[4], attack="reverse", roles=[_role]))
+SCENARIOS.update({
+    "sharded_clean": Scenario(strategy=SHARDED),
+    "sharded_overlap_clean": Scenario(strategy=dict(decode="sharded", overlap=True)),
+    "frc_overlap_reverse": Scenario(strategy=dict(overlap=True), liars=RANK_4()),
+    "sharded_two_liars_raise": Scenario(strategy=SHARDED, liars=dict(ranks=[1, 2], attack="gaussian")),
+})
+# Nine ranks: a shard's decoders are no longer a whole group, and a decoder receives less than the PS.
+SCENARIOS.update({
+    "frc9_clean": Scenario(world=9, steps=8),
+    "sharded9_clean": Scenario(world=9, steps=8, strategy=SHARDED),
+    "sharded9_fixed_reverse": Scenario(world=9, steps=8, strategy=SHARDED, liars=RANK_4()),
+    "sharded9_decoder_reverse": Scenario(world=9, steps=8, strategy=SHARDED,
+                                         liars=dict(ranks=[4], attack="reverse", roles=["decoder"])),
+    "sharded9_fixed_alie": Scenario(world=9, steps=8, strategy=SHARDED, liars=RANK_4("alie")),
+})
+
+# Reactive redundancy: groups of s+1 detect, disagreeing groups are recomputed and voted.
+REACTIVE = dict(redundancy_mode="reactive")
+
 SCENARIOS.update({
     "reactive_clean": Scenario(strategy=REACTIVE),
     # mimic copies the lowest honest rank: a random liar in rank 0's group would send its own honest sum.
@@ -132,6 +139,9 @@ SCENARIOS.update({
     "reactive_s2_reverse": Scenario(strategy=dict(REACTIVE, num_adversaries=2), liars=dict(ranks=[1, 3])),
     "reactive_quarantine": Scenario(strategy=dict(REACTIVE, quarantine_after=1),
                                     liars=dict(ranks=[5], attack=lie_before_step_3)),
+    # Resumed mid-epoch with the PS on rank 3: the quarantine (from the saved ledger) holds on.
+    "resume_reactive_ps3": Scenario(strategy=dict(REACTIVE, quarantine_after=1, ps_rank=3),
+                                    liars=dict(ranks=[5], attack=lie_before_step_3), resume=True),
 })
 SCENARIOS.update({
     "frc_two_liars_raise": Scenario(liars=dict(ranks=[1, 2], attack="gaussian")),
@@ -208,4 +218,7 @@ SCENARIOS.update({
     "crc1_reverse_acc2": cyclic(6, 1, "reverse", steps=24, **ACC2),
     "frc_acc2_clean": Scenario(steps=24, **ACC2),
     "frc_acc2_reverse": Scenario(steps=24, liars=RANK_4(), **ACC2),
+    "reactive_bf16_clean": Scenario(steps=24, strategy=REACTIVE, **BF16),
+    "reactive_bf16_all": Scenario(steps=24, strategy=REACTIVE, liars=dict(ranks=[4], attack=rotating(GRADIENT_ATTACKS)),
+                                  **BF16),
 })

@@ -1,5 +1,5 @@
-"""Both codes under ``precision="bf16-mixed"`` (autocast on the CPU): honest ranks are never named;
-and under gradient accumulation (two micro-batches per optimizer step).
+"""Both codes, and reactive redundancy, under ``precision="bf16-mixed"`` (autocast on the CPU): honest
+ranks are never named; and under gradient accumulation (two micro-batches per optimizer step).
 
 The cyclic code applies its encoding weights between per-partition backwards, so every holder of
 a partition computes its gradient with the same bf16 kernels and inputs; its replicas then fit the
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.distributed
 scenarios = pytest.mark.scenarios
 
 NAMES = ["crc1_clean_bf16", "crc1_reverse_bf16", "crc1_sparse_bf16", "frc_bf16_clean", "frc_bf16_reverse",
+         "reactive_bf16_clean", "reactive_bf16_all",
          "crc1_clean_acc2", "crc1_reverse_acc2", "frc_acc2_clean", "frc_acc2_reverse"]
 STEPS = SCENARIOS[NAMES[0]].steps
 
@@ -32,7 +33,7 @@ def relative_distance(params, reference):
 
 
 @scenarios("{name}")
-@pytest.mark.parametrize("name", ["crc1_clean_bf16", "frc_bf16_clean"])
+@pytest.mark.parametrize("name", ["crc1_clean_bf16", "frc_bf16_clean", "reactive_bf16_clean"])
 def test_no_liar_nobody_named_and_no_step_fails(runs, name):
     run = runs[name]
     assert run.get("error") is None, run.get("error")
@@ -68,3 +69,15 @@ def test_gradient_accumulation_keeps_the_clean_model(runs):
     assert crc["faulty_counts"] == {"5": crc["global_step"]}
     assert relative_distance(crc["params"], clean["params"]) <= 1e-5
     assert runs["frc_acc2_reverse"]["sha"] == runs["frc_acc2_clean"]["sha"]
+
+
+@scenarios("reactive_bf16_all", "reactive_bf16_clean")
+def test_reactive_mode_escalates_only_for_the_liar_and_keeps_the_clean_model_bitwise(runs):
+    """Groups of two compare their bf16-autocast replicas bit for bit: without a liar nothing escalates;
+    a liar under every gradient attack in turn escalates its group at every step, and only it is named."""
+    clean, run = runs["reactive_bf16_clean"], runs["reactive_bf16_all"]
+    assert clean["escalations"]["steps"] == 0
+    assert run.get("error") is None, run.get("error")
+    assert run["faulty_counts"] == {"4": STEPS}
+    assert run["escalations"]["steps"] == run["escalations"]["groups"] == STEPS
+    assert run["sha"] == clean["sha"]

@@ -51,24 +51,15 @@ def test_a_sweep_runs_every_combination_in_its_own_directory(tmp_path):
     assert summaries["frc", "alie"]["param_sha256"] == summaries["frc", "reverse"]["param_sha256"]
 
 
-# Each row: CLI overrides, and a piece of the one-line message the user gets.
+# Each row: CLI overrides, and a piece of the one-line message the user gets. One row per layer that
+# refuses: Hydra's composition, the config's structure, a missing value, the library's rules.
+# ``tests/test_app_config.py`` checks every other refused setting in one process.
 REFUSED = [
     (["code=frcc"], "Could not find 'code/frcc'"),
-    (["attack=revers"], "Could not find 'attack/revers'"),
-    (["aggregator=krumm"], "Could not find 'aggregator/krumm'"),
     (["code.num_adversary=2"], "Key 'num_adversary' is not in struct"),
-    (["code.num_adversaries=-1"], "num_adversaries must be an integer >= 0 (got -1)"),
-    (["code.num_adversaries=2", "code.redundancy=3"], "redundancy must be at least 2 * num_adversaries + 1 = 5"),
-    (["trainer.devices=4"], "needs the redundancy r=3 to divide the number of workers (4)"),
-    (["code=crc", "code.num_adversaries=3"], "code='crc' needs at least 2 * num_adversaries + 1 = 7 workers"),
-    (["code.ps_rank=6"], "ps_rank must be in [0, 6) for a world of 6 ranks (got 6)"),
-    (["attack.ranks=[0]"], "adversary ranks must not include ps_rank=0"),
-    (["code=none", "code.num_adversaries=1", "aggregator=bulyan"], "aggregator 'bulyan' needs n >= 4 * num_byzantine + 3"),
     (["data=cifar10"], "missing mandatory value: data.root (set it: data.root=...)"),
+    (["trainer.devices=4"], "needs the redundancy r=3 to divide the number of workers (4)"),
     (["data=cifar10", "data.root=/nonexistent"], "data.root='/nonexistent' has no CIFAR-10"),
-    (["timeout_s=0"], "timeout must be a positive number of seconds"),
-    (["code=crc", "code.num_adversaries=2", "trainer.devices=64", "trainer.precision=bf16-true"],
-     "code='crc' with P=64, s=2 is too ill-conditioned for bfloat16 gradients"),
 ]
 
 
