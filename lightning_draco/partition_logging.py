@@ -10,6 +10,7 @@ objects pass straight through, since they accumulate their own state across call
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,3 +55,31 @@ def silenced_logging(module: Any) -> Iterator[None]:
         yield
     finally:
         del module.__dict__["log"]
+
+
+@contextlib.contextmanager
+def unchanged_metrics(module: Any) -> Iterator[None]:
+    """On leaving the block, every torchmetrics ``Metric`` in ``module`` holds the state it held on entering.
+
+    A training step run again for another group's partitions (reactive mode) must not count that
+    group's batches into this rank's metrics. States are saved by ``Metric.metric_state`` and put back
+    with the metric's update count and cached result.
+    """
+    torchmetrics = sys.modules.get("torchmetrics")  # never imported here: without it, no module holds a Metric
+    if module is None or torchmetrics is None:
+        yield
+        return
+    metrics = [m for m in module.modules() if isinstance(m, torchmetrics.Metric)]
+    saved = [(m, _copied(m.metric_state), m._update_count, m._computed) for m in metrics]
+    try:
+        yield
+    finally:
+        for metric, state, count, computed in saved:
+            for name, value in state.items():
+                setattr(metric, name, value)
+            metric._update_count, metric._computed = count, computed
+
+
+def _copied(state: dict[str, Any]) -> dict[str, Any]:
+    return {name: [v.clone() for v in value] if isinstance(value, list) else value.clone()
+            for name, value in state.items()}

@@ -228,7 +228,8 @@ REFUSED_AT_FIT = [
 ]
 
 
-@pytest.mark.parametrize("overrides, message", REFUSED_IN_COMPOSITION, ids=[" ".join(o) for o, _ in REFUSED_IN_COMPOSITION])
+@pytest.mark.parametrize("overrides, message", REFUSED_IN_COMPOSITION,
+                         ids=[" ".join(o) for o, _ in REFUSED_IN_COMPOSITION])
 def test_an_unknown_option_is_refused_when_the_config_is_composed(overrides, message):
     with pytest.raises(Exception, match=re.escape(message)):
         compose_with(*overrides)

@@ -42,3 +42,27 @@ def test_metrics_pass_straight_through_and_the_module_is_restored():
     assert "log" not in module.__dict__
     module.log("after", 1.0)
     assert module.logged[-1][0] == "after"
+
+
+def test_a_replayed_step_leaves_every_torchmetrics_state_as_it_was():
+    """Reactive mode runs another group's training step on a helper: its metrics must not count it."""
+    torchmetrics = __import__("pytest").importorskip("torchmetrics")
+    from lightning_draco.partition_logging import unchanged_metrics
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+            self.scores = torchmetrics.CatMetric()  # a list state
+
+    net = Net()
+    net.accuracy(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]))
+    net.scores.update(torch.tensor([1.0, 2.0]))
+    before = (float(net.accuracy.compute()), net.accuracy.update_count, net.scores.compute().tolist())
+    with unchanged_metrics(net):
+        net.accuracy(torch.tensor([0, 0, 0, 0]), torch.tensor([1, 1, 1, 1]))
+        net.scores.update(torch.tensor([9.0]))
+        assert float(net.accuracy.compute()) != before[0]
+    assert (float(net.accuracy.compute()), net.accuracy.update_count, net.scores.compute().tolist()) == before
+    net.accuracy(torch.tensor([0]), torch.tensor([0]))  # and it goes on counting afterwards
+    assert net.accuracy.update_count == before[1] + 1

@@ -440,20 +440,26 @@ class CyclicRepetitionCode(Code):
             rows = received.clone()
             rows[erased] = 0
         total = torch.empty(d, dtype=acc, device=device)
-        squares = torch.zeros(len(mix) - 1, dtype=torch.float64, device=device)
-        norms = torch.zeros(p, dtype=torch.float64, device=device) if measure else None
         grid = min(GRID, d)
         step = self.chunk_size if device.type == "cpu" else d  # blocks stay in cache on the CPU
         step = -(-step // grid) * grid
-        for start in range(0, d, step):
-            stop = min(d, start + step)
-            block = rows[:, start:stop].to(acc)
+        starts = range(0, d, step)
+        # Each block's norms, checked for over- and underflow once after the pass: a check per block
+        # would cost a host sync per block.
+        misfits = torch.empty(len(starts), len(mix) - 1, dtype=torch.float64, device=device)
+        row_norms = torch.empty(len(starts), p, dtype=torch.float64, device=device) if measure else None
+        for i, start in enumerate(starts):
+            block = rows[:, start : start + step].to(acc)
             out = mix @ block
-            total[start:stop] = out[0]
-            squares += _squared_norms(out[1:])
-            if norms is not None:
-                norms += torch.linalg.vector_norm(block, dim=1).double().square()
-        return total, squares.sqrt().cpu(), norms.sqrt().cpu() if norms is not None else None
+            total[start : start + step] = out[0]
+            misfits[i] = torch.linalg.vector_norm(out[1:], dim=1)
+            if row_norms is not None:
+                row_norms[i] = torch.linalg.vector_norm(block, dim=1)
+        for i in _inexact(misfits, row_norms):  # squares over- or underflowed: the misfits again, in float64
+            out = mix @ rows[:, starts[i] : starts[i] + step].to(acc)
+            misfits[i] = torch.linalg.vector_norm(out[1:].double(), dim=1)
+        norms = row_norms.square().sum(dim=0).sqrt().cpu() if row_norms is not None else None
+        return total, misfits.square().sum(dim=0).sqrt().cpu(), norms
 
     def _candidates(self, sketch: Tensor, norms: Tensor, erased: list[int], theta: float) -> list[tuple[int, ...]]:
         """Suspect sets to certify, best first: the located ones, ordered by how well the others fit.
@@ -632,13 +638,16 @@ def _inverse_powers(p: int, n: int, s: int) -> Tensor:
     return inverse[:, None] ** torch.arange(s + 1, dtype=torch.float64)[None, :]
 
 
-def _squared_norms(rows: Tensor) -> Tensor:
-    """Each row's squared norm in float64: the fast norm in the rows' dtype, redone in float64 only where
-    its squares could have over- or underflowed (values beyond about 1e18 or below 1e-17)."""
-    norms = torch.linalg.vector_norm(rows, dim=1).double()
-    if bool(((norms > 1e18) | ((norms < 1e-17) & (norms > 0)) | ~torch.isfinite(norms)).any()):
-        norms = torch.linalg.vector_norm(rows.double(), dim=1)
-    return norms.square()
+def _inexact(norms: Tensor, inputs: Optional[Tensor] = None) -> list[int]:
+    """The blocks (rows of ``norms``) where a norm taken in float32 may have over- or underflowed: values
+    beyond about 1e18 or below 1e-17 square outside float32's range, or the norm overflowed to Inf.
+    Not where ``inputs`` (the block's row norms, when measured) shows a non-finite value: redoing the
+    product would give the same NaN or Inf."""
+    suspicious = (norms > 1e18) | ((norms < 1e-17) & (norms > 0)) | torch.isposinf(norms)
+    blocks = suspicious.any(dim=1)
+    if inputs is not None:
+        blocks &= torch.isfinite(inputs).all(dim=1)
+    return torch.nonzero(blocks).flatten().tolist()
 
 
 def _exact_norms(received: Tensor, norms: Tensor) -> Tensor:

@@ -9,7 +9,8 @@ on every rank, inside the same optimizer step:
    step per partition under the same per-partition seeds, losses added in the same order, one
    backward (``torch.autograd.grad``, so DDP's hooks do not fire and ``.grad`` is untouched);
    honest copies are therefore bitwise equal to the members' honest ones. Buffers (BatchNorm's
-   running statistics) are restored after these forwards, so the model is as if they never ran;
+   running statistics) and torchmetrics states are restored after these forwards, and nothing is
+   logged, so the model and its metrics are as if they never ran;
 2. ``exchange.settle`` sends the copies to the decoder, which votes the ``2s+1`` copies and
    returns each pending bucket's corrected mean;
 3. every rank writes the corrected mean into the ``.grad`` of the bucket's parameters, before the
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 from lightning_draco.codes.reactive import ReactiveRepetitionCode
 from lightning_draco.data import DracoDataLoader, PartitionBatch
 from lightning_draco.exchange import ExchangeState, settle
-from lightning_draco.partition_logging import silenced_logging
+from lightning_draco.partition_logging import silenced_logging, unchanged_metrics
 from lightning_draco.strategy.coded_step import CodedStep, loss_of
 
 __all__ = ["Escalation"]
@@ -104,7 +105,7 @@ class Escalation:
         """The group's coded gradient by parameter (``id`` -> gradient), the model's buffers left as they were."""
         saved = [b.detach().clone() for b in module.buffers()]
         try:
-            with torch.enable_grad(), silenced_logging(module):
+            with torch.enable_grad(), silenced_logging(module), unchanged_metrics(module):
                 # The members' own path (CodedStep.summed_step): the same graph, so the same bits.
                 loss = loss_of(self.coded_step.summed_step(batch, forward))
                 grads = torch.autograd.grad(scale_loss(loss), params, allow_unused=True)

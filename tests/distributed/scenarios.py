@@ -101,7 +101,8 @@ SCENARIOS.update({
     "sharded_fixed_label_flip": Scenario(strategy=SHARDED, liars=RANK_4("label_flip")),
 })
 for _role in ("gradient", "decoder"):
-    SCENARIOS[f"sharded_{_role}_reverse"] = Scenario(strategy=SHARDED, liars=dict(ranks=[4], attack="reverse", roles=[_role]))
+    SCENARIOS[f"sharded_{_role}_reverse"] = Scenario(strategy=SHARDED,
+                                                     liars=dict(ranks=[4], attack="reverse", roles=[_role]))
 SCENARIOS.update({
     "sharded_clean": Scenario(strategy=SHARDED),
     "sharded_overlap_clean": Scenario(strategy=dict(decode="sharded", overlap=True)),
