@@ -652,7 +652,9 @@ latency term takes over for every mode (2(P-1) messages per bucket for the ring,
 exchange), which is why production all-reduces use trees or hierarchies there; the model has none for any
 mode. The verdicts do not grow with P either: each decoder sends, per shard, its status and the at
 most s ranks it caught ((1+s) int32), since a decode that names more than s ranks has failed. Only the
-step's agreement (2+2P int32, once per step) grows with P, and it is negligible.
+step's agreement (2+2P int32, once per step) grows with P, and it is negligible; so do reactive mode's
+detection verdicts, one bit per group of s+1 ranks (1 + ceil(P / (31 (s+1))) int32 per shard: two up to
+P = 62 at s = 1).
 
 ## 3. Step time on this machine, measured
 
