@@ -359,7 +359,7 @@ def redraw(out: Path, fresh: dict) -> None:
     notes = dict(NOTES.findall(page.read_text())) if page.exists() else {}
     if "compare" in sections:
         records, command = sections["compare"]
-        lines = write_report(records, out, command, draw=not fresh or "compare" in fresh)
+        lines = write_report(records, out, command, notes, draw=not fresh or "compare" in fresh)
     else:
         lines = ["# DRACO against robust aggregation", ""]
     if "heterogeneity" in sections:
@@ -369,7 +369,7 @@ def redraw(out: Path, fresh: dict) -> None:
     print("\n".join(lines))
 
 
-def write_report(records: list[dict], out: Path, command: str, draw: bool = True) -> list[str]:
+def write_report(records: list[dict], out: Path, command: str, notes: dict, draw: bool = True) -> list[str]:
     """Plots and the lines of benchmarks.md from the per-step records (what compare.csv holds)."""
     import matplotlib
 
@@ -442,6 +442,10 @@ def write_report(records: list[dict], out: Path, command: str, draw: bool = True
         lines += [
             f"## {dataset}",
             "",
+            f"<!-- notes:compare-{dataset} -->",
+            notes.get(f"compare-{dataset}", ""),
+            "<!-- /notes -->",
+            "",
             f"![accuracy against time](accuracy_vs_time_{dataset}.png)",
             "",
             f"![step time split](step_time_{dataset}.png)",
@@ -491,7 +495,8 @@ def heterogeneity_report(records: list[dict], out: Path, command: str, notes: di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    options = build_parser().parse_args(command.split()[2:])
+    # The options of the last command (a merged sweep lists its commands joined by ``&&``).
+    options = build_parser().parse_args(command.split("&&")[-1].split()[2:])
     datasets = [d for d in TASKS if any(r["dataset"] == d for r in records)]
     attacks = [a for a in ALL_ATTACKS if any(r["attack"] == a for r in records)]
     partitions = sorted({r["partition"] for r in records},
