@@ -283,8 +283,28 @@ def test_a_lie_under_the_floor_moves_the_total_no_further_than_hidden_shift():
 def test_projection_is_fresh_and_secret():
     code = CyclicRepetitionCode(7, 1)
     received = code.encode(torch.randn(7, 64, dtype=torch.float64), torch.float32)
-    one, two = code._sketch(received, projection(1)), code._sketch(received, projection(2))
+    one = code._sketch(received, code._projections(received, projection(1), precise=False))
+    two = code._sketch(received, code._projections(received, projection(2), precise=False))
     assert not torch.allclose(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_liar_that_moves_is_decoded_alike_whether_or_not_the_first_pass_sketches(dtype):
+    """After a decode that had to locate its liars, the next decode sketches in its first pass: the
+    totals and the named workers are bit for bit those of a decode that sketches in a pass of its own."""
+    p, s, d = 11, 2, 3000
+    gradients = torch.randn(p, d, dtype=torch.float64)
+    liars = [(1, 7), (4, 9), (0, 5), (2, 3)]
+    fused, separate = CyclicRepetitionCode(p, s, chunk_size=1024), CyclicRepetitionCode(p, s, chunk_size=1024)
+    for step, lying in enumerate(liars):
+        received = fused.encode(gradients * (step + 1), dtype)
+        for i in lying:
+            received[i] = -100 * received[i]
+        separate._located_last = False
+        first = fused.decode(received, generator=projection(step))
+        second = separate.decode(received, generator=projection(step))
+        assert torch.equal(first.total, second.total) and first.faulty == second.faulty == sorted(lying)
+    assert fused._located_last
 
 
 def test_more_than_s_liars_are_detected_not_absorbed():

@@ -191,6 +191,9 @@ class CyclicRepetitionCode(Code):
         # The previous decode's suspects: certified first, in the pass that measures the norms. Which
         # honest set is used decides the total's rounding, so it is state (``state_dict``).
         self._hint: Optional[tuple[int, ...]] = None
+        # Whether the previous decode had to locate its liars: then the next one sketches in its first
+        # pass. Speed only: the sketch is the same bits either way.
+        self._located_last = False
         #: ``max ||b_H||_1 * max|W|`` (how much the combiner amplifies rounding) and the exposure (how far
         #: a lie under the floor moves the sum, per unit of floor), over the sets of s liars searched.
         self.growth, self.exposure = _conditioning(self)
@@ -343,7 +346,11 @@ class CyclicRepetitionCode(Code):
         # 1. The previous decode's honest set (at first, the last P - s workers), certified in the same
         #    pass that measures every row's norm: nobody lies, or the same workers lie again.
         hint = self._hint or tuple(range(s))
-        total, misses, norms = self._certify(received, hint, [], measure=True)
+        gen = generator if generator is not None else torch.Generator(device=received.device).manual_seed(0)
+        # Where the previous decode had to locate its liars (they move: random ranks, faults that strike
+        # anywhere), the same pass also sketches, so that locating costs no pass of its own.
+        projections = self._projections(received, gen, precise=False) if self._located_last else None
+        total, misses, norms, first_sketch = self._certify(received, hint, [], measure=True, projections=projections)
         norms = _exact_norms(received, norms)  # redone in float64 where squares over- or underflowed
         erased = [i for i in range(p) if not math.isfinite(float(norms[i]))]
         if len(erased) > s:
@@ -356,14 +363,18 @@ class CyclicRepetitionCode(Code):
             comb = self._combiner(hint)
             verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, length))
             if verdict.accepted:
+                self._located_last = False
                 return DecodeResult(total, self._named(comb, norms, hint, erased, misses[s:], theta, length, verdict.allowed))
         # 2. Locate in a sketch and certify the candidates, best first; then once more from a float64
         #    sketch with fresh secret numbers (lies too small for the float32 sketch to place).
-        gen = generator if generator is not None else torch.Generator(device=received.device).manual_seed(0)
+        self._located_last = True
         closest: Optional[tuple[tuple[int, ...], float]] = None
         certified = set() if erased else {hint}
         for precise in (False, True):
-            sketch = self._sketch(received, gen, precise)
+            if precise or first_sketch is None:
+                sketch = self._sketch(received, self._projections(received, gen, precise), precise)
+            else:
+                sketch = first_sketch
             # In float64 the sketch adds no rounding and honest rows miss by under 1/10 of the floor:
             # locate against a tighter bar, so that lies just above the floor are ranked out.
             bar = theta / 8 if precise else theta + _SKETCH_ROUNDING
@@ -371,7 +382,7 @@ class CyclicRepetitionCode(Code):
                 if suspects in certified:
                     continue
                 certified.add(suspects)
-                total, misses, _ = self._certify(received, suspects, erased)
+                total, misses, _, _ = self._certify(received, suspects, erased)
                 comb = self._combiner(suspects)
                 verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, length))
                 if verdict.accepted:
@@ -397,34 +408,49 @@ class CyclicRepetitionCode(Code):
         hint = state.get("hint")
         self._hint = tuple(hint) if hint is not None else None
 
-    def _sketch(self, received: Tensor, gen: torch.Generator, precise: bool = False) -> Tensor:
-        """One pass: ``V = Y F`` (``P x k``, float64); ``precise``: in float64 (about 3x the time on the CPU)."""
-        p, d = received.shape
-        device = received.device
+    def _projections(self, received: Tensor, gen: torch.Generator, precise: bool) -> tuple[Tensor, Tensor]:
+        """The secret numbers of one sketch: ``f[g * grid + j] = u[g] * v[j]`` (``PROJECTIONS`` columns).
+
+        For any non-zero error ``e``, ``e . f = u^T E v`` is a non-zero polynomial of degree 2 in Gaussian
+        variables, so it is zero with probability 0 and small only with small probability; drawing
+        ``2 sqrt(d)`` numbers instead of ``d`` keeps it cheap. ``precise``: in float64 (else the
+        accumulation dtype of ``received``).
+        """
+        d, device = received.shape[1], received.device
         acc = torch.float64 if precise else accumulation_dtype(received.dtype)
         grid = min(GRID, d)
-        rows = -(-d // grid)
-        # f[g * grid + j] = u[g] * v[j]: for any non-zero error e, e . f = u^T E v is a non-zero
-        # polynomial of degree 2 in Gaussian variables, so it is zero with probability 0 and small
-        # only with small probability; drawing 2 * sqrt(d) numbers instead of d keeps it cheap.
-        u = torch.randn(PROJECTIONS, rows, generator=gen, device=gen.device, dtype=torch.float64).to(device, acc)
-        v = torch.randn(PROJECTIONS, grid, generator=gen, device=gen.device, dtype=torch.float64).to(device, acc)
-        sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device)
-        step = self.chunk_size if device.type == "cpu" else d  # blocks stay in cache on the CPU
-        step = -(-step // grid) * grid
-        for start in range(0, d, step):
-            stop = min(d, start + step)
-            block = received[:, start:stop].to(acc)
-            first, last = start // grid, -(-stop // grid)
-            f = (u[:, first:last, None] * v[:, None, :]).reshape(PROJECTIONS, -1)[:, : stop - start]
-            sketch += (block @ f.t()).double()
+        u = torch.randn(PROJECTIONS, -(-d // grid), generator=gen, device=gen.device, dtype=torch.float64)
+        v = torch.randn(PROJECTIONS, grid, generator=gen, device=gen.device, dtype=torch.float64)
+        return u.to(device, acc), v.to(device, acc)
+
+    def _sketch(self, received: Tensor, projections: tuple[Tensor, Tensor], precise: bool = False) -> Tensor:
+        """One pass: ``V = Y F`` (``P x k``, float64); ``precise``: in float64 (about 3x the time on the CPU)."""
+        p, d = received.shape
+        acc = torch.float64 if precise else accumulation_dtype(received.dtype)
+        sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=received.device)
+        for start, stop in self._blocks(d, received.device):
+            sketch += _sketched(received[:, start:stop].to(acc), projections, start, stop)
         return sketch.cpu()
 
+    def _blocks(self, d: int, device: torch.device) -> list[tuple[int, int]]:
+        """The passes' blocks of coordinates: ``chunk_size`` (whole ``GRID`` rows) on the CPU, where they
+        stay in cache; one block elsewhere. Every pass cuts the same blocks, so its products round alike."""
+        grid = min(GRID, d)
+        step = self.chunk_size if device.type == "cpu" else d
+        step = -(-step // grid) * grid
+        return [(start, min(d, start + step)) for start in range(0, d, step)]
+
     def _certify(
-        self, received: Tensor, suspects: tuple[int, ...], erased: list[int], measure: bool = False
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        self,
+        received: Tensor,
+        suspects: tuple[int, ...],
+        erased: list[int],
+        measure: bool = False,
+        projections: Optional[tuple[Tensor, Tensor]] = None,
+    ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
         """One pass: ``b^T Y[H]``; the norms of each parity row's misfit ``N_t Y[H]`` and of each suspect's
-        miss ``Y_i - (W W[H]^+ Y[H])_i``; with ``measure``, every row's norm.
+        miss ``Y_i - (W W[H]^+ Y[H])_i``; with ``measure``, every row's norm; with ``projections``, the
+        sketch ``_sketch`` would compute (bit for bit, from the same blocks).
 
         The same products over the same blocks whatever the call: a set certified in one call or
         another gives the same total, bit for bit, whoever lied and however.
@@ -440,26 +466,27 @@ class CyclicRepetitionCode(Code):
             rows = received.clone()
             rows[erased] = 0
         total = torch.empty(d, dtype=acc, device=device)
-        grid = min(GRID, d)
-        step = self.chunk_size if device.type == "cpu" else d  # blocks stay in cache on the CPU
-        step = -(-step // grid) * grid
-        starts = range(0, d, step)
+        blocks = self._blocks(d, device)
         # Each block's norms, checked for over- and underflow once after the pass: a check per block
         # would cost a host sync per block.
-        misfits = torch.empty(len(starts), len(mix) - 1, dtype=torch.float64, device=device)
-        row_norms = torch.empty(len(starts), p, dtype=torch.float64, device=device) if measure else None
-        for i, start in enumerate(starts):
-            block = rows[:, start : start + step].to(acc)
+        misfits = torch.empty(len(blocks), len(mix) - 1, dtype=torch.float64, device=device)
+        row_norms = torch.empty(len(blocks), p, dtype=torch.float64, device=device) if measure else None
+        sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device) if projections else None
+        for i, (start, stop) in enumerate(blocks):
+            block = rows[:, start:stop].to(acc)
             out = mix @ block
-            total[start : start + step] = out[0]
+            total[start:stop] = out[0]
             misfits[i] = torch.linalg.vector_norm(out[1:], dim=1)
             if row_norms is not None:
                 row_norms[i] = torch.linalg.vector_norm(block, dim=1)
+            if sketch is not None:  # of the rows as received (a NaN row sketches to NaN, as in ``_sketch``)
+                sketch += _sketched(received[:, start:stop].to(acc), projections, start, stop)
         for i in _inexact(misfits, row_norms):  # squares over- or underflowed: the misfits again, in float64
-            out = mix @ rows[:, starts[i] : starts[i] + step].to(acc)
+            start, stop = blocks[i]
+            out = mix @ rows[:, start:stop].to(acc)
             misfits[i] = torch.linalg.vector_norm(out[1:].double(), dim=1)
         norms = row_norms.square().sum(dim=0).sqrt().cpu() if row_norms is not None else None
-        return total, misfits.square().sum(dim=0).sqrt().cpu(), norms
+        return total, misfits.square().sum(dim=0).sqrt().cpu(), norms, sketch.cpu() if sketch is not None else None
 
     def _candidates(self, sketch: Tensor, norms: Tensor, erased: list[int], theta: float) -> list[tuple[int, ...]]:
         """Suspect sets to certify, best first: the located ones, ordered by how well the others fit.
@@ -597,6 +624,15 @@ class CyclicRepetitionCode(Code):
         bound = bound + 2.0 * self._reach[suspects] * float(allowed.norm())
         named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
         return sorted(named | set(erased))
+
+
+def _sketched(block: Tensor, projections: tuple[Tensor, Tensor], start: int, stop: int) -> Tensor:
+    """``block @ F[start:stop]`` in float64, ``F``'s columns built from ``projections`` (``u``, ``v``)."""
+    u, v = projections
+    grid = v.shape[1]
+    first, last = start // grid, -(-stop // grid)
+    f = (u[:, first:last, None] * v[:, None, :]).reshape(u.shape[0], -1)[:, : stop - start]
+    return (block @ f.t()).double()
 
 
 def _mix(comb: _Combiner, suspects: tuple[int, ...], live: list[int]) -> Tensor:
