@@ -356,7 +356,8 @@ def redraw(out: Path, fresh: dict) -> None:
             if records:
                 sections[kind] = (records, _command_line(out, kind))
     page = out / "benchmarks.md"
-    notes = dict(NOTES.findall(page.read_text())) if page.exists() else {}
+    # Without the newline before the closing marker: the page puts it back.
+    notes = {name: text.rstrip("\n") for name, text in NOTES.findall(page.read_text())} if page.exists() else {}
     if "compare" in sections:
         records, command = sections["compare"]
         lines = write_report(records, out, command, notes, draw=not fresh or "compare" in fresh)
@@ -596,7 +597,7 @@ def heterogeneity_report(records: list[dict], out: Path, command: str, notes: di
         lines.append("")
     lines += [
         "<!-- notes:heterogeneity -->",
-        notes.get("heterogeneity", "(What the numbers show: written by hand, kept when the page is redrawn.)\n"),
+        notes.get("heterogeneity", "(What the numbers show: written by hand, kept when the page is redrawn.)"),
         "<!-- /notes -->",
         "",
     ]

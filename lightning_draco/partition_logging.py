@@ -59,27 +59,37 @@ def silenced_logging(module: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def unchanged_metrics(module: Any) -> Iterator[None]:
-    """On leaving the block, every torchmetrics ``Metric`` in ``module`` holds the state it held on entering.
+    """On leaving the block, every torchmetrics ``Metric`` in ``module`` holds what it held on entering.
 
     A training step run again for another group's partitions (reactive mode) must not count that
-    group's batches into this rank's metrics. States are saved by ``Metric.metric_state`` and put back
-    with the metric's update count and cached result.
+    group's batches into this rank's metrics. Each metric's plain attributes are saved and put back:
+    its states (tensors and lists of tensors), update count, cached result and last ``forward`` value
+    (what ``self.log(name, metric)`` logs), and the counters and extremes of wrappers such as
+    ``Running`` and ``MinMaxMetric``. Metrics held outside the module tree (in a plain dict or list
+    attribute) are not seen.
     """
     torchmetrics = sys.modules.get("torchmetrics")  # never imported here: without it, no module holds a Metric
     if module is None or torchmetrics is None:
         yield
         return
-    metrics = [m for m in module.modules() if isinstance(m, torchmetrics.Metric)]
-    saved = [(m, _copied(m.metric_state), m._update_count, m._computed) for m in metrics]
+    saved = [(m, _plain_attributes(m)) for m in module.modules() if isinstance(m, torchmetrics.Metric)]
     try:
         yield
     finally:
-        for metric, state, count, computed in saved:
-            for name, value in state.items():
+        for metric, attributes in saved:
+            for name, value in attributes.items():
                 setattr(metric, name, value)
-            metric._update_count, metric._computed = count, computed
 
 
-def _copied(state: dict[str, Any]) -> dict[str, Any]:
-    return {name: [v.clone() for v in value] if isinstance(value, list) else value.clone()
-            for name, value in state.items()}
+def _plain_attributes(metric: Any) -> dict[str, Any]:
+    """Copies of ``metric``'s own attributes that are tensors, numbers, ``None`` or lists of them."""
+    def copied(value: Any) -> Any:
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    kept = {}
+    for name, value in vars(metric).items():
+        if isinstance(value, (torch.Tensor, int, float, bool)) or value is None:
+            kept[name] = copied(value)
+        elif isinstance(value, list) and all(isinstance(v, (torch.Tensor, int, float)) for v in value):
+            kept[name] = [copied(v) for v in value]
+    return kept

@@ -333,3 +333,18 @@ def test_a_decode_does_not_depend_on_the_previous_one():
     first = code.decode(received, generator=projection(1))
     fresh = CyclicRepetitionCode(8, 2).decode(received, generator=projection(1))
     assert torch.equal(first.total, fresh.total) and first.faulty == fresh.faulty == [5]
+
+
+@pytest.mark.parametrize("scale", [1e25, 1e27, 1e30])
+def test_finite_rows_whose_float32_norms_overflow_certify_as_smaller_ones_do(scale):
+    """Rows past 1.8e19 in norm overflow float32's squares: the certifying pass redoes those blocks'
+    misfits in float64, so the previous honest set still certifies and nobody is named."""
+    p, s, d = 5, 1, 4096
+    code = CyclicRepetitionCode(p, s, chunk_size=1024)
+    gradients = torch.randn(p, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    received = code.encode(gradients * scale, torch.float32)
+    reference = code.encode(gradients, torch.float32)
+    big, small = code.decode(received, generator=projection(1)), code.decode(reference, generator=projection(1))
+    assert big.faulty == small.faulty == [] and not code._located_last
+    assert torch.isfinite(big.total).all()
+    torch.testing.assert_close(big.total.double() / scale, small.total.double(), rtol=1e-5, atol=1e-5)

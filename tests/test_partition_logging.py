@@ -66,3 +66,34 @@ def test_a_replayed_step_leaves_every_torchmetrics_state_as_it_was():
     assert (float(net.accuracy.compute()), net.accuracy.update_count, net.scores.compute().tolist()) == before
     net.accuracy(torch.tensor([0]), torch.tensor([0]))  # and it goes on counting afterwards
     assert net.accuracy.update_count == before[1] + 1
+
+
+def test_a_replayed_step_leaves_wrappers_and_the_last_forward_value_as_they_were():
+    torchmetrics = __import__("pytest").importorskip("torchmetrics")
+    from torchmetrics.wrappers import MinMaxMetric, Running
+
+    from lightning_draco.partition_logging import unchanged_metrics
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+            self.extremes = MinMaxMetric(torchmetrics.SumMetric())
+            self.window = Running(torchmetrics.SumMetric(), window=2)
+
+    net = Net()
+    logged = float(net.accuracy(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1])))
+    for value in (1.0, 2.0):
+        net.extremes(torch.tensor(value))
+        net.window(torch.tensor(value))
+    before = (float(net.accuracy._forward_cache), {k: float(v) for k, v in net.extremes.compute().items()},
+              float(net.window.compute()))
+    with unchanged_metrics(net):
+        net.accuracy(torch.tensor([0, 0]), torch.tensor([1, 1]))
+        net.extremes(torch.tensor(100.0))
+        net.window(torch.tensor(50.0))
+    after = (float(net.accuracy._forward_cache), {k: float(v) for k, v in net.extremes.compute().items()},
+             float(net.window.compute()))
+    assert after == before and before[0] == logged
+    net.window(torch.tensor(4.0))  # the window slides on from where it was: 2 + 4
+    assert float(net.window.compute()) == 6.0

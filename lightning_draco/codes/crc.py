@@ -480,11 +480,13 @@ class CyclicRepetitionCode(Code):
             if row_norms is not None:
                 row_norms[i] = torch.linalg.vector_norm(block, dim=1)
             if sketch is not None:  # of the rows as received (a NaN row sketches to NaN, as in ``_sketch``)
-                sketch += _sketched(received[:, start:stop].to(acc), projections, start, stop)
-        for i in _inexact(misfits, row_norms):  # squares over- or underflowed: the misfits again, in float64
+                sketch += _sketched(block if rows is received else received[:, start:stop].to(acc),
+                                    projections, start, stop)
+        for i in _inexact(misfits):  # squares over- or underflowed: the misfits again, in float64
             start, stop = blocks[i]
-            out = mix @ rows[:, start:stop].to(acc)
-            misfits[i] = torch.linalg.vector_norm(out[1:].double(), dim=1)
+            block = rows[:, start:stop].to(acc)
+            if bool(torch.isfinite(block).all()):  # else the product gives the same NaN or Inf again
+                misfits[i] = torch.linalg.vector_norm((mix @ block)[1:].double(), dim=1)
         norms = row_norms.square().sum(dim=0).sqrt().cpu() if row_norms is not None else None
         return total, misfits.square().sum(dim=0).sqrt().cpu(), norms, sketch.cpu() if sketch is not None else None
 
@@ -674,16 +676,11 @@ def _inverse_powers(p: int, n: int, s: int) -> Tensor:
     return inverse[:, None] ** torch.arange(s + 1, dtype=torch.float64)[None, :]
 
 
-def _inexact(norms: Tensor, inputs: Optional[Tensor] = None) -> list[int]:
+def _inexact(norms: Tensor) -> list[int]:
     """The blocks (rows of ``norms``) where a norm taken in float32 may have over- or underflowed: values
-    beyond about 1e18 or below 1e-17 square outside float32's range, or the norm overflowed to Inf.
-    Not where ``inputs`` (the block's row norms, when measured) shows a non-finite value: redoing the
-    product would give the same NaN or Inf."""
+    beyond about 1e18 or below 1e-17 square outside float32's range, or the norm overflowed to Inf."""
     suspicious = (norms > 1e18) | ((norms < 1e-17) & (norms > 0)) | torch.isposinf(norms)
-    blocks = suspicious.any(dim=1)
-    if inputs is not None:
-        blocks &= torch.isfinite(inputs).all(dim=1)
-    return torch.nonzero(blocks).flatten().tolist()
+    return torch.nonzero(suspicious.any(dim=1)).flatten().tolist()
 
 
 def _exact_norms(received: Tensor, norms: Tensor) -> Tensor:

@@ -73,7 +73,7 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         # One group of 2s+1 copies: the one-shot code's vote, reused as is.
         s = self.num_adversaries
         self._voter = FractionalRepetitionCode(
-            2 * s + 1, s, 2 * s + 1, tolerance=tolerance, chunk_size=chunk_size, batched=False
+            2 * s + 1, s, 2 * s + 1, tolerance=tolerance, chunk_size=chunk_size, batched=False, fused=False
         )
 
     @classmethod
