@@ -214,6 +214,7 @@ def test_decode_mode_and_overlap_come_from_the_command_line():
 REFUSED_IN_COMPOSITION = [
     (["attack=revers"], "Could not find 'attack/revers'"),
     (["aggregator=krumm"], "Could not find 'aggregator/krumm'"),
+    (["code.num_adversary=2"], "Could not override 'code.num_adversary'"),
 ]
 REFUSED_AT_FIT = [
     (["code.num_adversaries=-1"], "num_adversaries must be an integer >= 0 (got -1)"),
@@ -225,6 +226,7 @@ REFUSED_AT_FIT = [
     (["timeout_s=0"], "timeout must be a positive number of seconds"),
     (["code=crc", "code.num_adversaries=2", "trainer.devices=64", "trainer.precision=bf16-true"],
      "code='crc' with P=64, s=2 is too ill-conditioned for bfloat16 gradients"),
+    (["data=cifar10", "data.root=/nonexistent"], "data.root='/nonexistent' has no CIFAR-10"),
 ]
 
 

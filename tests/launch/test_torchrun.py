@@ -30,8 +30,9 @@ def torchrun(job: str, *, nnodes: int, nproc: int, extra: tuple = ()) -> list[st
     ]
 
 
-# The cyclic code: its decode carries state (the certified honest set) that every rank must agree on.
-@pytest.mark.parametrize("code", ["crc"])
+# The default code, whose single-launcher reference the restart and SLURM tests share (the cyclic code
+# runs under the app in test_app.py's sweep).
+@pytest.mark.parametrize("code", ["frc"])
 def test_two_node_agents_train_the_model_of_the_single_launcher_run(tmp_path, reference, code):
     command = torchrun(f"two-{code}", nnodes=2, nproc=3) + BASE + (CRC if code == "crc" else [])
     command += ["trainer.devices=3", "trainer.num_nodes=2"]
