@@ -18,7 +18,9 @@ at that speed gives). The cyclic code's time includes drawing its projection.
 previous one's liar (the cyclic code certifies the previous decode's honest set in its first pass;
 a liar that moves costs it a second pass). ``code:frc:fused`` and ``code:frc:reference`` force the
 repetition code's compiled decode or its block-wise reference (by default the fused one runs on CUDA
-only); the fused figure excludes compiling, which the warm-up pays.
+only); the fused figure excludes compiling, which the warm-up pays. ``aggregator:NAME:network`` and
+``aggregator:NAME:sort`` force the order-statistics engine of the median, trimmed mean and Meamed (by
+default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
 
     python benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
         --dtypes float32 bfloat16 --methods code:frc code:frc:reference code:crc aggregator:median
@@ -145,7 +147,8 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
             code.fused, code.batched = ("fused" in flags), (False if "reference" in flags else code.batched)
         rule = None
         if kind == "aggregator":
-            rule = make_aggregator(name, f)
+            engines = [flag for flag in flags if flag in ("network", "sort")]
+            rule = make_aggregator(name, f, **({"engine": engines[0]} if engines else {}))
             rule.check(p)
         elif kind == "pre":
             rule = make_pre_aggregator({"name": name, "threshold": 1.0} if name == "clipping" else name, f)

@@ -33,13 +33,16 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
         echo "\`bash scripts/gpu_check.sh\` (benchmarks/decode.py), $(date -u +%Y-%m-%d) on $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0))')."
         echo "ratio: seconds over the plain mean of the same tensor in the same run; GB/s: the received tensor's bytes"
         echo "over the method's time (the mean's in brackets). code:frc is the fused decode (CUDA default),"
-        echo "code:frc:reference the block-wise one; rows that do not fit in memory say so."
+        echo "code:frc:reference the block-wise one; aggregator:NAME:network sorts each column with the sorting"
+        echo "network (one kernel per compare-exchange over all columns) instead of torch.sort; rows that do not"
+        echo "fit in memory say so."
         echo
     } > "$DECODE_MD.tmp"
     PYTHONPATH=. "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
         --dtypes float32 bfloat16 --repeats 11 \
         --methods aggregator:mean code:none code:frc code:frc:reference code:crc \
-                  aggregator:median aggregator:trimmed_mean aggregator:krum \
+                  aggregator:median aggregator:median:network aggregator:trimmed_mean \
+                  aggregator:trimmed_mean:network aggregator:krum \
         --json docs/decode_cuda.json --markdown "$DECODE_MD.table"
     cat "$DECODE_MD.table" >> "$DECODE_MD.tmp" && rm "$DECODE_MD.table" && mv "$DECODE_MD.tmp" "$DECODE_MD"
     echo "wrote $DECODE_MD"

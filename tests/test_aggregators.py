@@ -478,3 +478,23 @@ def test_distances_keep_their_digits_for_long_vectors_close_together():
     x[2] = float("nan")
     sq = pairwise_sq_distances(x)
     assert torch.isinf(sq[2, [0, 1, 3]]).all() and sq[2, 2] == 0 and torch.isfinite(sq[[0, 1], :][:, [0, 1]]).all()
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "meamed"])
+def test_the_order_statistics_engines_agree(name):
+    """The sorting network on any number of rows and torch.sort give the same outputs: bit for bit
+    past 32 rows (both then average the kept rows as a mean does), to rounding below."""
+    generator = torch.Generator().manual_seed(3)
+    for n, exact in ((7, False), (40, True), (130, True)):
+        inputs = torch.randn(n, 3000, generator=generator)
+        inputs[1, ::7] = float("inf")
+        outputs = {engine: make_aggregator(name, 2, engine=engine)(inputs) for engine in ("auto", "network", "sort")}
+        if exact:
+            assert torch.equal(outputs["network"], outputs["sort"])
+        torch.testing.assert_close(outputs["network"], outputs["sort"], rtol=1e-6, atol=1e-6)
+        assert torch.equal(outputs["auto"], outputs["network" if n <= 128 else "sort"])
+
+
+def test_an_unknown_engine_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="aggregator 'median': engine must be one of auto, network, sort"):
+        make_aggregator("median", 1, engine="heap")

@@ -21,8 +21,12 @@ _NETWORK_MAX_ROWS = 128
 # outputs this rule has always had there); otherwise as ``torch.mean`` sums them, bitwise what the sort
 # path returns, so that extending the network changed no output.
 _SEQUENTIAL_MAX_ROWS = 32
-# Columns per block: the block's rows stay in the core's cache through the whole network.
+# Columns per block on the CPU: the block's rows stay in the core's cache through the whole network.
+# Elsewhere one block spans every column (each compare-exchange is then one kernel over the data).
 _NETWORK_BLOCK = 1 << 14
+#: How order statistics are computed: "auto" (a sorting network on the CPU up to 128 rows, else a
+#: sort), "network" (the network on any device and any number of rows) or "sort" (``torch.sort``).
+ENGINES = ("auto", "network", "sort")
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,15 +62,16 @@ def sorting_network(n: int, keep: tuple[int, int] = (0, -1)) -> tuple[tuple[int,
     return tuple(reversed(kept))
 
 
-def _network_plan(inputs: Tensor) -> Optional[tuple[list[int], list[int], bool]]:
-    """Which rows a sorting network sorts, on the CPU: ``(rows, all_nan_rows, finite)``, or None for a sort.
+def _network_plan(inputs: Tensor, engine: str = "auto") -> Optional[tuple[list[int], list[int], bool]]:
+    """Which rows a sorting network sorts (``engine``: see ``ENGINES``): ``(rows, all_nan_rows, finite)``,
+    or None for a sort.
 
     A row that is NaN everywhere sorts last in every column (NaN sorts above +Inf), so it is set aside
     and its positions filled afterwards; +-Inf entries need nothing (min and max order them). A row with
     some NaN entries would spread them through min and max: the sort handles those inputs.
     """
     n = inputs.shape[0]
-    if inputs.device.type != "cpu" or n > _NETWORK_MAX_ROWS:
+    if engine == "sort" or (engine == "auto" and (inputs.device.type != "cpu" or n > _NETWORK_MAX_ROWS)):
         return None
     finite = finite_rows(inputs)
     if finite is None:
@@ -85,30 +90,31 @@ def _network_plan(inputs: Tensor) -> Optional[tuple[list[int], list[int], bool]]
 def _network_blocks(inputs: Tensor, rows: list[int], keep: tuple[int, int] = (0, -1)):
     """For each block of columns: its slice, and the kept rows after the network (lists of row tensors)."""
     pairs = sorting_network(len(rows), keep)
-    for start in range(0, inputs.shape[1], _NETWORK_BLOCK):
-        block = slice(start, start + _NETWORK_BLOCK)
+    width = _NETWORK_BLOCK if inputs.device.type == "cpu" else max(1, inputs.shape[1])
+    for start in range(0, inputs.shape[1], width):
+        block = slice(start, start + width)
         values = [inputs[i, block] for i in rows]
         for i, j in pairs:
             values[i], values[j] = torch.minimum(values[i], values[j]), torch.maximum(values[i], values[j])
         yield block, values
 
 
-def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int) -> Tensor:
+def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int, engine: str = "auto") -> Tensor:
     """Per column, the mean of the ``lo``-th to ``(hi-1)``-th smallest of the n values (NaN above +Inf).
 
     On the CPU with n <= 128, a sorting network run block by block (each compare-exchange is an
     elementwise min and max on rows that stay in cache) replaces ``torch.sort`` over the whole tensor,
     which also computes and writes an int64 index per entry; rows that are NaN everywhere (a liar's)
     are set aside. Otherwise (accelerators, more rows, rows with some NaN entries, or more NaN rows than
-    the window leaves out) it sorts.
+    the window leaves out) it sorts. ``engine`` overrides the choice (``ENGINES``).
     """
     n, d = inputs.shape
-    plan = _network_plan(inputs)
+    plan = _network_plan(inputs, engine)
     if plan is None or hi > len(plan[0]):
         return inputs.sort(dim=0).values[lo:hi].mean(dim=0)
     rows, _, finite = plan
     sequential = finite and n <= _SEQUENTIAL_MAX_ROWS
-    out = torch.empty(d, dtype=inputs.dtype)
+    out = torch.empty(d, dtype=inputs.dtype, device=inputs.device)
     for block, values in _network_blocks(inputs, rows, (lo, hi)):
         if sequential:
             total = values[lo].clone() if hi - lo > 1 else values[lo]
@@ -120,10 +126,10 @@ def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int) -> Tensor:
     return out
 
 
-def sorted_columns(inputs: Tensor) -> Tensor:
+def sorted_columns(inputs: Tensor, engine: str = "auto") -> Tensor:
     """``inputs`` sorted along dim 0, each column on its own (NaN above +Inf); the same engine as above."""
     n, d = inputs.shape
-    plan = _network_plan(inputs)
+    plan = _network_plan(inputs, engine)
     if plan is None:
         return inputs.sort(dim=0).values
     rows, nan_rows, _ = plan
@@ -135,10 +141,33 @@ def sorted_columns(inputs: Tensor) -> Tensor:
     return out
 
 
-def coordinate_median(inputs: Tensor) -> Tensor:
+def coordinate_median(inputs: Tensor, engine: str = "auto") -> Tensor:
     """Per-coordinate median (the mean of the two middle values for even n); a NaN counts as the largest value."""
     n = inputs.shape[0]
-    return mean_of_order_statistics(inputs, (n - 1) // 2, n // 2 + 1)
+    return mean_of_order_statistics(inputs, (n - 1) // 2, n // 2 + 1, engine)
+
+
+class _OrderStatistics(Aggregator):
+    """A rule over each column's sorted values; ``engine`` chooses how they are sorted (``ENGINES``).
+
+    The engines agree to rounding, and bit for bit except where the network adds up to 32 finite
+    kept rows one after another (the outputs these rules have always had on the CPU), which a mean
+    over sorted rows may round differently. The choice is one of speed: "auto" takes the measured CPU
+    winner; the others let a benchmark compare them on another device (``benchmarks/decode.py``
+    methods ``aggregator:median:network`` and ``aggregator:median:sort``).
+    """
+
+    def __init__(self, num_byzantine: int, engine: str = "auto"):
+        super().__init__(num_byzantine)
+        if engine not in ENGINES:
+            raise ValueError(
+                f"aggregator {self.name!r}: engine must be one of {', '.join(ENGINES)} (got {engine!r})."
+            )
+        self.engine = engine
+
+    def check(self, num_inputs: int) -> None:
+        super().check(num_inputs)
+        self._require(2 * self.num_byzantine < num_inputs, "2 * num_byzantine < n", num_inputs)
 
 
 @register_aggregator
@@ -152,7 +181,7 @@ class Mean(Aggregator):
 
 
 @register_aggregator
-class CoordinateMedian(Aggregator):
+class CoordinateMedian(_OrderStatistics):
     """Per coordinate, the median of the n values (the mean of the two middle ones when n is even).
 
     Values are sorted with NaN above +Inf, so a NaN sent by a liar counts as the largest value.
@@ -160,32 +189,24 @@ class CoordinateMedian(Aggregator):
 
     name = "median"
 
-    def check(self, num_inputs: int) -> None:
-        super().check(num_inputs)
-        self._require(2 * self.num_byzantine < num_inputs, "2 * num_byzantine < n", num_inputs)
-
     def aggregate(self, inputs: Tensor) -> Tensor:
-        return coordinate_median(inputs)
+        return coordinate_median(inputs, self.engine)
 
 
 @register_aggregator
-class TrimmedMean(Aggregator):
+class TrimmedMean(_OrderStatistics):
     """Per coordinate, drop the f largest and f smallest values and average the remaining n - 2f
     (NaN sorts above +Inf, so NaN from up to f liars is dropped)."""
 
     name = "trimmed_mean"
 
-    def check(self, num_inputs: int) -> None:
-        super().check(num_inputs)
-        self._require(2 * self.num_byzantine < num_inputs, "2 * num_byzantine < n", num_inputs)
-
     def aggregate(self, inputs: Tensor) -> Tensor:
         n, f = inputs.shape[0], self.num_byzantine
-        return mean_of_order_statistics(inputs, f, n - f)
+        return mean_of_order_statistics(inputs, f, n - f, self.engine)
 
 
 @register_aggregator
-class Meamed(Aggregator):
+class Meamed(_OrderStatistics):
     """Mean around the median (Meamed; Xie, Koyejo, Gupta, "Generalized Byzantine-tolerant SGD",
     arXiv:1802.10116, 2018), per coordinate:
 
@@ -200,13 +221,9 @@ class Meamed(Aggregator):
 
     name = "meamed"
 
-    def check(self, num_inputs: int) -> None:
-        super().check(num_inputs)
-        self._require(2 * self.num_byzantine < num_inputs, "2 * num_byzantine < n", num_inputs)
-
     def aggregate(self, inputs: Tensor) -> Tensor:
         n, f = inputs.shape[0], self.num_byzantine
-        ordered = sorted_columns(inputs)
+        ordered = sorted_columns(inputs, self.engine)
         median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
         lo = torch.zeros(inputs.shape[1], dtype=torch.long, device=inputs.device)
         hi = torch.full_like(lo, n - 1)
