@@ -404,27 +404,28 @@ class FractionalRepetitionCode(Code):
         differs: dict[int, set[int]] = {g: set() for g in range(num_groups)}
         for start in range(0, d, self.chunk_size):
             block = slice(start, min(d, start + self.chunk_size))
-            winners = []
+            target, started = out[block], False
             for g in range(num_groups):
                 won = self._vote(bits[g, :, block])
                 if won is None:
                     vote.unresolved.setdefault(g, []).append(block)
                     block_winners[g].append(-1)
-                else:
-                    winner, members = won
-                    winners.append((g, winner))
-                    block_winners[g].append(winner)
-                    differs[g].update(m for m in range(r) if m not in members)
-            if per_group:
-                for g, w in winners:
-                    out[g, block] = rows[g, w, block]
-            else:
-                # Group by group in a fixed order, whichever member won: the sum is bitwise the same
-                # whoever lied, since winners are bitwise the honest value.
-                target = out[block]
+                    continue
+                winner, members = won
+                block_winners[g].append(winner)
+                differs[g].update(m for m in range(r) if m not in members)
+                if per_group:
+                    out[g, block] = rows[g, winner, block]
+                elif started:
+                    # Group by group in a fixed order, whichever member won: the sum is bitwise the
+                    # same whoever lied, since winners are bitwise the honest value. Added right after
+                    # the group's vote, while the winner's block is still in cache.
+                    target.add_(rows[g, winner, block])
+                else:  # 0 + x, as summing from zero gives (-0.0 becomes +0.0), without a pass to zero
+                    torch.add(rows[g, winner, block], 0.0, out=target)
+                    started = True
+            if not per_group and not started:
                 target.zero_()
-                for g, w in winners:
-                    target.add_(rows[g, w, block])
         for g in range(num_groups):
             if g not in vote.unresolved:
                 vote.winners[g] = block_winners[g].__getitem__
