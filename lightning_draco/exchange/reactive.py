@@ -28,18 +28,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_draco._bits import bits_dtype
-from lightning_draco.codes import DecodeResult, DracoDecodeError
+from lightning_draco.codes import DecodeResult
 from lightning_draco.exchange import collectives
 from lightning_draco.exchange.ps import share_from_ps
 from lightning_draco.exchange.sharded import (
     agree_on_step,
     decode_shard,
     gather_decoded,
-    record_failure,
     scatter_to_decoders,
     shard_ballot,
     shard_bounds,
+    shard_majority,
     shards_of,
     vote_shard,
 )
@@ -296,39 +295,14 @@ def _vote_detection(
 ) -> "Tensor | None":
     """Write into ``target`` the shard's values that ``s+1`` of its decoders sent with the same verdict, bit
     for bit (the pending groups included); return that verdict, or ``None`` when no such class exists."""
-    setup, step = state.setup, state.outcome
-    world, s = setup.world_size, setup.code.num_adversaries
-    decoders = [(shard + t) % world for t in range(min(2 * s + 1, world))]
-    ballots = []
-    for j in decoders:
-        u = held[j].index(shard)
-        offset = sum(length[k] for k in held[j][:u])
-        ballots.append((copies[j][offset : offset + length[shard]], outcomes[j][u]))
-    classes: list[list[int]] = []
-    for t, (values, verdict) in enumerate(ballots):
-        for members in classes:
-            other_values, other_verdict = ballots[members[0]]
-            if torch.equal(verdict, other_verdict) and torch.equal(
-                values.view(bits_dtype(values)), other_values.view(bits_dtype(other_values))
-            ):
-                members.append(t)
-                break
-        else:
-            classes.append([t])
-    winners = [members for members in classes if len(members) >= s + 1]
-    if not winners:
-        record_failure(step, DracoDecodeError(
-            f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent the same values and verdict: more"
-            f" than s={s} ranks lied.", decoders,
-        ), index)
+    vote = shard_majority(
+        state, target, shard, index, (copies, outcomes, length, held), torch.equal, "the same values and verdict"
+    )
+    if vote is None:
         return None
-    winner = winners[0]
-    values, verdict = ballots[winner[0]]
-    target.copy_(values)
-    step.decoders_outvoted.update(decoders[t] for t in range(len(decoders)) if t not in winner)
-    if int(verdict[0]) == DecodeStatus.NONFINITE:
-        step.nonfinite = True
-    return verdict
+    if int(vote.verdict[0]) == DecodeStatus.NONFINITE:
+        state.outcome.nonfinite = True
+    return vote.verdict
 
 
 def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int, Tensor]:

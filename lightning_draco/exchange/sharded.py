@@ -11,7 +11,7 @@ Shard ``k`` of a bucket is its ``k``-th of ``P`` contiguous pieces; its decoders
 """
 
 from collections import Counter
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,11 @@ from lightning_draco.exchange import collectives
 from lightning_draco.exchange.state import ExchangeState
 from lightning_draco.exchange.verdict import CAUGHT, DecodeStatus, Verdict, decode
 
-__all__ = ["agree", "ballot", "decode_shard", "decoders_of", "fail", "shard_bounds", "shards_of", "sharded_hook", "vote_shard"]
+__all__ = [
+    "ShardLayout", "ShardMajority", "agree_on_step", "decode_shard", "decoders_of", "gather_decoded", "record_failure",
+    "scatter_to_decoders", "shard_ballot", "shard_bounds", "shard_layout", "shard_majority", "shards_of",
+    "sharded_hook", "vote_shard",
+]
 
 
 def shard_bounds(numel: int, world: int) -> list[int]:
@@ -154,6 +158,66 @@ def decode_shard(state: ExchangeState, received: Tensor, index: int) -> Verdict:
     return verdict
 
 
+class ShardMajority(NamedTuple):
+    """The copies of one shard its decoders sent, and the class that won the vote."""
+
+    decoders: list[int]
+    #: Per decoder, in vote order: (its decoded values of the shard, its ballot).
+    ballots: list[tuple[Tensor, Tensor]]
+    #: Positions in ``decoders`` of the winning class (at least ``s+1``, bitwise the same).
+    winner: list[int]
+
+    @property
+    def verdict(self) -> Tensor:
+        return self.ballots[self.winner[0]][1]
+
+
+def shard_majority(
+    state: ExchangeState,
+    target: Tensor,
+    shard: int,
+    index: int,
+    gathered: tuple[list[Tensor], list[Tensor], list[int], list[list[int]]],
+    same_ballot: Callable[[Tensor, Tensor], bool],
+    agreeing_on: str,
+) -> Optional[ShardMajority]:
+    """Write into ``target`` the copy of ``shard`` that at least ``s+1`` of its decoders sent bit for bit
+    with ballots ``same_ballot`` calls equal; note the decoders outvoted. ``None`` (and the step's
+    failure, naming the decoders) when no such class exists: more than ``s`` ranks lied.
+
+    ``gathered``: ``gather_decoded``'s copies and ballots, the shards' lengths and each rank's shards.
+    """
+    copies, outcomes, length, held = gathered
+    setup, step = state.setup, state.outcome
+    s = setup.code.num_adversaries
+    decoders = decoders_of(shard, setup.world_size, s)
+    ballots = []
+    for j in decoders:
+        u = held[j].index(shard)
+        offset = sum(length[k] for k in held[j][:u])
+        ballots.append((copies[j][offset : offset + length[shard]], outcomes[j][u]))
+    classes: list[list[int]] = []
+    for t, (values, ballot) in enumerate(ballots):
+        for members in classes:
+            other_values, other_ballot = ballots[members[0]]
+            if same_ballot(ballot, other_ballot) and _same_bits(values, other_values):
+                members.append(t)
+                break
+        else:
+            classes.append([t])
+    winners = [members for members in classes if len(members) >= s + 1]
+    if not winners:
+        record_failure(step, DracoDecodeError(
+            f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent {agreeing_on}: more than"
+            f" s={s} ranks lied.", decoders,
+        ), index)
+        return None
+    winner = winners[0]
+    target.copy_(ballots[winner[0]][0])
+    step.decoders_outvoted.update(decoders[t] for t in range(len(decoders)) if t not in winner)
+    return ShardMajority(decoders, ballots, winner)
+
+
 def vote_shard(
     state: ExchangeState,
     target: Tensor,
@@ -164,42 +228,25 @@ def vote_shard(
     length: list[int],
     held: list[list[int]],
 ) -> None:
-    """Write into ``target`` the copy of ``shard`` that at least ``s+1`` of its decoders sent; record the rest."""
-    setup, step = state.setup, state.outcome
-    world, s = setup.world_size, setup.code.num_adversaries
-    decoders = decoders_of(shard, world, s)
-    ballots = []
-    for j in decoders:
-        u = held[j].index(shard)
-        offset = sum(length[k] for k in held[j][:u])
-        ballots.append((copies[j][offset : offset + length[shard]], outcomes[j][u]))
-    classes: list[list[int]] = []
-    for t, (values, verdict) in enumerate(ballots):
-        for members in classes:
-            other_values, other_verdict = ballots[members[0]]
-            if int(verdict[0]) == int(other_verdict[0]) and _same_bits(values, other_values):
-                members.append(t)
-                break
-        else:
-            classes.append([t])
-    winners = [members for members in classes if len(members) >= s + 1]
-    if not winners:
-        record_failure(step, DracoDecodeError(
-            f"no s+1={s + 1} of the decoders {decoders} of shard {shard} sent the same decoded values: more than"
-            f" s={s} ranks lied.", decoders,
-        ), index)
+    """Write into ``target`` the copy of ``shard`` that at least ``s+1`` of its decoders sent; record the rest.
+
+    Copies agree when their values are the same bits and their statuses are the same; a rank is caught
+    when ``s+1`` of the shard's decoders name it.
+    """
+    step, s = state.outcome, state.setup.code.num_adversaries
+    vote = shard_majority(
+        state, target, shard, index, (copies, outcomes, length, held),
+        lambda a, b: int(a[0]) == int(b[0]), "the same decoded values",
+    )
+    if vote is None:
         return
-    winner = winners[0]
-    values, verdict = ballots[winner[0]]
-    target.copy_(values)
-    step.decoders_outvoted.update(decoders[t] for t in range(len(decoders)) if t not in winner)
-    named = Counter(int(r) for _, ballot in ballots for r in ballot[1:].tolist() if r >= 0)
+    named = Counter(int(r) for _, ballot in vote.ballots for r in ballot[1:].tolist() if r >= 0)
     step.caught.update(r for r, times in named.items() if times >= s + 1)
-    status = int(verdict[0])
+    status = int(vote.verdict[0])
     if status == DecodeStatus.FAILED:
         record_failure(step, DracoDecodeError(
-            f"the decoders {[decoders[t] for t in winner]} of shard {shard} agree that the vectors reveal more than"
-            f" s={s} liars; the decoded gradient is not applied.", [],
+            f"the decoders {[vote.decoders[t] for t in vote.winner]} of shard {shard} agree that the vectors"
+            f" reveal more than s={s} liars; the decoded gradient is not applied.", [],
         ), index)
     elif status == DecodeStatus.NONFINITE:
         step.nonfinite = True
