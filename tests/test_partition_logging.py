@@ -1,8 +1,9 @@
 """Values logged in training_step are averaged over a rank's partitions, once per name and step."""
 
+import pytest
 import torch
 
-from lightning_draco.partition_logging import mean_over_partitions
+from lightning_draco.partition_logging import mean_over_partitions, unchanged_metrics
 
 
 class Module:
@@ -44,18 +45,19 @@ def test_metrics_pass_straight_through_and_the_module_is_restored():
     assert module.logged[-1][0] == "after"
 
 
+def holding(**metrics) -> torch.nn.Module:
+    """A module holding ``metrics`` as submodules, as a LightningModule holds its metrics."""
+    module = torch.nn.Module()
+    for name, metric in metrics.items():
+        module.add_module(name, metric)
+    return module
+
+
 def test_a_replayed_step_leaves_every_torchmetrics_state_as_it_was():
     """Reactive mode runs another group's training step on a helper: its metrics must not count it."""
-    torchmetrics = __import__("pytest").importorskip("torchmetrics")
-    from lightning_draco.partition_logging import unchanged_metrics
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
-            self.scores = torchmetrics.CatMetric()  # a list state
-
-    net = Net()
+    torchmetrics = pytest.importorskip("torchmetrics")
+    net = holding(accuracy=torchmetrics.classification.MulticlassAccuracy(num_classes=3),
+                  scores=torchmetrics.CatMetric())  # a list state
     net.accuracy(torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 1, 2]))
     net.scores.update(torch.tensor([1.0, 2.0]))
     before = (float(net.accuracy.compute()), net.accuracy.update_count, net.scores.compute().tolist())
@@ -69,19 +71,10 @@ def test_a_replayed_step_leaves_every_torchmetrics_state_as_it_was():
 
 
 def test_a_replayed_step_leaves_wrappers_and_the_last_forward_value_as_they_were():
-    torchmetrics = __import__("pytest").importorskip("torchmetrics")
-    from torchmetrics.wrappers import MinMaxMetric, Running
-
-    from lightning_draco.partition_logging import unchanged_metrics
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.accuracy = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
-            self.extremes = MinMaxMetric(torchmetrics.SumMetric())
-            self.window = Running(torchmetrics.SumMetric(), window=2)
-
-    net = Net()
+    torchmetrics = pytest.importorskip("torchmetrics")
+    net = holding(accuracy=torchmetrics.classification.MulticlassAccuracy(num_classes=3),
+                  extremes=torchmetrics.wrappers.MinMaxMetric(torchmetrics.SumMetric()),
+                  window=torchmetrics.wrappers.Running(torchmetrics.SumMetric(), window=2))
     logged = float(net.accuracy(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1])))
     for value in (1.0, 2.0):
         net.extremes(torch.tensor(value))

@@ -331,7 +331,7 @@ class FractionalRepetitionCode(Code):
         """The whole-row vote in eager torch: comparisons on views (no copies), one sync per round."""
 
         def compare(pairs: list[tuple[int, int]]) -> Tensor:
-            return torch.stack([(bits[:, a] == bits[:, b]).all(dim=1) for a, b in pairs], dim=1).cpu()
+            return _pair_equalities(bits, tuple(pairs)).cpu()
 
         classes = self._whole_row_vote(compare, pairs_first=False)
         return None if classes is None else self._winners_outcome(rows, classes, acc, per_group)
@@ -477,7 +477,7 @@ class FractionalRepetitionCode(Code):
         self.measured_floor = floor
         # A bitwise class is an honest replica's value: a member that differs from it is spared only by
         # noise measured in this decode (or a declared tolerance); with none, any difference is a lie.
-        spare = max(declared, min(NOISE_MARGIN * floor, MAX_NOISE))
+        spare = noise_radius(declared, floor)
         faulty.update(worker for worker, distance in band if spare == 0 or distance > spare)
         radius = self._radius(rows.dtype, floor)
         for g, blocks in sorted(vote.unresolved.items()):

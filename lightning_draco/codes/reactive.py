@@ -63,8 +63,6 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         learn_floor: bool = True,
     ):
         super().__init__(num_workers, num_adversaries, redundancy, tolerance=tolerance, chunk_size=chunk_size)
-        #: Whether the user set a tolerance: then it also lets ``s+1`` replicas agree without a vote.
-        self.explicit_tolerance = self.tolerance_declared
         #: The honest noise floor the escalation votes measured (0: none seen, replicas bitwise equal).
         self.noise_floor = 0.0
         #: Whether votes update ``noise_floor``. Off where several decoders must reach the same verdict
@@ -144,7 +142,7 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         """
         if self.noise_floor > 0:
             return noise_radius(self.tolerance, self.noise_floor)
-        return self.tolerance if self.explicit_tolerance else 0.0
+        return self.tolerance if self.tolerance_declared else 0.0
 
     def detect(self, received: Tensor) -> list[bool]:
         """Per group, whether its members' vectors agree (``received``: ``(P, d)``).

@@ -17,10 +17,7 @@ from torch import Tensor
 
 from lightning_draco.exchange.state import ExchangeState
 
-__all__ = [
-    "all_gather", "all_reduce_min", "all_to_all", "broadcast", "broadcast_object", "count", "gather", "recv", "send",
-    "timed",
-]
+__all__ = ["all_gather", "all_reduce_min", "broadcast", "broadcast_object", "count", "gather", "recv", "send", "timed"]
 
 
 def _nbytes(tensor: Tensor) -> int:
