@@ -67,9 +67,11 @@ def test_a_requeued_job_resumes_mid_epoch_to_the_uninterrupted_model(slurm, tmp_
     slurm_cmd(slurm, "scancel", "--signal=USR1", job)
     assert wait_for(lambda: job_field(slurm, job, "Restarts") == "1", timeout=120, every=0.5), "the job was not requeued"
     # The first run's steps wind down before the job is pending again (its state passes through
-    # others meanwhile); SLURM then holds it for a while before it may start: let it start now.
+    # others meanwhile); SLURM then holds it for a while before it may start: let it start soon. Not
+    # at once: a node refuses to launch a job in the same second its previous run was killed (it
+    # compares the new credential with the revocation in whole seconds: "Job credential revoked").
     assert wait_for(lambda: job_field(slurm, job, "JobState") == "PENDING", timeout=120, every=0.5)
-    slurm_cmd(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now")
+    slurm_cmd(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now+2")
     assert wait_for(lambda: finished(slurm, job), timeout=400, every=1)
     assert job_field(slurm, job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-5000:]
     summary = read_summary(run_dir)
