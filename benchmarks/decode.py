@@ -16,7 +16,9 @@ run; ``GB/s`` is the received tensor's bytes over the method's time (what a sing
 at that speed gives). The cyclic code's time includes drawing its projection.
 ``code:NAME:moving`` alternates between two tensors whose liars differ, so no decode meets the
 previous one's liar (the cyclic code certifies the previous decode's honest set in its first pass;
-a liar that moves costs it a second pass). ``code:frc:fused`` and ``code:frc:reference`` force the
+a liar that moves costs it a second pass). ``code:NAME:noisy`` adds independent noise of 1e-4
+(relative) to every row, as non-deterministic kernels give honest replicas: the cyclic code then
+certifies under the noise it measures, the repetition code votes on whole vectors. ``code:frc:fused`` and ``code:frc:reference`` force the
 repetition code's compiled decode or its block-wise reference (by default the fused one runs on CUDA
 only); the fused figure excludes compiling, which the warm-up pays. ``aggregator:NAME:network`` and
 ``aggregator:NAME:sort`` force the order-statistics engine of the median, trimmed mean and Meamed (by
@@ -139,6 +141,7 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
     kind, name = method.split(":", 1)
     name, *flags = name.split(":")
     moving = "moving" in flags
+    noise = 1e-4 if "noisy" in flags else 0.0
     try:
         code = make_code(name if kind == "code" else "none", p, f if kind == "code" and name != "none" else 0)
         if "fused" in flags or "reference" in flags:
@@ -156,7 +159,7 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
     except ValueError as err:
         return {**row, "skipped": str(err)}
     try:
-        return _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype)
+        return _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise)
     except torch.OutOfMemoryError as err:
         return {**row, "skipped": f"out of memory ({str(err).splitlines()[0][:80]})"}
     finally:
@@ -164,8 +167,11 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
             torch.cuda.empty_cache()
 
 
-def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype) -> dict:
+def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise=0.0) -> dict:
     received = codeword_rows(code, d, dtype, gen, device)
+    for i in range(p) if noise else ():  # one row at a time: no second (P, d) tensor
+        size = float(received[i].double().norm()) / d**0.5
+        received[i] += (noise * size * torch.randn(d, generator=gen).to(device)).to(dtype)
     liar = int(torch.randint(p, (1,), generator=gen))
     if moving:  # the liar alternates between two ranks, so no decode finds the previous one's suspects
         other = received.clone()

@@ -348,3 +348,126 @@ def test_finite_rows_whose_float32_norms_overflow_certify_as_smaller_ones_do(sca
     assert big.faulty == small.faulty == [] and not code._located_last
     assert torch.isfinite(big.total).all()
     torch.testing.assert_close(big.total.double() / scale, small.total.double(), rtol=1e-5, atol=1e-5)
+
+
+# -- non-deterministic kernels: honest holders of a partition compute it with independent noise ------------
+def kernel_noise_encode(code, gradients, level, gen):
+    """Rows as ranks with non-deterministic kernels send them: every holder of partition ``j`` computes its
+    own copy of ``g_j``, off by ``level`` (relative) in a random direction, then weights it."""
+    p, d = gradients.shape
+    rows = torch.zeros(p, d, dtype=torch.float64)
+    for i in range(p):
+        for j in code.partitions(i):
+            copy = gradients[j] + level * gradients[j].norm() / math.sqrt(d) * torch.randn(d, dtype=torch.float64, generator=gen)
+            rows[i] += code.encoding_matrix[i, j] * copy
+    return rows.float()
+
+
+NOISY_CELLS = [(5, 1), (8, 1), (15, 1), (6, 2), (7, 3)]
+
+
+@pytest.mark.parametrize("level", [1e-5, 1e-4, 1e-3])
+@pytest.mark.parametrize("p, s", NOISY_CELLS)
+def test_honest_rows_that_differ_by_kernel_noise_decode_and_nobody_is_named(p, s, level):
+    """Rows off by 10 to 1000 times float32's rounding fail the rounding floor: the noise measured in the
+    decode itself lets the honest set through, and the total is off by about the noise, no more."""
+    gen = torch.Generator().manual_seed(p * 10 + s)
+    code = CyclicRepetitionCode(p, s)
+    gradients = torch.randn(p, 4096, dtype=torch.float64, generator=gen)
+    for step in range(3):
+        result = code.decode(kernel_noise_encode(code, gradients, level, gen), generator=projection(step))
+        assert result.faulty == []
+        assert 0.2 * level <= code.measured_floor <= 3 * level
+        assert relative_error(result, gradients.sum(0)) <= 20 * level
+
+
+@pytest.mark.parametrize("p, s", NOISY_CELLS)
+def test_under_kernel_noise_the_liars_are_named_and_no_one_else(p, s):
+    gen = torch.Generator().manual_seed(p * 10 + s)
+    code = CyclicRepetitionCode(p, s)
+    gradients = torch.randn(p, 4096, dtype=torch.float64, generator=gen)
+    for step, kind in enumerate(["reverse", "sparse", "other_row", "noise", "reverse", "sparse"]):
+        honest = kernel_noise_encode(code, gradients, 1e-4, gen)
+        liars = sorted(torch.randperm(p, generator=gen)[:s].tolist())
+        received = honest.clone()
+        for n, liar in enumerate(liars):
+            received[liar] = _lie(kind, honest, honest[liar], honest[(liar + 1 + n) % p], gen, code, liars)
+        result = code.decode(received, generator=projection(step))
+        moved = [w for w in liars if float((received[w] - honest[w]).norm()) > 1e-2 * float(honest[w].norm())]
+        assert set(moved) <= set(result.faulty) <= set(liars), kind  # a copy of an equal row is no lie
+        assert relative_error(result, gradients.sum(0)) <= 2e-3
+
+
+@pytest.mark.parametrize("p, s", NOISY_CELLS)
+def test_liars_cannot_raise_the_measured_noise_floor(p, s):
+    """Liars who send noise 1000 times the honest rows' own, to widen the floor for lies of their own,
+    measure no more noise than the honest rows alone: the floor is read where they are set aside. (They
+    are set aside whatever they send; named beyond the reach of lies that could hide under the floor.)"""
+    gen = torch.Generator().manual_seed(p)
+    code = CyclicRepetitionCode(p, s)
+    gradients = torch.randn(p, 4096, dtype=torch.float64, generator=gen)
+    honest = kernel_noise_encode(code, gradients, 1e-5, gen)
+    code.decode(honest, generator=projection(0))
+    alone = code.measured_floor
+    liars = list(range(1, p, max(1, p // s)))[:s]
+    received = honest.clone()
+    for liar in liars:
+        received[liar] += 1e-2 * honest[liar].norm() / 64 * torch.randn(4096, generator=gen)
+    result = CyclicRepetitionCode(p, s).decode(received, generator=projection(0))
+    fresh = CyclicRepetitionCode(p, s)
+    fresh.decode(received, generator=projection(0))
+    assert fresh.measured_floor <= 1.2 * alone
+    assert result.faulty == sorted(liars)
+
+
+def test_a_lie_hidden_under_the_measured_noise_moves_the_total_no_further_than_hidden_shift():
+    """The floor is only as tight as the noise: a lie kept under 8 measured floors passes unnamed, and
+    moves the total by at most ``hidden_shift`` at that floor (docs/codes.md states the bound)."""
+    p, s, d = 8, 1, 4096
+    gen = torch.Generator().manual_seed(3)
+    code = CyclicRepetitionCode(p, s)
+    gradients = torch.randn(p, d, dtype=torch.float64, generator=gen)
+    honest = kernel_noise_encode(code, gradients, 1e-4, gen)
+    clean = code.decode(honest, generator=projection(0))
+    floor = 8 * code.measured_floor
+    suspects = code._hint or tuple(range(s))
+    comb = code._combiner(suspects)
+    norms = honest.double().norm(dim=1)
+    allowed = _allowed(comb, norms, floor, d)
+    position = max(range(len(comb.honest)), key=lambda k: abs(float(comb.weights[k])) / float(comb.parity[:, k].abs().max()))
+    liar = comb.honest[position]
+    direction = math.copysign(1.0, float(comb.weights[position])) * clean.total.double()
+    lied = honest.clone()
+    lied[liar] += (0.5 * float(allowed.min()) / float(comb.parity[:, position].abs().max()) * direction / direction.norm()).float()
+    result = code.decode(lied, generator=projection(1))
+    shift = float((result.total.double() - clean.total.double()).norm())
+    bound = code.hidden_shift(suspects, norms, torch.float32, d, floor=floor)
+    assert result.faulty == []
+    assert shift <= bound
+    assert shift >= 0.1 * bound  # the bound is close: this lie uses much of it
+
+
+def test_tolerance_zero_measures_no_noise():
+    """``tolerance=0`` declares replicas equal up to rounding: rows that differ by more raise."""
+    gen = torch.Generator().manual_seed(0)
+    code = CyclicRepetitionCode(7, 1, tolerance=0)
+    received = kernel_noise_encode(code, torch.randn(7, 2048, dtype=torch.float64, generator=gen), 1e-4, gen)
+    with pytest.raises(DracoDecodeError, match="more than s=1 workers are faulty"):
+        code.decode(received, generator=projection(0))
+    assert code.measured_floor is None
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-30), (torch.bfloat16, 1e-25), (torch.float16, 1e-4),
+                                          (torch.float64, 1e-150)])
+def test_a_liar_among_tiny_gradients_is_named_although_every_square_underflows(dtype, scale):
+    """Checks of gradients around 1e-30 square to 0 in float32: a zero misfit is only believed where the
+    block's total is zero too, else the block is measured again in float64."""
+    code = CyclicRepetitionCode(7, 1)
+    gradients = torch.randn(7, 500, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * scale
+    received = code.encode(gradients, dtype)
+    received[3] = -100 * received[3]
+    result = code.decode(received, generator=projection(0))
+    assert result.faulty == [3]
+    own = 4 * code.redundancy * code.growth * {torch.float64: 2**-53, torch.float32: 2**-24,
+                                               torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    assert relative_error(result, gradients.to(dtype).double().sum(0)) <= max(own, 1e-12)

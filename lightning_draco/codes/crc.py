@@ -63,6 +63,17 @@ EXPOSURE_SETS = 16
 LIAR_SETS = 2000
 # Up to this many sets of s suspects, every one is ranked in the sketch besides the located ones.
 ALL_CANDIDATES = 64
+# Up to this many sets of s suspects, the measured noise floor is the least misfit over all of them
+# (``_noise_family``); beyond, over contiguous, spread and random sets and those this decode tried.
+NOISE_SETS = 3000
+# The honest set passes within this many measured noise floors (non-deterministic kernels; as in the
+# repetition code), and the measured floor counts only when it exceeds 1/NOISE_ENGAGE of the rounding
+# floor: deterministic honest rows miss by under 1/7 of it, so it never engages where rounding explains all.
+NOISE_MARGIN = 8.0
+NOISE_ENGAGE = 4.0
+# ... up to this relative misfit: replicas further apart are not rounding noise (TF32 and atomics give
+# 1e-4..1e-3), and more than s liars must not widen the floor without bound.
+MAX_NOISE = 1e-2
 
 
 class Verdict(NamedTuple):
@@ -87,6 +98,24 @@ class Verdict(NamedTuple):
         """How far over (> 1) or under (<= 1) the floor the worst parity row is."""
         over = self.misfit / self.allowed.clamp_min(1e-300)
         return float(over.max()) if over.numel() else 0.0
+
+
+class _Pass(NamedTuple):
+    """What one certifying pass (``CyclicRepetitionCode._certify``) measured."""
+
+    #: ``b^T Y[H]``.
+    total: Tensor
+    #: Per row of the check product (the ``s`` parity rows of ``H``, then each suspect's miss of the
+    #: codeword through ``H``): the norm of that row of ``M Y``.
+    misfits: Tensor
+    #: ``(M Y)(M Y)^T`` (2s x 2s, float64): any check's misfit over all coordinates, without a pass.
+    gram: Tensor
+    #: ``M``, the check rows as the pass applied them (2s x P, float64).
+    checks: Tensor
+    #: Every row's norm (only for the pass that measures them).
+    norms: Optional[Tensor]
+    #: The sketch, for the pass given projections.
+    sketch: Optional[Tensor]
 
 
 class _Combiner(NamedTuple):
@@ -194,6 +223,13 @@ class CyclicRepetitionCode(Code):
         # Whether the previous decode had to locate its liars: then the next one sketches in its first
         # pass. Speed only: the sketch is the same bits either way.
         self._located_last = False
+        # The suspect sets the noise floor is measured over, their parity rows, and the sets as tuples.
+        self._noise_sets: Optional[Tensor] = None
+        self._noise_parity: Optional[Tensor] = None
+        self._noise_index: set[tuple[int, ...]] = set()
+        #: The honest rows' noise measured by the last decode (relative, in units of the floor's scale),
+        #: None where it measured none (the rounding floor sufficed, or ``tolerance=0``).
+        self.measured_floor: Optional[float] = None
         #: ``max ||b_H||_1 * max|W|`` (how much the combiner amplifies rounding) and the exposure (how far
         #: a lie under the floor moves the sum, per unit of floor), over the sets of s liars searched.
         self.growth, self.exposure = _conditioning(self)
@@ -319,14 +355,18 @@ class CyclicRepetitionCode(Code):
             self._combiners.popitem(last=False)
         return combiner
 
-    def hidden_shift(self, suspects: tuple[int, ...], norms: Tensor, dtype: torch.dtype, length: int) -> float:
+    def hidden_shift(
+        self, suspects: tuple[int, ...], norms: Tensor, dtype: torch.dtype, length: int, floor: Optional[float] = None
+    ) -> float:
         """The most one worker of the honest set can move the total while its lie stays under the floor.
 
         A lie ``e`` in row ``l`` of ``H`` adds ``N[:, l] e`` to the parity misfit and ``b_l e`` to the
-        total; it passes only if ``|N_tl| ||e||`` fits under every row's floor.
+        total; it passes only if ``|N_tl| ||e||`` fits under every row's floor. ``floor``: the floor a
+        decode certified under, if not the rounding floor of ``dtype`` (measured noise: ``NOISE_MARGIN
+        * measured_floor``).
         """
         comb = self._combiner(suspects)
-        allowed = _allowed(comb, norms, self.floor(dtype), length)
+        allowed = _allowed(comb, norms, self.floor(dtype) if floor is None else floor, length)
         worst = 0.0
         for k in range(len(comb.honest)):
             column = comb.parity[:, k].abs()
@@ -341,8 +381,9 @@ class CyclicRepetitionCode(Code):
         self._check_received(received)
         p, s = self.num_workers, self.num_adversaries
         theta, length = self.floor(received.dtype), received.shape[1]
+        self.measured_floor = None
         if s == 0:
-            return DecodeResult(self._certify(received, (), [])[0], [])
+            return DecodeResult(self._certify(received, (), []).total, [])
         # 1. The previous decode's honest set (at first, the last P - s workers), certified in the same
         #    pass that measures every row's norm: nobody lies, or the same workers lie again.
         hint = self._hint or tuple(range(s))
@@ -350,8 +391,8 @@ class CyclicRepetitionCode(Code):
         # Where the previous decode had to locate its liars (they move: random ranks, faults that strike
         # anywhere), the same pass also sketches, so that locating costs no pass of its own.
         projections = self._projections(received, gen, precise=False) if self._located_last else None
-        total, misses, norms, first_sketch = self._certify(received, hint, [], measure=True, projections=projections)
-        norms = _exact_norms(received, norms)  # redone in float64 where squares over- or underflowed
+        first = self._certify(received, hint, [], measure=True, projections=projections)
+        norms = _exact_norms(received, first.norms)  # redone in float64 where squares over- or underflowed
         erased = [i for i in range(p) if not math.isfinite(float(norms[i]))]
         if len(erased) > s:
             raise DracoDecodeError(
@@ -359,46 +400,172 @@ class CyclicRepetitionCode(Code):
                 f" {s} lied, or every replica agrees on NaN/Inf and the model diverged.",
                 erased,
             )
+        floor = theta  # the rounding floor, or above it the noise measured in this decode
+        tried: list[tuple[int, ...]] = []
         if not erased:
-            comb = self._combiner(hint)
-            verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, length))
-            if verdict.accepted:
+            tried.append(hint)
+            accepted = self._accept(first, hint, erased, norms, floor, length, theta)
+            if accepted is None and self._noise_family_is_complete():
+                floor = self._measured(first, hint, erased, norms, theta, length, tried)
+                accepted = self._accept(first, hint, erased, norms, floor, length, theta) if floor > theta else None
+            if accepted is not None:
                 self._located_last = False
-                return DecodeResult(total, self._named(comb, norms, hint, erased, misses[s:], theta, length, verdict.allowed))
+                return accepted
         # 2. Locate in a sketch and certify the candidates, best first; then once more from a float64
         #    sketch with fresh secret numbers (lies too small for the float32 sketch to place).
         self._located_last = True
         closest: Optional[tuple[tuple[int, ...], float]] = None
         certified = set() if erased else {hint}
         for precise in (False, True):
-            if precise or first_sketch is None:
+            if precise or first.sketch is None:
                 sketch = self._sketch(received, self._projections(received, gen, precise), precise)
             else:
-                sketch = first_sketch
-            # In float64 the sketch adds no rounding and honest rows miss by under 1/10 of the floor:
-            # locate against a tighter bar, so that lies just above the floor are ranked out.
-            bar = theta / 8 if precise else theta + _SKETCH_ROUNDING
+                sketch = first.sketch
+            # In float64 the sketch adds no rounding and honest rows miss by under 1/10 of the rounding
+            # floor: locate against a tighter bar, so that lies just above it are ranked out.
+            bar = floor / 8 if precise and floor == theta else floor + _SKETCH_ROUNDING
             for suspects in self._candidates(sketch, norms, erased, bar)[: self.attempts + precise]:
                 if suspects in certified:
                     continue
                 certified.add(suspects)
-                total, misses, _, _ = self._certify(received, suspects, erased)
-                comb = self._combiner(suspects)
-                verdict = Verdict(total, misses[:s], _allowed(comb, norms, theta, length))
-                if verdict.accepted:
+                tried.append(suspects)
+                result = self._certify(received, suspects, erased)
+                accepted = self._accept(result, suspects, erased, norms, floor, length, theta)
+                if accepted is None and floor == theta and self.tolerance != 0:
+                    # Honest rows may differ by more than rounding (non-deterministic kernels): measure
+                    # their noise in this pass, whose honest set holds no large lie if it fits at all.
+                    floor = self._measured(result, suspects, erased, norms, theta, length, tried)
+                    accepted = self._accept(result, suspects, erased, norms, floor, length, theta) if floor > theta else None
+                if accepted is not None:
                     self._hint = suspects
-                    return DecodeResult(total, self._named(comb, norms, suspects, erased, misses[s:], theta, length, verdict.allowed))
-                if closest is None or verdict.ratio < closest[1]:
-                    closest = (suspects, verdict.ratio)
+                    return accepted
+                ratio = Verdict(result.total, result.misfits[:s], _allowed(self._combiner(suspects), norms, floor, length)).ratio
+                if closest is None or ratio < closest[1]:
+                    closest = (suspects, ratio)
         if closest is None:
             closest = (hint, math.inf)
+        measured = "" if floor == theta else f", raised to {floor:.2g} by the noise measured among the rows"
         raise DracoDecodeError(
             f"no {s} workers could be set aside so that the other {p - s} fit the code: the closest set"
             f" ({list(closest[0])}) leaves a parity misfit {closest[1]:.3g} times the floor"
-            f" (theta={theta:.2g} of the rows' norms): more than s={s} workers are faulty, or honest replicas"
-            " differ by more than rounding (non-deterministic kernels: set tolerance).",
+            f" (theta={theta:.2g} of the rows' norms{measured}): more than s={s} workers are faulty, or honest"
+            " replicas differ by more than rounding and noise explain (set tolerance).",
             list(range(p)),
         )
+
+    def _accept(
+        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, floor: float, length: int,
+        theta: float,
+    ) -> Optional[DecodeResult]:
+        """The decode's result if the honest set ``not suspects`` fits the code under ``floor`` (``theta``: the
+        rounding floor, or above it the measured noise's), else None."""
+        s = self.num_adversaries
+        comb = self._combiner(suspects)
+        verdict = Verdict(result.total, result.misfits[:s], _allowed(comb, norms, floor, length))
+        if not verdict.accepted:
+            return None
+        # Under measured noise a suspect is named beyond NAMING_MARGIN noise floors (an honest one misses
+        # by about one), not NAMING_MARGIN times the floor, which has its own margin over the noise.
+        naming = floor if floor <= theta or self.measured_floor is None else max(theta, self.measured_floor)
+        named = self._named(comb, norms, suspects, erased, result.misfits[s:], naming, length, verdict.allowed)
+        return DecodeResult(result.total, named)
+
+    # -- the noise floor ----------------------------------------------------------------------------
+    def _measured(
+        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, theta: float,
+        length: int, tried: list[tuple[int, ...]],
+    ) -> float:
+        """The floor this decode certifies under: ``theta``, or ``NOISE_MARGIN`` noise floors measured in
+        ``result``'s pass (at most ``MAX_NOISE``) when the noise exceeds ``theta / NOISE_ENGAGE``.
+
+        Sets ``measured_floor``. Never with ``tolerance=0`` (replicas declared equal up to rounding), and
+        only from a pass whose honest set could pass under the largest floor noise may set: one with a
+        larger lie inside cannot be accepted anyway, and the rounding of that lie in the pass's checks
+        would pollute the misfits the noise is read from. Its size is judged against rows no larger than
+        the ``(s+1)``-th largest, some honest row's at most: a huge row cannot make itself look small.
+        """
+        if self.tolerance == 0:
+            return theta
+        s = self.num_adversaries
+        comb = self._combiner(suspects)
+        honest_size = norms.sort(descending=True).values[s]
+        bounded = norms.clamp(max=float(honest_size)) if math.isfinite(float(honest_size)) else norms
+        size = Verdict(result.total, result.misfits[:s], _allowed(comb, bounded, 1.0, length)).ratio
+        if not size <= max(theta, MAX_NOISE):
+            return theta
+        noise = self._noise(result, suspects, erased, norms, length, tried)
+        self.measured_floor = noise
+        if not noise > theta / NOISE_ENGAGE:
+            return theta
+        return max(theta, min(NOISE_MARGIN * noise, MAX_NOISE))
+
+    def _noise(
+        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, length: int,
+        tried: list[tuple[int, ...]],
+    ) -> float:
+        """The honest rows' noise, relative to the floor's scale: the least, over sets ``T`` of ``s``
+        suspects, of the worst misfit of ``H_T``'s parity rows (``Verdict.ratio`` at ``theta = 1``).
+
+        No pass: every such check is a combination of the checks ``M`` that ``result``'s pass applied
+        (they span the left null space of ``W`` over the live rows), so its misfit over all coordinates
+        is ``a^T (M Y)(M Y)^T a`` from that pass's Gram matrix. The coefficient of each suspect's miss is
+        the check's own entry at that suspect, exactly, so a huge lie on a suspect adds nothing to the
+        checks that set it aside.
+
+        With at most ``s`` liars ``L``, ``H_L`` holds only honest rows, so the least misfit is at most
+        the honest rows' own: liars cannot raise the floor (for ``(P, s)`` with more than ``NOISE_SETS``
+        suspect sets, this holds when ``L`` is among the sets searched: contiguous, spread, random, and
+        those this decode located). They can lower it, by cancelling honest noise in the checks they
+        enter: honest rows are then set aside (never in the total's harm) and may be named; a declared
+        ``tolerance`` is the floor below which no measurement goes.
+        """
+        s = self.num_adversaries
+        sets, parity = self._noise_family()
+        extra = [t for t in tried if t not in self._noise_index]
+        if extra:
+            sets = torch.cat([sets, torch.tensor(extra, dtype=torch.long).reshape(-1, s)])
+            parity = torch.cat([parity, torch.stack([_spread(self._combiner(t), self.num_workers) for t in extra])])
+        if erased:  # only sets that hold every erased row: the pass's checks vanish on those rows
+            keep = torch.stack([(sets == e).any(dim=1) for e in erased]).all(dim=0)
+            sets, parity = sets[keep], parity[keep]
+        if not len(sets):
+            return 0.0
+        checks, position = result.checks, list(suspects)
+        own, misses = checks[:s], checks[s:]
+        at_suspects = parity[:, :, position]  # (n, s, s): the coefficients of the suspects' misses
+        on_own = (parity - at_suspects @ misses) @ own.T  # supported on H: a combination of its parity rows
+        coefficients = torch.cat([on_own, at_suspects], dim=2)
+        misfit = torch.einsum("nta,ab,ntb->nt", coefficients, result.gram, coefficients).clamp_min(0).sqrt()
+        honest_size = self.num_workers - s
+        scale = (parity.square() @ norms.double().square()).sqrt() * (1.0 + math.sqrt(honest_size / max(length, 1)))
+        ratio = torch.where(scale > 0, misfit / scale.clamp_min(1e-300), torch.zeros_like(misfit))
+        worst = ratio.amax(dim=1)
+        worst = worst[torch.isfinite(worst)]
+        return float(worst.min()) if len(worst) else 0.0
+
+    def _noise_family_is_complete(self) -> bool:
+        """Whether the noise is measured over every set of ``s`` suspects (then liars cannot raise it)."""
+        return math.comb(self.num_workers, self.num_adversaries) <= NOISE_SETS
+
+    def _noise_family(self) -> tuple[Tensor, Tensor]:
+        """``(sets, parity)``: the suspect sets the noise is measured over (``NOISE_SETS`` at most; see
+        ``_noise``) and, for each, orthonormal parity rows of its honest set written over all ``P``
+        workers, zeros at the suspects (``(n, s)`` and ``(n, s, P)``, from one batched SVD)."""
+        if self._noise_sets is None:
+            p, s = self.num_workers, self.num_adversaries
+            if self._noise_family_is_complete():
+                sets = torch.tensor(list(itertools.combinations(range(p), s)), dtype=torch.long).reshape(-1, s)
+            else:
+                sets = _liar_sets(p, s)
+            honest = torch.stack([torch.tensor([i for i in range(p) if i not in row]) for row in sets.tolist()])
+            with _small_solves():
+                u = torch.linalg.svd(self._matrix[honest], full_matrices=True)[0]
+            null = u[:, :, p - 2 * s :].transpose(1, 2)  # (n, s, P - s)
+            parity = torch.zeros(len(sets), s, p, dtype=torch.float64)
+            parity.scatter_(2, honest[:, None, :].expand(-1, s, -1), null)
+            self._noise_sets, self._noise_parity = sets, parity
+            self._noise_index = {tuple(row) for row in sets.tolist()}
+        return self._noise_sets, self._noise_parity
 
     def state_dict(self) -> dict:
         """The previous decode's suspects: which honest set the next decode certifies first (its rounding)."""
@@ -447,10 +614,11 @@ class CyclicRepetitionCode(Code):
         erased: list[int],
         measure: bool = False,
         projections: Optional[tuple[Tensor, Tensor]] = None,
-    ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-        """One pass: ``b^T Y[H]``; the norms of each parity row's misfit ``N_t Y[H]`` and of each suspect's
-        miss ``Y_i - (W W[H]^+ Y[H])_i``; with ``measure``, every row's norm; with ``projections``, the
-        sketch ``_sketch`` would compute (bit for bit, from the same blocks).
+    ) -> _Pass:
+        """One pass: ``b^T Y[H]``; the Gram matrix of the checks ``M Y`` (the parity rows of ``H``, then
+        each suspect's miss ``Y_i - (W W[H]^+ Y[H])_i``), whose diagonal gives their norms; with
+        ``measure``, every row's norm; with ``projections``, the sketch ``_sketch`` would compute (bit
+        for bit, from the same blocks).
 
         The same products over the same blocks whatever the call: a set certified in one call or
         another gives the same total, bit for bit, whoever lied and however.
@@ -467,28 +635,41 @@ class CyclicRepetitionCode(Code):
             rows[erased] = 0
         total = torch.empty(d, dtype=acc, device=device)
         blocks = self._blocks(d, device)
-        # Each block's norms, checked for over- and underflow once after the pass: a check per block
-        # would cost a host sync per block.
-        misfits = torch.empty(len(blocks), len(mix) - 1, dtype=torch.float64, device=device)
+        # Each block's Gram matrix of the checks (2s x 2s; its diagonal holds their squared norms),
+        # checked for over- and underflow once after the pass: a check per block would cost a host
+        # sync per block.
+        grams = torch.empty(len(blocks), len(mix) - 1, len(mix) - 1, dtype=acc, device=device)
         row_norms = torch.empty(len(blocks), p, dtype=torch.float64, device=device) if measure else None
         sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device) if projections else None
         for i, (start, stop) in enumerate(blocks):
             block = rows[:, start:stop].to(acc)
             out = mix @ block
             total[start:stop] = out[0]
-            misfits[i] = torch.linalg.vector_norm(out[1:], dim=1)
+            checks = out[1:]
+            torch.mm(checks, checks.t(), out=grams[i])
             if row_norms is not None:
                 row_norms[i] = torch.linalg.vector_norm(block, dim=1)
             if sketch is not None:  # of the rows as received (a NaN row sketches to NaN, as in ``_sketch``)
                 sketch += _sketched(block if rows is received else received[:, start:stop].to(acc),
                                     projections, start, stop)
-        for i in _inexact(misfits):  # squares over- or underflowed: the misfits again, in float64
+        grams = grams.double()
+        misfits = grams.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        redo = _inexact(misfits)
+        vanished = (misfits == 0).any(dim=1)
+        if bool(vanished.any()):  # every square underflowed, or the checks are exactly zero: tell them apart
+            tops = torch.stack([total[start:stop].abs().amax() if stop > start else total.new_zeros(())
+                                for start, stop in blocks])
+            redo = sorted(set(redo) | set(torch.nonzero(vanished & (tops > 0).to(device)).flatten().tolist()))
+        for i in redo:  # squares over- or underflowed: the misfits again, in float64
             start, stop = blocks[i]
             block = rows[:, start:stop].to(acc)
             if bool(torch.isfinite(block).all()):  # else the product gives the same NaN or Inf again
-                misfits[i] = torch.linalg.vector_norm((mix @ block)[1:].double(), dim=1)
+                checks = (mix @ block)[1:].double()
+                misfits[i] = torch.linalg.vector_norm(checks, dim=1)
+                grams[i] = checks @ checks.t()
         norms = row_norms.square().sum(dim=0).sqrt().cpu() if row_norms is not None else None
-        return total, misfits.square().sum(dim=0).sqrt().cpu(), norms, sketch.cpu() if sketch is not None else None
+        return _Pass(total, misfits.square().sum(dim=0).sqrt().cpu(), grams.sum(dim=0).cpu(), mix[1:].double().cpu(),
+                     norms, sketch.cpu() if sketch is not None else None)
 
     def _candidates(self, sketch: Tensor, norms: Tensor, erased: list[int], theta: float) -> list[tuple[int, ...]]:
         """Suspect sets to certify, best first: the located ones, ordered by how well the others fit.
@@ -635,6 +816,13 @@ def _sketched(block: Tensor, projections: tuple[Tensor, Tensor], start: int, sto
     first, last = start // grid, -(-stop // grid)
     f = (u[:, first:last, None] * v[:, None, :]).reshape(u.shape[0], -1)[:, : stop - start]
     return (block @ f.t()).double()
+
+
+def _spread(comb: _Combiner, p: int) -> Tensor:
+    """``comb``'s parity rows written over all ``p`` workers (zeros at the suspects)."""
+    parity = torch.zeros(len(comb.parity), p, dtype=torch.float64)
+    parity[:, comb.honest] = comb.parity
+    return parity
 
 
 def _mix(comb: _Combiner, suspects: tuple[int, ...], live: list[int]) -> Tensor:

@@ -105,19 +105,39 @@ def relative_distances(members: Tensor, chunk_size: int = 1 << 20) -> tuple[Tens
     """``(relative, finite)``: the members' pairwise distances ``||a - b|| / max(||a||, ||b||)`` (``(m, m)``
     float64 on the CPU, ``inf`` where either member has a NaN or Inf), and which members are finite.
 
-    Accumulated in float64 on the members' device, block by block; one transfer to the host at the end.
+    Block by block on the members' device: each difference is taken in the accumulation dtype (float32
+    for float32 and half precision; exact where two members are within a factor 2 of each other, as
+    noisy replicas are) and its norm added in float64. Blocks whose float32 squares over- or underflowed
+    are redone in float64; a member is finite when its squared norm is. One transfer to the host.
     """
-    m = members.shape[0]
-    sq_dist = torch.zeros(m, m, dtype=torch.float64, device=members.device)
-    sq_norm = torch.zeros(m, dtype=torch.float64, device=members.device)
-    finite = torch.ones(m, dtype=torch.bool, device=members.device)
-    for start in range(0, members.shape[1], chunk_size):
-        block = members[:, start : start + chunk_size].to(torch.float64)
-        finite &= torch.isfinite(block).all(dim=1)
-        sq_norm += (block * block).sum(dim=1)
-        sq_dist += torch.cdist(block, block).pow(2)
-    sq_dist, sq_norm, finite = sq_dist.cpu(), sq_norm.cpu(), finite.cpu()
-    norm, dist = sq_norm.sqrt(), sq_dist.clamp_min(0).sqrt()
+    m, d = members.shape
+    acc = torch.float64 if members.dtype == torch.float64 else torch.float32
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+    starts = list(range(0, d, chunk_size)) or [0]
+
+    difference = torch.empty(min(d, chunk_size), dtype=acc, device=members.device)  # reused: no allocation per pair
+
+    def measure(block: Tensor) -> Tensor:
+        """Per block: the members' norms, then each pair's distance."""
+        norms = torch.linalg.vector_norm(block, dim=1)
+        out = difference[: block.shape[1]].to(block.dtype)
+        distances = [torch.linalg.vector_norm(torch.sub(block[i], block[j], out=out)) for i, j in pairs]
+        return torch.cat([norms, torch.stack(distances)]) if distances else norms
+
+    values = torch.stack([measure(members[:, start : start + chunk_size].to(acc)) for start in starts]).double()
+    if acc == torch.float32:
+        inexact = (values > 1e18) | ((values < 1e-17) & (values > 0)) | torch.isinf(values)
+        inexact[:, :m] |= values[:, :m] == 0  # a member's squares may all have underflowed
+        for k in torch.nonzero(inexact.any(dim=1)).flatten().tolist():
+            block = members[:, starts[k] : starts[k] + chunk_size].to(torch.float64)
+            values[k] = measure(block)  # a NaN or Inf member stays NaN or Inf
+    totals = values.square().sum(dim=0).cpu()
+    sq_norm, sq_pair = totals[:m], totals[m:]
+    finite = torch.isfinite(sq_norm)
+    sq_dist = torch.zeros(m, m, dtype=torch.float64)
+    for (i, j), value in zip(pairs, sq_pair.tolist()):
+        sq_dist[i, j] = sq_dist[j, i] = value
+    norm, dist = sq_norm.sqrt(), sq_dist.sqrt()
     scale = torch.maximum(norm[:, None], norm[None, :]).clamp_min(1e-300)
     relative = torch.where(finite[:, None] & finite[None, :], dist / scale, torch.full_like(dist, math.inf))
     return relative.fill_diagonal_(0.0), finite
