@@ -58,7 +58,16 @@ class Manual(Classifier):
         self.automatic_optimization = False
 
 
-MODULES = {"plain": Classifier, "scheduled": Scheduled, "diverging": Diverging, "manual": Manual}
+class KernelNoise(Classifier):
+    """Honest ranks whose kernels round differently, as non-deterministic GPU kernels do: rank ``i``'s
+    copy of every partition gradient is off by ``2e-5 (i + 1)`` (relative), far above float32's rounding."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * (1 + 2e-5 * (self.global_rank + 1))
+
+
+MODULES = {"plain": Classifier, "scheduled": Scheduled, "diverging": Diverging, "manual": Manual,
+           "kernel_noise": KernelNoise}
 
 
 def classifier(scenario: Scenario) -> Classifier:

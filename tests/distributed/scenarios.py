@@ -26,7 +26,8 @@ class Scenario:
     #: instead of a ``DracoStrategy``: "ddp" (plain ``DDPStrategy``) or "draco" (the registered name).
     by_name: Optional[str] = None
     #: the module: "plain" (examples/models.py's Classifier), "scheduled" (with a per-step StepLR,
-    #: gamma 0.5), "diverging" (NaN loss from step 3), "manual" (manual optimization).
+    #: gamma 0.5), "diverging" (NaN loss from step 3), "manual" (manual optimization), "kernel_noise"
+    #: (every rank's gradients off by its own factor, as with non-deterministic kernels).
     module: str = "plain"
     dropout: float = 0.2
     precision: str = "32-true"
@@ -213,6 +214,8 @@ SCENARIOS.update({
     "crc1_clean_bf16": cyclic(6, 1, None, steps=24, **BF16),
     "crc1_reverse_bf16": cyclic(6, 1, "reverse", steps=24, **BF16),
     "crc1_sparse_bf16": cyclic(6, 1, "sparse", steps=24, **BF16),
+    "crc1_clean_noise": cyclic(6, 1, None, steps=12, module="kernel_noise"),
+    "crc1_reverse_noise": cyclic(6, 1, "reverse", steps=12, module="kernel_noise"),
     "frc_bf16_clean": Scenario(steps=24, **BF16),
     "frc_bf16_reverse": Scenario(steps=24, liars=RANK_4(), **BF16),
     "crc1_clean_acc2": cyclic(6, 1, None, steps=24, **ACC2),
