@@ -1,6 +1,7 @@
 """Accuracy of the cyclic code's decode under every adversary class, for docs/crc_accuracy.md.
 
     python benchmarks/crc_accuracy.py [--trials 2] [--dim 2000] [--max-s 10] [--json out.json]
+    python benchmarks/crc_accuracy.py --noise 1e-4 --max-s 3     # honest rows as non-deterministic kernels give them
 
 For each P and each s from 1 to min(10, (P-1)//2), float32 gradients: honest rows are formed as
 training forms them (``Code.encode``: per-partition gradients combined by Horner's rule in float32),
@@ -15,6 +16,12 @@ Classes: reverse (-100x), nan, sparse (+X and -X at two coordinates, X = 100x th
 scaled (1 + 3e-4 times the liar's row), scaled_small (1 + 3e-6: about the floor), other_row (another
 worker's row), codeword (a random codeword's entries added on the liars' rows), huge_and_small (one
 liar sends 1e30, the others 1.01x their row), noise; and honest (nobody lies).
+
+``--noise LEVEL``: every holder of a partition computes its own copy of that partition's gradient,
+off by LEVEL (relative, random direction), as non-deterministic kernels give them; the decode then
+certifies under the noise it measures, and a total counts as wrong beyond ``1e-5 + (growth + 8 x
+exposure) x LEVEL`` (the noise carried through the combiner, plus what a lie under eight measured
+noise floors can move it: docs/codes.md).
 """
 
 from __future__ import annotations
@@ -59,9 +66,23 @@ def lie(kind: str, code: CyclicRepetitionCode, rows: torch.Tensor, liars: list[i
             rows[liar] = torch.randn(d, generator=gen) * size
 
 
-def cell(p: int, s: int, trials: int, dim: int) -> dict:
+def encode(code: CyclicRepetitionCode, grads: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """Honest rows in float32: as ``Code.encode`` without noise; else each holder's copy of ``g_j`` off by ``noise``."""
+    if not noise:
+        return code.encode(grads, torch.float32)
+    p, d = grads.shape
+    rows = torch.zeros(p, d, dtype=torch.float64)
+    for i in range(p):
+        for j in code.partitions(i):
+            off = torch.randn(d, dtype=torch.float64, generator=gen) * (noise * float(grads[j].norm()) / math.sqrt(d))
+            rows[i] += code.encoding_matrix[i, j] * (grads[j] + off)
+    return rows.float()
+
+
+def cell(p: int, s: int, trials: int, dim: int, noise: float = 0.0) -> dict:
     code = CyclicRepetitionCode(p, s)
     out = {"workers": p, "adversaries": s, "growth": code.growth, "hidden_error": code.hidden_error(torch.float32)}
+    limit = 1e-5 + (code.growth + 8 * code.exposure) * noise
     try:
         code.check_wire_dtype(torch.float32)
     except ValueError:
@@ -75,7 +96,7 @@ def cell(p: int, s: int, trials: int, dim: int) -> dict:
             for trial in range(trials):
                 gen = torch.Generator().manual_seed(hash((p, s, kind, placement, trial)) % 2**31)
                 grads = torch.randn(p, dim, dtype=torch.float64, generator=gen)
-                rows = code.encode(grads, torch.float32)
+                rows = encode(code, grads, noise, gen)
                 honest_rows = rows.clone()
                 if kind == "honest":
                     liars = []
@@ -94,7 +115,7 @@ def cell(p: int, s: int, trials: int, dim: int) -> dict:
                 truth = grads.sum(0)
                 error = float((result.total.double() - truth).norm() / truth.norm())
                 worst = max(worst, error)
-                counts["wrong"] += error > 1e-5
+                counts["wrong"] += error > limit
                 counts["honest_named"] += bool(set(result.faulty) - set(liars))
                 big = {w for w in liars if not bool(torch.isfinite(rows[w]).all())
                        or float((rows[w] - honest_rows[w]).norm()) > 1e-2 * float(honest_rows[w].norm())}
@@ -116,6 +137,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dim", type=int, default=2000)
     parser.add_argument("--max-s", type=int, default=10)
     parser.add_argument("--workers", type=int, nargs="+", default=WORKERS)
+    parser.add_argument("--noise", type=float, default=0.0, help="honest replicas' relative disagreement")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     results = []
@@ -123,18 +145,22 @@ def main(argv=None) -> None:
     print(f"float32 gradients, {per_cell} decodes per cell ({len(CLASSES) - 1} classes x random/contiguous liars"
           f" + honest, {args.trials} each), d={args.dim}: the largest relative error of the total, then any"
           " wrong totals (> 1e-5), honest workers named, raises and liars left unnamed; refused = the code"
-          " refuses float32 here (the bound a lie under the floor could reach)\n")
+          " refuses float32 here (the bound a lie under the floor could reach)"
+          + (f"; honest copies of each partition off by {args.noise:g} (relative)" if args.noise else "") + "\n")
     print("| P | " + " | ".join(f"s={s}" for s in range(1, args.max_s + 1)) + " |")
     print("|---|" + "---|" * args.max_s)
     for p in args.workers:
         cells = []
         for s in range(1, min(args.max_s, (p - 1) // 2) + 1):
-            entry = cell(p, s, args.trials, args.dim)
+            entry = cell(p, s, args.trials, args.dim, args.noise)
             results.append(entry)
             cells.append(text(entry))
         cells += ["-"] * (args.max_s - len(cells))
         print(f"| {p} | " + " | ".join(cells) + " |", flush=True)
     totals = {k: sum(r.get(k, 0) for r in results) for k in ("decodes", "wrong", "honest_named", "raised", "unnamed")}
+    if args.noise:
+        print("\nlargest error / noise level:", max((r["relative_error"] for r in results if "relative_error" in r),
+                                                 default=0.0) / args.noise)
     print(f"\nall accepted cells: {totals}")
     if args.json:
         with open(args.json, "w") as f:

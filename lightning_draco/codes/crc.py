@@ -63,8 +63,8 @@ EXPOSURE_SETS = 16
 LIAR_SETS = 2000
 # Up to this many sets of s suspects, every one is ranked in the sketch besides the located ones.
 ALL_CANDIDATES = 64
-# Up to this many sets of s suspects, the measured noise floor is the least misfit over all of them
-# (``_noise_family``); beyond, over contiguous, spread and random sets and those this decode tried.
+# Up to this many sets of s suspects, the noise floor is measured as the least misfit over all of them
+# (``_noise``); codes with more (among float32's accepted cells only P = 2s+1 with s >= 7) measure none.
 NOISE_SETS = 3000
 # The honest set passes within this many measured noise floors (non-deterministic kernels; as in the
 # repetition code), and the measured floor counts only when it exceeds 1/NOISE_ENGAGE of the rounding
@@ -223,10 +223,9 @@ class CyclicRepetitionCode(Code):
         # Whether the previous decode had to locate its liars: then the next one sketches in its first
         # pass. Speed only: the sketch is the same bits either way.
         self._located_last = False
-        # The suspect sets the noise floor is measured over, their parity rows, and the sets as tuples.
+        # Every set of s suspects and its honest set's parity rows: what the noise floor is measured over.
         self._noise_sets: Optional[Tensor] = None
         self._noise_parity: Optional[Tensor] = None
-        self._noise_index: set[tuple[int, ...]] = set()
         #: The honest rows' noise measured by the last decode (relative, in units of the floor's scale),
         #: None where it measured none (the rounding floor sufficed, or ``tolerance=0``).
         self.measured_floor: Optional[float] = None
@@ -401,12 +400,10 @@ class CyclicRepetitionCode(Code):
                 erased,
             )
         floor = theta  # the rounding floor, or above it the noise measured in this decode
-        tried: list[tuple[int, ...]] = []
         if not erased:
-            tried.append(hint)
             accepted = self._accept(first, hint, erased, norms, floor, length, theta)
-            if accepted is None and self._noise_family_is_complete():
-                floor = self._measured(first, hint, erased, norms, theta, length, tried)
+            if accepted is None:
+                floor = self._measured(first, hint, erased, norms, theta, length)
                 accepted = self._accept(first, hint, erased, norms, floor, length, theta) if floor > theta else None
             if accepted is not None:
                 self._located_last = False
@@ -428,13 +425,12 @@ class CyclicRepetitionCode(Code):
                 if suspects in certified:
                     continue
                 certified.add(suspects)
-                tried.append(suspects)
                 result = self._certify(received, suspects, erased)
                 accepted = self._accept(result, suspects, erased, norms, floor, length, theta)
                 if accepted is None and floor == theta and self.tolerance != 0:
                     # Honest rows may differ by more than rounding (non-deterministic kernels): measure
                     # their noise in this pass, whose honest set holds no large lie if it fits at all.
-                    floor = self._measured(result, suspects, erased, norms, theta, length, tried)
+                    floor = self._measured(result, suspects, erased, norms, theta, length)
                     accepted = self._accept(result, suspects, erased, norms, floor, length, theta) if floor > theta else None
                 if accepted is not None:
                     self._hint = suspects
@@ -472,8 +468,7 @@ class CyclicRepetitionCode(Code):
 
     # -- the noise floor ----------------------------------------------------------------------------
     def _measured(
-        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, theta: float,
-        length: int, tried: list[tuple[int, ...]],
+        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, theta: float, length: int
     ) -> float:
         """The floor this decode certifies under: ``theta``, or ``NOISE_MARGIN`` noise floors measured in
         ``result``'s pass (at most ``MAX_NOISE``) when the noise exceeds ``theta / NOISE_ENGAGE``.
@@ -484,26 +479,23 @@ class CyclicRepetitionCode(Code):
         would pollute the misfits the noise is read from. Its size is judged against rows no larger than
         the ``(s+1)``-th largest, some honest row's at most: a huge row cannot make itself look small.
         """
-        if self.tolerance == 0:
+        if self.tolerance == 0 or not self._noise_family_is_complete():
             return theta
         s = self.num_adversaries
         comb = self._combiner(suspects)
-        honest_size = norms.sort(descending=True).values[s]
-        bounded = norms.clamp(max=float(honest_size)) if math.isfinite(float(honest_size)) else norms
+        finite = torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))  # erased rows: no size
+        bounded = finite.clamp(max=float(finite.sort(descending=True).values[s]))
         size = Verdict(result.total, result.misfits[:s], _allowed(comb, bounded, 1.0, length)).ratio
         if not size <= max(theta, MAX_NOISE):
             return theta
-        noise = self._noise(result, suspects, erased, norms, length, tried)
+        noise = self._noise(result, suspects, erased, norms, length)
         self.measured_floor = noise
         if not noise > theta / NOISE_ENGAGE:
             return theta
         return max(theta, min(NOISE_MARGIN * noise, MAX_NOISE))
 
-    def _noise(
-        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, length: int,
-        tried: list[tuple[int, ...]],
-    ) -> float:
-        """The honest rows' noise, relative to the floor's scale: the least, over sets ``T`` of ``s``
+    def _noise(self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, length: int) -> float:
+        """The honest rows' noise, relative to the floor's scale: the least, over every set ``T`` of ``s``
         suspects, of the worst misfit of ``H_T``'s parity rows (``Verdict.ratio`` at ``theta = 1``).
 
         No pass: every such check is a combination of the checks ``M`` that ``result``'s pass applied
@@ -513,18 +505,14 @@ class CyclicRepetitionCode(Code):
         checks that set it aside.
 
         With at most ``s`` liars ``L``, ``H_L`` holds only honest rows, so the least misfit is at most
-        the honest rows' own: liars cannot raise the floor (for ``(P, s)`` with more than ``NOISE_SETS``
-        suspect sets, this holds when ``L`` is among the sets searched: contiguous, spread, random, and
-        those this decode located). They can lower it, by cancelling honest noise in the checks they
-        enter: honest rows are then set aside (never in the total's harm) and may be named; a declared
-        ``tolerance`` is the floor below which no measurement goes.
+        the honest rows' own: liars cannot raise the floor. They can lower it, by cancelling honest noise
+        in the checks they enter (knowing it), or at ``P = 2s + 1`` by copying another row: honest rows
+        are then set aside (never to the total's harm) and may be named; a declared ``tolerance`` is the
+        floor below which no measurement goes. Codes with more than ``NOISE_SETS`` suspect sets measure
+        nothing (a search over some of them would let liars outside it raise the floor).
         """
         s = self.num_adversaries
         sets, parity = self._noise_family()
-        extra = [t for t in tried if t not in self._noise_index]
-        if extra:
-            sets = torch.cat([sets, torch.tensor(extra, dtype=torch.long).reshape(-1, s)])
-            parity = torch.cat([parity, torch.stack([_spread(self._combiner(t), self.num_workers) for t in extra])])
         if erased:  # only sets that hold every erased row: the pass's checks vanish on those rows
             keep = torch.stack([(sets == e).any(dim=1) for e in erased]).all(dim=0)
             sets, parity = sets[keep], parity[keep]
@@ -537,7 +525,8 @@ class CyclicRepetitionCode(Code):
         coefficients = torch.cat([on_own, at_suspects], dim=2)
         misfit = torch.einsum("nta,ab,ntb->nt", coefficients, result.gram, coefficients).clamp_min(0).sqrt()
         honest_size = self.num_workers - s
-        scale = (parity.square() @ norms.double().square()).sqrt() * (1.0 + math.sqrt(honest_size / max(length, 1)))
+        finite = torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)).double()  # erased: outside every kept set
+        scale = (parity.square() @ finite.square()).sqrt() * (1.0 + math.sqrt(honest_size / max(length, 1)))
         ratio = torch.where(scale > 0, misfit / scale.clamp_min(1e-300), torch.zeros_like(misfit))
         worst = ratio.amax(dim=1)
         worst = worst[torch.isfinite(worst)]
@@ -548,15 +537,12 @@ class CyclicRepetitionCode(Code):
         return math.comb(self.num_workers, self.num_adversaries) <= NOISE_SETS
 
     def _noise_family(self) -> tuple[Tensor, Tensor]:
-        """``(sets, parity)``: the suspect sets the noise is measured over (``NOISE_SETS`` at most; see
-        ``_noise``) and, for each, orthonormal parity rows of its honest set written over all ``P``
-        workers, zeros at the suspects (``(n, s)`` and ``(n, s, P)``, from one batched SVD)."""
+        """``(sets, parity)``: every set of ``s`` suspects and, for each, orthonormal parity rows of its honest
+        set written over all ``P`` workers, zeros at the suspects (``(n, s)`` and ``(n, s, P)``, from one
+        batched SVD, kept for the code's lifetime)."""
         if self._noise_sets is None:
             p, s = self.num_workers, self.num_adversaries
-            if self._noise_family_is_complete():
-                sets = torch.tensor(list(itertools.combinations(range(p), s)), dtype=torch.long).reshape(-1, s)
-            else:
-                sets = _liar_sets(p, s)
+            sets = torch.tensor(list(itertools.combinations(range(p), s)), dtype=torch.long).reshape(-1, s)
             honest = torch.stack([torch.tensor([i for i in range(p) if i not in row]) for row in sets.tolist()])
             with _small_solves():
                 u = torch.linalg.svd(self._matrix[honest], full_matrices=True)[0]
@@ -564,7 +550,6 @@ class CyclicRepetitionCode(Code):
             parity = torch.zeros(len(sets), s, p, dtype=torch.float64)
             parity.scatter_(2, honest[:, None, :].expand(-1, s, -1), null)
             self._noise_sets, self._noise_parity = sets, parity
-            self._noise_index = {tuple(row) for row in sets.tolist()}
         return self._noise_sets, self._noise_parity
 
     def state_dict(self) -> dict:
@@ -816,13 +801,6 @@ def _sketched(block: Tensor, projections: tuple[Tensor, Tensor], start: int, sto
     first, last = start // grid, -(-stop // grid)
     f = (u[:, first:last, None] * v[:, None, :]).reshape(u.shape[0], -1)[:, : stop - start]
     return (block @ f.t()).double()
-
-
-def _spread(comb: _Combiner, p: int) -> Tensor:
-    """``comb``'s parity rows written over all ``p`` workers (zeros at the suspects)."""
-    parity = torch.zeros(len(comb.parity), p, dtype=torch.float64)
-    parity[:, comb.honest] = comb.parity
-    return parity
 
 
 def _mix(comb: _Combiner, suspects: tuple[int, ...], live: list[int]) -> Tensor:
