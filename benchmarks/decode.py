@@ -48,7 +48,7 @@ import types
 
 import torch
 
-from lightning_draco.aggregators import AGGREGATORS, PRE_AGGREGATORS, make_aggregator, make_pre_aggregator
+from lightning_draco.aggregators import AGGREGATORS, make_aggregator, make_pre_aggregator
 from lightning_draco.codes import CODES, make_code
 
 

@@ -1,6 +1,5 @@
 """Robust aggregators against direct transcriptions of their textbook definitions."""
 
-import itertools
 import math
 
 import pytest

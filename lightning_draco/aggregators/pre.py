@@ -59,7 +59,7 @@ class NearestNeighbourMixing(PreAggregator):
         self._require(self.num_byzantine < num_inputs, "num_byzantine < n", num_inputs)
 
     def transform(self, inputs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-        n, k = inputs.shape[0], inputs.shape[0] - self.num_byzantine
+        k = inputs.shape[0] - self.num_byzantine
         sq = pairwise_sq_distances(inputs, self.scratch)
         sq.fill_diagonal_(-1.0)
         neighbours = torch.argsort(sq, dim=1, stable=True)[:, :k]

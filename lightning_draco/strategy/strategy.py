@@ -110,7 +110,9 @@ class DracoStrategy(DDPStrategy):
         tolerance: how far honest replicas of a partition's gradient may differ, relative to their
             norm, beyond rounding (non-deterministic kernels). ``None``: each code's default
             (repetition: 1e-5, used only when no value is sent bit for bit by s+1 members;
-            cyclic: the wire dtype's rounding alone).
+            cyclic: the wire dtype's rounding). Both codes also measure honest noise in each decode
+            and widen to it (at most 1e-2); a value is the floor below which none is measured, and
+            ``0`` measures none.
         on_decode_failure: ``"raise"`` a ``DracoDecodeError`` on every rank, or ``"skip"`` the
             optimizer and scheduler step on every rank, count it and go on.
         max_faulty_steps: stop the run once a rank has been caught at more steps than this.

@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_draco  # noqa: F401  (registers the names)
 from lightning_draco import Adversary, DracoDecodeError, DracoStrategy
-from lightning_draco.data import PartitionBatch
 
 WORLD = 3
 STEPS = 4

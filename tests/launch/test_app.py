@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 import pytest
 
 from conftest import BASE, explain, processes_with, read_summary, run_app

@@ -5,7 +5,6 @@ Skipped, with the reason, where SLURM's Debian packages cannot be installed.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 

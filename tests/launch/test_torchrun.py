@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import APP, BASE, CRC, app_env, explain, kill_all, processes_with, read_summary, run_app, wait_for
+from conftest import APP, BASE, CRC, app_env, kill_all, processes_with, read_summary, wait_for
 
 pytestmark = pytest.mark.launch
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
