@@ -471,3 +471,35 @@ def test_a_liar_among_tiny_gradients_is_named_although_every_square_underflows(d
     own = 4 * code.redundancy * code.growth * {torch.float64: 2**-53, torch.float32: 2**-24,
                                                torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
     assert relative_error(result, gradients.to(dtype).double().sum(0)) <= max(own, 1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_lie_inside_the_first_honest_set_cannot_fake_noise_for_a_second_liar(seed):
+    """Noise-free rows; liar A (inside the honest set certified first) sends noise of 1% of its row, liar B
+    adds 6 rounding floors along the total. Summed in float32, the pass's Gram matrix kept ~1e-7 of A's
+    square and read as noise 12 floors wide, letting B's lie through: it is summed in float64."""
+    p, s, d, a, b = 6, 2, 4096, 5, 3
+    gen = torch.Generator().manual_seed(seed)
+    gradients = torch.randn(p, d, dtype=torch.float64, generator=gen)
+    code = CyclicRepetitionCode(p, s)
+    theta = code.floor(torch.float32)
+    honest = code.encode(gradients, torch.float32)
+    truth = gradients.sum(0)
+    received = honest.clone()
+    received[a] += (9e-3 * honest[a].norm() / math.sqrt(d) * torch.randn(d, generator=gen)).float()
+    received[b] += (6 * theta * honest[b].norm() * truth / truth.norm()).float()
+    result = code.decode(received, generator=projection(seed))
+    assert code.measured_floor is None or code.measured_floor <= theta / 4
+    assert a in result.faulty and set(result.faulty) <= {a, b}
+    assert relative_error(result, truth) <= 1e-6
+
+
+@pytest.mark.parametrize("p, s", [(5, 1), (7, 1), (21, 1), (7, 3)])
+def test_a_vector_of_one_coordinate_under_kernel_noise_names_nobody(p, s):
+    """One coordinate carries too little evidence to tell noise from a lie: honest rows that happen to fit
+    the rounding floor, or whose least misfit over all suspect sets falls near zero, accuse nobody."""
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        code = CyclicRepetitionCode(p, s)
+        received = kernel_noise_encode(code, torch.randn(p, 1, dtype=torch.float64, generator=gen), 1e-4, gen)
+        assert code.decode(received, generator=projection(seed)).faulty == []

@@ -71,6 +71,11 @@ NOISE_SETS = 3000
 # floor: deterministic honest rows miss by under 1/7 of it, so it never engages where rounding explains all.
 NOISE_MARGIN = 8.0
 NOISE_ENGAGE = 4.0
+# Over fewer coordinates than this, the least misfit over every suspect set can fall far below the
+# honest set's own (a minimum over sets of misfits with a few degrees of freedom each): where noise is
+# measured in so short a vector, its floor is MAX_NOISE itself, and suspects are named only beyond
+# MAX_NOISE (an honest set can also fit the rounding floor by chance there).
+SHORT_VECTOR = 16
 # ... up to this relative misfit: replicas further apart are not rounding noise (TF32 and atomics give
 # 1e-4..1e-3), and more than s liars must not widen the floor without bound.
 MAX_NOISE = 1e-2
@@ -108,8 +113,9 @@ class _Pass(NamedTuple):
     #: Per row of the check product (the ``s`` parity rows of ``H``, then each suspect's miss of the
     #: codeword through ``H``): the norm of that row of ``M Y``.
     misfits: Tensor
-    #: ``(M Y)(M Y)^T`` (2s x 2s, float64): any check's misfit over all coordinates, without a pass.
-    gram: Tensor
+    #: ``(M Y)(M Y)^T`` (2s x 2s, float64): any check's misfit over all coordinates, without a pass;
+    #: only for a pass asked for it.
+    gram: Optional[Tensor]
     #: ``M``, the check rows as the pass applied them (2s x P, float64).
     checks: Tensor
     #: Every row's norm (only for the pass that measures them).
@@ -223,6 +229,9 @@ class CyclicRepetitionCode(Code):
         # Whether the previous decode had to locate its liars: then the next one sketches in its first
         # pass. Speed only: the sketch is the same bits either way.
         self._located_last = False
+        # Whether the previous decode certified under measured noise: then the next one's first pass also
+        # takes the checks' Gram matrix (else a pass that needs it is redone with it). Speed only.
+        self._noisy_last = False
         # Every set of s suspects and its honest set's parity rows: what the noise floor is measured over.
         self._noise_sets: Optional[Tensor] = None
         self._noise_parity: Optional[Tensor] = None
@@ -390,7 +399,7 @@ class CyclicRepetitionCode(Code):
         # Where the previous decode had to locate its liars (they move: random ranks, faults that strike
         # anywhere), the same pass also sketches, so that locating costs no pass of its own.
         projections = self._projections(received, gen, precise=False) if self._located_last else None
-        first = self._certify(received, hint, [], measure=True, projections=projections)
+        first = self._certify(received, hint, [], measure=True, projections=projections, gram=self._noisy_last)
         norms = _exact_norms(received, first.norms)  # redone in float64 where squares over- or underflowed
         erased = [i for i in range(p) if not math.isfinite(float(norms[i]))]
         if len(erased) > s:
@@ -403,10 +412,10 @@ class CyclicRepetitionCode(Code):
         if not erased:
             accepted = self._accept(first, hint, erased, norms, floor, length, theta)
             if accepted is None:
-                floor = self._measured(first, hint, erased, norms, theta, length)
+                floor = self._measured(received, first, hint, erased, norms, theta, length)
                 accepted = self._accept(first, hint, erased, norms, floor, length, theta) if floor > theta else None
             if accepted is not None:
-                self._located_last = False
+                self._located_last, self._noisy_last = False, floor > theta
                 return accepted
         # 2. Locate in a sketch and certify the candidates, best first; then once more from a float64
         #    sketch with fresh secret numbers (lies too small for the float32 sketch to place).
@@ -430,10 +439,10 @@ class CyclicRepetitionCode(Code):
                 if accepted is None and floor == theta and self.tolerance != 0:
                     # Honest rows may differ by more than rounding (non-deterministic kernels): measure
                     # their noise in this pass, whose honest set holds no large lie if it fits at all.
-                    floor = self._measured(result, suspects, erased, norms, theta, length)
+                    floor = self._measured(received, result, suspects, erased, norms, theta, length)
                     accepted = self._accept(result, suspects, erased, norms, floor, length, theta) if floor > theta else None
                 if accepted is not None:
-                    self._hint = suspects
+                    self._hint, self._noisy_last = suspects, floor > theta
                     return accepted
                 ratio = Verdict(result.total, result.misfits[:s], _allowed(self._combiner(suspects), norms, floor, length)).ratio
                 if closest is None or ratio < closest[1]:
@@ -463,12 +472,17 @@ class CyclicRepetitionCode(Code):
         # Under measured noise a suspect is named beyond NAMING_MARGIN noise floors (an honest one misses
         # by about one), not NAMING_MARGIN times the floor, which has its own margin over the noise.
         naming = floor if floor <= theta or self.measured_floor is None else max(theta, self.measured_floor)
+        if length < SHORT_VECTOR and self.tolerance != 0:
+            # A few coordinates carry too little evidence to tell kernel noise from a lie: an honest set
+            # can fit the rounding floor by chance while an honest suspect misses by the noise.
+            naming = max(naming, MAX_NOISE)
         named = self._named(comb, norms, suspects, erased, result.misfits[s:], naming, length, verdict.allowed)
         return DecodeResult(result.total, named)
 
     # -- the noise floor ----------------------------------------------------------------------------
     def _measured(
-        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, theta: float, length: int
+        self, received: Tensor, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor,
+        theta: float, length: int,
     ) -> float:
         """The floor this decode certifies under: ``theta``, or ``NOISE_MARGIN`` noise floors measured in
         ``result``'s pass (at most ``MAX_NOISE``) when the noise exceeds ``theta / NOISE_ENGAGE``.
@@ -488,10 +502,15 @@ class CyclicRepetitionCode(Code):
         size = Verdict(result.total, result.misfits[:s], _allowed(comb, bounded, 1.0, length)).ratio
         if not size <= max(theta, MAX_NOISE):
             return theta
+        if result.gram is None:  # the same pass again, with the Gram matrix: the same total and norms
+            result = self._certify(received, suspects, erased, gram=True)
         noise = self._noise(result, suspects, erased, norms, length)
         self.measured_floor = noise
         if not noise > theta / NOISE_ENGAGE:
             return theta
+        if length < SHORT_VECTOR:
+            self.measured_floor = MAX_NOISE
+            return max(theta, MAX_NOISE)
         return max(theta, min(NOISE_MARGIN * noise, MAX_NOISE))
 
     def _noise(self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, length: int) -> float:
@@ -599,14 +618,17 @@ class CyclicRepetitionCode(Code):
         erased: list[int],
         measure: bool = False,
         projections: Optional[tuple[Tensor, Tensor]] = None,
+        gram: bool = False,
     ) -> _Pass:
-        """One pass: ``b^T Y[H]``; the Gram matrix of the checks ``M Y`` (the parity rows of ``H``, then
-        each suspect's miss ``Y_i - (W W[H]^+ Y[H])_i``), whose diagonal gives their norms; with
-        ``measure``, every row's norm; with ``projections``, the sketch ``_sketch`` would compute (bit
-        for bit, from the same blocks).
+        """One pass: ``b^T Y[H]``; the norms of the checks ``M Y`` (the parity rows of ``H``, then each
+        suspect's miss ``Y_i - (W W[H]^+ Y[H])_i``); with ``measure``, every row's norm; with
+        ``projections``, the sketch ``_sketch`` would compute (bit for bit, from the same blocks); with
+        ``gram``, the checks' Gram matrix, in float64 (a lie inside ``H`` makes the checks lie-sized, and
+        float32 sums of their products would keep ~1e-7 of the lie's square: enough to fake noise in the
+        sets that set the lie aside).
 
         The same products over the same blocks whatever the call: a set certified in one call or
-        another gives the same total, bit for bit, whoever lied and however.
+        another gives the same total and the same norms, bit for bit, whoever lied and however.
         """
         p, d = received.shape
         device = received.device
@@ -620,25 +642,25 @@ class CyclicRepetitionCode(Code):
             rows[erased] = 0
         total = torch.empty(d, dtype=acc, device=device)
         blocks = self._blocks(d, device)
-        # Each block's Gram matrix of the checks (2s x 2s; its diagonal holds their squared norms),
-        # checked for over- and underflow once after the pass: a check per block would cost a host
-        # sync per block.
-        grams = torch.empty(len(blocks), len(mix) - 1, len(mix) - 1, dtype=acc, device=device)
+        # Each block's norms, checked for over- and underflow once after the pass: a check per block
+        # would cost a host sync per block.
+        misfits = torch.empty(len(blocks), len(mix) - 1, dtype=torch.float64, device=device)
+        grams = torch.empty(len(blocks), len(mix) - 1, len(mix) - 1, dtype=torch.float64, device=device) if gram else None
         row_norms = torch.empty(len(blocks), p, dtype=torch.float64, device=device) if measure else None
         sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device) if projections else None
         for i, (start, stop) in enumerate(blocks):
             block = rows[:, start:stop].to(acc)
             out = mix @ block
             total[start:stop] = out[0]
-            checks = out[1:]
-            torch.mm(checks, checks.t(), out=grams[i])
+            misfits[i] = torch.linalg.vector_norm(out[1:], dim=1)
+            if grams is not None:
+                checks = out[1:].double()
+                torch.mm(checks, checks.t(), out=grams[i])
             if row_norms is not None:
                 row_norms[i] = torch.linalg.vector_norm(block, dim=1)
             if sketch is not None:  # of the rows as received (a NaN row sketches to NaN, as in ``_sketch``)
                 sketch += _sketched(block if rows is received else received[:, start:stop].to(acc),
                                     projections, start, stop)
-        grams = grams.double()
-        misfits = grams.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         redo = _inexact(misfits)
         vanished = (misfits == 0).any(dim=1)
         if bool(vanished.any()):  # every square underflowed, or the checks are exactly zero: tell them apart
@@ -651,10 +673,11 @@ class CyclicRepetitionCode(Code):
             if bool(torch.isfinite(block).all()):  # else the product gives the same NaN or Inf again
                 checks = (mix @ block)[1:].double()
                 misfits[i] = torch.linalg.vector_norm(checks, dim=1)
-                grams[i] = checks @ checks.t()
+                if grams is not None:
+                    grams[i] = checks @ checks.t()
         norms = row_norms.square().sum(dim=0).sqrt().cpu() if row_norms is not None else None
-        return _Pass(total, misfits.square().sum(dim=0).sqrt().cpu(), grams.sum(dim=0).cpu(), mix[1:].double().cpu(),
-                     norms, sketch.cpu() if sketch is not None else None)
+        return _Pass(total, misfits.square().sum(dim=0).sqrt().cpu(), grams.sum(dim=0).cpu() if grams is not None else None,
+                     mix[1:].double().cpu(), norms, sketch.cpu() if sketch is not None else None)
 
     def _candidates(self, sketch: Tensor, norms: Tensor, erased: list[int], theta: float) -> list[tuple[int, ...]]:
         """Suspect sets to certify, best first: the located ones, ordered by how well the others fit.
