@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -598,10 +600,15 @@ class CyclicRepetitionCode(Code):
         """One pass: ``V = Y F`` (``P x k``, float64); ``precise``: in float64 (about 3x the time on the CPU)."""
         p, d = received.shape
         acc = torch.float64 if precise else accumulation_dtype(received.dtype)
-        sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=received.device)
-        for start, stop in self._blocks(d, received.device):
-            sketch += _sketched(received[:, start:stop].to(acc), projections, start, stop)
-        return sketch.cpu()
+        blocks = self._blocks(d, received.device)
+        sketches: list[Optional[Tensor]] = [None] * len(blocks)
+
+        def sketch_block(i: int) -> None:
+            start, stop = blocks[i]
+            sketches[i] = _sketched(received[:, start:stop].to(acc), projections, start, stop)
+
+        _each_block(sketch_block, len(blocks), received.device)
+        return _in_order(sketches, p, received.device).cpu()
 
     def _blocks(self, d: int, device: torch.device) -> list[tuple[int, int]]:
         """The passes' blocks of coordinates: ``chunk_size`` (whole ``GRID`` rows) on the CPU, where they
@@ -647,8 +654,10 @@ class CyclicRepetitionCode(Code):
         misfits = torch.empty(len(blocks), len(mix) - 1, dtype=torch.float64, device=device)
         grams = torch.empty(len(blocks), len(mix) - 1, len(mix) - 1, dtype=torch.float64, device=device) if gram else None
         row_norms = torch.empty(len(blocks), p, dtype=torch.float64, device=device) if measure else None
-        sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device) if projections else None
-        for i, (start, stop) in enumerate(blocks):
+        sketches: list[Optional[Tensor]] = [None] * len(blocks)
+
+        def certify_block(i: int) -> None:
+            start, stop = blocks[i]
             block = rows[:, start:stop].to(acc)
             out = mix @ block
             total[start:stop] = out[0]
@@ -658,9 +667,12 @@ class CyclicRepetitionCode(Code):
                 torch.mm(checks, checks.t(), out=grams[i])
             if row_norms is not None:
                 row_norms[i] = torch.linalg.vector_norm(block, dim=1)
-            if sketch is not None:  # of the rows as received (a NaN row sketches to NaN, as in ``_sketch``)
-                sketch += _sketched(block if rows is received else received[:, start:stop].to(acc),
-                                    projections, start, stop)
+            if projections is not None:  # of the rows as received (a NaN row sketches to NaN, as in ``_sketch``)
+                sketches[i] = _sketched(block if rows is received else received[:, start:stop].to(acc),
+                                        projections, start, stop)
+
+        _each_block(certify_block, len(blocks), device)
+        sketch = _in_order(sketches, p, device) if projections is not None else None
         redo = _inexact(misfits)
         vanished = (misfits == 0).any(dim=1)
         if bool(vanished.any()):  # every square underflowed, or the checks are exactly zero: tell them apart
@@ -815,6 +827,43 @@ class CyclicRepetitionCode(Code):
         bound = bound + 2.0 * self._reach[suspects] * float(allowed.norm())
         named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
         return sorted(named | set(erased))
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _each_block(work: Callable[[int], None], count: int, device: torch.device) -> None:
+    """``work(0) .. work(count - 1)``; on the CPU, in contiguous runs spread over ``torch.get_num_threads()``
+    threads. Each call writes only its own block's outputs, so the results are the same bits in any order:
+    the small products of a pass use one core each (measured), and the passes are that product's speed."""
+    threads = min(torch.get_num_threads(), count, 8) if device.type == "cpu" else 1
+    if threads <= 1:
+        for i in range(count):
+            work(i)
+        return
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="draco-decode")
+        pool = _POOL
+    bounds = [count * k // threads for k in range(threads + 1)]
+
+    def run(k: int) -> None:
+        with torch.no_grad():
+            for i in range(bounds[k], bounds[k + 1]):
+                work(i)
+
+    for future in [pool.submit(run, k) for k in range(threads)]:
+        future.result()
+
+
+def _in_order(parts: list[Optional[Tensor]], p: int, device: torch.device) -> Tensor:
+    """The blocks' sketches summed in block order (the same bits however the blocks were computed)."""
+    sketch = torch.zeros(p, PROJECTIONS, dtype=torch.float64, device=device)
+    for part in parts:
+        sketch += part
+    return sketch
 
 
 def _sketched(block: Tensor, projections: tuple[Tensor, Tensor], start: int, stop: int) -> Tensor:
