@@ -12,14 +12,16 @@ Everything here is pure torch on tensors: no process groups, no Lightning.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Code", "DecodeResult", "DracoDecodeError", "NonFiniteGradientError", "accumulation_dtype"]
+__all__ = ["Code", "DecodeResult", "DracoDecodeError", "NonFiniteGradientError", "accumulation_dtype", "each_block"]
 
 
 class DracoDecodeError(RuntimeError):
@@ -65,6 +67,37 @@ class DecodeResult:
 
     total: Tensor
     faulty: list[int] = field(default_factory=list)
+
+
+# The decode threads, and how many: made on first use, grown when more threads are asked for.
+_POOL: Optional[tuple[ThreadPoolExecutor, int]] = None
+_POOL_LOCK = threading.Lock()
+
+
+def each_block(work: Callable[[int], None], count: int, device: torch.device) -> None:
+    """``work(0) .. work(count - 1)``; on the CPU, in contiguous runs spread over ``torch.get_num_threads()``
+    threads (at most 8). Each call must write only its own block's outputs, so that the results are the
+    same bits in any order. The decodes' per-block operations (small products, comparisons of one
+    block) each use one core (measured); their passes then run at that core's speed."""
+    threads = min(torch.get_num_threads(), count, 8) if device.type == "cpu" else 1
+    if threads <= 1:
+        for i in range(count):
+            work(i)
+        return
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[1] < threads:
+            _POOL = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="draco-decode"), threads)
+        pool = _POOL[0]
+    bounds = [count * k // threads for k in range(threads + 1)]
+
+    def run(k: int) -> None:
+        with torch.no_grad():
+            for i in range(bounds[k], bounds[k + 1]):
+                work(i)
+
+    for future in [pool.submit(run, k) for k in range(threads)]:
+        future.result()
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

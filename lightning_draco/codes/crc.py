@@ -6,18 +6,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from lightning_draco.codes import register_code
-from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
+from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype, each_block
 
 # Unit roundoff of each wire dtype (half the distance from 1 to the next number).
 UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
@@ -607,7 +605,7 @@ class CyclicRepetitionCode(Code):
             start, stop = blocks[i]
             sketches[i] = _sketched(received[:, start:stop].to(acc), projections, start, stop)
 
-        _each_block(sketch_block, len(blocks), received.device)
+        each_block(sketch_block, len(blocks), received.device)
         return _in_order(sketches, p, received.device).cpu()
 
     def _blocks(self, d: int, device: torch.device) -> list[tuple[int, int]]:
@@ -671,7 +669,7 @@ class CyclicRepetitionCode(Code):
                 sketches[i] = _sketched(block if rows is received else received[:, start:stop].to(acc),
                                         projections, start, stop)
 
-        _each_block(certify_block, len(blocks), device)
+        each_block(certify_block, len(blocks), device)
         sketch = _in_order(sketches, p, device) if projections is not None else None
         redo = _inexact(misfits)
         vanished = (misfits == 0).any(dim=1)
@@ -827,35 +825,6 @@ class CyclicRepetitionCode(Code):
         bound = bound + 2.0 * self._reach[suspects] * float(allowed.norm())
         named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
         return sorted(named | set(erased))
-
-
-_POOL: Optional[ThreadPoolExecutor] = None
-_POOL_LOCK = threading.Lock()
-
-
-def _each_block(work: Callable[[int], None], count: int, device: torch.device) -> None:
-    """``work(0) .. work(count - 1)``; on the CPU, in contiguous runs spread over ``torch.get_num_threads()``
-    threads. Each call writes only its own block's outputs, so the results are the same bits in any order:
-    the small products of a pass use one core each (measured), and the passes are that product's speed."""
-    threads = min(torch.get_num_threads(), count, 8) if device.type == "cpu" else 1
-    if threads <= 1:
-        for i in range(count):
-            work(i)
-        return
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < threads:
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="draco-decode")
-        pool = _POOL
-    bounds = [count * k // threads for k in range(threads + 1)]
-
-    def run(k: int) -> None:
-        with torch.no_grad():
-            for i in range(bounds[k], bounds[k + 1]):
-                work(i)
-
-    for future in [pool.submit(run, k) for k in range(threads)]:
-        future.result()
 
 
 def _in_order(parts: list[Optional[Tensor]], p: int, device: torch.device) -> Tensor:
