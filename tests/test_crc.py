@@ -503,3 +503,27 @@ def test_a_vector_of_one_coordinate_under_kernel_noise_names_nobody(p, s):
         code = CyclicRepetitionCode(p, s)
         received = kernel_noise_encode(code, torch.randn(p, 1, dtype=torch.float64, generator=gen), 1e-4, gen)
         assert code.decode(received, generator=projection(seed)).faulty == []
+
+
+def test_passes_give_the_same_bits_on_one_thread_or_several():
+    """Blocks run in parallel on the CPU; each writes only its own outputs and sketches are summed in
+    block order, so totals, named workers and the state a decode leaves do not depend on the threads."""
+    p, s, d = 11, 2, 40_000
+    gradients = torch.randn(p, d, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 4):
+            torch.set_num_threads(count)
+            code = CyclicRepetitionCode(p, s, chunk_size=2048)
+            decoded = []
+            for step, lying in enumerate([[3], [3], [7, 8], [0]]):  # stays, moves, moves
+                received = code.encode(gradients * (step + 1), torch.float32)
+                for i in lying:
+                    received[i] = -100 * received[i]
+                decoded.append(code.decode(received, generator=projection(step)))
+            results.append(decoded)
+    finally:
+        torch.set_num_threads(threads)
+    for one, many in zip(*results):
+        assert torch.equal(one.total, many.total) and one.faulty == many.faulty

@@ -12,6 +12,7 @@ Everything here is pure torch on tensors: no process groups, no Lightning.
 
 from __future__ import annotations
 
+import os
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -72,6 +73,15 @@ class DecodeResult:
 # The decode threads, and how many: made on first use, grown when more threads are asked for.
 _POOL: Optional[tuple[ThreadPoolExecutor, int]] = None
 _POOL_LOCK = threading.Lock()
+
+
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: it makes its own pool if it decodes."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def each_block(work: Callable[[int], None], count: int, device: torch.device) -> None:
