@@ -436,9 +436,10 @@ class CyclicRepetitionCode(Code):
                 certified.add(suspects)
                 result = self._certify(received, suspects, erased)
                 accepted = self._accept(result, suspects, erased, norms, floor, length, theta)
-                if accepted is None and floor == theta and self.tolerance != 0:
+                if accepted is None and self.measured_floor is None and self.tolerance != 0:
                     # Honest rows may differ by more than rounding (non-deterministic kernels): measure
-                    # their noise in this pass, whose honest set holds no large lie if it fits at all.
+                    # their noise in this pass, whose honest set holds no large lie if it fits at all
+                    # (once per decode: every clean pass reads the same least misfit).
                     floor = self._measured(received, result, suspects, erased, norms, theta, length)
                     accepted = self._accept(result, suspects, erased, norms, floor, length, theta) if floor > theta else None
                 if accepted is not None:
