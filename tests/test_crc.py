@@ -527,3 +527,37 @@ def test_passes_give_the_same_bits_on_one_thread_or_several():
         torch.set_num_threads(threads)
     for one, many in zip(*results):
         assert torch.equal(one.total, many.total) and one.faulty == many.faulty
+
+
+@st.composite
+def noisy_attacks(draw):
+    """An accepted (P, s), liars of every kind at random or contiguous ranks, honest copies off by a noise level."""
+    p, s, liars, kinds, seed, d = draw(attacks())
+    if p == 2 * s + 1:  # a copy of another rank's row cancels the noise it is compared with (docs/codes.md)
+        kinds = ["reverse" if kind == "other_row" else kind for kind in kinds]
+    return p, s, liars, kinds, seed, d, draw(st.sampled_from([1e-5, 1e-4, 1e-3]))
+
+
+@given(noisy_attacks())
+def test_decode_under_kernel_noise_recovers_the_sum_and_names_no_honest_rank(case):
+    p, s, liars, kinds, seed, d, level = case
+    code = CyclicRepetitionCode(p, s)
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(p, d, dtype=torch.float64, generator=gen)
+    honest = kernel_noise_encode(code, grads, level, gen)
+    received = honest.clone()
+    for n, (liar, kind) in enumerate(zip(liars, kinds)):
+        if kind == "codeword":
+            received[liar] += (code.encoding_matrix[liar] @ torch.randn(p, d, dtype=torch.float64, generator=gen)).float()
+        else:
+            received[liar] = _lie(kind, honest, honest[liar], honest[(liar + 1 + n) % p], gen, code, liars)
+    result = code.decode(received, generator=projection(seed))
+    truth = grads.sum(0)
+    scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
+    # The honest noise carried through the combiner, plus what a lie under 8 measured floors may add.
+    bound = 1e-5 + (4 * code.growth + 8 * code.exposure) * level
+    assert float((result.total.double() - truth).norm()) <= bound * scale
+    assert set(result.faulty) <= set(liars), "an honest worker was named"
+    huge = {w for w in liars if not torch.isfinite(received[w]).all()
+            or float((received[w] - honest[w]).norm()) > max(1e-2, 2000 * level) * float(honest[w].norm())}
+    assert huge <= set(result.faulty), "a liar that moved its row far beyond the noise went unnamed"
