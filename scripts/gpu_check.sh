@@ -3,8 +3,9 @@
 #
 # 1. Decode speed (issue 16): benchmarks/decode.py on CUDA at P = 15 and 63, d = 11.2M and 100M,
 #    float32 and bfloat16: the plain mean, the repetition code (fused by default on CUDA, and its
-#    block-wise reference), the cyclic code, median, trimmed mean and Krum, each against the mean and
-#    in GB/s. Writes docs/decode_cuda.md and docs/decode_cuda.json (a few minutes; the first fused
+#    block-wise reference), the cyclic code, both codes with every row off by 1e-4 (kernel noise:
+#    the cyclic code's measured floor, the repetition code's whole-vector vote), median, trimmed mean
+#    and Krum, each against the mean and in GB/s. Writes docs/decode_cuda.md and docs/decode_cuda.json (a few minutes; the first fused
 #    decode of each dtype compiles with Triton during the warm-up run, not timed).
 # 2. Numerics: six ranks share one GPU over gloo (NCCL refuses two ranks on one GPU),
 #    both codes, TF32 on and off, float32 and bf16-mixed, with and without a liar (rank 4, -100x).
@@ -34,13 +35,13 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
         echo "ratio: seconds over the plain mean of the same tensor in the same run; GB/s: the received tensor's bytes"
         echo "over the method's time (the mean's in brackets). code:frc is the fused decode (CUDA default),"
         echo "code:frc:reference the block-wise one; aggregator:NAME:network sorts each column with the sorting"
-        echo "network (one kernel per compare-exchange over all columns) instead of torch.sort; rows that do not"
-        echo "fit in memory say so."
+        echo "network (one kernel per compare-exchange over all columns) instead of torch.sort; code:NAME:noisy adds"
+        echo "noise of 1e-4 (relative) to every row, as non-deterministic kernels do; rows that do not fit in memory say so."
         echo
     } > "$DECODE_MD.tmp"
     PYTHONPATH=. "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
         --dtypes float32 bfloat16 --repeats 11 \
-        --methods aggregator:mean code:none code:frc code:frc:reference code:crc \
+        --methods aggregator:mean code:none code:frc code:frc:reference code:crc code:crc:noisy code:frc:noisy \
                   aggregator:median aggregator:median:network aggregator:trimmed_mean \
                   aggregator:trimmed_mean:network aggregator:krum \
         --json docs/decode_cuda.json --markdown "$DECODE_MD.table"
