@@ -144,7 +144,8 @@ def main(argv=None) -> None:
     per_cell = (len(CLASSES) * 2 - 1) * args.trials
     print(f"float32 gradients, {per_cell} decodes per cell ({len(CLASSES) - 1} classes x random/contiguous liars"
           f" + honest, {args.trials} each), d={args.dim}: the largest relative error of the total, then any"
-          " wrong totals (> 1e-5), honest workers named, raises and liars left unnamed; refused = the code"
+          f" wrong totals (> {'1e-5 + (growth + 8 x exposure) x noise' if args.noise else '1e-5'}), honest workers"
+          " named, raises and liars left unnamed; refused = the code"
           " refuses float32 here (the bound a lie under the floor could reach)"
           + (f"; honest copies of each partition off by {args.noise:g} (relative)" if args.noise else "") + "\n")
     print("| P | " + " | ".join(f"s={s}" for s in range(1, args.max_s + 1)) + " |")

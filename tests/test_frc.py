@@ -8,7 +8,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from lightning_draco.codes import DracoDecodeError, FractionalRepetitionCode, accumulation_dtype, make_code
-from lightning_draco.codes.frc import MAX_NOISE, NOISE_MARGIN
+from lightning_draco.codes.frc import MAX_NOISE, NOISE_MARGIN, relative_distances
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -438,3 +438,20 @@ def test_decode_with_at_most_s_liars_among_noisy_replicas(case):
         error = float((result.total.double() - exact).norm())
         bound = sum(float(h.norm()) for h in first_honest) * (radius_bound + spread) * 1.1 + 1e-5 * float(exact.norm())
         assert error <= bound
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-20, 1e30])
+def test_relative_distances_hold_for_tiny_and_huge_members(scale):
+    """Distances are float32 differences with float64 sums; blocks whose squares would under- or overflow
+    float32 (members around 1e-20, 1e30) are measured again in float64, so a lie of 4e-4 reads as 4e-4."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5000, dtype=torch.float64, generator=gen)
+    members = base.clone()
+    members[1] = base[0] * (1 + 4e-4)
+    members[2] = base[0]
+    relative, finite = relative_distances((members * scale).float(), chunk_size=1024)
+    assert bool(finite.all())
+    assert float(relative[0, 1]) == pytest.approx(4e-4 / (1 + 4e-4), rel=1e-3)
+    assert float(relative[0, 2]) == 0.0
+    zeros, _ = relative_distances(torch.zeros(3, 5000), chunk_size=1024)
+    assert float(zeros.abs().max()) == 0.0

@@ -87,8 +87,9 @@ os.register_at_fork(after_in_child=_forget_pool)
 def each_block(work: Callable[[int], None], count: int, device: torch.device) -> None:
     """``work(0) .. work(count - 1)``; on the CPU, in contiguous runs spread over ``torch.get_num_threads()``
     threads (at most 8). Each call must write only its own block's outputs, so that the results are the
-    same bits in any order. The decodes' per-block operations (small products, comparisons of one
-    block) each use one core (measured); their passes then run at that core's speed."""
+    same bits in any order. The cyclic code's per-block products of a few rows use one core each
+    (measured), and its passes would otherwise run at that one core's speed. With one thread (torchrun
+    sets ``OMP_NUM_THREADS=1`` unless told otherwise) the blocks run in turn."""
     threads = min(torch.get_num_threads(), count, 8) if device.type == "cpu" else 1
     if threads <= 1:
         for i in range(count):
@@ -97,6 +98,8 @@ def each_block(work: Callable[[int], None], count: int, device: torch.device) ->
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL[1] < threads:
+            if _POOL is not None:
+                _POOL[0].shutdown(wait=False)
             _POOL = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="draco-decode"), threads)
         pool = _POOL[0]
     bounds = [count * k // threads for k in range(threads + 1)]

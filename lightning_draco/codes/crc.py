@@ -71,14 +71,14 @@ NOISE_SETS = 3000
 # floor: deterministic honest rows miss by under 1/7 of it, so it never engages where rounding explains all.
 NOISE_MARGIN = 8.0
 NOISE_ENGAGE = 4.0
-# Over fewer coordinates than this, the least misfit over every suspect set can fall far below the
-# honest set's own (a minimum over sets of misfits with a few degrees of freedom each): where noise is
-# measured in so short a vector, its floor is MAX_NOISE itself, and suspects are named only beyond
-# MAX_NOISE (an honest set can also fit the rounding floor by chance there).
-SHORT_VECTOR = 16
 # ... up to this relative misfit: replicas further apart are not rounding noise (TF32 and atomics give
 # 1e-4..1e-3), and more than s liars must not widen the floor without bound.
 MAX_NOISE = 1e-2
+# Over fewer coordinates than this, the least misfit over every suspect set can fall far below the
+# honest set's own (a minimum over sets of misfits with a few degrees of freedom each), and an honest
+# set can fit the rounding floor by chance: measured noise certifies at MAX_NOISE there, and suspects
+# are named only beyond MAX_NOISE.
+SHORT_VECTOR = 16
 
 
 class Verdict(NamedTuple):
@@ -122,6 +122,15 @@ class _Pass(NamedTuple):
     norms: Optional[Tensor]
     #: The sketch, for the pass given projections.
     sketch: Optional[Tensor]
+
+
+class _Floors(NamedTuple):
+    """The two floors of a decode, relative to the rows' norms (``theta`` units)."""
+
+    #: Honest sets pass when every parity misfit is under this (``_allowed``).
+    certify: float
+    #: Suspects are named beyond ``NAMING_MARGIN`` times this (plus the reach of hidden lies).
+    name: float
 
 
 class _Combiner(NamedTuple):
@@ -229,15 +238,19 @@ class CyclicRepetitionCode(Code):
         # Whether the previous decode had to locate its liars: then the next one sketches in its first
         # pass. Speed only: the sketch is the same bits either way.
         self._located_last = False
-        # Whether the previous decode certified under measured noise: then the next one's first pass also
-        # takes the checks' Gram matrix (else a pass that needs it is redone with it). Speed only.
+        # Whether the previous decode had to measure noise: then the next one's first pass also takes the
+        # checks' Gram matrix (else a pass that needs it is redone with it). Speed only.
         self._noisy_last = False
         # Every set of s suspects and its honest set's parity rows: what the noise floor is measured over.
         self._noise_sets: Optional[Tensor] = None
         self._noise_parity: Optional[Tensor] = None
-        #: The honest rows' noise measured by the last decode (relative, in units of the floor's scale),
-        #: None where it measured none (the rounding floor sufficed, or ``tolerance=0``).
+        #: The honest rows' noise measured by the last decode (relative, in the floor's units): None where
+        #: none was measured (the first honest set fit the rounding floor, no pass was clean enough to
+        #: read it, or ``tolerance=0``). It raises the floor only above ``theta / NOISE_ENGAGE``.
         self.measured_floor: Optional[float] = None
+        #: The floor the last decode's honest set was certified under: ``floor(dtype)``, or above it the
+        #: measured noise's (``NOISE_MARGIN * measured_floor``, at most ``MAX_NOISE``).
+        self.certified_floor: Optional[float] = None
         #: ``max ||b_H||_1 * max|W|`` (how much the combiner amplifies rounding) and the exposure (how far
         #: a lie under the floor moves the sum, per unit of floor), over the sets of s liars searched.
         self.growth, self.exposure = _conditioning(self)
@@ -370,8 +383,7 @@ class CyclicRepetitionCode(Code):
 
         A lie ``e`` in row ``l`` of ``H`` adds ``N[:, l] e`` to the parity misfit and ``b_l e`` to the
         total; it passes only if ``|N_tl| ||e||`` fits under every row's floor. ``floor``: the floor a
-        decode certified under, if not the rounding floor of ``dtype`` (measured noise: ``NOISE_MARGIN
-        * measured_floor``).
+        decode certified under (``certified_floor``), if not the rounding floor of ``dtype``.
         """
         comb = self._combiner(suspects)
         allowed = _allowed(comb, norms, self.floor(dtype) if floor is None else floor, length)
@@ -389,7 +401,7 @@ class CyclicRepetitionCode(Code):
         self._check_received(received)
         p, s = self.num_workers, self.num_adversaries
         theta, length = self.floor(received.dtype), received.shape[1]
-        self.measured_floor = None
+        self.measured_floor = self.certified_floor = None
         if s == 0:
             return DecodeResult(self._certify(received, (), []).total, [])
         # 1. The previous decode's honest set (at first, the last P - s workers), certified in the same
@@ -408,14 +420,16 @@ class CyclicRepetitionCode(Code):
                 f" {s} lied, or every replica agrees on NaN/Inf and the model diverged.",
                 erased,
             )
-        floor = theta  # the rounding floor, or above it the noise measured in this decode
+        floors = self._floors(theta, length)  # the rounding floor; above it, the noise measured in this decode
         if not erased:
-            accepted = self._accept(first, hint, erased, norms, floor, length, theta)
+            accepted = self._accept(first, hint, erased, norms, floors, length)
             if accepted is None:
-                floor = self._measured(received, first, hint, erased, norms, theta, length)
-                accepted = self._accept(first, hint, erased, norms, floor, length, theta) if floor > theta else None
+                self.measured_floor = self._measured(received, first, hint, erased, norms, theta, length)
+                floors = self._floors(theta, length, self.measured_floor)
+                if floors.certify > theta:
+                    accepted = self._accept(first, hint, erased, norms, floors, length)
             if accepted is not None:
-                self._located_last, self._noisy_last = False, floor > theta
+                self._located_last = False
                 return accepted
         # 2. Locate in a sketch and certify the candidates, best first; then once more from a float64
         #    sketch with fresh secret numbers (lies too small for the float32 sketch to place).
@@ -429,28 +443,31 @@ class CyclicRepetitionCode(Code):
                 sketch = first.sketch
             # In float64 the sketch adds no rounding and honest rows miss by under 1/10 of the rounding
             # floor: locate against a tighter bar, so that lies just above it are ranked out.
-            bar = floor / 8 if precise and floor == theta else floor + _SKETCH_ROUNDING
+            bar = theta / 8 if precise and floors.certify == theta else floors.certify + _SKETCH_ROUNDING
             for suspects in self._candidates(sketch, norms, erased, bar)[: self.attempts + precise]:
                 if suspects in certified:
                     continue
                 certified.add(suspects)
                 result = self._certify(received, suspects, erased)
-                accepted = self._accept(result, suspects, erased, norms, floor, length, theta)
-                if accepted is None and self.measured_floor is None and self.tolerance != 0:
+                accepted = self._accept(result, suspects, erased, norms, floors, length)
+                if accepted is None and self.measured_floor is None:
                     # Honest rows may differ by more than rounding (non-deterministic kernels): measure
                     # their noise in this pass, whose honest set holds no large lie if it fits at all
                     # (once per decode: every clean pass reads the same least misfit).
-                    floor = self._measured(received, result, suspects, erased, norms, theta, length)
-                    accepted = self._accept(result, suspects, erased, norms, floor, length, theta) if floor > theta else None
+                    self.measured_floor = self._measured(received, result, suspects, erased, norms, theta, length)
+                    floors = self._floors(theta, length, self.measured_floor)
+                    if floors.certify > theta:
+                        accepted = self._accept(result, suspects, erased, norms, floors, length)
                 if accepted is not None:
-                    self._hint, self._noisy_last = suspects, floor > theta
+                    self._hint = suspects
                     return accepted
-                ratio = Verdict(result.total, result.misfits[:s], _allowed(self._combiner(suspects), norms, floor, length)).ratio
+                # Against the rounding floor, whichever floor this set was tried under: comparable numbers.
+                ratio = Verdict(result.total, result.misfits[:s], _allowed(self._combiner(suspects), norms, theta, length)).ratio
                 if closest is None or ratio < closest[1]:
                     closest = (suspects, ratio)
         if closest is None:
             closest = (hint, math.inf)
-        measured = "" if floor == theta else f", raised to {floor:.2g} by the noise measured among the rows"
+        measured = "" if floors.certify == theta else f"; the noise measured among the rows allowed {floors.certify:.2g}"
         raise DracoDecodeError(
             f"no {s} workers could be set aside so that the other {p - s} fit the code: the closest set"
             f" ({list(closest[0])}) leaves a parity misfit {closest[1]:.3g} times the floor"
@@ -460,59 +477,63 @@ class CyclicRepetitionCode(Code):
         )
 
     def _accept(
-        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, floor: float, length: int,
-        theta: float,
+        self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, floors: _Floors, length: int
     ) -> Optional[DecodeResult]:
-        """The decode's result if the honest set ``not suspects`` fits the code under ``floor`` (``theta``: the
-        rounding floor, or above it the measured noise's), else None."""
+        """The decode's result if the honest set ``not suspects`` fits the code under ``floors.certify``, else
+        None. When it does, sets ``certified_floor``, and whether the next decode's first pass takes the
+        Gram matrix (this one needed noise measured)."""
         s = self.num_adversaries
         comb = self._combiner(suspects)
-        verdict = Verdict(result.total, result.misfits[:s], _allowed(comb, norms, floor, length))
+        verdict = Verdict(result.total, result.misfits[:s], _allowed(comb, norms, floors.certify, length))
         if not verdict.accepted:
             return None
-        # Under measured noise a suspect is named beyond NAMING_MARGIN noise floors (an honest one misses
-        # by about one), not NAMING_MARGIN times the floor, which has its own margin over the noise.
-        naming = floor if floor <= theta or self.measured_floor is None else max(theta, self.measured_floor)
-        if length < SHORT_VECTOR and self.tolerance != 0:
-            # A few coordinates carry too little evidence to tell kernel noise from a lie: an honest set
-            # can fit the rounding floor by chance while an honest suspect misses by the noise.
-            naming = max(naming, MAX_NOISE)
-        named = self._named(comb, norms, suspects, erased, result.misfits[s:], naming, length, verdict.allowed)
+        named = self._named(comb, norms, suspects, erased, result.misfits[s:], floors.name, length, verdict.allowed)
+        self.certified_floor = floors.certify
+        self._noisy_last = self.measured_floor is not None
         return DecodeResult(result.total, named)
 
     # -- the noise floor ----------------------------------------------------------------------------
+    def _floors(self, theta: float, length: int, noise: Optional[float] = None) -> _Floors:
+        """The floors to certify and name under, given the rounding floor ``theta`` and the measured noise.
+
+        Noise above ``theta / NOISE_ENGAGE``: certify under ``NOISE_MARGIN`` noise floors (at most
+        ``MAX_NOISE``), name beyond ``NAMING_MARGIN`` noise floors (an honest suspect misses by about one;
+        the certifying floor has its own margin over the noise). Vectors shorter than ``SHORT_VECTOR``:
+        certify measured noise at ``MAX_NOISE``, and name only beyond it, noise or not (unless
+        ``tolerance=0``, which declares that rounding explains everything).
+        """
+        short = length < SHORT_VECTOR and self.tolerance != 0
+        if noise is None or not noise > theta / NOISE_ENGAGE:
+            return _Floors(theta, max(theta, MAX_NOISE) if short else theta)
+        if short:
+            return _Floors(max(theta, MAX_NOISE), max(theta, MAX_NOISE))
+        return _Floors(max(theta, min(NOISE_MARGIN * noise, MAX_NOISE)), max(theta, noise))
+
     def _measured(
         self, received: Tensor, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor,
         theta: float, length: int,
-    ) -> float:
-        """The floor this decode certifies under: ``theta``, or ``NOISE_MARGIN`` noise floors measured in
-        ``result``'s pass (at most ``MAX_NOISE``) when the noise exceeds ``theta / NOISE_ENGAGE``.
+    ) -> Optional[float]:
+        """The honest rows' noise read from ``result``'s pass (``_noise``), or None where it cannot be read.
 
-        Sets ``measured_floor``. Never with ``tolerance=0`` (replicas declared equal up to rounding), and
-        only from a pass whose honest set could pass under the largest floor noise may set: one with a
-        larger lie inside cannot be accepted anyway, and the rounding of that lie in the pass's checks
-        would pollute the misfits the noise is read from. Its size is judged against rows no larger than
-        the ``(s+1)``-th largest, some honest row's at most: a huge row cannot make itself look small.
+        Never with ``tolerance=0`` (replicas declared equal up to rounding), nor for codes with more than
+        ``NOISE_SETS`` suspect sets; and only from a pass whose honest set could pass under the largest
+        floor noise may set: one with a larger lie inside cannot be accepted anyway, and the rounding of
+        that lie in the pass's checks would pollute the misfits the noise is read from. Its size is judged
+        against rows no larger than the ``(s+1)``-th largest, some honest row's at most: a huge row cannot
+        make itself look small. A pass without the Gram matrix is redone with it (same total and norms).
         """
         if self.tolerance == 0 or not self._noise_family_is_complete():
-            return theta
+            return None
         s = self.num_adversaries
         comb = self._combiner(suspects)
         finite = torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms))  # erased rows: no size
         bounded = finite.clamp(max=float(finite.sort(descending=True).values[s]))
         size = Verdict(result.total, result.misfits[:s], _allowed(comb, bounded, 1.0, length)).ratio
         if not size <= max(theta, MAX_NOISE):
-            return theta
-        if result.gram is None:  # the same pass again, with the Gram matrix: the same total and norms
+            return None
+        if result.gram is None:
             result = self._certify(received, suspects, erased, gram=True)
-        noise = self._noise(result, suspects, erased, norms, length)
-        self.measured_floor = noise
-        if not noise > theta / NOISE_ENGAGE:
-            return theta
-        if length < SHORT_VECTOR:
-            self.measured_floor = MAX_NOISE
-            return max(theta, MAX_NOISE)
-        return max(theta, min(NOISE_MARGIN * noise, MAX_NOISE))
+        return self._noise(result, suspects, erased, norms, length)
 
     def _noise(self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, length: int) -> float:
         """The honest rows' noise, relative to the floor's scale: the least, over every set ``T`` of ``s``
@@ -673,7 +694,8 @@ class CyclicRepetitionCode(Code):
         each_block(certify_block, len(blocks), device)
         sketch = _in_order(sketches, p, device) if projections is not None else None
         redo = _inexact(misfits)
-        vanished = (misfits == 0).any(dim=1)
+        # A check row that is all zeros (an erased suspect's miss) is zero by construction, not underflow.
+        vanished = ((misfits == 0) & (mix[1:] != 0).any(dim=1)).any(dim=1)
         if bool(vanished.any()):  # every square underflowed, or the checks are exactly zero: tell them apart
             tops = torch.stack([total[start:stop].abs().amax() if stop > start else total.new_zeros(())
                                 for start, stop in blocks])

@@ -107,8 +107,9 @@ def relative_distances(members: Tensor, chunk_size: int = 1 << 20) -> tuple[Tens
 
     Block by block on the members' device: each difference is taken in the accumulation dtype (float32
     for float32 and half precision; exact where two members are within a factor 2 of each other, as
-    noisy replicas are) and its norm added in float64. Blocks whose float32 squares over- or underflowed
-    are redone in float64; a member is finite when its squared norm is. One transfer to the host.
+    noisy replicas are) and its norm added in float64. Blocks whose float32 squares over- or underflowed,
+    or that hold a member under 1e-8 that is not all zeros, are redone in float64; a member is finite
+    when its squared norm is.
     """
     m, d = members.shape
     acc = torch.float64 if members.dtype == torch.float64 else torch.float32
@@ -127,7 +128,12 @@ def relative_distances(members: Tensor, chunk_size: int = 1 << 20) -> tuple[Tens
     values = torch.stack([measure(members[:, start : start + chunk_size].to(acc)) for start in starts]).double()
     if acc == torch.float32:
         inexact = (values > 1e18) | ((values < 1e-17) & (values > 0)) | torch.isinf(values)
-        inexact[:, :m] |= values[:, :m] == 0  # a member's squares may all have underflowed
+        # Members under 1e-8: a difference of 1e-8 of them has float32 squares that underflow, so a lie
+        # among tiny gradients would read as distance 0. An all-zero member (frozen parameters) is exact.
+        tiny = values[:, :m] < 1e-8
+        for k, i in torch.nonzero(tiny).tolist():
+            if bool(members[i, starts[k] : starts[k] + chunk_size].abs().amax() > 0):
+                inexact[k, i] = True
         for k in torch.nonzero(inexact.any(dim=1)).flatten().tolist():
             block = members[:, starts[k] : starts[k] + chunk_size].to(torch.float64)
             values[k] = measure(block)  # a NaN or Inf member stays NaN or Inf
