@@ -107,9 +107,9 @@ def relative_distances(members: Tensor, chunk_size: int = 1 << 20) -> tuple[Tens
 
     Block by block on the members' device: each difference is taken in the accumulation dtype (float32
     for float32 and half precision; exact where two members are within a factor 2 of each other, as
-    noisy replicas are) and its norm added in float64. Blocks whose float32 squares over- or underflowed,
-    or that hold a member under 1e-8 that is not all zeros, are redone in float64; a member is finite
-    when its squared norm is.
+    noisy replicas are) and its squared norm (one ``dot`` per block) added in float64. Blocks whose float32
+    squares over- or underflowed, or that hold a member under 1e-8 that is not all zeros, are redone in
+    float64; a member is finite when its squared norm is.
     """
     m, d = members.shape
     acc = torch.float64 if members.dtype == torch.float64 else torch.float32
@@ -119,25 +119,28 @@ def relative_distances(members: Tensor, chunk_size: int = 1 << 20) -> tuple[Tens
     difference = torch.empty(min(d, chunk_size), dtype=acc, device=members.device)  # reused: no allocation per pair
 
     def measure(block: Tensor) -> Tensor:
-        """Per block: the members' norms, then each pair's distance."""
-        norms = torch.linalg.vector_norm(block, dim=1)
+        """Per block: the members' squared norms, then each pair's squared distance (``dot``: a third of
+        ``vector_norm``'s time on the CPU, measured)."""
         out = difference[: block.shape[1]].to(block.dtype)
-        distances = [torch.linalg.vector_norm(torch.sub(block[i], block[j], out=out)) for i, j in pairs]
-        return torch.cat([norms, torch.stack(distances)]) if distances else norms
+        squares = [torch.dot(block[i], block[i]) for i in range(m)]
+        for i, j in pairs:
+            torch.sub(block[i], block[j], out=out)
+            squares.append(torch.dot(out, out))
+        return torch.stack(squares)
 
     values = torch.stack([measure(members[:, start : start + chunk_size].to(acc)) for start in starts]).double()
     if acc == torch.float32:
-        inexact = (values > 1e18) | ((values < 1e-17) & (values > 0)) | torch.isinf(values)
+        inexact = (values > 1e36) | ((values < 1e-34) & (values > 0)) | torch.isinf(values)
         # Members under 1e-8: a difference of 1e-8 of them has float32 squares that underflow, so a lie
         # among tiny gradients would read as distance 0. An all-zero member (frozen parameters) is exact.
-        tiny = values[:, :m] < 1e-8
+        tiny = values[:, :m] < 1e-16
         for k, i in torch.nonzero(tiny).tolist():
             if bool(members[i, starts[k] : starts[k] + chunk_size].abs().amax() > 0):
                 inexact[k, i] = True
         for k in torch.nonzero(inexact.any(dim=1)).flatten().tolist():
             block = members[:, starts[k] : starts[k] + chunk_size].to(torch.float64)
             values[k] = measure(block)  # a NaN or Inf member stays NaN or Inf
-    totals = values.square().sum(dim=0).cpu()
+    totals = values.sum(dim=0).cpu()
     sq_norm, sq_pair = totals[:m], totals[m:]
     finite = torch.isfinite(sq_norm)
     sq_dist = torch.zeros(m, m, dtype=torch.float64)
