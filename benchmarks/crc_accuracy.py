@@ -66,19 +66,6 @@ def lie(kind: str, code: CyclicRepetitionCode, rows: torch.Tensor, liars: list[i
             rows[liar] = torch.randn(d, generator=gen) * size
 
 
-def encode(code: CyclicRepetitionCode, grads: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
-    """Honest rows in float32: as ``Code.encode`` without noise; else each holder's copy of ``g_j`` off by ``noise``."""
-    if not noise:
-        return code.encode(grads, torch.float32)
-    p, d = grads.shape
-    rows = torch.zeros(p, d, dtype=torch.float64)
-    for i in range(p):
-        for j in code.partitions(i):
-            off = torch.randn(d, dtype=torch.float64, generator=gen) * (noise * float(grads[j].norm()) / math.sqrt(d))
-            rows[i] += code.encoding_matrix[i, j] * (grads[j] + off)
-    return rows.float()
-
-
 def cell(p: int, s: int, trials: int, dim: int, noise: float = 0.0) -> dict:
     code = CyclicRepetitionCode(p, s)
     out = {"workers": p, "adversaries": s, "growth": code.growth, "hidden_error": code.hidden_error(torch.float32)}
@@ -96,7 +83,7 @@ def cell(p: int, s: int, trials: int, dim: int, noise: float = 0.0) -> dict:
             for trial in range(trials):
                 gen = torch.Generator().manual_seed(hash((p, s, kind, placement, trial)) % 2**31)
                 grads = torch.randn(p, dim, dtype=torch.float64, generator=gen)
-                rows = encode(code, grads, noise, gen)
+                rows = code.encode(grads, torch.float32, noise=noise, generator=gen)
                 honest_rows = rows.clone()
                 if kind == "honest":
                     liars = []

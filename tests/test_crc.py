@@ -352,15 +352,8 @@ def test_finite_rows_whose_float32_norms_overflow_certify_as_smaller_ones_do(sca
 
 # -- non-deterministic kernels: honest holders of a partition compute it with independent noise ------------
 def kernel_noise_encode(code, gradients, level, gen):
-    """Rows as ranks with non-deterministic kernels send them: every holder of partition ``j`` computes its
-    own copy of ``g_j``, off by ``level`` (relative) in a random direction, then weights it."""
-    p, d = gradients.shape
-    rows = torch.zeros(p, d, dtype=torch.float64)
-    for i in range(p):
-        for j in code.partitions(i):
-            copy = gradients[j] + level * gradients[j].norm() / math.sqrt(d) * torch.randn(d, dtype=torch.float64, generator=gen)
-            rows[i] += code.encoding_matrix[i, j] * copy
-    return rows.float()
+    """Rows as ranks with non-deterministic kernels send them, in float32 (``Code.encode``'s ``noise``)."""
+    return code.encode(gradients, torch.float32, noise=level, generator=gen)
 
 
 NOISY_CELLS = [(5, 1), (8, 1), (15, 1), (6, 2), (7, 3)]

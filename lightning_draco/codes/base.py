@@ -12,6 +12,7 @@ Everything here is pure torch on tensors: no process groups, no Lightning.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -180,14 +181,31 @@ class Code(ABC):
         vectors reveal more liars than the code tolerates.
         """
 
-    def encode(self, gradients: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    def encode(
+        self, gradients: Tensor, dtype: Optional[torch.dtype] = None, *, noise: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
         """Every worker's coded vector from the partition gradients (``(P, d)``), as training forms it.
 
         Each row is ``sum_j W[i, j] g_j`` computed in ``dtype`` (default: the gradients') the way the
         strategy's coded step does: Horner's rule over the worker's non-zero weights, so rounding is
         what a real run's rows carry. For tests and benchmarks of a code.
+
+        ``noise``: rows as non-deterministic kernels give them instead. Every holder of partition ``j``
+        computes its own copy of ``g_j``, off by ``noise`` (relative to ``||g_j||``, in a random direction
+        drawn from ``generator``); the weighted copies are summed in float64, then cast to ``dtype``.
         """
         dtype = dtype or gradients.dtype
+        if noise:
+            p, d = gradients.shape
+            exact = gradients.to(torch.float64)
+            rows = torch.zeros(p, d, dtype=torch.float64, device=gradients.device)
+            for worker in range(self.num_workers):
+                for j in self.partitions(worker):
+                    spread = noise * exact[j].norm() / math.sqrt(d)
+                    copy = exact[j] + spread * torch.randn(d, dtype=torch.float64, generator=generator)
+                    rows[worker] += self.encoding_matrix[worker, j] * copy
+            return rows.to(dtype)
         grads = gradients.to(dtype)
         rows = []
         for worker in range(self.num_workers):
