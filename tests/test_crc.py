@@ -119,6 +119,19 @@ def _lie(kind, honest, row, other, gen, code, liars):
     raise AssertionError(kind)
 
 
+def _lied(code, honest, liars, kinds, gen):
+    """``honest`` with each liar's row replaced by its kind of lie (``codeword``: a piece of another codeword
+    added on the liar's row, shaped like the code)."""
+    p, d = honest.shape
+    received = honest.clone()
+    for n, (liar, kind) in enumerate(zip(liars, kinds)):
+        if kind == "codeword":
+            received[liar] += (code.encoding_matrix[liar] @ torch.randn(p, d, dtype=torch.float64, generator=gen)).to(honest.dtype)
+        else:
+            received[liar] = _lie(kind, honest, honest[liar], honest[(liar + 1 + n) % p], gen, code, liars)
+    return received
+
+
 KINDS = ["reverse", "nan", "inf", "huge", "scaled", "other_row", "sparse", "noise", "codeword"]
 # (P, s) the code accepts for float32 gradients, odd and even (test_accepted_cells checks the list).
 ACCEPTED = [(3, 1), (5, 1), (5, 2), (6, 1), (6, 2), (7, 1), (7, 2), (7, 3), (8, 1), (9, 1), (9, 4), (10, 1), (11, 5),
@@ -146,12 +159,7 @@ def test_decode_recovers_the_sum_names_the_liars_and_no_one_else(case):
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(p, d, dtype=torch.float64, generator=gen)
     honest = code.encode(grads, torch.float32)
-    received = honest.clone()
-    for n, (liar, kind) in enumerate(zip(liars, kinds)):
-        if kind == "codeword":  # a piece of another codeword on this liar's row: shaped like the code
-            received[liar] += (code.encoding_matrix[liar] @ torch.randn(p, d, dtype=torch.float64, generator=gen)).float()
-        else:
-            received[liar] = _lie(kind, honest, honest[liar], honest[(liar + 1 + n) % p], gen, code, liars)
+    received = _lied(code, honest, liars, kinds, gen)
     result = code.decode(received, generator=projection(seed))
     truth = grads.sum(0)
     # A sum that nearly cancels (tiny d) cannot be known to 1e-5 of itself: measure against the larger
@@ -175,11 +183,8 @@ def test_decode_in_every_wire_dtype_the_code_accepts(case, dtype):
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(p, d, dtype=torch.float64, generator=gen)
     honest = code.encode(grads, dtype)
-    received = honest.clone()
-    for n, (liar, kind) in enumerate(zip(liars, kinds)):
-        if kind in ("codeword", "huge"):
-            kind = "reverse"  # 1e30 overflows half precision: that is "inf"
-        received[liar] = _lie(kind, honest, honest[liar], honest[(liar + 1 + n) % p], gen, code, liars).to(dtype)
+    # 1e30 overflows half precision (that is "inf"); codeword pieces are tried in float32 above.
+    received = _lied(code, honest, liars, ["reverse" if kind in ("codeword", "huge") else kind for kind in kinds], gen)
     result = code.decode(received, generator=projection(seed))
     truth = grads.sum(0)
     scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
@@ -382,9 +387,7 @@ def test_under_kernel_noise_the_liars_are_named_and_no_one_else(p, s):
     for step, kind in enumerate(["reverse", "sparse", "other_row", "noise", "reverse", "sparse"]):
         honest = kernel_noise_encode(code, gradients, 1e-4, gen)
         liars = sorted(torch.randperm(p, generator=gen)[:s].tolist())
-        received = honest.clone()
-        for n, liar in enumerate(liars):
-            received[liar] = _lie(kind, honest, honest[liar], honest[(liar + 1 + n) % p], gen, code, liars)
+        received = _lied(code, honest, liars, [kind] * len(liars), gen)
         result = code.decode(received, generator=projection(step))
         moved = [w for w in liars if float((received[w] - honest[w]).norm()) > 1e-2 * float(honest[w].norm())]
         assert set(moved) <= set(result.faulty) <= set(liars), kind  # a copy of an equal row is no lie
@@ -543,12 +546,7 @@ def test_decode_under_kernel_noise_recovers_the_sum_and_names_no_honest_rank(cas
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(p, d, dtype=torch.float64, generator=gen)
     honest = kernel_noise_encode(code, grads, level, gen)
-    received = honest.clone()
-    for n, (liar, kind) in enumerate(zip(liars, kinds)):
-        if kind == "codeword":
-            received[liar] += (code.encoding_matrix[liar] @ torch.randn(p, d, dtype=torch.float64, generator=gen)).float()
-        else:
-            received[liar] = _lie(kind, honest, honest[liar], honest[(liar + 1 + n) % p], gen, code, liars)
+    received = _lied(code, honest, liars, kinds, gen)
     result = code.decode(received, generator=projection(seed))
     truth = grads.sum(0)
     scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
