@@ -424,10 +424,7 @@ class CyclicRepetitionCode(Code):
         if not erased:
             accepted = self._accept(first, hint, erased, norms, floors, length)
             if accepted is None:
-                self.measured_floor = self._measured(received, first, hint, erased, norms, theta, length)
-                floors = self._floors(theta, length, self.measured_floor)
-                if floors.certify > theta:
-                    accepted = self._accept(first, hint, erased, norms, floors, length)
+                floors, accepted = self._accept_under_noise(received, first, hint, erased, norms, theta, length)
             if accepted is not None:
                 self._located_last = False
                 return accepted
@@ -450,14 +447,8 @@ class CyclicRepetitionCode(Code):
                 certified.add(suspects)
                 result = self._certify(received, suspects, erased)
                 accepted = self._accept(result, suspects, erased, norms, floors, length)
-                if accepted is None and self.measured_floor is None:
-                    # Honest rows may differ by more than rounding (non-deterministic kernels): measure
-                    # their noise in this pass, whose honest set holds no large lie if it fits at all
-                    # (once per decode: every clean pass reads the same least misfit).
-                    self.measured_floor = self._measured(received, result, suspects, erased, norms, theta, length)
-                    floors = self._floors(theta, length, self.measured_floor)
-                    if floors.certify > theta:
-                        accepted = self._accept(result, suspects, erased, norms, floors, length)
+                if accepted is None and self.measured_floor is None:  # once per decode (see below)
+                    floors, accepted = self._accept_under_noise(received, result, suspects, erased, norms, theta, length)
                 if accepted is not None:
                     self._hint = suspects
                     return accepted
@@ -493,6 +484,20 @@ class CyclicRepetitionCode(Code):
         return DecodeResult(result.total, named)
 
     # -- the noise floor ----------------------------------------------------------------------------
+    def _accept_under_noise(
+        self, received: Tensor, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor,
+        theta: float, length: int,
+    ) -> tuple[_Floors, Optional[DecodeResult]]:
+        """For a set that failed the rounding floor: honest rows may differ by more than rounding (non-
+        deterministic kernels). Measure their noise in ``result``'s pass (``_measured``; sets
+        ``measured_floor``), and accept the set if it fits under the floors that noise gives. Every clean
+        pass reads the same least misfit, so a decode measures once. Returns the floors and the result."""
+        self.measured_floor = self._measured(received, result, suspects, erased, norms, theta, length)
+        floors = self._floors(theta, length, self.measured_floor)
+        if floors.certify <= theta:
+            return floors, None
+        return floors, self._accept(result, suspects, erased, norms, floors, length)
+
     def _floors(self, theta: float, length: int, noise: Optional[float] = None) -> _Floors:
         """The floors to certify and name under, given the rounding floor ``theta`` and the measured noise.
 
@@ -533,11 +538,12 @@ class CyclicRepetitionCode(Code):
             return None
         if result.gram is None:
             result = self._certify(received, suspects, erased, gram=True)
-        return self._noise(result, suspects, erased, norms, length)
+        return self._noise(result, suspects, erased, finite, length)
 
     def _noise(self, result: _Pass, suspects: tuple[int, ...], erased: list[int], norms: Tensor, length: int) -> float:
         """The honest rows' noise, relative to the floor's scale: the least, over every set ``T`` of ``s``
         suspects, of the worst misfit of ``H_T``'s parity rows (``Verdict.ratio`` at ``theta = 1``).
+        ``norms``: the rows' norms, erased rows' as zero (outside every set kept).
 
         No pass: every such check is a combination of the checks ``M`` that ``result``'s pass applied
         (they span the left null space of ``W`` over the live rows), so its misfit over all coordinates
@@ -566,8 +572,7 @@ class CyclicRepetitionCode(Code):
         coefficients = torch.cat([on_own, at_suspects], dim=2)
         misfit = torch.einsum("nta,ab,ntb->nt", coefficients, result.gram, coefficients).clamp_min(0).sqrt()
         honest_size = self.num_workers - s
-        finite = torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)).double()  # erased: outside every kept set
-        scale = (parity.square() @ finite.square()).sqrt() * (1.0 + math.sqrt(honest_size / max(length, 1)))
+        scale = (parity.square() @ norms.double().square()).sqrt() * (1.0 + math.sqrt(honest_size / max(length, 1)))
         ratio = torch.where(scale > 0, misfit / scale.clamp_min(1e-300), torch.zeros_like(misfit))
         worst = ratio.amax(dim=1)
         worst = worst[torch.isfinite(worst)]
