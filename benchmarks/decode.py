@@ -244,25 +244,30 @@ def main(argv=None) -> dict:
                         rows.append(bench_one(method, p, d, device, args.repeats, gen, args.num_byzantine, peer,
                                               getattr(torch, dtype)))
                         print(_line(rows[-1], peer is not None), flush=True)
+                        write(args, rows, peer is not None)  # after every row: a run stopped midway keeps them
+    return {"rows": rows}
+
+
+def write(args, rows: list, with_peer: bool) -> None:
+    """The table so far to ``--markdown`` and ``--json``, where named."""
     gpu = next((torch.cuda.get_device_name(0) for dev in args.devices if dev.startswith("cuda")), None)
     header = [
         f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {platform.machine()}"
         + (f", {gpu}" if gpu else "")
         + f", median of {args.repeats} runs, one liar sending -100x, f={args.num_byzantine}"
-        + (", ByzFL 0.0.11 alongside (vs peer: ours / ByzFL's; geometric median per iteration)" if peer else ""),
+        + (", ByzFL 0.0.11 alongside (vs peer: ours / ByzFL's; geometric median per iteration)" if with_peer else ""),
         "",
         "| device | P | d | dtype | method | seconds | plain mean (s) | ratio | GB/s (mean's) | liar -> caught |"
-        + (" ByzFL (s) | vs peer |" if peer else ""),
-        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if peer else ""),
+        + (" ByzFL (s) | vs peer |" if with_peer else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if with_peer else ""),
     ]
-    table = "\n".join(header + [_line(r, peer is not None) for r in rows])
+    table = "\n".join(header + [_line(r, with_peer) for r in rows])
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "peer": args.peer, "rows": rows}, f, indent=2)
-    return {"rows": rows}
 
 
 def _line(row: dict, with_peer: bool = False) -> str:

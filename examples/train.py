@@ -4,7 +4,8 @@ Launch it as it is (Lightning starts ``trainer.devices`` local processes), under
 under ``srun`` (``examples/slurm/train.sbatch``); ``-m`` sweeps run each job as its own launch.
 
 Every run writes ``summary.json`` into its run directory: the resolved config, the world size,
-validation accuracy per epoch, who was caught, steps, skipped steps, wall seconds and
+validation accuracy per epoch, who was caught, steps, skipped steps, reactive mode's escalations
+(steps and groups recomputed and voted; 0 in full mode), wall seconds and
 ``param_sha256`` (SHA-256 of the floating-point ``state_dict`` entries, in order, as float32
 little-endian bytes), so two runs can be compared for identity from the shell.
 """
@@ -185,6 +186,7 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
         "faulty_counts": {str(k): v for k, v in sorted(strategy.faulty_counts.items())},
         "optimizer_steps": trainer.global_step,
         "skipped_steps": strategy.skipped_steps,
+        "escalations": {k: v for k, v in strategy.escalation_stats.items() if k in ("steps", "groups")},
         "resumed_from_step": record.start_step,
         "resumed_from": ckpt_path,
         "wall_seconds": round(time.perf_counter() - start, 3),

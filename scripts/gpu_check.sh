@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks, on one GPU.
 #
-# 1. Decode speed (issue 16): benchmarks/decode.py on CUDA at P = 15 and 63, d = 11.2M and 100M,
+# 1. Decode on CUDA against the CPU (issues 10 and 16): the tests that skip without a GPU. The
+#    repetition code's Triton-compiled decode gives the CPU reference's totals bit for bit and names the
+#    same workers; the cyclic code on CUDA tensors keeps its guarantees, with and without kernel noise.
+# 2. Numerics: six ranks share one GPU over gloo (NCCL refuses two ranks on one GPU): the cyclic code,
+#    the repetition code and its reactive mode (groups of s+1, recomputed only where replicas disagree),
+#    TF32 on and off, float32 and bf16-mixed, with and without a liar (rank 4, -100x). Each run trains
+#    the CNN on synthetic CIFAR-sized data, then again without the liar, and prints who was caught, the
+#    reactive mode's escalations (steps recomputed and voted) and how far the model is from the
+#    liar-free one. GPU_CHECK_JOBS runs (default 1) go at once. Writes docs/gpu_check.md.
+# 3. Decode speed (issue 16): benchmarks/decode.py on CUDA at P = 15 and 63, d = 11.2M and 100M,
 #    float32 and bfloat16: the plain mean, the repetition code (fused by default on CUDA, and its
 #    block-wise reference), the cyclic code, both codes with every row off by 1e-4 (kernel noise:
 #    the cyclic code's measured floor, the repetition code's whole-vector vote), median, trimmed mean
-#    and Krum, each against the mean and in GB/s. Writes docs/decode_cuda.md and docs/decode_cuda.json (a few minutes; the first fused
-#    decode of each dtype compiles with Triton during the warm-up run, not timed).
-# 2. Numerics: six ranks share one GPU over gloo (NCCL refuses two ranks on one GPU),
-#    both codes, TF32 on and off, float32 and bf16-mixed, with and without a liar (rank 4, -100x).
-#    Each run trains the CNN on synthetic CIFAR-sized data, then again without the liar, and prints
-#    who was caught and how far the model is from the liar-free one. Writes docs/gpu_check.md.
+#    and Krum, each against the mean and in GB/s, medians of GPU_CHECK_REPEATS (default 11). Writes
+#    docs/decode_cuda.md and docs/decode_cuda.json, row by row (a few minutes; the first fused decode of
+#    each dtype compiles with Triton during the warm-up run, not timed).
 #
 #   bash scripts/gpu_check.sh [STEPS]        (make gpu-check)
-#   GPU_CHECK_TRAINING=0 bash scripts/gpu_check.sh     # the decode table only
-#   GPU_CHECK_DECODE=0 bash scripts/gpu_check.sh       # the numerics only
+#   GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 bash scripts/gpu_check.sh     # the decode table only
+#   GPU_CHECK_DECODE=0 GPU_CHECK_JOBS=4 bash scripts/gpu_check.sh 30     # tests and numerics, four runs at once
+#   GPU_CHECK_ACCELERATOR=cpu GPU_CHECK_TESTS=0 GPU_CHECK_DECODE=0 GPU_CHECK_CODES=reactive \
+#       bash scripts/gpu_check.sh 2          # the reactive runs on CPU ranks (checks this script without a GPU)
+# GPU_CHECK_CODES: which rows of the numerics (default "crc reactive frc").
 #
 # Needs a CUDA GPU and the project's dependencies (hydra-core included) in the python on PATH,
 # or PYTHON=... .
@@ -22,9 +31,95 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 STEPS=${1:-40}
-if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)'; then
+ACCELERATOR=${GPU_CHECK_ACCELERATOR:-gpu}
+JOBS=${GPU_CHECK_JOBS:-1}
+if [ "$ACCELERATOR" = gpu ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)'; then
     echo "gpu_check: no CUDA GPU here; nothing was run." >&2
     exit 3
+fi
+if [ "${GPU_CHECK_TESTS:-1}" != 0 ] && [ "$ACCELERATOR" = gpu ]; then
+    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_frc_fused.py tests/test_crc.py -k cuda
+fi
+if [ "${GPU_CHECK_TRAINING:-1}" != 0 ]; then
+    OUT=docs/gpu_check.md
+    RUNS=$(mktemp -d)
+    if [ "$ACCELERATOR" = gpu ]; then
+        where=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)')
+        share="six ranks sharing the GPU over gloo"
+    else
+        where="CPU ranks (a dry run of this script), torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+        share="six CPU ranks over gloo"
+    fi
+    {
+        echo "# GPU numerics check"
+        echo
+        echo "\`GPU_CHECK_JOBS=$JOBS bash scripts/gpu_check.sh $STEPS\`, $(date -u +%Y-%m-%d) on $where:"
+        echo "$share, CNN (BatchNorm, max-pool) on synthetic 3x32x32 data, $STEPS optimizer steps, s = 1;"
+        echo "liar: rank 4 sends -100x. TF32: matmuls and cuDNN convolutions. reactive: the repetition code in"
+        echo "groups of s+1 = 2, a group recomputed by s more ranks and voted only where its replicas disagree;"
+        echo "escalations: steps (groups) that needed it. Model: the final parameters against the same run without the liar."
+        echo
+        echo "| code | TF32 | precision | liar | caught | skipped | escalations | model vs liar-free run |"
+        echo "|---|---|---|---|---|---|---|---|"
+    } > "$OUT"
+    # The cyclic code first (the numerics it failed on), then reactive mode's escalation rate, then the rest.
+    configs=()
+    for code in ${GPU_CHECK_CODES:-crc reactive frc}; do
+      for attack in none reverse; do
+        for tf32 in true false; do
+          for precision in 32-true bf16-mixed; do
+            configs+=("$code $tf32 $precision $attack")
+          done
+        done
+      done
+    done
+    launch() {  # launch ID PORT CODE TF32 PRECISION ATTACK: six torchrun agents, one rank each
+        local id=$1 port=$2 code=$3 tf32=$4 precision=$5 attack=$6 node
+        local codeargs=(code=$code)
+        [ "$code" = reactive ] && codeargs=(code=frc code.redundancy_mode=reactive)
+        local args=(examples/train.py "${codeargs[@]}" code.projection_secret=7 attack=$attack model=cnn
+                    data=synthetic data.shape=[3,32,32] trainer=$ACCELERATOR trainer.devices=1 trainer.num_nodes=6
+                    trainer.max_epochs=1000 +trainer.max_steps=$STEPS trainer.precision=$precision tf32=$tf32
+                    trainer.enable_progress_bar=false ddp.process_group_backend=gloo compare_clean=true
+                    loggers=[csv] hydra.run.dir="$RUNS/$id")
+        for node in 0 1 2 3 4 5; do
+            "$PYTHON" -m torch.distributed.run --nnodes=6 --nproc-per-node=1 --node-rank=$node \
+                --master-addr=127.0.0.1 --master-port=$port "${args[@]}" > "$RUNS/$id.$node.log" 2>&1 &
+        done
+    }
+    port=29600
+    for ((first = 0; first < ${#configs[@]}; first += JOBS)); do
+        wave=("${configs[@]:first:JOBS}")
+        for config in "${wave[@]}"; do
+            port=$((port + 1))
+            set -- $config
+            launch "gpu-$1-$2-$3-$4" "$port" "$@"
+        done
+        wait  # every agent of the wave (a failed run shows in its row)
+        for config in "${wave[@]}"; do
+            set -- $config
+            id="gpu-$1-$2-$3-$4"
+            "$PYTHON" - "$RUNS/$id/summary.json" "$@" "$RUNS/$id.0.log" >> "$OUT" <<'PY'
+import json, sys
+path, code, tf32, precision, attack, log = sys.argv[1:]
+head = f"| {code} | {tf32} | {precision} | {attack} |"
+try:
+    s = json.load(open(path))
+except OSError:
+    lines = [l for l in open(log).read().splitlines() if l.strip()]
+    why = next((l for l in reversed(lines) if "Error" in l or "error" in l), lines[-1] if lines else "no output")
+    print(f"{head} run failed: {why.strip()[:160]} | | | |")
+    sys.exit(0)
+caught = ", ".join(f"rank {r}: {n} steps" for r, n in s["faulty_counts"].items()) or "nobody"
+esc = s.get("escalations", {"steps": 0, "groups": 0})
+escalated = f"{esc['steps']} ({esc['groups']})" if code == "reactive" else ""
+model = "identical" if s["identical_to_clean"] else f"{s['relative_distance_to_clean']:.1e} relative"
+print(f"{head} {caught} | {s['skipped_steps']} | {escalated} | {model} |")
+PY
+            tail -1 "$OUT"
+        done
+    done
+    echo "wrote $OUT (runs in $RUNS)"
 fi
 if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
     DECODE_MD=docs/decode_cuda.md
@@ -39,8 +134,9 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
         echo "noise of 1e-4 (relative) to every row, as non-deterministic kernels do; rows that do not fit in memory say so."
         echo
     } > "$DECODE_MD.tmp"
-    PYTHONPATH=. "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
-        --dtypes float32 bfloat16 --repeats 11 \
+    # decode.py rewrites the table after every row: a run stopped midway keeps what it measured
+    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
+        --dtypes float32 bfloat16 --repeats "${GPU_CHECK_REPEATS:-11}" \
         --methods aggregator:mean code:none code:frc code:frc:reference code:crc code:crc:noisy code:frc:noisy \
                   aggregator:median aggregator:median:network aggregator:trimmed_mean \
                   aggregator:trimmed_mean:network aggregator:krum \
@@ -48,55 +144,3 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
     cat "$DECODE_MD.table" >> "$DECODE_MD.tmp" && rm "$DECODE_MD.table" && mv "$DECODE_MD.tmp" "$DECODE_MD"
     echo "wrote $DECODE_MD"
 fi
-if [ "${GPU_CHECK_TRAINING:-1}" = 0 ]; then
-    exit 0
-fi
-OUT=docs/gpu_check.md
-RUNS=$(mktemp -d)
-{
-    echo "# GPU numerics check"
-    echo
-    echo "\`bash scripts/gpu_check.sh $STEPS\` on $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)'):"
-    echo "six ranks sharing the GPU over gloo, CNN on synthetic 3x32x32 data, $STEPS steps; liar: rank 4 sends -100x."
-    echo
-    echo "| code | TF32 | precision | liar | caught | skipped | model vs liar-free run |"
-    echo "|---|---|---|---|---|---|---|"
-} > "$OUT"
-port=29600
-for code in frc crc; do
-  for tf32 in true false; do
-    for precision in 32-true bf16-mixed; do
-      for attack in none reverse; do
-        port=$((port + 1))
-        id="gpu-$code-$tf32-$precision-$attack"
-        args=(examples/train.py code=$code code.projection_secret=7 attack=$attack model=cnn data=synthetic
-              data.shape=[3,32,32] trainer=gpu trainer.devices=1 trainer.num_nodes=6 trainer.max_epochs=1000
-              +trainer.max_steps=$STEPS trainer.precision=$precision tf32=$tf32 ddp.process_group_backend=gloo
-              compare_clean=true loggers=[csv] hydra.run.dir="$RUNS/$id")
-        pids=()
-        for node in 0 1 2 3 4 5; do
-            "$PYTHON" -m torch.distributed.run --nnodes=6 --nproc-per-node=1 --node-rank=$node \
-                --master-addr=127.0.0.1 --master-port=$port "${args[@]}" > "$RUNS/$id.$node.log" 2>&1 &
-            pids+=($!)
-        done
-        status=ok
-        for pid in "${pids[@]}"; do wait "$pid" || status=failed; done
-        "$PYTHON" - "$RUNS/$id/summary.json" "$code" "$tf32" "$precision" "$attack" "$status" "$RUNS/$id.0.log" >> "$OUT" <<'PY'
-import json, sys
-path, code, tf32, precision, attack, status, log = sys.argv[1:]
-try:
-    s = json.load(open(path))
-except OSError:
-    tail = open(log).read().strip().splitlines()[-1:] or ["no output"]
-    print(f"| {code} | {tf32} | {precision} | {attack} | run {status}: {tail[0][:120]} | | |")
-    sys.exit(0)
-caught = ", ".join(f"rank {r}: {n}" for r, n in s["faulty_counts"].items()) or "nobody"
-model = "identical" if s["identical_to_clean"] else f"{s['relative_distance_to_clean']:.1e} relative"
-print(f"| {code} | {tf32} | {precision} | {attack} | {caught} | {s['skipped_steps']} | {model} |")
-PY
-        tail -1 "$OUT"
-      done
-    done
-  done
-done
-echo "wrote $OUT (runs in $RUNS)"

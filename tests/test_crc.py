@@ -558,3 +558,37 @@ def test_decode_under_kernel_noise_recovers_the_sum_and_names_no_honest_rank(cas
     huge = {w for w in liars if not torch.isfinite(received[w]).all()
             or float((received[w] - honest[w]).norm()) > max(1e-2, 2000 * level) * float(honest[w].norm())}
     assert huge <= set(result.faulty), "a liar that moved its row far beyond the noise went unnamed"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("level", [0.0, 1e-4])
+def test_decode_on_cuda_keeps_the_guarantees_of_the_cpu_decode(level):
+    """The decode on CUDA tensors (the parameter server's device when ranks train on GPUs): every liar
+    kind at random and contiguous ranks, with and without kernel noise; the total as close as on the CPU,
+    the liars beyond the noise named and no honest worker, and the same workers named as the CPU names."""
+    gen = torch.Generator().manual_seed(11)
+    for case in range(120):
+        p, s = ACCEPTED[case % len(ACCEPTED)]
+        count = 1 + case % s
+        start = int(torch.randint(p, (1,), generator=gen))
+        liars = sorted({(start + t) % p for t in range(count)} if case % 2 else
+                       torch.randperm(p, generator=gen)[:count].tolist())
+        kinds = [KINDS[int(k)] for k in torch.randint(len(KINDS), (len(liars),), generator=gen)]
+        if level and p == 2 * s + 1:  # a copy cancels the noise it is compared with (docs/codes.md)
+            kinds = ["reverse" if kind == "other_row" else kind for kind in kinds]
+        grads = torch.randn(p, 2048, dtype=torch.float64, generator=gen)
+        code = CyclicRepetitionCode(p, s)
+        honest = code.encode(grads, torch.float32, noise=level, generator=gen)
+        received = _lied(code, honest, liars, kinds, gen)
+        on_cpu = code.decode(received, generator=projection(case))
+        on_cuda = CyclicRepetitionCode(p, s).decode(received.cuda(), generator=projection(case))
+        truth = grads.sum(0)
+        scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
+        bound = 1e-5 + (4 * code.growth + 8 * code.exposure) * level
+        assert on_cuda.total.device.type == "cuda"
+        assert float((on_cuda.total.cpu().double() - truth).norm()) <= bound * scale, (p, s, liars, kinds)
+        assert set(on_cuda.faulty) <= set(liars), ("an honest worker was named", p, s, liars, kinds)
+        huge = {w for w in liars if not torch.isfinite(received[w]).all()
+                or float((received[w] - honest[w]).norm()) > max(1e-2, 2000 * level) * float(honest[w].norm())}
+        assert huge <= set(on_cuda.faulty), (p, s, liars, kinds)
+        assert on_cuda.faulty == on_cpu.faulty, (p, s, liars, kinds)

@@ -192,3 +192,33 @@ def test_fused_is_the_default_on_cuda_only():
     code = FractionalRepetitionCode(3, 1)
     assert code._fused_here(torch.zeros(3, 4)) is False
     assert FractionalRepetitionCode(3, 1, fused=True)._fused_here(torch.zeros(3, 4)) is True
+
+
+def decode_on(device, code_args, received, fused):
+    """(total on the CPU, faulty) of a decode of ``received`` moved to ``device``, or the error's message."""
+    code = FractionalRepetitionCode(*code_args, fused=fused, batched=False)
+    try:
+        result = code.decode(received.to(device))
+    except DracoDecodeError as err:
+        return str(err)
+    return result.total.cpu(), result.faulty
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_decode_on_cuda_equals_the_cpu_reference(dtype):
+    """The fused decode compiled by Triton on the GPU against the block-wise reference on the CPU: the
+    same totals bit for bit and the same workers named, on the adversarial inputs and with r = 5."""
+    frc_module._FUSED_FAILED.clear()
+    cases = [((6, 1), name, received) for name, received in adversarial_cases(dtype)]
+    gen = torch.Generator().manual_seed(1)
+    five = honest_rows(2, 5, 4099, dtype, gen)
+    for liars in ([0, 1], [3, 4], [2, 9]):
+        received = five.clone()
+        received[liars] = -received[liars]
+        cases.append(((10, 2), f"r=5, liars {liars}", received))
+    for code_args, name, received in cases:
+        reference = decode_on("cpu", code_args, received, fused=False)
+        assert_same(reference, decode_on("cuda", code_args, received, fused=True)), name
+        assert_same(reference, decode_on("cuda", code_args, received, fused=False)), name
+    assert not frc_module._FUSED_FAILED, "the fused decode fell back to the reference path on CUDA"
