@@ -21,6 +21,7 @@
 #   bash scripts/gpu_check.sh [STEPS]        (make gpu-check)
 #   GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 bash scripts/gpu_check.sh     # the decode table only
 #   GPU_CHECK_DECODE=0 GPU_CHECK_JOBS=4 bash scripts/gpu_check.sh 30     # tests and numerics, four runs at once
+#   GPU_CHECK_CONFIGS="reactive true 32-true none;crc false bf16-mixed reverse" bash scripts/gpu_check.sh  # these runs
 #   GPU_CHECK_ACCELERATOR=cpu GPU_CHECK_TESTS=0 GPU_CHECK_DECODE=0 GPU_CHECK_CODES=reactive \
 #       bash scripts/gpu_check.sh 2          # the reactive runs on CPU ranks (checks this script without a GPU)
 # GPU_CHECK_CODES: which rows of the numerics (default "crc reactive frc").
@@ -64,7 +65,8 @@ if [ "${GPU_CHECK_TRAINING:-1}" != 0 ]; then
     } > "$OUT"
     # The cyclic code first (the numerics it failed on), then reactive mode's escalation rate, then the rest.
     configs=()
-    for code in ${GPU_CHECK_CODES:-crc reactive frc}; do
+    IFS=';' read -r -a configs <<< "${GPU_CHECK_CONFIGS:-}"  # "code tf32 precision attack;...": these runs only
+    [ ${#configs[@]} -eq 0 ] && for code in ${GPU_CHECK_CODES:-crc reactive frc}; do
       for attack in none reverse; do
         for tf32 in true false; do
           for precision in 32-true bf16-mixed; do
@@ -99,15 +101,15 @@ if [ "${GPU_CHECK_TRAINING:-1}" != 0 ]; then
         for config in "${wave[@]}"; do
             set -- $config
             id="gpu-$1-$2-$3-$4"
-            "$PYTHON" - "$RUNS/$id/summary.json" "$@" "$RUNS/$id.0.log" >> "$OUT" <<'PY'
+            "$PYTHON" - "$RUNS/$id/summary.json" "$@" "$RUNS/$id".*.log >> "$OUT" <<'PY'
 import json, sys
-path, code, tf32, precision, attack, log = sys.argv[1:]
+path, code, tf32, precision, attack, *logs = sys.argv[1:]
 head = f"| {code} | {tf32} | {precision} | {attack} |"
 try:
     s = json.load(open(path))
 except OSError:
-    lines = [l for l in open(log).read().splitlines() if l.strip()]
-    why = next((l for l in reversed(lines) if "Error" in l or "error" in l), lines[-1] if lines else "no output")
+    lines = [l for log in logs for l in open(log).read().splitlines() if l.strip()]
+    why = next((l for l in reversed(lines) if "Error" in l and "elastic/errors" not in l), lines[-1] if lines else "no output")
     print(f"{head} run failed: {why.strip()[:160]} | | | |")
     sys.exit(0)
 caught = ", ".join(f"rank {r}: {n} steps" for r, n in s["faulty_counts"].items()) or "nobody"
