@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -92,15 +93,25 @@ def all_gather(state: ExchangeState, outputs: list[Tensor], tensor: Tensor) -> N
     stats.received += sum(_nbytes(t) for j, t in enumerate(outputs) if j != setup.rank)
 
 
+def _through_host(state: ExchangeState, tensor: Tensor) -> bool:
+    # Gloo's point-to-point ops hand the tensor's pointer to its socket as host memory, so a CUDA
+    # tensor fails there ("writev: Bad address", seen with ranks sharing a GPU over gloo); its
+    # collectives stage CUDA tensors through the host themselves.
+    return tensor.device.type != "cpu" and dist.get_backend(state.setup.process_group) == "gloo"
+
+
 def send(state: ExchangeState, tensor: Tensor, dst: int) -> None:
     """``tensor`` to rank ``dst`` (blocking; outside comm hooks, where gloo's point-to-point works)."""
     with timed(state):
-        dist.send(tensor, dst=dst, group=state.setup.process_group)
+        dist.send(tensor.cpu() if _through_host(state, tensor) else tensor, dst=dst, group=state.setup.process_group)
     state.stats.sent += _nbytes(tensor)
 
 
 def recv(state: ExchangeState, tensor: Tensor, src: int) -> None:
     """Into ``tensor`` from rank ``src`` (blocking)."""
+    staged = torch.empty_like(tensor, device="cpu") if _through_host(state, tensor) else tensor
     with timed(state):
-        dist.recv(tensor, src=src, group=state.setup.process_group)
+        dist.recv(staged, src=src, group=state.setup.process_group)
+    if staged is not tensor:
+        tensor.copy_(staged)
     state.stats.received += _nbytes(tensor)
