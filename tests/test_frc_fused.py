@@ -4,7 +4,8 @@ The fused path runs on CUDA by default; here Inductor's CPU backend compiles the
 checks them without a GPU. Totals must be equal bit for bit (NaN payloads aside: half precision widened
 by Inductor's conversion gives the canonical NaN) and the named workers identical, on adversarial inputs
 in every wire dtype. Compiling costs seconds per dtype: the functions are compiled once (dynamic shapes)
-and every case of a dtype reuses them.
+and every case of a dtype reuses them. On a CUDA GPU (scripts/gpu_check.sh) one more test compares the
+Triton-compiled decode on the GPU with the reference on the CPU.
 """
 
 import math
@@ -222,3 +223,23 @@ def test_fused_decode_on_cuda_equals_the_cpu_reference(dtype):
         assert_same(reference, decode_on("cuda", code_args, received, fused=True)), name
         assert_same(reference, decode_on("cuda", code_args, received, fused=False)), name
     assert not frc_module._FUSED_FAILED, "the fused decode fell back to the reference path on CUDA"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_decode_compares_rows_longer_than_a_piece_everywhere(inductor, dtype):
+    """Rows of several comparison pieces and a remainder: a lie in the first piece, the last whole piece
+    or the remainder is found alike, and the totals are the reference's bit for bit."""
+    piece = frc_module._EQUALITY_PIECE
+    d = 2 * piece + 77
+    gen = torch.Generator().manual_seed(3)
+    honest = honest_rows(2, 3, d, dtype, gen)
+    assert_same(*decode_both((6, 1), honest))
+    for rank, where in [(1, 5), (2, piece - 1), (4, piece), (5, 2 * piece - 1), (1, 2 * piece), (4, d - 1)]:
+        received = honest.clone()
+        received.view(INTS[received.element_size()])[rank, where] ^= 1
+        reference, fused = decode_both((6, 1), received)
+        assert reference[1] == [rank], where
+        assert_same(reference, fused)
+    exact = honest_rows(2, 3, 2 * piece, dtype, gen)  # no remainder
+    exact[4, piece + 3] = math.nan
+    assert_same(*decode_both((6, 1), exact))

@@ -31,13 +31,30 @@ RIVAL_RADII = 4.0
 
 
 # -- the fused path: one compiled pass compares the members, one compiled pass sums the winners -----------
+# Coordinates each compiled comparison reduces before the rest is reduced eagerly. One reduction over
+# the whole row, with only groups x pairs results, ran on an H200 as a few thread blocks walking the
+# rows (8 ns per coordinate: 465x the mean at P = 15, d = 11.2M); pieces give groups x pairs x d / piece
+# results to spread over the GPU.
+_EQUALITY_PIECE = 1 << 14
+
+
 def _pair_equalities(bits: Tensor, pairs: tuple[tuple[int, int], ...]) -> Tensor:
-    """``(groups, len(pairs))``: whether members ``a`` and ``b`` of each group are equal bit for bit.
+    """``(groups, len(pairs), pieces)``: whether members ``a`` and ``b`` of each group are equal bit for
+    bit in each piece of ``_EQUALITY_PIECE`` coordinates (the last piece: what is left, maybe nothing).
 
     ``bits`` is the ``(groups, r, d)`` integer view of the received rows. Compiled, every pair's
-    reduction over ``d`` shares one loop that reads each member once.
+    reduction shares one loop that reads each member once.
     """
-    return torch.stack([(bits[:, a] == bits[:, b]).all(dim=1) for a, b in pairs], dim=1)
+    groups, r, d = bits.shape
+    pieces = d // _EQUALITY_PIECE
+    whole = pieces * _EQUALITY_PIECE
+    body = bits[:, :, :whole].reshape(groups, r, pieces, _EQUALITY_PIECE)
+    rest = bits[:, :, whole:]
+    return torch.stack(
+        [torch.cat([(body[:, a] == body[:, b]).all(dim=-1), (rest[:, a] == rest[:, b]).all(dim=-1, keepdim=True)], dim=-1)
+         for a, b in pairs],
+        dim=1,
+    )
 
 
 def _ordered_sum(rows: Tensor, member: int, zero: Tensor) -> Tensor:
@@ -330,7 +347,7 @@ class FractionalRepetitionCode(Code):
         r, device = self.redundancy, rows.device.type
         try:
             def compare(pairs: list[tuple[int, int]]) -> Tensor:
-                return _compiled("pairs", device, bits.dtype, tuple(pairs))(bits, tuple(pairs)).cpu()
+                return _compiled("pairs", device, bits.dtype, tuple(pairs))(bits, tuple(pairs)).all(dim=-1).cpu()
 
             classes = self._whole_row_vote(compare, pairs_first=r <= 5)
             if classes is None:
@@ -360,7 +377,7 @@ class FractionalRepetitionCode(Code):
         """The whole-row vote in eager torch: comparisons on views (no copies), one sync per round."""
 
         def compare(pairs: list[tuple[int, int]]) -> Tensor:
-            return _pair_equalities(bits, tuple(pairs)).cpu()
+            return _pair_equalities(bits, tuple(pairs)).all(dim=-1).cpu()
 
         classes = self._whole_row_vote(compare, pairs_first=False)
         return None if classes is None else self._winners_outcome(rows, classes, acc, per_group)
