@@ -27,7 +27,7 @@ fuzz: $(VENV)/.installed  ## long property-based run of the decoders
 bench: $(VENV)/.installed  ## decode speed: plain mean vs each decoder
 	$(PY) benchmarks/decode.py $(ARGS)
 
-gpu-check: $(VENV)/.installed  ## both codes, TF32 on/off, fp32/bf16-mixed, with/without a liar, six ranks on one GPU
+gpu-check: $(VENV)/.installed  ## on one GPU: CUDA decode tests, numerics of both codes and reactive mode (TF32, bf16-mixed, liar), CUDA decode table
 	PYTHON=$(PY) bash scripts/gpu_check.sh $(ARGS)
 
 clean:

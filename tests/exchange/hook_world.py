@@ -69,9 +69,10 @@ def low_bit_in_bucket_1(honest: torch.Tensor, *, bucket: int) -> torch.Tensor:
     return lie
 
 
-def reactive_runs(rank: int, world: int) -> dict:
+def reactive_runs(rank: int, world: int, device: str = "cpu") -> dict:
     """Reactive exchanges of two buckets (the second bucket's parameters laid out as two tensors):
-    per run, each bucket's result, the pending groups, who was caught, the failure, the bytes."""
+    per run, each bucket's result, the pending groups, who was caught, the failure, the bytes.
+    ``device``: where the buckets live (``cuda``: ranks sharing a GPU over gloo); results come back on the CPU."""
     from lightning_draco.codes.reactive import ReactiveRepetitionCode
 
     runs = {}
@@ -92,11 +93,11 @@ def reactive_runs(rank: int, world: int) -> dict:
         code = ReactiveRepetitionCode(world, s, learn_floor=not name.startswith("sharded"))
         exchange = reactive_sharded_hook if name.startswith("sharded") else reactive_ps_hook
         grads = torch.randn(world, 23, generator=torch.Generator().manual_seed(11), dtype=torch.float32)
-        group_sums = code.encode(grads)  # row i: rank i's group's sum, computed as the coded step does
+        group_sums = code.encode(grads).to(device)  # row i: rank i's group's sum, computed as the coded step does
         state = ExchangeState(ExchangeSetup(code, rank, ps_rank=0))
         state.begin_step(0)
         hook = exchange if adversary is None else adversarial(exchange, adversary)
-        params = [torch.zeros(9), torch.zeros(4, 2), torch.zeros(6)]
+        params = [torch.zeros(9, device=device), torch.zeros(4, 2, device=device), torch.zeros(6, device=device)]
         results = [
             hook(state, Bucket(group_sums[rank, :9].clone(), 0, False, params[:1])).value().clone(),
             hook(state, Bucket(group_sums[rank, 9:].clone(), 1, True, params[1:])).value().clone(),
@@ -114,8 +115,8 @@ def reactive_runs(rank: int, world: int) -> dict:
             results[index] = mean
         step = state.outcome
         runs[name] = dict(
-            result=torch.cat(results),
-            clean=code.total([group_sums[g * code.redundancy] for g in range(code.num_groups)]) / world,
+            result=torch.cat(results).cpu(),
+            clean=(code.total([group_sums[g * code.redundancy] for g in range(code.num_groups)]) / world).cpu(),
             pending=pending, asked=asked, caught=sorted(step.caught), failure=str(step.failure or ""),
             sent=state.stats.sent, received=state.stats.received, outvoted=sorted(step.decoders_outvoted),
         )
@@ -126,6 +127,11 @@ def main(out: str, world: int) -> None:
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     seen = {}
+    if os.environ.get("HOOK_WORLD_DEVICE", "cpu") != "cpu":  # the reactive runs alone, on that device
+        seen["reactive"] = reactive_runs(rank, world, os.environ["HOOK_WORLD_DEVICE"])
+        torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+        return
 
     # 1. Per-bucket exchange, honest: every rank gets the exact mean; traffic as the formulas say.
     code = FractionalRepetitionCode(world, 1)

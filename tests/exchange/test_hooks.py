@@ -21,10 +21,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def seen(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("hooks")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD)}
+def run_world(out: Path, device: str = "cpu") -> list[dict]:
+    """What each rank of hook_world.py saw (``device``: where its reactive runs keep their buckets)."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
+           "HOOK_WORLD_DEVICE": device}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     script = Path(__file__).with_name("hook_world.py")
     procs = [
@@ -34,6 +34,11 @@ def seen(tmp_path_factory) -> list[dict]:
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0] * WORLD
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory) -> list[dict]:
+    return run_world(tmp_path_factory.mktemp("hooks"))
 
 
 def test_every_rank_gets_the_exact_mean_and_the_traffic_the_formulas_give(seen):
@@ -185,3 +190,16 @@ def test_reactive_sharded_decoding_gives_bitwise_the_parameter_servers_result(se
 
 def test_reactive_sharded_more_than_s_liars_fail_on_every_rank(seen):
     assert all("more than s=1" in ranks_view["reactive"]["sharded_two_liars"]["failure"] for ranks_view in seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
+def test_reactive_escalation_on_cuda_buckets_over_gloo_matches_the_cpu(seen, tmp_path):
+    """Six ranks sharing a GPU over gloo, buckets on CUDA: the escalation's point-to-point messages
+    (which gloo cannot take from device memory) give every run the CPU world's results and verdicts."""
+    on_cuda = run_world(tmp_path, "cuda")
+    for rank in range(WORLD):
+        for name, run in on_cuda[rank]["reactive"].items():
+            cpu = seen[rank]["reactive"][name]
+            if not cpu["failure"]:  # a failed step's buckets hold nothing to compare
+                assert torch.equal(run["result"], cpu["result"]), name
+            assert (run["caught"], run["failure"], run["pending"]) == (cpu["caught"], cpu["failure"], cpu["pending"]), name
