@@ -32,14 +32,14 @@ from lightning_draco.codes import DecodeResult
 from lightning_draco.exchange import collectives
 from lightning_draco.exchange.ps import share_from_ps
 from lightning_draco.exchange.sharded import (
+    Gathered,
     agree_on_step,
     decode_shard,
     gather_decoded,
     scatter_to_decoders,
     shard_ballot,
-    shard_bounds,
+    shard_layout,
     shard_majority,
-    shards_of,
     vote_shard,
 )
 from lightning_draco.exchange.state import ExchangeState
@@ -220,7 +220,8 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     pending = state.outcome.pending
     pending.sharded = True
     pending.layout[index] = list(bucket.parameters())
-    received, (bounds, length, held, sizes) = scatter_to_decoders(state, coded)
+    received, layout = scatter_to_decoders(state, coded)
+    bounds, length, held, _ = layout
 
     groups = code.num_groups
     values, verdicts, start = [], [], 0
@@ -244,11 +245,11 @@ def reactive_sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torc
     decoded = torch.cat(values) if values else coded.new_empty(0)
     if state.corrupt_decoded is not None:  # simulation: a liar lying as a decoder
         decoded = state.corrupt_decoded(decoded, index)
-    copies, outcomes = gather_decoded(state, decoded, torch.stack(verdicts), max(sizes))
+    gathered = gather_decoded(state, decoded, torch.stack(verdicts), layout)
 
     flagged: set[int] = set()
     for k in range(world):
-        verdict = _vote_detection(state, coded[bounds[k] : bounds[k + 1]], k, index, copies, outcomes, length, held)
+        verdict = _vote_detection(state, coded[bounds[k] : bounds[k + 1]], k, index, gathered)
         if verdict is not None:
             flagged.update(pending_in(verdict))
     flagged.update(state.forced)
@@ -283,21 +284,10 @@ def pending_in(ballot: Tensor) -> list[int]:
     return [w * _FLAGS_PER_WORD + b for w, word in enumerate(words) for b in range(_FLAGS_PER_WORD) if word >> b & 1]
 
 
-def _vote_detection(
-    state: ExchangeState,
-    target: Tensor,
-    shard: int,
-    index: int,
-    copies: list[Tensor],
-    outcomes: list[Tensor],
-    length: list[int],
-    held: list[list[int]],
-) -> "Tensor | None":
+def _vote_detection(state: ExchangeState, target: Tensor, shard: int, index: int, gathered: Gathered) -> "Tensor | None":
     """Write into ``target`` the shard's values that ``s+1`` of its decoders sent with the same verdict, bit
     for bit (the pending groups included); return that verdict, or ``None`` when no such class exists."""
-    vote = shard_majority(
-        state, target, shard, index, (copies, outcomes, length, held), torch.equal, "the same values and verdict"
-    )
+    vote = shard_majority(state, target, shard, index, gathered, torch.equal, "the same values and verdict")
     if vote is None:
         return None
     if int(vote.verdict[0]) == DecodeStatus.NONFINITE:
@@ -312,16 +302,14 @@ def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int,
     world, s, rank = setup.world_size, code.num_adversaries, setup.rank
     buckets = sorted(pending.groups)
     like = {index: _like(pending.layout[index]) for index in buckets}
-    bounds = {index: shard_bounds(like[index].numel(), world) for index in buckets}
-    held = [shards_of(j, world, s) for j in range(world)]
+    layouts = {index: shard_layout(like[index].numel(), world, s) for index in buckets}
 
     def piece_of(vector: Tensor, index: int, decoder: int) -> Tensor:
-        cut = bounds[index]
-        return torch.cat([vector[cut[k] : cut[k + 1]] for k in held[decoder]])
+        bounds, _, held, _ = layouts[index]
+        return torch.cat([vector[bounds[k] : bounds[k + 1]] for k in held[decoder]])
 
     def size(index: int, decoder: int) -> int:
-        cut = bounds[index]
-        return sum(cut[k + 1] - cut[k] for k in held[decoder])
+        return layouts[index].sizes[decoder]
 
     # 1. Each helper sends every decoder its shards of each copy it recomputed.
     mine = owed.get(rank, [])
@@ -348,8 +336,7 @@ def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int,
     corrected = {}
     for index in buckets:
         kept = pending.kept[index][0]  # (P, this decoder's shards of the bucket)
-        cut = bounds[index]
-        length = [cut[k + 1] - cut[k] for k in range(world)]
+        cut, length, held, _ = layouts[index]
         verdicts, start = [], 0
         for k in held[rank]:
             columns = slice(start, start + length[k])
@@ -370,12 +357,11 @@ def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int,
         decoded = torch.cat([v.mean.to(kept.dtype) for v in verdicts]) if verdicts else kept.new_empty(0)
         if state.corrupt_decoded is not None:
             decoded = state.corrupt_decoded(decoded, index)
-        sizes = [sum(length[k] for k in held[j]) for j in range(world)]
         ballots = torch.stack([shard_ballot(v.outcome, code.num_adversaries) for v in verdicts])
-        copies_all, outcomes = gather_decoded(state, decoded, ballots, max(sizes))
+        gathered = gather_decoded(state, decoded, ballots, layouts[index])
         target = torch.empty_like(like[index])
         for k in range(world):
-            vote_shard(state, target[cut[k] : cut[k + 1]], k, index, copies_all, outcomes, length, held)
+            vote_shard(state, target[cut[k] : cut[k + 1]], k, index, gathered)
         corrected[index] = target
     agree_on_step(state, first.device, buckets[0])
     return corrected

@@ -24,7 +24,7 @@ from lightning_draco.exchange.state import ExchangeState
 from lightning_draco.exchange.verdict import CAUGHT, DecodeStatus, Verdict, decode
 
 __all__ = [
-    "ShardLayout", "ShardMajority", "agree_on_step", "decode_shard", "decoders_of", "gather_decoded", "record_failure",
+    "Gathered", "ShardLayout", "ShardMajority", "agree_on_step", "decode_shard", "decoders_of", "gather_decoded", "record_failure",
     "scatter_to_decoders", "shard_ballot", "shard_bounds", "shard_layout", "shard_majority", "shards_of",
     "sharded_hook", "vote_shard",
 ]
@@ -68,7 +68,8 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
     coded = bucket.buffer()
     index = state.next_bucket()
     # 2. Every decoder gets its shards from every rank.
-    received, (bounds, length, held, sizes) = scatter_to_decoders(state, coded)
+    received, layout = scatter_to_decoders(state, coded)
+    bounds, length, held, _ = layout
 
     # 3. Decode this rank's shards.
     verdicts, start = [], 0
@@ -81,11 +82,11 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
 
     # 4. Everyone receives every decoder's shards (padded to one length) and verdicts.
     ballots = torch.stack([shard_ballot(v.outcome, s) for v in verdicts])
-    copies, outcomes = gather_decoded(state, decoded, ballots, max(sizes))
+    gathered = gather_decoded(state, decoded, ballots, layout)
 
     # 5. Vote each shard.
     for k in range(world):
-        vote_shard(state, coded[bounds[k] : bounds[k + 1]], k, index, copies, outcomes, length, held)
+        vote_shard(state, coded[bounds[k] : bounds[k + 1]], k, index, gathered)
 
     # 6. Agree on the step.
     if bucket.is_last():
@@ -125,16 +126,33 @@ def scatter_to_decoders(state: ExchangeState, coded: Tensor) -> tuple[Tensor, Sh
     return incoming.view(world, sizes[rank]), layout
 
 
-def gather_decoded(state: ExchangeState, decoded: Tensor, ballots: Tensor, widest: int) -> tuple[list, list]:
-    """One ``all_gather`` of every decoder's decoded shards (padded to ``widest``), one of its ballots."""
+class Gathered(NamedTuple):
+    """Every decoder's decoded shards and ballots for one bucket, and how the bucket was cut."""
+
+    #: Per rank, its decoded shards end to end (padded to the widest rank's).
+    copies: list[Tensor]
+    #: Per rank, one ballot per shard it decodes (status, then what that shard's vote needs).
+    outcomes: list[Tensor]
+    layout: ShardLayout
+
+    def ballot(self, decoder: int, shard: int) -> tuple[Tensor, Tensor]:
+        """``decoder``'s decoded values of ``shard`` and its ballot on it."""
+        _, length, held, _ = self.layout
+        u = held[decoder].index(shard)
+        offset = sum(length[k] for k in held[decoder][:u])
+        return self.copies[decoder][offset : offset + length[shard]], self.outcomes[decoder][u]
+
+
+def gather_decoded(state: ExchangeState, decoded: Tensor, ballots: Tensor, layout: ShardLayout) -> Gathered:
+    """One ``all_gather`` of every decoder's decoded shards (padded to the widest), one of its ballots."""
     world = state.setup.world_size
-    mine = torch.zeros(widest, dtype=decoded.dtype, device=decoded.device)
+    mine = torch.zeros(max(layout.sizes), dtype=decoded.dtype, device=decoded.device)
     mine[: decoded.numel()] = decoded
     copies = [torch.empty_like(mine) for _ in range(world)]
     collectives.all_gather(state, copies, mine)
     outcomes = [torch.empty_like(ballots) for _ in range(world)]
     collectives.all_gather(state, outcomes, ballots)
-    return copies, outcomes
+    return Gathered(copies, outcomes, layout)
 
 
 def shard_ballot(outcome: Tensor, num_adversaries: int) -> Tensor:
@@ -177,7 +195,7 @@ def shard_majority(
     target: Tensor,
     shard: int,
     index: int,
-    gathered: tuple[list[Tensor], list[Tensor], list[int], list[list[int]]],
+    gathered: Gathered,
     same_ballot: Callable[[Tensor, Tensor], bool],
     agreeing_on: str,
 ) -> Optional[ShardMajority]:
@@ -185,17 +203,12 @@ def shard_majority(
     with ballots ``same_ballot`` calls equal; note the decoders outvoted. ``None`` (and the step's
     failure, naming the decoders) when no such class exists: more than ``s`` ranks lied.
 
-    ``gathered``: ``gather_decoded``'s copies and ballots, the shards' lengths and each rank's shards.
+    ``gathered``: what ``gather_decoded`` returned for the bucket.
     """
-    copies, outcomes, length, held = gathered
     setup, step = state.setup, state.outcome
     s = setup.code.num_adversaries
     decoders = decoders_of(shard, setup.world_size, s)
-    ballots = []
-    for j in decoders:
-        u = held[j].index(shard)
-        offset = sum(length[k] for k in held[j][:u])
-        ballots.append((copies[j][offset : offset + length[shard]], outcomes[j][u]))
+    ballots = [gathered.ballot(j, shard) for j in decoders]
     classes: list[list[int]] = []
     for t, (values, ballot) in enumerate(ballots):
         for members in classes:
@@ -218,16 +231,7 @@ def shard_majority(
     return ShardMajority(decoders, ballots, winner)
 
 
-def vote_shard(
-    state: ExchangeState,
-    target: Tensor,
-    shard: int,
-    index: int,
-    copies: list[Tensor],
-    outcomes: list[Tensor],
-    length: list[int],
-    held: list[list[int]],
-) -> None:
+def vote_shard(state: ExchangeState, target: Tensor, shard: int, index: int, gathered: Gathered) -> None:
     """Write into ``target`` the copy of ``shard`` that at least ``s+1`` of its decoders sent; record the rest.
 
     Copies agree when their values are the same bits and their statuses are the same; a rank is caught
@@ -235,8 +239,7 @@ def vote_shard(
     """
     step, s = state.outcome, state.setup.code.num_adversaries
     vote = shard_majority(
-        state, target, shard, index, (copies, outcomes, length, held),
-        lambda a, b: int(a[0]) == int(b[0]), "the same decoded values",
+        state, target, shard, index, gathered, lambda a, b: int(a[0]) == int(b[0]), "the same decoded values"
     )
     if vote is None:
         return
