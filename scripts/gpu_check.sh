@@ -5,6 +5,7 @@
 #    repetition code's Triton-compiled decode gives the CPU reference's totals bit for bit and names the
 #    same workers; the cyclic code on CUDA tensors keeps its guarantees, with and without kernel noise;
 #    reactive mode's exchange and escalation on CUDA buckets over gloo gives the CPU world's results.
+#    The order-statistics rules choose the sorting network on CUDA up to 64 rows.
 # 2. Numerics: six ranks share one GPU over gloo (NCCL refuses two ranks on one GPU): the cyclic code,
 #    the repetition code and its reactive mode (groups of s+1, recomputed only where replicas disagree),
 #    TF32 on and off, float32 and bf16-mixed, with and without a liar (rank 4, -100x). Each run trains
@@ -40,7 +41,7 @@ if [ "$ACCELERATOR" = gpu ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if 
     exit 3
 fi
 if [ "${GPU_CHECK_TESTS:-1}" != 0 ] && [ "$ACCELERATOR" = gpu ]; then
-    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_frc_fused.py tests/test_crc.py tests/exchange/test_hooks.py -k cuda
+    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_frc_fused.py tests/test_crc.py tests/test_aggregators.py tests/exchange/test_hooks.py -k cuda
 fi
 if [ "${GPU_CHECK_TRAINING:-1}" != 0 ]; then
     OUT=docs/gpu_check.md

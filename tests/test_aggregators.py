@@ -494,6 +494,17 @@ def test_the_order_statistics_engines_agree(name):
         assert torch.equal(outputs["auto"], outputs["network" if n <= 128 else "sort"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
+@pytest.mark.parametrize("name", ["median", "trimmed_mean"])
+def test_the_auto_engine_on_cuda_is_the_network_up_to_64_rows_and_agrees_with_the_cpu(name):
+    generator = torch.Generator().manual_seed(4)
+    for n in (7, 40, 64, 65):
+        inputs = torch.randn(n, 5000, generator=generator)
+        on_cuda = {engine: make_aggregator(name, 2, engine=engine)(inputs.cuda()) for engine in ("auto", "network", "sort")}
+        assert torch.equal(on_cuda["auto"], on_cuda["network" if n <= 64 else "sort"]), n
+        torch.testing.assert_close(on_cuda["auto"].cpu(), make_aggregator(name, 2)(inputs), rtol=1e-6, atol=1e-6)
+
+
 def test_an_unknown_engine_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="aggregator 'median': engine must be one of auto, network, sort"):
         make_aggregator("median", 1, engine="heap")

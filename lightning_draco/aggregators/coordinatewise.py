@@ -17,6 +17,10 @@ from lightning_draco.aggregators.base import Aggregator, finite_rows
 # 2.6 s against 9.7 s, n = 100 2.7 s against 7.3 s; torch.topk was 1.1-1.9x faster than sort, kthvalue
 # slower than both.
 _NETWORK_MAX_ROWS = 128
+# On a GPU each compare-exchange is one kernel over all columns. Measured on an H200 (docs/decode_cuda.md,
+# P = 15 and 63, d = 11.2M and 100M, float32 and bfloat16): the network took 0.17x to 0.43x the sort's
+# time for the median and the trimmed mean in every case; beyond 64 rows it is not measured there.
+_NETWORK_MAX_ROWS_ACCELERATOR = 64
 # Up to this many rows and with every row finite, the network's outputs are summed row after row (the
 # outputs this rule has always had there); otherwise as ``torch.mean`` sums them, bitwise what the sort
 # path returns, so that extending the network changed no output.
@@ -24,8 +28,9 @@ _SEQUENTIAL_MAX_ROWS = 32
 # Columns per block on the CPU: the block's rows stay in the core's cache through the whole network.
 # Elsewhere one block spans every column (each compare-exchange is then one kernel over the data).
 _NETWORK_BLOCK = 1 << 14
-#: How order statistics are computed: "auto" (a sorting network on the CPU up to 128 rows, else a
-#: sort), "network" (the network on any device and any number of rows) or "sort" (``torch.sort``).
+#: How order statistics are computed: "auto" (a sorting network up to 128 rows on the CPU and 64 on
+#: accelerators, else a sort), "network" (the network on any device and any number of rows) or "sort"
+#: (``torch.sort``).
 ENGINES = ("auto", "network", "sort")
 
 
@@ -71,7 +76,8 @@ def _network_plan(inputs: Tensor, engine: str = "auto") -> Optional[tuple[list[i
     some NaN entries would spread them through min and max: the sort handles those inputs.
     """
     n = inputs.shape[0]
-    if engine == "sort" or (engine == "auto" and (inputs.device.type != "cpu" or n > _NETWORK_MAX_ROWS)):
+    most = _NETWORK_MAX_ROWS if inputs.device.type == "cpu" else _NETWORK_MAX_ROWS_ACCELERATOR
+    if engine == "sort" or (engine == "auto" and n > most):
         return None
     finite = finite_rows(inputs)
     if finite is None:
@@ -102,11 +108,11 @@ def _network_blocks(inputs: Tensor, rows: list[int], keep: tuple[int, int] = (0,
 def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int, engine: str = "auto") -> Tensor:
     """Per column, the mean of the ``lo``-th to ``(hi-1)``-th smallest of the n values (NaN above +Inf).
 
-    On the CPU with n <= 128, a sorting network run block by block (each compare-exchange is an
-    elementwise min and max on rows that stay in cache) replaces ``torch.sort`` over the whole tensor,
-    which also computes and writes an int64 index per entry; rows that are NaN everywhere (a liar's)
-    are set aside. Otherwise (accelerators, more rows, rows with some NaN entries, or more NaN rows than
-    the window leaves out) it sorts. ``engine`` overrides the choice (``ENGINES``).
+    With n <= 128 on the CPU (block by block: each compare-exchange is an elementwise min and max on
+    rows that stay in cache) and n <= 64 on accelerators (each compare-exchange one kernel over all
+    columns), a sorting network replaces ``torch.sort`` over the whole tensor, which also computes and
+    writes an int64 index per entry; rows that are NaN everywhere (a liar's) are set aside. Otherwise
+    (more rows, rows with some NaN entries, or more NaN rows than the window leaves out) it sorts. ``engine`` overrides the choice (``ENGINES``).
     """
     n, d = inputs.shape
     plan = _network_plan(inputs, engine)
@@ -152,8 +158,8 @@ class _OrderStatistics(Aggregator):
 
     The engines agree to rounding, and bit for bit except where the network adds up to 32 finite
     kept rows one after another (the outputs these rules have always had on the CPU), which a mean
-    over sorted rows may round differently. The choice is one of speed: "auto" takes the measured CPU
-    winner; the others let a benchmark compare them on another device (``benchmarks/decode.py``
+    over sorted rows may round differently. The choice is one of speed: "auto" takes the measured
+    winner (on the CPU, and on an H200 up to 63 rows); the others let a benchmark compare them on another device (``benchmarks/decode.py``
     methods ``aggregator:median:network`` and ``aggregator:median:sort``).
     """
 
