@@ -24,9 +24,10 @@
 #   GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 bash scripts/gpu_check.sh     # the decode table only
 #   GPU_CHECK_DECODE=0 GPU_CHECK_JOBS=4 bash scripts/gpu_check.sh 30     # tests and numerics, four runs at once
 #   GPU_CHECK_CONFIGS="reactive true 32-true none;crc false bf16-mixed reverse" bash scripts/gpu_check.sh  # these runs
-#   GPU_CHECK_ACCELERATOR=cpu GPU_CHECK_TESTS=0 GPU_CHECK_DECODE=0 GPU_CHECK_CODES=reactive \
+#   GPU_CHECK_ACCELERATOR=cpu GPU_CHECK_TESTS=0 GPU_CHECK_DECODE=0 GPU_CHECK_CODES=reactive GPU_CHECK_REPORT=/tmp/r.md \
 #       bash scripts/gpu_check.sh 2          # the reactive runs on CPU ranks (checks this script without a GPU)
-# GPU_CHECK_CODES: which rows of the numerics (default "crc reactive frc").
+# GPU_CHECK_CODES: which rows of the numerics (default "crc reactive frc"); GPU_CHECK_REPORT: where the
+# numerics table goes (default docs/gpu_check.md).
 #
 # Needs a CUDA GPU and the project's dependencies (hydra-core included) in the python on PATH,
 # or PYTHON=... .
@@ -36,15 +37,20 @@ PYTHON=${PYTHON:-python}
 STEPS=${1:-40}
 ACCELERATOR=${GPU_CHECK_ACCELERATOR:-gpu}
 JOBS=${GPU_CHECK_JOBS:-1}
+case $JOBS in
+    '' | *[!0-9]* | 0) echo "gpu_check: GPU_CHECK_JOBS must be a whole number >= 1 (got '$JOBS')." >&2; exit 2 ;;
+esac
+failed=0  # a part that fails is reported and the others still run; the exit status says so at the end
 if [ "$ACCELERATOR" = gpu ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)'; then
     echo "gpu_check: no CUDA GPU here; nothing was run." >&2
     exit 3
 fi
 if [ "${GPU_CHECK_TESTS:-1}" != 0 ] && [ "$ACCELERATOR" = gpu ]; then
-    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_frc_fused.py tests/test_crc.py tests/test_aggregators.py tests/exchange/test_hooks.py -k cuda
+    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_frc_fused.py \
+        tests/test_crc.py tests/test_aggregators.py tests/exchange/test_hooks.py -k cuda || failed=1
 fi
 if [ "${GPU_CHECK_TRAINING:-1}" != 0 ]; then
-    OUT=docs/gpu_check.md
+    OUT=${GPU_CHECK_REPORT:-docs/gpu_check.md}
     RUNS=$(mktemp -d)
     if [ "$ACCELERATOR" = gpu ]; then
         where=$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0), "torch", torch.__version__)')
@@ -66,9 +72,13 @@ if [ "${GPU_CHECK_TRAINING:-1}" != 0 ]; then
         echo "|---|---|---|---|---|---|---|---|"
     } > "$OUT"
     # The cyclic code first (the numerics it failed on), then reactive mode's escalation rate, then the rest.
-    configs=()
-    IFS=';' read -r -a configs <<< "${GPU_CHECK_CONFIGS:-}"  # "code tf32 precision attack;...": these runs only
-    [ ${#configs[@]} -eq 0 ] && for code in ${GPU_CHECK_CODES:-crc reactive frc}; do
+    named=() configs=()
+    IFS=';' read -r -a named <<< "${GPU_CHECK_CONFIGS:-}"  # "code tf32 precision attack;...": these runs only
+    for config in "${named[@]}"; do
+        set -- $config
+        if [ $# -eq 4 ]; then configs+=("$config"); else echo "gpu_check: skipping '$config' (want: code tf32 precision attack)" >&2; fi
+    done
+    [ ${#named[@]} -eq 0 ] && for code in ${GPU_CHECK_CODES:-crc reactive frc}; do
       for attack in none reverse; do
         for tf32 in true false; do
           for precision in 32-true bf16-mixed; do
@@ -109,16 +119,19 @@ path, code, tf32, precision, attack, *logs = sys.argv[1:]
 head = f"| {code} | {tf32} | {precision} | {attack} |"
 try:
     s = json.load(open(path))
-except OSError:
-    lines = [l for log in logs for l in open(log).read().splitlines() if l.strip()]
-    why = next((l for l in reversed(lines) if "Error" in l and "elastic/errors" not in l), lines[-1] if lines else "no output")
-    print(f"{head} run failed: {why.strip()[:160]} | | | |")
-    sys.exit(0)
-caught = ", ".join(f"rank {r}: {n} steps" for r, n in s["faulty_counts"].items()) or "nobody"
-esc = s.get("escalations", {"steps": 0, "groups": 0})
-escalated = f"{esc['steps']} ({esc['groups']})" if code == "reactive" else ""
-model = "identical" if s["identical_to_clean"] else f"{s['relative_distance_to_clean']:.1e} relative"
-print(f"{head} {caught} | {s['skipped_steps']} | {escalated} | {model} |")
+    caught = ", ".join(f"rank {r}: {n} steps" for r, n in s["faulty_counts"].items()) or "nobody"
+    esc = s.get("escalations", {"steps": 0, "groups": 0})
+    escalated = f"{esc['steps']} ({esc['groups']})" if code == "reactive" else ""
+    model = "identical" if s["identical_to_clean"] else f"{s['relative_distance_to_clean']:.1e} relative"
+    print(f"{head} {caught} | {s['skipped_steps']} | {escalated} | {model} |")
+except Exception as error:  # no summary (the run failed) or an unreadable one: the ranks' first error
+    # Ranks in order; the ranks that lost a peer report only the lost connection, so those come last.
+    marks = ("Error", "error:", "Could not", "what():")
+    lines = [l.strip() for log in sorted(logs) for l in open(log, errors="replace") if any(m in l for m in marks)]
+    noise = ("elastic", "Connection closed", "ChildFailedError", "HYDRA_FULL_ERROR", "raise ")
+    causes = [l for l in lines if not any(w in l for w in noise)]
+    why = (causes or lines or [f"{type(error).__name__}: {error}"])[0]
+    print(f"{head} run failed: {why[:160].replace('|', '/')} | | | |")
 PY
             tail -1 "$OUT"
         done
@@ -144,7 +157,9 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
         --methods aggregator:mean code:none code:frc code:frc:reference code:crc code:crc:noisy code:frc:noisy \
                   aggregator:median aggregator:median:network aggregator:trimmed_mean \
                   aggregator:trimmed_mean:network aggregator:krum \
-        --json docs/decode_cuda.json --markdown "$DECODE_MD.table"
+        --json docs/decode_cuda.json --markdown "$DECODE_MD.table" || failed=1
+    # the rows measured, even when the run stopped midway
     cat "$DECODE_MD.table" >> "$DECODE_MD.tmp" && rm "$DECODE_MD.table" && mv "$DECODE_MD.tmp" "$DECODE_MD"
     echo "wrote $DECODE_MD"
 fi
+exit $failed

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lightning_draco.aggregators import AGGREGATORS, make_aggregator
+from lightning_draco.aggregators import coordinatewise
 
 # -- textbook transcriptions: plain Python over lists, one coordinate or one vector at a time ---------
 
@@ -500,6 +501,7 @@ def test_the_auto_engine_on_cuda_is_the_network_up_to_64_rows_and_agrees_with_th
     generator = torch.Generator().manual_seed(4)
     for n in (7, 40, 64, 65):
         inputs = torch.randn(n, 5000, generator=generator)
+        assert (coordinatewise._network_plan(inputs.cuda()) is not None) == (n <= 64), n
         on_cuda = {engine: make_aggregator(name, 2, engine=engine)(inputs.cuda()) for engine in ("auto", "network", "sort")}
         assert torch.equal(on_cuda["auto"], on_cuda["network" if n <= 64 else "sort"]), n
         torch.testing.assert_close(on_cuda["auto"].cpu(), make_aggregator(name, 2)(inputs), rtol=1e-6, atol=1e-6)

@@ -50,18 +50,18 @@ def decode_both(code_args, received, parts=False, **options):
     return outcomes
 
 
-def assert_same(reference, fused):
+def assert_same(reference, fused, name=""):
     if isinstance(reference, str) or isinstance(fused, str):
-        assert reference == fused
+        assert reference == fused, name
         return
     (total_r, faulty_r), (total_f, faulty_f) = reference, fused
-    assert faulty_f == faulty_r
-    assert total_f.dtype == total_r.dtype and total_f.shape == total_r.shape
+    assert faulty_f == faulty_r, name
+    assert total_f.dtype == total_r.dtype and total_f.shape == total_r.shape, name
     # Bit for bit, except the payload of a NaN: half precision widened to float32 by Inductor's
     # conversion gives the canonical NaN where torch's eager conversion keeps other bits.
-    assert torch.equal(total_f.isnan(), total_r.isnan()), "NaN in different places"
+    assert torch.equal(total_f.isnan(), total_r.isnan()), f"{name}: NaN in different places"
     finite_f, finite_r = total_f.nan_to_num(nan=0.0), total_r.nan_to_num(nan=0.0)
-    assert torch.equal(finite_f.view(torch.uint8), finite_r.view(torch.uint8)), "totals differ bit for bit"
+    assert torch.equal(finite_f.view(torch.uint8), finite_r.view(torch.uint8)), f"{name}: totals differ bit for bit"
 
 
 def honest_rows(groups, r, d, dtype, gen):
@@ -124,9 +124,9 @@ def test_fused_decode_equals_the_reference_on_adversarial_inputs(inductor, dtype
     for name, received in adversarial_cases(dtype):
         for chunk in (64, 1 << 20):
             reference, fused = decode_both((6, 1), received, chunk_size=chunk)
-            assert_same(reference, fused), name
+            assert_same(reference, fused, name)
         reference, fused = decode_both((6, 1), received, parts=True)
-        assert_same(reference, fused), name
+        assert_same(reference, fused, name)
 
 
 def test_fused_decode_with_larger_groups_and_two_classes(inductor):
@@ -218,10 +218,11 @@ def test_fused_decode_on_cuda_equals_the_cpu_reference(dtype):
         received = five.clone()
         received[liars] = -received[liars]
         cases.append(((10, 2), f"r=5, liars {liars}", received))
+    cases += [((6, 1), name, received) for received, name in long_row_cases(dtype)]
     for code_args, name, received in cases:
         reference = decode_on("cpu", code_args, received, fused=False)
-        assert_same(reference, decode_on("cuda", code_args, received, fused=True)), name
-        assert_same(reference, decode_on("cuda", code_args, received, fused=False)), name
+        assert_same(reference, decode_on("cuda", code_args, received, fused=True), name)
+        assert_same(reference, decode_on("cuda", code_args, received, fused=False), name)
     assert not frc_module._FUSED_FAILED, "the fused decode fell back to the reference path on CUDA"
 
 
@@ -229,17 +230,40 @@ def test_fused_decode_on_cuda_equals_the_cpu_reference(dtype):
 def test_fused_decode_compares_rows_longer_than_a_piece_everywhere(inductor, dtype):
     """Rows of several comparison pieces and a remainder: a lie in the first piece, the last whole piece
     or the remainder is found alike, and the totals are the reference's bit for bit."""
+    for received, name in long_row_cases(dtype):
+        reference, fused = decode_both((6, 1), received)
+        assert_same(reference, fused, name)
+        assert not frc_module._FUSED_FAILED, name
+
+
+def long_row_cases(dtype):
+    """(received, name) for FractionalRepetitionCode(6, 1) with rows of two pieces and more."""
     piece = frc_module._EQUALITY_PIECE
     d = 2 * piece + 77
     gen = torch.Generator().manual_seed(3)
     honest = honest_rows(2, 3, d, dtype, gen)
-    assert_same(*decode_both((6, 1), honest))
+    cases = [(honest, "honest")]
     for rank, where in [(1, 5), (2, piece - 1), (4, piece), (5, 2 * piece - 1), (1, 2 * piece), (4, d - 1)]:
         received = honest.clone()
         received.view(INTS[received.element_size()])[rank, where] ^= 1
-        reference, fused = decode_both((6, 1), received)
-        assert reference[1] == [rank], where
-        assert_same(reference, fused)
+        cases.append((received, f"low bit of rank {rank} at {where}"))
     exact = honest_rows(2, 3, 2 * piece, dtype, gen)  # no remainder
     exact[4, piece + 3] = math.nan
-    assert_same(*decode_both((6, 1), exact))
+    cases.append((exact, "NaN, rows of exactly two pieces"))
+    return cases
+
+
+def test_every_row_length_and_group_count_keeps_the_fused_decode(inductor):
+    """Lengths of 0, 1 and more pieces with 0, 1 and more left over, one group and several: the fused
+    decode gives the reference's outcome in every case and never exhausts its recompilation budget
+    (a fused decode that gives up falls back to the reference for the rest of the process)."""
+    piece = frc_module._EQUALITY_PIECE
+    gen = torch.Generator().manual_seed(5)
+    for p in (6, 3, 12):
+        for d in (1, 2, 7, piece - 1, piece, piece + 1, 2 * piece, 2 * piece + 1, 2 * piece + 9, 3 * piece + 2):
+            received = honest_rows(p // 3, 3, d, torch.float32, gen)
+            received[p - 1, d // 2] += 1.0
+            reference, fused = decode_both((p, 1), received)
+            assert reference[1] == [p - 1]
+            assert_same(reference, fused, f"P={p}, d={d}")
+            assert not frc_module._FUSED_FAILED, (p, d)

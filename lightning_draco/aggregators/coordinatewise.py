@@ -17,9 +17,9 @@ from lightning_draco.aggregators.base import Aggregator, finite_rows
 # 2.6 s against 9.7 s, n = 100 2.7 s against 7.3 s; torch.topk was 1.1-1.9x faster than sort, kthvalue
 # slower than both.
 _NETWORK_MAX_ROWS = 128
-# On a GPU each compare-exchange is one kernel over all columns. Measured on an H200 (docs/decode_cuda.md,
-# P = 15 and 63, d = 11.2M and 100M, float32 and bfloat16): the network took 0.17x to 0.43x the sort's
-# time for the median and the trimmed mean in every case; beyond 64 rows it is not measured there.
+# On a GPU each compare-exchange is one kernel over all columns. Measured on an H200 (docs/decode_cuda.md:
+# P = 15 at d = 11.2M and 100M, P = 63 at d = 11.2M, float32 and bfloat16): the network took 0.17x to
+# 0.53x the sort's time for the median and the trimmed mean in every case; beyond 63 rows, not measured.
 _NETWORK_MAX_ROWS_ACCELERATOR = 64
 # Up to this many rows and with every row finite, the network's outputs are summed row after row (the
 # outputs this rule has always had there); otherwise as ``torch.mean`` sums them, bitwise what the sort
@@ -159,7 +159,7 @@ class _OrderStatistics(Aggregator):
     The engines agree to rounding, and bit for bit except where the network adds up to 32 finite
     kept rows one after another (the outputs these rules have always had on the CPU), which a mean
     over sorted rows may round differently. The choice is one of speed: "auto" takes the measured
-    winner (on the CPU, and on an H200 up to 63 rows); the others let a benchmark compare them on another device (``benchmarks/decode.py``
+    winner (on the CPU; on an H200, measured up to 63 rows); the others let a benchmark compare them on another device (``benchmarks/decode.py``
     methods ``aggregator:median:network`` and ``aggregator:median:sort``).
     """
 

@@ -31,30 +31,34 @@ RIVAL_RADII = 4.0
 
 
 # -- the fused path: one compiled pass compares the members, one compiled pass sums the winners -----------
-# Coordinates each compiled comparison reduces before the rest is reduced eagerly. One reduction over
-# the whole row, with only groups x pairs results, ran on an H200 as a few thread blocks walking the
-# rows (8 ns per coordinate: 465x the mean at P = 15, d = 11.2M); pieces give groups x pairs x d / piece
-# results to spread over the GPU.
+# Coordinates each comparison reduces before the rest is reduced eagerly. One reduction over the whole
+# row, with only groups x pairs results, ran on an H200 as a few thread blocks walking the rows (8 ns per
+# coordinate: 465x the mean at P = 15, d = 11.2M); pieces give groups x pairs x d / piece results to spread.
 _EQUALITY_PIECE = 1 << 14
 
 
-def _pair_equalities(bits: Tensor, pairs: tuple[tuple[int, int], ...]) -> Tensor:
-    """``(groups, len(pairs), pieces)``: whether members ``a`` and ``b`` of each group are equal bit for
-    bit in each piece of ``_EQUALITY_PIECE`` coordinates (the last piece: what is left, maybe nothing).
+def _piece_equalities(body: Tensor, pairs: tuple[tuple[int, int], ...]) -> Tensor:
+    """``(groups, len(pairs), pieces)`` for ``body`` of shape ``(groups, r, pieces, _EQUALITY_PIECE)``:
+    whether members ``a`` and ``b`` of each group are equal bit for bit in each piece. Compiled, every
+    pair's reduction shares one loop that reads each member once."""
+    return torch.stack([(body[:, a] == body[:, b]).all(dim=-1) for a, b in pairs], dim=1)
 
-    ``bits`` is the ``(groups, r, d)`` integer view of the received rows. Compiled, every pair's
-    reduction shares one loop that reads each member once.
+
+def _pair_equalities(
+    bits: Tensor, pairs: tuple[tuple[int, int], ...], pieces: Callable[..., Tensor] = _piece_equalities
+) -> Tensor:
+    """``(groups, len(pairs))``: whether members ``a`` and ``b`` of each group are equal bit for bit.
+
+    ``bits`` is the ``(groups, r, d)`` integer view of the received rows; ``pieces`` compares the whole
+    pieces (``_piece_equalities``, or its compiled form), the few coordinates left over are compared here.
     """
     groups, r, d = bits.shape
-    pieces = d // _EQUALITY_PIECE
-    whole = pieces * _EQUALITY_PIECE
-    body = bits[:, :, :whole].reshape(groups, r, pieces, _EQUALITY_PIECE)
+    whole = d - d % _EQUALITY_PIECE
     rest = bits[:, :, whole:]
-    return torch.stack(
-        [torch.cat([(body[:, a] == body[:, b]).all(dim=-1), (rest[:, a] == rest[:, b]).all(dim=-1, keepdim=True)], dim=-1)
-         for a, b in pairs],
-        dim=1,
-    )
+    same = torch.stack([(rest[:, a] == rest[:, b]).all(dim=-1) for a, b in pairs], dim=1)
+    if whole:
+        same &= pieces(bits[:, :, :whole].unflatten(2, (whole // _EQUALITY_PIECE, _EQUALITY_PIECE)), pairs).all(dim=-1)
+    return same
 
 
 def _ordered_sum(rows: Tensor, member: int, zero: Tensor) -> Tensor:
@@ -83,7 +87,7 @@ def _sq_norm(v: Tensor) -> float:
     return norm * norm
 
 
-_KERNELS = {"pairs": _pair_equalities, "sum": _ordered_sum}
+_KERNELS = {"pieces": _piece_equalities, "sum": _ordered_sum}
 _COMPILED: dict[tuple, Callable] = {}
 # (device type, dtype) where the fused path failed: the reference path runs there from then on.
 _FUSED_FAILED: set[tuple[str, torch.dtype]] = set()
@@ -94,7 +98,8 @@ def _compiled(name: str, *key) -> Callable:
 
     Each key compiles its own copy of the function, so that dtypes and group layouts do not share
     (and exhaust) one function's recompilation budget; ``dynamic=True`` makes one kernel serve every
-    bucket length and number of groups.
+    bucket length and number of groups (the comparison is called only where both are at least 2, sizes
+    that would otherwise each compile a variant).
     """
     if (name, *key) not in _COMPILED:
         fn = _KERNELS[name]
@@ -347,7 +352,11 @@ class FractionalRepetitionCode(Code):
         r, device = self.redundancy, rows.device.type
         try:
             def compare(pairs: list[tuple[int, int]]) -> Tensor:
-                return _compiled("pairs", device, bits.dtype, tuple(pairs))(bits, tuple(pairs)).all(dim=-1).cpu()
+                # Compiled only where the groups and the pieces are at least 2: sizes 0 and 1 would each
+                # compile a variant of their own (and exhaust the recompilation budget); eager there.
+                compiled = rows.shape[0] >= 2 and bits.shape[2] >= 2 * _EQUALITY_PIECE
+                kernel = _compiled("pieces", device, bits.dtype, tuple(pairs)) if compiled else _piece_equalities
+                return _pair_equalities(bits, tuple(pairs), kernel).cpu()
 
             classes = self._whole_row_vote(compare, pairs_first=r <= 5)
             if classes is None:
@@ -377,7 +386,7 @@ class FractionalRepetitionCode(Code):
         """The whole-row vote in eager torch: comparisons on views (no copies), one sync per round."""
 
         def compare(pairs: list[tuple[int, int]]) -> Tensor:
-            return _pair_equalities(bits, tuple(pairs)).all(dim=-1).cpu()
+            return _pair_equalities(bits, tuple(pairs)).cpu()
 
         classes = self._whole_row_vote(compare, pairs_first=False)
         return None if classes is None else self._winners_outcome(rows, classes, acc, per_group)

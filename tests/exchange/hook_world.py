@@ -125,10 +125,12 @@ def reactive_runs(rank: int, world: int, device: str = "cpu") -> dict:
 
 def main(out: str, world: int) -> None:
     rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    device = os.environ.get("HOOK_WORLD_DEVICE", "cpu")
+    # On a GPU each rank may compile the fused vote (Triton) between collectives: a longer timeout there.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60 if device == "cpu" else 600))
     seen = {}
-    if os.environ.get("HOOK_WORLD_DEVICE", "cpu") != "cpu":  # the reactive runs alone, on that device
-        seen["reactive"] = reactive_runs(rank, world, os.environ["HOOK_WORLD_DEVICE"])
+    if device != "cpu":  # the reactive runs alone, on that device
+        seen["reactive"] = reactive_runs(rank, world, device)
         torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
         return
