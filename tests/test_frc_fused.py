@@ -267,3 +267,14 @@ def test_every_row_length_and_group_count_keeps_the_fused_decode(inductor):
             assert reference[1] == [p - 1]
             assert_same(reference, fused, f"P={p}, d={d}")
             assert not frc_module._FUSED_FAILED, (p, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_batched_vote_compares_rows_longer_than_a_piece_everywhere(dtype):
+    """The eager batched vote (accelerators' path when not compiled) cuts rows into the same pieces."""
+    for received, name in long_row_cases(dtype):
+        outcomes = []
+        for batched in (False, True):
+            result = FractionalRepetitionCode(6, 1, fused=False, batched=batched).decode(received)
+            outcomes.append((result.total, result.faulty))
+        assert_same(*outcomes, name)
