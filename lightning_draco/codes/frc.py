@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_draco._bits import bits_dtype
+from lightning_draco._bits import bits_dtype, same_bytes
 from lightning_draco.codes import register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
 
@@ -491,14 +491,14 @@ class FractionalRepetitionCode(Code):
     def _vote(self, block: Tensor) -> Optional[tuple[int, list[int]]]:
         """The member of the one class of at least s+1 bitwise-equal blocks, and that class; else None."""
         r, need = self.redundancy, self.num_adversaries + 1
-        first = [0] + [m for m in range(1, r) if torch.equal(block[m], block[0])]
+        first = [0] + [m for m in range(1, r) if same_bytes(block[m], block[0])]
         classes = [first]
         if not self._sole_majority(len(first)):
             for m in range(1, r):
                 if m in first:
                     continue
                 for members in classes[1:]:
-                    if torch.equal(block[m], block[members[0]]):
+                    if same_bytes(block[m], block[members[0]]):
                         members.append(m)
                         break
                 else:

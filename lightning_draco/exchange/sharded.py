@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_draco._bits import bits_dtype
+from lightning_draco._bits import same_bytes
 from lightning_draco.codes import DracoDecodeError
 from lightning_draco.exchange import collectives
 from lightning_draco.exchange.state import ExchangeState
@@ -213,7 +213,7 @@ def shard_majority(
     for t, (values, ballot) in enumerate(ballots):
         for members in classes:
             other_values, other_ballot = ballots[members[0]]
-            if same_ballot(ballot, other_ballot) and _same_bits(values, other_values):
+            if same_ballot(ballot, other_ballot) and same_bytes(values, other_values):
                 members.append(t)
                 break
         else:
@@ -255,8 +255,6 @@ def vote_shard(state: ExchangeState, target: Tensor, shard: int, index: int, gat
         step.nonfinite = True
 
 
-def _same_bits(a: Tensor, b: Tensor) -> bool:
-    return torch.equal(a.view(bits_dtype(a)), b.view(bits_dtype(b)))
 
 
 def record_failure(step, error: DracoDecodeError, index: int) -> None:
