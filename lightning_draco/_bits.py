@@ -36,5 +36,6 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
         _MEMCMP is not None and a.device.type == "cpu" and b.device.type == "cpu"
         and a.is_contiguous() and b.is_contiguous() and a.shape == b.shape and a.dtype == b.dtype
     ):
-        return _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
+        # An empty tensor may have no storage (a null pointer), which memcmp must not be given.
+        return a.numel() == 0 or _MEMCMP(a.data_ptr(), b.data_ptr(), a.numel() * a.element_size()) == 0
     return torch.equal(a.view(bits_dtype(a)), b.view(bits_dtype(b)))
