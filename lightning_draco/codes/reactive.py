@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lightning_draco._bits import bits_dtype
+from lightning_draco._bits import bits_dtype, same_bytes
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
 from lightning_draco.codes.frc import FractionalRepetitionCode, noise_radius, relative_distances
 
@@ -155,10 +155,13 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         r = self.redundancy
         rows = received.view(self.num_groups, r, -1)
         bits = rows.view(bits_dtype(received))
-        same = torch.ones(self.num_groups, dtype=torch.bool, device=received.device)
-        for m in range(1, r):
-            same &= (bits[:, m] == bits[:, 0]).all(dim=1)
-        agree = same.tolist()
+        if received.device.type == "cpu":  # memcmp per member (same_bytes): no comparison tensor written
+            agree = [all(same_bytes(bits[g, m], bits[g, 0]) for m in range(1, r)) for g in range(self.num_groups)]
+        else:  # one batched comparison, one host sync
+            same = torch.ones(self.num_groups, dtype=torch.bool, device=received.device)
+            for m in range(1, r):
+                same &= (bits[:, m] == bits[:, 0]).all(dim=1)
+            agree = same.tolist()
         radius = self.detection_radius
         if radius > 0:
             for g in range(self.num_groups):
