@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lightning_draco._bits import bits_dtype, same_bytes
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
-from lightning_draco.codes.frc import FractionalRepetitionCode, noise_radius, relative_distances
+from lightning_draco.codes.frc import FractionalRepetitionCode, _pair_equalities, noise_radius, relative_distances
 
 __all__ = ["EscalationNeeded", "ReactiveRepetitionCode"]
 
@@ -157,11 +157,8 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         bits = rows.view(bits_dtype(received))
         if received.device.type == "cpu":  # memcmp per member (same_bytes): no comparison tensor written
             agree = [all(same_bytes(bits[g, m], bits[g, 0]) for m in range(1, r)) for g in range(self.num_groups)]
-        else:  # one batched comparison, one host sync
-            same = torch.ones(self.num_groups, dtype=torch.bool, device=received.device)
-            for m in range(1, r):
-                same &= (bits[:, m] == bits[:, 0]).all(dim=1)
-            agree = same.tolist()
+        else:  # one batched comparison of every member with the first, one host sync
+            agree = _pair_equalities(bits, tuple((0, m) for m in range(1, r))).all(dim=1).tolist()
         radius = self.detection_radius
         if radius > 0:
             for g in range(self.num_groups):
