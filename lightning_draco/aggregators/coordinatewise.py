@@ -112,7 +112,8 @@ def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int, engine: str = "au
     rows that stay in cache) and n <= 64 on accelerators (each compare-exchange one kernel over all
     columns), a sorting network replaces ``torch.sort`` over the whole tensor, which also computes and
     writes an int64 index per entry; rows that are NaN everywhere (a liar's) are set aside. Otherwise
-    (more rows, rows with some NaN entries, or more NaN rows than the window leaves out) it sorts. ``engine`` overrides the choice (``ENGINES``).
+    (more rows, rows with some NaN entries, or more NaN rows than the window leaves out) it sorts.
+    ``engine`` overrides the choice (``ENGINES``).
     """
     n, d = inputs.shape
     plan = _network_plan(inputs, engine)
@@ -159,8 +160,9 @@ class _OrderStatistics(Aggregator):
     The engines agree to rounding, and bit for bit except where the network adds up to 32 finite
     kept rows one after another (the outputs these rules have always had on the CPU), which a mean
     over sorted rows may round differently. The choice is one of speed: "auto" takes the measured
-    winner (on the CPU; on an H200, measured up to 63 rows); the others let a benchmark compare them on another device (``benchmarks/decode.py``
-    methods ``aggregator:median:network`` and ``aggregator:median:sort``).
+    winner (on the CPU; on an H200, measured up to 63 rows); the others let a benchmark compare them
+    on another device (``benchmarks/decode.py`` methods ``aggregator:median:network`` and
+    ``aggregator:median:sort``).
     """
 
     def __init__(self, num_byzantine: int, engine: str = "auto"):

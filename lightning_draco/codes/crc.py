@@ -448,17 +448,22 @@ class CyclicRepetitionCode(Code):
                 result = self._certify(received, suspects, erased)
                 accepted = self._accept(result, suspects, erased, norms, floors, length)
                 if accepted is None and self.measured_floor is None:  # once per decode (see below)
-                    floors, accepted = self._accept_under_noise(received, result, suspects, erased, norms, theta, length)
+                    floors, accepted = self._accept_under_noise(
+                        received, result, suspects, erased, norms, theta, length
+                    )
                 if accepted is not None:
                     self._hint = suspects
                     return accepted
                 # Against the rounding floor, whichever floor this set was tried under: comparable numbers.
-                ratio = Verdict(result.total, result.misfits[:s], _allowed(self._combiner(suspects), norms, theta, length)).ratio
+                allowed = _allowed(self._combiner(suspects), norms, theta, length)
+                ratio = Verdict(result.total, result.misfits[:s], allowed).ratio
                 if closest is None or ratio < closest[1]:
                     closest = (suspects, ratio)
         if closest is None:
             closest = (hint, math.inf)
-        measured = "" if floors.certify == theta else f"; the noise measured among the rows allowed {floors.certify:.2g}"
+        measured = (
+            "" if floors.certify == theta else f"; the noise measured among the rows allowed {floors.certify:.2g}"
+        )
         raise DracoDecodeError(
             f"no {s} workers could be set aside so that the other {p - s} fit the code: the closest set"
             f" ({list(closest[0])}) leaves a parity misfit {closest[1]:.3g} times the floor"

@@ -284,7 +284,9 @@ def pending_in(ballot: Tensor) -> list[int]:
     return [w * _FLAGS_PER_WORD + b for w, word in enumerate(words) for b in range(_FLAGS_PER_WORD) if word >> b & 1]
 
 
-def _vote_detection(state: ExchangeState, target: Tensor, shard: int, index: int, gathered: Gathered) -> "Tensor | None":
+def _vote_detection(
+    state: ExchangeState, target: Tensor, shard: int, index: int, gathered: Gathered
+) -> "Tensor | None":
     """Write into ``target`` the shard's values that ``s+1`` of its decoders sent with the same verdict, bit
     for bit (the pending groups included); return that verdict, or ``None`` when no such class exists."""
     vote = shard_majority(state, target, shard, index, gathered, torch.equal, "the same values and verdict")

@@ -24,9 +24,9 @@ from lightning_draco.exchange.state import ExchangeState
 from lightning_draco.exchange.verdict import CAUGHT, DecodeStatus, Verdict, decode
 
 __all__ = [
-    "Gathered", "ShardLayout", "ShardMajority", "agree_on_step", "decode_shard", "decoders_of", "gather_decoded", "record_failure",
-    "scatter_to_decoders", "shard_ballot", "shard_bounds", "shard_layout", "shard_majority", "shards_of",
-    "sharded_hook", "vote_shard",
+    "Gathered", "ShardLayout", "ShardMajority", "agree_on_step", "decode_shard", "decoders_of", "gather_decoded",
+    "record_failure", "scatter_to_decoders", "shard_ballot", "shard_bounds", "shard_layout", "shard_majority",
+    "shards_of", "sharded_hook", "vote_shard",
 ]
 
 
@@ -253,8 +253,6 @@ def vote_shard(state: ExchangeState, target: Tensor, shard: int, index: int, gat
         ), index)
     elif status == DecodeStatus.NONFINITE:
         step.nonfinite = True
-
-
 
 
 def record_failure(step, error: DracoDecodeError, index: int) -> None:
