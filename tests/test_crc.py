@@ -548,16 +548,22 @@ def test_decode_under_kernel_noise_recovers_the_sum_and_names_no_honest_rank(cas
     honest = kernel_noise_encode(code, grads, level, gen)
     received = _lied(code, honest, liars, kinds, gen)
     result = code.decode(received, generator=projection(seed))
+    assert_noisy_guarantees(code, grads, honest, received, liars, level, result)
+
+
+def assert_noisy_guarantees(code, grads, honest, received, liars, level, result, context=()):
+    """What a decode of rows with kernel noise ``level`` promises: the total within the noise carried
+    through the combiner plus what a lie under 8 measured floors may add (looser than crc_accuracy.py's
+    (growth + 8 exposure) x level: 20,000 random draws under make fuzz), no honest worker named, and
+    every liar that moved its row far beyond the noise named."""
     truth = grads.sum(0)
     scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
-    # The honest noise carried through the combiner, plus what a lie under 8 measured floors may add
-    # (looser than crc_accuracy.py's (growth + 8 exposure) x level: 20,000 random draws under make fuzz).
     bound = 1e-5 + (4 * code.growth + 8 * code.exposure) * level
-    assert float((result.total.double() - truth).norm()) <= bound * scale
-    assert set(result.faulty) <= set(liars), "an honest worker was named"
+    assert float((result.total.cpu().double() - truth).norm()) <= bound * scale, context
+    assert set(result.faulty) <= set(liars), ("an honest worker was named", *context)
     huge = {w for w in liars if not torch.isfinite(received[w]).all()
             or float((received[w] - honest[w]).norm()) > max(1e-2, 2000 * level) * float(honest[w].norm())}
-    assert huge <= set(result.faulty), "a liar that moved its row far beyond the noise went unnamed"
+    assert huge <= set(result.faulty), ("a liar that moved its row far beyond the noise went unnamed", *context)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
@@ -578,17 +584,10 @@ def test_decode_on_cuda_keeps_the_guarantees_of_the_cpu_decode(level):
             kinds = ["reverse" if kind == "other_row" else kind for kind in kinds]
         grads = torch.randn(p, 2048, dtype=torch.float64, generator=gen)
         code = CyclicRepetitionCode(p, s)
-        honest = code.encode(grads, torch.float32, noise=level, generator=gen)
+        honest = kernel_noise_encode(code, grads, level, gen)
         received = _lied(code, honest, liars, kinds, gen)
         on_cpu = code.decode(received, generator=projection(case))
         on_cuda = CyclicRepetitionCode(p, s).decode(received.cuda(), generator=projection(case))
-        truth = grads.sum(0)
-        scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
-        bound = 1e-5 + (4 * code.growth + 8 * code.exposure) * level
         assert on_cuda.total.device.type == "cuda"
-        assert float((on_cuda.total.cpu().double() - truth).norm()) <= bound * scale, (p, s, liars, kinds)
-        assert set(on_cuda.faulty) <= set(liars), ("an honest worker was named", p, s, liars, kinds)
-        huge = {w for w in liars if not torch.isfinite(received[w]).all()
-                or float((received[w] - honest[w]).norm()) > max(1e-2, 2000 * level) * float(honest[w].norm())}
-        assert huge <= set(on_cuda.faulty), (p, s, liars, kinds)
+        assert_noisy_guarantees(code, grads, honest, received, liars, level, on_cuda, (p, s, liars, kinds))
         assert on_cuda.faulty == on_cpu.faulty, (p, s, liars, kinds)
