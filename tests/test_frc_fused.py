@@ -38,16 +38,24 @@ def inductor():
     assert not frc_module._FUSED_FAILED, "a fused decode fell back to the reference path"
 
 
+def decode_on(device, code_args, received, fused, parts=False, batched=False, **options):
+    """(total, or each group's part, on the CPU; faulty) of a decode of ``received`` moved to ``device``,
+    or the DracoDecodeError's message."""
+    code = FractionalRepetitionCode(*code_args, fused=fused, batched=batched, **options)
+    try:
+        if parts:
+            out, faulty = code.parts(received.to(device))
+        else:
+            result = code.decode(received.to(device))
+            out, faulty = result.total, result.faulty
+    except DracoDecodeError as err:
+        return str(err)
+    return out.cpu(), faulty
+
+
 def decode_both(code_args, received, parts=False, **options):
-    """(reference, fused) outcomes: (total or parts, faulty) or the DracoDecodeError's message."""
-    outcomes = []
-    for fused in (False, True):
-        code = FractionalRepetitionCode(*code_args, fused=fused, batched=False, **options)
-        try:
-            outcomes.append(code.parts(received) if parts else tuple(code.decode(received).__dict__.values()))
-        except DracoDecodeError as err:
-            outcomes.append(str(err))
-    return outcomes
+    """(reference, fused) outcomes on the CPU (``decode_on``)."""
+    return [decode_on("cpu", code_args, received, fused, parts, **options) for fused in (False, True)]
 
 
 def assert_same(reference, fused, name=""):
@@ -195,16 +203,6 @@ def test_fused_is_the_default_on_cuda_only():
     assert FractionalRepetitionCode(3, 1, fused=True)._fused_here(torch.zeros(3, 4)) is True
 
 
-def decode_on(device, code_args, received, fused):
-    """(total on the CPU, faulty) of a decode of ``received`` moved to ``device``, or the error's message."""
-    code = FractionalRepetitionCode(*code_args, fused=fused, batched=False)
-    try:
-        result = code.decode(received.to(device))
-    except DracoDecodeError as err:
-        return str(err)
-    return result.total.cpu(), result.faulty
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fused_decode_on_cuda_equals_the_cpu_reference(dtype):
@@ -273,8 +271,4 @@ def test_every_row_length_and_group_count_keeps_the_fused_decode(inductor):
 def test_the_batched_vote_compares_rows_longer_than_a_piece_everywhere(dtype):
     """The eager batched vote (accelerators' path when not compiled) cuts rows into the same pieces."""
     for received, name in long_row_cases(dtype):
-        outcomes = []
-        for batched in (False, True):
-            result = FractionalRepetitionCode(6, 1, fused=False, batched=batched).decode(received)
-            outcomes.append((result.total, result.faulty))
-        assert_same(*outcomes, name)
+        assert_same(*[decode_on("cpu", (6, 1), received, fused=False, batched=batched) for batched in (False, True)], name)
