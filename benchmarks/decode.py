@@ -195,19 +195,29 @@ def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f,
            "gb_per_s": gbps, "mean_gb_per_s": received.numel() * received.element_size() / mean_s / 1e9}
     counterpart = byzfl_counterpart(peer, kind, name, f) if peer is not None else None
     if counterpart is not None:
-        if (kind, name) in _PEER_WRITES_ITS_INPUT:
-            # ByzFL clips the caller's rows in place: time it on a fresh copy, as ours returns a new tensor.
-            peer_seconds = median_seconds(lambda: counterpart(received.clone()), repeats, device)
-            out["peer_note"] = "copy included: ByzFL clips its input in place"
-        else:
-            peer_seconds = median_seconds(lambda: counterpart(received), repeats, device)
-        out["peer_seconds"] = peer_seconds
-        if name == "geometric_median":
-            out["iterations"], out["peer_iterations"] = rule.iterations, counterpart.T
-            out["vs_peer"] = (seconds / rule.iterations) / (peer_seconds / counterpart.T)
-        else:
-            out["vs_peer"] = seconds / peer_seconds
+        try:
+            out.update(_measure_peer(counterpart, kind, name, rule, seconds, received, repeats, device))
+        except Exception as err:  # noqa: BLE001 - the peer's failure is a row's finding, not the run's end
+            out["peer_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:100] if str(err).strip() else ''}"
     del received
+    return out
+
+
+def _measure_peer(counterpart, kind, name, rule, seconds, received, repeats, device) -> dict:
+    """ByzFL's time for the same rule on the same tensor, and ours against it."""
+    out = {}
+    if (kind, name) in _PEER_WRITES_ITS_INPUT:
+        # ByzFL clips the caller's rows in place: time it on a fresh copy, as ours returns a new tensor.
+        peer_seconds = median_seconds(lambda: counterpart(received.clone()), repeats, device)
+        out["peer_note"] = "copy included: ByzFL clips its input in place"
+    else:
+        peer_seconds = median_seconds(lambda: counterpart(received), repeats, device)
+    out["peer_seconds"] = peer_seconds
+    if name == "geometric_median":
+        out["iterations"], out["peer_iterations"] = rule.iterations, counterpart.T
+        out["vs_peer"] = (seconds / rule.iterations) / (peer_seconds / counterpart.T)
+    else:
+        out["vs_peer"] = seconds / peer_seconds
     return out
 
 
@@ -278,6 +288,8 @@ def _line(row: dict, with_peer: bool = False) -> str:
     bandwidth = f"{row['gb_per_s']:.1f} ({row['mean_gb_per_s']:.1f})" if "gb_per_s" in row else ""
     line = head + f" {row['seconds']:.4f} | {row['mean_seconds']:.4f} | {row['ratio']:.2f}x | {bandwidth} | {caught} |"
     if with_peer:
+        if "peer_error" in row:
+            return line + f" | failed: {row['peer_error']} |"
         if "peer_seconds" not in row:
             return line + " | |"
         iters = f" ({row['iterations']} vs {row['peer_iterations']} iterations)" if "iterations" in row else ""

@@ -34,7 +34,9 @@ RIVAL_RADII = 4.0
 # Coordinates each comparison reduces before the rest is reduced eagerly. One reduction over the whole
 # row, with only groups x pairs results, ran on an H200 as a few thread blocks walking the rows (8 ns per
 # coordinate: 465x the mean at P = 15, d = 11.2M); pieces give groups x pairs x d / piece results to spread.
-_EQUALITY_PIECE = 1 << 14
+# On an H100 at P = 15, d = 11.2M the comparison took 1.4x the mean's time in pieces of 4,096, 2.2x in
+# pieces of 16,384 and 2.9x in pieces of 262,144; at d = 100M every size took 0.8x to 1.3x.
+_EQUALITY_PIECE = 1 << 12
 
 
 def _piece_equalities(body: Tensor, pairs: tuple[tuple[int, int], ...]) -> Tensor:
@@ -356,9 +358,19 @@ class FractionalRepetitionCode(Code):
                 # compile a variant of their own (and exhaust the recompilation budget); eager there.
                 compiled = rows.shape[0] >= 2 and bits.shape[2] >= 2 * _EQUALITY_PIECE
                 kernel = _compiled("pieces", device, bits.dtype, tuple(pairs)) if compiled else _piece_equalities
-                return _pair_equalities(bits, tuple(pairs), kernel).cpu()
+                return _pair_equalities(bits, tuple(pairs), kernel)
 
-            classes = self._whole_row_vote(compare, pairs_first=r <= 5)
+            def winners_sum(m: int) -> Tensor:
+                zero = torch.zeros((), dtype=acc, device=rows.device)
+                return _compiled("sum", device, rows.dtype, m)(rows, m, zero)
+
+            # Both passes are queued before the host waits for the comparison: on a GPU the sum of the
+            # first members (the winners unless a group's first member lies) runs while the host votes.
+            pairs_first = r <= 5
+            first = self._first_pairs(pairs_first)
+            queued = compare(first)
+            speculative = None if per_group else winners_sum(0)
+            classes = self._whole_row_vote(lambda pairs: queued if pairs == first else compare(pairs), pairs_first)
             if classes is None:
                 return None
             common = set.intersection(*classes)
@@ -367,8 +379,7 @@ class FractionalRepetitionCode(Code):
                 if per_group:
                     out = rows[:, m].to(acc, copy=True)
                 else:
-                    zero = torch.zeros((), dtype=acc, device=rows.device)
-                    out = _compiled("sum", device, rows.dtype, m)(rows, m, zero)
+                    out = speculative if m == 0 else winners_sum(m)
                 return self._whole_row_outcome(out, [m] * len(classes), classes)
         except Exception as err:  # noqa: BLE001 - any failure to compile: the reference path, same results
             _FUSED_FAILED.add((device, rows.dtype))
@@ -425,30 +436,35 @@ class FractionalRepetitionCode(Code):
         ``compare(pairs)`` says, per group, which pairs of members are equal bit for bit. First every
         member is compared with its group's first member (or, with ``pairs_first``, with every other
         member at once); the other pairs only if some group's first member is not in a sole majority.
-        Returns None when some group needs the block-wise vote.
+        Returns None when some group needs the block-wise vote. The bookkeeping is plain Python on
+        the one host copy of the comparisons: per-group tensor indexing cost more than the comparison
+        itself on a GPU at d = 11.2M.
         """
         r, num_groups = self.redundancy, self.num_groups
-        equal = torch.eye(r, dtype=torch.bool).repeat(num_groups, 1, 1)
-        first = [(0, b) for b in range(1, r)]
-        rest = [(a, b) for a in range(1, r) for b in range(a + 1, r)]
+        equal = [[[a == b for b in range(r)] for a in range(r)] for _ in range(num_groups)]
 
         def fill(pairs: list[tuple[int, int]]) -> None:
             if pairs:
-                same = compare(pairs)
-                for k, (a, b) in enumerate(pairs):
-                    equal[:, a, b] = equal[:, b, a] = same[:, k]
+                for g, row in enumerate(compare(pairs).tolist()):
+                    for (a, b), same in zip(pairs, row):
+                        equal[g][a][b] = equal[g][b][a] = same
 
-        fill(first + rest if pairs_first else first)
-        if not pairs_first and not all(self._sole_majority(int(equal[g, 0].sum())) for g in range(num_groups)):
-            fill(rest)
+        fill(self._first_pairs(pairs_first))
+        if not pairs_first and not all(self._sole_majority(sum(equal[g][0])) for g in range(num_groups)):
+            fill([(a, b) for a in range(1, r) for b in range(a + 1, r)])
         classes = []
         for g in range(num_groups):
-            sizes = equal[g].sum(dim=1)
-            leaders = [m for m in range(r) if self._sole_majority(int(sizes[m]))]
+            leaders = [m for m in range(r) if self._sole_majority(sum(equal[g][m]))]
             if not leaders:
                 return None
-            classes.append({m for m in range(r) if equal[g, leaders[0], m]})
+            classes.append({m for m in range(r) if equal[g][leaders[0]][m]})
         return classes
+
+    def _first_pairs(self, pairs_first: bool) -> list[tuple[int, int]]:
+        """The pairs the whole-row vote compares first: member 0 with the others, or, with
+        ``pairs_first``, every pair."""
+        r = self.redundancy
+        return [(a, b) for a in range(1 if not pairs_first else r) for b in range(a + 1, r)]
 
     def _blockwise_vote(self, rows: Tensor, bits: Tensor, acc: torch.dtype, per_group: bool) -> _Vote:
         """The reference: per block of ``chunk_size`` coordinates, compare and sum while the block is in cache."""
