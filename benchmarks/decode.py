@@ -199,7 +199,6 @@ def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f,
             out.update(_measure_peer(counterpart, kind, name, rule, seconds, received, repeats, device))
         except Exception as err:  # noqa: BLE001 - the peer's failure is a row's finding, not the run's end
             out["peer_error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:100] if str(err).strip() else ''}"
-    del received
     return out
 
 
