@@ -272,3 +272,36 @@ def test_the_batched_vote_compares_rows_longer_than_a_piece_everywhere(dtype):
     """The eager batched vote (accelerators' path when not compiled) cuts rows into the same pieces."""
     for received, name in long_row_cases(dtype):
         assert_same(*[decode_on("cpu", (6, 1), received, fused=False, batched=batched) for batched in (False, True)], name)
+
+
+def test_a_liar_that_stays_at_a_first_member_costs_one_extra_sum_once(inductor, monkeypatch):
+    """The fused decode sums the likely winners while the host votes: the first members, then the last
+    decode's winners. A liar that stays at group 1's first member makes the first decode sum again (the
+    guess lost) and no later one; a liar that moves there again costs one more. Every total is the
+    reference's, bit for bit."""
+    sums = []
+    compiled = frc_module._compiled
+
+    def counting(name, *key):
+        kernel = compiled(name, *key)
+        if name != "sum":
+            return kernel
+        return lambda rows, member, zero: sums.append(member) or kernel(rows, member, zero)
+
+    monkeypatch.setattr(frc_module, "_compiled", counting)
+    gen = torch.Generator().manual_seed(9)
+    honest = honest_rows(3, 3, 3 * frc_module._EQUALITY_PIECE + 5, torch.float32, gen)
+    code = FractionalRepetitionCode(9, 1, fused=True)
+    per_decode = []
+    for liar in (3, 3, 3, 4, 4, 0):
+        received = honest.clone()
+        received[liar] *= -100
+        sums.clear()
+        result = code.decode(received)
+        per_decode.append(list(sums))
+        reference = FractionalRepetitionCode(9, 1, fused=False).decode(received)
+        assert result.faulty == reference.faulty == [liar]
+        assert torch.equal(result.total, reference.total)
+    # member 0 guessed, lost to the liar at 3 (group 1's first): redone with member 1, the guess from then on;
+    # the liar at 4 (member 1) makes member 0 the winner again; the liar at 0 sends it back to member 1.
+    assert per_decode == [[0, 1], [1], [1], [1, 0], [0], [0, 1]]

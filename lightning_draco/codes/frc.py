@@ -265,6 +265,9 @@ class FractionalRepetitionCode(Code):
         self.batched = batched
         self.fused = fused
         self._matrix: Optional[Tensor] = None
+        #: The member the fused decode sums before the vote is known: the last decode's common winner,
+        #: so that a liar that stays at some group's first member costs the extra pass once, not every step.
+        self._likely_winner = 0
         #: The noise floor the last tolerance vote measured (``None`` before any): read by the reactive mode.
         self.measured_floor: Optional[float] = None
 
@@ -347,9 +350,12 @@ class FractionalRepetitionCode(Code):
 
         1. One pass compares the members of every group bit for bit (all pairs at once for r <= 5:
            the pass reads every member anyway).
-        2. One pass sums, in group order, member ``m`` of every group, ``m`` the first member that is
-           in every group's winning class (bit for bit the winners the reference adds). Where no
-           member is in all of them, the winners are added one by one, as the reference does.
+        2. Queued behind it before the host reads the comparison: one pass that sums, in group order,
+           member ``m`` of every group, ``m`` the last decode's common winner (the first member at first).
+        3. The vote. If ``m`` is in every group's winning class, that sum is bit for bit the sum of the
+           winners the reference adds (each class is bitwise equal); otherwise the sum is redone with the
+           first member that is in every class, or, where none is, the winners are added one by one, as
+           the reference does.
         """
         r, device = self.redundancy, rows.device.type
         try:
@@ -365,21 +371,23 @@ class FractionalRepetitionCode(Code):
                 return _compiled("sum", device, rows.dtype, m)(rows, m, zero)
 
             # Both passes are queued before the host waits for the comparison: on a GPU the sum of the
-            # first members (the winners unless a group's first member lies) runs while the host votes.
+            # likely winners (the first members, or the last decode's winners) runs while the host votes.
             pairs_first = r <= 5
             first = self._first_pairs(pairs_first)
             queued = compare(first)
-            speculative = None if per_group else winners_sum(0)
+            guess = self._likely_winner
+            speculative = None if per_group else winners_sum(guess)
             classes = self._whole_row_vote(lambda pairs: queued if pairs == first else compare(pairs), pairs_first)
             if classes is None:
                 return None
             common = set.intersection(*classes)
             if common:
-                m = min(common)
+                m = guess if guess in common else min(common)
+                self._likely_winner = m
                 if per_group:
                     out = rows[:, m].to(acc, copy=True)
                 else:
-                    out = speculative if m == 0 else winners_sum(m)
+                    out = speculative if m == guess else winners_sum(m)
                 return self._whole_row_outcome(out, [m] * len(classes), classes)
         except Exception as err:  # noqa: BLE001 - any failure to compile: the reference path, same results
             _FUSED_FAILED.add((device, rows.dtype))
