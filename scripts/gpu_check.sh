@@ -151,9 +151,12 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
         echo "noise of 1e-4 (relative) to every row, as non-deterministic kernels do; rows that do not fit in memory say so."
         echo
     } > "$DECODE_MD.tmp"
+    # ByzFL's rules alongside where it is installed (pip install --no-deps byzfl==0.0.11)
+    peer=()
+    "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("byzfl") is None)' 2>/dev/null && peer=(--peer byzfl)
     # decode.py rewrites the table after every row: a run stopped midway keeps what it measured
     PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
-        --dtypes float32 bfloat16 --repeats "${GPU_CHECK_REPEATS:-11}" \
+        --dtypes float32 bfloat16 --repeats "${GPU_CHECK_REPEATS:-11}" "${peer[@]}" \
         --methods aggregator:mean code:none code:frc code:frc:reference code:crc code:crc:noisy code:frc:noisy \
                   aggregator:median aggregator:median:network aggregator:trimmed_mean \
                   aggregator:trimmed_mean:network aggregator:krum \
