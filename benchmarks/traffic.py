@@ -742,6 +742,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", default=str(DOCS / "traffic_steps.json"), help="where the measurements go")
     sub.add_parser("report")
     sub.add_parser("all")
     args = parser.parse_args()
@@ -765,7 +766,7 @@ def main() -> None:
             (args.worlds, args.steps, args.warmup, args.configs, args.repeats) if args.command == "steps"
             else ([6, 9], 8, 2, list(CONFIGS), 2))
         data = measure_steps(worlds, steps, warmup, names, repeats)
-        (DOCS / "traffic_steps.json").write_text(json.dumps(data, indent=1))
+        Path(args.json if args.command == "steps" else DOCS / "traffic_steps.json").write_text(json.dumps(data, indent=1))
     if args.command in ("report", "all"):
         report()
 

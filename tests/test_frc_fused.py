@@ -305,3 +305,16 @@ def test_a_liar_that_stays_at_a_first_member_costs_one_extra_sum_once(inductor, 
     # member 0 guessed, lost to the liar at 3 (group 1's first): redone with member 1, the guess from then on;
     # the liar at 4 (member 1) makes member 0 the winner again; the liar at 0 sends it back to member 1.
     assert per_decode == [[0, 1], [1], [1], [1, 0], [0], [0, 1]]
+
+
+def test_groups_of_one_decode_fused_without_falling_back(inductor):
+    """r = 1 (s = 0) has no pairs to compare: the fused decode sums the rows and warns of nothing."""
+    received = torch.randn(4, 3 * frc_module._EQUALITY_PIECE, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = FractionalRepetitionCode(4, 0, 1, fused=True).decode(received)
+        parts = FractionalRepetitionCode(4, 0, 1, fused=True).parts(received)
+    reference = FractionalRepetitionCode(4, 0, 1, fused=False).decode(received)
+    assert fused.faulty == parts[1] == [] and torch.equal(fused.total, reference.total)
+    assert torch.equal(parts[0], received)
+    assert not frc_module._FUSED_FAILED

@@ -374,7 +374,7 @@ class FractionalRepetitionCode(Code):
             # likely winners (the first members, or the last decode's winners) runs while the host votes.
             pairs_first = r <= 5
             first = self._first_pairs(pairs_first)
-            queued = compare(first)
+            queued = compare(first) if first else None  # r = 1: nothing to compare
             guess = self._likely_winner
             speculative = None if per_group else winners_sum(guess)
             classes = self._whole_row_vote(lambda pairs: queued if pairs == first else compare(pairs), pairs_first)
