@@ -455,3 +455,51 @@ def test_relative_distances_hold_for_tiny_and_huge_members(scale):
     assert float(relative[0, 2]) == 0.0
     zeros, _ = relative_distances(torch.zeros(3, 5000), chunk_size=1024)
     assert float(zeros.abs().max()) == 0.0
+
+
+@st.composite
+def blockwise_scenarios(draw):
+    """Groups whose members lie in some blocks only, or carry kernel noise everywhere: the inputs that
+    reach the block-wise vote (no whole-row majority), more liars than s included."""
+    s = draw(st.integers(1, 2))
+    r = 2 * s + 1
+    groups = draw(st.integers(1, 3))
+    chunk = draw(st.integers(1, 6))
+    d = draw(st.integers(1, 30))
+    dtype = draw(st.sampled_from(DTYPES))
+    blocks = -(-d // chunk)
+    members = [
+        (g * r + m, draw(st.sampled_from(["honest", "honest", "blocks", "noise", "nan"])),
+         draw(st.lists(st.integers(0, blocks - 1), min_size=1, max_size=blocks, unique=True)))
+        for g in range(groups) for m in range(r)
+    ]
+    return s, r, groups, chunk, d, dtype, members, draw(st.integers(0, 2**31))
+
+
+@given(blockwise_scenarios())
+def test_the_batched_block_comparison_gives_the_block_by_block_outcome(case):
+    """Off the CPU the block-wise vote compares every block of every pair in one batch (one host sync):
+    it must give the totals, names and errors of the block-by-block comparisons, bit for bit."""
+    s, r, groups, chunk, d, dtype, members, seed = case
+    gen = torch.Generator().manual_seed(seed)
+    honest = torch.randn(groups, 1, d, generator=gen, dtype=torch.float64).to(dtype).repeat(1, r, 1).reshape(-1, d)
+    received = honest.clone()
+    for worker, kind, lied in members:
+        for b in lied if kind in ("blocks", "nan") else []:
+            part = slice(b * chunk, (b + 1) * chunk)
+            received[worker, part] = float("nan") if kind == "nan" else -3 * received[worker, part] - 1
+        if kind == "noise":
+            noise = 1e-3 * torch.randn(d, generator=gen, dtype=torch.float64)
+            received[worker] = (received[worker].double() * (1 + noise)).to(dtype)
+    outcomes = []
+    for batched in (False, True):
+        code = FractionalRepetitionCode(groups * r, s, chunk_size=chunk, batched=batched, fused=False)
+        try:
+            result = code.decode(received)
+            outcomes.append((result.total.view(torch.uint8), result.faulty))
+        except DracoDecodeError as err:
+            outcomes.append(str(err))
+    if isinstance(outcomes[0], str) or isinstance(outcomes[1], str):
+        assert outcomes[0] == outcomes[1]
+    else:
+        assert torch.equal(outcomes[0][0], outcomes[1][0]) and outcomes[0][1] == outcomes[1][1]

@@ -100,8 +100,9 @@ def _compiled(name: str, *key) -> Callable:
 
     Each key compiles its own copy of the function, so that dtypes and group layouts do not share
     (and exhaust) one function's recompilation budget; ``dynamic=True`` makes one kernel serve every
-    bucket length and number of groups (the comparison is called only where both are at least 2, sizes
-    that would otherwise each compile a variant).
+    bucket length (and, for the comparison, every number of groups: it is called only where both are
+    at least 2, sizes that would otherwise each compile a variant; the sum unrolls its loop over the
+    groups, so its key holds their number).
     """
     if (name, *key) not in _COMPILED:
         fn = _KERNELS[name]
@@ -368,7 +369,9 @@ class FractionalRepetitionCode(Code):
 
             def winners_sum(m: int) -> Tensor:
                 zero = torch.zeros((), dtype=acc, device=rows.device)
-                return _compiled("sum", device, rows.dtype, m)(rows, m, zero)
+                # Keyed by the number of groups too: the sum's loop over groups is unrolled, so each count
+                # is a graph of its own and would otherwise spend one function's recompilation budget.
+                return _compiled("sum", device, rows.dtype, m, rows.shape[0])(rows, m, zero)
 
             # Both passes are queued before the host waits for the comparison: on a GPU the sum of the
             # likely winners (the first members, or the last decode's winners) runs while the host votes.
@@ -475,17 +478,24 @@ class FractionalRepetitionCode(Code):
         return [(a, b) for a in range(1 if not pairs_first else r) for b in range(a + 1, r)]
 
     def _blockwise_vote(self, rows: Tensor, bits: Tensor, acc: torch.dtype, per_group: bool) -> _Vote:
-        """The reference: per block of ``chunk_size`` coordinates, compare and sum while the block is in cache."""
+        """The reference: per block of ``chunk_size`` coordinates, compare and sum while the block is in cache.
+
+        Off the CPU (or with ``batched=True``) every comparison of two blocks would be a host sync, so
+        there every block of every pair is compared in one batch first (one sync), and each block's
+        classes are read from that: the same classes, so the same winners, sums and names.
+        """
         num_groups, r, d = rows.shape
         out = torch.empty((num_groups, d) if per_group else (d,), dtype=acc, device=rows.device)
         vote = _Vote(out)
         block_winners: dict[int, list[int]] = {g: [] for g in range(num_groups)}
         differs: dict[int, set[int]] = {g: set() for g in range(num_groups)}
-        for start in range(0, d, self.chunk_size):
+        batched = self.batched or (self.batched is None and rows.device.type != "cpu")
+        compared = self._block_equalities(bits) if batched else None
+        for index, start in enumerate(range(0, d, self.chunk_size)):
             block = slice(start, min(d, start + self.chunk_size))
             target, started = out[block], False
             for g in range(num_groups):
-                won = self._vote(bits[g, :, block])
+                won = self._vote(bits[g, :, block]) if compared is None else self._vote_of(compared[g][index])
                 if won is None:
                     vote.unresolved.setdefault(g, []).append(block)
                     block_winners[g].append(-1)
@@ -514,15 +524,43 @@ class FractionalRepetitionCode(Code):
 
     def _vote(self, block: Tensor) -> Optional[tuple[int, list[int]]]:
         """The member of the one class of at least s+1 bitwise-equal blocks, and that class; else None."""
+        return self._vote_of(lambda a, b: same_bytes(block[a], block[b]))
+
+    def _block_equalities(self, bits: Tensor) -> list[list[Callable[[int, int], bool]]]:
+        """``[g][i](a, b)``: whether members ``a`` and ``b`` of group ``g`` are bitwise equal in block ``i``,
+        from one batched comparison of every pair in every ``chunk_size`` block (one host sync)."""
+        r, size = self.redundancy, self.chunk_size
+        pairs = [(a, b) for a in range(r) for b in range(a + 1, r)]
+        groups, d = bits.shape[0], bits.shape[2]
+        if not pairs:  # r = 1: nothing is ever compared
+            return [[lambda a, b: True] * -(-d // size) for _ in range(groups)]
+        whole = d - d % size
+        parts = []
+        if whole:
+            body = bits[:, :, :whole].unflatten(2, (whole // size, size))
+            parts.append(torch.stack([(body[:, a] == body[:, b]).all(dim=-1) for a, b in pairs], dim=1))
+        if d % size:
+            rest = bits[:, :, whole:]
+            parts.append(torch.stack([(rest[:, a] == rest[:, b]).all(dim=-1) for a, b in pairs], dim=1)[..., None])
+        same = torch.cat(parts, dim=2).tolist() if parts else []  # (groups, pairs, blocks)
+        where = {pair: k for k, pair in enumerate(pairs)}
+
+        def lookup(group: list[list[bool]], i: int) -> Callable[[int, int], bool]:
+            return lambda a, b: group[where[(min(a, b), max(a, b))]][i]
+
+        return [[lookup(group, i) for i in range(len(group[0]))] for group in same]
+
+    def _vote_of(self, equal: Callable[[int, int], bool]) -> Optional[tuple[int, list[int]]]:
+        """``_vote`` given ``equal(a, b)``, whether members ``a`` and ``b`` are bitwise equal in the block."""
         r, need = self.redundancy, self.num_adversaries + 1
-        first = [0] + [m for m in range(1, r) if same_bytes(block[m], block[0])]
+        first = [0] + [m for m in range(1, r) if equal(m, 0)]
         classes = [first]
         if not self._sole_majority(len(first)):
             for m in range(1, r):
                 if m in first:
                     continue
                 for members in classes[1:]:
-                    if same_bytes(block[m], block[members[0]]):
+                    if equal(m, members[0]):
                         members.append(m)
                         break
                 else:
