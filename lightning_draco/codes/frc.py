@@ -230,7 +230,8 @@ class FractionalRepetitionCode(Code):
     On the CPU, blocks are compared and summed while they are in cache, so the decode reads the
     received data once, as a plain mean does. On accelerators (or with ``batched=True``) the
     common case, where every group has a whole-row majority, is settled first by one batched
-    comparison and a single host sync; otherwise the block-wise vote runs. With ``fused`` (default:
+    comparison and a single host sync; otherwise the block-wise vote runs, its blocks compared in one
+    batch too (one more sync, not one per comparison). With ``fused`` (default:
     on CUDA) that comparison and the sum of the winners are each one ``torch.compile``-d pass; results
     and named workers are the same as the block-wise vote's, bit for bit (but for the payload of a NaN
     widened from half precision), and where compiling fails the block-wise vote runs instead (with a
