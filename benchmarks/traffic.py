@@ -702,8 +702,10 @@ where every rank has its own link and cores. The decode column shows the same ef
 decode seconds are wall time while all P ranks decode at once on 2 cores, whereas in PS mode the PS
 decodes alone while the other ranks wait, so each of sharded mode's decodes (a third of the PS's work
 per rank at P=9) takes longer in wall time than the PS's whole decode. So the goal "at P=9,
-sharded mode's step time below PS mode's" is not met on this machine, and a single shared host cannot
-show it; section 2 projects it for separate hosts (not measured).
+sharded mode's step time below PS mode's" is not met on this machine, and a 2-core host cannot
+show it; section 2 projects it for separate hosts (not measured). A machine with more cores measures
+it in one command: `GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 GPU_CHECK_DECODE=0 GPU_CHECK_STEP_TIMES=1
+bash scripts/gpu_check.sh` (P = 9 on CPU ranks; writes docs/traffic_steps_cores.json).
 
 **What overlap saved here.** Per job (same processes, same minutes), overlap / no overlap:
 {overlap_pairs}. The medians say overlap saved roughly 0-15% of the step, but the per-step spread of
