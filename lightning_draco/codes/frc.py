@@ -46,21 +46,31 @@ def _piece_equalities(body: Tensor, pairs: tuple[tuple[int, int], ...]) -> Tenso
     return torch.stack([(body[:, a] == body[:, b]).all(dim=-1) for a, b in pairs], dim=1)
 
 
+def _block_equalities(
+    bits: Tensor, pairs: tuple[tuple[int, int], ...], size: int, whole_blocks: Callable[..., Tensor] = _piece_equalities
+) -> Tensor:
+    """``(groups, len(pairs), blocks)``: whether members ``a`` and ``b`` of each group are equal bit for bit
+    in each block of ``size`` coordinates (the last one may be shorter).
+
+    ``bits`` is the ``(groups, r, d)`` integer view of the received rows; ``whole_blocks`` compares the
+    whole blocks (``_piece_equalities``, or its compiled form), the few coordinates left over are compared here.
+    """
+    groups, _, d = bits.shape
+    whole = d - d % size
+    parts = []
+    if whole:
+        parts.append(whole_blocks(bits[:, :, :whole].unflatten(2, (whole // size, size)), pairs))
+    if d % size:
+        parts.append(_piece_equalities(bits[:, :, whole:].unsqueeze(2), pairs))
+    return torch.cat(parts, dim=2) if parts else torch.ones(groups, len(pairs), 0, dtype=torch.bool, device=bits.device)
+
+
 def _pair_equalities(
     bits: Tensor, pairs: tuple[tuple[int, int], ...], pieces: Callable[..., Tensor] = _piece_equalities
 ) -> Tensor:
-    """``(groups, len(pairs))``: whether members ``a`` and ``b`` of each group are equal bit for bit.
-
-    ``bits`` is the ``(groups, r, d)`` integer view of the received rows; ``pieces`` compares the whole
-    pieces (``_piece_equalities``, or its compiled form), the few coordinates left over are compared here.
-    """
-    groups, r, d = bits.shape
-    whole = d - d % _EQUALITY_PIECE
-    rest = bits[:, :, whole:]
-    same = torch.stack([(rest[:, a] == rest[:, b]).all(dim=-1) for a, b in pairs], dim=1)
-    if whole:
-        same &= pieces(bits[:, :, :whole].unflatten(2, (whole // _EQUALITY_PIECE, _EQUALITY_PIECE)), pairs).all(dim=-1)
-    return same
+    """``(groups, len(pairs))``: whether members ``a`` and ``b`` of each group are equal bit for bit, over
+    the whole rows, compared in pieces of ``_EQUALITY_PIECE`` coordinates (``pieces``: see ``_block_equalities``)."""
+    return _block_equalities(bits, pairs, _EQUALITY_PIECE, pieces).all(dim=-1)
 
 
 def _ordered_sum(rows: Tensor, member: int, zero: Tensor) -> Tensor:
@@ -491,12 +501,18 @@ class FractionalRepetitionCode(Code):
         block_winners: dict[int, list[int]] = {g: [] for g in range(num_groups)}
         differs: dict[int, set[int]] = {g: set() for g in range(num_groups)}
         batched = self.batched or (self.batched is None and rows.device.type != "cpu")
-        compared = self._block_equalities(bits) if batched else None
+        pairs = tuple((a, b) for a in range(r) for b in range(a + 1, r))
+        where = {pair: k for k, pair in enumerate(pairs)}
+        # [g][pair][block], one host sync; r = 1 compares nothing, so nothing to batch
+        compared = _block_equalities(bits, pairs, self.chunk_size).tolist() if batched and pairs else None
         for index, start in enumerate(range(0, d, self.chunk_size)):
             block = slice(start, min(d, start + self.chunk_size))
             target, started = out[block], False
             for g in range(num_groups):
-                won = self._vote(bits[g, :, block]) if compared is None else self._vote_of(compared[g][index])
+                if compared is None:
+                    won = self._vote(bits[g, :, block])
+                else:
+                    won = self._vote_of(lambda a, b, g=g, i=index: compared[g][where[(min(a, b), max(a, b))]][i])
                 if won is None:
                     vote.unresolved.setdefault(g, []).append(block)
                     block_winners[g].append(-1)
@@ -526,30 +542,6 @@ class FractionalRepetitionCode(Code):
     def _vote(self, block: Tensor) -> Optional[tuple[int, list[int]]]:
         """The member of the one class of at least s+1 bitwise-equal blocks, and that class; else None."""
         return self._vote_of(lambda a, b: same_bytes(block[a], block[b]))
-
-    def _block_equalities(self, bits: Tensor) -> list[list[Callable[[int, int], bool]]]:
-        """``[g][i](a, b)``: whether members ``a`` and ``b`` of group ``g`` are bitwise equal in block ``i``,
-        from one batched comparison of every pair in every ``chunk_size`` block (one host sync)."""
-        r, size = self.redundancy, self.chunk_size
-        pairs = [(a, b) for a in range(r) for b in range(a + 1, r)]
-        groups, d = bits.shape[0], bits.shape[2]
-        if not pairs:  # r = 1: nothing is ever compared
-            return [[lambda a, b: True] * -(-d // size) for _ in range(groups)]
-        whole = d - d % size
-        parts = []
-        if whole:
-            body = bits[:, :, :whole].unflatten(2, (whole // size, size))
-            parts.append(torch.stack([(body[:, a] == body[:, b]).all(dim=-1) for a, b in pairs], dim=1))
-        if d % size:
-            rest = bits[:, :, whole:]
-            parts.append(torch.stack([(rest[:, a] == rest[:, b]).all(dim=-1) for a, b in pairs], dim=1)[..., None])
-        same = torch.cat(parts, dim=2).tolist() if parts else []  # (groups, pairs, blocks)
-        where = {pair: k for k, pair in enumerate(pairs)}
-
-        def lookup(group: list[list[bool]], i: int) -> Callable[[int, int], bool]:
-            return lambda a, b: group[where[(min(a, b), max(a, b))]][i]
-
-        return [[lookup(group, i) for i in range(len(group[0]))] for group in same]
 
     def _vote_of(self, equal: Callable[[int, int], bool]) -> Optional[tuple[int, list[int]]]:
         """``_vote`` given ``equal(a, b)``, whether members ``a`` and ``b`` are bitwise equal in the block."""
