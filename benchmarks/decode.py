@@ -18,9 +18,11 @@ at that speed gives). The cyclic code's time includes drawing its projection.
 previous one's liar (the cyclic code certifies the previous decode's honest set in its first pass;
 a liar that moves costs it a second pass). ``code:NAME:noisy`` adds independent noise of 1e-4
 (relative) to every row, as non-deterministic kernels give honest replicas: the cyclic code then
-certifies under the noise it measures, the repetition code votes on whole vectors. ``code:frc:fused`` and ``code:frc:reference`` force the
-repetition code's compiled decode or its block-wise reference (by default the fused one runs on CUDA
-only); the fused figure excludes compiling, which the warm-up pays. ``aggregator:NAME:network`` and
+certifies under the noise it measures, the repetition code votes on whole vectors. ``code:frc:fused`` and
+``code:frc:reference`` force the repetition code's fused decode or its block-wise reference (by default
+the fused one runs on CUDA only); ``code:frc:triton`` and ``code:frc:compiled`` force the fused decode's
+kernel (one Triton pass, or two compiled passes; by default Triton where it runs). The fused figures
+exclude compiling, which the warm-up pays. ``aggregator:NAME:network`` and
 ``aggregator:NAME:sort`` force the order-statistics engine of the median, trimmed mean and Meamed (by
 default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
 
@@ -146,10 +148,13 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
         return {**row, "skipped": "noise of 1e-4 is below half precision's rounding: nothing to measure"}
     try:
         code = make_code(name if kind == "code" else "none", p, f if kind == "code" and name != "none" else 0)
-        if "fused" in flags or "reference" in flags:
+        kernels = [flag for flag in flags if flag in ("triton", "compiled")]
+        if "fused" in flags or "reference" in flags or kernels:
             if not hasattr(code, "fused"):
                 raise ValueError(f"code {name!r} has no fused decode")
-            code.fused, code.batched = ("fused" in flags), (False if "reference" in flags else code.batched)
+            code.fused, code.batched = ("reference" not in flags), (False if "reference" in flags else code.batched)
+            if kernels:
+                code.kernel = kernels[0]
         rule = None
         if kind == "aggregator":
             engines = [flag for flag in flags if flag in ("network", "sort")]

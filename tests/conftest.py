@@ -1,5 +1,6 @@
 import os
 
+import torch
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -7,3 +8,8 @@ settings.register_profile(
     "fuzz", max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter: tests/test_frc_fused.py checks
+# the repetition code's Triton decode that way. The switch is read when Triton is imported, so it is set here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,11 +1,12 @@
-"""The repetition code's fused decode (torch.compile) against the block-wise reference, on the CPU.
+"""The repetition code's fused decode (Triton, or torch.compile) against the block-wise reference, on the CPU.
 
-The fused path runs on CUDA by default; here Inductor's CPU backend compiles the same functions, so CI
-checks them without a GPU. Totals must be equal bit for bit (NaN payloads aside: half precision widened
+The fused path runs on CUDA by default; here its two kernels run on the CPU, so CI checks them without a
+GPU: the Triton kernel in Triton's interpreter (tests/conftest.py turns it on where no GPU is present) and
+the compiled passes through Inductor's CPU backend. Totals must be equal bit for bit (NaN payloads aside: half precision widened
 by Inductor's conversion gives the canonical NaN) and the named workers identical, on adversarial inputs
 in every wire dtype. Compiling costs seconds per dtype: the functions are compiled once (dynamic shapes)
-and every case of a dtype reuses them. On a CUDA GPU (scripts/gpu_check.sh) one more test compares the
-Triton-compiled decode on the GPU with the reference on the CPU.
+and every case of a dtype reuses them. On a CUDA GPU (scripts/gpu_check.sh) one more test compares both
+kernels on the GPU with the reference on the CPU.
 """
 
 import math
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from lightning_draco.codes import DracoDecodeError, FractionalRepetitionCode
 from lightning_draco.codes import frc as frc_module
+from lightning_draco.codes import frc_triton
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -29,7 +31,7 @@ def inductor():
     received = torch.randn(2, 1, 16).repeat(1, 3, 1).reshape(6, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        FractionalRepetitionCode(6, 1, fused=True).decode(received)
+        FractionalRepetitionCode(6, 1, fused=True, kernel="compiled").decode(received)
     failed = [w for w in caught if "fused decode could not run" in str(w.message)]
     if failed:
         frc_module._FUSED_FAILED.clear()
@@ -38,9 +40,20 @@ def inductor():
     assert not frc_module._FUSED_FAILED, "a fused decode fell back to the reference path"
 
 
+@pytest.fixture(scope="module", params=["triton", "compiled"])
+def kernel(request):
+    """Each fused kernel where it can run on the CPU: Triton's interpreter, Inductor's CPU backend."""
+    if request.param == "compiled":
+        request.getfixturevalue("inductor")
+    elif not frc_triton.available("cpu"):
+        pytest.skip("Triton's interpreter is not available here (Triton missing, or a GPU present)")
+    yield request.param
+    assert not frc_module._FUSED_FAILED, f"a fused decode ({request.param}) fell back to the reference path"
+
+
 def decode_on(device, code_args, received, fused, parts=False, batched=False, **options):
     """(total, or each group's part, on the CPU; faulty) of a decode of ``received`` moved to ``device``,
-    or the DracoDecodeError's message."""
+    or the DracoDecodeError's message. ``options``: the code's keyword arguments (``kernel=`` included)."""
     code = FractionalRepetitionCode(*code_args, fused=fused, batched=batched, **options)
     try:
         if parts:
@@ -53,9 +66,10 @@ def decode_on(device, code_args, received, fused, parts=False, batched=False, **
     return out.cpu(), faulty
 
 
-def decode_both(code_args, received, parts=False, **options):
-    """(reference, fused) outcomes on the CPU (``decode_on``)."""
-    return [decode_on("cpu", code_args, received, fused, parts, **options) for fused in (False, True)]
+def decode_both(code_args, received, kernel, parts=False, **options):
+    """(reference, fused with ``kernel``) outcomes on the CPU (``decode_on``)."""
+    return [decode_on("cpu", code_args, received, False, parts, **options),
+            decode_on("cpu", code_args, received, True, parts, kernel=kernel, **options)]
 
 
 def assert_same(reference, fused, name=""):
@@ -128,27 +142,27 @@ def adversarial_cases(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fused_decode_equals_the_reference_on_adversarial_inputs(inductor, dtype):
+def test_fused_decode_equals_the_reference_on_adversarial_inputs(kernel, dtype):
     for name, received in adversarial_cases(dtype):
         for chunk in (64, 1 << 20):
-            reference, fused = decode_both((6, 1), received, chunk_size=chunk)
+            reference, fused = decode_both((6, 1), received, kernel, chunk_size=chunk)
             assert_same(reference, fused, name)
-        reference, fused = decode_both((6, 1), received, parts=True)
+        reference, fused = decode_both((6, 1), received, kernel, parts=True)
         assert_same(reference, fused, name)
 
 
-def test_fused_decode_with_larger_groups_and_two_classes(inductor):
+def test_fused_decode_with_larger_groups_and_two_classes(kernel):
     """r = 5 (all ten pairs in one pass), s = 2 liars, and classes {A, A, B, B, C} that no bitwise vote settles."""
     gen = torch.Generator().manual_seed(1)
     five = honest_rows(2, 5, 257, torch.float32, gen)
     for liars in ([0, 1], [3, 4], [2, 9]):
         received = five.clone()
         received[liars] = -received[liars]
-        assert_same(*decode_both((10, 2), received))
+        assert_same(*decode_both((10, 2), received, kernel))
     split = five.clone()
     split[2:4] = split[2:4] * (1 + 1e-4)  # {A, A, B, B, A} in group 0 is a majority; {A, A, B, B, C} is not
     split[4] = split[4] * (1 - 1e-4)
-    assert_same(*decode_both((10, 2), split))
+    assert_same(*decode_both((10, 2), split, kernel))
 
 
 @given(
@@ -159,7 +173,7 @@ def test_fused_decode_with_larger_groups_and_two_classes(inductor):
              max_size=2),
     st.integers(0, 2**31),
 )
-def test_fused_decode_equals_the_reference_on_random_liars(inductor, dtype, d, lies, seed):
+def test_fused_decode_equals_the_reference_on_random_liars(kernel, dtype, d, lies, seed):
     gen = torch.Generator().manual_seed(seed)
     received = honest_rows(2, 3, d, dtype, gen)
     for rank, kind in lies:
@@ -176,7 +190,7 @@ def test_fused_decode_equals_the_reference_on_random_liars(inductor, dtype, d, l
             row.copy_(received[(rank + 3) % 6])
         else:
             row.fill_(math.inf)
-    assert_same(*decode_both((6, 1), received, chunk_size=16))
+    assert_same(*decode_both((6, 1), received, kernel, chunk_size=16))
 
 
 def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatch):
@@ -186,10 +200,11 @@ def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatc
     monkeypatch.setattr(frc_module, "_compiled", broken)
     received = honest_rows(2, 3, 50, torch.float32, torch.Generator().manual_seed(2))
     received[1] = -received[1]
-    key = ("cpu", torch.float32)
+    key = ("cpu", torch.float32, "compiled")
     try:
-        with pytest.warns(RuntimeWarning, match="fused decode could not run on cpu.*block-wise decode runs instead"):
-            fused = FractionalRepetitionCode(6, 1, fused=True).decode(received)
+        with pytest.warns(RuntimeWarning, match=r"fused decode \(compiled kernel\) could not run on cpu.*block-wise"
+                                                r" decode runs instead"):
+            fused = FractionalRepetitionCode(6, 1, fused=True, kernel="compiled").decode(received)
         assert key in frc_module._FUSED_FAILED
         reference = FractionalRepetitionCode(6, 1, fused=False).decode(received)
         assert fused.faulty == reference.faulty == [1] and torch.equal(fused.total, reference.total)
@@ -197,10 +212,44 @@ def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatc
         frc_module._FUSED_FAILED.discard(key)
 
 
-def test_fused_is_the_default_on_cuda_only():
-    code = FractionalRepetitionCode(3, 1)
-    assert code._fused_here(torch.zeros(3, 4)) is False
-    assert FractionalRepetitionCode(3, 1, fused=True)._fused_here(torch.zeros(3, 4)) is True
+def test_fused_is_the_default_on_cuda_only_and_uses_triton_there():
+    cpu = torch.zeros(3, 4)
+    assert FractionalRepetitionCode(3, 1)._fused_kernel(cpu) is None
+    interpreted = frc_triton.available("cpu")  # TRITON_INTERPRET=1 (tests/conftest.py, without a GPU)
+    assert FractionalRepetitionCode(3, 1, fused=True)._fused_kernel(cpu) == ("triton" if interpreted else "compiled")
+    assert FractionalRepetitionCode(3, 1, fused=True, kernel="compiled")._fused_kernel(cpu) == "compiled"
+    assert FractionalRepetitionCode(3, 1, fused=True, kernel="triton")._fused_kernel(cpu) == "triton"
+    if torch.cuda.is_available():
+        expected = "triton" if frc_triton.available("cuda") else "compiled"
+        assert FractionalRepetitionCode(3, 1)._fused_kernel(cpu.cuda()) == expected
+
+
+def test_a_failing_triton_kernel_hands_over_to_the_compiled_passes(monkeypatch):
+    """kernel="auto" on a GPU where the Triton kernel fails: this decode runs block-wise, the next ones with
+    the compiled passes; the results are the reference's throughout."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("no PTX for this GPU")
+
+    monkeypatch.setattr(frc_triton, "compare_and_sum", broken)
+    monkeypatch.setattr(frc_triton, "available", lambda device: True)  # as on a GPU with Triton installed
+    received = honest_rows(2, 3, 50, torch.float32, torch.Generator().manual_seed(2))
+    received[1] = -received[1]
+    code = FractionalRepetitionCode(6, 1, fused=True)
+    try:
+        with pytest.warns(RuntimeWarning, match=r"\(triton kernel\) could not run.*RuntimeError: no PTX for this GPU"
+                                                r".*this decode runs block-wise and later ones with the compiled kernel"):
+            first = code.decode(received)
+        assert ("cpu", torch.float32, "triton") in frc_module._FUSED_FAILED
+        assert code._fused_kernel(received) == "compiled"
+    finally:
+        frc_module._FUSED_FAILED.discard(("cpu", torch.float32, "triton"))
+    reference = FractionalRepetitionCode(6, 1, fused=False).decode(received)
+    assert first.faulty == reference.faulty == [1] and torch.equal(first.total, reference.total)
+
+
+def test_kernel_is_checked_when_the_code_is_built():
+    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'triton', 'compiled' \\(got 'cuda'\\)"):
+        FractionalRepetitionCode(3, 1, kernel="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
@@ -217,19 +266,21 @@ def test_fused_decode_on_cuda_equals_the_cpu_reference(dtype):
         received[liars] = -received[liars]
         cases.append(((10, 2), f"r=5, liars {liars}", received))
     cases += [((6, 1), name, received) for received, name in long_row_cases(dtype)]
+    kernels = ["compiled"] + (["triton"] if frc_triton.available("cuda") else [])
     for code_args, name, received in cases:
         reference = decode_on("cpu", code_args, received, fused=False)
-        assert_same(reference, decode_on("cuda", code_args, received, fused=True), name)
+        for kernel in kernels:
+            assert_same(reference, decode_on("cuda", code_args, received, fused=True, kernel=kernel), f"{name} ({kernel})")
         assert_same(reference, decode_on("cuda", code_args, received, fused=False), name)
     assert not frc_module._FUSED_FAILED, "the fused decode fell back to the reference path on CUDA"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_decode_compares_rows_longer_than_a_piece_everywhere(inductor, dtype):
+def test_fused_decode_compares_rows_longer_than_a_piece_everywhere(kernel, dtype):
     """Rows of several comparison pieces and a remainder: a lie in the first piece, the last whole piece
     or the remainder is found alike, and the totals are the reference's bit for bit."""
     for received, name in long_row_cases(dtype):
-        reference, fused = decode_both((6, 1), received)
+        reference, fused = decode_both((6, 1), received, kernel)
         assert_same(reference, fused, name)
         assert not frc_module._FUSED_FAILED, name
 
@@ -251,17 +302,19 @@ def long_row_cases(dtype):
     return cases
 
 
-def test_every_row_length_and_group_count_keeps_the_fused_decode(inductor):
-    """Lengths of 0, 1 and more pieces with 0, 1 and more left over, one group and several: the fused
-    decode gives the reference's outcome in every case and never exhausts its recompilation budget
-    (a fused decode that gives up falls back to the reference for the rest of the process)."""
-    piece = frc_module._EQUALITY_PIECE
+def test_every_row_length_and_group_count_keeps_the_fused_decode(kernel):
+    """Lengths of 0, 1 and more pieces (and Triton blocks) with 0, 1 and more left over, one group and
+    several: the fused decode gives the reference's outcome in every case and never exhausts its
+    recompilation budget (a fused decode that gives up falls back to the reference for the rest of the process)."""
+    piece, block = frc_module._EQUALITY_PIECE, frc_triton.BLOCK
     gen = torch.Generator().manual_seed(5)
+    lengths = [1, 2, 7, block - 1, block, block + 1, piece - 1, piece, piece + 1, 2 * piece, 2 * piece + 1,
+               2 * piece + 9, 3 * piece + 2]
     for p in (6, 3, 12):
-        for d in (1, 2, 7, piece - 1, piece, piece + 1, 2 * piece, 2 * piece + 1, 2 * piece + 9, 3 * piece + 2):
+        for d in lengths:
             received = honest_rows(p // 3, 3, d, torch.float32, gen)
             received[p - 1, d // 2] += 1.0
-            reference, fused = decode_both((p, 1), received)
+            reference, fused = decode_both((p, 1), received, kernel)
             assert reference[1] == [p - 1]
             assert_same(reference, fused, f"P={p}, d={d}")
             assert not frc_module._FUSED_FAILED, (p, d)
@@ -274,24 +327,29 @@ def test_the_batched_vote_compares_rows_longer_than_a_piece_everywhere(dtype):
         assert_same(*[decode_on("cpu", (6, 1), received, fused=False, batched=batched) for batched in (False, True)], name)
 
 
-def test_a_liar_that_stays_at_a_first_member_costs_one_extra_sum_once(inductor, monkeypatch):
+def test_a_liar_that_stays_at_a_first_member_costs_one_extra_sum_once(kernel, monkeypatch):
     """The fused decode sums the likely winners while the host votes: the first members, then the last
     decode's winners. A liar that stays at group 1's first member makes the first decode sum again (the
     guess lost) and no later one; a liar that moves there again costs one more. Every total is the
     reference's, bit for bit."""
     sums = []
-    compiled = frc_module._compiled
+    compiled, one_pass = frc_module._compiled, frc_triton.compare_and_sum
 
     def counting(name, *key):
-        kernel = compiled(name, *key)
+        fn = compiled(name, *key)
         if name != "sum":
-            return kernel
-        return lambda rows, member, zero: sums.append(member) or kernel(rows, member, zero)
+            return fn
+        return lambda rows, member, zero: sums.append(member) or fn(rows, member, zero)
+
+    def counting_pass(rows, bits, member, acc, leaders, **options):
+        sums.append(member)
+        return one_pass(rows, bits, member, acc, leaders, **options)
 
     monkeypatch.setattr(frc_module, "_compiled", counting)
+    monkeypatch.setattr(frc_triton, "compare_and_sum", counting_pass)
     gen = torch.Generator().manual_seed(9)
     honest = honest_rows(3, 3, 3 * frc_module._EQUALITY_PIECE + 5, torch.float32, gen)
-    code = FractionalRepetitionCode(9, 1, fused=True)
+    code = FractionalRepetitionCode(9, 1, fused=True, kernel=kernel)
     per_decode = []
     for liar in (3, 3, 3, 4, 4, 0):
         received = honest.clone()
@@ -307,13 +365,13 @@ def test_a_liar_that_stays_at_a_first_member_costs_one_extra_sum_once(inductor, 
     assert per_decode == [[0, 1], [1], [1], [1, 0], [0], [0, 1]]
 
 
-def test_groups_of_one_decode_fused_without_falling_back(inductor):
+def test_groups_of_one_decode_fused_without_falling_back(kernel):
     """r = 1 (s = 0) has no pairs to compare: the fused decode sums the rows and warns of nothing."""
     received = torch.randn(4, 3 * frc_module._EQUALITY_PIECE, generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fused = FractionalRepetitionCode(4, 0, 1, fused=True).decode(received)
-        parts = FractionalRepetitionCode(4, 0, 1, fused=True).parts(received)
+        fused = FractionalRepetitionCode(4, 0, 1, fused=True, kernel=kernel).decode(received)
+        parts = FractionalRepetitionCode(4, 0, 1, fused=True, kernel=kernel).parts(received)
     reference = FractionalRepetitionCode(4, 0, 1, fused=False).decode(received)
     assert fused.faulty == parts[1] == [] and torch.equal(fused.total, reference.total)
     assert torch.equal(parts[0], received)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco._bits import bits_dtype, same_bytes
-from lightning_draco.codes import register_code
+from lightning_draco.codes import frc_triton, register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
 
 
@@ -37,6 +37,11 @@ RIVAL_RADII = 4.0
 # On an H100 at P = 15, d = 11.2M the comparison took 1.4x the mean's time in pieces of 4,096, 2.2x in
 # pieces of 16,384 and 2.9x in pieces of 262,144; at d = 100M every size took 0.8x to 1.3x.
 _EQUALITY_PIECE = 1 << 12
+#: ``kernel=``: how the fused decode runs. "triton": one Triton pass compares the members and sums the
+#: likely winners (frc_triton.py; on CPU tensors only in Triton's interpreter); "compiled": two
+#: ``torch.compile``-d passes, one for each; "auto": Triton where it runs (on CUDA where it is installed;
+#: on the CPU only with ``TRITON_INTERPRET=1``), else the compiled passes.
+KERNELS = ("auto", "triton", "compiled")
 
 
 def _piece_equalities(body: Tensor, pairs: tuple[tuple[int, int], ...]) -> Tensor:
@@ -88,21 +93,40 @@ def _ordered_sum(rows: Tensor, member: int, zero: Tensor) -> Tensor:
 # Coordinates per piece when measuring how far a member is from its group's winner: few launches, and
 # float32 norms of pieces this long are accurate to about 1e-4.
 _DISTANCE_STEP = 1 << 22
+# ... after a first piece this long: a gross lie (-100x) is told from it, without a pass over the row.
+_DISTANCE_PROBE = 1 << 16
 
 
 def _sq_norm(v: Tensor) -> float:
     """``||v||^2`` as a Python float: float32 (half precision widened) or float64 arithmetic by ``v``'s
     dtype, redone in float64 where float32 squares overflow or underflow although ``v`` is finite."""
-    norm = float(torch.linalg.vector_norm(v, dtype=torch.float32 if v.element_size() < 4 else None))
-    if (norm == 0.0 or not math.isfinite(norm)) and v.dtype != torch.float64 and bool(torch.isfinite(v).all()):
-        norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
-    return norm * norm
+    return _sq_norms([v])[0]
+
+
+def _sq_norms(pieces: list[Tensor]) -> list[float]:
+    """``_sq_norm`` of each piece, with one host sync for them all (and one more per piece redone in float64)."""
+    if not pieces:
+        return []
+    norms = torch.stack([
+        torch.linalg.vector_norm(v, dtype=torch.float32 if v.element_size() < 4 else None).double() for v in pieces
+    ]).tolist()
+    out = []
+    for v, norm in zip(pieces, norms):
+        if (norm == 0.0 or not math.isfinite(norm)) and v.dtype != torch.float64 and bool(torch.isfinite(v).all()):
+            norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
+        out.append(norm * norm)
+    return out
+
+
+def _widened(v: Tensor) -> Tensor:
+    return v.float() if v.element_size() < 4 else v
 
 
 _KERNELS = {"pieces": _piece_equalities, "sum": _ordered_sum}
 _COMPILED: dict[tuple, Callable] = {}
-# (device type, dtype) where the fused path failed: the reference path runs there from then on.
-_FUSED_FAILED: set[tuple[str, torch.dtype]] = set()
+# (device type, dtype, kernel) where the fused path failed: from then on the next kernel "auto" allows
+# runs there (Triton, then the compiled passes), or, where none is left, the reference path.
+_FUSED_FAILED: set[tuple[str, torch.dtype, str]] = set()
 
 
 def _compiled(name: str, *key) -> Callable:
@@ -263,12 +287,17 @@ class FractionalRepetitionCode(Code):
         chunk_size: int = 1 << 20,
         batched: Optional[bool] = None,
         fused: Optional[bool] = None,
+        kernel: str = "auto",
     ):
         super().__init__(num_workers, num_adversaries, redundancy)
         if tolerance is not None and not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0 (got {tolerance!r}).")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (got {chunk_size!r}).")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))} (got {kernel!r}).")
+        if kernel == "triton" and frc_triton.triton is None:
+            raise ValueError("kernel='triton' needs Triton installed (CUDA builds of torch ship it); or kernel='auto'.")
         #: Whether the user stated how far honest replicas may differ (then it also spares members
         #: that differ from a bitwise class by less); ``None`` means 1e-5 for the whole-vector vote only.
         self.tolerance_declared = tolerance is not None
@@ -276,6 +305,8 @@ class FractionalRepetitionCode(Code):
         self.chunk_size = int(chunk_size)
         self.batched = batched
         self.fused = fused
+        #: How the fused decode runs: see ``KERNELS``.
+        self.kernel = kernel
         self._matrix: Optional[Tensor] = None
         #: The member the fused decode sums before the vote is known: the last decode's common winner,
         #: so that a liar that stays at some group's first member costs the extra pass once, not every step.
@@ -343,8 +374,9 @@ class FractionalRepetitionCode(Code):
         bits = rows.view(bits_dtype(received))
         acc = accumulation_dtype(received.dtype)
         vote = None
-        if d and self._fused_here(received):
-            vote = self._fused_vote(rows, bits, acc, per_group)
+        kernel = self._fused_kernel(received) if d else None
+        if kernel is not None:
+            vote = self._fused_vote(rows, bits, acc, per_group, kernel)
         elif self.batched or (self.batched is None and received.device.type != "cpu"):
             # On accelerators each per-block comparison is a host sync; one batched comparison is cheaper.
             vote = self._batched_vote(rows, bits, acc, per_group)
@@ -353,12 +385,22 @@ class FractionalRepetitionCode(Code):
         return vote.out, self._settle(rows, vote, acc, per_group)
 
     # -- the bitwise vote, three ways with one outcome ----------------------------------------
-    def _fused_here(self, received: Tensor) -> bool:
-        wanted = self.fused if self.fused is not None else received.device.type == "cuda"
-        return bool(wanted) and (received.device.type, received.dtype) not in _FUSED_FAILED
+    def _fused_kernel(self, received: Tensor) -> Optional[str]:
+        """How the fused decode runs on ``received`` ("triton" or "compiled"); None where it does not."""
+        device = received.device.type
+        if not (self.fused if self.fused is not None else device == "cuda"):
+            return None
+        kernels = [self.kernel]
+        if self.kernel == "auto":
+            kernels = ["triton", "compiled"] if frc_triton.available(received.device) else ["compiled"]
+        return next((k for k in kernels if (device, received.dtype, k) not in _FUSED_FAILED), None)
 
-    def _fused_vote(self, rows: Tensor, bits: Tensor, acc: torch.dtype, per_group: bool) -> Optional[_Vote]:
+    def _fused_vote(
+        self, rows: Tensor, bits: Tensor, acc: torch.dtype, per_group: bool, kernel: str
+    ) -> Optional[_Vote]:
         """The whole-row vote with compiled passes; None when some group needs the block-wise vote.
+
+        With ``kernel="triton"`` steps 1 and 2 are one pass (frc_triton.py).
 
         1. One pass compares the members of every group bit for bit (all pairs at once for r <= 5:
            the pass reads every member anyway).
@@ -384,13 +426,22 @@ class FractionalRepetitionCode(Code):
                 # is a graph of its own and would otherwise spend one function's recompilation budget.
                 return _compiled("sum", device, rows.dtype, m, rows.shape[0])(rows, m, zero)
 
-            # Both passes are queued before the host waits for the comparison: on a GPU the sum of the
-            # likely winners (the first members, or the last decode's winners) runs while the host votes.
             pairs_first = r <= 5
             first = self._first_pairs(pairs_first)
-            queued = compare(first) if first else None  # r = 1: nothing to compare
             guess = self._likely_winner
-            speculative = None if per_group else winners_sum(guess)
+            if kernel == "triton":
+                # One pass: the comparison of the first pairs and the sum of the likely winners together.
+                leaders = (r - 1 if pairs_first else 1) if first else 0
+
+                def winners_sum(m: int) -> Tensor:
+                    return frc_triton.compare_and_sum(rows, bits, m, acc, 0)[1]
+
+                queued, speculative = frc_triton.compare_and_sum(rows, bits, guess, acc, leaders)
+            else:
+                # Both passes are queued before the host waits for the comparison: on a GPU the sum of the
+                # likely winners (the first members, or the last decode's winners) runs while the host votes.
+                queued = compare(first) if first else None  # r = 1: nothing to compare
+                speculative = None if per_group else winners_sum(guess)
             classes = self._whole_row_vote(lambda pairs: queued if pairs == first else compare(pairs), pairs_first)
             if classes is None:
                 return None
@@ -404,11 +455,14 @@ class FractionalRepetitionCode(Code):
                     out = speculative if m == guess else winners_sum(m)
                 return self._whole_row_outcome(out, [m] * len(classes), classes)
         except Exception as err:  # noqa: BLE001 - any failure to compile: the reference path, same results
-            _FUSED_FAILED.add((device, rows.dtype))
+            _FUSED_FAILED.add((device, rows.dtype, kernel))
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            after = self._fused_kernel(rows[:, 0])
+            instead = "the block-wise decode runs instead" if after is None else (
+                f"this decode runs block-wise and later ones with the {after} kernel")
             warnings.warn(
-                f"FractionalRepetitionCode: the fused decode could not run on {device} for {rows.dtype}"
-                f" ({type(err).__name__}: {message}); the block-wise decode runs instead (same results, slower).",
+                f"FractionalRepetitionCode: the fused decode ({kernel} kernel) could not run on {device} for"
+                f" {rows.dtype} ({type(err).__name__}: {message}); {instead} (same results, slower).",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -605,42 +659,41 @@ class FractionalRepetitionCode(Code):
     ) -> list[float]:
         """``||x_m - v|| / max(||x_m||, ||v||)`` for each member ``m`` in ``which``, ``v`` the group's winning value.
 
-        In pieces of ``_DISTANCE_STEP`` coordinates, the winning value pieced from its blocks' winners,
-        with the same operations whichever vote chose it, so that the fused and block-wise paths name the
-        same members. Norms are taken in float32 per piece and added in float64 (a relative error of
-        about 1e-4, far below the margins the radius is compared with; a piece whose squares overflow
-        float32 is redone in float64). Infinite when a member or ``v`` is not finite, and as soon as
-        ``||x_m - v|| > 2 ||v||`` (then the distance exceeds 2/3, beyond any radius): a liar sending
-        -100x costs one piece, not a pass over its row.
+        In pieces (a first one of ``_DISTANCE_PROBE`` coordinates, then of ``_DISTANCE_STEP``), the
+        winning value pieced from its blocks' winners, with the same operations whichever vote chose it, so
+        that the fused and block-wise paths name the same members. Norms are taken in float32 per piece and
+        added in float64 (a relative error of about 1e-4, far below the margins the radius is compared
+        with; a piece whose squares overflow float32 is redone in float64). Infinite when a member or ``v``
+        is not finite, and as soon as ``||x_m - v|| > 2 ||v||`` (then the distance exceeds 2/3, beyond any
+        radius): a liar sending -100x costs the first piece, not a pass over its row.
         """
         d, size = members.shape[1], self.chunk_size
         step = max(size, _DISTANCE_STEP if members.device.type == "cpu" else 8 * _DISTANCE_STEP)  # fewer syncs
+        spans = [(0, min(d, _DISTANCE_PROBE))] if d else []
+        spans += [(a, min(d, a + step)) for a in range(_DISTANCE_PROBE, d, step)]
 
-        def pieces():
-            for start in range(0, d, step):
-                stop = min(d, start + step)
-                parts = [(max(start, i * size), min(stop, (i + 1) * size), winner_of_block(i))
-                         for i in range(start // size, (stop - 1) // size + 1)]
-                if all(w == parts[0][2] for _, _, w in parts):
-                    win = members[parts[0][2], start:stop]
-                else:  # the winning value pieced from its blocks' winners (honest replicas that differ)
-                    win = torch.cat([members[w, lo:hi] for lo, hi, w in parts])
-                yield start, stop, (win.float() if win.element_size() < 4 else win)
+        def winning(start: int, stop: int) -> Tensor:
+            parts = [(max(start, i * size), min(stop, (i + 1) * size), winner_of_block(i))
+                     for i in range(start // size, (stop - 1) // size + 1)]
+            if all(w == parts[0][2] for _, _, w in parts):
+                return members[parts[0][2], start:stop]
+            # the winning value pieced from its blocks' winners (honest replicas that differ)
+            return torch.cat([members[w, lo:hi] for lo, hi, w in parts])
 
-        sq_win = sum(_sq_norm(win) for _, _, win in pieces())
+        wins = [winning(start, stop) for start, stop in spans]
+        sq_win = sum(_sq_norms(wins))
         distances = []
         for m in which:
             sq_diff, far = 0.0, False
-            for start, stop, win in pieces():
-                x = members[m, start:stop]
-                sq_diff += _sq_norm((x.float() if x.element_size() < 4 else x) - win)  # exact when close (Sterbenz)
+            for (start, stop), win in zip(spans, wins):
+                sq_diff += _sq_norm(_widened(members[m, start:stop]) - _widened(win))  # exact when close (Sterbenz)
                 if not math.isfinite(sq_diff) or sq_diff > 4 * sq_win:
                     far = True
                     break
             if far or not math.isfinite(sq_win):
                 distances.append(math.inf)
                 continue
-            sq_norm = sum(_sq_norm(members[m, start:stop]) for start, stop, _ in pieces())
+            sq_norm = sum(_sq_norms([members[m, start:stop] for start, stop in spans]))
             scale = math.sqrt(max(sq_norm, sq_win))
             distance = math.sqrt(sq_diff) / max(scale, 1e-300)
             distances.append(distance if math.isfinite(distance) else math.inf)
