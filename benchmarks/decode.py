@@ -21,8 +21,9 @@ a liar that moves costs it a second pass). ``code:NAME:noisy`` adds independent 
 certifies under the noise it measures, the repetition code votes on whole vectors. ``code:frc:fused`` and
 ``code:frc:reference`` force the repetition code's fused decode or its block-wise reference (by default
 the fused one runs on CUDA only); ``code:frc:triton`` and ``code:frc:compiled`` force the fused decode's
-kernel (one Triton pass, or two compiled passes; by default Triton where it runs). The fused figures
-exclude compiling, which the warm-up pays. ``aggregator:NAME:network`` and
+kernel (one Triton pass, or two compiled passes; by default Triton where it runs), ``code:crc:triton`` and
+``code:crc:torch`` the cyclic code's certifying pass (one Triton pass, or torch products; by default
+Triton on CUDA). Figures exclude compiling, which the warm-up pays. ``aggregator:NAME:network`` and
 ``aggregator:NAME:sort`` force the order-statistics engine of the median, trimmed mean and Meamed (by
 default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
 
@@ -148,13 +149,15 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
         return {**row, "skipped": "noise of 1e-4 is below half precision's rounding: nothing to measure"}
     try:
         code = make_code(name if kind == "code" else "none", p, f if kind == "code" and name != "none" else 0)
-        kernels = [flag for flag in flags if flag in ("triton", "compiled")]
-        if "fused" in flags or "reference" in flags or kernels:
+        kernels = [flag for flag in flags if flag in ("triton", "compiled", "torch")]
+        if kernels:
+            if kernels[0] not in getattr(sys.modules[type(code).__module__], "KERNELS", ()):  # the code's choices
+                raise ValueError(f"code {name!r} has no kernel {kernels[0]!r}")
+            code.kernel = kernels[0]
+        if "fused" in flags or "reference" in flags or (kernels and hasattr(code, "fused")):
             if not hasattr(code, "fused"):
                 raise ValueError(f"code {name!r} has no fused decode")
             code.fused, code.batched = ("reference" not in flags), (False if "reference" in flags else code.batched)
-            if kernels:
-                code.kernel = kernels[0]
         rule = None
         if kind == "aggregator":
             engines = [flag for flag in flags if flag in ("network", "sort")]

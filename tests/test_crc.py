@@ -6,11 +6,20 @@ import math
 
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lightning_draco.codes import CyclicRepetitionCode, DracoDecodeError, make_code
+from lightning_draco.codes import CyclicRepetitionCode, DracoDecodeError, crc_triton, make_code
 from lightning_draco.codes.crc import _allowed
+
+# Every kernel that can run here: the torch passes, and the Triton pass in Triton's interpreter (on the
+# CPU without a GPU: tests/conftest.py). A test run with a kernel that cannot run here is skipped.
+KERNELS = ["torch", "triton"]
+
+
+def skip_unless_runs(kernel):
+    if kernel == "triton" and not crc_triton.available("cpu"):
+        pytest.skip("Triton's interpreter is not available here (Triton missing, or a GPU present)")
 
 
 def projection(seed):
@@ -293,14 +302,16 @@ def test_projection_is_fresh_and_secret():
     assert not torch.allclose(one, two)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_liar_that_moves_is_decoded_alike_whether_or_not_the_first_pass_sketches(dtype):
+def test_a_liar_that_moves_is_decoded_alike_whether_or_not_the_first_pass_sketches(dtype, kernel):
     """After a decode that had to locate its liars, the next decode sketches in its first pass: the
     totals and the named workers are bit for bit those of a decode that sketches in a pass of its own."""
+    skip_unless_runs(kernel)
     p, s, d = 11, 2, 3000
     gradients = torch.randn(p, d, dtype=torch.float64)
     liars = [(1, 7), (4, 9), (0, 5), (2, 3)]
-    fused, separate = CyclicRepetitionCode(p, s, chunk_size=1024), CyclicRepetitionCode(p, s, chunk_size=1024)
+    fused, separate = [CyclicRepetitionCode(p, s, chunk_size=1024, kernel=kernel) for _ in range(2)]
     for step, lying in enumerate(liars):
         received = fused.encode(gradients * (step + 1), dtype)
         for i in lying:
@@ -340,12 +351,14 @@ def test_a_decode_does_not_depend_on_the_previous_one():
     assert torch.equal(first.total, fresh.total) and first.faulty == fresh.faulty == [5]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("scale", [1e25, 1e27, 1e30])
-def test_finite_rows_whose_float32_norms_overflow_certify_as_smaller_ones_do(scale):
+def test_finite_rows_whose_float32_norms_overflow_certify_as_smaller_ones_do(scale, kernel):
     """Rows past 1.8e19 in norm overflow float32's squares: the certifying pass redoes those blocks'
     misfits in float64, so the previous honest set still certifies and nobody is named."""
+    skip_unless_runs(kernel)
     p, s, d = 5, 1, 4096
-    code = CyclicRepetitionCode(p, s, chunk_size=1024)
+    code = CyclicRepetitionCode(p, s, chunk_size=1024, kernel=kernel)
     gradients = torch.randn(p, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     received = code.encode(gradients * scale, torch.float32)
     reference = code.encode(gradients, torch.float32)
@@ -454,12 +467,14 @@ def test_tolerance_zero_measures_no_noise():
     assert code.measured_floor is None
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e-30), (torch.bfloat16, 1e-25), (torch.float16, 1e-4),
                                           (torch.float64, 1e-150)])
-def test_a_liar_among_tiny_gradients_is_named_although_every_square_underflows(dtype, scale):
+def test_a_liar_among_tiny_gradients_is_named_although_every_square_underflows(dtype, scale, kernel):
     """Checks of gradients around 1e-30 square to 0 in float32: a zero misfit is only believed where the
     block's total is zero too, else the block is measured again in float64."""
-    code = CyclicRepetitionCode(7, 1)
+    skip_unless_runs(kernel)
+    code = CyclicRepetitionCode(7, 1, kernel=kernel)
     gradients = torch.randn(7, 500, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * scale
     received = code.encode(gradients, dtype)
     received[3] = -100 * received[3]
@@ -591,3 +606,107 @@ def test_decode_on_cuda_keeps_the_guarantees_of_the_cpu_decode(level):
         assert on_cuda.total.device.type == "cuda"
         assert_noisy_guarantees(code, grads, honest, received, liars, level, on_cuda, (p, s, liars, kinds))
         assert on_cuda.faulty == on_cpu.faulty, (p, s, liars, kinds)
+
+
+# -- the Triton certifying pass (crc_triton.py): the torch passes' outcomes from one read of the rows --------
+@settings(max_examples=30)
+@given(attacks(), st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), st.sampled_from([0.0, 1e-4]))
+def test_the_triton_pass_names_whom_the_torch_passes_name_and_keeps_the_guarantees(case, dtype, level):
+    """Every liar kind at random and contiguous ranks, in three wire dtypes, with and without kernel noise:
+    the decode through the Triton pass names the same workers as the torch passes', its total is as close
+    to the truth, and it keeps the guarantees (no honest worker named, liars beyond the noise named)."""
+    skip_unless_runs("triton")
+    p, s, liars, kinds, seed, d = case
+    reference = CyclicRepetitionCode(p, s, kernel="torch")
+    try:
+        reference.check_wire_dtype(dtype)
+    except ValueError:
+        assume(False)  # refused when the Trainer is built for this (P, s)
+    level = level if dtype == torch.float32 else 0.0  # noise of 1e-4 is below half precision's rounding
+    if dtype != torch.float32:  # 1e30 overflows half precision; codeword pieces are tried in float32
+        kinds = ["reverse" if kind in ("codeword", "huge") else kind for kind in kinds]
+    if level and p == 2 * s + 1:  # a copy cancels the noise it is compared with (docs/codes.md)
+        kinds = ["reverse" if kind == "other_row" else kind for kind in kinds]
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(p, d, dtype=torch.float64, generator=gen)
+    honest = reference.encode(grads, dtype, noise=level, generator=gen) if level else reference.encode(grads, dtype)
+    received = _lied(reference, honest, liars, kinds, gen)
+    expected = reference.decode(received, generator=projection(seed))
+    result = CyclicRepetitionCode(p, s, kernel="triton").decode(received, generator=projection(seed))
+    assert result.faulty == expected.faulty, (p, s, liars, kinds)
+    truth = grads.sum(0)
+    scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
+    error, expected_error = (float((r.total.double() - truth).norm()) / scale for r in (result, expected))
+    own = 2 * code_rounding(dtype) * reference.redundancy * reference.growth
+    assert error <= max(2 * expected_error, own + reference.hidden_error(dtype) + 4 * reference.growth * level)
+    if dtype == torch.float32:
+        assert_noisy_guarantees(reference, grads, honest, received, liars, level, result, (p, s, liars, kinds))
+
+
+def code_rounding(dtype):
+    return {torch.float64: 2**-53, torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+
+
+@pytest.mark.parametrize("edge", sorted(HONEST_EDGES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_pass_decodes_honest_data_at_its_edges_and_names_nobody(edge, dtype):
+    skip_unless_runs("triton")
+    p, s = 8, 1
+    code = CyclicRepetitionCode(p, s, kernel="triton")
+    grads = torch.randn(p, 700, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    edge_grads = HONEST_EDGES[edge](grads) * (1e5 if dtype == torch.bfloat16 and edge == "tiny" else 1)
+    received = code.encode(edge_grads, dtype)
+    result = code.decode(received, generator=projection(0))
+    assert result.faulty == []
+    truth = edge_grads.to(dtype).double().sum(0)
+    scale = max(float(truth.norm()), float(edge_grads.to(dtype).double().norm(dim=1).max()))
+    own = 4 * code.redundancy * code.growth * code_rounding(dtype)
+    assert float((result.total.double() - truth).norm()) <= max(own, 1e-12) * scale
+
+
+def test_the_triton_pass_is_one_read_of_the_rows_for_any_length():
+    """Lengths around the kernel's block (one coordinate, a block less one, a block, a block and one):
+    the total, the checks' and the rows' norms are those of the float64 products."""
+    skip_unless_runs("triton")
+    block = crc_triton.BLOCK
+    gen = torch.Generator().manual_seed(6)
+    for d in (1, block - 1, block, block + 1, 3 * block + 7):
+        rows = torch.randn(5, d, generator=gen)
+        mix = torch.randn(3, 5, generator=gen)
+        done = crc_triton.certify(rows, mix, measure=True, keep_checks=True)
+        exact = mix.double() @ rows.double()
+        torch.testing.assert_close(done.total.double(), exact[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(done.checks.double(), exact[1:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(done.check_norms, exact[1:].norm(dim=1), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(done.row_norms, rows.double().norm(dim=1), rtol=1e-5, atol=1e-6)
+    bf16 = torch.randn(4, 2 * block + 3, generator=gen).bfloat16()
+    done = crc_triton.certify(bf16, torch.ones(1, 4), measure=True, keep_checks=False)
+    assert done.checks is None and done.check_norms.shape == (0,)
+    torch.testing.assert_close(done.total.double(), bf16.double().sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_a_failing_triton_pass_hands_over_to_the_torch_passes(monkeypatch):
+    """The first failure warns once and every later pass on that device runs in torch, with the torch
+    passes' results."""
+    import lightning_draco.codes.crc as crc
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no PTX for this GPU")
+
+    monkeypatch.setattr(crc_triton, "certify", broken)
+    monkeypatch.setattr(crc, "_TRITON_FAILED", set())
+    code = CyclicRepetitionCode(7, 1, kernel="triton")
+    received = code.encode(torch.randn(7, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(8)),
+                           torch.float32)
+    received[2] *= -100
+    with pytest.warns(RuntimeWarning, match=r"Triton certifying pass could not run on cpu \(RuntimeError: no PTX"
+                                            r" for this GPU\); the torch passes run instead"):
+        result = code.decode(received, generator=projection(0))
+    expected = CyclicRepetitionCode(7, 1, kernel="torch").decode(received, generator=projection(0))
+    assert result.faulty == expected.faulty == [2] and torch.equal(result.total, expected.total)
+    assert crc._TRITON_FAILED == {"cpu"}
+
+
+def test_kernel_is_checked_when_the_code_is_built():
+    with pytest.raises(ValueError, match="kernel must be one of 'auto', 'triton', 'torch' \\(got 'cuda'\\)"):
+        CyclicRepetitionCode(7, 1, kernel="cuda")

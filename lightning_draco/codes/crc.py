@@ -14,7 +14,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lightning_draco.codes import register_code
+import warnings
+
+from lightning_draco.codes import crc_triton, register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype, each_block
 
 # Unit roundoff of each wire dtype (half the distance from 1 to the next number).
@@ -38,6 +40,13 @@ CODE_ROUNDING = 1e-12
 # lie below the floor move the sum by more are refused for that dtype when the Trainer is built.
 # float32: the accuracy the decode promises; half precision: a few times the dtype's own rounding.
 MAX_HIDDEN_ERROR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 0.02}
+
+#: ``kernel=``: how the certifying passes run. "triton": one Triton pass reads the rows once (crc_triton.py;
+#: on CPU tensors only in Triton's interpreter); "torch": torch products, per block of ``chunk_size`` on the
+#: CPU; "auto": Triton on CUDA where it is installed, else torch.
+KERNELS = ("auto", "triton", "torch")
+# Device types where the Triton certifying pass failed: the torch passes run there from then on.
+_TRITON_FAILED: set[str] = set()
 
 # Rounding of the float32 sketch itself, relative to a row's norm: the projection (blocks of 32K
 # coordinates) misses the exact one by up to 3e-6 of the row (measured, d up to 2M).
@@ -212,6 +221,7 @@ class CyclicRepetitionCode(Code):
         chunk_size: int = 1 << 15,
         attempts: int = 3,
         refinements: int = 8,
+        kernel: str = "auto",
     ):
         super().__init__(num_workers, num_adversaries, redundancy)
         if tolerance is not None and not (isinstance(tolerance, (int, float)) and 0 <= tolerance < 1):
@@ -220,6 +230,12 @@ class CyclicRepetitionCode(Code):
             raise ValueError(f"chunk_size must be a positive multiple of {GRID} (got {chunk_size!r}).")
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1 (got {attempts!r}).")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))} (got {kernel!r}).")
+        if kernel == "triton" and crc_triton.triton is None:
+            raise ValueError("kernel='triton' needs Triton installed (CUDA builds of torch ship it); or kernel='auto'.")
+        #: How the certifying passes run: see ``KERNELS``.
+        self.kernel = kernel
         #: Relative disagreement between honest replicas of a partition's gradient beyond rounding
         #: (non-deterministic kernels); None: replicas agree up to the wire dtype's rounding.
         self.tolerance = None if tolerance is None else float(tolerance)
@@ -640,11 +656,19 @@ class CyclicRepetitionCode(Code):
         each_block(sketch_block, len(blocks), received.device)
         return _in_order(sketches, p, received.device).cpu()
 
+    def _triton_here(self, device: torch.device) -> bool:
+        """Whether the certifying passes on ``device`` run the Triton kernel (``kernel``; a kernel that
+        failed on this device and dtype hands over to the torch passes for good)."""
+        if self.kernel == "torch" or device.type in _TRITON_FAILED:
+            return False
+        return self.kernel == "triton" or (device.type == "cuda" and crc_triton.available(device))
+
     def _blocks(self, d: int, device: torch.device) -> list[tuple[int, int]]:
         """The passes' blocks of coordinates: ``chunk_size`` (whole ``GRID`` rows) on the CPU, where they
-        stay in cache; one block elsewhere. Every pass cuts the same blocks, so its products round alike."""
+        stay in cache; one block elsewhere (and for the Triton kernel, which keeps its blocks in registers).
+        Every pass cuts the same blocks, so its products round alike."""
         grid = min(GRID, d)
-        step = self.chunk_size if device.type == "cpu" else d
+        step = self.chunk_size if device.type == "cpu" and not self._triton_here(device) else d
         step = -(-step // grid) * grid
         return [(start, min(d, start + step)) for start in range(0, d, step)]
 
@@ -701,7 +725,19 @@ class CyclicRepetitionCode(Code):
                 sketches[i] = _sketched(block if rows is received else received[:, start:stop].to(acc),
                                         projections, start, stop)
 
-        each_block(certify_block, len(blocks), device)
+        done = self._triton_pass(rows, mix, row_norms is not None, grams is not None)
+        if done is None:
+            each_block(certify_block, len(blocks), device)
+        else:  # one block (``_blocks``), its products in one read of the rows
+            total = done.total
+            misfits[0] = done.check_norms
+            if grams is not None:
+                checks = done.checks.double()
+                torch.mm(checks, checks.t(), out=grams[0])
+            if row_norms is not None:
+                row_norms[0] = done.row_norms
+            if projections is not None:  # as ``_sketch`` computes it, bit for bit (the same one block)
+                sketches[0] = _sketched(received.to(acc), projections, 0, d)
         sketch = _in_order(sketches, p, device) if projections is not None else None
         redo = _inexact(misfits)
         # A check row that is all zeros (an erased suspect's miss) is zero by construction, not underflow.
@@ -721,6 +757,24 @@ class CyclicRepetitionCode(Code):
         norms = row_norms.square().sum(dim=0).sqrt().cpu() if row_norms is not None else None
         return _Pass(total, misfits.square().sum(dim=0).sqrt().cpu(), grams.sum(dim=0).cpu() if grams is not None else None,
                      mix[1:].double().cpu(), norms, sketch.cpu() if sketch is not None else None)
+
+    def _triton_pass(self, rows: Tensor, mix: Tensor, measure: bool, gram: bool) -> Optional[crc_triton.Certified]:
+        """``_certify``'s one block by the Triton kernel (crc_triton.py); None where it does not run. A
+        kernel that fails is warned about once, and the torch passes take over on that device for good."""
+        if not self._triton_here(rows.device):
+            return None
+        try:
+            return crc_triton.certify(rows.contiguous(), mix, measure, gram)
+        except Exception as err:  # noqa: BLE001 - any failure to compile or launch: the torch passes
+            _TRITON_FAILED.add(rows.device.type)
+            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            warnings.warn(
+                f"CyclicRepetitionCode: the Triton certifying pass could not run on {rows.device.type}"
+                f" ({type(err).__name__}: {message}); the torch passes run instead (same guarantees, slower).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
 
     def _candidates(self, sketch: Tensor, norms: Tensor, erased: list[int], theta: float) -> list[tuple[int, ...]]:
         """Suspect sets to certify, best first: the located ones, ordered by how well the others fit.

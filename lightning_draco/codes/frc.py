@@ -417,10 +417,12 @@ class FractionalRepetitionCode(Code):
                 # Compiled only where the groups and the pieces are at least 2: sizes 0 and 1 would each
                 # compile a variant of their own (and exhaust the recompilation budget); eager there.
                 compiled = rows.shape[0] >= 2 and bits.shape[2] >= 2 * _EQUALITY_PIECE
-                kernel = _compiled("pieces", device, bits.dtype, tuple(pairs)) if compiled else _piece_equalities
-                return _pair_equalities(bits, tuple(pairs), kernel)
+                pieces = _compiled("pieces", device, bits.dtype, tuple(pairs)) if compiled else _piece_equalities
+                return _pair_equalities(bits, tuple(pairs), pieces)
 
             def winners_sum(m: int) -> Tensor:
+                if kernel == "triton":
+                    return frc_triton.compare_and_sum(rows, bits, m, acc, 0)[1]
                 zero = torch.zeros((), dtype=acc, device=rows.device)
                 # Keyed by the number of groups too: the sum's loop over groups is unrolled, so each count
                 # is a graph of its own and would otherwise spend one function's recompilation budget.
@@ -432,10 +434,6 @@ class FractionalRepetitionCode(Code):
             if kernel == "triton":
                 # One pass: the comparison of the first pairs and the sum of the likely winners together.
                 leaders = (r - 1 if pairs_first else 1) if first else 0
-
-                def winners_sum(m: int) -> Tensor:
-                    return frc_triton.compare_and_sum(rows, bits, m, acc, 0)[1]
-
                 queued, speculative = frc_triton.compare_and_sum(rows, bits, guess, acc, leaders)
             else:
                 # Both passes are queued before the host waits for the comparison: on a GPU the sum of the
