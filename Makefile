@@ -10,6 +10,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -m pip install -q -e ".[app,dev]"
+	# Triton, where torch's build did not bring one: the tests run the decode kernels in its interpreter
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==3.6.0"
 	touch $@
 
 demo: $(VENV)/.installed  ## DRACO on digits: 6 CPU ranks, rank 4 lies every step

@@ -549,6 +549,7 @@ def report() -> None:
         alpha_us=proj["alpha_s"] * 1e6, bucket_mb=proj["bucket_mb"], proj_command=proj["command"],
         proj_table=_projection_table(proj),
         steps_section=_steps_section(steps) if steps else "(not run yet: `python benchmarks/traffic.py steps`)",
+        cores_section=_cores_section(json.loads(CORES.read_text())) if CORES.exists() else CORES_MISSING,
     )
     (DOCS / "traffic.md").write_text(text)
     print(f"wrote {DOCS / 'traffic.md'}")
@@ -593,6 +594,64 @@ def _steps_section(steps: dict) -> str:
         ratios="\n".join(f"- P={P}: " + "; ".join(f"{k} = {v:.2f}" for k, v in r.items())
                          for P, r in _ratios(steps).items()),
     )
+
+
+# Step times measured on a machine with more cores (scripts/gpu_check.sh, GPU_CHECK_STEP_TIMES=1).
+CORES = DOCS / "traffic_steps_cores.json"
+CORES_MISSING = """## 4. Step time on more cores
+
+Not measured yet: `GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 GPU_CHECK_DECODE=0 GPU_CHECK_STEP_TIMES=1 bash
+scripts/gpu_check.sh` on a machine with at least P cores writes docs/traffic_steps_cores.json, and
+`python benchmarks/traffic.py report` adds it here.
+"""
+
+
+def _cores_section(cores: dict) -> str:
+    ratios = _ratios(cores)
+    nine = ratios.get("9", {})
+    return CORES_TEMPLATE.format(
+        cpus=cores["cpus"], repeats=cores["repeats"], worlds=" ".join(cores["worlds"]),
+        load=", ".join(f"{x:.2f}" for x in cores["load_average_before"]),
+        walls=", ".join(f"P={P}: " + " + ".join(f"{s:.0f}" for s in w["job_wall_s"]) + " s"
+                        for P, w in cores["worlds"].items()),
+        table=_steps_table(cores),
+        ratios="\n".join(f"- P={P}: " + "; ".join(f"{k} = {v:.2f}" for k, v in r.items()) for P, r in ratios.items()),
+        sharded_vs_ps=f"{nine.get('sharded / PS', float('nan')):.2f}",
+        overlap_saved="; ".join(
+            f"P={P} " + ", ".join(f"{mode} {1 - r[key]:.0%}" for mode, key in
+                                  (("PS", "PS + overlap / PS"), ("sharded", "sharded + overlap / sharded")) if key in r)
+            for P, r in ratios.items()),
+    )
+
+
+CORES_TEMPLATE = """## 4. Step time on {cpus} CPU cores, measured
+
+The same benchmark on a machine with {cpus} cores and nothing else running (load average {load} when it
+started), so that each of the P ranks has a core of its own:
+`python benchmarks/traffic.py steps --worlds {worlds} --repeats {repeats} --json docs/traffic_steps_cores.json`
+(what `GPU_CHECK_STEP_TIMES=1 bash scripts/gpu_check.sh` runs, with P = 9 only). Job wall time: {walls}.
+
+{table}
+
+Step-time ratios (medians over the same jobs):
+
+{ratios}
+
+**Sharded against PS with a core per rank.** At P = 9 sharded mode's step is {sharded_vs_ps} times PS mode's: the
+goal "below PS mode's" is not met on one host with enough cores either. The busiest rank receives a third less
+in sharded mode (the last two columns), and its communication time is a little lower, but its "rest" is
+higher. On one host every transfer is a copy through the same memory, so the total bytes all ranks move
+count, not the busiest rank's: per step about 2(P-1) d values in PS mode and about 2(2s+1)(P-1) d, three times
+as many at s = 1, in sharded mode. Where the extra "rest" goes (the vote over 2s+1 copies of every shard, the
+shard copies, waiting for the slowest rank) was not profiled. Sharded mode's advantage, the busiest rank's
+traffic independent of P, needs ranks on separate hosts, each with its own link: section 2 projects it,
+and no multi-host run has measured it.
+
+**What overlap saved with a core per rank** (1 - overlap / no overlap, step medians of the same jobs):
+{overlap_saved}. Here the communication thread has cores to run on, so this is the saving the 2-core runs of
+section 3 could not measure reliably.
+(This section's reading was written for the committed run; the numbers are recomputed by `report`.)
+"""
 
 
 TEMPLATE = """# Traffic per rank: parameter server, sharded decoding, ring all-reduce
@@ -659,7 +718,7 @@ P = 62 at s = 1).
 ## 3. Step time on this machine, measured
 
 {steps_section}
-"""
+{cores_section}"""
 
 STEPS_TEMPLATE = """Command:
 `python benchmarks/traffic.py steps --worlds {worlds} --steps {steps} --warmup {warmup} --repeats {repeats}`.
@@ -703,9 +762,8 @@ decode seconds are wall time while all P ranks decode at once on 2 cores, wherea
 decodes alone while the other ranks wait, so each of sharded mode's decodes (a third of the PS's work
 per rank at P=9) takes longer in wall time than the PS's whole decode. So the goal "at P=9,
 sharded mode's step time below PS mode's" is not met on this machine, and a 2-core host cannot
-show it; section 2 projects it for separate hosts (not measured). A machine with more cores measures
-it in one command: `GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 GPU_CHECK_DECODE=0 GPU_CHECK_STEP_TIMES=1
-bash scripts/gpu_check.sh` (P = 9 on CPU ranks; writes docs/traffic_steps_cores.json).
+show it; section 2 projects it for separate hosts (not measured), and section 4 measures it on a host
+with a core per rank.
 
 **What overlap saved here.** Per job (same processes, same minutes), overlap / no overlap:
 {overlap_pairs}. The medians say overlap saved roughly 0-15% of the step, but the per-step spread of

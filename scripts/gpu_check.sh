@@ -2,8 +2,9 @@
 # The GPU checks, on one GPU.
 #
 # 1. Decode on CUDA against the CPU (issues 10 and 16): the tests that skip without a GPU. The
-#    repetition code's Triton-compiled decode gives the CPU reference's totals bit for bit and names the
-#    same workers; the cyclic code on CUDA tensors keeps its guarantees, with and without kernel noise;
+#    repetition code's fused decode (its Triton pass and its compiled passes) gives the CPU reference's
+#    totals bit for bit and names the same workers; the cyclic code on CUDA tensors (its Triton certifying
+#    pass) keeps its guarantees and names whom the CPU names, with and without kernel noise;
 #    reactive mode's exchange and escalation on CUDA buckets over gloo gives the CPU world's results.
 #    The order-statistics rules choose the sorting network on CUDA up to 64 rows.
 # 2. Numerics: six ranks share one GPU over gloo (NCCL refuses two ranks on one GPU): the cyclic code,
@@ -13,8 +14,9 @@
 #    reactive mode's escalations (steps recomputed and voted) and how far the model is from the
 #    liar-free one. GPU_CHECK_JOBS runs (default 1) go at once. Writes docs/gpu_check.md.
 # 3. Decode speed (issue 16): benchmarks/decode.py on CUDA at P = 15 and 63, d = 11.2M and 100M,
-#    float32 and bfloat16: the plain mean, the repetition code (fused by default on CUDA, and its
-#    block-wise reference), the cyclic code, both codes with every row off by 1e-4 (kernel noise:
+#    float32 and bfloat16: the plain mean, the repetition code (its Triton pass by default on CUDA, its
+#    compiled passes, its block-wise reference), the cyclic code (its Triton certifying pass by default,
+#    and its torch passes), both codes with every row off by 1e-4 (kernel noise:
 #    the cyclic code's measured floor, the repetition code's whole-vector vote), median, trimmed mean
 #    and Krum, each against the mean and in GB/s, medians of GPU_CHECK_REPEATS (default 11). Writes
 #    docs/decode_cuda.md and docs/decode_cuda.json, row by row (a few minutes; the first fused decode of
@@ -150,8 +152,10 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
         echo
         echo "\`bash scripts/gpu_check.sh\` (benchmarks/decode.py), $(date -u +%Y-%m-%d) on $("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0))')."
         echo "ratio: seconds over the plain mean of the same tensor in the same run; GB/s: the received tensor's bytes"
-        echo "over the method's time (the mean's in brackets). code:frc is the fused decode (CUDA default),"
-        echo "code:frc:reference the block-wise one; aggregator:NAME:network sorts each column with the sorting"
+        echo "over the method's time (the mean's in brackets). code:frc is the fused decode (CUDA default: its"
+        echo "Triton pass), code:frc:compiled its two compiled passes, code:frc:reference the block-wise decode;"
+        echo "code:crc certifies with its Triton pass (CUDA default), code:crc:torch with torch products;"
+        echo "aggregator:NAME:network sorts each column with the sorting"
         echo "network (one kernel per compare-exchange over all columns) instead of torch.sort; code:NAME:noisy adds"
         echo "noise of 1e-4 (relative) to every row, as non-deterministic kernels do; rows that do not fit in memory say so."
         echo
@@ -162,7 +166,8 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
     # decode.py rewrites the table after every row: a run stopped midway keeps what it measured
     PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
         --dtypes float32 bfloat16 --repeats "${GPU_CHECK_REPEATS:-11}" "${peer[@]}" \
-        --methods aggregator:mean code:none code:frc code:frc:reference code:crc code:crc:noisy code:frc:noisy \
+        --methods aggregator:mean code:none code:frc code:frc:compiled code:frc:reference code:crc code:crc:torch \
+                  code:crc:noisy code:frc:noisy \
                   aggregator:median aggregator:median:network aggregator:trimmed_mean \
                   aggregator:trimmed_mean:network aggregator:krum \
         --json docs/decode_cuda.json --markdown "$DECODE_MD.table" || failed=1
