@@ -696,7 +696,8 @@ class CyclicRepetitionCode(Code):
         acc = accumulation_dtype(received.dtype)
         comb = self._combiner(suspects)
         live = [i for i in range(p) if i not in erased]
-        mix = _mix(comb, suspects, live).to(device=device, dtype=acc)
+        mix_host = _mix(comb, suspects, live).to(acc)
+        mix = mix_host.to(device)
         rows = received
         if erased:  # a copy, only when some row is non-finite: 0 * NaN would poison the products
             rows = received.clone()
@@ -739,24 +740,27 @@ class CyclicRepetitionCode(Code):
             if projections is not None:  # as ``_sketch`` computes it, bit for bit (the same one block)
                 sketches[0] = _sketched(received.to(acc), projections, 0, d)
         sketch = _in_order(sketches, p, device) if projections is not None else None
+        # The norms on the host in one transfer: what follows is a few dozen operations on a few numbers,
+        # each of which would be a kernel launch (and some a sync) on an accelerator.
+        misfits, row_norms = _to_host(misfits, row_norms)
         redo = _inexact(misfits)
         # A check row that is all zeros (an erased suspect's miss) is zero by construction, not underflow.
-        vanished = ((misfits == 0) & (mix[1:] != 0).any(dim=1)).any(dim=1)
+        vanished = ((misfits == 0) & (mix_host[1:] != 0).any(dim=1)).any(dim=1)
         if bool(vanished.any()):  # every square underflowed, or the checks are exactly zero: tell them apart
             tops = torch.stack([total[start:stop].abs().amax() if stop > start else total.new_zeros(())
                                 for start, stop in blocks])
-            redo = sorted(set(redo) | set(torch.nonzero(vanished & (tops > 0).to(device)).flatten().tolist()))
+            redo = sorted(set(redo) | set(torch.nonzero(vanished & (tops > 0).cpu()).flatten().tolist()))
         for i in redo:  # squares over- or underflowed: the misfits again, in float64
             start, stop = blocks[i]
             block = rows[:, start:stop].to(acc)
             if bool(torch.isfinite(block).all()):  # else the product gives the same NaN or Inf again
                 checks = (mix @ block)[1:].double()
-                misfits[i] = torch.linalg.vector_norm(checks, dim=1)
+                misfits[i] = torch.linalg.vector_norm(checks, dim=1).cpu()
                 if grams is not None:
                     grams[i] = checks @ checks.t()
-        norms = row_norms.square().sum(dim=0).sqrt().cpu() if row_norms is not None else None
-        return _Pass(total, misfits.square().sum(dim=0).sqrt().cpu(), grams.sum(dim=0).cpu() if grams is not None else None,
-                     mix[1:].double().cpu(), norms, sketch.cpu() if sketch is not None else None)
+        norms = row_norms.square().sum(dim=0).sqrt() if row_norms is not None else None
+        return _Pass(total, misfits.square().sum(dim=0).sqrt(), grams.sum(dim=0).cpu() if grams is not None else None,
+                     mix_host[1:].double(), norms, sketch.cpu() if sketch is not None else None)
 
     def _triton_pass(self, rows: Tensor, mix: Tensor, measure: bool, gram: bool) -> Optional[crc_triton.Certified]:
         """``_certify``'s one block by the Triton kernel (crc_triton.py); None where it does not run. A
@@ -912,6 +916,19 @@ class CyclicRepetitionCode(Code):
         bound = bound + 2.0 * self._reach[suspects] * float(allowed.norm())
         named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
         return sorted(named | set(erased))
+
+
+def _to_host(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """``tensors`` (float64; None passes through) on the CPU, in one transfer from an accelerator."""
+    present = [t for t in tensors if t is not None]
+    if not present or present[0].device.type == "cpu":
+        return list(tensors)
+    flat = torch.cat([t.flatten() for t in present]).cpu()
+    out, offset = [], 0
+    for t in tensors:
+        out.append(None if t is None else flat[offset : offset + t.numel()].view(t.shape))
+        offset += 0 if t is None else t.numel()
+    return out
 
 
 def _in_order(parts: list[Optional[Tensor]], p: int, device: torch.device) -> Tensor:
