@@ -706,9 +706,25 @@ def test_a_failing_triton_pass_hands_over_to_the_torch_passes(monkeypatch):
         result = code.decode(received, generator=projection(0))
     expected = CyclicRepetitionCode(7, 1, kernel="torch").decode(received, generator=projection(0))
     assert result.faulty == expected.faulty == [2] and torch.equal(result.total, expected.total)
-    assert crc._TRITON_FAILED == {"cpu"}
+    assert crc._TRITON_FAILED == {("cpu", torch.float32)}
+    assert code._triton_here(received.device, torch.bfloat16)  # another dtype still tries the kernel
 
 
 def test_kernel_is_checked_when_the_code_is_built():
     with pytest.raises(ValueError, match="kernel must be one of 'auto', 'triton', 'torch' \\(got 'cuda'\\)"):
         CyclicRepetitionCode(7, 1, kernel="cuda")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_an_empty_bucket_decodes_to_an_empty_total(kernel):
+    """A bucket of no values (an empty shard): nothing to certify, nobody named, also right after a decode
+    that had to locate its liar (whose next first pass sketches)."""
+    skip_unless_runs(kernel)
+    code = CyclicRepetitionCode(7, 1, kernel=kernel)
+    received = code.encode(torch.randn(7, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(9)),
+                           torch.float32)
+    received[3] *= -100
+    assert code.decode(received, generator=projection(0)).faulty == [3] and code._located_last
+    for _ in range(2):
+        empty = code.decode(torch.zeros(7, 0), generator=projection(1))
+        assert empty.total.shape == (0,) and empty.faulty == []

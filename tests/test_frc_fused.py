@@ -376,3 +376,36 @@ def test_groups_of_one_decode_fused_without_falling_back(kernel):
     assert fused.faulty == parts[1] == [] and torch.equal(fused.total, reference.total)
     assert torch.equal(parts[0], received)
     assert not frc_module._FUSED_FAILED
+
+
+def test_larger_groups_compare_their_other_pairs_with_the_kernel_that_runs(monkeypatch):
+    """r = 7 compares the first member with the others first; where it is not in a sole majority (a liar
+    there) the other pairs are compared too, by the Triton kernel on its path: Inductor is never asked
+    (it would compile mid-run, and its failure would be blamed on the Triton kernel)."""
+    if not frc_triton.available("cpu"):
+        pytest.skip("Triton's interpreter is not available here (Triton missing, or a GPU present)")
+
+    def no_inductor(*key):
+        raise AssertionError("the Triton path asked for a compiled kernel")
+
+    monkeypatch.setattr(frc_module, "_compiled", no_inductor)
+    received = honest_rows(2, 7, 2 * frc_module._EQUALITY_PIECE + 5, torch.float32, torch.Generator().manual_seed(4))
+    received[0] = -received[0]  # group 0's first member
+    received[9, 3] += 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = FractionalRepetitionCode(14, 3, fused=True, kernel="triton").decode(received)
+        parts = FractionalRepetitionCode(14, 3, fused=True, kernel="triton").parts(received)
+    reference = FractionalRepetitionCode(14, 3, fused=False).decode(received)
+    assert fused.faulty == parts[1] == reference.faulty == [0, 9] and torch.equal(fused.total, reference.total)
+    assert not frc_module._FUSED_FAILED
+
+
+def test_choosing_triton_without_a_recent_enough_one_says_what_was_found(monkeypatch):
+    monkeypatch.setattr(frc_triton, "triton", None)
+    monkeypatch.setattr(frc_triton, "FOUND", "3.5.1")
+    with pytest.raises(ValueError, match=r"kernel='triton' needs Triton 3\.6 or newer \(found 3\.5\.1; CUDA builds"):
+        FractionalRepetitionCode(3, 1, kernel="triton")
+    monkeypatch.setattr(frc_triton, "FOUND", None)
+    with pytest.raises(ValueError, match=r"needs Triton 3\.6 or newer \(none is installed;"):
+        FractionalRepetitionCode(3, 1, kernel="triton")

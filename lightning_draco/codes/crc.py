@@ -45,8 +45,8 @@ MAX_HIDDEN_ERROR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 0
 #: on CPU tensors only in Triton's interpreter); "torch": torch products, per block of ``chunk_size`` on the
 #: CPU; "auto": Triton on CUDA where it is installed, else torch.
 KERNELS = ("auto", "triton", "torch")
-# Device types where the Triton certifying pass failed: the torch passes run there from then on.
-_TRITON_FAILED: set[str] = set()
+# (device type, wire dtype) where the Triton certifying pass failed: the torch passes run there from then on.
+_TRITON_FAILED: set[tuple[str, torch.dtype]] = set()
 
 # Rounding of the float32 sketch itself, relative to a row's norm: the projection (blocks of 32K
 # coordinates) misses the exact one by up to 3e-6 of the row (measured, d up to 2M).
@@ -233,7 +233,7 @@ class CyclicRepetitionCode(Code):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))} (got {kernel!r}).")
         if kernel == "triton" and crc_triton.triton is None:
-            raise ValueError("kernel='triton' needs Triton installed (CUDA builds of torch ship it); or kernel='auto'.")
+            raise ValueError(crc_triton.requirement())
         #: How the certifying passes run: see ``KERNELS``.
         self.kernel = kernel
         #: Relative disagreement between honest replicas of a partition's gradient beyond rounding
@@ -637,7 +637,7 @@ class CyclicRepetitionCode(Code):
         """
         d, device = received.shape[1], received.device
         acc = torch.float64 if precise else accumulation_dtype(received.dtype)
-        grid = min(GRID, d)
+        grid = max(1, min(GRID, d))
         u = torch.randn(PROJECTIONS, -(-d // grid), generator=gen, device=gen.device, dtype=torch.float64)
         v = torch.randn(PROJECTIONS, grid, generator=gen, device=gen.device, dtype=torch.float64)
         return u.to(device, acc), v.to(device, acc)
@@ -646,7 +646,7 @@ class CyclicRepetitionCode(Code):
         """One pass: ``V = Y F`` (``P x k``, float64); ``precise``: in float64 (about 3x the time on the CPU)."""
         p, d = received.shape
         acc = torch.float64 if precise else accumulation_dtype(received.dtype)
-        blocks = self._blocks(d, received.device)
+        blocks = self._blocks(d, received.device, received.dtype)
         sketches: list[Optional[Tensor]] = [None] * len(blocks)
 
         def sketch_block(i: int) -> None:
@@ -656,19 +656,21 @@ class CyclicRepetitionCode(Code):
         each_block(sketch_block, len(blocks), received.device)
         return _in_order(sketches, p, received.device).cpu()
 
-    def _triton_here(self, device: torch.device) -> bool:
-        """Whether the certifying passes on ``device`` run the Triton kernel (``kernel``; a kernel that
-        failed on this device and dtype hands over to the torch passes for good)."""
-        if self.kernel == "torch" or device.type in _TRITON_FAILED:
+    def _triton_here(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether the certifying passes of ``dtype`` rows on ``device`` run the Triton kernel (``kernel``;
+        a kernel that failed on this device type and dtype hands over to the torch passes for good)."""
+        if self.kernel == "torch" or (device.type, dtype) in _TRITON_FAILED:
             return False
         return self.kernel == "triton" or (device.type == "cuda" and crc_triton.available(device))
 
-    def _blocks(self, d: int, device: torch.device) -> list[tuple[int, int]]:
+    def _blocks(self, d: int, device: torch.device, dtype: torch.dtype) -> list[tuple[int, int]]:
         """The passes' blocks of coordinates: ``chunk_size`` (whole ``GRID`` rows) on the CPU, where they
         stay in cache; one block elsewhere (and for the Triton kernel, which keeps its blocks in registers).
         Every pass cuts the same blocks, so its products round alike."""
+        if d == 0:  # an empty bucket: one empty block
+            return [(0, 0)]
         grid = min(GRID, d)
-        step = self.chunk_size if device.type == "cpu" and not self._triton_here(device) else d
+        step = self.chunk_size if device.type == "cpu" and not self._triton_here(device, dtype) else d
         step = -(-step // grid) * grid
         return [(start, min(d, start + step)) for start in range(0, d, step)]
 
@@ -702,8 +704,10 @@ class CyclicRepetitionCode(Code):
         if erased:  # a copy, only when some row is non-finite: 0 * NaN would poison the products
             rows = received.clone()
             rows[erased] = 0
-        total = torch.empty(d, dtype=acc, device=device)
-        blocks = self._blocks(d, device)
+        done = self._triton_pass(rows, mix, measure, gram)
+        # After the Triton attempt: a pass where it fails is cut as every later pass will be.
+        blocks = self._blocks(d, device, received.dtype)
+        total = done.total if done is not None else torch.empty(d, dtype=acc, device=device)
         # Each block's norms, checked for over- and underflow once after the pass: a check per block
         # would cost a host sync per block.
         misfits = torch.empty(len(blocks), len(mix) - 1, dtype=torch.float64, device=device)
@@ -726,11 +730,9 @@ class CyclicRepetitionCode(Code):
                 sketches[i] = _sketched(block if rows is received else received[:, start:stop].to(acc),
                                         projections, start, stop)
 
-        done = self._triton_pass(rows, mix, row_norms is not None, grams is not None)
         if done is None:
             each_block(certify_block, len(blocks), device)
         else:  # one block (``_blocks``), its products in one read of the rows
-            total = done.total
             misfits[0] = done.check_norms
             if grams is not None:
                 checks = done.checks.double()
@@ -765,12 +767,12 @@ class CyclicRepetitionCode(Code):
     def _triton_pass(self, rows: Tensor, mix: Tensor, measure: bool, gram: bool) -> Optional[crc_triton.Certified]:
         """``_certify``'s one block by the Triton kernel (crc_triton.py); None where it does not run. A
         kernel that fails is warned about once, and the torch passes take over on that device for good."""
-        if not self._triton_here(rows.device):
+        if not self._triton_here(rows.device, rows.dtype):
             return None
         try:
             return crc_triton.certify(rows.contiguous(), mix, measure, gram)
         except Exception as err:  # noqa: BLE001 - any failure to compile or launch: the torch passes
-            _TRITON_FAILED.add(rows.device.type)
+            _TRITON_FAILED.add((rows.device.type, rows.dtype))
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             warnings.warn(
                 f"CyclicRepetitionCode: the Triton certifying pass could not run on {rows.device.type}"

@@ -19,12 +19,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lightning_draco.codes.frc_triton import available, triton
+from lightning_draco.codes.frc_triton import available, launching_on, requirement, triton
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["BLOCK", "Certified", "available", "certify"]
+__all__ = ["BLOCK", "Certified", "available", "certify", "requirement"]
 
 #: Coordinates per program.
 BLOCK = 512
@@ -114,11 +114,12 @@ def certify(rows: Tensor, mix: Tensor, measure: bool, keep_checks: bool, *, bloc
     row_sq = torch.empty(p, programs, dtype=acc, device=device) if measure else check_sq
     checks = torch.empty(max(checks_count, 1), d, dtype=acc, device=device) if keep_checks else check_sq
     if programs:  # else every partial sum is over no coordinates: zero
-        _certify[(programs,)](
-            rows, mix.contiguous(), total, check_sq, row_sq, checks, d, programs,
-            P=p, C=checks_count, CP=max(triton.next_power_of_2(checks_count), 1), ACC=_TL[acc],
-            MEASURE=measure, KEEP_CHECKS=keep_checks, BLOCK=block,
-        )
+        with launching_on(device):
+            _certify[(programs,)](
+                rows, mix.contiguous(), total, check_sq, row_sq, checks, d, programs,
+                P=p, C=checks_count, CP=max(triton.next_power_of_2(checks_count), 1), ACC=_TL[acc],
+                MEASURE=measure, KEEP_CHECKS=keep_checks, BLOCK=block,
+            )
     return Certified(
         total,
         check_sq[:checks_count].double().sum(dim=1).sqrt(),

@@ -297,7 +297,7 @@ class FractionalRepetitionCode(Code):
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))} (got {kernel!r}).")
         if kernel == "triton" and frc_triton.triton is None:
-            raise ValueError("kernel='triton' needs Triton installed (CUDA builds of torch ship it); or kernel='auto'.")
+            raise ValueError(frc_triton.requirement())
         #: Whether the user stated how far honest replicas may differ (then it also spares members
         #: that differ from a bitwise class by less); ``None`` means 1e-5 for the whole-vector vote only.
         self.tolerance_declared = tolerance is not None
@@ -414,6 +414,10 @@ class FractionalRepetitionCode(Code):
         r, device = self.redundancy, rows.device.type
         try:
             def compare(pairs: list[tuple[int, int]]) -> Tensor:
+                if kernel == "triton":  # every pair in one pass (no sum), then the ones asked for
+                    every = [(a, b) for a in range(r - 1) for b in range(a + 1, r)]
+                    equal = frc_triton.compare_and_sum(rows, bits, None, acc, r - 1)[0]
+                    return equal[:, [every.index(pair) for pair in pairs]]
                 # Compiled only where the groups and the pieces are at least 2: sizes 0 and 1 would each
                 # compile a variant of their own (and exhaust the recompilation budget); eager there.
                 compiled = rows.shape[0] >= 2 and bits.shape[2] >= 2 * _EQUALITY_PIECE
@@ -434,7 +438,7 @@ class FractionalRepetitionCode(Code):
             if kernel == "triton":
                 # One pass: the comparison of the first pairs and the sum of the likely winners together.
                 leaders = (r - 1 if pairs_first else 1) if first else 0
-                queued, speculative = frc_triton.compare_and_sum(rows, bits, guess, acc, leaders)
+                queued, speculative = frc_triton.compare_and_sum(rows, bits, None if per_group else guess, acc, leaders)
             else:
                 # Both passes are queued before the host waits for the comparison: on a GPU the sum of the
                 # likely winners (the first members, or the last decode's winners) runs while the host votes.

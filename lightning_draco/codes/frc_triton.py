@@ -11,26 +11,45 @@ Triton ships with CUDA builds of torch; elsewhere (or without it) the compiled p
 interpreter instead: that is how the tests check it without a GPU (tests/conftest.py sets it there).
 """
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+#: The oldest Triton the kernels are tested with; older ones are treated as missing.
+MIN_TRITON = (3, 6)
+
 try:
     import triton
     import triton.language as tl
 
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 6):
-        triton = None  # older than any Triton this kernel is tested with
-except ImportError:  # optional: the two compiled passes serve where Triton is missing
-    triton = None
+    #: The installed Triton's version (None where it is missing).
+    FOUND: Optional[str] = triton.__version__
+    if tuple(int(part) for part in FOUND.split(".")[:2]) < MIN_TRITON:
+        triton = None
+except ImportError:  # optional: the compiled passes (or torch's) serve where Triton is missing
+    triton, FOUND = None, None
 
-__all__ = ["BLOCK", "available", "compare_and_sum"]
+__all__ = ["BLOCK", "available", "compare_and_sum", "launching_on", "requirement"]
 
 #: Coordinates per program: each program walks the groups over one block of this many coordinates. On an
 #: H100 the pass took, against the plain mean (P = 15 and 63, d = 11.2M and 100M, float32 and bfloat16),
 #: 0.78x to 1.38x in blocks of 512 (4 warps), 0.80x to 1.57x in blocks of 1,024, 0.75x to 3.03x in 2,048.
 BLOCK = 512
+
+
+def requirement() -> str:
+    """Why ``kernel="triton"`` cannot be chosen here, in one sentence (for the codes' errors)."""
+    found = f"found {FOUND}" if FOUND else "none is installed"
+    return (f"kernel='triton' needs Triton {'.'.join(map(str, MIN_TRITON))} or newer ({found}; CUDA builds of"
+            " torch ship it); or kernel='auto'.")
+
+
+def launching_on(device: torch.device):
+    """The context a kernel on ``device``'s tensors launches in: Triton launches on the current CUDA device,
+    which need not be the tensors'."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def available(device: torch.device) -> bool:
@@ -50,6 +69,7 @@ if triton is not None:
         mismatch,
         d,
         member,
+        SUM: tl.constexpr,
         GROUPS: tl.constexpr,
         R: tl.constexpr,
         LEADERS: tl.constexpr,
@@ -63,8 +83,8 @@ if triton is not None:
         1. load each member's bits once (the loads below repeat addresses; the compiler and the
            cache serve the repeats), compare member ``a < LEADERS`` with every later member ``b``,
            and set ``mismatch[g, pair(a, b)]`` where any coordinate of the block differs;
-        2. add member ``member``'s values, widened to ``ACC``, to the block's running total
-           (which starts at +0.0, as the reference decode's does).
+        2. with ``SUM``, add member ``member``'s values, widened to ``ACC``, to the block's running
+           total (which starts at +0.0, as the reference decode's does).
         """
         offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = offsets < d
@@ -80,34 +100,39 @@ if triton is not None:
                     if differ > 0:
                         # pairs (a, b) numbered as the vote lists them: (0, 1), (0, 2), ..., (1, 2), ...
                         tl.atomic_max(mismatch + g * NUM_PAIRS + (a * (2 * R - a - 1) // 2 + b - a - 1), 1)
-            w = tl.load(group + member * row, mask=inside, other=0)
-            total = total + w.to(VALUE, bitcast=True).to(ACC)
-        tl.store(out + offsets, total, mask=inside)
+            if SUM:
+                w = tl.load(group + member * row, mask=inside, other=0)
+                total = total + w.to(VALUE, bitcast=True).to(ACC)
+        if SUM:
+            tl.store(out + offsets, total, mask=inside)
 
     _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 def compare_and_sum(
-    rows: Tensor, bits: Tensor, member: int, acc: torch.dtype, leaders: int, *, block: int = BLOCK, warps: int = 4
-) -> tuple[Optional[Tensor], Tensor]:
+    rows: Tensor, bits: Tensor, member: Optional[int], acc: torch.dtype, leaders: int, *, block: int = BLOCK,
+    warps: int = 4,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """One pass over ``rows`` (``(groups, r, d)``, contiguous) and ``bits`` (its integer view).
 
     Returns ``(equal, total)``: ``equal[g, p]`` whether pair ``p`` of group ``g`` is equal bit for bit
     over the whole row, the pairs being ``(a, b)`` for ``a < leaders``, ``a < b < r``, in that order
     (``None`` when ``leaders`` is 0); ``total`` the sum in ``acc``, in group order, of member
-    ``member`` of every group. Both are queued on the rows' device; reading ``equal`` waits for them.
+    ``member`` of every group (None, and no sum, where ``member`` is None). Both are queued on the rows'
+    device; reading ``equal`` waits for them.
     ``block`` (a power of two) and ``warps``: coordinates and warps per program.
     """
     groups, r, d = rows.shape
     if not rows.is_contiguous():
         raise ValueError("rows must be contiguous (groups, r, d): the kernel walks them by offset.")
-    if not 0 <= member < r or not 0 <= leaders < r:
+    if not (member is None or 0 <= member < r) or not 0 <= leaders < r:
         raise ValueError(f"member and leaders must be in [0, r={r}) (got member={member}, leaders={leaders}).")
     pairs = sum(r - 1 - a for a in range(leaders))
     mismatch = torch.zeros(groups, max(pairs, 1), dtype=torch.int32, device=rows.device)
-    total = torch.empty(d, dtype=acc, device=rows.device)
-    _compare_and_sum[(triton.cdiv(d, block),)](
-        bits, total, mismatch, d, member, GROUPS=groups, R=r, LEADERS=leaders, NUM_PAIRS=max(pairs, 1),
-        VALUE=_TL[rows.dtype], ACC=_TL[acc], BLOCK=block, num_warps=warps,
-    )
-    return (mismatch[:, :pairs] == 0 if pairs else None), total
+    total = torch.empty(d if member is not None else 0, dtype=acc, device=rows.device)
+    with launching_on(rows.device):
+        _compare_and_sum[(triton.cdiv(d, block),)](
+            bits, total, mismatch, d, member or 0, SUM=member is not None, GROUPS=groups, R=r, LEADERS=leaders,
+            NUM_PAIRS=max(pairs, 1), VALUE=_TL[rows.dtype], ACC=_TL[acc], BLOCK=block, num_warps=warps,
+        )
+    return (mismatch[:, :pairs] == 0 if pairs else None), (total if member is not None else None)
