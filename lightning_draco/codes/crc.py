@@ -203,7 +203,8 @@ class CyclicRepetitionCode(Code):
        under the floor could shift the codeword there (``_hidden_reach``): never for an honest one.
 
     Every pass reads ``Y`` blockwise in its own dtype, accumulating half precision in float32; the
-    small solves run in float64. Without liars, or with the same liars as the previous call, the
+    small solves run in float64. On CUDA (``kernel="triton"``, the default where Triton runs) each
+    certifying pass is one Triton kernel that reads every row once (crc_triton.py). Without liars, or with the same liars as the previous call, the
     decode reads ``Y`` once. Which set is certified first is state (``state_dict``): a resumed run
     restores it, so that its decodes round exactly as the uninterrupted run's.
     """

@@ -266,10 +266,11 @@ class FractionalRepetitionCode(Code):
     common case, where every group has a whole-row majority, is settled first by one batched
     comparison and a single host sync; otherwise the block-wise vote runs, its blocks compared in one
     batch too (one more sync, not one per comparison). With ``fused`` (default:
-    on CUDA) that comparison and the sum of the winners are each one ``torch.compile``-d pass; results
-    and named workers are the same as the block-wise vote's, bit for bit (but for the payload of a NaN
-    widened from half precision), and where compiling fails the block-wise vote runs instead (with a
-    warning).
+    on CUDA) that comparison and the sum of the winners are one Triton pass (``kernel="triton"``, the
+    default where Triton runs) or two ``torch.compile``-d passes (``kernel="compiled"``); results and named
+    workers are the same as the block-wise vote's, bit for bit (but for the payload of a NaN widened from
+    half precision), and where a kernel fails the next runs instead (Triton, the compiled passes, the
+    block-wise vote), with a warning.
     """
 
     name = "frc"
