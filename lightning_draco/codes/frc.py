@@ -107,9 +107,8 @@ def _sq_norms(pieces: list[Tensor]) -> list[float]:
     """``_sq_norm`` of each piece, with one host sync for them all (and one more per piece redone in float64)."""
     if not pieces:
         return []
-    norms = torch.stack([
-        torch.linalg.vector_norm(v, dtype=torch.float32 if v.element_size() < 4 else None).double() for v in pieces
-    ]).tolist()
+    norms = torch.stack([torch.linalg.vector_norm(v, dtype=torch.float32 if v.element_size() < 4 else None)
+                         for v in pieces]).tolist()
     out = []
     for v, norm in zip(pieces, norms):
         if (norm == 0.0 or not math.isfinite(norm)) and v.dtype != torch.float64 and bool(torch.isfinite(v).all()):
@@ -684,12 +683,19 @@ class FractionalRepetitionCode(Code):
             return torch.cat([members[w, lo:hi] for lo, hi, w in parts])
 
         wins = [winning(start, stop) for start, stop in spans]
-        sq_win = sum(_sq_norms(wins))
+
+        def difference(m: int, k: int) -> Tensor:
+            start, stop = spans[k]
+            return _widened(members[m, start:stop]) - _widened(wins[k])  # exact when close (Sterbenz)
+
+        # One host sync for the winner's norm and every member's first piece, which tells a gross lie.
+        first = _sq_norms(wins + [difference(m, 0) for m in which]) if spans else []
+        sq_win = sum(first[: len(wins)])
         distances = []
-        for m in which:
+        for n, m in enumerate(which):
             sq_diff, far = 0.0, False
-            for (start, stop), win in zip(spans, wins):
-                sq_diff += _sq_norm(_widened(members[m, start:stop]) - _widened(win))  # exact when close (Sterbenz)
+            for k in range(len(spans)):
+                sq_diff += first[len(wins) + n] if k == 0 else _sq_norm(difference(m, k))
                 if not math.isfinite(sq_diff) or sq_diff > 4 * sq_win:
                     far = True
                     break
