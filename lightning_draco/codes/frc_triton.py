@@ -66,7 +66,7 @@ if triton is not None:
     def _compare_and_sum(
         bits,
         out,
-        mismatch,
+        equal,
         d,
         member,
         SUM: tl.constexpr,
@@ -82,7 +82,7 @@ if triton is not None:
 
         1. load each member's bits once (the loads below repeat addresses; the compiler and the
            cache serve the repeats), compare member ``a < LEADERS`` with every later member ``b``,
-           and set ``mismatch[g, pair(a, b)]`` where any coordinate of the block differs;
+           and clear ``equal[g, pair(a, b)]`` where any coordinate of the block differs;
         2. with ``SUM``, add member ``member``'s values, widened to ``ACC``, to the block's running
            total (which starts at +0.0, as the reference decode's does).
         """
@@ -99,7 +99,7 @@ if triton is not None:
                     differ = tl.max((x != y).to(tl.int32), axis=0)
                     if differ > 0:
                         # pairs (a, b) numbered as the vote lists them: (0, 1), (0, 2), ..., (1, 2), ...
-                        tl.atomic_max(mismatch + g * NUM_PAIRS + (a * (2 * R - a - 1) // 2 + b - a - 1), 1)
+                        tl.atomic_min(equal + g * NUM_PAIRS + (a * (2 * R - a - 1) // 2 + b - a - 1), 0)
             if SUM:
                 w = tl.load(group + member * row, mask=inside, other=0)
                 total = total + w.to(VALUE, bitcast=True).to(ACC)
@@ -115,8 +115,8 @@ def compare_and_sum(
 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """One pass over ``rows`` (``(groups, r, d)``, contiguous) and ``bits`` (its integer view).
 
-    Returns ``(equal, total)``: ``equal[g, p]`` whether pair ``p`` of group ``g`` is equal bit for bit
-    over the whole row, the pairs being ``(a, b)`` for ``a < leaders``, ``a < b < r``, in that order
+    Returns ``(equal, total)``: ``equal[g, p]`` (int32) 1 where pair ``p`` of group ``g`` is equal bit for bit
+    over the whole row, else 0, the pairs being ``(a, b)`` for ``a < leaders``, ``a < b < r``, in that order
     (``None`` when ``leaders`` is 0); ``total`` the sum in ``acc``, in group order, of member
     ``member`` of every group (None, and no sum, where ``member`` is None). Both are queued on the rows'
     device; reading ``equal`` waits for them.
@@ -128,11 +128,11 @@ def compare_and_sum(
     if not (member is None or 0 <= member < r) or not 0 <= leaders < r:
         raise ValueError(f"member and leaders must be in [0, r={r}) (got member={member}, leaders={leaders}).")
     pairs = sum(r - 1 - a for a in range(leaders))
-    mismatch = torch.zeros(groups, max(pairs, 1), dtype=torch.int32, device=rows.device)
+    equal = torch.ones(groups, max(pairs, 1), dtype=torch.int32, device=rows.device)  # 1: equal until a block differs
     total = torch.empty(d if member is not None else 0, dtype=acc, device=rows.device)
     with launching_on(rows.device):
         _compare_and_sum[(triton.cdiv(d, block),)](
-            bits, total, mismatch, d, member or 0, SUM=member is not None, GROUPS=groups, R=r, LEADERS=leaders,
+            bits, total, equal, d, member or 0, SUM=member is not None, GROUPS=groups, R=r, LEADERS=leaders,
             NUM_PAIRS=max(pairs, 1), VALUE=_TL[rows.dtype], ACC=_TL[acc], BLOCK=block, num_warps=warps,
         )
-    return (mismatch[:, :pairs] == 0 if pairs else None), (total if member is not None else None)
+    return (equal[:, :pairs] if pairs else None), (total if member is not None else None)
