@@ -733,19 +733,18 @@ class CyclicRepetitionCode(Code):
 
         if done is None:
             each_block(certify_block, len(blocks), device)
-        else:  # one block (``_blocks``), its products in one read of the rows
-            misfits[0] = done.check_norms
+            # The norms on the host in one transfer: what follows is a few dozen operations on a few
+            # numbers, each of which would be a kernel launch (and some a sync) on an accelerator.
+            misfits, row_norms = _to_host(misfits, row_norms)
+        else:  # one block (``_blocks``), its products in one read of the rows, its norms on the host
+            misfits = done.check_norms[None].clone()
+            row_norms = done.row_norms[None] if measure else None
             if grams is not None:
                 checks = done.checks.double()
                 torch.mm(checks, checks.t(), out=grams[0])
-            if row_norms is not None:
-                row_norms[0] = done.row_norms
             if projections is not None:  # as ``_sketch`` computes it, bit for bit (the same one block)
                 sketches[0] = _sketched(received.to(acc), projections, 0, d)
         sketch = _in_order(sketches, p, device) if projections is not None else None
-        # The norms on the host in one transfer: what follows is a few dozen operations on a few numbers,
-        # each of which would be a kernel launch (and some a sync) on an accelerator.
-        misfits, row_norms = _to_host(misfits, row_norms)
         redo = _inexact(misfits)
         # A check row that is all zeros (an erased suspect's miss) is zero by construction, not underflow.
         vanished = ((misfits == 0) & (mix_host[1:] != 0).any(dim=1)).any(dim=1)

@@ -37,8 +37,7 @@ if triton is not None:
         rows,
         mix,
         total,
-        check_sq,
-        row_sq,
+        squares,
         checks,
         d,
         programs,
@@ -54,9 +53,9 @@ if triton is not None:
 
         1. load its block once, widened to ``ACC``;
         2. ``total += mix[0, j] * y`` and ``checks[c] += mix[1 + c, j] * y`` for the ``C`` check rows;
-        3. with ``MEASURE``, store the row's sum of squares over the block in ``row_sq[j, i]``.
+        3. with ``MEASURE``, store the row's sum of squares over the block in ``squares[C + j, i]``.
 
-        Then store the total, each check row's sum of squares in ``check_sq[c, i]`` and, with
+        Then store the total, each check row's sum of squares in ``squares[c, i]`` and, with
         ``KEEP_CHECKS``, the check rows themselves.
         """
         program = tl.program_id(0)
@@ -72,9 +71,9 @@ if triton is not None:
             weights = tl.load(mix + (1 + c) * P + j, mask=c < C, other=0)
             check += weights[:, None] * y[None, :]
             if MEASURE:
-                tl.store(row_sq + j * programs + program, tl.sum(y * y, axis=0))
+                tl.store(squares + (C + j) * programs + program, tl.sum(y * y, axis=0))
         tl.store(total + offsets, out, mask=inside)
-        tl.store(check_sq + c * programs + program, tl.sum(check * check, axis=1), mask=c < C)
+        tl.store(squares + c * programs + program, tl.sum(check * check, axis=1), mask=c < C)
         if KEEP_CHECKS:
             where = c[:, None].to(tl.int64) * stride + offsets[None, :]
             tl.store(checks + where, check, mask=(c[:, None] < C) & inside[None, :])
@@ -83,8 +82,8 @@ if triton is not None:
 
 
 class Certified(NamedTuple):
-    """What one certifying pass leaves: ``total`` (``d``), ``check_norms`` (``C``) and ``row_norms``
-    (``P``, or None) in float64, ``checks`` (``C x d``, or None)."""
+    """What one certifying pass leaves: on the rows' device ``total`` (``d``) and ``checks`` (``C x d``, or
+    None); on the host, in float64, ``check_norms`` (``C``) and ``row_norms`` (``P``, or None)."""
 
     total: Tensor
     check_norms: Tensor
@@ -97,8 +96,9 @@ def certify(rows: Tensor, mix: Tensor, measure: bool, keep_checks: bool, *, bloc
     norms of the others (the checks); with ``measure`` every row's norm; with ``keep_checks`` the checks.
 
     ``mix`` (``1 + C`` x ``P``) is in the accumulation dtype (float32 for half-precision rows). Norms are
-    sums of squares in that dtype per block of ``block`` coordinates, added in float64: where squares
-    over- or underflow, the caller redoes them in float64 as it would a torch pass's.
+    sums of squares in that dtype per block of ``block`` coordinates, added in float64 and brought to the
+    host in one transfer: where squares over- or underflow, the caller redoes them in float64 as it would a
+    torch pass's.
     """
     p, d = rows.shape
     acc = mix.dtype
@@ -110,19 +110,20 @@ def certify(rows: Tensor, mix: Tensor, measure: bool, keep_checks: bool, *, bloc
     programs = triton.cdiv(d, block)
     device = rows.device
     total = torch.empty(d, dtype=acc, device=device)
-    check_sq = torch.empty(max(checks_count, 1), programs, dtype=acc, device=device)
-    row_sq = torch.empty(p, programs, dtype=acc, device=device) if measure else check_sq
-    checks = torch.empty(max(checks_count, 1), d, dtype=acc, device=device) if keep_checks else check_sq
+    # Per program: each check row's sum of squares, then (with ``measure``) each row's.
+    squares = torch.empty(checks_count + (p if measure else 0), programs, dtype=acc, device=device)
+    checks = torch.empty(max(checks_count, 1), d, dtype=acc, device=device) if keep_checks else total
     if programs:  # else every partial sum is over no coordinates: zero
         with launching_on(device):
             _certify[(programs,)](
-                rows, mix.contiguous(), total, check_sq, row_sq, checks, d, programs,
+                rows, mix.contiguous(), total, squares, checks, d, programs,
                 P=p, C=checks_count, CP=max(triton.next_power_of_2(checks_count), 1), ACC=_TL[acc],
                 MEASURE=measure, KEEP_CHECKS=keep_checks, BLOCK=block,
             )
+    norms = squares.double().sum(dim=1).sqrt().cpu()
     return Certified(
         total,
-        check_sq[:checks_count].double().sum(dim=1).sqrt(),
-        row_sq.double().sum(dim=1).sqrt() if measure else None,
+        norms[:checks_count],
+        norms[checks_count:] if measure else None,
         checks[:checks_count] if keep_checks else None,
     )
