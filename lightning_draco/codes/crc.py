@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from functools import lru_cache
@@ -13,8 +14,6 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-
-import warnings
 
 from lightning_draco.codes import crc_triton, register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype, each_block
@@ -204,9 +203,10 @@ class CyclicRepetitionCode(Code):
 
     Every pass reads ``Y`` blockwise in its own dtype, accumulating half precision in float32; the
     small solves run in float64. On CUDA (``kernel="triton"``, the default where Triton runs) each
-    certifying pass is one Triton kernel that reads every row once (crc_triton.py). Without liars, or with the same liars as the previous call, the
-    decode reads ``Y`` once. Which set is certified first is state (``state_dict``): a resumed run
-    restores it, so that its decodes round exactly as the uninterrupted run's.
+    certifying pass is one Triton kernel that reads every row once (crc_triton.py). Without liars, or
+    with the same liars as the previous call, the decode reads ``Y`` once. Which set is certified first
+    is state (``state_dict``): a resumed run restores it, so that its decodes round exactly as the
+    uninterrupted run's.
     """
 
     name = "crc"

@@ -456,7 +456,7 @@ class FractionalRepetitionCode(Code):
                 else:
                     out = speculative if m == guess else winners_sum(m)
                 return self._whole_row_outcome(out, [m] * len(classes), classes)
-        except Exception as err:  # noqa: BLE001 - any failure to compile: the reference path, same results
+        except Exception as err:  # noqa: BLE001 - any failure to compile or launch: the next kernel, same results
             _FUSED_FAILED.add((device, rows.dtype, kernel))
             message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             after = self._fused_kernel(rows[:, 0])
