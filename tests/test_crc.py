@@ -10,7 +10,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lightning_draco.codes import CyclicRepetitionCode, DracoDecodeError, crc_triton, make_code
+from lightning_draco.codes import CyclicRepetitionCode, DracoDecodeError, _triton, crc_triton, make_code
 from lightning_draco.codes.crc import _allowed
 
 # Every kernel that can run here: the torch passes, and the Triton pass in Triton's interpreter (on the
@@ -19,7 +19,7 @@ KERNELS = ["torch", "triton"]
 
 
 def skip_unless_runs(kernel):
-    if kernel == "triton" and not crc_triton.available("cpu"):
+    if kernel == "triton" and not _triton.available("cpu"):
         pytest.skip("Triton's interpreter is not available here (Triton missing, or a GPU present)")
 
 

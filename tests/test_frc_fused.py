@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from lightning_draco.codes import DracoDecodeError, FractionalRepetitionCode
 from lightning_draco.codes import frc as frc_module
-from lightning_draco.codes import frc_triton
+from lightning_draco.codes import _triton, frc_triton
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -45,7 +45,7 @@ def kernel(request):
     """Each fused kernel where it can run on the CPU: Triton's interpreter, Inductor's CPU backend."""
     if request.param == "compiled":
         request.getfixturevalue("inductor")
-    elif not frc_triton.available("cpu"):
+    elif not _triton.available("cpu"):
         pytest.skip("Triton's interpreter is not available here (Triton missing, or a GPU present)")
     yield request.param
     assert not frc_module._FUSED_FAILED, f"a fused decode ({request.param}) fell back to the reference path"
@@ -215,12 +215,12 @@ def test_a_failing_compile_falls_back_to_the_reference_with_a_warning(monkeypatc
 def test_fused_is_the_default_on_cuda_only_and_uses_triton_there():
     cpu = torch.zeros(3, 4)
     assert FractionalRepetitionCode(3, 1)._fused_kernel(cpu) is None
-    interpreted = frc_triton.available("cpu")  # TRITON_INTERPRET=1 (tests/conftest.py, without a GPU)
+    interpreted = _triton.available("cpu")  # TRITON_INTERPRET=1 (tests/conftest.py, without a GPU)
     assert FractionalRepetitionCode(3, 1, fused=True)._fused_kernel(cpu) == ("triton" if interpreted else "compiled")
     assert FractionalRepetitionCode(3, 1, fused=True, kernel="compiled")._fused_kernel(cpu) == "compiled"
     assert FractionalRepetitionCode(3, 1, fused=True, kernel="triton")._fused_kernel(cpu) == "triton"
     if torch.cuda.is_available():
-        expected = "triton" if frc_triton.available("cuda") else "compiled"
+        expected = "triton" if _triton.available("cuda") else "compiled"
         assert FractionalRepetitionCode(3, 1)._fused_kernel(cpu.cuda()) == expected
 
 
@@ -231,7 +231,7 @@ def test_a_failing_triton_kernel_hands_over_to_the_compiled_passes(monkeypatch):
         raise RuntimeError("no PTX for this GPU")
 
     monkeypatch.setattr(frc_triton, "compare_and_sum", broken)
-    monkeypatch.setattr(frc_triton, "available", lambda device: True)  # as on a GPU with Triton installed
+    monkeypatch.setattr(_triton, "available", lambda device: True)  # as on a GPU with Triton installed
     received = honest_rows(2, 3, 50, torch.float32, torch.Generator().manual_seed(2))
     received[1] = -received[1]
     code = FractionalRepetitionCode(6, 1, fused=True)
@@ -266,7 +266,7 @@ def test_fused_decode_on_cuda_equals_the_cpu_reference(dtype):
         received[liars] = -received[liars]
         cases.append(((10, 2), f"r=5, liars {liars}", received))
     cases += [((6, 1), name, received) for received, name in long_row_cases(dtype)]
-    kernels = ["compiled"] + (["triton"] if frc_triton.available("cuda") else [])
+    kernels = ["compiled"] + (["triton"] if _triton.available("cuda") else [])
     for code_args, name, received in cases:
         reference = decode_on("cpu", code_args, received, fused=False)
         for kernel in kernels:
@@ -382,7 +382,7 @@ def test_larger_groups_compare_their_other_pairs_with_the_kernel_that_runs(monke
     """r = 7 compares the first member with the others first; where it is not in a sole majority (a liar
     there) the other pairs are compared too, by the Triton kernel on its path: Inductor is never asked
     (it would compile mid-run, and its failure would be blamed on the Triton kernel)."""
-    if not frc_triton.available("cpu"):
+    if not _triton.available("cpu"):
         pytest.skip("Triton's interpreter is not available here (Triton missing, or a GPU present)")
 
     def no_inductor(*key):
@@ -402,10 +402,10 @@ def test_larger_groups_compare_their_other_pairs_with_the_kernel_that_runs(monke
 
 
 def test_choosing_triton_without_a_recent_enough_one_says_what_was_found(monkeypatch):
-    monkeypatch.setattr(frc_triton, "triton", None)
-    monkeypatch.setattr(frc_triton, "FOUND", "3.5.1")
+    monkeypatch.setattr(_triton, "triton", None)
+    monkeypatch.setattr(_triton, "FOUND", "3.5.1")
     with pytest.raises(ValueError, match=r"kernel='triton' needs Triton 3\.6 or newer \(found 3\.5\.1; CUDA builds"):
         FractionalRepetitionCode(3, 1, kernel="triton")
-    monkeypatch.setattr(frc_triton, "FOUND", None)
+    monkeypatch.setattr(_triton, "FOUND", None)
     with pytest.raises(ValueError, match=r"needs Triton 3\.6 or newer \(none is installed;"):
         FractionalRepetitionCode(3, 1, kernel="triton")

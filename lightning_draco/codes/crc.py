@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lightning_draco.codes import crc_triton, register_code
+from lightning_draco.codes import _triton, crc_triton, register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype, each_block
 
 # Unit roundoff of each wire dtype (half the distance from 1 to the next number).
@@ -231,10 +231,7 @@ class CyclicRepetitionCode(Code):
             raise ValueError(f"chunk_size must be a positive multiple of {GRID} (got {chunk_size!r}).")
         if attempts < 1:
             raise ValueError(f"attempts must be >= 1 (got {attempts!r}).")
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))} (got {kernel!r}).")
-        if kernel == "triton" and crc_triton.triton is None:
-            raise ValueError(crc_triton.requirement())
+        _triton.check_kernel(kernel, KERNELS)
         #: How the certifying passes run: see ``KERNELS``.
         self.kernel = kernel
         #: Relative disagreement between honest replicas of a partition's gradient beyond rounding
@@ -662,7 +659,7 @@ class CyclicRepetitionCode(Code):
         a kernel that failed on this device type and dtype hands over to the torch passes for good)."""
         if self.kernel == "torch" or (device.type, dtype) in _TRITON_FAILED:
             return False
-        return self.kernel == "triton" or (device.type == "cuda" and crc_triton.available(device))
+        return self.kernel == "triton" or (device.type == "cuda" and _triton.available(device))
 
     def _blocks(self, d: int, device: torch.device, dtype: torch.dtype) -> list[tuple[int, int]]:
         """The passes' blocks of coordinates: ``chunk_size`` (whole ``GRID`` rows) on the CPU, where they
@@ -773,10 +770,9 @@ class CyclicRepetitionCode(Code):
             return crc_triton.certify(rows.contiguous(), mix, measure, gram)
         except Exception as err:  # noqa: BLE001 - any failure to compile or launch: the torch passes
             _TRITON_FAILED.add((rows.device.type, rows.dtype))
-            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             warnings.warn(
                 f"CyclicRepetitionCode: the Triton certifying pass could not run on {rows.device.type}"
-                f" ({type(err).__name__}: {message}); the torch passes run instead (same guarantees, slower).",
+                f" ({_triton.failure(err)}); the torch passes run instead (same guarantees, slower).",
                 RuntimeWarning,
                 stacklevel=4,
             )

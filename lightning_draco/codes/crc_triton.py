@@ -11,7 +11,7 @@ there; norms leave as one partial sum of squares per program, added in float64 o
 Every certifying pass of a decode runs this kernel where it runs, so a set certified in one pass
 or another gives the same total and norms, bit for bit. Where Triton is missing the torch passes
 run; ``TRITON_INTERPRET=1`` (set before Triton is imported) runs the kernel on CPU tensors in
-Triton's interpreter, which is how the tests check it without a GPU.
+Triton's interpreter, which is how the tests check it without a GPU (_triton.py).
 """
 
 from typing import NamedTuple, Optional
@@ -19,12 +19,12 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lightning_draco.codes.frc_triton import available, launching_on, requirement, triton
+from lightning_draco.codes._triton import launching_on, triton
 
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["BLOCK", "Certified", "available", "certify", "requirement"]
+__all__ = ["BLOCK", "Certified", "certify"]
 
 #: Coordinates per program.
 BLOCK = 512

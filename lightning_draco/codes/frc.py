@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco._bits import bits_dtype, same_bytes
-from lightning_draco.codes import frc_triton, register_code
+from lightning_draco.codes import _triton, frc_triton, register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
 
 
@@ -294,10 +294,7 @@ class FractionalRepetitionCode(Code):
             raise ValueError(f"tolerance must be >= 0 (got {tolerance!r}).")
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1 (got {chunk_size!r}).")
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))} (got {kernel!r}).")
-        if kernel == "triton" and frc_triton.triton is None:
-            raise ValueError(frc_triton.requirement())
+        _triton.check_kernel(kernel, KERNELS)
         #: Whether the user stated how far honest replicas may differ (then it also spares members
         #: that differ from a bitwise class by less); ``None`` means 1e-5 for the whole-vector vote only.
         self.tolerance_declared = tolerance is not None
@@ -392,7 +389,7 @@ class FractionalRepetitionCode(Code):
             return None
         kernels = [self.kernel]
         if self.kernel == "auto":
-            kernels = ["triton", "compiled"] if frc_triton.available(received.device) else ["compiled"]
+            kernels = ["triton", "compiled"] if _triton.available(received.device) else ["compiled"]
         return next((k for k in kernels if (device, received.dtype, k) not in _FUSED_FAILED), None)
 
     def _fused_vote(
@@ -458,13 +455,12 @@ class FractionalRepetitionCode(Code):
                 return self._whole_row_outcome(out, [m] * len(classes), classes)
         except Exception as err:  # noqa: BLE001 - any failure to compile or launch: the next kernel, same results
             _FUSED_FAILED.add((device, rows.dtype, kernel))
-            message = str(err).strip().splitlines()[0] if str(err).strip() else ""
             after = self._fused_kernel(rows[:, 0])
             instead = "the block-wise decode runs instead" if after is None else (
                 f"this decode runs block-wise and later ones with the {after} kernel")
             warnings.warn(
                 f"FractionalRepetitionCode: the fused decode ({kernel} kernel) could not run on {device} for"
-                f" {rows.dtype} ({type(err).__name__}: {message}); {instead} (same results, slower).",
+                f" {rows.dtype} ({_triton.failure(err)}); {instead} (same results, slower).",
                 RuntimeWarning,
                 stacklevel=4,
             )

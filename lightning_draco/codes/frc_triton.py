@@ -6,58 +6,25 @@ the likely winners. The second re-reads ``P / r`` rows the first has just read; 
 member once per block of coordinates, compares the pairs while the block is in registers and adds
 member ``m`` of each group to the running total in group order, the additions of the reference decode.
 
-Triton ships with CUDA builds of torch; elsewhere (or without it) the compiled passes run. With
-``TRITON_INTERPRET=1`` set before Triton is imported, the kernel runs on CPU tensors in Triton's
-interpreter instead: that is how the tests check it without a GPU (tests/conftest.py sets it there).
+Triton ships with CUDA builds of torch; elsewhere (or without it) the compiled passes run (_triton.py).
 """
 
-import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-#: The oldest Triton the kernels are tested with; older ones are treated as missing.
-MIN_TRITON = (3, 6)
+from lightning_draco.codes._triton import launching_on, triton
 
-try:
-    import triton
+if triton is not None:
     import triton.language as tl
 
-    #: The installed Triton's version (None where it is missing).
-    FOUND: Optional[str] = triton.__version__
-    if tuple(int(part) for part in FOUND.split(".")[:2]) < MIN_TRITON:
-        triton = None
-except ImportError:  # optional: the compiled passes (or torch's) serve where Triton is missing
-    triton, FOUND = None, None
-
-__all__ = ["BLOCK", "available", "compare_and_sum", "launching_on", "requirement"]
+__all__ = ["BLOCK", "compare_and_sum"]
 
 #: Coordinates per program: each program walks the groups over one block of this many coordinates. On an
 #: H100 the pass took, against the plain mean (P = 15 and 63, d = 11.2M and 100M, float32 and bfloat16),
 #: 0.78x to 1.38x in blocks of 512 (4 warps), 0.80x to 1.57x in blocks of 1,024, 0.75x to 3.03x in 2,048.
 BLOCK = 512
-
-
-def requirement() -> str:
-    """Why ``kernel="triton"`` cannot be chosen here, in one sentence (for the codes' errors)."""
-    found = f"found {FOUND}" if FOUND else "none is installed"
-    return (f"kernel='triton' needs Triton {'.'.join(map(str, MIN_TRITON))} or newer ({found}; CUDA builds of"
-            " torch ship it); or kernel='auto'.")
-
-
-def launching_on(device: torch.device):
-    """The context a kernel on ``device``'s tensors launches in: Triton launches on the current CUDA device,
-    which need not be the tensors'."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernel can run on ``device``: compiled on CUDA, or in the interpreter on the CPU."""
-    if triton is None:
-        return False
-    interpreted = bool(triton.knobs.runtime.interpret)
-    return torch.device(device).type == ("cpu" if interpreted else "cuda")
 
 
 if triton is not None:
