@@ -117,10 +117,6 @@ def _sq_norms(pieces: list[Tensor]) -> list[float]:
     return out
 
 
-def _widened(v: Tensor) -> Tensor:
-    return v.float() if v.element_size() < 4 else v
-
-
 _KERNELS = {"pieces": _piece_equalities, "sum": _ordered_sum}
 _COMPILED: dict[tuple, Callable] = {}
 # (device type, dtype, kernel) where the fused path failed: from then on the next kernel "auto" allows
@@ -412,7 +408,7 @@ class FractionalRepetitionCode(Code):
         try:
             def compare(pairs: list[tuple[int, int]]) -> Tensor:
                 if kernel == "triton":  # every pair in one pass (no sum), then the ones asked for
-                    every = [(a, b) for a in range(r - 1) for b in range(a + 1, r)]
+                    every = self._first_pairs(pairs_first=True)
                     equal = frc_triton.compare_and_sum(rows, bits, None, acc, r - 1)[0]
                     return equal[:, [every.index(pair) for pair in pairs]]
                 # Compiled only where the groups and the pieces are at least 2: sizes 0 and 1 would each
@@ -553,7 +549,7 @@ class FractionalRepetitionCode(Code):
         block_winners: dict[int, list[int]] = {g: [] for g in range(num_groups)}
         differs: dict[int, set[int]] = {g: set() for g in range(num_groups)}
         batched = self.batched or (self.batched is None and rows.device.type != "cpu")
-        pairs = tuple((a, b) for a in range(r) for b in range(a + 1, r))
+        pairs = tuple(self._first_pairs(pairs_first=True))
         where = {pair: k for k, pair in enumerate(pairs)}
         # [g][pair][block], one host sync; r = 1 compares nothing, so nothing to batch
         compared = _block_equalities(bits, pairs, self.chunk_size).tolist() if batched and pairs else None
@@ -679,10 +675,11 @@ class FractionalRepetitionCode(Code):
             return torch.cat([members[w, lo:hi] for lo, hi, w in parts])
 
         wins = [winning(start, stop) for start, stop in spans]
+        acc = accumulation_dtype(members.dtype)
 
         def difference(m: int, k: int) -> Tensor:
             start, stop = spans[k]
-            return _widened(members[m, start:stop]) - _widened(wins[k])  # exact when close (Sterbenz)
+            return members[m, start:stop].to(acc) - wins[k].to(acc)  # exact when close (Sterbenz)
 
         # One host sync for the winner's norm and every member's first piece, which tells a gross lie.
         first = _sq_norms(wins + [difference(m, 0) for m in which]) if spans else []
