@@ -151,7 +151,7 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
         code = make_code(name if kind == "code" else "none", p, f if kind == "code" and name != "none" else 0)
         kernels = [flag for flag in flags if flag in ("triton", "compiled", "torch")]
         if kernels:
-            if kernels[0] not in getattr(sys.modules[type(code).__module__], "KERNELS", ()):  # the code's choices
+            if kernels[0] not in getattr(code, "kernels", ()):
                 raise ValueError(f"code {name!r} has no kernel {kernels[0]!r}")
             code.kernel = kernels[0]
         if "fused" in flags or "reference" in flags or (kernels and hasattr(code, "fused")):

@@ -211,6 +211,8 @@ class CyclicRepetitionCode(Code):
 
     name = "crc"
     options = ("tolerance",)
+    #: The ``kernel=`` choices (``KERNELS``).
+    kernels = KERNELS
 
     def __init__(
         self,

@@ -271,6 +271,8 @@ class FractionalRepetitionCode(Code):
     name = "frc"
     shardable = True
     options = ("tolerance",)
+    #: The ``kernel=`` choices (``KERNELS``).
+    kernels = KERNELS
     supports_aggregation = True
 
     def __init__(
