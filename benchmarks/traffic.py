@@ -578,21 +578,26 @@ def _overlap_pairs(steps: dict) -> str:
     return "; ".join(parts)
 
 
+def _run_fields(steps: dict) -> dict:
+    """What the step-time sections say of any run: its table, ratios, job wall times and command arguments."""
+    return dict(
+        table=_steps_table(steps), worlds=" ".join(steps["worlds"]), repeats=steps["repeats"], cpus=steps["cpus"],
+        walls=", ".join(f"P={P}: " + " + ".join(f"{s:.0f}" for s in w["job_wall_s"]) + " s"
+                        for P, w in steps["worlds"].items()),
+        ratios="\n".join(f"- P={P}: " + "; ".join(f"{k} = {v:.2f}" for k, v in r.items())
+                         for P, r in _ratios(steps).items()),
+    )
+
+
 def _steps_section(steps: dict) -> str:
     numel = next(iter(next(iter(steps["worlds"].values()))["configs"].values()))[0]["numel"]
     return STEPS_TEMPLATE.format(
+        **_run_fields(steps),
         widths=" -> ".join(map(str, steps["widths"])), numel=numel, mb=numel * E / 1e6,
         batch=steps["batch_per_partition"],
-        steps=steps["steps"], warmup=steps["warmup"],
-        bucket_mb=steps["bucket_mb"], cpus=steps["cpus"],
+        steps=steps["steps"], warmup=steps["warmup"], bucket_mb=steps["bucket_mb"],
         load=", ".join(f"{x:.1f}" for x in steps["load_average_before"]),
-        walls=", ".join(f"P={P}: " + " + ".join(f"{s:.0f}" for s in w["job_wall_s"]) + " s"
-                        for P, w in steps["worlds"].items()),
-        repeats=steps["repeats"],
-        table=_steps_table(steps), worlds=" ".join(steps["worlds"]),
         overlap_pairs=_overlap_pairs(steps),
-        ratios="\n".join(f"- P={P}: " + "; ".join(f"{k} = {v:.2f}" for k, v in r.items())
-                         for P, r in _ratios(steps).items()),
     )
 
 
@@ -610,12 +615,8 @@ def _cores_section(cores: dict) -> str:
     ratios = _ratios(cores)
     nine = ratios.get("9", {})
     return CORES_TEMPLATE.format(
-        cpus=cores["cpus"], repeats=cores["repeats"], worlds=" ".join(cores["worlds"]),
+        **_run_fields(cores),
         load=", ".join(f"{x:.2f}" for x in cores["load_average_before"]),
-        walls=", ".join(f"P={P}: " + " + ".join(f"{s:.0f}" for s in w["job_wall_s"]) + " s"
-                        for P, w in cores["worlds"].items()),
-        table=_steps_table(cores),
-        ratios="\n".join(f"- P={P}: " + "; ".join(f"{k} = {v:.2f}" for k, v in r.items()) for P, r in ratios.items()),
         sharded_vs_ps=f"{nine.get('sharded / PS', float('nan')):.2f}",
         overlap_saved="; ".join(
             f"P={P} " + ", ".join(f"{mode} {1 - r[key]:.0%}" for mode, key in
