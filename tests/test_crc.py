@@ -11,7 +11,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lightning_draco.codes import CyclicRepetitionCode, DracoDecodeError, _triton, crc_triton, make_code
-from lightning_draco.codes.crc import _allowed
+from lightning_draco.codes.crc import UNIT_ROUNDOFF, _allowed
 
 # Every kernel that can run here: the torch passes, and the Triton pass in Triton's interpreter (on the
 # CPU without a GPU: tests/conftest.py). A test run with a kernel that cannot run here is skipped.
@@ -200,7 +200,7 @@ def test_decode_in_every_wire_dtype_the_code_accepts(case, dtype):
     scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
     # The rows' own rounding (2r units of the wire dtype) amplified by the combiner, plus what a lie
     # under the floor may add (hidden_error, relative to the sum).
-    own = 2 * code.redundancy * {torch.float64: 2**-53, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    own = 2 * code.redundancy * UNIT_ROUNDOFF[dtype]
     assert float((result.total.double() - truth).norm()) <= (own * code.growth + code.hidden_error(dtype)) * scale
     assert set(result.faulty) <= set(liars)
 
@@ -237,8 +237,7 @@ def test_honest_data_at_its_edges_is_decoded_and_nobody_is_named(p, s, edge, dty
         assert result.faulty == []
         truth = edge_grads.to(dtype).double().sum(0)
         scale = max(float(truth.norm()), float(edge_grads.to(dtype).double().norm(dim=1).max()))
-        own = 4 * code.redundancy * code.growth * {torch.float64: 2**-53, torch.float32: 2**-24,
-                                                   torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+        own = 4 * code.redundancy * code.growth * UNIT_ROUNDOFF[dtype]
         assert float((result.total.double() - truth).norm()) <= max(own, 1e-12) * scale
 
 
@@ -481,8 +480,7 @@ def test_a_liar_among_tiny_gradients_is_named_although_every_square_underflows(d
     received[3] = -100 * received[3]
     result = code.decode(received, generator=projection(0))
     assert result.faulty == [3]
-    own = 4 * code.redundancy * code.growth * {torch.float64: 2**-53, torch.float32: 2**-24,
-                                               torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    own = 4 * code.redundancy * code.growth * UNIT_ROUNDOFF[dtype]
     assert relative_error(result, gradients.to(dtype).double().sum(0)) <= max(own, 1e-12)
 
 
@@ -639,14 +637,10 @@ def test_the_triton_pass_decodes_naming_whom_the_torch_passes_name_with_the_guar
     truth = grads.sum(0)
     scale = max(float(truth.norm()), float(grads.norm(dim=1).max()))
     error, expected_error = (float((r.total.double() - truth).norm()) / scale for r in (result, expected))
-    own = 2 * code_rounding(dtype) * reference.redundancy * reference.growth
+    own = 2 * UNIT_ROUNDOFF[dtype] * reference.redundancy * reference.growth
     assert error <= max(2 * expected_error, own + reference.hidden_error(dtype) + 4 * reference.growth * level)
     if dtype == torch.float32:
         assert_noisy_guarantees(reference, grads, honest, received, liars, level, result, (p, s, liars, kinds))
-
-
-def code_rounding(dtype):
-    return {torch.float64: 2**-53, torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
 
 
 @pytest.mark.parametrize("edge", sorted(HONEST_EDGES))
@@ -662,7 +656,7 @@ def test_the_triton_pass_decodes_honest_data_at_its_edges_and_names_nobody(edge,
     assert result.faulty == []
     truth = edge_grads.to(dtype).double().sum(0)
     scale = max(float(truth.norm()), float(edge_grads.to(dtype).double().norm(dim=1).max()))
-    own = 4 * code.redundancy * code.growth * code_rounding(dtype)
+    own = 4 * code.redundancy * code.growth * UNIT_ROUNDOFF[dtype]
     assert float((result.total.double() - truth).norm()) <= max(own, 1e-12) * scale
 
 
