@@ -9,7 +9,8 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter: tests/test_frc_fused.py checks
-# the repetition code's Triton decode that way. The switch is read when Triton is imported, so it is set here.
+# Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter: tests/test_frc_fused.py and
+# tests/test_crc.py check the codes' Triton kernels that way. The switch is read when Triton is imported,
+# so it is set here.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
