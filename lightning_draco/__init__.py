@@ -17,7 +17,7 @@ from lightning_draco.codes import (
     NonFiniteGradientError,
     Uncoded,
 )
-from lightning_draco.exchange import ExchangeState, ps_hook
+from lightning_draco.exchange import CollectiveFailedError, ExchangeState, ps_hook
 from lightning_draco.strategy import DracoStrategy, IncompatibleCheckpointError
 
 DracoStrategy.register_strategies(StrategyRegistry)
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Adversary",
     "Code",
+    "CollectiveFailedError",
     "CyclicRepetitionCode",
     "DecodeResult",
     "DracoDecodeError",

@@ -148,6 +148,32 @@ def test_an_error_on_one_rank_ends_the_launched_ranks_but_an_agreed_one_does_not
     assert len(killed) == 1
 
 
+def test_a_rank_that_stops_says_why_in_one_line_before_it_ends_the_ranks_it_launched(monkeypatch, caplog):
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    from lightning_draco import CollectiveFailedError, _compat
+
+    logged_when_killed = []
+    monkeypatch.setattr(_compat, "kill_launched_processes", lambda launcher: logged_when_killed.append(
+        [r.getMessage() for r in caplog.records]))
+    environment = LightningEnvironment()
+    environment.set_world_size(3)
+    environment.set_global_rank(2)
+    strategy = DracoStrategy(cluster_environment=environment)
+    with caplog.at_level("ERROR"):
+        strategy.on_exception(RuntimeError("[pair.cc:537] Timed out waiting 10000ms for recv\nthe rest of the story"))
+        assert logged_when_killed == [["rank 2 stopped: RuntimeError: [pair.cc:537] Timed out waiting 10000ms for recv"]]
+        caplog.clear()
+        # The exchange logged its own failure where it happened; an agreed failure every rank raises.
+        strategy.on_exception(CollectiveFailedError("rank 2: the gradient exchange's gather got no answer"))
+        strategy.on_exception(strategy._agreed(ValueError("raised by every rank together")))
+        assert not caplog.records
+    # One process alone has nobody to tell.
+    with caplog.at_level("ERROR"):
+        DracoStrategy().on_exception(ValueError("a user's own error"))
+    assert not caplog.records
+
+
 def test_the_rendezvous_gets_its_own_timeout_and_collectives_the_short_one(monkeypatch):
     from datetime import timedelta
 

@@ -10,6 +10,7 @@ Every hook is ``hook(state: ExchangeState, bucket: GradBucket) -> Future[Tensor]
 """
 
 from lightning_draco.exchange.adversarial import adversarial
+from lightning_draco.exchange.collectives import CollectiveFailedError
 from lightning_draco.exchange.overlap import overlapped
 from lightning_draco.exchange.ps import ps_hook
 from lightning_draco.exchange.reactive import reactive_ps_hook, reactive_sharded_hook, settle
@@ -26,6 +27,7 @@ from lightning_draco.exchange.verdict import DecodeStatus
 from lightning_draco.exchange.whole_step import whole_step_hook
 
 __all__ = [
+    "CollectiveFailedError",
     "DecodeStatus",
     "ExchangeSetup",
     "ExchangeState",

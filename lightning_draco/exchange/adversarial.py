@@ -6,7 +6,6 @@ the production path is the one the simulation tests.
 """
 
 
-import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -16,6 +15,7 @@ from torch import Tensor
 from lightning_draco._seeding import generator
 from lightning_draco.adversary import Adversary
 from lightning_draco.codes import DracoDecodeError
+from lightning_draco.exchange import collectives
 from lightning_draco.exchange.state import ExchangeState
 
 __all__ = ["adversarial", "liars_at"]
@@ -82,22 +82,22 @@ def _decoder_knowledge(state: ExchangeState, decoded: Tensor, liars: frozenset[i
 def _learn_honest(state: ExchangeState, adversary: Adversary, honest: Tensor) -> dict[str, Tensor]:
     """The honest vectors' per-coordinate mean and std (or all of them), known to every rank."""
     setup = state.setup
-    start = time.perf_counter()
     honest = honest.detach()
     if adversary.wants("honest_vectors"):
         gathered = [torch.empty_like(honest) for _ in range(setup.world_size)]
-        dist.all_gather(gathered, honest, group=setup.process_group)
+        with collectives.timed(state, "all-gather (simulated omniscient liars)"):
+            dist.all_gather(gathered, honest, group=setup.process_group)
         vectors = torch.stack(gathered)
         knowledge = {"honest_vectors": vectors}
         if adversary.wants("honest_mean") or adversary.wants("honest_std"):
             knowledge.update(honest_mean=vectors.mean(dim=0), honest_std=vectors.std(dim=0, unbiased=False))
     else:
         total, squares = honest.clone(), honest * honest
-        dist.all_reduce(total, group=setup.process_group)
-        dist.all_reduce(squares, group=setup.process_group)
+        with collectives.timed(state, "all-reduce (simulated omniscient liars)"):
+            dist.all_reduce(total, group=setup.process_group)
+            dist.all_reduce(squares, group=setup.process_group)
         mean = total / setup.world_size
         knowledge = {"honest_mean": mean, "honest_std": (squares / setup.world_size - mean * mean).clamp_min(0).sqrt()}
-    state.stats.seconds["communication"] += time.perf_counter() - start
     return knowledge
 
 

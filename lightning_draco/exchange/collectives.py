@@ -1,5 +1,10 @@
 """The collectives of the exchanges, timed and counted into ``ExchangeStats``.
 
+A collective that fails (a rank stalled past the collective timeout, or a peer's process ended)
+raises ``CollectiveFailedError`` and says so at once on this rank's log, in one line: the launchers
+kill the other ranks as soon as one of them exits, often before the rank that timed out first has
+printed its traceback, so the line is what tells the job's log why it failed.
+
 Bytes are the logical payload between ranks, what a rank's own share does not cross: a gather
 of ``b`` bytes per rank counts ``b`` sent on each sender and ``(P - 1) b`` received at the root;
 a broadcast the reverse; an all-to-all the chunks addressed to other ranks; an all-gather
@@ -9,6 +14,7 @@ traffic formulas in the README predict.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Optional
 
@@ -18,7 +24,18 @@ from torch import Tensor
 
 from lightning_draco.exchange.state import ExchangeState
 
-__all__ = ["all_gather", "all_reduce_min", "broadcast", "broadcast_object", "count", "gather", "recv", "send", "timed"]
+__all__ = [
+    "CollectiveFailedError", "all_gather", "all_reduce_min", "broadcast", "broadcast_object", "count", "gather", "recv",
+    "send", "timed",
+]
+
+_log = logging.getLogger(__name__)
+
+
+class CollectiveFailedError(RuntimeError):
+    """A collective of the gradient exchange failed on this rank: some rank stopped answering within
+    the collective timeout, or a peer's process ended. The message names this rank, the collective,
+    how long it waited and the timeout; the backend's own error is the ``__cause__``."""
 
 
 def _nbytes(tensor: Tensor) -> int:
@@ -26,24 +43,51 @@ def _nbytes(tensor: Tensor) -> int:
 
 
 class timed:
-    """Context manager: adds the wall time of the block to ``stats.seconds["communication"]``."""
+    """Context manager: adds the wall time of the block to ``stats.seconds["communication"]``; a
+    backend error inside it becomes ``CollectiveFailedError`` (logged at once, see the module)."""
 
-    __slots__ = ("stats", "start")
+    __slots__ = ("state", "collective", "start")
 
-    def __init__(self, state: ExchangeState):
-        self.stats = state.stats
+    def __init__(self, state: ExchangeState, collective: str):
+        self.state = state
+        #: What the block runs, as the failure message names it ("gather", "broadcast", ...).
+        self.collective = collective
 
     def __enter__(self) -> None:
         self.start = time.perf_counter()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stats.seconds["communication"] += time.perf_counter() - self.start
+    def __exit__(self, kind: Optional[type], error: Optional[BaseException], traceback: Any) -> None:
+        waited = time.perf_counter() - self.start
+        self.state.stats.seconds["communication"] += waited
+        # Backend errors are RuntimeErrors (DistBackendError, gloo's enforce failures); ours pass through.
+        if isinstance(error, RuntimeError) and not isinstance(error, CollectiveFailedError):
+            message = failure_message(self.state.setup.rank, self.collective, waited, self.state.setup.timeout, error)
+            _log.error(message)
+            raise CollectiveFailedError(message) from error
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s first non-empty line (its type's name where it has none), at most 500 characters."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return line if len(line) <= 500 else line[:497] + "..."
+
+
+def failure_message(rank: int, collective: str, waited: float, timeout: Optional[float], error: BaseException) -> str:
+    """One line: which rank's collective failed, after how long, and what that means for the job."""
+    reason = one_line(error)
+    limit = f"the collective timeout ({timeout:g} s)" if timeout is not None else "the collective timeout"
+    if "timed out" in reason.lower() or "timeout" in reason.lower():
+        what = f"got no answer within {limit}: a rank stalled or stopped answering"
+    else:
+        what = (f"broke after {waited:.1f} s: another rank's process ended or closed the connection (it failed,"
+                f" was killed, or reached {limit} first)")
+    return f"rank {rank}: the gradient exchange's {collective} {what}; the job fails instead of hanging ({reason})"
 
 
 def gather(state: ExchangeState, tensor: Tensor, received: Optional[Tensor], dst: int) -> None:
     """Every rank's ``tensor`` into the rows of ``received`` on ``dst`` (``None`` elsewhere)."""
     setup, stats = state.setup, state.stats
-    with timed(state):
+    with timed(state, "gather"):
         dist.gather(tensor, list(received.unbind(0)) if setup.rank == dst else None, dst=dst, group=setup.process_group)
     if setup.rank == dst:
         stats.received += (setup.world_size - 1) * _nbytes(tensor)
@@ -54,7 +98,7 @@ def gather(state: ExchangeState, tensor: Tensor, received: Optional[Tensor], dst
 def broadcast(state: ExchangeState, tensor: Tensor, src: int) -> None:
     """``tensor`` from ``src`` to every rank, in place."""
     setup, stats = state.setup, state.stats
-    with timed(state):
+    with timed(state, "broadcast"):
         dist.broadcast(tensor, src=src, group=setup.process_group)
     if setup.rank == src:
         stats.sent += (setup.world_size - 1) * _nbytes(tensor)
@@ -65,7 +109,7 @@ def broadcast(state: ExchangeState, tensor: Tensor, src: int) -> None:
 def broadcast_object(state: ExchangeState, obj: Any, src: int) -> Any:
     """A picklable object from ``src`` (rare: a failed decode's error); its bytes are not counted."""
     carrier = [obj]
-    with timed(state):
+    with timed(state, "broadcast"):
         dist.broadcast_object_list(carrier, src=src, group=state.setup.process_group)
     return carrier[0]
 
@@ -78,7 +122,7 @@ def count(state: ExchangeState, sent: int, received: int, like: Tensor) -> None:
 
 def all_reduce_min(state: ExchangeState, tensor: Tensor) -> None:
     """The element-wise minimum over ranks, in place; counted as the vector sent and received once."""
-    with timed(state):
+    with timed(state, "all-reduce"):
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=state.setup.process_group)
     state.stats.sent += _nbytes(tensor)
     state.stats.received += _nbytes(tensor)
@@ -87,7 +131,7 @@ def all_reduce_min(state: ExchangeState, tensor: Tensor) -> None:
 def all_gather(state: ExchangeState, outputs: list[Tensor], tensor: Tensor) -> None:
     """Every rank's ``tensor`` into ``outputs`` (by rank)."""
     setup, stats = state.setup, state.stats
-    with timed(state):
+    with timed(state, "all-gather"):
         dist.all_gather(outputs, tensor, group=setup.process_group)
     stats.sent += (setup.world_size - 1) * _nbytes(tensor)
     stats.received += sum(_nbytes(t) for j, t in enumerate(outputs) if j != setup.rank)
@@ -102,7 +146,7 @@ def _through_host(state: ExchangeState, tensor: Tensor) -> bool:
 
 def send(state: ExchangeState, tensor: Tensor, dst: int) -> None:
     """``tensor`` to rank ``dst`` (blocking; outside comm hooks, where gloo's point-to-point works)."""
-    with timed(state):
+    with timed(state, "send"):
         dist.send(tensor.cpu() if _through_host(state, tensor) else tensor, dst=dst, group=state.setup.process_group)
     state.stats.sent += _nbytes(tensor)
 
@@ -110,7 +154,7 @@ def send(state: ExchangeState, tensor: Tensor, dst: int) -> None:
 def recv(state: ExchangeState, tensor: Tensor, src: int) -> None:
     """Into ``tensor`` from rank ``src`` (blocking)."""
     staged = torch.empty_like(tensor, device="cpu") if _through_host(state, tensor) else tensor
-    with timed(state):
+    with timed(state, "receive"):
         dist.recv(staged, src=src, group=state.setup.process_group)
     if staged is not tensor:
         tensor.copy_(staged)

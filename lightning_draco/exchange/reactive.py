@@ -323,7 +323,7 @@ def _settle_sharded(state: ExchangeState, owed: dict, pieces: dict) -> dict[int,
         if mine else first.new_empty(0)
     )
     incoming = first.new_empty(sum(in_sizes))
-    with collectives.timed(state):
+    with collectives.timed(state, "all-to-all"):
         dist.all_to_all_single(incoming, outgoing, in_sizes, out_sizes, group=setup.process_group)
     collectives.count(
         state, sent=outgoing.numel() - out_sizes[rank], received=incoming.numel() - in_sizes[rank], like=first

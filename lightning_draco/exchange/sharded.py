@@ -120,7 +120,7 @@ def scatter_to_decoders(state: ExchangeState, coded: Tensor) -> tuple[Tensor, Sh
     bounds, _, held, sizes = layout
     outgoing = torch.cat([coded[bounds[k] : bounds[k + 1]] for j in range(world) for k in held[j]])
     incoming = coded.new_empty(world * sizes[rank])
-    with collectives.timed(state):
+    with collectives.timed(state, "all-to-all"):
         dist.all_to_all_single(incoming, outgoing, [sizes[rank]] * world, sizes, group=setup.process_group)
     collectives.count(state, sent=outgoing.numel() - sizes[rank], received=incoming.numel() - sizes[rank], like=coded)
     return incoming.view(world, sizes[rank]), layout

@@ -29,7 +29,7 @@ __all__ = ["ExchangeSetup", "ExchangeState", "ExchangeStats", "PendingGroups", "
 class ExchangeSetup:
     """What every exchange of the run shares."""
 
-    __slots__ = ("process_group", "code", "rank", "world_size", "ps_rank", "check_finite", "secret")
+    __slots__ = ("process_group", "code", "rank", "world_size", "ps_rank", "check_finite", "secret", "timeout")
 
     def __init__(
         self,
@@ -39,6 +39,7 @@ class ExchangeSetup:
         process_group: Optional[dist.ProcessGroup] = None,
         check_finite: bool = True,
         secret: int = 0,
+        timeout: Optional[float] = None,
     ):
         #: Process group of the exchange (``None``: the default group).
         self.process_group = process_group
@@ -53,6 +54,9 @@ class ExchangeSetup:
         self.check_finite = check_finite
         #: The parameter server's secret: seeds the projections of codes that draw them. Never sent.
         self.secret = secret
+        #: The process group's collective timeout in seconds (``None``: not known here), which a failed
+        #: collective's message reports.
+        self.timeout = timeout
 
     @property
     def is_ps(self) -> bool:

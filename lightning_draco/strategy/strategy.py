@@ -12,6 +12,7 @@ The strategy wires collaborators together and does little itself:
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections import defaultdict
@@ -52,6 +53,7 @@ from lightning_draco.exchange import (
     whole_step_hook,
 )
 from lightning_draco.exchange.adversarial import liars_at
+from lightning_draco.exchange.collectives import CollectiveFailedError, one_line
 from lightning_draco.partition_logging import mean_over_partitions
 from lightning_draco.report import FaultLedger
 from lightning_draco.requeue import SlurmRequeue
@@ -64,6 +66,7 @@ from lightning_draco.strategy.skip import SkipGuard
 
 __all__ = ["DracoStrategy", "IncompatibleCheckpointError"]
 
+_log = logging.getLogger(__name__)
 _OWN_HOOK_ARGS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper", "model_averaging_period")
 #: The rendezvous gets at least this long, whatever the collective timeout (see ``startup_timeout``).
 _MIN_STARTUP = timedelta(minutes=5)
@@ -283,7 +286,10 @@ class DracoStrategy(DDPStrategy):
         if secret is None:
             secret = int.from_bytes(os.urandom(8), "little") >> 1 if rank == self.ps_rank else 0
         self._exchange = ExchangeState(
-            ExchangeSetup(self.code, rank, self.ps_rank, check_finite=self.config.finite_check, secret=secret)
+            ExchangeSetup(
+                self.code, rank, self.ps_rank, check_finite=self.config.finite_check, secret=secret,
+                timeout=self._timeout.total_seconds() if self._timeout is not None else None,
+            )
         )
         self._coded_step = CodedStep(self.code, rank, self.seed, self.root_device)
         if self.config.reactive:
@@ -665,6 +671,12 @@ class DracoStrategy(DDPStrategy):
         super().on_exception(exception)
         if exception is self._agreed_failure:
             return
+        if self.world_size > 1 and not isinstance(exception, CollectiveFailedError):  # that one is logged already
+            # One line now: this rank is about to end the ranks it launched (below), and a launcher ends
+            # this one as soon as another exits, often before the traceback is printed.
+            trainer = getattr(self._lightning_module, "_trainer", None)
+            where = f" at step {trainer.global_step}" if trainer is not None else ""
+            _log.error(f"rank {self.global_rank} stopped{where}: {type(exception).__name__}: {one_line(exception)}")
         # Anything else (a lost or stalled peer, a crash or a user's error on this rank alone) leaves
         # the other ranks blocked in a collective until the timeout, or for ever if one is stopped:
         # end the ranks this process started, as torchrun and srun do with theirs.

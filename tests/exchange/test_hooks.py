@@ -1,4 +1,5 @@
-"""The exchange hooks on hand-made buckets in a six-rank gloo world (no DDP, no Lightning)."""
+"""The exchange hooks on hand-made buckets in a six-rank gloo world (no DDP, no Lightning); a rank that
+stalls or dies in a three-rank one."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from lightning_draco.exchange.collectives import CollectiveFailedError, failure_message, timed
 
 WORLD = 6
 pytestmark = pytest.mark.distributed
@@ -212,3 +215,116 @@ def test_reactive_escalation_on_cuda_buckets_over_gloo_matches_the_cpu(seen, tmp
             reference = "s2_clean" if "s2" in name else "clean"
             if torch.equal(cpu["result"], cpu_runs[reference]["result"]):
                 assert torch.equal(run["result"], runs[reference]["result"]), name
+
+
+# -- a rank that stalls or dies: the others fail at once or at the timeout, saying which ---------------
+TIMEOUT = 4
+
+
+def failing_world(out: Path, mode: str) -> tuple[list[dict], str]:
+    """What ranks 0 and 1 of failing_world.py saw, and the world's combined output."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "3"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    script = Path(__file__).with_name("failing_world.py")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(out), mode, str(TIMEOUT)], env={**env, "RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(3)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs[:2]] == [0, 0], "\n".join(outputs)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)], "".join(outputs)
+
+
+def test_a_stalled_rank_fails_the_exchange_at_the_timeout_naming_rank_collective_and_timeout(tmp_path):
+    seen, output = failing_world(tmp_path, "stall")
+    ps = seen[0]
+    assert ps["type"] == "CollectiveFailedError" and ps["cause"] in ("RuntimeError", "DistBackendError")
+    assert ps["message"].startswith(
+        f"rank 0: the gradient exchange's gather got no answer within the collective timeout ({TIMEOUT} s)"
+    ), ps["message"]
+    assert "the job fails instead of hanging" in ps["message"]
+    # At the timeout, not for ever; and the wait counts as communication time.
+    assert TIMEOUT * 0.9 <= ps["seconds"] < TIMEOUT + 60
+    assert ps["communication"] >= TIMEOUT * 0.9
+    # The worker waited for the PS's broadcast, which never came: it fails too, in its own words.
+    assert seen[1]["type"] == "CollectiveFailedError" and seen[1]["message"].startswith("rank 1: the gradient exchange's")
+    # Each line reached the log when it happened, not only with the exception.
+    assert ps["message"] in output and seen[1]["message"] in output
+
+
+def test_a_rank_whose_process_ends_fails_the_exchange_at_once_saying_a_peer_is_gone(tmp_path):
+    seen, output = failing_world(tmp_path, "exit")
+    ps = seen[0]
+    assert ps["type"] == "CollectiveFailedError"
+    assert ps["message"].startswith("rank 0: the gradient exchange's gather broke after"), ps["message"]
+    assert "another rank's process ended or closed the connection" in ps["message"]
+    assert ps["seconds"] < TIMEOUT * 0.9, "a peer that is gone is known before the timeout"
+    assert ps["message"] in output
+
+
+# -- the message and the context manager, single-process -----------------------------------
+class _Setup:
+    rank, timeout = 2, 10.0
+
+
+class _Stats:
+    def __init__(self):
+        self.seconds = {"communication": 0.0}
+
+
+class _State:
+    def __init__(self):
+        self.setup, self.stats = _Setup(), _Stats()
+
+
+def test_a_backend_error_becomes_one_logged_line_with_the_backend_error_as_cause(caplog):
+    state = _State()
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation")
+    with pytest.raises(CollectiveFailedError) as raised, caplog.at_level("ERROR"):
+        with timed(state, "broadcast"):
+            raise gloo
+    assert raised.value.__cause__ is gloo
+    message = str(raised.value)
+    assert message == (
+        "rank 2: the gradient exchange's broadcast got no answer within the collective timeout (10 s): a rank"
+        " stalled or stopped answering; the job fails instead of hanging"
+        " ([gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 10000ms for recv operation)"
+    )
+    assert [r.getMessage() for r in caplog.records] == [message]
+    assert state.stats.seconds["communication"] > 0
+
+
+def test_errors_that_are_not_the_backends_pass_through_unchanged(caplog):
+    state = _State()
+    with pytest.raises(ValueError, match="a bug of ours"):
+        with timed(state, "gather"):
+            raise ValueError("a bug of ours")
+    failed = CollectiveFailedError("rank 1: logged already")
+    with pytest.raises(CollectiveFailedError) as raised:
+        with timed(state, "gather"):
+            raise failed
+    assert raised.value is failed and not caplog.records
+
+
+@pytest.mark.parametrize(
+    "error, timeout, expected",
+    [
+        (RuntimeError("Application timeout caused pair closure"), 30.0,
+         "got no answer within the collective timeout (30 s)"),
+        (RuntimeError("[pair.cc:589] Connection closed by peer [127.0.0.1]:41234"), 1800.0,
+         "broke after 1.5 s: another rank's process ended or closed the connection (it failed, was killed, or"
+         " reached the collective timeout (1800 s) first)"),
+        (RuntimeError("Connection reset by peer"), None, "or reached the collective timeout first)"),
+        (RuntimeError(""), 5.0, "(RuntimeError)"),
+        (RuntimeError("first line\nsecond line"), 5.0, "(first line)"),
+    ],
+)
+def test_the_message_says_timeout_or_lost_peer_from_the_backends_words(error, timeout, expected):
+    message = failure_message(3, "all-to-all", 1.5, timeout, error)
+    assert message.startswith("rank 3: the gradient exchange's all-to-all ")
+    assert expected in message and "\n" not in message

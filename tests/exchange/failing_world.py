@@ -1,0 +1,56 @@
+"""A three-rank gloo world where rank 2 fails the exchange: it stalls past the collective timeout
+(``stall``) or its process ends before sending (``exit``).
+
+Started by tests/exchange/test_hooks.py as
+``python failing_world.py <out-dir> <stall|exit> <timeout-s>``; ranks 0 and 1 each write what the
+exchange raised to ``<out-dir>/rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from lightning_draco.codes import FractionalRepetitionCode
+from lightning_draco.exchange import ExchangeSetup, ExchangeState, ps_hook
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hook_world import Bucket  # noqa: E402
+
+
+def main(out: str, mode: str, timeout: float) -> None:
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=3, timeout=timedelta(seconds=timeout))
+    dist.barrier()  # every rank connected before rank 2 fails
+    if rank == 2:
+        if mode == "exit":
+            os._exit(1)
+        time.sleep(timeout + 20)  # alive, its sockets open, answering nothing
+        os._exit(0)
+    code = FractionalRepetitionCode(3, 1)
+    state = ExchangeState(ExchangeSetup(code, rank, ps_rank=0, timeout=timeout))
+    state.begin_step(0)
+    start = time.monotonic()
+    try:
+        ps_hook(state, Bucket(torch.ones(8))).value()
+        raised = None
+    except Exception as error:  # noqa: BLE001 - what the exchange raised, whatever it is, goes to the test
+        raised = error
+    seen = {
+        "type": type(raised).__name__,
+        "message": str(raised),
+        "cause": type(raised.__cause__).__name__ if raised is not None else None,
+        "seconds": time.monotonic() - start,
+        "communication": state.stats.seconds["communication"],
+    }
+    torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
+    os._exit(0)  # not destroy_process_group: a peer is gone or stalled
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]))
