@@ -153,6 +153,17 @@ class _Combiner(NamedTuple):
     parity: Tensor
 
 
+class _Mix(NamedTuple):
+    """The rows of one certifying pass (``_mix``), as it applies them."""
+
+    #: ``1 + 2s`` x P in the accumulation dtype, on the rows' device.
+    applied: Tensor
+    #: The check rows (all but the first) as applied, in float64 on the host: ``_Pass.checks``.
+    checks: Tensor
+    #: Per check row, whether it has a non-zero weight (an erased suspect's miss is all zeros).
+    weighted: list[bool]
+
+
 @register_code
 class CyclicRepetitionCode(Code):
     """DRACO's cyclic code for ``P`` workers and ``s`` adversaries (``r = 2s + 1``, any ``P >= 2s + 1``).
@@ -247,6 +258,9 @@ class CyclicRepetitionCode(Code):
         self.zeros = list(range((n + 1) // 2 - s, (n + 1) // 2 + s))
         self._matrix = self._build_matrix()
         self._combiners: OrderedDict[tuple[int, ...], _Combiner] = OrderedDict()
+        # Per suspect set, live rows, accumulation dtype and device: the certifying pass's rows (``_Mix``),
+        # built and copied to the device once rather than at every decode.
+        self._mixes: OrderedDict[tuple, _Mix] = OrderedDict()
         self._reach: dict[tuple[int, ...], Tensor] = {}  # per suspect set: how far hidden lies move it
         # The previous decode's suspects: certified first, in the pass that measures the norms. Which
         # honest set is used decides the total's rounding, so it is state (``state_dict``).
@@ -429,7 +443,7 @@ class CyclicRepetitionCode(Code):
         projections = self._projections(received, gen, precise=False) if self._located_last else None
         first = self._certify(received, hint, [], measure=True, projections=projections, gram=self._noisy_last)
         norms = _exact_norms(received, first.norms)  # redone in float64 where squares over- or underflowed
-        erased = [i for i in range(p) if not math.isfinite(float(norms[i]))]
+        erased = [i for i, norm in enumerate(norms.tolist()) if not math.isfinite(norm)]
         if len(erased) > s:
             raise DracoDecodeError(
                 f"{len(erased)} workers ({erased}) sent non-finite values, more than s={s}: either more than"
@@ -674,6 +688,21 @@ class CyclicRepetitionCode(Code):
         step = -(-step // grid) * grid
         return [(start, min(d, start + step)) for start in range(0, d, step)]
 
+    def _applied_mix(self, suspects: tuple[int, ...], live: list[int], acc: torch.dtype, device: torch.device) -> _Mix:
+        """``_mix`` for this pass, in ``acc`` on ``device`` (cached: a few dozen small operations and a copy
+        to the device per decode otherwise)."""
+        key = (suspects, tuple(live), acc, device)
+        cached = self._mixes.get(key)
+        if cached is not None:
+            self._mixes.move_to_end(key)
+            return cached
+        host = _mix(self._combiner(suspects), suspects, live).to(acc)
+        mix = _Mix(host.to(device), host[1:].double(), (host[1:] != 0).any(dim=1).tolist())
+        self._mixes[key] = mix
+        if len(self._mixes) > 1024:
+            self._mixes.popitem(last=False)
+        return mix
+
     def _certify(
         self,
         received: Tensor,
@@ -696,10 +725,9 @@ class CyclicRepetitionCode(Code):
         p, d = received.shape
         device = received.device
         acc = accumulation_dtype(received.dtype)
-        comb = self._combiner(suspects)
         live = [i for i in range(p) if i not in erased]
-        mix_host = _mix(comb, suspects, live).to(acc)
-        mix = mix_host.to(device)
+        applied = self._applied_mix(suspects, live, acc, device)
+        mix, checks_count = applied.applied, len(applied.weighted)
         rows = received
         if erased:  # a copy, only when some row is non-finite: 0 * NaN would poison the products
             rows = received.clone()
@@ -708,11 +736,7 @@ class CyclicRepetitionCode(Code):
         # After the Triton attempt: a pass where it fails is cut as every later pass will be.
         blocks = self._blocks(d, device, received.dtype)
         total = done.total if done is not None else torch.empty(d, dtype=acc, device=device)
-        # Each block's norms, checked for over- and underflow once after the pass: a check per block
-        # would cost a host sync per block.
-        misfits = torch.empty(len(blocks), len(mix) - 1, dtype=torch.float64, device=device)
-        grams = torch.empty(len(blocks), len(mix) - 1, len(mix) - 1, dtype=torch.float64, device=device) if gram else None
-        row_norms = torch.empty(len(blocks), p, dtype=torch.float64, device=device) if measure else None
+        grams = torch.empty(len(blocks), checks_count, checks_count, dtype=torch.float64, device=device) if gram else None
         sketches: list[Optional[Tensor]] = [None] * len(blocks)
 
         def certify_block(i: int) -> None:
@@ -731,6 +755,10 @@ class CyclicRepetitionCode(Code):
                                         projections, start, stop)
 
         if done is None:
+            # Each block's norms, checked for over- and underflow once after the pass: a check per block
+            # would cost a host sync per block.
+            misfits = torch.empty(len(blocks), checks_count, dtype=torch.float64, device=device)
+            row_norms = torch.empty(len(blocks), p, dtype=torch.float64, device=device) if measure else None
             each_block(certify_block, len(blocks), device)
             # The norms on the host in one transfer: what follows is a few dozen operations on a few
             # numbers, each of which would be a kernel launch (and some a sync) on an accelerator.
@@ -744,13 +772,14 @@ class CyclicRepetitionCode(Code):
             if projections is not None:  # as ``_sketch`` computes it, bit for bit (the same one block)
                 sketches[0] = _sketched(received.to(acc), projections, 0, d)
         sketch = _in_order(sketches, p, device) if projections is not None else None
-        redo = _inexact(misfits)
+        per_block = misfits.tolist()  # a few numbers: plain Python from here, no tensor operations
+        redo = _inexact(per_block)
         # A check row that is all zeros (an erased suspect's miss) is zero by construction, not underflow.
-        vanished = ((misfits == 0) & (mix_host[1:] != 0).any(dim=1)).any(dim=1)
-        if bool(vanished.any()):  # every square underflowed, or the checks are exactly zero: tell them apart
-            tops = torch.stack([total[start:stop].abs().amax() if stop > start else total.new_zeros(())
-                                for start, stop in blocks])
-            redo = sorted(set(redo) | set(torch.nonzero(vanished & (tops > 0).cpu()).flatten().tolist()))
+        vanished = [i for i, norms in enumerate(per_block) if any(v == 0 and w for v, w in zip(norms, applied.weighted))]
+        if vanished:  # every square underflowed, or the checks are exactly zero: tell them apart
+            tops = torch.stack([total[start:stop].abs().amax() if blocks[i][1] > blocks[i][0] else total.new_zeros(())
+                                for i in vanished for start, stop in [blocks[i]]]).tolist()
+            redo = sorted(set(redo) | {i for i, top in zip(vanished, tops) if top > 0})
         for i in redo:  # squares over- or underflowed: the misfits again, in float64
             start, stop = blocks[i]
             block = rows[:, start:stop].to(acc)
@@ -761,7 +790,7 @@ class CyclicRepetitionCode(Code):
                     grams[i] = checks @ checks.t()
         norms = row_norms.square().sum(dim=0).sqrt() if row_norms is not None else None
         return _Pass(total, misfits.square().sum(dim=0).sqrt(), grams.sum(dim=0).cpu() if grams is not None else None,
-                     mix_host[1:].double(), norms, sketch.cpu() if sketch is not None else None)
+                     applied.checks, norms, sketch.cpu() if sketch is not None else None)
 
     def _triton_pass(self, rows: Tensor, mix: Tensor, measure: bool, gram: bool) -> Optional[crc_triton.Certified]:
         """``_certify``'s one block by the Triton kernel (crc_triton.py); None where it does not run. A
@@ -987,17 +1016,17 @@ def _inverse_powers(p: int, n: int, s: int) -> Tensor:
     return inverse[:, None] ** torch.arange(s + 1, dtype=torch.float64)[None, :]
 
 
-def _inexact(norms: Tensor) -> list[int]:
+def _inexact(norms: list[list[float]]) -> list[int]:
     """The blocks (rows of ``norms``) where a norm taken in float32 may have over- or underflowed: values
     beyond about 1e18 or below 1e-17 square outside float32's range, or the norm overflowed to Inf."""
-    suspicious = (norms > 1e18) | ((norms < 1e-17) & (norms > 0)) | torch.isposinf(norms)
-    return torch.nonzero(suspicious.any(dim=1)).flatten().tolist()
+    return [i for i, row in enumerate(norms) if any(v > 1e18 or 0 < v < 1e-17 for v in row)]
 
 
 def _exact_norms(received: Tensor, norms: Tensor) -> Tensor:
     """Row norms, recomputed in float64 where the wire dtype's squares over- or underflowed."""
-    suspicious = ~torch.isfinite(norms) | (norms < 1e-15) | (norms > 1e15)
-    for i in torch.nonzero(suspicious).flatten().tolist():
+    for i, norm in enumerate(norms.tolist()):
+        if math.isfinite(norm) and 1e-15 <= norm <= 1e15:
+            continue
         row = received[i]
         if bool(torch.isfinite(row).all()):
             total = torch.zeros((), dtype=torch.float64, device=received.device)
