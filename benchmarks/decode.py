@@ -30,6 +30,16 @@ default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
     python benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
         --dtypes float32 bfloat16 --methods code:frc code:frc:reference code:crc aggregator:median
 
+``--profile DIR`` also runs each method ``--repeats`` more times under ``torch.profiler`` and writes,
+per row, ``DIR/<device>-P<P>-d<d>-<dtype>-<method>.txt``: the operators by their own time (on the
+GPU's side where the row ran on CUDA), and the row gains ``launches`` and ``syncs`` per call (kernel
+launches, and the host's waits for the device: stream and device synchronizations and blocking copies)
+and ``operators`` (ATen operators the host dispatched, nested ones included). At small ``d`` those are
+the fixed work of a decode, whatever the device:
+
+    python benchmarks/decode.py --devices cuda --workers 15 --dims 11200000 --methods aggregator:mean \
+        code:frc code:crc --repeats 11 --profile profiles
+
 ``--peer byzfl`` adds ByzFL's time for the same rule on the same tensor in the same process, and
 ``vs peer`` (ours / ByzFL's). ByzFL is a development extra, never a dependency of the package:
 ``pip install --no-deps byzfl==0.0.11`` (it needs numpy and scipy; ``--no-deps`` keeps pip from
@@ -41,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import importlib.util
 import json
 import platform
@@ -79,10 +90,14 @@ def codeword_rows(
     return received if dtype == torch.float32 else received.to(dtype)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_seconds(fn, repeats: int, device: torch.device) -> float:
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
 
     fn()
     sync()
@@ -93,6 +108,36 @@ def median_seconds(fn, repeats: int, device: torch.device) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+# CUDA runtime and driver calls as the profiler names them: a kernel launch, and a host wait on the device.
+_LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchCooperativeKernel"}
+_SYNCS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+
+
+def profile_calls(fn, calls: int, device: torch.device, path: str) -> dict:
+    """``fn`` called ``calls`` times under ``torch.profiler`` (after one warm-up call): its operators by their
+    own time written to ``path``; per call, the kernel launches, host waits and ATen operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        _sync(device)
+    events = prof.key_averages()
+    counted = {
+        "launches": sum(e.count for e in events if e.key in _LAUNCHES) / calls if cuda else None,
+        "syncs": sum(e.count for e in events if e.key in _SYNCS) / calls if cuda else None,
+        "operators": sum(e.count for e in events if e.key.startswith("aten::")) / calls,
+    }
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"{calls} calls; per call: {counted}\n\n")
+        f.write(events.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+    return counted
 
 
 def load_byzfl() -> types.ModuleType:
@@ -139,7 +184,8 @@ _PEER_WRITES_ITS_INPUT = {("pre", "clipping"), ("pre", "arc")}
 
 
 def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, gen: torch.Generator,
-              f: int = 1, peer: types.ModuleType | None = None, dtype: torch.dtype = torch.float32) -> dict:
+              f: int = 1, peer: types.ModuleType | None = None, dtype: torch.dtype = torch.float32,
+              profile_dir: str | None = None) -> dict:
     row = {"method": method, "device": str(device), "workers": p, "dim": d, "dtype": str(dtype).removeprefix("torch.")}
     kind, name = method.split(":", 1)
     name, *flags = name.split(":")
@@ -169,7 +215,8 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
     except ValueError as err:
         return {**row, "skipped": str(err)}
     try:
-        return _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise)
+        return _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise,
+                        profile_dir)
     except torch.OutOfMemoryError as err:
         return {**row, "skipped": f"out of memory ({str(err).splitlines()[0][:80]})"}
     finally:
@@ -177,7 +224,8 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
             torch.cuda.empty_cache()
 
 
-def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise=0.0) -> dict:
+def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise=0.0,
+             profile_dir=None) -> dict:
     received = codeword_rows(code, d, dtype, gen, device)
     for i in range(p) if noise else ():  # one row at a time: no second (P, d) tensor
         size = float(received[i].double().norm()) / d**0.5
@@ -201,6 +249,11 @@ def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f,
     gbps = received.numel() * received.element_size() / seconds / 1e9
     out = {**row, "liar": liar, "caught": caught, "seconds": seconds, "mean_seconds": mean_s, "ratio": seconds / mean_s,
            "gb_per_s": gbps, "mean_gb_per_s": received.numel() * received.element_size() / mean_s / 1e9}
+    if profile_dir is not None:
+        os.makedirs(profile_dir, exist_ok=True)
+        label = f"{device.type}-P{p}-d{d}-{row['dtype']}-{row['method'].replace(':', '_')}"
+        out["profile"] = os.path.join(profile_dir, label + ".txt")
+        out.update(profile_calls(run, repeats, device, out["profile"]))
     counterpart = byzfl_counterpart(peer, kind, name, f) if peer is not None else None
     if counterpart is not None:
         try:
@@ -247,6 +300,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--peer", choices=["byzfl"], help="also time the peer library's rule on the same tensor")
     parser.add_argument("--json", help="write all rows here as JSON")
     parser.add_argument("--markdown", help="write the table here as markdown")
+    parser.add_argument("--profile", metavar="DIR", help="also profile each method; its tables go here")
     args = parser.parse_args(argv)
     methods = [m if ":" in m else f"code:{m}" for m in args.methods]
 
@@ -259,7 +313,7 @@ def main(argv=None) -> dict:
                 for dtype in args.dtypes:
                     for method in methods:
                         rows.append(bench_one(method, p, d, device, args.repeats, gen, args.num_byzantine, peer,
-                                              getattr(torch, dtype)))
+                                              getattr(torch, dtype), args.profile))
                         print(_line(rows[-1], peer is not None), flush=True)
                         write(args, rows, peer is not None)  # after every row: a run stopped midway keeps them
     return {"rows": rows}
@@ -293,7 +347,7 @@ def _line(row: dict, with_peer: bool = False) -> str:
         return head + f" skipped: {row['skipped']} | | | | |" + (" | |" if with_peer else "")
     caught = "" if row["caught"] is None else f"{row['liar']} -> {row['caught']}"
     bandwidth = f"{row['gb_per_s']:.1f} ({row['mean_gb_per_s']:.1f})" if "gb_per_s" in row else ""
-    line = head + f" {row['seconds']:.4f} | {row['mean_seconds']:.4f} | {row['ratio']:.2f}x | {bandwidth} | {caught} |"
+    line = head + f" {row['seconds']:.4g} | {row['mean_seconds']:.4g} | {row['ratio']:.2f}x | {bandwidth} | {caught} |"
     if with_peer:
         if "peer_error" in row:
             return line + f" | failed: {row['peer_error']} |"
@@ -301,7 +355,7 @@ def _line(row: dict, with_peer: bool = False) -> str:
             return line + " | |"
         iters = f" ({row['iterations']} vs {row['peer_iterations']} iterations)" if "iterations" in row else ""
         iters += f" ({row['peer_note']})" if "peer_note" in row else ""
-        line += f" {row['peer_seconds']:.4f} | {row['vs_peer']:.2f}x{iters} |"
+        line += f" {row['peer_seconds']:.4g} | {row['vs_peer']:.2f}x{iters} |"
     return line
 
 

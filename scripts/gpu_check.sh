@@ -21,14 +21,20 @@
 #    and Krum, each against the mean and in GB/s, medians of GPU_CHECK_REPEATS (default 11). Writes
 #    docs/decode_cuda.md and docs/decode_cuda.json, row by row (a few minutes; the first fused decode of
 #    each dtype compiles with Triton during the warm-up run, not timed).
-# 4. Sharded step time on this machine's CPU cores (issue 11; off unless GPU_CHECK_STEP_TIMES=1): PS
+# 4. Where a decode's fixed time goes (issue 16; GPU_CHECK_PROFILE=0 skips it): at P = 15, d = 11.2M,
+#    where both codes miss their targets, the mean and both codes' default decodes under torch.profiler:
+#    kernel launches, host syncs and ATen operators per decode, and each one's operators by their GPU
+#    time. Writes docs/decode_cuda_profile.json and the tables in docs/decode_cuda_profile/ (a minute).
+# 5. Sharded step time on this machine's CPU cores (issue 11; off unless GPU_CHECK_STEP_TIMES=1): PS
 #    mode, sharded mode and DDP at P = 9 on CPU ranks over gloo (benchmarks/traffic.py steps). On a
 #    2-core machine every rank's decode shares two cores, so sharded mode's spread work cannot show;
 #    a GPU machine's cores can. Writes docs/traffic_steps_cores.json and prints the table (some minutes).
 #
 #   bash scripts/gpu_check.sh [STEPS]        (make gpu-check)
 #   GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 bash scripts/gpu_check.sh     # the decode table only
-#   GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 GPU_CHECK_DECODE=0 GPU_CHECK_STEP_TIMES=1 bash scripts/gpu_check.sh  # step times
+#   GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 GPU_CHECK_DECODE=0 GPU_CHECK_PROFILE=0 GPU_CHECK_STEP_TIMES=1 \
+#       bash scripts/gpu_check.sh                                        # step times
+#   GPU_CHECK_TESTS=0 GPU_CHECK_TRAINING=0 GPU_CHECK_DECODE=0 bash scripts/gpu_check.sh   # the profile only
 #   GPU_CHECK_DECODE=0 GPU_CHECK_JOBS=4 bash scripts/gpu_check.sh 30     # tests and numerics, four runs at once
 #   GPU_CHECK_CONFIGS="reactive true 32-true none;crc false bf16-mixed reverse" bash scripts/gpu_check.sh  # these runs
 #   GPU_CHECK_ACCELERATOR=cpu GPU_CHECK_TESTS=0 GPU_CHECK_DECODE=0 GPU_CHECK_CODES=reactive GPU_CHECK_REPORT=/tmp/r.md \
@@ -174,6 +180,13 @@ if [ "${GPU_CHECK_DECODE:-1}" != 0 ]; then
     # the rows measured, even when the run stopped midway
     cat "$DECODE_MD.table" >> "$DECODE_MD.tmp" && rm "$DECODE_MD.table" && mv "$DECODE_MD.tmp" "$DECODE_MD"
     echo "wrote $DECODE_MD"
+fi
+if [ "${GPU_CHECK_PROFILE:-1}" != 0 ] && [ "$ACCELERATOR" = gpu ]; then
+    rm -rf docs/decode_cuda_profile
+    PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 --dims 11200000 \
+        --dtypes float32 bfloat16 --repeats "${GPU_CHECK_REPEATS:-11}" \
+        --methods aggregator:mean code:frc code:crc --profile docs/decode_cuda_profile \
+        --json docs/decode_cuda_profile.json || failed=1
 fi
 if [ "${GPU_CHECK_STEP_TIMES:-0}" != 0 ]; then
     PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/traffic.py steps --worlds 9 --repeats 1 \
