@@ -168,10 +168,38 @@ def test_a_rank_that_stops_says_why_in_one_line_before_it_ends_the_ranks_it_laun
         strategy.on_exception(CollectiveFailedError("rank 2: the gradient exchange's gather got no answer"))
         strategy.on_exception(strategy._agreed(ValueError("raised by every rank together")))
         assert not caplog.records
+    with caplog.at_level("ERROR"):
+        strategy.on_exception(KeyboardInterrupt())
+    assert [r.getMessage() for r in caplog.records] == ["rank 2 stopped: KeyboardInterrupt"]
+    caplog.clear()
     # One process alone has nobody to tell.
     with caplog.at_level("ERROR"):
         DracoStrategy().on_exception(ValueError("a user's own error"))
     assert not caplog.records
+
+
+def test_a_collective_failure_on_the_communication_thread_reaches_lightning_as_itself(monkeypatch):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_draco import CollectiveFailedError
+
+    failure = CollectiveFailedError("rank 1: the gradient exchange's gather got no answer within the collective timeout")
+    failure.__cause__ = RuntimeError("Timed out waiting 10000ms for recv operation to complete")
+    strategy = DracoStrategy()
+    strategy._coded_step = type("NoSideGradients", (), {"add_side_gradients": lambda self: None})()
+    strategy._exchange = type("Exchange", (), {"failed": None})()
+
+    def backward(self, *args, **kwargs):
+        # What DDP raises when a hook's future was failed on another thread.
+        raise RuntimeError(f"Unable to cast {failure} to Tensor")
+
+    monkeypatch.setattr(DDPStrategy, "backward", backward)
+    with pytest.raises(RuntimeError, match="^Unable to cast"):  # no failure recorded: DDP's error as it is
+        strategy.backward(None, None)
+    strategy._exchange.failed = failure
+    with pytest.raises(CollectiveFailedError) as raised:
+        strategy.backward(None, None)
+    assert raised.value is failure and isinstance(raised.value.__cause__, RuntimeError)
 
 
 def test_the_rendezvous_gets_its_own_timeout_and_collectives_the_short_one(monkeypatch):
@@ -193,3 +221,9 @@ def test_the_rendezvous_gets_its_own_timeout_and_collectives_the_short_one(monke
     strategy.setup_distributed()
     assert seen == {"startup": timedelta(seconds=42), "collective": timedelta(seconds=10)}
     assert strategy._timeout == timedelta(seconds=10)
+    seen.clear()
+    # A rendezvous limit alone: the group is made with it, then gets torch's collective default back.
+    strategy = DracoStrategy(startup_timeout=7)
+    strategy.setup_distributed()
+    assert seen == {"startup": timedelta(seconds=7), "collective": timedelta(minutes=30)}
+    assert strategy._timeout == timedelta(minutes=30)

@@ -59,29 +59,47 @@ class timed:
     def __exit__(self, kind: Optional[type], error: Optional[BaseException], traceback: Any) -> None:
         waited = time.perf_counter() - self.start
         self.state.stats.seconds["communication"] += waited
-        # Backend errors are RuntimeErrors (DistBackendError, gloo's enforce failures); ours pass through.
-        if isinstance(error, RuntimeError) and not isinstance(error, CollectiveFailedError):
+        if _from_backend(error):
             message = failure_message(self.state.setup.rank, self.collective, waited, self.state.setup.timeout, error)
             _log.error(message)
-            raise CollectiveFailedError(message) from error
+            self.state.failed = CollectiveFailedError(message)
+            raise self.state.failed from error
+
+
+def _from_backend(error: Optional[BaseException]) -> bool:
+    """A process group's error: its own types, or the plain RuntimeError gloo raises. Not the RuntimeError
+    subclasses of other causes (out of memory, NotImplementedError, RecursionError), nor our own."""
+    return isinstance(error, dist.DistError) or type(error) is RuntimeError
+
+
+# gloo's words, lower-cased, for a stalled peer and for a peer whose process ended.
+_TIMEOUT_WORDS = ("timed out", "timeout")
+_PEER_WORDS = ("closed by peer", "reset by peer", "connection closed", "broken pipe", "connection refused", "pair closure")
 
 
 def one_line(error: BaseException) -> str:
-    """``error``'s first non-empty line (its type's name where it has none), at most 500 characters."""
-    line = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    """``error``'s first non-empty line ("" where it has none), at most 500 characters."""
+    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return line if len(line) <= 500 else line[:497] + "..."
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}" if value < 1e5 else f"{value:.0f}"
 
 
 def failure_message(rank: int, collective: str, waited: float, timeout: Optional[float], error: BaseException) -> str:
     """One line: which rank's collective failed, after how long, and what that means for the job."""
-    reason = one_line(error)
-    limit = f"the collective timeout ({timeout:g} s)" if timeout is not None else "the collective timeout"
-    if "timed out" in reason.lower() or "timeout" in reason.lower():
-        what = f"got no answer within {limit}: a rank stalled or stopped answering"
-    else:
+    reason = one_line(error) or type(error).__name__
+    words = reason.lower()
+    limit = f"the collective timeout ({_seconds(timeout)} s)" if timeout is not None else "the collective timeout"
+    if any(w in words for w in _TIMEOUT_WORDS):
+        what = f"got no answer within {limit}: a rank stalled or stopped answering; the job fails instead of hanging"
+    elif any(w in words for w in _PEER_WORDS):
         what = (f"broke after {waited:.1f} s: another rank's process ended or closed the connection (it failed,"
-                f" was killed, or reached {limit} first)")
-    return f"rank {rank}: the gradient exchange's {collective} {what}; the job fails instead of hanging ({reason})"
+                f" was killed, or reached {limit} first); the job fails instead of hanging")
+    else:  # the backend refused the call itself (sizes, ranks): nothing says a peer is gone
+        what = f"failed after {waited:.1f} s"
+    return f"rank {rank}: the gradient exchange's {collective} {what} ({reason})"
 
 
 def gather(state: ExchangeState, tensor: Tensor, received: Optional[Tensor], dst: int) -> None:

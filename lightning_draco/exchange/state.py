@@ -202,7 +202,8 @@ class ExchangeState:
     """
 
     __slots__ = (
-        "setup", "outcome", "stats", "assembly", "corrupt_decoded", "corrupt_recomputed", "forced", "_received"
+        "setup", "outcome", "stats", "assembly", "corrupt_decoded", "corrupt_recomputed", "forced", "failed",
+        "_received",
     )
 
     def __init__(self, setup: ExchangeSetup, assembly: Optional[WholeStepAssembly] = None):
@@ -223,6 +224,9 @@ class ExchangeState:
         #: Reactive mode: groups recomputed and voted at every step whatever their replicas say
         #: (the groups of quarantined ranks), set by the strategy.
         self.forced: frozenset[int] = frozenset()
+        #: The collective failure this rank hit (``collectives.CollectiveFailedError``, set where it is
+        #: raised), for the strategy to raise as is where a communication thread's future could not carry it.
+        self.failed: Optional[Exception] = None
         #: A reusable receive buffer (``received_rows``).
         self._received: Optional[Tensor] = None
 

@@ -265,8 +265,9 @@ class DracoStrategy(DDPStrategy):
             super().setup_distributed()
         finally:
             self._timeout = collective
-        if self.config.timeout is not None:
-            _compat.set_process_group_timeout(self.config.timeout)
+        if self.config.startup_timeout is not None or self.config.timeout is not None:
+            # The group was made with the rendezvous's limit: from now on, the collective timeout.
+            _compat.set_process_group_timeout(collective)
 
     @override
     def setup_environment(self) -> None:
@@ -465,7 +466,15 @@ class DracoStrategy(DDPStrategy):
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
         self._coded_step.add_side_gradients()
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
+        try:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        except RuntimeError as error:
+            failed = self._exchange.failed if self._exchange is not None else None
+            if failed is None or failed is error:
+                raise
+            # On the communication thread (overlap) the failure reached DDP through a future, which DDP
+            # reads back as a plain RuntimeError ("Unable to cast ... to Tensor"): raise the exchange's own.
+            raise failed from failed.__cause__
 
     @override
     def optimizer_step(
@@ -674,9 +683,13 @@ class DracoStrategy(DDPStrategy):
         if self.world_size > 1 and not isinstance(exception, CollectiveFailedError):  # that one is logged already
             # One line now: this rank is about to end the ranks it launched (below), and a launcher ends
             # this one as soon as another exits, often before the traceback is printed.
-            trainer = getattr(self._lightning_module, "_trainer", None)
-            where = f" at step {trainer.global_step}" if trainer is not None else ""
-            _log.error(f"rank {self.global_rank} stopped{where}: {type(exception).__name__}: {one_line(exception)}")
+            try:
+                trainer = getattr(self._lightning_module, "_trainer", None)
+                where = f" at step {trainer.global_step}" if trainer is not None else ""
+                said = one_line(exception)
+                _log.error(f"rank {self.global_rank} stopped{where}: {type(exception).__name__}{': ' + said if said else ''}")
+            except Exception:  # noqa: BLE001 - an exception that cannot be described must not hide itself
+                pass
         # Anything else (a lost or stalled peer, a crash or a user's error on this rank alone) leaves
         # the other ranks blocked in a collective until the timeout, or for ever if one is stopped:
         # end the ranks this process started, as torchrun and srun do with theirs.

@@ -1,9 +1,11 @@
 """A three-rank gloo world where rank 2 fails the exchange: it stalls past the collective timeout
-(``stall``) or its process ends before sending (``exit``).
+(``stall``) or its process ends before sending (``exit``). Ranks 0 and 1 run the parameter-server
+exchange as it is (``plain``), with simulated omniscient liars (``omniscient``: rank 1 lies with ALIE,
+learning the honest mean in collectives of its own first) or on a communication thread (``overlap``).
 
 Started by tests/exchange/test_hooks.py as
-``python failing_world.py <out-dir> <stall|exit> <timeout-s>``; ranks 0 and 1 each write what the
-exchange raised to ``<out-dir>/rank<r>.pt``.
+``python failing_world.py <out-dir> <stall|exit> <timeout-s> <plain|omniscient|overlap>``; ranks 0
+and 1 each write what the exchange raised to ``<out-dir>/rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from concurrent.futures import ThreadPoolExecutor
+
+from lightning_draco import Adversary
 from lightning_draco.codes import FractionalRepetitionCode
-from lightning_draco.exchange import ExchangeSetup, ExchangeState, ps_hook
+from lightning_draco.exchange import ExchangeSetup, ExchangeState, adversarial, overlapped, ps_hook
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hook_world import Bucket  # noqa: E402
 
 
-def main(out: str, mode: str, timeout: float) -> None:
+def main(out: str, mode: str, timeout: float, wrapper: str) -> None:
     rank = int(os.environ["RANK"])
     dist.init_process_group("gloo", rank=rank, world_size=3, timeout=timedelta(seconds=timeout))
     dist.barrier()  # every rank connected before rank 2 fails
@@ -35,9 +40,14 @@ def main(out: str, mode: str, timeout: float) -> None:
     code = FractionalRepetitionCode(3, 1)
     state = ExchangeState(ExchangeSetup(code, rank, ps_rank=0, timeout=timeout))
     state.begin_step(0)
+    hook = {
+        "plain": ps_hook,
+        "omniscient": adversarial(ps_hook, Adversary(ranks=[1], attack="alie")),
+        "overlap": overlapped(ps_hook, ThreadPoolExecutor(1)),
+    }[wrapper]
     start = time.monotonic()
     try:
-        ps_hook(state, Bucket(torch.ones(8))).value()
+        hook(state, Bucket(torch.ones(8))).wait()
         raised = None
     except Exception as error:  # noqa: BLE001 - what the exchange raised, whatever it is, goes to the test
         raised = error
@@ -47,10 +57,11 @@ def main(out: str, mode: str, timeout: float) -> None:
         "cause": type(raised.__cause__).__name__ if raised is not None else None,
         "seconds": time.monotonic() - start,
         "communication": state.stats.seconds["communication"],
+        "recorded": state.failed is raised,
     }
     torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
     os._exit(0)  # not destroy_process_group: a peer is gone or stalled
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4])

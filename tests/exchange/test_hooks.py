@@ -221,13 +221,13 @@ def test_reactive_escalation_on_cuda_buckets_over_gloo_matches_the_cpu(seen, tmp
 TIMEOUT = 4
 
 
-def failing_world(out: Path, mode: str) -> tuple[list[dict], str]:
+def failing_world(out: Path, mode: str, wrapper: str = "plain") -> tuple[list[dict], str]:
     """What ranks 0 and 1 of failing_world.py saw, and the world's combined output."""
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "3"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     script = Path(__file__).with_name("failing_world.py")
     procs = [
-        subprocess.Popen([sys.executable, str(script), str(out), mode, str(TIMEOUT)], env={**env, "RANK": str(r)},
+        subprocess.Popen([sys.executable, str(script), str(out), mode, str(TIMEOUT), wrapper], env={**env, "RANK": str(r)},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(3)
     ]
@@ -257,6 +257,26 @@ def test_a_stalled_rank_fails_the_exchange_at_the_timeout_naming_rank_collective
     assert ps["message"] in output and seen[1]["message"] in output
 
 
+def test_the_simulated_liars_own_collectives_fail_the_same_way(tmp_path):
+    seen, output = failing_world(tmp_path, "stall", "omniscient")
+    for rank, ps in enumerate(seen):
+        assert ps["type"] == "CollectiveFailedError" and ps["recorded"], ps
+        assert ps["message"].startswith(
+            f"rank {rank}: the gradient exchange's all-reduce (simulated omniscient liars) got no answer within the"
+            f" collective timeout ({TIMEOUT} s)"
+        ), ps["message"]
+        assert ps["message"] in output
+
+
+def test_on_the_communication_thread_the_failure_is_recorded_for_the_strategy_to_raise(tmp_path):
+    # DDP reads a failed future back as a plain RuntimeError; DracoStrategy.backward raises ``state.failed``.
+    seen, output = failing_world(tmp_path, "exit", "overlap")
+    ps = seen[0]
+    assert ps["type"] == "CollectiveFailedError" and ps["recorded"]
+    assert ps["message"].startswith("rank 0: the gradient exchange's gather broke after"), ps["message"]
+    assert ps["message"] in output
+
+
 def test_a_rank_whose_process_ends_fails_the_exchange_at_once_saying_a_peer_is_gone(tmp_path):
     seen, output = failing_world(tmp_path, "exit")
     ps = seen[0]
@@ -279,7 +299,7 @@ class _Stats:
 
 class _State:
     def __init__(self):
-        self.setup, self.stats = _Setup(), _Stats()
+        self.setup, self.stats, self.failed = _Setup(), _Stats(), None
 
 
 def test_a_backend_error_becomes_one_logged_line_with_the_backend_error_as_cause(caplog):
@@ -288,7 +308,7 @@ def test_a_backend_error_becomes_one_logged_line_with_the_backend_error_as_cause
     with pytest.raises(CollectiveFailedError) as raised, caplog.at_level("ERROR"):
         with timed(state, "broadcast"):
             raise gloo
-    assert raised.value.__cause__ is gloo
+    assert raised.value.__cause__ is gloo and state.failed is raised.value
     message = str(raised.value)
     assert message == (
         "rank 2: the gradient exchange's broadcast got no answer within the collective timeout (10 s): a rank"
@@ -320,6 +340,10 @@ def test_errors_that_are_not_the_backends_pass_through_unchanged(caplog):
          "broke after 1.5 s: another rank's process ended or closed the connection (it failed, was killed, or"
          " reached the collective timeout (1800 s) first)"),
         (RuntimeError("Connection reset by peer"), None, "or reached the collective timeout first)"),
+        (RuntimeError("[gloo/alltoallv.cc:138] inLengthPerRank[myRank] == outLengthPerRank[myRank]."), 5.0,
+         "all-to-all failed after 1.5 s ([gloo/alltoallv.cc:138]"),
+        (RuntimeError("ProcessGroupGloo::broadcast: invalid root rank: 5"), 5.0, "failed after 1.5 s (ProcessGroupGloo"),
+        (RuntimeError("Timed out"), 1e6, "(1000000 s)"),
         (RuntimeError(""), 5.0, "(RuntimeError)"),
         (RuntimeError("first line\nsecond line"), 5.0, "(first line)"),
     ],
@@ -328,3 +352,15 @@ def test_the_message_says_timeout_or_lost_peer_from_the_backends_words(error, ti
     message = failure_message(3, "all-to-all", 1.5, timeout, error)
     assert message.startswith("rank 3: the gradient exchange's all-to-all ")
     assert expected in message and "\n" not in message
+    # Only a stalled or lost peer is said to be one: a call the backend refused (sizes, ranks) is a bug here.
+    assert ("instead of hanging" in message) == ("failed after" not in message)
+
+
+@pytest.mark.parametrize("error", [NotImplementedError("no gloo op"), torch.OutOfMemoryError("out of memory"),
+                                   RecursionError("deep")])
+def test_this_ranks_own_runtime_errors_are_not_called_collective_failures(error):
+    state = _State()
+    with pytest.raises(type(error)) as raised:
+        with timed(state, "send"):
+            raise error
+    assert raised.value is error and state.failed is None
