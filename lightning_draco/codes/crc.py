@@ -10,7 +10,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from functools import lru_cache
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -819,10 +819,11 @@ class CyclicRepetitionCode(Code):
         v[erased] = 0.0
         scale = norms.clone()
         scale[erased] = 0.0
+        fit = _SketchFit(v, scale, self._combiner)
         found: list[tuple[int, ...]] = []
 
         def add(suspects: tuple[int, ...]) -> None:
-            for refined in (suspects, self._refine(v, scale, suspects, erased, theta)):
+            for refined in (suspects, self._refine(fit, suspects, erased, theta)):
                 if refined not in found:
                     found.append(refined)
 
@@ -833,7 +834,7 @@ class CyclicRepetitionCode(Code):
         # A huge lie drowns the syndromes of a small one in float64 rounding: erase the largest rows,
         # one more at a time, and locate the rest.
         magnitude = v.abs().amax(dim=1)
-        largest = [int(i) for i in torch.argsort(magnitude, descending=True) if int(i) not in erased]
+        largest = [i for i in torch.argsort(magnitude, descending=True).tolist() if i not in erased]
         for extra in range(1, s - len(erased) + 1):
             known = erased + largest[:extra]
             w = v.clone()
@@ -842,8 +843,8 @@ class CyclicRepetitionCode(Code):
         if math.comb(p, s) <= ALL_CANDIDATES:  # few enough to rank every set by how well the rest fit
             found += [c for c in itertools.combinations(range(p), s) if set(erased) <= set(c)]
         # A fixed fill first, the located set itself right after it (in case the fill hides a small lie).
-        found = list(dict.fromkeys(x for c in found for x in (self._canonical(v, scale, c, erased, theta), c)))
-        fits = {c: self._sketch_misfit(v, scale, c) for c in found + [canonical]}
+        found = list(dict.fromkeys(x for c in found for x in (self._canonical(fit, c, erased, theta), c)))
+        fits = {c: fit.worst(c) for c in found + [canonical]}
         ordered = sorted(found, key=lambda c: fits[c])
         # Nobody visibly lies (the fixed set fits about as well as the best located one, at the noise
         # level): certify the fixed set first, so that the result and its rounding do not depend on
@@ -855,34 +856,20 @@ class CyclicRepetitionCode(Code):
             ordered.append(canonical)
         return ordered
 
-    def _canonical(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...], erased: list[int], theta: float) -> tuple[int, ...]:
+    def _canonical(self, fit: "_SketchFit", suspects: tuple[int, ...], erased: list[int], theta: float) -> tuple[int, ...]:
         """``suspects`` with those that visibly fit the code swapped for the lowest-numbered rows that do.
 
         With fewer than s liars, the other suspects are whatever rows the locator's noise picked;
         a fixed choice keeps the result (and its rounding) independent of that noise, and lets the
         next decode find this one's set already certified in its first pass.
         """
-        misfit = self._row_misfits(v, scale, suspects)
-        visible = [i for i in suspects if i in erased or float(misfit[i]) > theta]
+        misfit = fit.row_misfits(suspects)
+        visible = [i for i in suspects if i in erased or misfit[i] > theta]
         fill = [i for i in range(self.num_workers) if i not in visible][: self.num_adversaries - len(visible)]
         swapped = tuple(sorted(visible + fill))
-        if swapped == suspects or self._sketch_misfit(v, scale, swapped) > max(2 * self._sketch_misfit(v, scale, suspects), theta / 8):
+        if swapped == suspects or fit.worst(swapped) > max(2 * fit.worst(suspects), theta / 8):
             return suspects
         return swapped
-
-    def _sketch_misfit(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...]) -> float:
-        """The worst parity row's misfit in the sketch, relative to its floor's scale."""
-        comb = self._combiner(suspects)
-        misfit = (comb.parity @ v[comb.honest]).norm(dim=1) / math.sqrt(v.shape[1])
-        room = comb.parity.abs() @ scale[comb.honest]
-        return float((misfit / room.clamp_min(1e-300)).max()) if len(misfit) else 0.0
-
-    def _row_misfits(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...]) -> Tensor:
-        """Each row's miss of the codeword through the others, relative to the rounding it can carry."""
-        comb = self._combiner(suspects)
-        codeword = comb.reconstruct @ v[comb.honest]
-        room = scale + comb.reconstruct.abs() @ scale[comb.honest]
-        return (v - codeword).abs().amax(dim=1) / room.clamp_min(1e-300)
 
     def _locate(self, v: Tensor, erased: list[int]) -> tuple[int, ...]:
         """The ``s`` suspects: erased rows, then the positions where the error locator is smallest.
@@ -907,21 +894,21 @@ class CyclicRepetitionCode(Code):
             locator = torch.linalg.lstsq(hankel, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)
         coefficients = torch.cat([torch.ones(1, dtype=torch.complex128), locator])
         magnitude = (_inverse_powers(p, n, s) @ coefficients).abs()
-        order = [int(i) for i in torch.argsort(magnitude) if int(i) not in erased]
+        order = [i for i in torch.argsort(magnitude).tolist() if i not in erased]
         return tuple(sorted(erased + order[: s - len(erased)]))
 
-    def _refine(self, v: Tensor, scale: Tensor, suspects: tuple[int, ...], erased: list[int], theta: float) -> tuple[int, ...]:
+    def _refine(self, fit: "_SketchFit", suspects: tuple[int, ...], erased: list[int], theta: float) -> tuple[int, ...]:
         """Re-rank rows by their misfit to the codeword through the current honest set, a few times.
 
         Close or very unequal errors make the locator's ranking fragile near its s-th place.
         """
         s = self.num_adversaries
         for _ in range(self.refinements):
-            misfit = self._row_misfits(v, scale, suspects)
+            misfit = fit.row_misfits(suspects)
             honest = [i for i in range(self.num_workers) if i not in suspects]
-            if float(misfit[honest].max()) <= theta:
+            if max(misfit[i] for i in honest) <= theta:
                 break
-            ranked = sorted((i for i in range(self.num_workers) if i not in erased), key=lambda i: -float(misfit[i]))
+            ranked = sorted((i for i in range(self.num_workers) if i not in erased), key=lambda i: -misfit[i])
             refined = tuple(sorted(erased + ranked[: s - len(erased)]))
             if refined == suspects:
                 break
@@ -945,6 +932,36 @@ class CyclicRepetitionCode(Code):
         bound = bound + 2.0 * self._reach[suspects] * float(allowed.norm())
         named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
         return sorted(named | set(erased))
+
+
+class _SketchFit:
+    """How well suspect sets fit the code in one sketch ``v`` (rows' scales ``scale``), each set computed once:
+    locating asks again and again about the same few sets."""
+
+    __slots__ = ("v", "scale", "combiner", "_rows", "_worst")
+
+    def __init__(self, v: Tensor, scale: Tensor, combiner: Callable[[tuple[int, ...]], _Combiner]):
+        self.v, self.scale, self.combiner = v, scale, combiner
+        self._rows: dict[tuple[int, ...], list[float]] = {}
+        self._worst: dict[tuple[int, ...], float] = {}
+
+    def row_misfits(self, suspects: tuple[int, ...]) -> list[float]:
+        """Each row's miss of the codeword through the others, relative to the rounding it can carry."""
+        if suspects not in self._rows:
+            comb, v, scale = self.combiner(suspects), self.v, self.scale
+            codeword = comb.reconstruct @ v[comb.honest]
+            room = scale + comb.reconstruct.abs() @ scale[comb.honest]
+            self._rows[suspects] = ((v - codeword).abs().amax(dim=1) / room.clamp_min(1e-300)).tolist()
+        return self._rows[suspects]
+
+    def worst(self, suspects: tuple[int, ...]) -> float:
+        """The worst parity row's misfit in the sketch, relative to its floor's scale."""
+        if suspects not in self._worst:
+            comb, v, scale = self.combiner(suspects), self.v, self.scale
+            misfit = (comb.parity @ v[comb.honest]).norm(dim=1) / math.sqrt(v.shape[1])
+            room = comb.parity.abs() @ scale[comb.honest]
+            self._worst[suspects] = float((misfit / room.clamp_min(1e-300)).max()) if len(misfit) else 0.0
+        return self._worst[suspects]
 
 
 def _to_host(*tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
