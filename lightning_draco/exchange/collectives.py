@@ -34,8 +34,9 @@ _log = logging.getLogger(__name__)
 
 class CollectiveFailedError(RuntimeError):
     """A collective of the gradient exchange failed on this rank: some rank stopped answering within
-    the collective timeout, or a peer's process ended. The message names this rank, the collective,
-    how long it waited and the timeout; the backend's own error is the ``__cause__``."""
+    the collective timeout, a peer's process ended, or the backend refused the call. The message names
+    this rank, the collective, how long it waited and the timeout; the backend's own error is the
+    ``__cause__``."""
 
 
 def _nbytes(tensor: Tensor) -> int:
