@@ -98,7 +98,7 @@ def test_a_stalled_rank_fails_the_job_within_the_timeout_instead_of_hanging(tmp_
     assert waited < 80, f"the job took {waited:.0f} s to fail with timeout_s=10"
     # The rank that timed out first said so in one line when it happened (the launcher may end it before
     # its traceback is printed): the exchange's own words, or, where another collective waited, why it stopped.
-    said = re.search(r"rank \d+: the gradient exchange's [a-z -]+ got no answer within the collective timeout \(10 s\)"
+    said = re.search(r"rank \d+: the gradient exchange's .+? got no answer within the collective timeout \(10 s\)"
                      r"|rank \d+ stopped at step \d+: \w+: .*(timed out|timeout)", output, re.IGNORECASE)
     assert said, output[-4000:]
     assert not (run_dir / "summary.json").exists()
