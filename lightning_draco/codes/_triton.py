@@ -1,5 +1,5 @@
-"""What the codes' Triton kernels share: the optional import, where a kernel can run, how a code's
-``kernel=`` option is checked, and how a failed kernel is reported.
+"""What the codes' Triton kernels share: the optional import, where a kernel can run, and how a code's
+``kernel=`` option is checked.
 
 Triton ships with CUDA builds of torch; elsewhere (or without it) the codes run their torch passes.
 With ``TRITON_INTERPRET=1`` set before Triton is imported, kernels run on CPU tensors in Triton's
@@ -24,7 +24,7 @@ try:
 except ImportError:  # optional: the torch passes serve where Triton is missing
     triton, FOUND = None, None
 
-__all__ = ["FOUND", "MIN_TRITON", "available", "check_kernel", "failure", "launching_on", "triton"]
+__all__ = ["FOUND", "MIN_TRITON", "available", "check_kernel", "launching_on", "triton"]
 
 
 def check_kernel(kernel: str, choices: tuple[str, ...]) -> None:
@@ -49,9 +49,3 @@ def launching_on(device: torch.device):
     """The context a kernel on ``device``'s tensors launches in: Triton launches on the current CUDA device,
     which need not be the tensors'."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def failure(err: Exception) -> str:
-    """``err`` in one line for a fallback warning: its type and the first line of its message."""
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from lightning_draco._errors import described
 from lightning_draco.codes import _triton, crc_triton, register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype, each_block
 
@@ -803,7 +804,7 @@ class CyclicRepetitionCode(Code):
             _TRITON_FAILED.add((rows.device.type, rows.dtype))
             warnings.warn(
                 f"CyclicRepetitionCode: the Triton certifying pass could not run on {rows.device.type}"
-                f" ({_triton.failure(err)}); the torch passes run instead (same guarantees, slower).",
+                f" ({described(err)}); the torch passes run instead (same guarantees, slower).",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco._bits import bits_dtype, same_bytes
+from lightning_draco._errors import described
 from lightning_draco.codes import _triton, frc_triton, register_code
 from lightning_draco.codes.base import Code, DecodeResult, DracoDecodeError, accumulation_dtype
 
@@ -458,7 +459,7 @@ class FractionalRepetitionCode(Code):
                 f"this decode runs block-wise and later ones with the {after} kernel")
             warnings.warn(
                 f"FractionalRepetitionCode: the fused decode ({kernel} kernel) could not run on {device} for"
-                f" {rows.dtype} ({_triton.failure(err)}); {instead} (same results, slower).",
+                f" {rows.dtype} ({described(err)}); {instead} (same results, slower).",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_draco._errors import one_line
 from lightning_draco.exchange.state import ExchangeState
 
 __all__ = [
@@ -76,12 +77,6 @@ def _from_backend(error: Optional[BaseException]) -> bool:
 # gloo's words, lower-cased, for a stalled peer and for a peer whose process ended.
 _TIMEOUT_WORDS = ("timed out", "timeout")
 _PEER_WORDS = ("closed by peer", "reset by peer", "connection closed", "broken pipe", "connection refused", "pair closure")
-
-
-def one_line(error: BaseException) -> str:
-    """``error``'s first non-empty line ("" where it has none), at most 500 characters."""
-    line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    return line if len(line) <= 500 else line[:497] + "..."
 
 
 def _seconds(value: float) -> str:

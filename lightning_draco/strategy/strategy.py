@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_draco import _compat
+from lightning_draco._errors import described
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.adversary import Adversary
 from lightning_draco.aggregators import Aggregator
@@ -53,7 +54,7 @@ from lightning_draco.exchange import (
     whole_step_hook,
 )
 from lightning_draco.exchange.adversarial import liars_at
-from lightning_draco.exchange.collectives import CollectiveFailedError, one_line
+from lightning_draco.exchange.collectives import CollectiveFailedError
 from lightning_draco.partition_logging import mean_over_partitions
 from lightning_draco.report import FaultLedger
 from lightning_draco.requeue import SlurmRequeue
@@ -686,8 +687,7 @@ class DracoStrategy(DDPStrategy):
             try:
                 trainer = getattr(self._lightning_module, "_trainer", None)
                 where = f" at step {trainer.global_step}" if trainer is not None else ""
-                said = one_line(exception)
-                _log.error(f"rank {self.global_rank} stopped{where}: {type(exception).__name__}{': ' + said if said else ''}")
+                _log.error(f"rank {self.global_rank} stopped{where}: {described(exception)}")
             except Exception:  # noqa: BLE001 - an exception that cannot be described must not hide itself
                 pass
         # Anything else (a lost or stalled peer, a crash or a user's error on this rank alone) leaves
