@@ -51,9 +51,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -96,16 +96,13 @@ def _sync(device: torch.device) -> None:
 
 
 def median_seconds(fn, repeats: int, device: torch.device) -> float:
-    def sync():
-        _sync(device)
-
     fn()
-    sync()
+    _sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

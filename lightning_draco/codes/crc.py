@@ -778,8 +778,9 @@ class CyclicRepetitionCode(Code):
         # A check row that is all zeros (an erased suspect's miss) is zero by construction, not underflow.
         vanished = [i for i, norms in enumerate(per_block) if any(v == 0 and w for v, w in zip(norms, applied.weighted))]
         if vanished:  # every square underflowed, or the checks are exactly zero: tell them apart
-            tops = torch.stack([total[start:stop].abs().amax() if blocks[i][1] > blocks[i][0] else total.new_zeros(())
-                                for i in vanished for start, stop in [blocks[i]]]).tolist()
+            spans = [blocks[i] for i in vanished]
+            tops = torch.stack([total[start:stop].abs().amax() if stop > start else total.new_zeros(())
+                                for start, stop in spans]).tolist()
             redo = sorted(set(redo) | {i for i, top in zip(vanished, tops) if top > 0})
         for i in redo:  # squares over- or underflowed: the misfits again, in float64
             start, stop = blocks[i]
