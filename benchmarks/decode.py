@@ -32,7 +32,8 @@ default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
 
 ``--profile DIR`` also runs each method ``--repeats`` more times under ``torch.profiler`` and writes,
 per row, ``DIR/<device>-P<P>-d<d>-<dtype>-<method>.txt``: the operators by their own time (on the
-GPU's side where the row ran on CUDA), and the row gains ``launches`` and ``syncs`` per call (kernel
+GPU's side where the row ran on CUDA) and, beside it as ``.trace.json``, the calls' timeline (host calls
+and device kernels; open it in Perfetto or chrome://tracing). The row gains ``launches`` and ``syncs`` per call (kernel
 launches, and the host's waits for the device: stream and device synchronizations and blocking copies)
 and ``operators`` (ATen operators the host dispatched, nested ones included). At small ``d`` those are
 the fixed work of a decode, whatever the device:
@@ -114,7 +115,8 @@ _SYNCS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchroniz
 
 def profile_calls(fn, calls: int, device: torch.device, path: str) -> dict:
     """``fn`` called ``calls`` times under ``torch.profiler`` (after one warm-up call): its operators by their
-    own time written to ``path``; per call, the kernel launches, host waits and ATen operators."""
+    own time written to ``path``, its timeline (host calls and device kernels, for chrome://tracing or
+    Perfetto) beside it as ``.trace.json``; per call, the kernel launches, host waits and ATen operators."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -134,6 +136,7 @@ def profile_calls(fn, calls: int, device: torch.device, path: str) -> dict:
     with open(path, "w") as f:
         f.write(f"{calls} calls; per call: {counted}\n\n")
         f.write(events.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+    prof.export_chrome_trace(path.removesuffix(".txt") + ".trace.json")
     return counted
 
 

@@ -27,5 +27,7 @@ def test_each_row_catches_the_liar_and_its_profile_counts_the_decodes_operators(
         table = Path(row["profile"]).read_text()
         assert Path(row["profile"]).name == f"cpu-P6-d300-float32-{method.replace(':', '_')}.txt"
         assert table.startswith("3 calls; per call: ") and "aten::" in table
+        trace = json.loads(Path(row["profile"]).with_suffix(".trace.json").read_text())
+        assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
     # A decode does more than the mean it is measured against.
     assert rows["code:crc"]["operators"] > rows["aggregator:mean"]["operators"]

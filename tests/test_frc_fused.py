@@ -409,3 +409,113 @@ def test_choosing_triton_without_a_recent_enough_one_says_what_was_found(monkeyp
     monkeypatch.setattr(_triton, "FOUND", None)
     with pytest.raises(ValueError, match=r"needs Triton 3\.6 or newer \(none is installed;"):
         FractionalRepetitionCode(3, 1, kernel="triton")
+
+
+def _triton_interpreter():
+    if not _triton.available("cpu"):
+        pytest.skip("Triton's interpreter is not available here (Triton missing, or a GPU present)")
+
+
+@pytest.fixture
+def short_probe(monkeypatch):
+    """The first distance piece (measured by the pass and by the reference alike) cut to 1,024 coordinates,
+    so that rows longer than it stay quick in Triton's interpreter."""
+    _triton_interpreter()
+    monkeypatch.setattr(frc_triton, "PROBE", 1024)
+    monkeypatch.setattr(frc_module, "_DISTANCE_PROBE", 1024)
+    return 1024
+
+
+@pytest.mark.parametrize("d", [1, 517, 1023, 1024 + 700])
+def test_the_triton_pass_measures_what_naming_needs(short_probe, d):
+    """compare_and_sum's flags, squared norm and probe distances against torch on the same rows: every pair
+    flagged exactly where it differs (also a pair numbered past 32, in a second word of flags), the measured
+    member's squares over the whole row, each member's squared distance to it over the first PROBE
+    coordinates, all in float32 per block and float64 across blocks (relative error under 1e-5)."""
+    gen = torch.Generator().manual_seed(d)
+    rows = torch.randn(2, 9, d, generator=gen).mul(3).repeat_interleave(1, dim=1)
+    rows[:, 1:] = rows[:, :1]
+    rows[0, 2, d - 1] += 1.0  # pair (0, 2) and every pair of member 2 differ at the last coordinate only
+    rows[1, 8] *= -100  # pairs (7, 8), numbered 35, in the second word
+    rows[1, 5, 0] = 0.5 + rows[1, 5, 0]
+    bits = rows.view(torch.int32)
+    found = frc_triton.compare_and_sum(rows, bits, 4, torch.float32, 8, measure=4)
+    every = [(a, b) for a in range(8) for b in range(a + 1, 9)]
+    for g in range(2):
+        expected = [bool(torch.equal(rows[g, a], rows[g, b])) for a, b in every]
+        assert found.equal[g] == expected, g
+        squares, spread = found.measured[g]
+        truth = rows[g, 4].double().square().sum().item()
+        assert squares == pytest.approx(truth, rel=1e-5)
+        probe = min(d, frc_triton.PROBE)
+        near = (rows[g, :, :probe].double() - rows[g, 4, :probe].double()).square().sum(dim=1).tolist()
+        assert spread == pytest.approx(near, rel=1e-5, abs=1e-30) and spread[4] == 0.0
+    assert torch.equal(found.total, rows[0, 4] + rows[1, 4])  # +0.0 + row 0, then row 1: the reference's order
+    # Without a sum, flags only; without pairs, no flags.
+    assert frc_triton.compare_and_sum(rows, bits, None, torch.float32, 8).total is None
+    alone = frc_triton.compare_and_sum(rows, bits, 3, torch.float32, 0)
+    assert alone.equal is None and alone.measured is None
+
+
+def test_the_triton_pass_refuses_what_it_cannot_measure():
+    rows = torch.zeros(1, 3, 8)
+    with pytest.raises(ValueError, match=r"measure must be a member in \[0, r=3\), the summed one where both are"
+                                         r" given \(got measure=1, member=0\)"):
+        frc_triton.compare_and_sum(rows, rows.view(torch.int32), 0, torch.float32, 2, measure=1)
+    with pytest.raises(ValueError, match=r"block must be a power of two in \[1, 16384\] \(got 768\)"):
+        frc_triton.compare_and_sum(rows, rows.view(torch.int32), 0, torch.float32, 2, block=768)
+
+
+def test_a_gross_lie_is_named_from_the_pass_without_measuring_again(monkeypatch, short_probe):
+    """With the Triton pass a -100x liar is named from the pass's own sums: the reference distance is not
+    asked for it (no more launches or syncs on a GPU). A lie too small to tell there (one coordinate) is
+    measured by the reference. Both decodes name what the block-wise reference names, with its totals."""
+    measured = []
+    reference_distance = FractionalRepetitionCode._distance_to_winner
+
+    def recording(self, members, winner_of_block, which):
+        measured.append(list(which))
+        return reference_distance(self, members, winner_of_block, which)
+
+    monkeypatch.setattr(FractionalRepetitionCode, "_distance_to_winner", recording)
+    honest = honest_rows(3, 3, short_probe + 300, torch.float32, torch.Generator().manual_seed(6))
+    code = FractionalRepetitionCode(9, 1, fused=True, kernel="triton")
+    gross = honest.clone()
+    gross[4] *= -100
+    sparse = honest.clone()
+    sparse[7, 12] += 1.0
+    for received, calls in ((gross, []), (sparse, [[1]])):
+        measured.clear()
+        result = code.decode(received)
+        assert measured == calls
+        reference = FractionalRepetitionCode(9, 1, fused=False).decode(received)
+        assert result.faulty == reference.faulty and torch.equal(result.total, reference.total)
+    assert not frc_module._FUSED_FAILED
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("scale", [1.0, 1e-24, 1e18])
+@pytest.mark.parametrize("spread", [True, False], ids=["spread", "one coordinate"])
+def test_the_pass_and_the_reference_name_alike_at_the_bar_of_a_gross_lie(short_probe, dtype, scale, spread):
+    """A liar differing from its group's winner over the first piece only, by just under to just over the
+    reference's bar for a gross lie (twice the winner's norm), spread over the piece or in one coordinate,
+    at ordinary scale, where float32 squares underflow (1e-24) and where they overflow (1e18): the Triton
+    pass and the block-wise reference name the same workers and give the same totals. Under the declared
+    tolerance of 1.0 the bar decides: a liar just under it is within the tolerance and spared, one over it
+    is named (the pass's sums must not call it gross early, nor from underflowed squares)."""
+    gen = torch.Generator().manual_seed(8)
+    d = 3 * short_probe + 900
+    honest = honest_rows(2, 3, d, torch.float64, gen).mul(scale)
+    winner = honest[3].double()
+    direction = torch.randn(short_probe, generator=gen, dtype=torch.float64)
+    if not spread:
+        direction = torch.zeros(short_probe, dtype=torch.float64).index_fill(0, torch.tensor([300]), 1.0)
+    for ratio in (0.98, 0.999, 1.0, 1.001, 1.005, 1.0101, 1.02, 1.5):
+        delta = direction * (2 * ratio**0.5 * winner.norm() / direction.norm())
+        received = honest.clone()
+        received[5, :short_probe] += delta
+        received = received.to(dtype)
+        reference, fused = decode_both((6, 1), received, "triton", tolerance=1.0)
+        assert_same(reference, fused, f"ratio {ratio}")
+        if ratio in (0.98, 1.5):
+            assert reference[1] == ([] if ratio < 1 else [5]), ratio

@@ -6,7 +6,7 @@ import math
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -95,7 +95,13 @@ def _ordered_sum(rows: Tensor, member: int, zero: Tensor) -> Tensor:
 # float32 norms of pieces this long are accurate to about 1e-4.
 _DISTANCE_STEP = 1 << 22
 # ... after a first piece this long: a gross lie (-100x) is told from it, without a pass over the row.
-_DISTANCE_PROBE = 1 << 16
+# The Triton pass measures the same piece (frc_triton.PROBE), so that it can tell such a lie itself.
+_DISTANCE_PROBE = frc_triton.PROBE
+# A gross lie told by the Triton pass's own sums: beyond this relative margin over the reference's bar
+# (their float32 sums differ by under 1e-4), and only where the winner's squared norm is at least this
+# (below, underflowed squares would shrink the bar): else the reference measures it.
+_MEASURED_MARGIN = 1e-2
+_MEASURED_LEAST = 1e-20
 
 
 def _sq_norm(v: Tensor) -> float:
@@ -154,6 +160,9 @@ class _Vote:
     winners: dict[int, Callable[[int], int]] = field(default_factory=dict)
     differs: dict[int, set[int]] = field(default_factory=dict)
     unresolved: dict[int, list[slice]] = field(default_factory=dict)
+    #: Per group, the Triton pass's measurements of its winner (``frc_triton.Compared.measured``), where
+    #: the member it measured won in every group; else None.
+    measured: Optional[list[tuple[float, list[float]]]] = None
 
 
 def relative_distances(members: Tensor, chunk_size: int = 1 << 20) -> tuple[Tensor, Tensor]:
@@ -396,7 +405,9 @@ class FractionalRepetitionCode(Code):
     ) -> Optional[_Vote]:
         """The whole-row vote with compiled passes; None when some group needs the block-wise vote.
 
-        With ``kernel="triton"`` steps 1 and 2 are one pass (frc_triton.py).
+        With ``kernel="triton"`` steps 1 and 2 are one pass (frc_triton.py), which also measures the
+        likely winner's norm and every member's distance to it over the first piece: a member that
+        differs grossly is then named from those sums (``_measured_far``), with no further pass.
 
         1. One pass compares the members of every group bit for bit (all pairs at once for r <= 5:
            the pass reads every member anyway).
@@ -409,11 +420,11 @@ class FractionalRepetitionCode(Code):
         """
         r, device = self.redundancy, rows.device.type
         try:
-            def compare(pairs: list[tuple[int, int]]) -> Tensor:
+            def compare(pairs: list[tuple[int, int]]) -> Union[Tensor, list[list[bool]]]:
                 if kernel == "triton":  # every pair in one pass (no sum), then the ones asked for
                     every = self._first_pairs(pairs_first=True)
-                    equal = frc_triton.compare_and_sum(rows, bits, None, acc, r - 1)[0]
-                    return equal[:, [every.index(pair) for pair in pairs]]
+                    equal = frc_triton.compare_and_sum(rows, bits, None, acc, r - 1).equal
+                    return [[same[every.index(pair)] for pair in pairs] for same in equal]
                 # Compiled only where the groups and the pieces are at least 2: sizes 0 and 1 would each
                 # compile a variant of their own (and exhaust the recompilation budget); eager there.
                 compiled = rows.shape[0] >= 2 and bits.shape[2] >= 2 * _EQUALITY_PIECE
@@ -422,7 +433,7 @@ class FractionalRepetitionCode(Code):
 
             def winners_sum(m: int) -> Tensor:
                 if kernel == "triton":
-                    return frc_triton.compare_and_sum(rows, bits, m, acc, 0)[1]
+                    return frc_triton.compare_and_sum(rows, bits, m, acc, 0).total
                 zero = torch.zeros((), dtype=acc, device=rows.device)
                 # Keyed by the number of groups too: the sum's loop over groups is unrolled, so each count
                 # is a graph of its own and would otherwise spend one function's recompilation budget.
@@ -431,10 +442,13 @@ class FractionalRepetitionCode(Code):
             pairs_first = r <= 5
             first = self._first_pairs(pairs_first)
             guess = self._likely_winner
+            measured = None
             if kernel == "triton":
-                # One pass: the comparison of the first pairs and the sum of the likely winners together.
+                # One pass: the comparison of the first pairs, the sum of the likely winners and what
+                # naming a gross liar needs, together; one transfer brings what the host votes on.
                 leaders = (r - 1 if pairs_first else 1) if first else 0
-                queued, speculative = frc_triton.compare_and_sum(rows, bits, None if per_group else guess, acc, leaders)
+                one = None if per_group else guess
+                queued, speculative, measured = frc_triton.compare_and_sum(rows, bits, one, acc, leaders, measure=one)
             else:
                 # Both passes are queued before the host waits for the comparison: on a GPU the sum of the
                 # likely winners (the first members, or the last decode's winners) runs while the host votes.
@@ -451,7 +465,9 @@ class FractionalRepetitionCode(Code):
                     out = rows[:, m].to(acc, copy=True)
                 else:
                     out = speculative if m == guess else winners_sum(m)
-                return self._whole_row_outcome(out, [m] * len(classes), classes)
+                vote = self._whole_row_outcome(out, [m] * len(classes), classes)
+                vote.measured = measured if m == guess else None
+                return vote
         except Exception as err:  # noqa: BLE001 - any failure to compile or launch: the next kernel, same results
             _FUSED_FAILED.add((device, rows.dtype, kernel))
             after = self._fused_kernel(rows[:, 0])
@@ -506,7 +522,8 @@ class FractionalRepetitionCode(Code):
     ) -> Optional[list[set[int]]]:
         """The common case: every group has a whole-row majority. Each group's winning class of members.
 
-        ``compare(pairs)`` says, per group, which pairs of members are equal bit for bit. First every
+        ``compare(pairs)`` says, per group, which pairs of members are equal bit for bit (a tensor, or
+        lists already on the host). First every
         member is compared with its group's first member (or, with ``pairs_first``, with every other
         member at once); the other pairs only if some group's first member is not in a sole majority.
         Returns None when some group needs the block-wise vote. The bookkeeping is plain Python on
@@ -518,7 +535,8 @@ class FractionalRepetitionCode(Code):
 
         def fill(pairs: list[tuple[int, int]]) -> None:
             if pairs:
-                for g, row in enumerate(compare(pairs).tolist()):
+                found = compare(pairs)
+                for g, row in enumerate(found.tolist() if isinstance(found, Tensor) else found):
                     for (a, b), same in zip(pairs, row):
                         equal[g][a][b] = equal[g][b][a] = same
 
@@ -626,7 +644,10 @@ class FractionalRepetitionCode(Code):
             if self.tolerance == 0:  # replicas declared bitwise equal: any difference is a lie
                 faulty.update(g * r + m for m in members)
                 continue
-            for m, distance in zip(members, self._distance_to_winner(rows[g], vote.winners[g], members)):
+            gross = self._measured_far(vote, g, members)
+            faulty.update(g * r + m for m in gross)
+            members = [m for m in members if m not in gross]
+            for m, distance in zip(members, self._distance_to_winner(rows[g], vote.winners[g], members) if members else []):
                 if distance > max(declared, MAX_NOISE):  # beyond any radius
                     faulty.add(g * r + m)
                 elif distance > declared or declared == 0:
@@ -650,6 +671,20 @@ class FractionalRepetitionCode(Code):
                     vote.out[block] += rows[g, winner, block].to(acc)
             faulty.update(w for m, w in enumerate(self.members(g)) if not agreeing[m])
         return sorted(faulty)
+
+    @staticmethod
+    def _measured_far(vote: _Vote, g: int, members: list[int]) -> set[int]:
+        """The members of group ``g`` that the Triton pass's own sums show to be beyond any radius: the
+        reference (``_distance_to_winner``) would find each farther than twice the winner's norm over the
+        first piece, which makes the distance infinite. Only where the sums say so by ``_MEASURED_MARGIN``
+        and are finite and not underflowed; the other members are measured by the reference."""
+        if vote.measured is None:
+            return set()
+        squares, spread = vote.measured[g]
+        if not (math.isfinite(squares) and squares >= _MEASURED_LEAST):
+            return set()
+        bar = 4 * squares * (1 + _MEASURED_MARGIN)
+        return {m for m in members if math.isfinite(spread[m]) and spread[m] > bar}
 
     def _distance_to_winner(
         self, members: Tensor, winner_of_block: Callable[[int], int], which: list[int]
