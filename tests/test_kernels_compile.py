@@ -54,8 +54,8 @@ for p, checks, dtype, measure, keep in json.loads(sys.argv[2]):
         crc_triton._certify,
         {"rows": POINTER[dtype], "mix": POINTER[acc], "total": POINTER[acc], "squares": POINTER[acc],
          "checks": POINTER[acc], "d": "i64", "programs": "i32"},
-        dict(P=p, C=checks, CP=max(triton.next_power_of_2(checks), 1), ACC=TL[acc], MEASURE=measure,
-             KEEP_CHECKS=keep, BLOCK=crc_triton.BLOCK),
+        dict(P=p, C=checks, CP=max(triton.next_power_of_2(checks), 1), TILE=crc_triton.tile_rows(p, checks),
+             ACC=TL[acc], MEASURE=measure, KEEP_CHECKS=keep, BLOCK=crc_triton.BLOCK),
     )
 print(json.dumps(out))
 """

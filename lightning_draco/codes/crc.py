@@ -152,6 +152,10 @@ class _Combiner(NamedTuple):
     reconstruct: Tensor
     #: s x |H|, orthonormal rows with ``N W[H] = 0``: an honest ``Y[H]`` has ``N Y[H] = 0``.
     parity: Tensor
+    #: ``N`` squared, as host lists: the floors of an accepted set are plain Python (``_allowed_values``).
+    parity_squares: list[list[float]]
+    #: Per suspect, its row of ``W W[H]^+`` squared, as a host list (``_named``).
+    suspect_squares: list[list[float]]
 
 
 class _Mix(NamedTuple):
@@ -262,7 +266,7 @@ class CyclicRepetitionCode(Code):
         # Per suspect set, live rows, accumulation dtype and device: the certifying pass's rows (``_Mix``),
         # built and copied to the device once rather than at every decode.
         self._mixes: OrderedDict[tuple, _Mix] = OrderedDict()
-        self._reach: dict[tuple[int, ...], Tensor] = {}  # per suspect set: how far hidden lies move it
+        self._reach: dict[tuple[int, ...], list[float]] = {}  # per suspect set: how far hidden lies move it
         # The previous decode's suspects: certified first, in the pass that measures the norms. Which
         # honest set is used decides the total's rounding, so it is state (``state_dict``).
         self._hint: Optional[tuple[int, ...]] = None
@@ -396,11 +400,14 @@ class CyclicRepetitionCode(Code):
         with _small_solves():
             u, sigma, vh = torch.linalg.svd(self._matrix[honest], full_matrices=True)
         pinv = vh[:rank].T @ torch.diag(1.0 / sigma[:rank]) @ u[:, :rank].T
+        reconstruct, parity = self._matrix @ pinv, u[:, rank:].T.contiguous()
         combiner = _Combiner(
             honest,
             pinv.T @ torch.ones(self.num_workers, dtype=torch.float64),
-            self._matrix @ pinv,
-            u[:, rank:].T.contiguous(),
+            reconstruct,
+            parity,
+            parity.square().tolist(),
+            reconstruct[list(suspects)].square().tolist(),
         )
         self._combiners[suspects] = combiner
         if len(self._combiners) > 1024:
@@ -511,10 +518,12 @@ class CyclicRepetitionCode(Code):
         Gram matrix (this one needed noise measured)."""
         s = self.num_adversaries
         comb = self._combiner(suspects)
-        verdict = Verdict(result.total, result.misfits[:s], _allowed(comb, norms, floors.certify, length))
-        if not verdict.accepted:
+        # Plain Python on the host's few numbers: as tensor operations these were most of a decode's host time.
+        values, misfits = norms.tolist(), result.misfits.tolist()
+        allowed = _allowed_values(comb, values, floors.certify, length)
+        if not all(misfit <= most for misfit, most in zip(misfits[:s], allowed)):
             return None
-        named = self._named(comb, norms, suspects, erased, result.misfits[s:], floors.name, length, verdict.allowed)
+        named = self._named(comb, values, suspects, erased, misfits[s:], floors.name, length, allowed)
         self.certified_floor = floors.certify
         self._noisy_last = self.measured_floor is not None
         return DecodeResult(result.total, named)
@@ -918,21 +927,24 @@ class CyclicRepetitionCode(Code):
         return suspects
 
     def _named(
-        self, comb: _Combiner, norms: Tensor, suspects: tuple[int, ...], erased: list[int], misses: Tensor,
-        theta: float, length: int, allowed: Tensor,
+        self, comb: _Combiner, norms: list[float], suspects: tuple[int, ...], erased: list[int], misses: list[float],
+        theta: float, length: int, allowed: list[float],
     ) -> list[int]:
         """The suspects that are faulty: non-finite, or off the codeword through ``H`` by ``NAMING_MARGIN``
         times what rounding explains, measured over every coordinate (an honest suspect is set aside,
-        harmlessly, but never named)."""
-        rows = comb.reconstruct[list(suspects)]
-        rounding = (norms[list(suspects)].double().square() + rows.square() @ norms[comb.honest].double().square()).sqrt()
-        bound = NAMING_MARGIN * theta * rounding * (1.0 + math.sqrt(len(comb.honest) / max(length, 1)))
+        harmlessly, but never named). ``norms``, ``misses`` and ``allowed``: host lists, as is the arithmetic."""
+        honest = [norms[i] * norms[i] for i in comb.honest]
+        margin = NAMING_MARGIN * theta * (1.0 + math.sqrt(len(comb.honest) / max(length, 1)))
         # Liars inside H under the floor shift the codeword at the suspects too: an honest suspect can
         # then miss it by up to that much, and must not be named for it.
         if suspects not in self._reach:
-            self._reach[suspects] = _hidden_reach(comb, rows)
-        bound = bound + 2.0 * self._reach[suspects] * float(allowed.norm())
-        named = {i for i, miss, most in zip(suspects, misses.tolist(), bound.tolist()) if not miss <= most}
+            self._reach[suspects] = _hidden_reach(comb, comb.reconstruct[list(suspects)]).tolist()
+        shift = 2.0 * math.sqrt(sum(most * most for most in allowed))
+        named = set()
+        for k, (i, miss) in enumerate(zip(suspects, misses)):
+            rounding = math.sqrt(norms[i] * norms[i] + sum(w * q for w, q in zip(comb.suspect_squares[k], honest)))
+            if not miss <= margin * rounding + self._reach[suspects][k] * shift:
+                named.add(i)
         return sorted(named | set(erased))
 
 
@@ -1010,6 +1022,14 @@ def _mix(comb: _Combiner, suspects: tuple[int, ...], live: list[int]) -> Tensor:
             mix[1 + len(comb.parity) + k, comb.honest] = -comb.reconstruct[i]
             mix[1 + len(comb.parity) + k, i] = 1.0
     return mix
+
+
+def _allowed_values(comb: _Combiner, norms: list[float], theta: float, length: int) -> list[float]:
+    """``_allowed`` from the host's list of norms, in plain Python (a few dozen numbers: each tensor
+    operation would cost more than the arithmetic)."""
+    squares = [norms[i] * norms[i] for i in comb.honest]
+    margin = 1.0 + math.sqrt(len(comb.honest) / max(length, 1))
+    return [theta * math.sqrt(sum(w * q for w, q in zip(row, squares))) * margin for row in comb.parity_squares]
 
 
 def _allowed(comb: _Combiner, norms: Tensor, theta: float, length: int) -> Tensor:

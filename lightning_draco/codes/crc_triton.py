@@ -24,10 +24,20 @@ from lightning_draco.codes._triton import launching_on, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["BLOCK", "Certified", "certify"]
+__all__ = ["BLOCK", "TERMS", "Certified", "certify", "tile_rows"]
 
 #: Coordinates per program.
 BLOCK = 512
+#: Product terms (check rows x rows of a tile) a program holds per coordinate: a tile of rows is
+#: ``TERMS // check rows`` rows (a power of two, at most the rows' count rounded up).
+TERMS = 16
+
+
+def tile_rows(p: int, checks: int, terms: int = TERMS) -> int:
+    """Rows per tile for ``p`` rows and ``checks`` check rows: ``terms // checks`` rounded down to a power of
+    two, at least 1 and at most ``p`` rounded up to one."""
+    per = max(1, terms // max(checks, 1))
+    return min(1 << (per.bit_length() - 1), triton.next_power_of_2(p) if triton is not None else p)
 
 
 if triton is not None:
@@ -44,16 +54,20 @@ if triton is not None:
         P: tl.constexpr,
         C: tl.constexpr,
         CP: tl.constexpr,
+        TILE: tl.constexpr,
         ACC: tl.constexpr,
         MEASURE: tl.constexpr,
         KEEP_CHECKS: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
-        """Program ``i`` takes coordinates ``[i * BLOCK, (i + 1) * BLOCK)``. For each row ``j`` in order:
+        """Program ``i`` takes coordinates ``[i * BLOCK, (i + 1) * BLOCK)``. For each tile of ``TILE`` rows
+        in order (rows past ``P`` load as zeros, with zero weights):
 
-        1. load its block once, widened to ``ACC``;
-        2. ``total += mix[0, j] * y`` and ``checks[c] += mix[1 + c, j] * y`` for the ``C`` check rows;
-        3. with ``MEASURE``, store the row's sum of squares over the block in ``squares[C + j, i]``.
+        1. load the tile's block once, widened to ``ACC``;
+        2. ``total += sum_j mix[0, j] y_j`` and ``checks[c] += sum_j mix[1 + c, j] y_j`` over the tile's
+           rows, for the ``C`` check rows;
+        3. with ``MEASURE``, store each row's sum of squares over the block in ``squares[C + j, i]`` (one
+           reduction for the tile: per row, one would cost a synchronization of the program per row).
 
         Then store the total, each check row's sum of squares in ``squares[c, i]`` and, with
         ``KEEP_CHECKS``, the check rows themselves.
@@ -63,15 +77,19 @@ if triton is not None:
         inside = offsets < d
         stride = tl.zeros([], dtype=tl.int64) + d  # offsets past 2**31 (P x d), whatever d's type
         c = tl.arange(0, CP)
+        t = tl.arange(0, TILE)
         out = tl.zeros([BLOCK], dtype=ACC)
         check = tl.zeros([CP, BLOCK], dtype=ACC)
-        for j in tl.static_range(P):
-            y = tl.load(rows + j * stride + offsets, mask=inside, other=0).to(ACC)
-            out += tl.load(mix + j) * y
-            weights = tl.load(mix + (1 + c) * P + j, mask=c < C, other=0)
-            check += weights[:, None] * y[None, :]
+        for first in tl.static_range(0, P, TILE):
+            j = first + t
+            live = j < P
+            y = tl.load(rows + j[:, None] * stride + offsets[None, :], mask=live[:, None] & inside[None, :], other=0)
+            y = y.to(ACC)
+            out += tl.sum(tl.load(mix + j, mask=live, other=0)[:, None] * y, axis=0)
+            weights = tl.load(mix + (1 + c[:, None]) * P + j[None, :], mask=(c[:, None] < C) & live[None, :], other=0)
+            check += tl.sum(weights[:, :, None] * y[None, :, :], axis=1)
             if MEASURE:
-                tl.store(squares + (C + j) * programs + program, tl.sum(y * y, axis=0))
+                tl.store(squares + (C + j) * programs + program, tl.sum(y * y, axis=1), mask=live)
         tl.store(total + offsets, out, mask=inside)
         tl.store(squares + c * programs + program, tl.sum(check * check, axis=1), mask=c < C)
         if KEEP_CHECKS:
@@ -91,7 +109,10 @@ class Certified(NamedTuple):
     checks: Optional[Tensor]
 
 
-def certify(rows: Tensor, mix: Tensor, measure: bool, keep_checks: bool, *, block: int = BLOCK) -> Certified:
+def certify(
+    rows: Tensor, mix: Tensor, measure: bool, keep_checks: bool, *, block: int = BLOCK, terms: int = TERMS,
+    warps: int = 4,
+) -> Certified:
     """``mix @ rows`` in one pass over ``rows`` (``P x d``, contiguous): its first row (the total) and the
     norms of the others (the checks); with ``measure`` every row's norm; with ``keep_checks`` the checks.
 
@@ -117,10 +138,13 @@ def certify(rows: Tensor, mix: Tensor, measure: bool, keep_checks: bool, *, bloc
         with launching_on(device):
             _certify[(programs,)](
                 rows, mix.contiguous(), total, squares, checks, d, programs,
-                P=p, C=checks_count, CP=max(triton.next_power_of_2(checks_count), 1), ACC=_TL[acc],
-                MEASURE=measure, KEEP_CHECKS=keep_checks, BLOCK=block,
+                P=p, C=checks_count, CP=max(triton.next_power_of_2(checks_count), 1),
+                TILE=tile_rows(p, checks_count, terms), ACC=_TL[acc], MEASURE=measure, KEEP_CHECKS=keep_checks,
+                BLOCK=block, num_warps=warps,
             )
-    norms = squares.double().sum(dim=1).sqrt().cpu()
+    # One reduction in float64 and one transfer; the roots on the host (a conversion pass and a root pass
+    # on the device were two more launches).
+    norms = squares.sum(dim=1, dtype=torch.float64).cpu().sqrt()
     return Certified(
         total,
         norms[:checks_count],
