@@ -530,25 +530,34 @@ class FractionalRepetitionCode(Code):
         the one host copy of the comparisons: per-group tensor indexing cost more than the comparison
         itself on a GPU at d = 11.2M.
         """
-        r, num_groups = self.redundancy, self.num_groups
-        equal = [[[a == b for b in range(r)] for a in range(r)] for _ in range(num_groups)]
+        r = self.redundancy
+        first = self._first_pairs(pairs_first)
 
-        def fill(pairs: list[tuple[int, int]]) -> None:
-            if pairs:
-                found = compare(pairs)
-                for g, row in enumerate(found.tolist() if isinstance(found, Tensor) else found):
-                    for (a, b), same in zip(pairs, row):
-                        equal[g][a][b] = equal[g][b][a] = same
+        def compared(pairs: list[tuple[int, int]]) -> list[list[bool]]:
+            found = compare(pairs)
+            return found.tolist() if isinstance(found, Tensor) else found
 
-        fill(self._first_pairs(pairs_first))
-        if not pairs_first and not all(self._sole_majority(sum(equal[g][0])) for g in range(num_groups)):
-            fill([(a, b) for a in range(1, r) for b in range(a + 1, r)])
-        classes = []
-        for g in range(num_groups):
+        # A group whose first comparisons are all equal is unanimous (bitwise equality is transitive): the
+        # usual case, settled without the pairwise table built below for the others.
+        found = compared(first) if first else [[] for _ in range(self.num_groups)]
+        classes: list[Optional[set[int]]] = [set(range(r)) if all(row) else None for row in found]
+        split = [g for g, members in enumerate(classes) if members is None]
+        equal = {g: [[a == b for b in range(r)] for a in range(r)] for g in split}
+
+        def fill(pairs: list[tuple[int, int]], rows: list[list[bool]]) -> None:
+            for g in split:
+                for (a, b), same in zip(pairs, rows[g]):
+                    equal[g][a][b] = equal[g][b][a] = same
+
+        fill(first, found)
+        if not pairs_first and not all(self._sole_majority(sum(equal[g][0])) for g in split):
+            others = [(a, b) for a in range(1, r) for b in range(a + 1, r)]
+            fill(others, compared(others))
+        for g in split:
             leaders = [m for m in range(r) if self._sole_majority(sum(equal[g][m]))]
             if not leaders:
                 return None
-            classes.append({m for m in range(r) if equal[g][leaders[0]][m]})
+            classes[g] = {m for m in range(r) if equal[g][leaders[0]][m]}
         return classes
 
     def _first_pairs(self, pairs_first: bool) -> list[tuple[int, int]]:
