@@ -1,13 +1,23 @@
-"""benchmarks/decode.py on the CPU at a tiny size: its rows, and what ``--profile`` adds to them."""
+"""benchmarks/decode.py on the CPU at a tiny size: its rows, and what ``--profile`` adds to them; and
+benchmarks/decode_host.py, the host's work per decode."""
 
 import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
-spec = importlib.util.spec_from_file_location("decode_benchmark", SCRIPT)
-decode = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(decode)
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+decode = _load("decode")
 
 
 def test_each_row_catches_the_liar_and_its_profile_counts_the_decodes_operators(tmp_path):
@@ -31,3 +41,20 @@ def test_each_row_catches_the_liar_and_its_profile_counts_the_decodes_operators(
         assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
     # A decode does more than the mean it is measured against.
     assert rows["code:crc"]["operators"] > rows["aggregator:mean"]["operators"]
+
+
+def test_the_host_benchmark_walks_each_code_through_its_one_liar_path():
+    """benchmarks/decode_host.py: the stubbed pass leads each code down its GPU path (the repetition code
+    names worker 4 from the pass's sums, the cyclic code accepts its first set), and the kernels are put
+    back afterwards."""
+    from lightning_draco.codes import crc_triton, frc_triton
+
+    decode_host = _load("decode_host")
+    kernels = frc_triton._compare_and_sum, crc_triton._certify
+    out = decode_host.main(["--workers", "6", "15", "--repeats", "3"])
+    assert (frc_triton._compare_and_sum, crc_triton._certify) == kernels
+    for row in out["rows"]:
+        if "skipped" in row:
+            pytest.skip(row["skipped"])
+        assert row["faulty"] == ([4] if row["code"] == "frc" else []), row
+        assert row["host_us"] > 0 and row["operators"] > 0
