@@ -519,3 +519,44 @@ def test_the_pass_and_the_reference_name_alike_at_the_bar_of_a_gross_lie(short_p
         assert_same(reference, fused, f"ratio {ratio}")
         if ratio in (0.98, 1.5):
             assert reference[1] == ([] if ratio < 1 else [5]), ratio
+
+
+def test_under_an_infinite_tolerance_the_pass_names_nobody_the_reference_spares(short_probe):
+    """tolerance=inf spares every member however far (the reference's infinite distance is not beyond it):
+    the pass's own sums must not name a gross liar there either."""
+    received = honest_rows(2, 3, short_probe + 100, torch.float32, torch.Generator().manual_seed(12))
+    received[2] *= -100
+    reference, fused = decode_both((6, 1), received, "triton", tolerance=math.inf)
+    assert reference[1] == [] and fused[1] == []
+    assert_same(reference, fused)
+
+
+def test_naming_measures_norms_accurately_where_float32_sums_drift():
+    """The reference's squared norms add float32 squares over short rows and the rows in float64: on data
+    where one float32 sum over millions of coordinates drifts by 3% (large squares first, then squares just
+    under half their last place), the error stays under 1e-4, in every wire dtype that widens."""
+    v = torch.full((1 << 22,), (2.0**-4 * (1 + 2**-14)) ** 0.5)
+    v[:8] = 2.0**10
+    exact = v.double().square().sum().item()
+    assert abs(torch.linalg.vector_norm(v).item() ** 2 / exact - 1) > 0.01  # the drift this guards against
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        w = v.to(dtype)
+        truth = w.double().square().sum().item()
+        assert frc_module._sq_norm(w) == pytest.approx(truth, rel=1e-4), dtype
+    # Squares that overflow or underflow float32 are redone in float64; zero stays zero; a remainder
+    # shorter than a row counts.
+    for extreme in (torch.full((5000,), 1e30), torch.full((5000,), 1e-30)):
+        assert frc_module._sq_norm(extreme) == pytest.approx(extreme.double().square().sum().item(), rel=1e-12)
+    assert frc_module._sq_norm(torch.zeros(4097)) == 0.0
+    assert frc_module._sq_norm(torch.ones(4097)) == 4097.0
+
+
+def test_groups_of_two_vote_in_batches_when_their_members_differ():
+    """r = 2 (s = 0) has one pair: where it differs, the batched vote has no other pairs to compare and
+    goes to the block-wise vote (honest noise between the replicas: the reference's outcome)."""
+    w = torch.randn(2, 1000, generator=torch.Generator().manual_seed(13))
+    received = w.repeat_interleave(2, 0).clone()
+    received[1] += received[1].abs() * 1e-7
+    batched = decode_on("cpu", (4, 0, 2), received, fused=False, batched=True)
+    assert_same(decode_on("cpu", (4, 0, 2), received, fused=False), batched)
+    assert batched[1] == []

@@ -104,10 +104,6 @@ class Verdict(NamedTuple):
     allowed: Tensor
 
     @property
-    def accepted(self) -> bool:
-        return bool((self.misfit <= self.allowed).all())
-
-    @property
     def ratio(self) -> float:
         """How far over (> 1) or under (<= 1) the floor the worst parity row is."""
         over = self.misfit / self.allowed.clamp_min(1e-300)

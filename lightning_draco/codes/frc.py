@@ -91,37 +91,57 @@ def _ordered_sum(rows: Tensor, member: int, zero: Tensor) -> Tensor:
     return total
 
 
-# Coordinates per piece when measuring how far a member is from its group's winner: few launches, and
-# float32 norms of pieces this long are accurate to about 1e-4.
+# Coordinates per piece when measuring how far a member is from its group's winner: few launches (each
+# piece's squares are added in float64, so its length costs no accuracy).
 _DISTANCE_STEP = 1 << 22
 # ... after a first piece this long: a gross lie (-100x) is told from it, without a pass over the row.
 # The Triton pass measures the same piece (frc_triton.PROBE), so that it can tell such a lie itself.
 _DISTANCE_PROBE = frc_triton.PROBE
 # A gross lie told by the Triton pass's own sums: beyond this relative margin over the reference's bar
-# (their float32 sums differ by under 1e-4), and only where the winner's squared norm is at least this
-# (below, underflowed squares would shrink the bar): else the reference measures it.
+# (the pass adds float32 squares in blocks of 512, at most ~3e-5 off, then in float64; the reference
+# adds in float64), and only where the winner's squared norm is at least this (below, float32 squares
+# that underflowed would shrink the bar): else the reference measures it.
 _MEASURED_MARGIN = 1e-2
 _MEASURED_LEAST = 1e-20
 
 
+# Coordinates a float32 sum of squares runs over before the sums are added in float64: one sum over
+# millions of coordinates drifts by up to a few percent on crafted data (a large square early in each
+# vector lane absorbs the small ones after it: 3% over 4M coordinates, measured), one over 4,096 by
+# ~2.4e-4 at most.
+_NORM_ROW = 1 << 12
+
+
 def _sq_norm(v: Tensor) -> float:
-    """``||v||^2`` as a Python float: float32 (half precision widened) or float64 arithmetic by ``v``'s
-    dtype, redone in float64 where float32 squares overflow or underflow although ``v`` is finite."""
+    """``||v||^2`` as a Python float (``_sq_norms``)."""
     return _sq_norms([v])[0]
 
 
 def _sq_norms(pieces: list[Tensor]) -> list[float]:
-    """``_sq_norm`` of each piece, with one host sync for them all (and one more per piece redone in float64)."""
+    """Each piece's squared norm as a Python float, with one host sync for them all (and one more per piece
+    redone). Squares in float32 (half precision widened) over rows of ``_NORM_ROW`` coordinates, the rows
+    added in float64 (float64 pieces: float64 throughout); redone wholly in float64 where float32 squares
+    overflowed or underflowed although the piece is finite."""
     if not pieces:
         return []
-    norms = torch.stack([torch.linalg.vector_norm(v, dtype=torch.float32 if v.element_size() < 4 else None)
-                         for v in pieces]).tolist()
+    squares = torch.stack([_row_squares(v) for v in pieces]).tolist()
     out = []
-    for v, norm in zip(pieces, norms):
-        if (norm == 0.0 or not math.isfinite(norm)) and v.dtype != torch.float64 and bool(torch.isfinite(v).all()):
-            norm = float(torch.linalg.vector_norm(v, dtype=torch.float64))
-        out.append(norm * norm)
+    for v, square in zip(pieces, squares):
+        if (square == 0.0 or not math.isfinite(square)) and v.dtype != torch.float64 and bool(torch.isfinite(v).all()):
+            square = float(torch.linalg.vector_norm(v, dtype=torch.float64)) ** 2
+        out.append(square)
     return out
+
+
+def _row_squares(v: Tensor) -> Tensor:
+    """``v``'s sum of squares as a float64 scalar tensor, as ``_sq_norms`` takes it."""
+    if v.dtype == torch.float64:
+        return torch.linalg.vector_norm(v).square()
+    whole = v.numel() - v.numel() % _NORM_ROW
+    rows = [torch.linalg.vector_norm(v[:whole].reshape(-1, _NORM_ROW), dim=1, dtype=torch.float32)] if whole else []
+    if v.numel() > whole or not rows:
+        rows.append(torch.linalg.vector_norm(v[whole:], dtype=torch.float32).reshape(1))
+    return (torch.cat(rows) if len(rows) > 1 else rows[0]).double().square().sum()
 
 
 _KERNELS = {"pieces": _piece_equalities, "sum": _ordered_sum}
@@ -550,8 +570,8 @@ class FractionalRepetitionCode(Code):
                     equal[g][a][b] = equal[g][b][a] = same
 
         fill(first, found)
-        if not pairs_first and not all(self._sole_majority(sum(equal[g][0])) for g in split):
-            others = [(a, b) for a in range(1, r) for b in range(a + 1, r)]
+        others = [(a, b) for a in range(1, r) for b in range(a + 1, r)]
+        if others and not pairs_first and not all(self._sole_majority(sum(equal[g][0])) for g in split):
             fill(others, compared(others))
         for g in split:
             leaders = [m for m in range(r) if self._sole_majority(sum(equal[g][m]))]
@@ -653,7 +673,8 @@ class FractionalRepetitionCode(Code):
             if self.tolerance == 0:  # replicas declared bitwise equal: any difference is a lie
                 faulty.update(g * r + m for m in members)
                 continue
-            gross = self._measured_far(vote, g, members)
+            # Only under a finite tolerance is an infinite distance beyond it (tolerance=inf spares every member).
+            gross = self._measured_far(vote, g, members) if math.isfinite(declared) else set()
             faulty.update(g * r + m for m in gross)
             members = [m for m in members if m not in gross]
             for m, distance in zip(members, self._distance_to_winner(rows[g], vote.winners[g], members) if members else []):
