@@ -609,6 +609,8 @@ def test_decode_on_cuda_keeps_the_guarantees_of_the_cpu_decode(level):
 
 # -- the Triton certifying pass (crc_triton.py): the torch passes' outcomes from one read of the rows --------
 # The interpreter takes about 0.1 s a decode: 30 cases per run, 1,000 under ``make fuzz``.
+# A liar's Inf row with weights of both signs sums to NaN in a tile, as on a GPU; the interpreter's numpy says so.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
 @settings(max_examples=1000 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 30)
 @given(attacks(), st.sampled_from([torch.float32, torch.bfloat16, torch.float64]), st.sampled_from([0.0, 1e-4]))
 def test_the_triton_pass_decodes_naming_whom_the_torch_passes_name_with_the_guarantees(case, dtype, level):
