@@ -611,7 +611,13 @@ class CyclicRepetitionCode(Code):
         at_suspects = parity[:, :, position]  # (n, s, s): the coefficients of the suspects' misses
         on_own = (parity - at_suspects @ misses) @ own.T  # supported on H: a combination of its parity rows
         coefficients = torch.cat([on_own, at_suspects], dim=2)
-        misfit = torch.einsum("nta,ab,ntb->nt", coefficients, result.gram, coefficients).clamp_min(0).sqrt()
+        squared = torch.einsum("nta,ab,ntb->nt", coefficients, result.gram, coefficients)
+        # Below its rounding, a^T G a is no measurement: where a lie sits in H the checks are lie-sized, and
+        # the check that sets the lie aside keeps ~sqrt(eps) of it (float64 Gram sums over ``length``
+        # coordinates, then this form): far above float64 rows' rounding floor, it would pass for noise.
+        magnitude = torch.einsum("nta,ab,ntb->nt", coefficients.abs(), result.gram.abs(), coefficients.abs())
+        rounding = (length + coefficients.shape[2]) * torch.finfo(torch.float64).eps * magnitude
+        misfit = torch.where(squared > rounding, squared, torch.zeros_like(squared)).sqrt()
         honest_size = self.num_workers - s
         scale = (parity.square() @ norms.double().square()).sqrt() * (1.0 + math.sqrt(honest_size / max(length, 1)))
         ratio = torch.where(scale > 0, misfit / scale.clamp_min(1e-300), torch.zeros_like(misfit))
