@@ -1027,21 +1027,21 @@ def _mix(comb: _Combiner, suspects: tuple[int, ...], live: list[int]) -> Tensor:
 
 
 def _allowed_values(comb: _Combiner, norms: list[float], theta: float, length: int) -> list[float]:
-    """``_allowed`` from the host's list of norms, in plain Python (a few dozen numbers: each tensor
-    operation would cost more than the arithmetic)."""
+    """Each parity row's floor: ``theta`` times the root of the sum of its weighted rows' squared norms.
+
+    Over many coordinates the rows' independent roundings add in quadrature; over a few they can
+    line up, by up to ``sqrt(|H|)`` (Cauchy-Schwarz) for one coordinate: short vectors get that margin.
+    ``norms``: the host's list; plain Python (a few dozen numbers: each tensor operation would cost
+    more than the arithmetic).
+    """
     squares = [norms[i] * norms[i] for i in comb.honest]
     margin = 1.0 + math.sqrt(len(comb.honest) / max(length, 1))
     return [theta * math.sqrt(sum(w * q for w, q in zip(row, squares))) * margin for row in comb.parity_squares]
 
 
 def _allowed(comb: _Combiner, norms: Tensor, theta: float, length: int) -> Tensor:
-    """Each parity row's floor: ``theta`` times the root of the sum of its weighted rows' squared norms.
-
-    Over many coordinates the rows' independent roundings add in quadrature; over a few they can
-    line up, by up to ``sqrt(|H|)`` (Cauchy-Schwarz) for one coordinate: short vectors get that margin.
-    """
-    quadrature = (comb.parity.square() @ norms[comb.honest].double().square()).sqrt()
-    return theta * quadrature * (1.0 + math.sqrt(len(comb.honest) / max(length, 1)))
+    """``_allowed_values`` of a tensor of norms, as a float64 tensor (one formula for both)."""
+    return torch.tensor(_allowed_values(comb, norms.tolist(), theta, length), dtype=torch.float64)
 
 
 @lru_cache(maxsize=64)
