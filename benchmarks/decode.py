@@ -23,7 +23,9 @@ certifies under the noise it measures, the repetition code votes on whole vector
 the fused one runs on CUDA only); ``code:frc:triton`` and ``code:frc:compiled`` force the fused decode's
 kernel (one Triton pass, or two compiled passes; by default Triton where it runs), ``code:crc:triton`` and
 ``code:crc:torch`` the cyclic code's certifying pass (one Triton pass, or torch products; by default
-Triton on CUDA). Figures exclude compiling, which the warm-up pays. ``aggregator:NAME:network`` and
+Triton on CUDA); ``code:NAME:looped`` makes either code's Triton pass loop over its groups or tiles of rows
+at every P (by default it is unrolled up to 64 rows, as timed on an H100, and loops beyond). Figures
+exclude compiling, which the warm-up pays. ``aggregator:NAME:network`` and
 ``aggregator:NAME:sort`` force the order-statistics engine of the median, trimmed mean and Meamed (by
 default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
 
@@ -51,6 +53,7 @@ replacing torch). The geometric median is compared per Weiszfeld iteration (ByzF
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -64,7 +67,7 @@ import types
 import torch
 
 from lightning_draco.aggregators import AGGREGATORS, make_aggregator, make_pre_aggregator
-from lightning_draco.codes import CODES, make_code
+from lightning_draco.codes import CODES, crc_triton, frc_triton, make_code
 
 
 def codeword_rows(
@@ -215,13 +218,25 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
     except ValueError as err:
         return {**row, "skipped": str(err)}
     try:
-        return _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise,
-                        profile_dir)
+        with _looped() if "looped" in flags else contextlib.nullcontext():
+            return _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise,
+                            profile_dir)
     except torch.OutOfMemoryError as err:
         return {**row, "skipped": f"out of memory ({str(err).splitlines()[0][:80]})"}
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+@contextlib.contextmanager
+def _looped():
+    """The codes' Triton passes loop over their rows at every P (``code:NAME:looped``)."""
+    unrolled = frc_triton.UNROLLED_ROWS, crc_triton.UNROLLED_ROWS
+    frc_triton.UNROLLED_ROWS = crc_triton.UNROLLED_ROWS = 0
+    try:
+        yield
+    finally:
+        frc_triton.UNROLLED_ROWS, crc_triton.UNROLLED_ROWS = unrolled
 
 
 def _measure(row, code, rule, kind, name, moving, p, d, device, repeats, gen, f, peer, dtype, noise=0.0,

@@ -22,8 +22,8 @@
 #    docs/decode_cuda.md and docs/decode_cuda.json, row by row (a few minutes; the first fused decode of
 #    each dtype compiles with Triton during the warm-up run, not timed).
 # 4. Where a decode's fixed time goes (issue 16; GPU_CHECK_PROFILE=0 skips it): at P = 15 and 63,
-#    d = 11.2M, where fixed work weighs most, the mean and both codes' default decodes under
-#    torch.profiler: kernel launches, host syncs and ATen operators per decode, and each one's operators
+#    d = 11.2M, where fixed work weighs most, the mean and both codes' default decodes (and their Triton
+#    passes looping over the rows instead of unrolled, as they run past 64 rows) under torch.profiler: kernel launches, host syncs and ATen operators per decode, and each one's operators
 #    by their GPU time. Writes docs/decode_cuda_profile.json and the tables in docs/decode_cuda_profile/
 #    (two minutes), and beside each table its timeline (.trace.json, for Perfetto; not committed: 0.3 to
 #    0.5 MB each).
@@ -187,7 +187,7 @@ if [ "${GPU_CHECK_PROFILE:-1}" != 0 ] && [ "$ACCELERATOR" = gpu ]; then
     rm -rf docs/decode_cuda_profile
     PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 \
         --dtypes float32 bfloat16 --repeats "${GPU_CHECK_REPEATS:-11}" \
-        --methods aggregator:mean code:frc code:crc --profile docs/decode_cuda_profile \
+        --methods aggregator:mean code:frc code:crc code:frc:looped code:crc:looped --profile docs/decode_cuda_profile \
         --json docs/decode_cuda_profile.json || failed=1
 fi
 if [ "${GPU_CHECK_STEP_TIMES:-0}" != 0 ]; then

@@ -561,3 +561,27 @@ def test_groups_of_two_vote_in_batches_when_their_members_differ():
     batched = decode_on("cpu", (4, 0, 2), received, fused=False, batched=True)
     assert_same(decode_on("cpu", (4, 0, 2), received, fused=False), batched)
     assert batched[1] == []
+
+
+def test_more_rows_than_the_pass_unrolls_decode_as_the_reference(monkeypatch):
+    """Past ``frc_triton.UNROLLED_ROWS`` rows the Triton pass loops over the groups (its code would grow with
+    P): at P = 96 with liars in three groups (gross, one coordinate, a first member's NaN) the decode is the
+    reference's bit for bit, and the looped pass's flags, total and measures are the unrolled pass's."""
+    _triton_interpreter()
+    p = 96
+    assert p > frc_triton.UNROLLED_ROWS
+    received = honest_rows(p // 3, 3, 700, torch.float32, torch.Generator().manual_seed(17))
+    received[4] *= -100
+    received[31, 3] += 1.0
+    received[p - 3] = math.nan
+    reference, fused = decode_both((p, 1), received, "triton")
+    assert reference[1] == [4, 31, p - 3]
+    assert_same(reference, fused)
+    rows = received.view(p // 3, 3, -1)
+    looped = frc_triton.compare_and_sum(rows, rows.view(torch.int32), 1, torch.float32, 2, measure=1)
+    monkeypatch.setattr(frc_triton, "UNROLLED_ROWS", p)
+    unrolled = frc_triton.compare_and_sum(rows, rows.view(torch.int32), 1, torch.float32, 2, measure=1)
+    assert looped.equal == unrolled.equal
+    assert repr(looped.measured) == repr(unrolled.measured)  # the NaN member's distance too
+    assert torch.equal(looped.total, unrolled.total)
+    assert [g for g, flags in enumerate(looped.equal) if not all(flags)] == [1, 10, 31]

@@ -24,13 +24,17 @@ from lightning_draco.codes._triton import launching_on, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["BLOCK", "TERMS", "Certified", "certify", "tile_rows"]
+__all__ = ["BLOCK", "TERMS", "UNROLLED_ROWS", "Certified", "certify", "tile_rows"]
 
 #: Coordinates per program.
 BLOCK = 512
 #: Product terms (check rows x rows of a tile) a program holds per coordinate: a tile of rows is
 #: ``TERMS // check rows`` rows (a power of two, at most the rows' count rounded up).
 TERMS = 16
+#: Up to this many rows the kernel is unrolled over its tiles, as it was when timed on an H100 (P = 15 and
+#: 63); beyond, it loops over them, so that its code and compile time stay bounded (unrolled at P = 255,
+#: ptxas for sm_90 took 13 s on a 2-core CPU and the binary was 0.8 MB).
+UNROLLED_ROWS = 64
 
 
 def tile_rows(p: int, checks: int, terms: int = TERMS) -> int:
@@ -41,6 +45,24 @@ def tile_rows(p: int, checks: int, terms: int = TERMS) -> int:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _tile(
+        rows, mix, squares, out, check, first, c, t, offsets, inside, stride, program, programs,
+        P: tl.constexpr, C: tl.constexpr, CP: tl.constexpr, TILE: tl.constexpr, ACC: tl.constexpr,
+        MEASURE: tl.constexpr,
+    ):
+        """The steps of ``_certify`` for the tile of rows from ``first``; returns the total and the checks."""
+        j = first + t
+        live = j < P
+        y = tl.load(rows + j[:, None] * stride + offsets[None, :], mask=live[:, None] & inside[None, :], other=0)
+        y = y.to(ACC)
+        out += tl.sum(tl.load(mix + j, mask=live, other=0)[:, None] * y, axis=0)
+        weights = tl.load(mix + (1 + c[:, None]) * P + j[None, :], mask=(c[:, None] < C) & live[None, :], other=0)
+        check += tl.sum(weights[:, :, None] * y[None, :, :], axis=1)
+        if MEASURE:
+            tl.store(squares + (C + j) * programs + program, tl.sum(y * y, axis=1), mask=live)
+        return out, check
 
     @triton.jit
     def _certify(
@@ -59,9 +81,11 @@ if triton is not None:
         MEASURE: tl.constexpr,
         KEEP_CHECKS: tl.constexpr,
         BLOCK: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
         """Program ``i`` takes coordinates ``[i * BLOCK, (i + 1) * BLOCK)``. For each tile of ``TILE`` rows
-        in order (rows past ``P`` load as zeros, with zero weights):
+        in order (rows past ``P`` load as zeros, with zero weights; unrolled with ``UNROLL``, else a loop;
+        ``_tile``):
 
         1. load the tile's block once, widened to ``ACC``;
         2. ``total += sum_j mix[0, j] y_j`` and ``checks[c] += sum_j mix[1 + c, j] y_j`` over the tile's
@@ -80,16 +104,14 @@ if triton is not None:
         t = tl.arange(0, TILE)
         out = tl.zeros([BLOCK], dtype=ACC)
         check = tl.zeros([CP, BLOCK], dtype=ACC)
-        for first in tl.static_range(0, P, TILE):
-            j = first + t
-            live = j < P
-            y = tl.load(rows + j[:, None] * stride + offsets[None, :], mask=live[:, None] & inside[None, :], other=0)
-            y = y.to(ACC)
-            out += tl.sum(tl.load(mix + j, mask=live, other=0)[:, None] * y, axis=0)
-            weights = tl.load(mix + (1 + c[:, None]) * P + j[None, :], mask=(c[:, None] < C) & live[None, :], other=0)
-            check += tl.sum(weights[:, :, None] * y[None, :, :], axis=1)
-            if MEASURE:
-                tl.store(squares + (C + j) * programs + program, tl.sum(y * y, axis=1), mask=live)
+        if UNROLL:
+            for first in tl.static_range(0, P, TILE):
+                out, check = _tile(rows, mix, squares, out, check, first, c, t, offsets, inside, stride, program, programs,
+                                   P, C, CP, TILE, ACC, MEASURE)
+        else:
+            for first in tl.range(0, P, TILE):
+                out, check = _tile(rows, mix, squares, out, check, first, c, t, offsets, inside, stride, program, programs,
+                                   P, C, CP, TILE, ACC, MEASURE)
         tl.store(total + offsets, out, mask=inside)
         tl.store(squares + c * programs + program, tl.sum(check * check, axis=1), mask=c < C)
         if KEEP_CHECKS:
@@ -140,7 +162,7 @@ def certify(
                 rows, mix.contiguous(), total, squares, checks, d, programs,
                 P=p, C=checks_count, CP=max(triton.next_power_of_2(checks_count), 1),
                 TILE=tile_rows(p, checks_count, terms), ACC=_TL[acc], MEASURE=measure, KEEP_CHECKS=keep_checks,
-                BLOCK=block, num_warps=warps,
+                BLOCK=block, UNROLL=p <= UNROLLED_ROWS, num_warps=warps,
             )
     # One reduction in float64 and one transfer; the roots on the host (a conversion pass and a root pass
     # on the device were two more launches).

@@ -24,7 +24,7 @@ from lightning_draco.codes._triton import launching_on, triton
 if triton is not None:
     import triton.language as tl
 
-__all__ = ["BLOCK", "PROBE", "Compared", "compare_and_sum"]
+__all__ = ["BLOCK", "PROBE", "UNROLLED_ROWS", "Compared", "compare_and_sum"]
 
 #: Coordinates per program: each program walks the groups over one block of this many coordinates. On an
 #: H100 the pass took, against the plain mean (P = 15 and 63, d = 11.2M and 100M, float32 and bfloat16),
@@ -33,9 +33,52 @@ BLOCK = 512
 #: The first coordinates over which the pass measures each member's distance to the measured member
 #: (the decode's first distance piece: a gross lie shows there).
 PROBE = 1 << 16
+#: Up to this many rows (groups x r) the kernel is unrolled over the groups, as it was when timed on an
+#: H100 (P = 15 and 63); beyond, it loops over them, so that its code and compile time stay bounded (unrolled
+#: at P = 255, ptxas for sm_90 took 44 s on a 2-core CPU and the binary was 1.4 MB; a GPU session compiles
+#: it before its first decode).
+UNROLLED_ROWS = 64
 
 
 if triton is not None:
+
+    @triton.jit
+    def _group(
+        group, mine, total, offsets, inside, row, member, program, probe_programs,
+        SUM: tl.constexpr, MEASURE: tl.constexpr, R: tl.constexpr, LEADERS: tl.constexpr, NUM_PAIRS: tl.constexpr,
+        FIELD: tl.constexpr, VALUE: tl.constexpr, ACC: tl.constexpr, SQUARE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One group's steps of ``_compare_and_sum`` over the program's block: ``group`` points at its first
+        member's block, ``mine`` at its columns of the program's row of partials; returns the running total."""
+        for word in tl.static_range((NUM_PAIRS + 31 // FIELD - 1) // (31 // FIELD)):
+            differ = tl.zeros([BLOCK], dtype=tl.int32)
+            for a in tl.static_range(LEADERS):
+                x = tl.load(group + a * row, mask=inside, other=0)
+                for b in tl.static_range(a + 1, R):
+                    # pairs (a, b) numbered as the vote lists them: (0, 1), (0, 2), ..., (1, 2), ...
+                    k = a * (2 * R - a - 1) // 2 + b - a - 1
+                    if k // (31 // FIELD) == word:
+                        y = tl.load(group + b * row, mask=inside, other=0)
+                        differ += (x != y).to(tl.int32) << (FIELD * (k % (31 // FIELD)))
+            counts = tl.sum(differ, axis=0)
+            for k in tl.static_range(word * (31 // FIELD), NUM_PAIRS):
+                if k // (31 // FIELD) == word:
+                    field = (counts >> (FIELD * (k % (31 // FIELD)))) & ((1 << FIELD) - 1)
+                    tl.store(mine + k, (field > 0).to(tl.float32))
+        if SUM or MEASURE:
+            w = tl.load(group + member * row, mask=inside, other=0).to(VALUE, bitcast=True)
+            if SUM:
+                total = total + w.to(ACC)
+            if MEASURE:
+                v = w.to(SQUARE)
+                tl.store(mine + NUM_PAIRS, tl.sum(v * v, axis=0))
+                for m in tl.static_range(R):
+                    spread = tl.zeros([], dtype=SQUARE)
+                    if program < probe_programs:
+                        y = tl.load(group + m * row, mask=inside, other=0).to(VALUE, bitcast=True).to(SQUARE)
+                        spread = tl.sum((y - v) * (y - v), axis=0)
+                    tl.store(mine + NUM_PAIRS + 1 + m, spread)
+        return total
 
     @triton.jit(do_not_specialize=["member"])
     def _compare_and_sum(
@@ -57,10 +100,11 @@ if triton is not None:
         ACC: tl.constexpr,
         SQUARE: tl.constexpr,
         BLOCK: tl.constexpr,
+        UNROLL: tl.constexpr,
     ):
         """Program ``i`` takes coordinates ``[i * BLOCK, (i + 1) * BLOCK)`` and writes its row of ``partials``
         (``COLUMNS`` per group: a flag per pair, then with ``MEASURE`` a squared norm and ``R`` probe
-        distances). Per group, in order:
+        distances). Per group, in order (unrolled with ``UNROLL``, else a loop; ``_group``):
 
         1. load each member's bits once (the loads below repeat addresses; the compiler and the cache
            serve the repeats); count where the pairs ``(a < LEADERS, a < b < R)`` differ, several pairs
@@ -79,36 +123,16 @@ if triton is not None:
         row = tl.zeros([], dtype=tl.int64) + d  # offsets past 2**31 (P x d), whatever d's type
         mine = partials + program.to(tl.int64) * (GROUPS * COLUMNS)
         total = tl.zeros([BLOCK], dtype=ACC)
-        for g in tl.static_range(GROUPS):
-            group = bits + (g * R) * row + offsets
-            for word in tl.static_range((NUM_PAIRS + 31 // FIELD - 1) // (31 // FIELD)):
-                differ = tl.zeros([BLOCK], dtype=tl.int32)
-                for a in tl.static_range(LEADERS):
-                    x = tl.load(group + a * row, mask=inside, other=0)
-                    for b in tl.static_range(a + 1, R):
-                        # pairs (a, b) numbered as the vote lists them: (0, 1), (0, 2), ..., (1, 2), ...
-                        k = a * (2 * R - a - 1) // 2 + b - a - 1
-                        if k // (31 // FIELD) == word:
-                            y = tl.load(group + b * row, mask=inside, other=0)
-                            differ += (x != y).to(tl.int32) << (FIELD * (k % (31 // FIELD)))
-                counts = tl.sum(differ, axis=0)
-                for k in tl.static_range(word * (31 // FIELD), NUM_PAIRS):
-                    if k // (31 // FIELD) == word:
-                        field = (counts >> (FIELD * (k % (31 // FIELD)))) & ((1 << FIELD) - 1)
-                        tl.store(mine + g * COLUMNS + k, (field > 0).to(tl.float32))
-            if SUM or MEASURE:
-                w = tl.load(group + member * row, mask=inside, other=0).to(VALUE, bitcast=True)
-                if SUM:
-                    total = total + w.to(ACC)
-                if MEASURE:
-                    v = w.to(SQUARE)
-                    tl.store(mine + g * COLUMNS + NUM_PAIRS, tl.sum(v * v, axis=0))
-                    for m in tl.static_range(R):
-                        spread = tl.zeros([], dtype=SQUARE)
-                        if program < probe_programs:
-                            y = tl.load(group + m * row, mask=inside, other=0).to(VALUE, bitcast=True).to(SQUARE)
-                            spread = tl.sum((y - v) * (y - v), axis=0)
-                        tl.store(mine + g * COLUMNS + NUM_PAIRS + 1 + m, spread)
+        if UNROLL:
+            for g in tl.static_range(GROUPS):
+                total = _group(bits + (g * R) * row + offsets, mine + g * COLUMNS, total, offsets, inside, row,
+                               member, program, probe_programs, SUM, MEASURE, R, LEADERS, NUM_PAIRS, FIELD,
+                               VALUE, ACC, SQUARE, BLOCK)
+        else:
+            for g in tl.range(0, GROUPS):
+                total = _group(bits + (g * R) * row + offsets, mine + g * COLUMNS, total, offsets, inside, row,
+                               member, program, probe_programs, SUM, MEASURE, R, LEADERS, NUM_PAIRS, FIELD,
+                               VALUE, ACC, SQUARE, BLOCK)
         if SUM:
             tl.store(out + offsets, total, mask=inside)
 
@@ -166,7 +190,7 @@ def compare_and_sum(
                 bits, total, partials, d, chosen, triton.cdiv(min(d, PROBE), block), SUM=member is not None,
                 MEASURE=measure is not None, GROUPS=groups, R=r, LEADERS=leaders, NUM_PAIRS=pairs,
                 FIELD=block.bit_length(), COLUMNS=max(columns, 1), VALUE=_TL[rows.dtype], ACC=_TL[acc], SQUARE=_TL[square], BLOCK=block,
-                num_warps=warps,
+                UNROLL=groups * r <= UNROLLED_ROWS, num_warps=warps,
             )
     # One reduction and one transfer: differing blocks counted per pair, squares added in float64.
     found = partials.sum(dim=0, dtype=torch.float64).tolist() if columns else [[] for _ in range(groups)]
