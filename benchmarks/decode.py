@@ -24,7 +24,8 @@ the fused one runs on CUDA only); ``code:frc:triton`` and ``code:frc:compiled`` 
 kernel (one Triton pass, or two compiled passes; by default Triton where it runs), ``code:crc:triton`` and
 ``code:crc:torch`` the cyclic code's certifying pass (one Triton pass, or torch products; by default
 Triton on CUDA); ``code:NAME:looped`` makes either code's Triton pass loop over its groups or tiles of rows
-at every P (by default it is unrolled up to 64 rows, as timed on an H100, and loops beyond). Figures
+at every P (by default it is unrolled up to 64 rows, as timed on an H100, and loops beyond; the row is
+skipped where no Triton pass runs). Figures
 exclude compiling, which the warm-up pays. ``aggregator:NAME:network`` and
 ``aggregator:NAME:sort`` force the order-statistics engine of the median, trimmed mean and Meamed (by
 default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
@@ -67,7 +68,7 @@ import types
 import torch
 
 from lightning_draco.aggregators import AGGREGATORS, make_aggregator, make_pre_aggregator
-from lightning_draco.codes import CODES, crc_triton, frc_triton, make_code
+from lightning_draco.codes import CODES, _triton, crc_triton, frc_triton, make_code
 
 
 def codeword_rows(
@@ -203,6 +204,10 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
             if kernels[0] not in getattr(code, "kernels", ()):
                 raise ValueError(f"code {name!r} has no kernel {kernels[0]!r}")
             code.kernel = kernels[0]
+        if "looped" in flags and not (_triton.available(device) and "triton" in getattr(code, "kernels", ())
+                                      and (kernels == ["triton"] or (not kernels and device.type == "cuda"))):
+            raise ValueError("looped times a code's Triton pass: it needs Triton on this device and the code's"
+                             " triton kernel (the default on CUDA; code:NAME:triton elsewhere)")
         if "fused" in flags or "reference" in flags or (kernels and hasattr(code, "fused")):
             if not hasattr(code, "fused"):
                 raise ValueError(f"code {name!r} has no fused decode")

@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -14,3 +15,31 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 # so it is set here.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+class _Launches:
+    """Wraps a Triton kernel (``kernel[grid](...)``) and records the ``UNROLL`` of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.unrolled = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.unrolled.append(kwargs["UNROLL"])
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.fixture
+def unroll_launches(monkeypatch):
+    """``{"frc": [...], "crc": [...]}``: whether each launch of the codes' Triton passes was unrolled over
+    its rows (the launchers choose by ``UNROLLED_ROWS``)."""
+    from lightning_draco.codes import crc_triton, frc_triton
+
+    if frc_triton.triton is None:
+        pytest.skip("Triton is not installed")
+    seen = {"frc": _Launches(frc_triton._compare_and_sum), "crc": _Launches(crc_triton._certify)}
+    monkeypatch.setattr(frc_triton, "_compare_and_sum", seen["frc"])
+    monkeypatch.setattr(crc_triton, "_certify", seen["crc"])
+    return {name: spy.unrolled for name, spy in seen.items()}

@@ -749,24 +749,27 @@ def test_a_small_lie_in_short_float64_rows_is_not_taken_for_noise():
         assert code.certified_floor < MAX_NOISE, seed
 
 
-def test_more_rows_than_the_pass_unrolls_decode_as_the_torch_passes(monkeypatch):
+def test_more_rows_than_the_pass_unrolls_decode_as_the_torch_passes(monkeypatch, unroll_launches):
     """Past ``crc_triton.UNROLLED_ROWS`` rows the Triton pass loops over its tiles of rows (its code would grow
-    with P): at P = 70 (float64, the dtype the code accepts there) the decode names the liars that the torch
-    passes name, and the looped pass's total and norms are the unrolled pass's bit for bit."""
+    with P): at P = 70, s = 1 in float64 (the one dtype the code accepts there) the decode names the sparse
+    liar that the torch passes name, and the looped pass's total and norms are the unrolled pass's bit for bit."""
     skip_unless_runs("triton")
-    p, s = 70, 2
+    p, s = 70, 1
     assert p > crc_triton.UNROLLED_ROWS
-    gen = torch.Generator().manual_seed(21)
     reference = CyclicRepetitionCode(p, s, kernel="torch")
+    reference.check_wire_dtype(torch.float64)
+    gen = torch.Generator().manual_seed(21)
     grads = torch.randn(p, 600, dtype=torch.float64, generator=gen)
-    received = _lied(reference, reference.encode(grads, torch.float64), [3, 69], ["reverse", "sparse"], gen)
+    received = _lied(reference, reference.encode(grads, torch.float64), [69], ["sparse"], gen)
     expected = reference.decode(received, generator=projection(2))
     result = CyclicRepetitionCode(p, s, kernel="triton").decode(received, generator=projection(2))
-    assert expected.faulty == result.faulty == [3, 69]
+    assert expected.faulty == result.faulty == [69]
     torch.testing.assert_close(result.total, expected.total, rtol=1e-10, atol=1e-10)
+    assert unroll_launches["crc"] and not any(unroll_launches["crc"])
     mix = torch.randn(3, p, dtype=torch.float64, generator=gen)
     looped = crc_triton.certify(received, mix, measure=True, keep_checks=True)
     monkeypatch.setattr(crc_triton, "UNROLLED_ROWS", p)
     unrolled = crc_triton.certify(received, mix, measure=True, keep_checks=True)
+    assert unroll_launches["crc"][-2:] == [False, True]
     for a, b in zip(looped, unrolled):
         assert torch.equal(a, b)

@@ -60,20 +60,21 @@ def test_the_host_benchmark_walks_each_code_through_its_one_liar_path():
         assert row["host_us"] > 0 and row["operators"] > 0
 
 
-def test_looped_rows_run_the_looping_passes_and_put_the_unrolled_rows_back(monkeypatch):
+def test_looped_rows_run_the_looping_passes_and_put_the_unrolled_rows_back(unroll_launches):
     """``code:NAME:looped`` times the Triton passes as they run past 64 rows, at any P: the looped decode
-    catches the liar, the passes ran with nothing unrolled, and the default is restored afterwards."""
+    catches the liar, every launch loops, and the default is restored afterwards; a row whose decode runs no
+    Triton pass says so instead of timing it under that name."""
     from lightning_draco.codes import _triton, crc_triton, frc_triton
 
     if not _triton.available("cpu"):
         pytest.skip("Triton's interpreter is not available here (Triton missing, or a GPU present)")
-    seen = []
-    certify = crc_triton.certify
-    monkeypatch.setattr(crc_triton, "certify", lambda *a, **k: seen.append(crc_triton.UNROLLED_ROWS) or certify(*a, **k))
     unrolled = frc_triton.UNROLLED_ROWS, crc_triton.UNROLLED_ROWS
     out = decode.main(["--devices", "cpu", "--workers", "6", "--dims", "300", "--repeats", "2",
-                       "--methods", "code:frc:triton:looped", "code:crc:triton:looped"])
-    for row in out["rows"]:
-        assert row["caught"] == [row["liar"]], row
-    assert seen and set(seen) == {0}
+                       "--methods", "code:frc:triton:looped", "code:crc:triton:looped", "code:crc:torch:looped"])
+    rows = {row["method"]: row for row in out["rows"]}
+    for method in ("code:frc:triton:looped", "code:crc:triton:looped"):
+        assert rows[method]["caught"] == [rows[method]["liar"]], rows[method]
+    assert "Triton pass" in rows["code:crc:torch:looped"]["skipped"]
+    for name in ("frc", "crc"):
+        assert unroll_launches[name] and not any(unroll_launches[name]), name
     assert (frc_triton.UNROLLED_ROWS, crc_triton.UNROLLED_ROWS) == unrolled

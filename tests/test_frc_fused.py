@@ -563,7 +563,7 @@ def test_groups_of_two_vote_in_batches_when_their_members_differ():
     assert batched[1] == []
 
 
-def test_more_rows_than_the_pass_unrolls_decode_as_the_reference(monkeypatch):
+def test_more_rows_than_the_pass_unrolls_decode_as_the_reference(monkeypatch, unroll_launches):
     """Past ``frc_triton.UNROLLED_ROWS`` rows the Triton pass loops over the groups (its code would grow with
     P): at P = 96 with liars in three groups (gross, one coordinate, a first member's NaN) the decode is the
     reference's bit for bit, and the looped pass's flags, total and measures are the unrolled pass's."""
@@ -577,11 +577,16 @@ def test_more_rows_than_the_pass_unrolls_decode_as_the_reference(monkeypatch):
     reference, fused = decode_both((p, 1), received, "triton")
     assert reference[1] == [4, 31, p - 3]
     assert_same(reference, fused)
+    assert unroll_launches["frc"] and not any(unroll_launches["frc"])
     rows = received.view(p // 3, 3, -1)
     looped = frc_triton.compare_and_sum(rows, rows.view(torch.int32), 1, torch.float32, 2, measure=1)
     monkeypatch.setattr(frc_triton, "UNROLLED_ROWS", p)
     unrolled = frc_triton.compare_and_sum(rows, rows.view(torch.int32), 1, torch.float32, 2, measure=1)
+    assert unroll_launches["frc"][-2:] == [False, True]
     assert looped.equal == unrolled.equal
     assert repr(looped.measured) == repr(unrolled.measured)  # the NaN member's distance too
     assert torch.equal(looped.total, unrolled.total)
     assert [g for g, flags in enumerate(looped.equal) if not all(flags)] == [1, 10, 31]
+    # Up to the unrolled rows (P = 63, the largest timed on a GPU) the pass is unrolled.
+    decode_both((63, 1), received[:63], "triton")
+    assert unroll_launches["frc"][-1] is True

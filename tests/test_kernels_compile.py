@@ -19,7 +19,8 @@ import pytest
 
 from lightning_draco.codes import _triton
 
-# Run in a fresh interpreter: tests/conftest.py has set TRITON_INTERPRET=1 here, under which a kernel is
+# ``d`` is compiled as a 32-bit integer, as Triton specialises it for rows shorter than 2**31 (the kernels
+# widen offsets to 64 bits themselves). Run in a fresh interpreter: tests/conftest.py has set TRITON_INTERPRET=1 here, under which a kernel is
 # interpreted Python and cannot be compiled.
 COMPILE = r"""
 import contextlib, io, json, re, sys
@@ -49,7 +50,7 @@ for groups, r, leaders, dtype, summed, measured in json.loads(sys.argv[1]):
     pairs = sum(r - 1 - a for a in range(leaders))
     compile_kernel(
         frc_triton._compare_and_sum,
-        {"bits": BITS[dtype], "out": POINTER[acc], "partials": POINTER[acc], "d": "i64", "member": "i32",
+        {"bits": BITS[dtype], "out": POINTER[acc], "partials": POINTER[acc], "d": "i32", "member": "i32",
          "probe_programs": "i32"},
         dict(SUM=summed, MEASURE=measured, GROUPS=groups, R=r, LEADERS=leaders, NUM_PAIRS=pairs,
              FIELD=frc_triton.BLOCK.bit_length(), COLUMNS=max(pairs + (1 + r if measured else 0), 1),
@@ -61,7 +62,7 @@ for p, checks, dtype, measure, keep in json.loads(sys.argv[2]):
     compile_kernel(
         crc_triton._certify,
         {"rows": POINTER[dtype], "mix": POINTER[acc], "total": POINTER[acc], "squares": POINTER[acc],
-         "checks": POINTER[acc], "d": "i64", "programs": "i32"},
+         "checks": POINTER[acc], "d": "i32", "programs": "i32"},
         dict(P=p, C=checks, CP=max(triton.next_power_of_2(checks), 1), TILE=crc_triton.tile_rows(p, checks),
              ACC=TL[acc], MEASURE=measure, KEEP_CHECKS=keep, BLOCK=crc_triton.BLOCK,
              UNROLL=p <= crc_triton.UNROLLED_ROWS),
@@ -92,8 +93,9 @@ CRC_LAYOUTS = [
     (15, 2, "float16", False, True),
     (9, 6, "float64", True, True),
     (63, 2, "float32", True, False),
-    (96, 2, "bfloat16", True, False),  # past crc_triton.UNROLLED_ROWS: a loop over the tiles
-    (1025, 2, "bfloat16", True, False),
+    # Past crc_triton.UNROLLED_ROWS, a loop over the tiles: float64, the one dtype the code accepts there.
+    (96, 2, "float64", True, True),
+    (1025, 2, "float64", True, True),
 ]
 
 
@@ -114,10 +116,9 @@ def test_the_kernels_compile_for_hopper_gpus():
     for layout, (size, registers, spills) in compiled.items():
         assert size > 0 and len(registers) == len(spills) == 1, (layout, registers, spills)
         # A spilled register goes to local memory, through the caches the rows stream through: the pass would
-        # read more than the rows. Half and single precision fit in registers at every layout the codes launch.
-        if "float64" not in layout:
-            assert spills == [0], f"{layout}: {spills[0]} bytes spilled ({registers[0]} registers)"
+        # read more than the rows.
+        assert spills == [0], f"{layout}: {spills[0]} bytes spilled ({registers[0]} registers)"
     # Past the unrolled rows the kernels loop: their code is a fraction of P = 63's and no longer grows with P.
     for layouts in (FRC_LAYOUTS, CRC_LAYOUTS):
         unrolled, looped, far = (compiled[layout][0] for layout in layouts[-3:])
-        assert looped < unrolled / 4 and far <= 1.1 * looped, (unrolled, looped, far)
+        assert looped < unrolled / 3 and far <= 1.1 * looped, (unrolled, looped, far)

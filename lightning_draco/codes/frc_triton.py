@@ -35,8 +35,8 @@ BLOCK = 512
 PROBE = 1 << 16
 #: Up to this many rows (groups x r) the kernel is unrolled over the groups, as it was when timed on an
 #: H100 (P = 15 and 63); beyond, it loops over them, so that its code and compile time stay bounded (unrolled
-#: at P = 255, ptxas for sm_90 took 44 s on a 2-core CPU and the binary was 1.4 MB; a GPU session compiles
-#: it before its first decode).
+#: at P = 255, ptxas for sm_90 took 44 s on a 2-core CPU and the binary was 1.5 MB; a GPU compiles it
+#: before its first decode).
 UNROLLED_ROWS = 64
 
 
