@@ -25,10 +25,9 @@ kernel (one Triton pass, or two compiled passes; by default Triton where it runs
 ``code:crc:torch`` the cyclic code's certifying pass (one Triton pass, or torch products; by default
 Triton on CUDA); ``code:NAME:looped`` makes either code's Triton pass loop over its groups or tiles of rows
 at every P (by default it is unrolled up to 64 rows, as timed on an H100, and loops beyond; the row is
-skipped where no Triton pass runs). Figures
-exclude compiling, which the warm-up pays. ``aggregator:NAME:network`` and
-``aggregator:NAME:sort`` force the order-statistics engine of the median, trimmed mean and Meamed (by
-default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
+skipped where no Triton pass runs). Figures exclude compiling, which the warm-up pays.
+``aggregator:NAME:network`` and ``aggregator:NAME:sort`` force the order-statistics engine of the median,
+trimmed mean and Meamed (by default a sorting network on the CPU up to 128 rows, ``torch.sort`` elsewhere).
 
     python benchmarks/decode.py --devices cuda --workers 15 63 --dims 11200000 100000000 \
         --dtypes float32 bfloat16 --methods code:frc code:frc:reference code:crc aggregator:median
@@ -204,14 +203,13 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
             if kernels[0] not in getattr(code, "kernels", ()):
                 raise ValueError(f"code {name!r} has no kernel {kernels[0]!r}")
             code.kernel = kernels[0]
-        if "looped" in flags and not (_triton.available(device) and "triton" in getattr(code, "kernels", ())
-                                      and (kernels == ["triton"] or (not kernels and device.type == "cuda"))):
-            raise ValueError("looped times a code's Triton pass: it needs Triton on this device and the code's"
-                             " triton kernel (the default on CUDA; code:NAME:triton elsewhere)")
         if "fused" in flags or "reference" in flags or (kernels and hasattr(code, "fused")):
             if not hasattr(code, "fused"):
                 raise ValueError(f"code {name!r} has no fused decode")
             code.fused, code.batched = ("reference" not in flags), (False if "reference" in flags else code.batched)
+        if "looped" in flags and not _runs_triton(code, device, dtype):
+            raise ValueError("looped times a code's Triton pass: it needs Triton on this device and the code's"
+                             " triton kernel (the default on CUDA; code:NAME:triton elsewhere)")
         rule = None
         if kind == "aggregator":
             engines = [flag for flag in flags if flag in ("network", "sort")]
@@ -231,6 +229,18 @@ def bench_one(method: str, p: int, d: int, device: torch.device, repeats: int, g
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _runs_triton(code, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``code`` decodes ``dtype`` rows on ``device`` through its Triton pass, as the code itself
+    chooses (the repetition code's fused kernel, the cyclic code's certifying pass)."""
+    if not _triton.available(device):
+        return False
+    if hasattr(code, "_triton_here"):
+        return code._triton_here(device, dtype)
+    if hasattr(code, "_fused_kernel"):
+        return code._fused_kernel(torch.empty(0, device=device, dtype=dtype)) == "triton"
+    return False
 
 
 @contextlib.contextmanager

@@ -23,10 +23,10 @@
 #    each dtype compiles with Triton during the warm-up run, not timed).
 # 4. Where a decode's fixed time goes (issue 16; GPU_CHECK_PROFILE=0 skips it): at P = 15 and 63,
 #    d = 11.2M, where fixed work weighs most, the mean and both codes' default decodes (and their Triton
-#    passes looping over the rows instead of unrolled, as they run past 64 rows) under torch.profiler: kernel launches, host syncs and ATen operators per decode, and each one's operators
-#    by their GPU time. Writes docs/decode_cuda_profile.json and the tables in docs/decode_cuda_profile/
-#    (two minutes), and beside each table its timeline (.trace.json, for Perfetto; not committed: 0.3 to
-#    0.5 MB each).
+#    passes looping over the rows instead of unrolled, as they run past 64 rows) under torch.profiler:
+#    kernel launches, host syncs and ATen operators per decode, and each one's operators by their GPU time.
+#    Writes docs/decode_cuda_profile.json and the tables in docs/decode_cuda_profile/ (two minutes), and
+#    beside each table its timeline (.trace.json, for Perfetto; not committed: 0.3 to 0.5 MB each).
 # 5. Sharded step time on this machine's CPU cores (issue 11; off unless GPU_CHECK_STEP_TIMES=1): PS
 #    mode, sharded mode and DDP at P = 9 on CPU ranks over gloo (benchmarks/traffic.py steps). On a
 #    2-core machine every rank's decode shares two cores, so sharded mode's spread work cannot show;
