@@ -31,21 +31,18 @@ def test_the_demo_catches_the_liar_and_ends_with_the_adversary_free_model(tmp_pa
     assert not processes_with(str(tmp_path / "run"))
 
 
-def test_a_sweep_runs_every_combination_in_its_own_directory(tmp_path):
-    args = ["-m", "code=frc,crc", "attack=reverse,alie", "attack.ranks=[2]", "trainer.devices=3",
-            "trainer.max_epochs=1", "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+def test_a_sweep_runs_each_job_as_its_own_launch_in_its_own_directory(tmp_path):
+    # Both codes, eight steps each: the sweep is under test, not the training (the demo trains to the end).
+    args = ["-m", "code=frc,crc", "attack=reverse", "attack.ranks=[2]", "trainer.devices=3",
+            "trainer.max_epochs=1", "trainer.max_steps=8", "trainer.enable_progress_bar=false",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     proc = run_app(args, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, explain(proc)
-    summaries = {}
-    for job in range(4):
-        summary = read_summary(tmp_path / "sweep" / str(job))
-        summaries[summary["config"]["code"]["name"], summary["config"]["attack"]["name"]] = summary
-        assert summary["world_size"] == 3 and set(summary["faulty_counts"]) <= {"2"}
-    assert set(summaries) == {("frc", "reverse"), ("frc", "alie"), ("crc", "reverse"), ("crc", "alie")}
-    # ALIE sends mean + z * std of the honest gradients: where they agree it sends the truth, and is not caught.
-    for code in ("frc", "crc"):
-        assert summaries[code, "reverse"]["faulty_counts"] == {"2": summaries[code, "reverse"]["optimizer_steps"]}
-    assert summaries["frc", "alie"]["param_sha256"] == summaries["frc", "reverse"]["param_sha256"]
+    summaries = [read_summary(tmp_path / "sweep" / str(job)) for job in range(2)]
+    assert [s["config"]["code"]["name"] for s in summaries] == ["frc", "crc"]
+    for summary in summaries:
+        assert summary["world_size"] == 3 and summary["optimizer_steps"] == 8
+        assert summary["faulty_counts"] == {"2": 8} and summary["skipped_steps"] == 0
 
 
 # Each row: CLI overrides, and a piece of the one-line message the user gets. One row per layer that

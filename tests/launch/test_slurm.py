@@ -48,17 +48,9 @@ def finished(env: dict, job: str) -> bool:
     return job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
 
-def test_sbatch_on_two_nodes_trains_the_model_of_the_local_run(slurm, tmp_path, reference):
-    job = submit(slurm, tmp_path, *BASE)
-    assert wait_for(lambda: finished(slurm, job), timeout=400, every=1)
-    assert job_field(slurm, job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-5000:]
-    summary = read_summary(tmp_path / "outputs" / f"slurm-{job}")
-    assert summary["world_size"] == 6 and summary["config"]["trainer"]["num_nodes"] == 2
-    assert summary["param_sha256"] == reference("frc")["param_sha256"]
-    assert summary["faulty_counts"] == {"4": 64}
-
-
-def test_a_requeued_job_resumes_mid_epoch_to_the_uninterrupted_model(slurm, tmp_path, reference):
+def test_sbatch_on_two_nodes_requeued_mid_epoch_trains_the_model_of_the_local_run(slurm, tmp_path, reference):
+    """One job covers both paths a user's sbatch takes: the first run on two nodes, and the run after a
+    requeue (the time limit's signal) that resumes inside an epoch; each wait names the stage it got stuck in."""
     job = submit(slurm, tmp_path, *BASE)
     run_dir = tmp_path / "outputs" / f"slurm-{job}"
     assert wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), timeout=300), "training never started"
@@ -74,6 +66,7 @@ def test_a_requeued_job_resumes_mid_epoch_to_the_uninterrupted_model(slurm, tmp_
     assert wait_for(lambda: finished(slurm, job), timeout=400, every=1)
     assert job_field(slurm, job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-5000:]
     summary = read_summary(run_dir)
+    assert summary["world_size"] == 6 and summary["config"]["trainer"]["num_nodes"] == 2
     assert summary["resumed_from"] == str(run_dir / "hpc_ckpt_1.ckpt")
     assert 0 < summary["resumed_from_step"] < 64 and summary["resumed_from_step"] % 8 != 0, "resumed inside an epoch"
     assert summary["param_sha256"] == reference("frc")["param_sha256"]

@@ -49,25 +49,39 @@ def test_two_node_agents_train_the_model_of_the_single_launcher_run(tmp_path, re
     assert summary["faulty_counts"] == expected["faulty_counts"] == {"4": 64}
 
 
-@pytest.mark.parametrize("victim", [3, 0], ids=["worker", "parameter-server"])
-def test_a_killed_rank_restarts_the_job_from_its_last_checkpoint(tmp_path, reference, victim):
-    job = f"kill-{victim}"
-    command = torchrun(job, nnodes=1, nproc=6, extra=("--max-restarts=1",)) + BASE
+def test_a_killed_worker_then_a_killed_parameter_server_restart_the_job_from_its_last_checkpoint(tmp_path, reference):
+    """One job loses a worker (rank 3) in its first attempt and the parameter server (rank 0) in its second;
+    each restart resumes from the last checkpoint, and the job still ends with the uninterrupted model."""
+    job = "kill"
+    command = torchrun(job, nnodes=1, nproc=6, extra=("--max-restarts=2",)) + BASE
     # A restart reuses the agent's store, where the first attempt's addresses linger (torch issue 135712).
     env = app_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     agent = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_dir = tmp_path / "outputs" / f"torchrun-{job}"
+    checkpoint = tmp_path / "outputs" / f"torchrun-{job}" / "checkpoints" / "last.ckpt"
+
+    def saved_since(attempt: int, before: int) -> bool:
+        """A checkpoint written after ``before`` (ns) while the ranks of ``attempt`` run."""
+        running = processes_with(f"TORCHELASTIC_RUN_ID={job}", f"TORCHELASTIC_RESTART_COUNT={attempt}")
+        if not running or not checkpoint.exists():
+            return False
+        stat = checkpoint.stat()  # rank 0 writes it with one write after opening: not empty means whole
+        return stat.st_mtime_ns > before and stat.st_size > 0
+
     try:
-        assert wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), timeout=240), "training never started"
-        pids = processes_with(f"TORCHELASTIC_RUN_ID={job}", f"RANK={victim}", "TORCHELASTIC_RESTART_COUNT=0")
-        assert len(pids) == 1
-        os.kill(pids[0], signal.SIGKILL)
+        written = 0
+        for attempt, victim in enumerate((3, 0)):
+            assert wait_for(lambda: saved_since(attempt, written), timeout=240), f"attempt {attempt} never trained"
+            written = checkpoint.stat().st_mtime_ns
+            pids = processes_with(f"TORCHELASTIC_RUN_ID={job}", f"RANK={victim}", f"TORCHELASTIC_RESTART_COUNT={attempt}")
+            assert len(pids) == 1
+            os.kill(pids[0], signal.SIGKILL)
         output = agent.communicate(timeout=400)[0]
     finally:
         agent.kill()
     assert agent.returncode == 0, output[-6000:]
-    summary = read_summary(run_dir)
-    assert 0 < summary["resumed_from_step"] < 64, "the restarted job resumed from a checkpoint"
+    summary = read_summary(checkpoint.parents[1])
+    # Checkpoints every 4 steps: the second attempt wrote one at least 4 steps past the first's.
+    assert 8 <= summary["resumed_from_step"] < 64, "the last attempt resumed from the second attempt's checkpoint"
     assert summary["resumed_from"].endswith("last.ckpt")
     expected = reference("frc")
     assert summary["param_sha256"] == expected["param_sha256"]
