@@ -2,11 +2,13 @@
 
 Usage: python digits_job.py OUT.jsonl SCENARIO [SCENARIO ...]
 
-Lightning's popen launcher starts ranks 1..P-1 by re-running this script, so every rank runs
-the same scenarios in the same order, each a short fit on the digits data set with the examples'
-classifier. After each scenario rank 0 appends one line to OUT.jsonl: a SHA-256 of the final
-parameters, the parameters themselves, validation accuracy, the faulty counts, hook calls and any
-error every rank raised. A job that dies keeps the lines of the scenarios it finished.
+The job forks ranks 1..P-1 once, after its imports (``tests/forked_ranks.py``), and sets what
+Lightning's popen launcher sets, so every fit finds its processes started, as the second fit of a
+job under that launcher does. Every rank runs the same scenarios in the same order, each a short
+fit on the digits data set with the examples' classifier. After each scenario rank 0 appends one
+line to OUT.jsonl: a SHA-256 of the final parameters, the parameters themselves, validation
+accuracy, the faulty counts, hook calls and any error every rank raised. A job that dies keeps the
+lines of the scenarios it finished.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from forked_ranks import fork_ranks, run_ranks  # noqa: E402
 from models import MLP, Classifier  # noqa: E402
 from scenarios import SCENARIOS, Scenario  # noqa: E402
 
@@ -99,14 +103,13 @@ def param_digest(model: torch.nn.Module) -> str:
 
 def strategy_for(scenario: Scenario):
     if scenario.by_name == "ddp":
-        return L.pytorch.strategies.DDPStrategy(start_method="popen")
+        return L.pytorch.strategies.DDPStrategy()
     if scenario.by_name:
         return scenario.by_name
     kw = dict(scenario.strategy)
     if scenario.liars is not None:
         kw["adversary"] = Adversary(**scenario.liars)
     kw.setdefault("bucket_cap_mb", 0.0005)  # several buckets even for this small model
-    kw.setdefault("start_method", "popen")
     return DracoStrategy(**kw)
 
 
@@ -221,14 +224,8 @@ def run(name: str, scenario: Scenario) -> dict:
     return out
 
 
-def main() -> None:
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    path, names = sys.argv[1], sys.argv[2:]
-    worlds = {SCENARIOS[name].world for name in names}
-    if len(worlds) != 1:
-        raise SystemExit(f"one job runs on one world size; these scenarios ask for {sorted(worlds)}")
-    rank_0 = int(os.environ.get("LOCAL_RANK", "0")) == 0
+def run_scenarios(path: str, names: list[str]) -> None:
+    rank_0 = os.environ["LOCAL_RANK"] == "0"
     for name in names:
         if rank_0:
             print(f"scenario {name}", file=sys.stderr, flush=True)
@@ -236,6 +233,19 @@ def main() -> None:
         if rank_0:
             with open(path, "a") as f:
                 f.write(json.dumps(result) + "\n")
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    path, names = sys.argv[1], sys.argv[2:]
+    worlds = {SCENARIOS[name].world for name in names}
+    if len(worlds) != 1:
+        raise SystemExit(f"one job runs on one world size; these scenarios ask for {sorted(worlds)}")
+    rank, children = fork_ranks(worlds.pop())
+    # What Lightning's popen launcher sets: every fit then finds its processes started.
+    os.environ.update(NODE_RANK="0", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    run_ranks(rank, children, lambda: run_scenarios(path, names))
 
 
 if __name__ == "__main__":

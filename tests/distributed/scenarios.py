@@ -15,11 +15,24 @@ import torch
 from lightning_draco.attacks import call_attack, get_attack
 
 
+ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude", "alie", "ipm"]
+# Adaptive and data attacks: with a fixed liar only, since a random liar in rank 0's group that
+# mimics rank 0 sends its own honest vector.
+ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
+# Every attack a fixed liar can make with its gradient (label flipping changes its data instead).
+GRADIENT_ATTACKS = ATTACKS + ["optimal_alie", "optimal_ipm", "mimic"]
+#: Steps of a DRACO fit: enough for a liar that rotates through the attacks to make each once. Its
+#: tests compare models bit for bit, which needs no more.
+STEPS = len(GRADIENT_ATTACKS)
+#: Steps of a plain-averaging fit, with or without a robust rule: its tests read validation accuracy.
+TRAINED = 30
+
+
 @dataclass(frozen=True)
 class Scenario:
     world: int = 6
-    steps: int = 30
-    #: ``DracoStrategy`` keyword arguments, besides the adversary (the job adds small buckets and popen).
+    steps: int = STEPS
+    #: ``DracoStrategy`` keyword arguments, besides the adversary (the job adds small buckets).
     strategy: dict[str, Any] = field(default_factory=dict)
     #: ``Adversary`` keyword arguments; None: no adversary.
     liars: Optional[dict[str, Any]] = None
@@ -44,12 +57,6 @@ def lie_on_even_steps(honest, *, step, generator):
     return torch.randn(honest.shape, generator=generator)
 
 
-ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude", "alie", "ipm"]
-# Adaptive and data attacks: with a fixed liar only, since a random liar in rank 0's group that
-# mimics rank 0 sends its own honest vector.
-ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
-# Every attack a fixed liar can make with its gradient (label flipping changes its data instead).
-GRADIENT_ATTACKS = ATTACKS + ["optimal_alie", "optimal_ipm", "mimic"]
 RULES = ["median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "centered_clipping"]
 CYCLIC_ATTACKS = ["reverse", "nan", "gaussian", "collude"]
 #: (P, s) of the cyclic-code jobs: the smallest world P = 2s+1 at s = 3, and an even P (the shortened code).
@@ -60,7 +67,7 @@ RANK_4 = lambda attack="reverse": dict(ranks=[4], attack=attack)  # noqa: E731
 
 SCENARIOS: dict[str, Scenario] = {
     "frc_clean": Scenario(),
-    "none_clean": Scenario(strategy=dict(code="none")),
+    "none_clean": Scenario(steps=TRAINED, strategy=dict(code="none")),
     "frc_nodropout": Scenario(dropout=0.0),
     "ddp_nodropout": Scenario(by_name="ddp", dropout=0.0),
     "by_name": Scenario(by_name="draco"),
@@ -69,7 +76,7 @@ SCENARIOS: dict[str, Scenario] = {
 }
 for _attack in ATTACKS:
     SCENARIOS[f"frc_fixed_{_attack}"] = Scenario(liars=RANK_4(_attack))
-    SCENARIOS[f"none_{_attack}"] = Scenario(strategy=dict(code="none"), liars=RANK_4(_attack))
+    SCENARIOS[f"none_{_attack}"] = Scenario(steps=TRAINED, strategy=dict(code="none"), liars=RANK_4(_attack))
 for _attack in ADAPTIVE:
     SCENARIOS[f"frc_fixed_{_attack}"] = Scenario(liars=RANK_4(_attack))
 
@@ -169,8 +176,8 @@ SCENARIOS.update({
 def aggregated(rule: str, attack: Optional[str], over: str = "whole") -> Scenario:
     """Plain averaging's exchange (code "none") with a robust rule; the liar on rank 4."""
     options = {"tau": 1.0} if rule == "centered_clipping" else {}
-    return Scenario(strategy=dict(code="none", aggregator=rule, aggregator_options=options, aggregate_over=over),
-                    liars=RANK_4(attack) if attack else None)
+    return Scenario(steps=TRAINED, liars=RANK_4(attack) if attack else None,
+                    strategy=dict(code="none", aggregator=rule, aggregator_options=options, aggregate_over=over))
 
 
 for _rule in RULES:
@@ -184,11 +191,11 @@ SCENARIOS.update({
     # DETOX: FRC's vote inside each group of three, then the median of the two group sums.
     "detox_reverse": Scenario(strategy=dict(code="frc", aggregator="median", aggregator_options={"num_byzantine": 0}),
                               liars=RANK_4()),
-    "pre_nnm_krum_reverse": Scenario(strategy=dict(code="none", aggregator="krum", pre_aggregators=["nnm"]),
-                                     liars=RANK_4()),
+    "pre_nnm_krum_reverse": Scenario(steps=TRAINED, liars=RANK_4(),
+                                     strategy=dict(code="none", aggregator="krum", pre_aggregators=["nnm"])),
     "pre_bucketing_median_reverse": Scenario(
+        steps=TRAINED, liars=RANK_4(),
         strategy=dict(code="none", aggregator="median", pre_aggregators=[{"name": "bucketing", "bucket_size": 2}]),
-        liars=RANK_4(),
     ),
 })
 

@@ -1,8 +1,8 @@
 """Six ranks over gloo, FRC r=3 s=1: the model trained under attack is the clean model.
 
 The scenarios (``scenarios.py``) that the selected tests read run in one multi-process job
-(``digits_job.py``), started once for the module: Lightning's launcher starts each rank as a
-process running the job script, and every rank runs the scenarios in the same order. Each test
+(``digits_job.py``), started once for the module: the job forks its ranks, and every rank runs the
+scenarios in the same order. Each test
 reads what the job recorded for the scenarios it names; one that the job could not finish fails
 by name.
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jobs import run_job, selected_scenarios
-from scenarios import ADAPTIVE, ATTACKS, RULES, SCENARIOS
+from scenarios import ADAPTIVE, ATTACKS, RULES, SCENARIOS, STEPS
 
 pytestmark = pytest.mark.distributed
 scenarios = pytest.mark.scenarios
@@ -53,16 +53,16 @@ def test_every_rank_ends_with_the_same_model(runs, name):
 @scenarios("frc_clean")
 def test_the_hook_replaces_all_reduce_with_at_least_three_buckets(runs):
     run = runs["frc_clean"]
-    assert run["global_step"] == 30
-    assert run["steps_decoded"] == 30
+    assert run["global_step"] == STEPS
+    assert run["steps_decoded"] == STEPS
     # The first step runs before DDP rebuilds its buckets; every later step exchanges >= 3 buckets.
-    assert run["hook_calls"] >= 1 + 3 * 29
+    assert run["hook_calls"] >= 1 + 3 * (STEPS - 1)
     assert all(r["hook_calls"] == run["hook_calls"] for r in run["ranks"])
 
 
 @scenarios("by_name", "frc_clean")
 def test_strategy_by_name_runs_the_draco_hook(runs):
-    assert runs["by_name"]["hook_calls"] >= 30
+    assert runs["by_name"]["hook_calls"] >= STEPS
     assert runs["by_name"]["sha"] == runs["frc_clean"]["sha"]
 
 
@@ -78,7 +78,7 @@ def test_model_under_attack_is_bitwise_the_clean_model(runs, name):
 @scenarios("frc_fixed_{attack}")
 @pytest.mark.parametrize("attack", ATTACKS)
 def test_the_caught_rank_is_the_liar(runs, attack):
-    assert runs[f"frc_fixed_{attack}"]["faulty_counts"] == {"4": 30}
+    assert runs[f"frc_fixed_{attack}"]["faulty_counts"] == {"4": STEPS}
 
 
 @scenarios("frc_random_all")
@@ -86,14 +86,14 @@ def test_a_random_liar_under_every_attack_is_caught_at_every_step(runs):
     """The liar is drawn afresh each step (from the simulation's shared seed) and its attack rotates."""
     run = runs["frc_random_all"]
     counts = run["faulty_counts"]
-    assert sum(counts.values()) == 30 and len(counts) > 1 and "0" not in counts
+    assert sum(counts.values()) == STEPS and len(counts) > 1 and "0" not in counts
     assert all(r["faulty_counts"] == counts for r in run["ranks"])
 
 
 @scenarios("frc_ps3_reverse", "frc_ps3_clean")
 def test_ps_on_another_rank(runs):
     assert runs["frc_ps3_reverse"]["sha"] == runs["frc_ps3_clean"]["sha"]
-    assert runs["frc_ps3_reverse"]["faulty_counts"] == {"0": 30}
+    assert runs["frc_ps3_reverse"]["faulty_counts"] == {"0": STEPS}
 
 
 @scenarios("frc_nodropout", "ddp_nodropout")
@@ -126,10 +126,11 @@ def test_raise_reaches_every_rank_with_step_bucket_and_suspects(runs):
 @scenarios("frc_two_liars_skip")
 def test_skip_skips_optimizer_and_scheduler_on_every_rank(runs):
     run = runs["frc_two_liars_skip"]
-    assert run["global_step"] == 30
-    assert all(r["skipped"] == 15 for r in run["ranks"])
-    # StepLR(gamma=0.5) stepped only on the 15 steps that were applied.
-    assert run["lr"] == [pytest.approx(0.05 * 0.5**15)]
+    lied, applied = (STEPS + 1) // 2, STEPS // 2  # the two liars agree on even steps only
+    assert run["global_step"] == STEPS
+    assert all(r["skipped"] == lied for r in run["ranks"])
+    # StepLR(gamma=0.5) stepped only on the steps that were applied.
+    assert run["lr"] == [pytest.approx(0.05 * 0.5**applied)]
     assert run["finite"]
 
 
@@ -160,38 +161,38 @@ def test_checkpoint_keeps_the_secret_away_from_workers_and_resume_restores_it(ru
     assert run["in_checkpoint"] == (ps == 0)
     assert run["sidecar"] == (ps != 0)
     if ps == 0:  # a fresh random liar each step: one catch per step
-        assert sum(run["ledger"]["times_caught"].values()) == 30 and len(run["ledger"]["times_caught"]) > 1
+        assert sum(run["ledger"]["times_caught"].values()) == STEPS and len(run["ledger"]["times_caught"]) > 1
     else:
         liar = str((ps + 2) % 6)
-        assert run["ledger"]["times_caught"] == {liar: 30} and run["faulty_counts"] == {liar: 30}
-    assert run["global_step"] == 30 and run["world_size"] == 6
+        assert run["ledger"]["times_caught"] == {liar: STEPS} and run["faulty_counts"] == {liar: STEPS}
+    assert run["global_step"] == STEPS and run["world_size"] == 6
 
 
 @scenarios("{name}")
 @pytest.mark.parametrize("name", ["resume_ps0", "resume_ps3", "resume_clip_ps3", "resume_reactive_ps3"])
 def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_model(runs, name):
     run = runs[name]
-    assert 15 % run["steps_per_epoch"] != 0, "the stop must fall inside an epoch"
+    assert (STEPS // 2) % run["steps_per_epoch"] != 0, "the stop must fall inside an epoch"
     assert run["sha_resumed"] == run["sha_uninterrupted"]
 
 
 @scenarios("resume_reactive_ps3")
 def test_a_resumed_reactive_run_keeps_its_quarantine(runs):
-    """Rank 5 lied at steps 0..2 only; quarantined before the stop, its group is still voted at every
-    step of the resumed fit (steps 15..29), and the ledger still holds its three catches."""
+    """Rank 5 lied at steps 0..2 only; quarantined before the stop (after half the steps), its group is
+    still voted at every step of the resumed fit, and the ledger still holds its three catches."""
     run = runs["resume_reactive_ps3"]
     assert run["quarantined"] == [5] and run["ledger"]["times_caught"] == {"5": 3}
-    assert run["escalations"]["steps"] == 15 and run["global_step"] == 30
+    assert run["escalations"]["steps"] == STEPS - STEPS // 2 and run["global_step"] == STEPS
 
 
-@scenarios("agg_{rule}_reverse", "none_reverse", "none_clean", "frc_clean")
+@scenarios("agg_{rule}_reverse", "none_reverse", "none_clean")
 @pytest.mark.parametrize("rule", RULES)
 def test_robust_rules_survive_one_liar_but_change_the_model(runs, rule):
     run = runs[f"agg_{rule}_reverse"]
     assert run["finite"] and run.get("error") is None
     assert run["accuracy"] > 0.2 > runs["none_reverse"]["accuracy"] or not runs["none_reverse"]["finite"]
     assert run["sha"] != runs["none_clean"]["sha"], "a robust rule is not the clean model"
-    assert run["hook_calls"] == runs["frc_clean"]["hook_calls"], "whole-vector aggregation still exchanges every bucket"
+    assert run["hook_calls"] == runs["none_clean"]["hook_calls"], "a whole-vector rule still exchanges every bucket"
 
 
 @scenarios("agg_krum_reverse_bucket", "agg_krum_reverse")
@@ -205,7 +206,7 @@ def test_detox_votes_in_groups_then_aggregates(runs):
     # Two groups of three, a median across them (num_byzantine=0): the liar is outvoted inside its
     # group, and the median of two group sums is their mean: the FRC model, bitwise.
     run = runs["detox_reverse"]
-    assert run["faulty_counts"] == {"4": 30}
+    assert run["faulty_counts"] == {"4": STEPS}
     assert run["sha"] == runs["frc_clean"]["sha"]
 
 
@@ -226,8 +227,8 @@ def test_honest_nan_is_not_blamed_on_honest_ranks(runs):
         # Up to step 3 the liar is caught; its -100 x NaN may equal the honest NaN bit for bit after that.
         assert set(seen["faulty_counts"]) == {"4"} and seen["faulty_counts"]["4"] >= 3
     skip = runs["frc_diverge_skip"]
-    assert skip["global_step"] == 30 and skip["finite"]
-    assert all(r["skipped"] == 27 for r in skip["ranks"])
+    assert skip["global_step"] == STEPS and skip["finite"]
+    assert all(r["skipped"] == STEPS - 3 for r in skip["ranks"])
     assert set(skip["faulty_counts"]) == {"4"} and skip["faulty_counts"]["4"] >= 3
 
 
@@ -237,7 +238,7 @@ def test_adaptive_and_data_attacks_are_caught_and_leave_the_clean_model(runs, at
     """Optimal ALIE/IPM search against FRC's vote and find nothing; mimic copies another group's
     vector; label flipping sends a genuine gradient of the wrong labels: the vote catches each."""
     run = runs[f"frc_fixed_{attack}"]
-    assert run["faulty_counts"] == {"4": 30}
+    assert run["faulty_counts"] == {"4": STEPS}
     assert run["sha"] == runs["frc_clean"]["sha"] and run.get("error") is None
 
 
@@ -265,15 +266,15 @@ def test_sharded_decoding_under_attack_in_both_roles_is_bitwise_the_ps_clean_mod
     run = runs[f"sharded_fixed_{attack}"]
     assert run.get("error") is None, run.get("error")
     assert run["sha"] == runs["frc_clean"]["sha"] == runs["sharded_clean"]["sha"]
-    assert run["faulty_counts"] == {"4": 30}
-    assert all(r["faulty_counts"] == {"4": 30} for r in run["ranks"]), "every rank reports the same liar"
+    assert run["faulty_counts"] == {"4": STEPS}
+    assert all(r["faulty_counts"] == {"4": STEPS} for r in run["ranks"]), "every rank reports the same liar"
 
 
 @scenarios("sharded_{role}_reverse", "frc_clean")
 @pytest.mark.parametrize("role", ["gradient", "decoder"])
 def test_a_liar_in_one_role_only_is_named_and_changes_nothing(runs, role):
     run = runs[f"sharded_{role}_reverse"]
-    assert run["sha"] == runs["frc_clean"]["sha"] and run["faulty_counts"] == {"4": 30}
+    assert run["sha"] == runs["frc_clean"]["sha"] and run["faulty_counts"] == {"4": STEPS}
 
 
 @scenarios("sharded_two_liars_raise")
@@ -287,12 +288,12 @@ def test_more_than_s_sharded_liars_raise_on_every_rank(runs):
 def test_the_communication_thread_leaves_the_model_bitwise_unchanged(runs):
     assert runs["sharded_overlap_clean"]["sha"] == runs["frc_clean"]["sha"]
     assert runs["frc_overlap_reverse"]["sha"] == runs["frc_clean"]["sha"]
-    assert runs["frc_overlap_reverse"]["faulty_counts"] == {"4": 30}
+    assert runs["frc_overlap_reverse"]["faulty_counts"] == {"4": STEPS}
 
 
 @scenarios("sharded_clean", "frc_clean")
 def test_sharded_traffic_per_rank_stays_within_the_bound(runs):
-    s, steps, item = 1, 30, 4
+    s, steps, item = 1, STEPS, 4
     sharded, ps = runs["sharded_clean"], runs["frc_clean"]
     d = sharded["numel"]
     busiest = max(r["exchange_bytes"]["received"] for r in sharded["ranks"]) / steps
@@ -310,12 +311,12 @@ def test_reactive_mode_under_every_attack_trains_bitwise_the_reactive_clean_mode
     assert run["sha"] == clean["sha"] and run["params"] == clean["params"]
     assert clean["escalations"]["steps"] == 0, "nobody lies: no group is recomputed"
     # One liar per step: exactly its group escalates, at every step, and it alone is caught.
-    assert run["escalations"]["steps"] == run["escalations"]["groups"] == 30
+    assert run["escalations"]["steps"] == run["escalations"]["groups"] == STEPS
     if ranks == "fixed":
-        assert run["faulty_counts"] == {"4": 30}
+        assert run["faulty_counts"] == {"4": STEPS}
     else:
-        assert sum(run["faulty_counts"].values()) == 30 and "0" not in run["faulty_counts"]
-    assert all(r["faulty_counts"] == run["faulty_counts"] and r["escalations"]["steps"] == 30 for r in run["ranks"])
+        assert sum(run["faulty_counts"].values()) == STEPS and "0" not in run["faulty_counts"]
+    assert all(r["faulty_counts"] == run["faulty_counts"] and r["escalations"]["steps"] == STEPS for r in run["ranks"])
 
 
 @scenarios("reactive_clean", "reactive_{ranks}_all", "reactive_sharded_{ranks}_all")
@@ -324,7 +325,7 @@ def test_reactive_sharded_decoding_under_every_attack_trains_bitwise_the_reactiv
     run = runs[f"reactive_sharded_{ranks}_all"]
     assert run.get("error") is None, run.get("error")
     assert run["sha"] == runs["reactive_clean"]["sha"]
-    assert run["escalations"]["steps"] == 30
+    assert run["escalations"]["steps"] == STEPS
     expected = runs[f"reactive_{ranks}_all"]["faulty_counts"]
     assert all(r["faulty_counts"] == expected for r in run["ranks"]), "the same liars as with the parameter server"
 
@@ -332,14 +333,15 @@ def test_reactive_sharded_decoding_under_every_attack_trains_bitwise_the_reactiv
 @scenarios("reactive_clean", "reactive_fixed_label_flip")
 def test_reactive_mode_catches_a_liar_that_trains_on_flipped_labels(runs):
     run = runs["reactive_fixed_label_flip"]
-    assert run["sha"] == runs["reactive_clean"]["sha"] and run["faulty_counts"] == {"4": 30}
+    assert run["sha"] == runs["reactive_clean"]["sha"] and run["faulty_counts"] == {"4": STEPS}
 
 
 @scenarios("reactive_fixed_all")
 def test_reactive_mode_recomputes_only_on_the_helpers(runs):
-    # Group 2 ({4, 5}) is recomputed by group 0's members in turn: rank 0 (the PS) at even steps, rank 1 at odd.
+    # Group 2 ({4, 5}) is recomputed by group 0's members in turn: rank 0 (the PS) at even steps, rank 1 at
+    # odd; each time both of the group's partitions.
     partitions = [r["escalations"]["partitions"] for r in runs["reactive_fixed_all"]["ranks"]]
-    assert partitions == [30, 30, 0, 0, 0, 0]
+    assert partitions == [2 * ((STEPS + 1) // 2), 2 * (STEPS // 2), 0, 0, 0, 0]
 
 
 @scenarios("reactive_s2_reverse", "frc_clean")
@@ -347,8 +349,8 @@ def test_reactive_mode_with_s_2_survives_liars_that_also_recompute_other_groups(
     # With s=2 the reactive groups are three ranks, the one-shot code's groups for s=1: the same sums
     # added in the same order, so the adversary-free reactive model is the one-shot clean model.
     run = runs["reactive_s2_reverse"]
-    assert run["sha"] == runs["frc_clean"]["sha"] and run["faulty_counts"] == {"1": 30, "3": 30}
-    assert run["escalations"]["groups"] == 60
+    assert run["sha"] == runs["frc_clean"]["sha"] and run["faulty_counts"] == {"1": STEPS, "3": STEPS}
+    assert run["escalations"]["groups"] == 2 * STEPS
 
 
 @scenarios("reactive_two_liars_raise")
@@ -365,5 +367,5 @@ def test_reactive_mode_more_than_s_liars_among_the_copies_raise_on_every_rank(ru
 def test_a_quarantined_rank_has_its_group_voted_at_every_later_step(runs):
     run = runs["reactive_quarantine"]  # rank 5 lies at steps 0-2 only; quarantine_after=1
     assert run["quarantined"] == [5] and run["faulty_counts"] == {"5": 3}
-    assert run["escalations"]["steps"] == 30, "caught twice by step 1, then forced at every step"
+    assert run["escalations"]["steps"] == STEPS, "caught twice by step 1, then forced at every step"
     assert run["sha"] == runs["reactive_clean"]["sha"]

@@ -1,7 +1,7 @@
 """Runs the exchange hooks on hand-made buckets in a small gloo world: no DDP, no Lightning.
 
-Started by tests/exchange/test_hooks.py as ``python hook_world.py <out-dir> <world-size>``;
-each rank writes what it saw to ``<out-dir>/rank<r>.pt``.
+Started by tests/exchange/test_hooks.py as ``python hook_world.py <out-dir> <world-size>``, which
+forks the other ranks (``tests/forked_ranks.py``); each rank writes what it saw to ``<out-dir>/rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,9 @@ from lightning_draco.exchange import (
     whole_step_hook,
 )
 from lightning_draco.strategy.coded_step import CodedStep, encoded
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from forked_ranks import fork_ranks, run_ranks  # noqa: E402
 
 
 class Bucket:
@@ -123,8 +127,7 @@ def reactive_runs(rank: int, world: int, device: str = "cpu") -> dict:
     return runs
 
 
-def main(out: str, world: int) -> None:
-    rank = int(os.environ["RANK"])
+def main(out: str, world: int, rank: int) -> None:
     device = os.environ.get("HOOK_WORLD_DEVICE", "cpu")
     # On a GPU each rank may compile the fused vote (Triton) between collectives: a longer timeout there.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60 if device == "cpu" else 600))
@@ -236,4 +239,6 @@ def main(out: str, world: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    out, world = sys.argv[1], int(sys.argv[2])
+    rank, children = fork_ranks(world)
+    run_ranks(rank, children, lambda: main(out, world, rank))

@@ -26,16 +26,11 @@ def _free_port() -> int:
 
 def run_world(out: Path, device: str = "cpu") -> list[dict]:
     """What each rank of hook_world.py saw (``device``: where its reactive runs keep their buckets)."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
-           "HOOK_WORLD_DEVICE": device}
+    env = {**os.environ, "HOOK_WORLD_DEVICE": device}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     script = Path(__file__).with_name("hook_world.py")
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(out), str(WORLD)], env={**env, "RANK": str(r)})
-        for r in range(WORLD)
-    ]
-    codes = [p.wait(timeout=300) for p in procs]
-    assert codes == [0] * WORLD
+    world = subprocess.run([sys.executable, str(script), str(out), str(WORLD)], env=env, timeout=300)
+    assert world.returncode == 0
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -1,0 +1,61 @@
+"""A one-machine gloo world forked from one process after its imports, for the multi-rank test scripts.
+
+Each rank of a world started as its own process imports torch and Lightning again: about 11 s of
+CPU each on a 2-core machine, more than most scenarios cost. A script that forks its ranks once its
+imports are done skips that. The launchers users run (Lightning's popen launcher, torchrun, srun)
+are tested through the app, in tests/launch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import traceback
+from typing import Callable, NoReturn
+
+
+def fork_ranks(world: int) -> tuple[int, list[int]]:
+    """Fork ranks 1..world-1 from this process: (this process's rank, the pids of the others in rank 0).
+
+    Sets MASTER_ADDR, MASTER_PORT and WORLD_SIZE for ``init_process_group``. Call it before any
+    thread pool or process group exists, so that each child is a clean copy of rank 0.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
+    children = []
+    for rank in range(1, world):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            return rank, []
+        children.append(pid)
+    return 0, children
+
+
+def run_ranks(rank: int, children: list[int], body: Callable[[], None]) -> NoReturn:
+    """Run ``body`` on this rank, then exit at once with its status; rank 0 first waits for the others.
+
+    At once: a forked rank must not run rank 0's exit handlers again, and the interpreter's teardown
+    of torch and Lightning takes seconds that no result needs.
+    """
+    status = 0
+    try:
+        body()
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+        # As Lightning's launcher does when rank 0 fails: the other ranks would wait in a collective.
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+    failed = [r for r, pid in enumerate(children, 1) if os.waitpid(pid, 0)[1] != 0]
+    if failed:
+        print(f"ranks {failed} failed", file=sys.stderr)
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
