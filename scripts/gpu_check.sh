@@ -108,7 +108,7 @@ if [ "${GPU_CHECK_TRAINING:-1}" != 0 ]; then
         [ "$code" = reactive ] && codeargs=(code=frc code.redundancy_mode=reactive)
         local args=(examples/train.py "${codeargs[@]}" code.projection_secret=7 attack=$attack model=cnn
                     data=synthetic data.shape=[3,32,32] trainer=$ACCELERATOR trainer.devices=1 trainer.num_nodes=6
-                    trainer.max_epochs=1000 +trainer.max_steps=$STEPS trainer.precision=$precision tf32=$tf32
+                    trainer.max_epochs=1000 trainer.max_steps=$STEPS trainer.precision=$precision tf32=$tf32
                     trainer.enable_progress_bar=false ddp.process_group_backend=gloo compare_clean=true
                     loggers=[csv] hydra.run.dir="$RUNS/$id")
         for node in 0 1 2 3 4 5; do

@@ -162,6 +162,36 @@ def test_trainer_keys_are_trainer_arguments(trainer):
     assert set(cfg.trainer) <= set(inspect.signature(L.Trainer).parameters)
 
 
+def gpu_check_overrides(code: str, precision: str) -> list[str]:
+    """The overrides scripts/gpu_check.sh passes the app for one of its runs, read from the script."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    words = re.search(r"local args=\((.*?)\)\n", script, re.DOTALL).group(1).split()
+    codeargs = ["code=frc", "code.redundancy_mode=reactive"] if code == "reactive" else [f"code={code}"]
+    values = {"$attack": "reverse", "$ACCELERATOR": "cpu", "$STEPS": "3", "$precision": precision, "$tf32": "true",
+              '"$RUNS/$id"': "/tmp/gpu-check-run"}
+    overrides = []
+    for word in words[1:]:  # after examples/train.py
+        if word == '"${codeargs[@]}"':
+            overrides += codeargs
+            continue
+        for name, value in values.items():
+            word = word.replace(name, value)
+        assert "$" not in word, f"gpu_check.sh passes {word!r}: give the test a value for it"
+        overrides.append(word)
+    return overrides
+
+
+@pytest.mark.parametrize("code", ["crc", "reactive", "frc"])
+def test_the_gpu_check_scripts_runs_compose_and_build_their_strategies(code):
+    """scripts/gpu_check.sh runs only on a lent GPU: a key it sets that the config lacks (or ``+key`` for one
+    it has) would fail every run there. Its overrides must compose and build here."""
+    cfg = compose_with(*gpu_check_overrides(code, "bf16-mixed"), hydra_config=True)
+    assert cfg.trainer.max_steps == 3 and cfg.trainer.num_nodes == 6 and cfg.trainer.precision == "bf16-mixed"
+    strategy = train.build_strategy(cfg)
+    assert isinstance(strategy, DracoStrategy)
+    assert strategy.config.redundancy_mode == ("reactive" if code == "reactive" else "full")
+
+
 def test_the_submitit_launcher_follows_the_trainer_shape():
     cfg = compose_with("hydra/launcher=draco_slurm", "trainer.devices=3", "trainer.num_nodes=2", hydra_config=True)
     launcher = cfg.hydra.launcher
