@@ -162,12 +162,14 @@ def test_trainer_keys_are_trainer_arguments(trainer):
     assert set(cfg.trainer) <= set(inspect.signature(L.Trainer).parameters)
 
 
-def gpu_check_overrides(code: str, precision: str) -> list[str]:
+def gpu_check_overrides(code: str, accelerator: str, attack: str) -> list[str]:
     """The overrides scripts/gpu_check.sh passes the app for one of its runs, read from the script."""
     script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     words = re.search(r"local args=\((.*?)\)\n", script, re.DOTALL).group(1).split()
-    codeargs = ["code=frc", "code.redundancy_mode=reactive"] if code == "reactive" else [f"code={code}"]
-    values = {"$attack": "reverse", "$ACCELERATOR": "cpu", "$STEPS": "3", "$precision": precision, "$tf32": "true",
+    plain = re.search(r"local codeargs=\((.*?)\)", script).group(1)
+    reactive = re.search(r'\[ "\$code" = reactive \] && codeargs=\((.*?)\)', script).group(1)
+    codeargs = (reactive if code == "reactive" else plain.replace("$code", code)).split()
+    values = {"$attack": attack, "$ACCELERATOR": accelerator, "$STEPS": "3", "$precision": "bf16-mixed", "$tf32": "true",
               '"$RUNS/$id"': "/tmp/gpu-check-run"}
     overrides = []
     for word in words[1:]:  # after examples/train.py
@@ -181,11 +183,13 @@ def gpu_check_overrides(code: str, precision: str) -> list[str]:
     return overrides
 
 
+@pytest.mark.parametrize("attack", ["reverse", "none"])
+@pytest.mark.parametrize("accelerator", ["gpu", "cpu"])  # the script's GPU runs, and its dry run on the CPU
 @pytest.mark.parametrize("code", ["crc", "reactive", "frc"])
-def test_the_gpu_check_scripts_runs_compose_and_build_their_strategies(code):
+def test_the_gpu_check_script_runs_compose_and_build_their_strategies(code, accelerator, attack):
     """scripts/gpu_check.sh runs only on a lent GPU: a key it sets that the config lacks (or ``+key`` for one
     it has) would fail every run there. Its overrides must compose and build here."""
-    cfg = compose_with(*gpu_check_overrides(code, "bf16-mixed"), hydra_config=True)
+    cfg = compose_with(*gpu_check_overrides(code, accelerator, attack), hydra_config=True)
     assert cfg.trainer.max_steps == 3 and cfg.trainer.num_nodes == 6 and cfg.trainer.precision == "bf16-mixed"
     strategy = train.build_strategy(cfg)
     assert isinstance(strategy, DracoStrategy)

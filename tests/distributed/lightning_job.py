@@ -2,9 +2,10 @@
 
 Usage: python lightning_job.py OUT.jsonl SCENARIO [SCENARIO ...]
 
-Like ``digits_job.py``: Lightning's popen launcher re-runs this script for ranks 1 and 2, every
-rank runs the scenarios in order (FRC, s=1, r=3, P=3: every rank holds every partition; the PS
-is rank 0), and rank 0 appends what each scenario recorded, with what every rank saw, to OUT.jsonl.
+Unlike ``digits_job.py``, which forks its ranks, this job starts as users' scripts do: Lightning's
+popen launcher re-runs it for ranks 1 and 2. Every rank runs the scenarios in order (FRC, s=1,
+r=3, P=3: every rank holds every partition; the PS is rank 0), and rank 0 appends what each
+scenario recorded, with what every rank saw, to OUT.jsonl.
 """
 
 from __future__ import annotations

@@ -21,11 +21,16 @@ ATTACKS = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "i
 ADAPTIVE = ["optimal_alie", "optimal_ipm", "mimic", "label_flip"]
 # Every attack a fixed liar can make with its gradient (label flipping changes its data instead).
 GRADIENT_ATTACKS = ATTACKS + ["optimal_alie", "optimal_ipm", "mimic"]
-#: Steps of a DRACO fit: enough for a liar that rotates through the attacks to make each once. Its
-#: tests compare models bit for bit, which needs no more.
+#: Steps of a DRACO fit: enough for a liar that rotates through the attacks to make each once (at one
+#: step each, so in reactive mode against one of the two helpers that take turns). Its tests compare
+#: models bit for bit. Runs that must cross an epoch (16 steps) set their own: RESUMED, and the
+#: precision job's 24.
 STEPS = len(GRADIENT_ATTACKS)
 #: Steps of a plain-averaging fit, with or without a robust rule: its tests read validation accuracy.
 TRAINED = 30
+#: Steps of a resumed fit: stopped after half of them, inside the first epoch (16 steps on six ranks), it
+#: resumes across the epoch's end, where the data loader moves on to the next epoch's order.
+RESUMED = 20
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,7 @@ SCENARIOS.update({
                                     liars=dict(ranks=[5], attack=lie_before_step_3)),
     # Resumed mid-epoch with the PS on rank 3: the quarantine (from the saved ledger) holds on.
     "resume_reactive_ps3": Scenario(strategy=dict(REACTIVE, quarantine_after=1, ps_rank=3),
-                                    liars=dict(ranks=[5], attack=lie_before_step_3), resume=True),
+                                    liars=dict(ranks=[5], attack=lie_before_step_3), resume=True, steps=RESUMED),
 })
 SCENARIOS.update({
     "frc_two_liars_raise": Scenario(liars=dict(ranks=[1, 2], attack="gaussian")),
@@ -163,13 +168,13 @@ SCENARIOS.update({
     "frc_diverge_skip": Scenario(strategy=dict(on_decode_failure="skip"), liars=dict(ranks=[4]), module="diverging"),
     # Resume: random liars with the PS on rank 0, a fixed one (rank ps + 2) with the PS on rank 3.
     "resume_ps0": Scenario(strategy=dict(code="crc", num_adversaries=1, ps_rank=0),
-                           liars=dict(ranks="random", seed=5), resume=True),
+                           liars=dict(ranks="random", seed=5), resume=True, steps=RESUMED),
     "resume_ps3": Scenario(strategy=dict(code="crc", num_adversaries=1, ps_rank=3),
-                           liars=dict(ranks=[5], seed=5), resume=True),
+                           liars=dict(ranks=[5], seed=5), resume=True, steps=RESUMED),
     # Centred clipping: the one aggregation rule with state (its anchor).
     "resume_clip_ps3": Scenario(strategy=dict(code="none", aggregator="centered_clipping", num_adversaries=1,
                                               aggregator_options={"tau": 0.5}, ps_rank=3),
-                                liars=dict(ranks=[5], seed=5), resume=True),
+                                liars=dict(ranks=[5], seed=5), resume=True, steps=RESUMED),
 })
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jobs import run_job, selected_scenarios
-from scenarios import ADAPTIVE, ATTACKS, RULES, SCENARIOS, STEPS
+from scenarios import ADAPTIVE, ATTACKS, RESUMED, RULES, SCENARIOS, STEPS
 
 pytestmark = pytest.mark.distributed
 scenarios = pytest.mark.scenarios
@@ -161,18 +161,18 @@ def test_checkpoint_keeps_the_secret_away_from_workers_and_resume_restores_it(ru
     assert run["in_checkpoint"] == (ps == 0)
     assert run["sidecar"] == (ps != 0)
     if ps == 0:  # a fresh random liar each step: one catch per step
-        assert sum(run["ledger"]["times_caught"].values()) == STEPS and len(run["ledger"]["times_caught"]) > 1
+        assert sum(run["ledger"]["times_caught"].values()) == RESUMED and len(run["ledger"]["times_caught"]) > 1
     else:
         liar = str((ps + 2) % 6)
-        assert run["ledger"]["times_caught"] == {liar: STEPS} and run["faulty_counts"] == {liar: STEPS}
-    assert run["global_step"] == STEPS and run["world_size"] == 6
+        assert run["ledger"]["times_caught"] == {liar: RESUMED} and run["faulty_counts"] == {liar: RESUMED}
+    assert run["global_step"] == RESUMED and run["world_size"] == 6
 
 
 @scenarios("{name}")
 @pytest.mark.parametrize("name", ["resume_ps0", "resume_ps3", "resume_clip_ps3", "resume_reactive_ps3"])
 def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_model(runs, name):
     run = runs[name]
-    assert (STEPS // 2) % run["steps_per_epoch"] != 0, "the stop must fall inside an epoch"
+    assert RESUMED // 2 < run["steps_per_epoch"] < RESUMED, "stopped inside the first epoch, resumed across its end"
     assert run["sha_resumed"] == run["sha_uninterrupted"]
 
 
@@ -182,7 +182,7 @@ def test_a_resumed_reactive_run_keeps_its_quarantine(runs):
     still voted at every step of the resumed fit, and the ledger still holds its three catches."""
     run = runs["resume_reactive_ps3"]
     assert run["quarantined"] == [5] and run["ledger"]["times_caught"] == {"5": 3}
-    assert run["escalations"]["steps"] == STEPS - STEPS // 2 and run["global_step"] == STEPS
+    assert run["escalations"]["steps"] == RESUMED - RESUMED // 2 and run["global_step"] == RESUMED
 
 
 @scenarios("agg_{rule}_reverse", "none_reverse", "none_clean")

@@ -62,19 +62,21 @@ def test_a_killed_worker_then_a_killed_parameter_server_restart_the_job_from_its
     def saved_since(attempt: int, before: int) -> bool:
         """A checkpoint written after ``before`` (ns) while the ranks of ``attempt`` run."""
         running = processes_with(f"TORCHELASTIC_RUN_ID={job}", f"TORCHELASTIC_RESTART_COUNT={attempt}")
-        if not running or not checkpoint.exists():
-            return False
-        stat = checkpoint.stat()  # rank 0 writes it with one write after opening: not empty means whole
-        return stat.st_mtime_ns > before and stat.st_size > 0
+        # The checkpoint appears whole: it is written beside it and renamed into place.
+        return bool(running) and checkpoint.exists() and checkpoint.stat().st_mtime_ns > before
 
     try:
         written = 0
         for attempt, victim in enumerate((3, 0)):
             assert wait_for(lambda: saved_since(attempt, written), timeout=240), f"attempt {attempt} never trained"
-            written = checkpoint.stat().st_mtime_ns
             pids = processes_with(f"TORCHELASTIC_RUN_ID={job}", f"RANK={victim}", f"TORCHELASTIC_RESTART_COUNT={attempt}")
             assert len(pids) == 1
             os.kill(pids[0], signal.SIGKILL)
+            if attempt == 0:
+                # Once every rank of the first attempt is gone, a newer checkpoint can only be the second's.
+                gone = lambda: not processes_with(f"TORCHELASTIC_RUN_ID={job}", "TORCHELASTIC_RESTART_COUNT=0")  # noqa: E731
+                assert wait_for(gone, timeout=120), "the first attempt outlived its killed rank"
+                written = checkpoint.stat().st_mtime_ns
         output = agent.communicate(timeout=400)[0]
     finally:
         agent.kill()
