@@ -3,7 +3,7 @@
 Each rank of a world started as its own process imports torch and Lightning again: about 11 s of
 CPU each on a 2-core machine, more than most scenarios cost. A script that forks its ranks once its
 imports are done skips that. The launchers users run (Lightning's popen launcher, torchrun, srun)
-are tested through the app, in tests/launch.
+are tested through the app, in tests/launch. ``free_port`` serves the tests that start ranks themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ import traceback
 from typing import Callable, NoReturn
 
 
+def free_port() -> int:
+    """A loopback port free now (another process may take it before it is bound again, rarely)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def fork_ranks(world: int) -> tuple[int, list[int]]:
     """Fork ranks 1..world-1 from this process: (this process's rank, the pids of the others in rank 0).
 
@@ -26,10 +33,7 @@ def fork_ranks(world: int) -> tuple[int, list[int]]:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         raise RuntimeError("fork_ranks: CUDA is initialised in this process; its forked ranks could not use it")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world))
     parent, children = os.getpid(), []
     for rank in range(1, world):
         sys.stdout.flush()

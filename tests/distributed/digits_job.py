@@ -224,13 +224,12 @@ def run(name: str, scenario: Scenario) -> dict:
     return out
 
 
-def run_scenarios(path: str, names: list[str]) -> None:
-    rank_0 = os.environ["LOCAL_RANK"] == "0"
+def run_scenarios(path: str, names: list[str], rank: int) -> None:
     for name in names:
-        if rank_0:
+        if rank == 0:
             print(f"scenario {name}", file=sys.stderr, flush=True)
         result = run(name, SCENARIOS[name])
-        if rank_0:
+        if rank == 0:
             with open(path, "a") as f:
                 f.write(json.dumps(result) + "\n")
 
@@ -245,7 +244,7 @@ def main() -> None:
     # What Lightning's popen launcher sets: every fit then finds its processes started.
     os.environ.update(NODE_RANK="0", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    run_ranks(rank, children, lambda: run_scenarios(path, names))
+    run_ranks(rank, children, lambda: run_scenarios(path, names, rank))
 
 
 if __name__ == "__main__":

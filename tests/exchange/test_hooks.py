@@ -4,7 +4,6 @@ stalls or dies in a three-rank one."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,10 @@ import torch
 
 from lightning_draco.exchange.collectives import CollectiveFailedError, failure_message, timed
 
+from forked_ranks import free_port
+
 WORLD = 6
 pytestmark = pytest.mark.distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_world(out: Path, device: str = "cpu") -> list[dict]:
@@ -218,7 +213,7 @@ TIMEOUT = 4
 
 def failing_world(out: Path, mode: str, wrapper: str = "plain") -> tuple[list[dict], str]:
     """What ranks 0 and 1 of failing_world.py saw, and the world's combined output."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "3"}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "3"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     script = Path(__file__).with_name("failing_world.py")
     procs = [

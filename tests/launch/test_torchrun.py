@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ import time
 import pytest
 
 from conftest import APP, BASE, CRC, app_env, kill_all, processes_with, read_summary, wait_for
+from forked_ranks import free_port
 
 pytestmark = pytest.mark.launch
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun(job: str, *, nnodes: int, nproc: int, extra: tuple = ()) -> list[str]:
