@@ -1,11 +1,14 @@
 """DracoStrategy refuses bad settings before any training, with one sentence naming the parameter."""
 
+import pickle
+
 import lightning as L
 import pytest
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_draco
 from lightning_draco import Adversary, DracoStrategy
+from lightning_draco.report import FaultLedger
 
 
 def test_import_registers_the_name_once():
@@ -227,3 +230,23 @@ def test_the_rendezvous_gets_its_own_timeout_and_collectives_the_short_one(monke
     strategy.setup_distributed()
     assert seen == {"startup": timedelta(seconds=7), "collective": timedelta(minutes=30)}
     assert strategy._timeout == timedelta(minutes=30)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork", "forkserver", "popen"])
+def test_spawned_and_forked_ranks_carry_their_results_to_the_main_process(start_method):
+    # Each fit under fork runs in tests/distributed/test_lightning.py; spawn differs only in how ranks start.
+    trainer = L.Trainer(accelerator="cpu", devices=3, strategy=DracoStrategy(start_method=start_method), logger=False)
+    carrying = type(trainer.strategy.launcher).__name__ == "ResultCarryingLauncher"
+    assert carrying == (start_method != "popen")
+
+
+def test_results_loaded_from_another_process_are_what_the_strategy_reports():
+    ranks = DracoStrategy(redundancy_mode="reactive")
+    ranks.ledger = FaultLedger(["a", "b", "c", "d"])
+    ranks.ledger.record(0, {3}, skipped=False)
+    ranks.ledger.record(1, {1, 3}, skipped=True)
+    ranks.quarantined = {3}
+    main = DracoStrategy(redundancy_mode="reactive")
+    main.load_results(pickle.loads(pickle.dumps(ranks.results())))
+    assert main.faulty_counts == {1: 1, 3: 2} and main.skipped_steps == 1 and main.quarantined == {3}
+    assert main.ledger.first_caught == {3: 0, 1: 1} and main.hook_calls == 0 and main.escalations == 0

@@ -7,7 +7,8 @@ The strategy wires collaborators together and does little itself:
 - ``Escalation`` (escalation.py): reactive mode's recomputation of groups whose replicas disagreed;
 - the exchange (``lightning_draco.exchange``): the comm hook that replaces DDP's all-reduce;
 - checkpoint.py: what DRACO adds to a checkpoint, and the PS's own state;
-- ``SkipGuard`` (skip.py), ``FaultLedger`` (report.py), ``SlurmRequeue`` (requeue.py).
+- ``SkipGuard`` (skip.py), ``FaultLedger`` (report.py), ``SlurmRequeue`` (requeue.py);
+- ``ResultCarryingLauncher`` (launcher.py): spawned or forked ranks' results back in the main process.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -55,6 +57,7 @@ from lightning_draco.exchange import (
 )
 from lightning_draco.exchange.adversarial import liars_at
 from lightning_draco.exchange.collectives import CollectiveFailedError
+from lightning_draco.exchange.state import ExchangeStats
 from lightning_draco.partition_logging import mean_over_partitions
 from lightning_draco.report import FaultLedger
 from lightning_draco.requeue import SlurmRequeue
@@ -63,6 +66,7 @@ from lightning_draco.strategy.checkpoint import IncompatibleCheckpointError
 from lightning_draco.strategy.coded_step import CodedStep, encoded
 from lightning_draco.strategy.config import DracoConfig
 from lightning_draco.strategy.escalation import Escalation
+from lightning_draco.strategy.launcher import ResultCarryingLauncher
 from lightning_draco.strategy.skip import SkipGuard
 
 __all__ = ["DracoStrategy", "IncompatibleCheckpointError"]
@@ -220,6 +224,9 @@ class DracoStrategy(DDPStrategy):
         self._recompute_forward: Optional[Callable[[Any], Any]] = None
         #: Reactive mode: ranks caught at more than ``quarantine_after`` steps (their groups are always voted).
         self.quarantined: set[int] = set()
+        # In the main process of a spawned or forked run: rank 0's escalations and traffic (load_results).
+        self._carried_escalations: Optional[dict[str, float]] = None
+        self._carried_stats: Optional[ExchangeStats] = None
 
     # -- what the run was asked for ---------------------------------------------------------
     @property
@@ -246,6 +253,8 @@ class DracoStrategy(DDPStrategy):
     @override
     def _configure_launcher(self) -> None:
         super()._configure_launcher()
+        if type(self._launcher) is _MultiProcessingLauncher:
+            self._launcher = ResultCarryingLauncher(self, start_method=self._start_method)
         # The world size (and a *-true precision) are known once the Trainer is built: refuse them
         # before any process starts.
         self._build_code(self.num_nodes * self.num_processes)
@@ -604,7 +613,7 @@ class DracoStrategy(DDPStrategy):
     @property
     def escalations(self) -> int:
         """Reactive mode: optimizer steps at which some group was recomputed and voted (0 in full mode)."""
-        return self._escalation.steps if self._escalation is not None else 0
+        return int(self.escalation_stats["steps"])
 
     @property
     def escalation_stats(self) -> dict[str, float]:
@@ -612,24 +621,41 @@ class DracoStrategy(DDPStrategy):
         ``partitions`` recomputed as a helper and ``seconds`` spent settling escalations."""
         e = self._escalation
         if e is None:
-            return {"steps": 0, "groups": 0, "partitions": 0, "seconds": 0.0}
+            return dict(self._carried_escalations or {"steps": 0, "groups": 0, "partitions": 0, "seconds": 0.0})
         return {"steps": e.steps, "groups": e.groups, "partitions": e.partitions, "seconds": e.seconds}
+
+    @property
+    def _stats(self) -> Optional[ExchangeStats]:
+        return self._exchange.stats if self._exchange is not None else self._carried_stats
 
     @property
     def exchange_seconds(self) -> dict[str, float]:
         """Seconds this rank spent in the exchange's collectives and decoding (since setup)."""
-        return dict(self._exchange.stats.seconds) if self._exchange is not None else {"communication": 0.0, "decode": 0.0}
+        return dict(self._stats.seconds) if self._stats is not None else {"communication": 0.0, "decode": 0.0}
 
     @property
     def exchange_bytes(self) -> dict[str, int]:
         """Payload bytes this rank sent and received through DRACO's collectives since setup."""
-        stats = self._exchange.stats if self._exchange is not None else None
+        stats = self._stats
         return {"sent": stats.sent if stats else 0, "received": stats.received if stats else 0}
 
     @property
     def hook_calls(self) -> int:
         """Buckets exchanged through the DRACO hook on this rank so far."""
-        return self._exchange.stats.calls if self._exchange is not None else 0
+        return self._stats.calls if self._stats is not None else 0
+
+    def results(self) -> dict[str, Any]:
+        """What this rank saw: the ledger, the quarantine, reactive mode's escalations, the exchange's traffic."""
+        return {"ledger": self.ledger, "quarantined": set(self.quarantined), "escalations": self.escalation_stats,
+                "exchange": self._stats}
+
+    def load_results(self, results: dict[str, Any]) -> None:
+        """Take ``results`` (another process's ``results()``) as this strategy's: the main process of a
+        spawned or forked run reads the same ``faulty_counts`` and statistics as rank 0."""
+        self.ledger = results["ledger"]
+        self.quarantined = set(results["quarantined"])
+        self._carried_escalations = dict(results["escalations"])
+        self._carried_stats = results["exchange"]
 
     @property
     def is_ps(self) -> bool:

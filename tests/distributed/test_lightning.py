@@ -4,9 +4,14 @@ All scenarios run in one job (``lightning_job.py``), started once for the module
 failure here is agreed by all ranks, so the job goes on to the next scenario.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
-from jobs import run_job
+from jobs import HERE, run_job
 
 pytestmark = pytest.mark.distributed
 
@@ -93,3 +98,20 @@ def test_a_backward_that_bypassed_the_draco_hook_fails_on_every_rank_before_the_
     assert run["error"]["type"] == "RuntimeError" and "exchanged no bucket through DRACO's comm hook" in run["error"]["message"]
     assert all(r["error"] == run["error"] for r in run["ranks"]), "every rank raises, none is left waiting"
     assert run["unchanged"], "the unprotected all-reduce's gradient is never applied"
+
+
+def test_forked_ranks_hand_who_was_caught_back_to_the_main_process(tmp_path):
+    """start_method="fork" (as in a notebook): the main process's strategy reports what the ranks saw."""
+    out = tmp_path / "main_process.json"
+    job = subprocess.run([sys.executable, str(HERE / "launched_by_fork.py"), str(out), "fork"], cwd=tmp_path,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    seen = json.loads(out.read_text())
+    full, reactive = seen["full"], seen["reactive"]
+    assert full["launcher"] == reactive["launcher"] == "ResultCarryingLauncher"
+    assert full["faulty_counts"] == {"1": 4} and full["first_caught"] == {"1": 0}
+    assert full["steps_decoded"] == 4 and full["skipped"] == 0 and full["hook_calls"] >= 4
+    assert full["exchange_bytes"]["sent"] > 0 and full["weights_trained"]
+    assert reactive["faulty_counts"] == {"3": 4} and reactive["quarantined"] == [3]
+    assert reactive["escalations"]["steps"] == 4 and reactive["escalations"]["groups"] >= 4
