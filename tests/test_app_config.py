@@ -76,6 +76,15 @@ def test_every_attack_builds_its_adversary(attack):
     strategy.config.build_code(6)
 
 
+@pytest.mark.parametrize("aggregator", ["trimmed_mean", "meamed", "median", "krum"])
+def test_a_robust_rule_over_plain_averaging_tolerates_the_default_liar_as_the_library_does(aggregator):
+    # With f = 0, trimmed mean and meamed are the plain mean: a comparison of defences would report them broken.
+    strategy = train.build_strategy(compose_with("code=none", f"aggregator={aggregator}"))
+    library = DracoStrategy(code="none", aggregator=aggregator)
+    assert strategy.aggregator.num_byzantine == library.aggregator.num_byzantine == len(strategy.adversary.ranks) == 1
+    assert not [w for w in strategy._adversary_warnings if "exceed" in w]
+
+
 @pytest.mark.parametrize("aggregator", options("aggregator"))
 def test_every_aggregator_builds_its_rule_with_f_from_the_code(aggregator):
     cfg = compose_with("code=none", "code.num_adversaries=1", f"aggregator={aggregator}")
