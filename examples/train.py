@@ -96,7 +96,8 @@ def build_strategy(cfg: DictConfig, with_adversary: bool = True) -> DracoStrateg
     adversary = None
     if with_adversary and attack.name != "none":
         ranks = attack.ranks if isinstance(attack.ranks, str) else list(attack.ranks)
-        adversary = Adversary(ranks=ranks, attack=attack.name, seed=attack.seed, **attack.options)
+        adversary = Adversary(ranks=ranks, attack=attack.name, seed=attack.seed, count=attack.get("count"),
+                              **attack.options)
     return DracoStrategy(
         aggregator=aggregator.name,
         aggregator_options={"num_byzantine": aggregator.num_byzantine, **aggregator.options},
@@ -178,6 +179,11 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
         trainer.fit(model, data, ckpt_path=ckpt_path)
     except IncompatibleCheckpointError as error:  # every rank refuses the same checkpoint
         sys.exit(f"configuration error: {error} (resume=never starts afresh; or use another run directory)")
+    except ValueError as error:
+        if torch.distributed.is_initialized():
+            raise
+        # Refused by the strategy before any process started (the model's gradient dtype, say).
+        sys.exit(f"configuration error: {error}")
     return {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
 from lightning.pytorch.utilities.data import _update_dataloader
@@ -47,6 +48,8 @@ def _require(owner: type, name: str, why: str) -> None:
 _require(DDPStrategy, "_register_ddp_hooks", "DRACO registers its comm hook by overriding it")
 _require(DDPStrategy, "_configure_launcher", "DRACO checks the world size there, before any process starts")
 _require(_SubprocessScriptLauncher, "kill", "a rank that fails alone ends the ranks it launched")
+for _hook in ("get_extra_results", "update_main_process_results"):
+    _require(_MultiProcessingLauncher, _hook, "spawned or forked ranks hand DRACO's results to the main process")
 _require(_CheckpointConnector, "hpc_save_path", "the SLURM requeue names its checkpoint with it")
 
 update_dataloader = _update_dataloader

@@ -9,7 +9,9 @@ import torch
 from torch import Tensor
 
 from lightning_draco._seeding import generator
-from lightning_draco.attacks import OMNISCIENT_KEYS, Attack, acts_on_batch, call_attack, get_attack, wants
+from lightning_draco.attacks import (
+    OMNISCIENT_KEYS, Attack, acts_on_batch, call_attack, check_options, get_attack, wants,
+)
 
 __all__ = ["Adversary", "ROLES"]
 
@@ -69,6 +71,7 @@ class Adversary:
         if not callable(self.attack_fn):
             raise ValueError(f"attack must be the name of a built-in attack or a callable (got {attack!r}).")
         self.attack_name = attack if isinstance(attack, str) else getattr(attack, "__name__", repr(attack))
+        check_options(self.attack_fn, self.attack_name, options)
         self.seed = int(seed)
         self.count = count
         self.options = options

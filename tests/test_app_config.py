@@ -270,6 +270,12 @@ REFUSED_AT_FIT = [
     (["code=crc", "code.num_adversaries=2", "trainer.devices=64", "trainer.precision=bf16-true"],
      "code='crc' with P=64, s=2 is too ill-conditioned for bfloat16 gradients"),
     (["data=cifar10", "data.root=/nonexistent"], "data.root='/nonexistent' has no CIFAR-10"),
+    (["attack=gaussian", "+attack.options.sgima=3"], "attack 'gaussian' has no option 'sgima': its options are sigma"),
+    # Known once the model is: refused by the launcher, before the processes start (float64 would pass).
+    (["code=crc", "code.num_adversaries=2", "trainer.devices=8"],
+     "code='crc' with P=8, s=2 is too ill-conditioned for float32 gradients: a lie kept under the rounding floor"
+     " could move the decoded sum by 1.9e-05 of its norm, more than the 1e-05 allowed; use fewer adversaries,"
+     " float64 gradients, or code='frc'"),
 ]
 
 

@@ -1,11 +1,12 @@
 """Attacks and the adversary simulation, single-process."""
 
 import math
+import re
 
 import pytest
 import torch
 
-from lightning_draco import Adversary
+from lightning_draco import Adversary, DracoStrategy
 from lightning_draco.attacks import ATTACKS, get_attack
 
 BUILT_IN = ["reverse", "constant", "gaussian", "sign_flip", "bit_flip", "nan", "inf", "collude"]
@@ -275,3 +276,25 @@ def test_strategy_poisons_the_liars_batches_only(monkeypatch):
         monkeypatch.setattr(DracoStrategy, "global_rank", property(lambda self, r=rank: r))
         strategy.training_step(batch, 0)
         assert len(seen) == 3 and all(torch.equal(s, expected) for s in seen), rank
+
+
+@pytest.mark.parametrize("attack, options, message", [
+    ("gaussian", {"sgima": 3}, "attack 'gaussian' has no option 'sgima': its options are sigma."),
+    ("reverse", {"step": 1}, "attack 'reverse' has no option 'step': its options are scale."),
+    ("nan", {"scale": 2}, "attack 'nan' has no option 'scale': its options are none."),
+])
+def test_an_option_the_attack_does_not_take_is_refused_when_the_adversary_is_made(attack, options, message):
+    # Otherwise the first step fails on the liar alone, and the other ranks see a lost connection.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Adversary(ranks=[1], attack=attack, **options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DracoStrategy(adversary={"ranks": [1], "attack": attack, **options})
+
+
+def test_the_options_an_attack_takes_are_accepted_and_a_catch_all_takes_any():
+    assert Adversary(ranks=[1], attack="gaussian", sigma=2.0).options == {"sigma": 2.0}
+
+    def anything(honest, **context):
+        return honest
+
+    assert Adversary(ranks=[1], attack=anything, strength=3).options == {"strength": 3}

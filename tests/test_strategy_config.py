@@ -1,9 +1,12 @@
 """DracoStrategy refuses bad settings before any training, with one sentence naming the parameter."""
 
+import multiprocessing
 import pickle
+import re
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_draco
@@ -250,3 +253,48 @@ def test_results_loaded_from_another_process_are_what_the_strategy_reports():
     main.load_results(pickle.loads(pickle.dumps(ranks.results())))
     assert main.faulty_counts == {1: 1, 3: 2} and main.skipped_steps == 1 and main.quarantined == {3}
     assert main.ledger.first_caught == {3: 0, 1: 1} and main.hook_calls == 0 and main.escalations == 0
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self, automatic: bool = True, dtype=torch.float32):
+        super().__init__()
+        self.automatic_optimization = automatic
+        self.layer = torch.nn.Linear(4, 2, dtype=dtype)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0].to(self.layer.weight.dtype)).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+PREFLIGHT = [
+    (8, dict(code="crc", num_adversaries=2), {}, _Tiny(),
+     "code='crc' with P=8, s=2 is too ill-conditioned for float32 gradients"),
+    (4, dict(redundancy_mode="reactive"), dict(accumulate_grad_batches=2), _Tiny(),
+     "redundancy_mode='reactive' supports accumulate_grad_batches=1 only (got 2)"),
+    (3, {}, {}, _Tiny(automatic=False), "DracoStrategy supports automatic optimization only"),
+]
+
+
+@pytest.mark.parametrize("devices, strategy, trainer, module, message", PREFLIGHT,
+                         ids=["crc_float32", "reactive_accumulate", "manual"])
+@pytest.mark.parametrize("start_method", ["popen", "spawn"])
+def test_a_fit_every_rank_would_refuse_is_refused_before_any_process_starts(
+        devices, strategy, trainer, module, message, start_method, tmp_path):
+    fit = L.Trainer(accelerator="cpu", devices=devices, strategy=DracoStrategy(start_method=start_method, **strategy),
+                    logger=False, enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                    **trainer)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=4)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fit.fit(module, data)
+    assert not torch.distributed.is_initialized() and not multiprocessing.active_children()
+    assert not fit.strategy.launcher.procs, "the launcher started no rank"
+
+
+def test_a_float64_model_passes_where_float32_is_refused():
+    strategy = DracoStrategy(code="crc", num_adversaries=2)
+    L.Trainer(accelerator="cpu", devices=8, strategy=strategy, logger=False)
+    strategy.code.check_wire_dtype(torch.float64)
+    with pytest.raises(ValueError, match="use fewer adversaries, float64 gradients, or code='frc'"):
+        strategy.code.check_wire_dtype(torch.float32)

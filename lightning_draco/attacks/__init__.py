@@ -31,6 +31,8 @@ ATTACKS: Registry[Attack] = Registry("an attack", "attack", alternatives=", or a
 
 # Context that costs a collective to simulate: statistics of, or all of, every worker's honest vector.
 OMNISCIENT_KEYS = ("honest_mean", "honest_std", "honest_vectors")
+#: Every context keyword an attack may ask for (the module docstring says what each holds).
+CONTEXT_KEYS = ("rank", "step", "bucket", "generator", "shared_generator", *OMNISCIENT_KEYS, "liars", "defence")
 
 
 def register_attack(name: str) -> Callable[[Attack], Attack]:
@@ -64,6 +66,23 @@ def wants(attack: Attack, key: str) -> bool:
     return key in inspect.signature(attack).parameters
 
 
+def check_options(attack: Attack, name: str, options: dict[str, Any]) -> None:
+    """Refuse ``options`` that ``attack`` does not take, before a run: a misspelt one would otherwise fail
+    the first step on the liar alone, which the other ranks see as a lost connection."""
+    params = inspect.signature(attack).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    honest = next(iter(params), None)  # the tensor (or batch) it replaces
+    own = [k for k, p in params.items() if k != honest and k not in CONTEXT_KEYS
+           and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in own]
+    if unknown:
+        raise ValueError(
+            f"attack {name!r} has no option {', '.join(map(repr, unknown))}: its options are"
+            f" {', '.join(own) if own else 'none'}."
+        )
+
+
 def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context: dict[str, Any]) -> Tensor:
     """Call ``attack`` with its options and the context keywords it accepts."""
     params = inspect.signature(attack).parameters
@@ -75,6 +94,7 @@ def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context
 import_submodules(__name__, __path__)
 
 __all__ = [
-    "ATTACKS", "OMNISCIENT_KEYS", "Attack", "acts_on_batch", "call_attack", "get_attack", "register_attack",
+    "ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "acts_on_batch", "call_attack", "check_options",
+    "get_attack", "register_attack",
     "register_data_attack", "wants",
 ]

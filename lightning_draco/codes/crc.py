@@ -348,11 +348,14 @@ class CyclicRepetitionCode(Code):
             raise ValueError(f"code='crc' supports float64, float32, bfloat16 and float16 gradients (got {dtype}).")
         error = self.hidden_error(dtype)
         if error > limit:
+            wider = [name for name, d in (("float32", torch.float32), ("float64", torch.float64))
+                     if d.itemsize > dtype.itemsize and self.hidden_error(d) <= MAX_HIDDEN_ERROR[d]]
             raise ValueError(
                 f"code='crc' with P={self.num_workers}, s={self.num_adversaries} is too ill-conditioned for"
                 f" {str(dtype).replace('torch.', '')} gradients: a lie kept under the rounding floor could move the"
                 f" decoded sum by {error:.1e} of its norm, more than the {limit:g} allowed; use fewer adversaries,"
-                " float32/float64 gradients, or code='frc' with a redundancy that divides the world size."
+                f" {'/'.join(wider) + ' gradients, ' if wider else ''}or code='frc' with a redundancy that divides"
+                " the world size."
             )
 
     def hidden_error(self, dtype: torch.dtype) -> float:

@@ -1,27 +1,51 @@
-"""Spawned and forked ranks (``start_method="spawn"`` or ``"fork"``): what the run saw, back in the main process.
+"""Lightning's launchers, with what DRACO adds around a launch.
 
-Lightning's multiprocessing launcher runs the fit in child processes and hands the main process only
-rank 0's weights, trainer state and logged metrics. DRACO's own results (who was caught and when,
-skipped steps, reactive mode's escalations and quarantine, the exchange's traffic) live in the
-strategy, so without this a notebook that launches by spawn or fork would read ``faulty_counts == {}``
-after a run that caught a liar at every step. The ledger is the same on every rank; the traffic is
-rank 0's, as the logged metrics are.
+- Before any process starts, the strategy refuses what every rank would refuse in ``setup``
+  (``DracoStrategy.refuse_unsupported_fit``): a user sees one error in the process they ran,
+  instead of a failure on every rank once all of them have started.
+- Spawned and forked ranks (``start_method="spawn"`` or ``"fork"``): Lightning's multiprocessing
+  launcher hands the main process only rank 0's weights, trainer state and logged metrics.
+  DRACO's own results (who was caught and when, skipped steps, reactive mode's escalations and
+  quarantine, the exchange's traffic) live in the strategy, so without this a notebook would read
+  ``faulty_counts == {}`` after a run that caught a liar at every step. The ledger is the same on
+  every rank; the traffic is rank 0's, as the logged metrics are.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from typing_extensions import override
 
-#: The key of DRACO's results among the launcher's extra results.
+#: The key of DRACO's results among the multiprocessing launcher's extra results.
 RESULTS = "draco_results"
 
 
+def _refuse_before_launch(trainer: Optional["pl.Trainer"]) -> None:
+    if trainer is not None:
+        trainer.strategy.refuse_unsupported_fit(trainer)
+
+
+class CheckedSubprocessScriptLauncher(_SubprocessScriptLauncher):
+    """Lightning's script launcher (and the path of torchrun's and SLURM's ranks), checking the fit first."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        _refuse_before_launch(trainer)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
+
+
 class ResultCarryingLauncher(_MultiProcessingLauncher):
-    """The multiprocessing launcher, carrying ``DracoStrategy``'s results from rank 0 to the main process."""
+    """The multiprocessing launcher, checking the fit first and carrying the strategy's results from rank 0
+    to the main process."""
+
+    @override
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        _refuse_before_launch(trainer)
+        return super().launch(function, *args, trainer=trainer, **kwargs)
 
     @override
     def get_extra_results(self, trainer: "pl.Trainer") -> dict[str, Any]:

@@ -8,7 +8,8 @@ The strategy wires collaborators together and does little itself:
 - the exchange (``lightning_draco.exchange``): the comm hook that replaces DDP's all-reduce;
 - checkpoint.py: what DRACO adds to a checkpoint, and the PS's own state;
 - ``SkipGuard`` (skip.py), ``FaultLedger`` (report.py), ``SlurmRequeue`` (requeue.py);
-- ``ResultCarryingLauncher`` (launcher.py): spawned or forked ranks' results back in the main process.
+- the launchers (launcher.py): a fit's settings refused before any process starts, and spawned or
+  forked ranks' results back in the main process.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -66,7 +68,7 @@ from lightning_draco.strategy.checkpoint import IncompatibleCheckpointError
 from lightning_draco.strategy.coded_step import CodedStep, encoded
 from lightning_draco.strategy.config import DracoConfig
 from lightning_draco.strategy.escalation import Escalation
-from lightning_draco.strategy.launcher import ResultCarryingLauncher
+from lightning_draco.strategy.launcher import CheckedSubprocessScriptLauncher, ResultCarryingLauncher
 from lightning_draco.strategy.skip import SkipGuard
 
 __all__ = ["DracoStrategy", "IncompatibleCheckpointError"]
@@ -255,6 +257,8 @@ class DracoStrategy(DDPStrategy):
         super()._configure_launcher()
         if type(self._launcher) is _MultiProcessingLauncher:
             self._launcher = ResultCarryingLauncher(self, start_method=self._start_method)
+        elif type(self._launcher) is _SubprocessScriptLauncher:
+            self._launcher = CheckedSubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
         # The world size (and a *-true precision) are known once the Trainer is built: refuse them
         # before any process starts.
         self._build_code(self.num_nodes * self.num_processes)
@@ -318,25 +322,37 @@ class DracoStrategy(DDPStrategy):
         else:
             self.ledger = FaultLedger(hostnames, self.config.max_faulty_steps)
 
-    @override
-    def setup(self, trainer: "pl.Trainer") -> None:
-        fitting = trainer.state.fn == "fit"
-        if fitting and not trainer.lightning_module.automatic_optimization:
+    def refuse_unsupported_fit(self, trainer: "pl.Trainer") -> None:
+        """Raise what every rank would refuse alike in this fit: before any process starts (the launcher
+        calls this), and again in ``setup``, where a model built in ``configure_model`` is first seen."""
+        module = trainer.lightning_module
+        if trainer.state.fn != "fit" or module is None:
+            return
+        if not module.automatic_optimization:
             raise self._agreed(ValueError(
                 "DracoStrategy supports automatic optimization only: set automatic_optimization = True"
                 " in your LightningModule (manual optimizer steps bypass the decode-failure handling)."
             ))
-        if fitting and self.config.reactive and int(trainer.accumulate_grad_batches) > 1:
+        if self.config.reactive and int(trainer.accumulate_grad_batches) > 1:
             raise self._agreed(ValueError(
                 f"redundancy_mode='reactive' supports accumulate_grad_batches=1 only (got"
                 f" {trainer.accumulate_grad_batches}): a group recomputed after the step's last micro-batch would"
                 " need every earlier micro-batch again; use redundancy_mode='full' to accumulate gradients."
             ))
+        checked = _compat.desired_input_dtype(self.precision_plugin)  # refused when the Trainer was built
+        trained = {p.dtype for p in module.parameters() if p.requires_grad}
+        for dtype in sorted(trained - {checked}, key=str):
+            try:
+                self.code.check_wire_dtype(dtype)
+            except ValueError as error:
+                raise self._agreed(error) from None
+
+    @override
+    def setup(self, trainer: "pl.Trainer") -> None:
+        fitting = trainer.state.fn == "fit"
+        self.refuse_unsupported_fit(trainer)
         if fitting:
             trained = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
-            checked = _compat.desired_input_dtype(self.precision_plugin)
-            for dtype in sorted({p.dtype for p in trained} - {checked}, key=str):
-                self.code.check_wire_dtype(dtype)
             if self.config.whole_step:
                 self._exchange.assembly = WholeStepAssembly(trained)
         super().setup(trainer)

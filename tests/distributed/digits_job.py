@@ -216,7 +216,10 @@ def run(name: str, scenario: Scenario) -> dict:
             "caught": [float(r["draco/caught"]) for r in rows if r.get("draco/caught")],
             "rank_5": [float(r["draco/times_caught/rank_5"]) for r in rows if r.get("draco/times_caught/rank_5")],
         }
-    # Every rank reports what it saw, so tests can check that all ranks agree.
+    # Every rank reports what it saw, so tests can check that all ranks agree. A fit refused before its
+    # processes start (the first of a job) made no process group: the report needs one.
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=int(os.environ["LOCAL_RANK"]), world_size=scenario.world)
     gathered = [None] * dist.get_world_size()
     keys = ("error", "sha", "hook_calls", "skipped", "faulty_counts", "exchange_bytes", "escalations")
     dist.all_gather_object(gathered, {k: out.get(k) for k in keys})
