@@ -476,6 +476,7 @@ class DracoStrategy(DDPStrategy):
 
         self._recompute_forward = recompute_forward
 
+        self._coded_step.begin_step(list(self.lightning_module.buffers()))
         with mean_over_partitions(self.lightning_module):
             if self._coded_step.summed:
                 return self._coded_step.summed_step(batch, forward)
