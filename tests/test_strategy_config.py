@@ -298,3 +298,29 @@ def test_a_float64_model_passes_where_float32_is_refused():
     strategy.code.check_wire_dtype(torch.float64)
     with pytest.raises(ValueError, match="use fewer adversaries, float64 gradients, or code='frc'"):
         strategy.code.check_wire_dtype(torch.float32)
+
+
+class _BuiltInSetup(_Tiny):
+    def configure_model(self):
+        self.double()  # what setup will see: float64 parameters
+
+
+def _checked(trainer, module, launching):
+    trainer.strategy._lightning_module = module
+    trainer.state.fn = "fit"
+    trainer.strategy.refuse_unsupported_fit(trainer, launching=launching)
+
+
+def test_the_dtype_is_judged_as_the_model_will_train():
+    crc = dict(code="crc", num_adversaries=2)  # refused for float32 gradients at P = 8, accepted for float64
+    # "64-true" trains float64 gradients whatever dtype the module was made in.
+    double = L.Trainer(accelerator="cpu", devices=8, precision="64-true", strategy=DracoStrategy(**crc), logger=False)
+    _checked(double, _Tiny(), launching=True)
+    _checked(double, _Tiny(), launching=False)
+    # A module that may still build or convert its parameters is judged in setup, not at launch.
+    single = L.Trainer(accelerator="cpu", devices=8, strategy=DracoStrategy(**crc), logger=False)
+    _checked(single, _BuiltInSetup(), launching=True)
+    with pytest.raises(ValueError, match="too ill-conditioned for float32 gradients"):
+        _checked(single, _BuiltInSetup(), launching=False)  # had configure_model not run
+    with pytest.raises(ValueError, match="too ill-conditioned for float32 gradients"):
+        _checked(single, _Tiny(), launching=True)

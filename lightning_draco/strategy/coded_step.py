@@ -29,17 +29,11 @@ class CodedStep:
 
     def __init__(self, code: Code, rank: int, seed: int, device: torch.device):
         self.weights = code.coefficients(rank)
-        self.rank = rank
         self.seed = seed
         self.device = device
-        #: The model's buffers (BatchNorm running statistics, ...), as the step began (``begin_step``).
-        self.buffers: list[Tensor] = []
-        #: Their values when this rank's step began: every partition's forward starts from them.
-        self.step_start: list[Tensor] = []
         #: What the exchange multiplies the bucket by before it leaves (``encoded``): the weighted
         #: step leaves ``.grad`` holding the coded gradient divided by its last non-zero weight.
         self.scale = 1.0
-        self._own_buffers: Optional[list[Tensor]] = None
         # The weighted partitions' gradients, added to ``.grad`` by ``add_side_gradients``.
         self._side: Optional[tuple[list[Tensor], list[Optional[Tensor]]]] = None
 
@@ -57,35 +51,11 @@ class CodedStep:
             if share is not None:
                 param.grad = share if param.grad is None else param.grad.add_(share)
 
-    def begin_step(self, buffers: list[Tensor]) -> None:
-        """Record the model's ``buffers`` and their values as this rank's step (or micro-batch) begins."""
-        self.buffers = buffers
-        with torch.no_grad():
-            self.step_start = [b.detach().clone() for b in self.buffers]
-
-    def _load_buffers(self, values: list[Tensor]) -> None:
-        # Through ``.data``, as BatchNorm's own update is: the step's graphs saved the running statistics
-        # (a training-mode backward never reads them), and a tracked write would fail that backward.
-        for buffer, value in zip(self.buffers, values):
-            buffer.data.copy_(value)
-
     def _partition(self, batch: PartitionBatch, index: int, forward: Forward) -> tuple[Any, Tensor]:
-        """The user's training step on one partition, under that partition's seeds; its output and loss.
-
-        The forward starts from the buffers' values at the step's start, on every holder of the
-        partition alike: a module whose training forward reads a buffer (spectral normalisation's
-        power iteration) then computes the same gradient wherever the partition is computed, and
-        whatever this rank ran before. The step keeps what the forward of the rank's own partition
-        (partition ``rank``: the batch DDP's rank ``rank`` gets) left in them, so BatchNorm's running
-        statistics move once per step, as under DDP (see ``end_step``).
-        """
+        """The user's training step on one partition, under that partition's seeds; its output and loss."""
         partition = batch.partitions[index]
-        self._load_buffers(self.step_start)
         with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.device):
             output = forward(batch.batches[index])
-        if partition == self.rank:
-            with torch.no_grad():
-                self._own_buffers = [b.detach().clone() for b in self.buffers]
         loss = loss_of(output)
         if loss is None:
             raise ValueError(
@@ -93,12 +63,6 @@ class CodedStep:
                 f" partition; it returned {output!r} for partition {partition}."
             )
         return output, loss
-
-    def end_step(self) -> None:
-        """After the partitions' forwards: the buffers as the forward of this rank's own partition left them
-        (as they began, where it holds none of this batch's partitions, as a helper recomputing a group)."""
-        own, self._own_buffers = self._own_buffers, None
-        self._load_buffers(own if own is not None else self.step_start)
 
     def summed_step(self, batch: PartitionBatch, forward: Forward) -> Any:
         """The training step's output, its loss the summed partition losses (with the mean loss's value).
@@ -115,7 +79,6 @@ class CodedStep:
             output, loss = self._partition(batch, index, forward)
             coded = loss if coded is None else coded + loss
             losses.append(loss.detach())
-        self.end_step()
         self.scale = 1.0
         # The value is the mean partition loss (what the progress bar shows); the gradient is the coded one.
         mean = torch.stack(losses).mean()
@@ -173,7 +136,6 @@ class CodedStep:
                 grads = torch.autograd.grad(scale_loss(inner), params, allow_unused=True)
                 side = list(grads) if side is None else [_add(s, g) for s, g in zip(side, grads)]
             losses.append(loss.detach())
-        self.end_step()
         self._side = None if side is None else (params, side)
         self.scale = last_weight
         mean = torch.stack(losses).mean()

@@ -106,8 +106,7 @@ class Escalation:
         saved = [b.detach().clone() for b in module.buffers()]
         try:
             with torch.enable_grad(), silenced_logging(module), unchanged_metrics(module):
-                # The members' own path (CodedStep.summed_step): the same graph, from the buffers the step
-                # began with, so the same bits.
+                # The members' own path (CodedStep.summed_step): the same graph, so the same bits.
                 loss = loss_of(self.coded_step.summed_step(batch, forward))
                 grads = torch.autograd.grad(scale_loss(loss), params, allow_unused=True)
         finally:

@@ -26,7 +26,7 @@ RESULTS = "draco_results"
 
 def _refuse_before_launch(trainer: Optional["pl.Trainer"]) -> None:
     if trainer is not None:
-        trainer.strategy.refuse_unsupported_fit(trainer)
+        trainer.strategy.refuse_unsupported_fit(trainer, launching=True)
 
 
 class CheckedSubprocessScriptLauncher(_SubprocessScriptLauncher):

@@ -30,6 +30,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.plugins.precision import DoublePrecision
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
@@ -322,9 +324,10 @@ class DracoStrategy(DDPStrategy):
         else:
             self.ledger = FaultLedger(hostnames, self.config.max_faulty_steps)
 
-    def refuse_unsupported_fit(self, trainer: "pl.Trainer") -> None:
-        """Raise what every rank would refuse alike in this fit: before any process starts (the launcher
-        calls this), and again in ``setup``, where a model built in ``configure_model`` is first seen."""
+    def refuse_unsupported_fit(self, trainer: "pl.Trainer", launching: bool = False) -> None:
+        """Raise what every rank would refuse alike in this fit: before any process starts (``launching``:
+        the launcher calls this), and again in ``setup``, once the module's ``setup`` and ``configure_model``
+        have built the model."""
         module = trainer.lightning_module
         if trainer.state.fn != "fit" or module is None:
             return
@@ -339,13 +342,21 @@ class DracoStrategy(DDPStrategy):
                 f" {trainer.accumulate_grad_batches}): a group recomputed after the step's last micro-batch would"
                 " need every earlier micro-batch again; use redundancy_mode='full' to accumulate gradients."
             ))
-        checked = _compat.desired_input_dtype(self.precision_plugin)  # refused when the Trainer was built
-        trained = {p.dtype for p in module.parameters() if p.requires_grad}
-        for dtype in sorted(trained - {checked}, key=str):
+        if launching and any(is_overridden(hook, module) for hook in ("setup", "configure_model")):
+            return  # the module may still build or convert its parameters: setup checks them
+        for dtype in sorted(self._wire_dtypes(module), key=str):
             try:
                 self.code.check_wire_dtype(dtype)
             except ValueError as error:
                 raise self._agreed(error) from None
+
+    def _wire_dtypes(self, module: "pl.LightningModule") -> set[torch.dtype]:
+        """The dtypes the trained parameters' gradients will have once the precision plugin converts them
+        (a ``*-true`` half precision's was refused when the Trainer was built)."""
+        trained = {p.dtype for p in module.parameters() if p.requires_grad}
+        if isinstance(self.precision_plugin, DoublePrecision):  # "64-true" converts floating parameters
+            trained = {torch.float64 if dtype.is_floating_point else dtype for dtype in trained}
+        return trained - {_compat.desired_input_dtype(self.precision_plugin)}
 
     @override
     def setup(self, trainer: "pl.Trainer") -> None:
@@ -476,7 +487,6 @@ class DracoStrategy(DDPStrategy):
 
         self._recompute_forward = recompute_forward
 
-        self._coded_step.begin_step(list(self.lightning_module.buffers()))
         with mean_over_partitions(self.lightning_module):
             if self._coded_step.summed:
                 return self._coded_step.summed_step(batch, forward)

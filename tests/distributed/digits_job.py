@@ -192,7 +192,6 @@ def run(name: str, scenario: Scenario) -> dict:
     out.update(
         sha=param_digest(model),
         params=[p.detach().double().flatten().tolist() for p in model.parameters()],
-        buffers={name: b.detach().double().flatten().tolist() for name, b in model.named_buffers()},
         finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()),
         accuracy=acc,
         global_step=trainer.global_step,

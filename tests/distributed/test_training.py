@@ -101,13 +101,6 @@ def test_matches_plain_ddp_without_dropout(runs):
     draco, ddp = runs["frc_nodropout"], runs["ddp_nodropout"]
     for a, b in zip(draco["params"], ddp["params"]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=1e-7)
-    # BatchNorm's running statistics too: each rank keeps its own partition's update, once per step (the
-    # rank's other partitions leave none), and the PS's are the model's, as rank 0's are under DDP.
-    assert draco["buffers"].keys() == ddp["buffers"].keys() and draco["buffers"]
-    for name, value in draco["buffers"].items():
-        torch.testing.assert_close(torch.tensor(value), torch.tensor(ddp["buffers"][name]), rtol=1e-6, atol=1e-7)
-    tracked = [value for name, value in draco["buffers"].items() if name.endswith("num_batches_tracked")]
-    assert tracked and all(value == [STEPS] for value in tracked)
 
 
 @scenarios("none_clean", "none_{attack}")
