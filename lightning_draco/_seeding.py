@@ -31,11 +31,15 @@ def seeded_rng(seed: int, device: Optional[torch.device] = None) -> Iterator[Non
     Replicas that compute the same partition draw the same dropout masks and augmentations
     inside this block, whatever their own RNG streams did before.
 
-    Torch's CPU generator is seeded, and on CUDA ``device``'s own: the generators the block forks and
-    restores. ``torch.manual_seed`` would also queue a seed for every accelerator not yet initialised
-    (CUDA on a CPU run, XPU, MTIA), each with a formatted stack trace of the caller, which costs
-    milliseconds under Lightning's deep stack and runs several times per partition per step.
+    Torch's CPU generator is seeded, and on CUDA ``device``'s own (without ``device``, the current
+    CUDA device's where CUDA is in use): the generators the block forks and restores.
+    ``torch.manual_seed`` would also queue a seed for every accelerator not yet initialised (CUDA on
+    a CPU run, XPU, MTIA), each with a formatted stack trace of the caller, which costs milliseconds
+    under Lightning's deep stack and runs several times per partition per step.
     """
+    if device is None and torch.cuda.is_initialized():
+        # A loading block on a GPU rank: a dataset or collate_fn may draw on the current device.
+        device = torch.device("cuda", torch.cuda.current_device())
     cuda = device is not None and device.type == "cuda"
     other = device is not None and device.type not in ("cpu", "cuda", "meta")
     py_state = random.getstate()

@@ -63,3 +63,14 @@ def test_on_cuda_the_device_draws_from_the_seed_and_is_restored():
         again = torch.rand(4, device=device)
     assert torch.equal(inside, again)
     assert torch.equal(torch.cuda.get_rng_state(device), state)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it on one)")
+def test_on_cuda_a_block_without_a_device_seeds_and_restores_the_current_device():
+    torch.cuda.init()
+    state = torch.cuda.get_rng_state()
+    with seeded_rng(11):
+        inside = torch.rand(4, device="cuda")
+    with seeded_rng(11):
+        again = torch.rand(4, device="cuda")
+    assert torch.equal(inside, again) and torch.equal(torch.cuda.get_rng_state(), state)
