@@ -256,13 +256,13 @@ def test_results_loaded_from_another_process_are_what_the_strategy_reports():
 
 
 class _Tiny(L.LightningModule):
-    def __init__(self, automatic: bool = True, dtype=torch.float32):
+    def __init__(self, automatic: bool = True):
         super().__init__()
         self.automatic_optimization = automatic
-        self.layer = torch.nn.Linear(4, 2, dtype=dtype)
+        self.layer = torch.nn.Linear(4, 2)
 
     def training_step(self, batch, batch_idx):
-        return self.layer(batch[0].to(self.layer.weight.dtype)).sum()
+        return self.layer(batch[0]).sum()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)

@@ -66,11 +66,15 @@ def wants(attack: Attack, key: str) -> bool:
     return key in inspect.signature(attack).parameters
 
 
+def _takes_any_keyword(params: Any) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def check_options(attack: Attack, name: str, options: dict[str, Any]) -> None:
     """Refuse ``options`` that ``attack`` does not take, before a run: a misspelt one would otherwise fail
     the first step on the liar alone, which the other ranks see as a lost connection."""
     params = inspect.signature(attack).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    if _takes_any_keyword(params):
         return
     honest = next(iter(params), None)  # the tensor (or batch) it replaces
     own = [k for k, p in params.items() if k != honest and k not in CONTEXT_KEYS
@@ -86,7 +90,7 @@ def check_options(attack: Attack, name: str, options: dict[str, Any]) -> None:
 def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context: dict[str, Any]) -> Tensor:
     """Call ``attack`` with its options and the context keywords it accepts."""
     params = inspect.signature(attack).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    takes_any = _takes_any_keyword(params)
     chosen = {k: v for k, v in context.items() if takes_any or k in params}
     return attack(honest, **options, **chosen)
 

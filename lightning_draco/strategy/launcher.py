@@ -24,28 +24,22 @@ from typing_extensions import override
 RESULTS = "draco_results"
 
 
-def _refuse_before_launch(trainer: Optional["pl.Trainer"]) -> None:
-    if trainer is not None:
-        trainer.strategy.refuse_unsupported_fit(trainer, launching=True)
+class _RefusesBeforeLaunch:
+    """Runs ``DracoStrategy.refuse_unsupported_fit`` before the launcher it is mixed into starts a process."""
+
+    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
+        if trainer is not None:
+            trainer.strategy.refuse_unsupported_fit(trainer, launching=True)
+        return super().launch(function, *args, trainer=trainer, **kwargs)  # type: ignore[misc]
 
 
-class CheckedSubprocessScriptLauncher(_SubprocessScriptLauncher):
+class CheckedSubprocessScriptLauncher(_RefusesBeforeLaunch, _SubprocessScriptLauncher):
     """Lightning's script launcher (and the path of torchrun's and SLURM's ranks), checking the fit first."""
 
-    @override
-    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
-        _refuse_before_launch(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
 
-
-class ResultCarryingLauncher(_MultiProcessingLauncher):
+class ResultCarryingLauncher(_RefusesBeforeLaunch, _MultiProcessingLauncher):
     """The multiprocessing launcher, checking the fit first and carrying the strategy's results from rank 0
     to the main process."""
-
-    @override
-    def launch(self, function: Callable, *args: Any, trainer: Optional["pl.Trainer"] = None, **kwargs: Any) -> Any:
-        _refuse_before_launch(trainer)
-        return super().launch(function, *args, trainer=trainer, **kwargs)
 
     @override
     def get_extra_results(self, trainer: "pl.Trainer") -> dict[str, Any]:
