@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from lightning.pytorch.trainer.connectors.checkpoint_connector import _CheckpointConnector
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.distributed_c10d import _set_pg_timeout
@@ -32,6 +33,7 @@ __all__ = [
     "set_process_group_timeout",
     "unflatten_dense_tensors",
     "update_dataloader",
+    "wrapped_sampler",
 ]
 
 
@@ -51,6 +53,13 @@ _require(_SubprocessScriptLauncher, "kill", "a rank that fails alone ends the ra
 for _hook in ("get_extra_results", "update_main_process_results"):
     _require(_MultiProcessingLauncher, _hook, "spawned or forked ranks hand DRACO's results to the main process")
 _require(_CheckpointConnector, "hpc_save_path", "the SLURM requeue names its checkpoint with it")
+
+if not hasattr(DistributedSamplerWrapper([0], num_replicas=1, rank=0).dataset, "_sampler"):
+    raise ImportError(
+        f"lightning_draco needs the user's sampler at DistributedSamplerWrapper(...).dataset._sampler (it draws the"
+        f" sampler once per epoch for every partition, and the wrapper's set_epoch reads it there), which Lightning {lightning.__version__} does not have: install"
+        " the versions pyproject.toml admits."
+    )
 
 update_dataloader = _update_dataloader
 flatten_dense_tensors = _flatten_dense_tensors
@@ -99,3 +108,12 @@ def guard_lr_scheduler_step(module: Any, skip: Callable[[Any], bool]) -> Callabl
             del module.__dict__["lr_scheduler_step"]
 
     return remove
+
+
+def wrapped_sampler(sampler: Any) -> Optional[Any]:
+    """The user's own sampler that Lightning wrapped for distributed training (None for any other sampler).
+
+    Lightning's wrapper draws it again each time the wrapper is iterated, under whatever RNG state
+    that process has then.
+    """
+    return sampler.dataset._sampler if isinstance(sampler, DistributedSamplerWrapper) else None

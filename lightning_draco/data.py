@@ -12,15 +12,15 @@ import copy
 from typing import Any, Iterator, NamedTuple
 
 from lightning.pytorch.trainer.states import RunningStage
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
-from lightning_draco._compat import update_dataloader
+from lightning_draco._compat import update_dataloader, wrapped_sampler
 from lightning_draco._seeding import derive_seed, seeded_rng
 
 __all__ = ["DracoDataLoader", "PartitionBatch", "partition_seed", "transfer_seed"]
 
-# Salts keep the seeds of data loading, device transfer and the forward pass apart.
-_LOAD, _TRANSFER, _FORWARD = 0x10AD, 0x7A45, 0xF0D
+# Salts keep the seeds of data loading, device transfer, the forward pass and a user's sampler apart.
+_LOAD, _TRANSFER, _FORWARD, _ORDER = 0x10AD, 0x7A45, 0xF0D, 0x0DE7
 
 
 def partition_seed(seed: int, epoch: int, index: int, partition: int) -> int:
@@ -60,6 +60,39 @@ class _EpochFanout:
         return len(self.samplers[0])
 
 
+class _EpochOrder:
+    """A user's own sampler, drawn once per epoch for every partition.
+
+    Lightning wraps such a sampler in a ``DistributedSampler`` whose every iteration draws it again.
+    One wrapper per partition would draw it once per partition, each under that partition's seed,
+    and the partitions would then slice different orders: some samples twice in an epoch, others
+    never. Here every partition's sampler reads one order, drawn under a seed of the run and the
+    epoch that every rank shares, so the partitions split it as DDP's ranks split theirs.
+    """
+
+    def __init__(self, sampler: Any, seed: int):
+        # The name Lightning's wrapper reads to forward set_epoch to the user's sampler.
+        self._sampler = sampler
+        self.seed = seed
+        self.epoch: int | None = None
+        self.indices: list[Any] = []
+
+    def draw(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            with seeded_rng(derive_seed(_ORDER, self.seed, epoch)):
+                self.indices = list(self._sampler)
+            self.epoch = epoch
+
+    def reset(self) -> None:
+        """Called by Lightning's wrapper at each iteration: the order stays the epoch's (``draw``)."""
+
+    def __getitem__(self, index: int) -> Any:
+        return self.indices[index]
+
+    def __len__(self) -> int:
+        return len(self._sampler)
+
+
 class DracoDataLoader:
     """Iterates the batches of several partitions in lockstep; resumable inside an epoch.
 
@@ -80,6 +113,13 @@ class DracoDataLoader:
 
     def __init__(self, dataloader: DataLoader, partitions: list[int], num_partitions: int, seed: int):
         sampler = dataloader.sampler
+        if isinstance(dataloader.dataset, IterableDataset):
+            raise ValueError(
+                f"DracoStrategy needs a map-style training dataset (got the IterableDataset"
+                f" {type(dataloader.dataset).__name__}): the holders of a partition each load its batch, which"
+                " they find by index through a DistributedSampler. Give the DataLoader a Dataset with __getitem__"
+                " and __len__."
+            )
         if not isinstance(sampler, DistributedSampler):
             raise ValueError(
                 "DracoStrategy needs the training DataLoader to draw from a DistributedSampler (got"
@@ -95,6 +135,11 @@ class DracoDataLoader:
         self.partitions = list(partitions)
         self.seed = seed
         self.source = dataloader
+        user_sampler = wrapped_sampler(sampler)
+        self._order = None if user_sampler is None else _EpochOrder(user_sampler, seed)
+        if self._order is not None:
+            sampler = copy.copy(sampler)
+            sampler.dataset = self._order
         samplers, loaders = [], []
         for partition in self.partitions:
             partition_sampler = copy.copy(sampler)
@@ -127,6 +172,8 @@ class DracoDataLoader:
         key = (partition, epoch)
         indices = self._replay_indices.get(key)
         if indices is None:
+            if self._order is not None:
+                self._order.draw(epoch)
             sampler = copy.copy(self._template)
             sampler.rank = partition
             sampler.set_epoch(epoch)
@@ -157,6 +204,8 @@ class DracoDataLoader:
 
     def __iter__(self) -> Iterator[PartitionBatch]:
         epoch = self.sampler.epoch
+        if self._order is not None:
+            self._order.draw(epoch)
         iterators = []
         for partition, loader in zip(self.partitions, self.loaders):
             # Worker seeds are drawn when the iterator starts: draw them from the partition's seed.

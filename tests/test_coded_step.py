@@ -4,10 +4,11 @@ import contextlib
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from lightning_draco.codes import CyclicRepetitionCode, FractionalRepetitionCode
 from lightning_draco.data import PartitionBatch
-from lightning_draco.strategy.coded_step import CodedStep
+from lightning_draco.strategy.coded_step import CodedStep, uses_reentrant_checkpoint
 
 
 def _model():
@@ -65,3 +66,13 @@ def test_holders_of_a_partition_draw_the_same_dropout_masks():
         step = CodedStep(code, rank, seed=5, device=torch.device("cpu"))
         step.summed_step(_batch([0, 1, 2]), lambda x: masks.append(torch.nn.functional.dropout(x, 0.5)) or x.sum())
     assert all(torch.equal(masks[i], masks[i % 3]) for i in range(9))
+
+
+def test_reentrant_checkpoints_are_found_in_the_graph_and_nothing_else_is():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    x = torch.randn(3, 4, requires_grad=True)
+    checkpoint = torch.utils.checkpoint
+    assert uses_reentrant_checkpoint(checkpoint.checkpoint(net, x, use_reentrant=True).sum())
+    assert uses_reentrant_checkpoint(checkpoint.checkpoint_sequential(net, 2, x, use_reentrant=True).sum() + net(x).sum())
+    assert not uses_reentrant_checkpoint(checkpoint.checkpoint(net, x, use_reentrant=False).sum())
+    assert not uses_reentrant_checkpoint(net(x).sum())

@@ -1,5 +1,6 @@
 """DracoDataLoader on its own: the batches of each held partition, and resuming inside an epoch."""
 
+import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -75,3 +76,61 @@ def test_any_partitions_batch_is_replayed_by_index_as_its_holders_load_it():
         for partition, batch in zip(step.partitions, step.batches):
             replayed = other.replay(partition, step.epoch, step.index)
             assert torch.equal(replayed[0], batch[0]) and torch.equal(replayed[1], batch[1])
+
+
+class _Shuffled(torch.utils.data.Sampler):
+    """A user's own shuffling sampler: a fresh permutation from torch's global RNG at each iteration."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def _user_sampler_loader(partitions, epoch=0):
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    data = TensorDataset(torch.arange(60).float(), torch.arange(60))
+    # What Lightning makes of DataLoader(sampler=_Shuffled(60)) on rank 0 of three.
+    sampler = DistributedSamplerWrapper(_Shuffled(60), num_replicas=3, rank=0, shuffle=False)
+    draco = DracoDataLoader(DataLoader(data, batch_size=4, sampler=sampler), partitions, 3, seed=7)
+    draco.sampler.set_epoch(epoch)
+    return draco
+
+
+def test_a_users_shuffling_sampler_is_split_whole_across_the_partitions_of_every_rank():
+    """Every partition slices one order of the user's sampler per epoch: the epoch covers the data set once,
+    and a partition's batches are the same on every rank that holds it."""
+    for epoch in (0, 1):
+        every_rank = [labels(list(_user_sampler_loader(held, epoch))) for held in ([0, 1, 2], [2, 0], [1])]
+        by_partition = {}
+        for held, steps in zip(([0, 1, 2], [2, 0], [1]), every_rank):
+            for position, partition in enumerate(held):
+                batches = [step[position] for step in steps]
+                assert by_partition.setdefault(partition, batches) == batches, f"partition {partition} differs"
+        seen = sorted(i for batches in by_partition.values() for batch in batches for i in batch)
+        assert seen == list(range(60)), "each sample once per epoch"
+    first, second = (labels(list(_user_sampler_loader([0], epoch))) for epoch in (0, 1))
+    assert first != second, "a new order each epoch"
+
+
+def test_a_users_shuffling_sampler_is_replayed_as_its_holders_load_it():
+    draco = _user_sampler_loader([0, 1, 2], epoch=1)
+    steps = list(draco)
+    for step in (0, 3):
+        for partition in range(3):
+            assert draco.replay(partition, 1, step)[1].tolist() == steps[step].batches[partition][1].tolist()
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter(torch.arange(10).float())
+
+
+def test_an_iterable_dataset_is_refused_naming_what_to_give_instead():
+    with pytest.raises(ValueError, match=r"needs a map-style training dataset \(got the IterableDataset _Stream\)"):
+        DracoDataLoader(DataLoader(_Stream(), batch_size=2), [0], 3, seed=7)

@@ -268,17 +268,26 @@ class _Tiny(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class _SparseEmbedding(_Tiny):
+    def __init__(self):
+        super().__init__()
+        self.words = torch.nn.Embedding(10, 4, sparse=True)
+
+
 PREFLIGHT = [
     (8, dict(code="crc", num_adversaries=2), {}, _Tiny(),
      "code='crc' with P=8, s=2 is too ill-conditioned for float32 gradients"),
     (4, dict(redundancy_mode="reactive"), dict(accumulate_grad_batches=2), _Tiny(),
      "redundancy_mode='reactive' supports accumulate_grad_batches=1 only (got 2)"),
     (3, {}, {}, _Tiny(automatic=False), "DracoStrategy supports automatic optimization only"),
+    (3, {}, {}, _SparseEmbedding(), "DracoStrategy codes dense gradients; 'words' makes sparse ones (sparse=True)"),
+    (3, dict(code="crc", static_graph=True), {}, _Tiny(),
+     "static_graph=True needs each step's gradient from one backward through DDP; code='crc' weights"),
 ]
 
 
 @pytest.mark.parametrize("devices, strategy, trainer, module, message", PREFLIGHT,
-                         ids=["crc_float32", "reactive_accumulate", "manual"])
+                         ids=["crc_float32", "reactive_accumulate", "manual", "sparse", "static_graph"])
 @pytest.mark.parametrize("start_method", ["popen", "spawn"])
 def test_a_fit_every_rank_would_refuse_is_refused_before_any_process_starts(
         devices, strategy, trainer, module, message, start_method, tmp_path):
@@ -324,3 +333,17 @@ def test_the_dtype_is_judged_as_the_model_will_train():
         _checked(single, _BuiltInSetup(), launching=False)  # had configure_model not run
     with pytest.raises(ValueError, match="too ill-conditioned for float32 gradients"):
         _checked(single, _Tiny(), launching=True)
+
+
+class _FrozenSparseEmbedding(_Tiny):
+    def __init__(self):
+        super().__init__()
+        self.words = torch.nn.Embedding(10, 4, sparse=True).requires_grad_(False)
+
+
+def test_what_the_preflight_refuses_elsewhere_passes_where_it_trains():
+    # The repetition code takes every rank's gradient in one backward: a static graph records it.
+    frc = L.Trainer(accelerator="cpu", devices=3, strategy=DracoStrategy(static_graph=True), logger=False)
+    _checked(frc, _Tiny(), launching=True)
+    # A frozen sparse embedding makes no gradient at all.
+    _checked(frc, _FrozenSparseEmbedding(), launching=False)

@@ -6,15 +6,20 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.checkpoint import CheckpointFunction
 
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.codes import Code
 from lightning_draco.data import PartitionBatch, partition_seed
 
-__all__ = ["CodedStep", "encoded"]
+__all__ = ["CodedStep", "UnsupportedStepError", "encoded", "uses_reentrant_checkpoint"]
 
 #: The user's training step on one partition's batch; returns its output (a loss or a dict with one).
 Forward = Callable[[Any], Any]
+
+
+class UnsupportedStepError(ValueError):
+    """A training step that every rank refuses alike: it depends only on the model and the code."""
 
 
 class CodedStep:
@@ -31,16 +36,16 @@ class CodedStep:
         self.weights = code.coefficients(rank)
         self.seed = seed
         self.device = device
+        #: Weights all 1 (the repetition code): the coded gradient is the gradient of the summed losses.
+        self.summed = all(weight == 1.0 for weight in self.weights)
+        # The first step's graphs are searched for reentrant checkpoints (a model checkpoints alike at
+        # every step; searching every step would cost about 1 ms per thousand autograd nodes).
+        self._graph_checked = False
         #: What the exchange multiplies the bucket by before it leaves (``encoded``): the weighted
         #: step leaves ``.grad`` holding the coded gradient divided by its last non-zero weight.
         self.scale = 1.0
         # The weighted partitions' gradients, added to ``.grad`` by ``add_side_gradients``.
         self._side: Optional[tuple[list[Tensor], list[Optional[Tensor]]]] = None
-
-    @property
-    def summed(self) -> bool:
-        """Weights all 1 (the repetition code): the coded gradient is the gradient of the summed losses."""
-        return all(weight == 1.0 for weight in self.weights)
 
     def add_side_gradients(self) -> None:
         """Before the syncing backward, after Lightning zeroed the gradients: add the weighted partitions' share."""
@@ -58,9 +63,17 @@ class CodedStep:
             output = forward(batch.batches[index])
         loss = loss_of(output)
         if loss is None:
-            raise ValueError(
+            raise UnsupportedStepError(
                 "DracoStrategy needs training_step to return a loss (a tensor, or a dict with 'loss') for every"
                 f" partition; it returned {output!r} for partition {partition}."
+            )
+        if not self._graph_checked and uses_reentrant_checkpoint(loss):
+            raise UnsupportedStepError(
+                "DracoStrategy cannot train through reentrant activation checkpointing (torch.utils.checkpoint with"
+                " use_reentrant=True, found in training_step's graph): each checkpointed segment runs a backward of"
+                " its own, so a parameter's gradient would be ready, and exchanged, once per partition instead of"
+                " once per step. Pass use_reentrant=False to torch.utils.checkpoint.checkpoint (or"
+                " checkpoint_sequential)."
             )
         return output, loss
 
@@ -80,6 +93,7 @@ class CodedStep:
             coded = loss if coded is None else coded + loss
             losses.append(loss.detach())
         self.scale = 1.0
+        self._graph_checked = True
         # The value is the mean partition loss (what the progress bar shows); the gradient is the coded one.
         mean = torch.stack(losses).mean()
         return with_loss(output, coded + (mean - coded).detach())
@@ -138,8 +152,25 @@ class CodedStep:
             losses.append(loss.detach())
         self._side = None if side is None else (params, side)
         self.scale = last_weight
+        self._graph_checked = True
         mean = torch.stack(losses).mean()
         return with_loss(output, loss + (mean - loss).detach())
+
+
+def uses_reentrant_checkpoint(loss: Tensor) -> bool:
+    """Whether ``loss``'s autograd graph holds a reentrant activation checkpoint (a node whose backward
+    recomputes its segment and runs a backward of its own)."""
+    stack = [loss.grad_fn]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if getattr(node, "_forward_cls", None) is CheckpointFunction:
+            return True
+        stack.extend(child for child, _ in node.next_functions)
+    return False
 
 
 def encoded(hook: Callable, coded_step: CodedStep) -> Callable:

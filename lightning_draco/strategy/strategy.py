@@ -67,7 +67,7 @@ from lightning_draco.report import FaultLedger
 from lightning_draco.requeue import SlurmRequeue
 from lightning_draco.strategy import checkpoint as ckpt
 from lightning_draco.strategy.checkpoint import IncompatibleCheckpointError
-from lightning_draco.strategy.coded_step import CodedStep, encoded
+from lightning_draco.strategy.coded_step import CodedStep, UnsupportedStepError, encoded
 from lightning_draco.strategy.config import DracoConfig
 from lightning_draco.strategy.escalation import Escalation
 from lightning_draco.strategy.launcher import CheckedSubprocessScriptLauncher, ResultCarryingLauncher
@@ -231,6 +231,8 @@ class DracoStrategy(DDPStrategy):
         # In the main process of a spawned or forked run: rank 0's escalations and traffic (load_results).
         self._carried_escalations: Optional[dict[str, float]] = None
         self._carried_stats: Optional[ExchangeStats] = None
+        # Whether the current optimizer step's closure ran a backward (Lightning may skip it).
+        self._backward_ran = False
 
     # -- what the run was asked for ---------------------------------------------------------
     @property
@@ -342,13 +344,31 @@ class DracoStrategy(DDPStrategy):
                 f" {trainer.accumulate_grad_batches}): a group recomputed after the step's last micro-batch would"
                 " need every earlier micro-batch again; use redundancy_mode='full' to accumulate gradients."
             ))
+        if self._ddp_kwargs.get("static_graph") and not self._one_backward():
+            raise self._agreed(ValueError(
+                f"static_graph=True needs each step's gradient from one backward through DDP; code={self.config.code!r}"
+                " weights its partitions, so each partition but the last gets a backward of its own, which a static"
+                " graph cannot record. Drop static_graph, or use code='frc'."
+            ))
         if launching and any(is_overridden(hook, module) for hook in ("setup", "configure_model")):
             return  # the module may still build or convert its parameters: setup checks them
+        sparse = [name for name, sub in module.named_modules()
+                  if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and sub.sparse
+                  and any(p.requires_grad for p in sub.parameters(recurse=False))]
+        if sparse:
+            raise self._agreed(ValueError(
+                f"DracoStrategy codes dense gradients; {', '.join(map(repr, sparse))} makes sparse ones (sparse=True)."
+                " Set sparse=False: each worker's coded gradient is a dense combination of its partitions' anyway."
+            ))
         for dtype in sorted(self._wire_dtypes(module), key=str):
             try:
                 self.code.check_wire_dtype(dtype)
             except ValueError as error:
                 raise self._agreed(error) from None
+
+    def _one_backward(self) -> bool:
+        """Whether every rank takes its coded gradient in one backward through DDP (``CodedStep.summed``)."""
+        return all(weight == 1.0 for rank in range(self.code.num_workers) for weight in self.code.coefficients(rank))
 
     def _wire_dtypes(self, module: "pl.LightningModule") -> set[torch.dtype]:
         """The dtypes the trained parameters' gradients will have once the precision plugin converts them
@@ -487,21 +507,46 @@ class DracoStrategy(DDPStrategy):
 
         self._recompute_forward = recompute_forward
 
-        with mean_over_partitions(self.lightning_module):
-            if self._coded_step.summed:
-                return self._coded_step.summed_step(batch, forward)
-            scaler = getattr(self.precision_plugin, "scaler", None)
-            return self._coded_step.weighted_step(
-                batch,
-                forward,
-                params=[p for p in self.lightning_module.parameters() if p.requires_grad],
-                no_sync=self.model.no_sync,
-                scale_loss=scaler.scale if scaler is not None else (lambda loss: loss),
-                accumulate=max(int(self.lightning_module.trainer.accumulate_grad_batches), 1),
-            )
+        try:
+            with mean_over_partitions(self.lightning_module):
+                if self._coded_step.summed and self._ddp_kwargs.get("find_unused_parameters"):
+                    # DDP finds a step's unused parameters from the output of the forward it syncs: one
+                    # forward for all partitions, or a parameter only an earlier partition reached would be
+                    # taken for unused (and then be ready twice, or keep its local gradient).
+                    return self._in_one_ddp_forward(lambda: self._coded_step.summed_step(batch, recompute_forward))
+                if self._coded_step.summed:
+                    return self._coded_step.summed_step(batch, forward)
+                scaler = getattr(self.precision_plugin, "scaler", None)
+                return self._coded_step.weighted_step(
+                    batch,
+                    forward,
+                    params=[p for p in self.lightning_module.parameters() if p.requires_grad],
+                    no_sync=self.model.no_sync,
+                    scale_loss=scaler.scale if scaler is not None else (lambda loss: loss),
+                    accumulate=max(int(self.lightning_module.trainer.accumulate_grad_batches), 1),
+                )
+        except UnsupportedStepError as error:
+            raise self._agreed(error) from None
+
+    def _in_one_ddp_forward(self, run: Callable[[], Any]) -> Any:
+        """``run()`` as the module's forward inside one call of DDP's forward: DDP prepares the backward
+        from everything it returns (as Lightning's forward redirection does for ``training_step``)."""
+        module = self.lightning_module
+        forward = module.forward
+
+        def redirected(*_args: Any, **_kwargs: Any) -> Any:
+            module.forward = forward  # the user's training_step may call self(x)
+            return run()
+
+        module.forward = redirected
+        try:
+            return self.model()
+        finally:
+            module.forward = forward
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        self._backward_ran = True
         self._coded_step.add_side_gradients()
         try:
             return super().backward(closure_loss, optimizer, *args, **kwargs)
@@ -527,10 +572,15 @@ class DracoStrategy(DDPStrategy):
         if self._escalation is not None:
             self._quarantine()  # from the ledger, the same on every rank (also right after a resume)
         self._exchange.begin_step(step)
+        self._backward_ran = False
         result = closure()
         if self._escalation is not None and self._exchange.outcome.buckets:
             self._settle_escalations()
         outcome = self._exchange.outcome
+        if not self._backward_ran:
+            # Lightning skipped the backward on every rank (StochasticWeightAveraging's last epoch only
+            # recomputes BatchNorm statistics): no gradient was made or exchanged, as under DDP.
+            return self._finish_step(super().optimizer_step(optimizer, lambda: result, model, **kwargs))
         if outcome.buckets == 0:
             # Every rank sees the same. A parameter the loss never reached keeps its DDP bucket from
             # ever being ready; otherwise the backward ran without DRACO's hook, i.e. with plain all-reduce.
@@ -559,6 +609,10 @@ class DracoStrategy(DDPStrategy):
             output = result
         else:
             output = super().optimizer_step(optimizer, lambda: result, model, **kwargs)
+        return self._finish_step(output)
+
+    def _finish_step(self, output: Any) -> Any:
+        """After the optimizer step (taken or skipped): the PS's buffers, the loader's position, the requeue."""
         if self.config.broadcast_buffers:
             # Each rank ran its own partitions' forwards; the PS's running statistics are the model's.
             self._broadcast_from_ps(list(self.model.module.buffers()))

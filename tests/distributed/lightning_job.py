@@ -173,6 +173,87 @@ def unused(name: str) -> dict:
     return out
 
 
+class CheckpointedNet(Net):
+    """The network under reentrant activation checkpointing: each segment's backward runs a backward of its own."""
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.net, x.requires_grad_(), use_reentrant=True)
+
+
+def reentrant(code: str) -> dict:
+    model = CheckpointedNet()
+    before = param_digest(model)
+    out: dict = {}
+    fit(out, trainer_for(draco(code=code)), model, data())
+    out["unchanged"] = param_digest(model) == before
+    return out
+
+
+class BranchNet(Net):
+    """A head that only batches whose first label is 1 reach (as an expert no token was routed to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(4, 2)
+        self.used: list[bool] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        self.used.append(bool(y[0] == 1))
+        if self.used[-1]:
+            out = out + self.head(x)
+        return nn.functional.cross_entropy(out, y)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        pass  # also runs under plain DDP
+
+
+def branch(strategy_name: str) -> dict:
+    """A data-dependent branch under find_unused_parameters: plain DDP, DRACO, DRACO with a liar on rank 1."""
+    if strategy_name == "ddp":
+        strategy = L.pytorch.strategies.DDPStrategy(start_method="popen", find_unused_parameters=True)
+    else:
+        adversary = Adversary(ranks=[1], attack="reverse") if strategy_name == "liar" else None
+        strategy = draco(find_unused_parameters=True, adversary=adversary)
+    model = BranchNet()
+    trainer = trainer_for(strategy)
+    out: dict = {}
+    fit(out, trainer, model, data())
+    out.update(global_step=trainer.global_step, sha=param_digest(model), used=model.used,
+               params=[p.detach().double().flatten().tolist() for p in model.parameters()],
+               faulty_counts={str(k): v for k, v in getattr(trainer.strategy, "faulty_counts", {}).items()})
+    return out
+
+
+class BatchNormNet(Net):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        pass  # also runs under plain DDP
+
+
+def averaged(strategy_name: str) -> dict:
+    """Lightning's StochasticWeightAveraging, whose last epoch recomputes BatchNorm statistics without a backward."""
+    if strategy_name == "ddp":
+        strategy = L.pytorch.strategies.DDPStrategy(start_method="popen")
+    else:
+        strategy = draco()
+    model = BatchNormNet()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=3, limit_train_batches=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)],
+    )
+    out: dict = {}
+    fit(out, trainer, model, data())
+    out.update(global_step=trainer.global_step, params=[p.detach().double().flatten().tolist() for p in model.parameters()],
+               steps_decoded=getattr(trainer.strategy, "ledger", None) and trainer.strategy.ledger.steps)
+    return out
+
+
 class LoggingNet(Net):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -228,6 +309,13 @@ SCENARIOS = {
     "unused_true": lambda: unused("draco_find_unused_parameters_true"),
     "hook_not_registered": hook_not_registered,
     "unused_default": lambda: unused("draco"),
+    "reentrant_frc": lambda: reentrant("frc"),
+    "reentrant_crc": lambda: reentrant("crc"),
+    "branch_ddp": lambda: branch("ddp"),
+    "branch_draco": lambda: branch("draco"),
+    "branch_liar": lambda: branch("liar"),
+    "averaged_ddp": lambda: averaged("ddp"),
+    "averaged_draco": lambda: averaged("draco"),
 }
 
 

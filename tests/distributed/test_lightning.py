@@ -16,7 +16,8 @@ from jobs import HERE, run_job
 pytestmark = pytest.mark.distributed
 
 SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_outvoted_skip", "rank_dependent", "inconsistent_data", "unused_true",
-             "hook_not_registered", "unused_default"]
+             "hook_not_registered", "unused_default", "reentrant_frc", "reentrant_crc", "branch_ddp", "branch_draco",
+             "branch_liar", "averaged_ddp", "averaged_draco"]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,43 @@ def test_unused_parameters_error_names_the_draco_strategy(runs):
     assert "strategy='draco_find_unused_parameters_true'" in error["message"]
     assert "ddp_find_unused" not in error["message"]
     assert all(seen["error"] == error for seen in runs["unused_default"]["ranks"]), "found on every rank at once"
+
+
+def _largest_difference(first: dict, second: dict) -> float:
+    pairs = zip((x for p in first["params"] for x in p), (x for p in second["params"] for x in p))
+    return max(abs(a - b) for a, b in pairs)
+
+
+def test_a_branch_only_some_partitions_reach_trains_as_under_ddp_and_the_liar_is_caught(runs):
+    """find_unused_parameters with a head that only some batches reach (an expert no token was routed to)."""
+    ddp, draco, liar = runs["branch_ddp"], runs["branch_draco"], runs["branch_liar"]
+    for run in (ddp, draco, liar):
+        assert run["global_step"] == 4 and all(seen["error"] is None for seen in run["ranks"])
+    # The case DDP's one-forward search for unused parameters gets wrong unless it sees every partition:
+    # a step where an earlier partition reached the head and the last did not.
+    steps = [draco["used"][i : i + 3] for i in range(0, len(draco["used"]), 3)]
+    assert any(any(used[:2]) and not used[2] for used in steps), steps
+    assert _largest_difference(draco, ddp) < 1e-6
+    assert liar["faulty_counts"] == {"1": 4} and liar["sha"] == draco["sha"]
+    assert all(seen["faulty_counts"] == {} for seen in draco["ranks"])
+
+
+@pytest.mark.parametrize("code", ["frc", "crc"])
+def test_reentrant_checkpointing_is_refused_on_every_rank_before_any_gradient(runs, code):
+    run = runs[f"reentrant_{code}"]
+    for seen in run["ranks"]:
+        assert seen["error"]["type"] == "UnsupportedStepError"
+        assert "use_reentrant=False" in seen["error"]["message"]
+    assert run["unchanged"]
+
+
+def test_stochastic_weight_averaging_recomputes_batchnorm_without_a_backward_as_under_ddp(runs):
+    """The callback's last epoch only runs forwards: no gradient is exchanged and the averaged weights are DDP's."""
+    ddp, draco = runs["averaged_ddp"], runs["averaged_draco"]
+    assert all(seen["error"] is None for seen in draco["ranks"] + ddp["ranks"])
+    assert draco["global_step"] == ddp["global_step"] == 7
+    assert draco["steps_decoded"] == 6, "the forward-only step decodes nothing"
+    assert _largest_difference(draco, ddp) < 1e-6
 
 
 def test_values_logged_in_training_step_mean_what_they_mean_under_ddp(runs):
