@@ -42,6 +42,8 @@ def test_import_registers_the_name_once():
         (dict(code="none", aggregator="average"), r"aggregator must be one of bulyan, centered_clipping"),
         (dict(code="none", aggregator="krum", aggregate_over="layer"), r"aggregate_over must be one of whole, bucket"),
         (dict(timeout=0), r"timeout must be a positive number of seconds or a timedelta \(got 0\)"),
+        (dict(overlap=True, find_unused_parameters=True),
+         r"overlap=True cannot be combined with find_unused_parameters=True: DDP all-reduces"),
     ],
 )
 def test_refused_at_construction(kwargs, message):

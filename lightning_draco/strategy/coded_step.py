@@ -19,7 +19,7 @@ Forward = Callable[[Any], Any]
 
 
 class UnsupportedStepError(ValueError):
-    """A training step that every rank refuses alike: it depends only on the model and the code."""
+    """A training step DRACO cannot train through correctly (found in the graphs of the first step)."""
 
 
 class CodedStep:
@@ -38,9 +38,10 @@ class CodedStep:
         self.device = device
         #: Weights all 1 (the repetition code): the coded gradient is the gradient of the summed losses.
         self.summed = all(weight == 1.0 for weight in self.weights)
-        # The first step's graphs are searched for reentrant checkpoints (a model checkpoints alike at
-        # every step; searching every step would cost about 1 ms per thousand autograd nodes).
-        self._graph_checked = False
+        #: Whether a step's graphs were searched for reentrant checkpoints: the first step's are (a model
+        #: checkpoints alike at every step; searching every step would cost about 1 ms per thousand
+        #: autograd nodes).
+        self.graph_checked = False
         #: What the exchange multiplies the bucket by before it leaves (``encoded``): the weighted
         #: step leaves ``.grad`` holding the coded gradient divided by its last non-zero weight.
         self.scale = 1.0
@@ -63,11 +64,11 @@ class CodedStep:
             output = forward(batch.batches[index])
         loss = loss_of(output)
         if loss is None:
-            raise UnsupportedStepError(
+            raise ValueError(
                 "DracoStrategy needs training_step to return a loss (a tensor, or a dict with 'loss') for every"
                 f" partition; it returned {output!r} for partition {partition}."
             )
-        if not self._graph_checked and uses_reentrant_checkpoint(loss):
+        if not self.graph_checked and uses_reentrant_checkpoint(loss):
             raise UnsupportedStepError(
                 "DracoStrategy cannot train through reentrant activation checkpointing (torch.utils.checkpoint with"
                 " use_reentrant=True, found in training_step's graph): each checkpointed segment runs a backward of"
@@ -93,7 +94,7 @@ class CodedStep:
             coded = loss if coded is None else coded + loss
             losses.append(loss.detach())
         self.scale = 1.0
-        self._graph_checked = True
+        self.graph_checked = True
         # The value is the mean partition loss (what the progress bar shows); the gradient is the coded one.
         mean = torch.stack(losses).mean()
         return with_loss(output, coded + (mean - coded).detach())
@@ -152,7 +153,7 @@ class CodedStep:
             losses.append(loss.detach())
         self._side = None if side is None else (params, side)
         self.scale = last_weight
-        self._graph_checked = True
+        self.graph_checked = True
         mean = torch.stack(losses).mean()
         return with_loss(output, loss + (mean - loss).detach())
 

@@ -200,6 +200,12 @@ class DracoStrategy(DDPStrategy):
             aggregate_over=aggregate_over, timeout=timeout, startup_timeout=startup_timeout, decode=decode, overlap=overlap,
             redundancy_mode=redundancy_mode, quarantine_after=quarantine_after,
         )
+        if self.config.overlap and kwargs.get("find_unused_parameters"):
+            raise ValueError(
+                "overlap=True cannot be combined with find_unused_parameters=True: DDP all-reduces its map of used"
+                " parameters during the backward while the overlapped exchange runs its collectives on another thread,"
+                " and ranks may pair the two up in different orders (a deadlock). Drop one of them."
+            )
         self._adversary_warnings = self.config.adversary_warnings()
         if self.config.timeout is not None:
             kwargs["timeout"] = self.config.timeout
@@ -507,26 +513,44 @@ class DracoStrategy(DDPStrategy):
 
         self._recompute_forward = recompute_forward
 
+        first = not self._coded_step.graph_checked
         try:
             with mean_over_partitions(self.lightning_module):
                 if self._coded_step.summed and self._ddp_kwargs.get("find_unused_parameters"):
                     # DDP finds a step's unused parameters from the output of the forward it syncs: one
                     # forward for all partitions, or a parameter only an earlier partition reached would be
                     # taken for unused (and then be ready twice, or keep its local gradient).
-                    return self._in_one_ddp_forward(lambda: self._coded_step.summed_step(batch, recompute_forward))
-                if self._coded_step.summed:
-                    return self._coded_step.summed_step(batch, forward)
-                scaler = getattr(self.precision_plugin, "scaler", None)
-                return self._coded_step.weighted_step(
-                    batch,
-                    forward,
-                    params=[p for p in self.lightning_module.parameters() if p.requires_grad],
-                    no_sync=self.model.no_sync,
-                    scale_loss=scaler.scale if scaler is not None else (lambda loss: loss),
-                    accumulate=max(int(self.lightning_module.trainer.accumulate_grad_batches), 1),
-                )
+                    output = self._in_one_ddp_forward(lambda: self._coded_step.summed_step(batch, recompute_forward))
+                elif self._coded_step.summed:
+                    output = self._coded_step.summed_step(batch, forward)
+                else:
+                    scaler = getattr(self.precision_plugin, "scaler", None)
+                    output = self._coded_step.weighted_step(
+                        batch,
+                        forward,
+                        params=[p for p in self.lightning_module.parameters() if p.requires_grad],
+                        no_sync=self.model.no_sync,
+                        scale_loss=scaler.scale if scaler is not None else (lambda loss: loss),
+                        accumulate=max(int(self.lightning_module.trainer.accumulate_grad_batches), 1),
+                    )
         except UnsupportedStepError as error:
-            raise self._agreed(error) from None
+            if not first:
+                raise
+            refusal: Optional[UnsupportedStepError] = error
+        else:
+            refusal = None
+        if first:
+            self._agree_on_first_step(refusal)
+        return output
+
+    def _agree_on_first_step(self, refusal: Optional[Exception]) -> None:
+        """Every rank, after the first step's forwards and before its backward: if any rank refused the
+        step (what its graphs hold may depend on its data), every rank raises that refusal together."""
+        said: list[Any] = [None] * self.world_size
+        dist.all_gather_object(said, None if refusal is None else str(refusal))
+        refused = [rank for rank, text in enumerate(said) if text is not None]
+        if refused:
+            raise self._agreed(UnsupportedStepError(f"{said[refused[0]]} (found on ranks {refused})")) from None
 
     def _in_one_ddp_forward(self, run: Callable[[], Any]) -> Any:
         """``run()`` as the module's forward inside one call of DDP's forward: DDP prepares the backward
@@ -540,7 +564,8 @@ class DracoStrategy(DDPStrategy):
 
         module.forward = redirected
         try:
-            return self.model()
+            # One placeholder argument: with device_ids (a GPU rank) DDP's forward indexes the moved inputs.
+            return self.model(None)
         finally:
             module.forward = forward
 
@@ -580,6 +605,7 @@ class DracoStrategy(DDPStrategy):
         if not self._backward_ran:
             # Lightning skipped the backward on every rank (StochasticWeightAveraging's last epoch only
             # recomputes BatchNorm statistics): no gradient was made or exchanged, as under DDP.
+            self._skip.skipping = False
             return self._finish_step(super().optimizer_step(optimizer, lambda: result, model, **kwargs))
         if outcome.buckets == 0:
             # Every rank sees the same. A parameter the loss never reached keeps its DDP bucket from

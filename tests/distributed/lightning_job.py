@@ -176,12 +176,18 @@ def unused(name: str) -> dict:
 class CheckpointedNet(Net):
     """The network under reentrant activation checkpointing: each segment's backward runs a backward of its own."""
 
+    def __init__(self, on_rank: int | None = None):
+        super().__init__()
+        self.on_rank = on_rank  # None: on every rank
+
     def forward(self, x):
+        if self.on_rank not in (None, self.global_rank):
+            return self.net(x)
         return torch.utils.checkpoint.checkpoint(self.net, x.requires_grad_(), use_reentrant=True)
 
 
-def reentrant(code: str) -> dict:
-    model = CheckpointedNet()
+def reentrant(code: str, on_rank: int | None = None) -> dict:
+    model = CheckpointedNet(on_rank)
     before = param_digest(model)
     out: dict = {}
     fit(out, trainer_for(draco(code=code)), model, data())
@@ -311,6 +317,7 @@ SCENARIOS = {
     "unused_default": lambda: unused("draco"),
     "reentrant_frc": lambda: reentrant("frc"),
     "reentrant_crc": lambda: reentrant("crc"),
+    "reentrant_rank_1": lambda: reentrant("crc", on_rank=1),
     "branch_ddp": lambda: branch("ddp"),
     "branch_draco": lambda: branch("draco"),
     "branch_liar": lambda: branch("liar"),
