@@ -62,7 +62,7 @@ if [ "$ACCELERATOR" = gpu ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if 
 fi
 if [ "${GPU_CHECK_TESTS:-1}" != 0 ] && [ "$ACCELERATOR" = gpu ]; then
     PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_frc_fused.py \
-        tests/test_crc.py tests/test_aggregators.py tests/exchange/test_hooks.py tests/test_seeding.py -k cuda || failed=1
+        tests/test_crc.py tests/test_aggregators.py tests/exchange/test_hooks.py tests/test_seeding.py tests/test_one_ddp_forward.py -k cuda || failed=1
 fi
 if [ "${GPU_CHECK_TRAINING:-1}" != 0 ]; then
     OUT=${GPU_CHECK_REPORT:-docs/gpu_check.md}
