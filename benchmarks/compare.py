@@ -378,11 +378,14 @@ def write_report(records: list[dict], out: Path, command: str, notes: dict, draw
     import matplotlib.pyplot as plt
 
     def runs_of(dataset):
-        keys = sorted({(r["method"], r["attack"]) for r in records if r["dataset"] == dataset},
+        """(label, attack, rows) per run: a method's runs on different partitions are different runs."""
+        keys = sorted({(r["method"], r["attack"], r.get("partition", "iid")) for r in records if r["dataset"] == dataset},
                       key=lambda k: (METHODS.index(k[0]) if k[0] in METHODS else len(METHODS),
-                                     method_order(k[0]), ALL_ATTACKS.index(k[1])))
-        return [(m, a, [r for r in records if r["dataset"] == dataset and r["method"] == m and r["attack"] == a])
-                for m, a in keys]
+                                     method_order(k[0]), ALL_ATTACKS.index(k[1]), k[2]))
+        return [(m if len(partitions) == 1 else f"{m} ({p})", a,
+                 [r for r in records if r["dataset"] == dataset and r["method"] == m and r["attack"] == a
+                  and r.get("partition", "iid") == p])
+                for m, a, p in keys]
 
     datasets = [d for d in TASKS if any(r["dataset"] == d for r in records)]
     attacks = [a for a in ALL_ATTACKS if any(r["attack"] == a for r in records)]
@@ -396,7 +399,10 @@ def write_report(records: list[dict], out: Path, command: str, notes: dict, draw
         " --report-only`. Wall clock counts training steps only; test accuracy is measured outside it. Under"
         " `alie` every rank also pays the simulation's two extra all-reduces per bucket (counted as"
         " communication). `ddp` is torch's all-reduce (its time is all 'compute' here); `mean` is plain"
-        " averaging through DRACO's gather/broadcast exchange.",
+        " averaging through DRACO's gather/broadcast exchange. Under `frc` a rank runs a forward per partition"
+        " it holds, so BatchNorm's running statistics move r times per step (docs/codes.md): with the same"
+        " parameters as `mean`, its test accuracy can differ slightly; the loss column of compare.csv is rank"
+        " 0's mean over the partitions it computes (r of them under `frc`, one otherwise).",
         "",
     ]
     for dataset in datasets:
@@ -408,11 +414,13 @@ def write_report(records: list[dict], out: Path, command: str, notes: dict, draw
             fig, axes = plt.subplots(rows_n, columns, figsize=(11, 3.8 * rows_n), sharey=True, squeeze=False)
             for ax, attack in zip(axes.flat, attacks):
                 for method, a, rows in runs:
-                    if a != attack and not (method == "ddp" and a == "none"):
+                    baseline = rows[0]["method"] == "ddp" and a == "none"
+                    if a != attack and not baseline:
                         continue
                     points = [(r["wall_seconds"], r["accuracy"]) for r in rows if r["accuracy"] is not None]
                     if points:
-                        ax.plot(*zip(*points), marker=".", label=method, linestyle="--" if method == "ddp" else "-")
+                        label = f"{method} (clean)" if baseline and attack != "none" else method
+                        ax.plot(*zip(*points), marker=".", label=label, linestyle="--" if baseline else "-")
                 ax.set_title(f"{dataset}: attack {attack}")
                 ax.set_xlabel("training wall seconds")
                 ax.set_ylabel("test accuracy")

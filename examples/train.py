@@ -91,13 +91,16 @@ class RunRecord(Callback):
         self.val_acc = list(state_dict["val_acc"])
 
 
-def build_strategy(cfg: DictConfig, with_adversary: bool = True) -> DracoStrategy:
+def build_strategy(cfg: DictConfig, with_adversary: bool = True, num_classes: Optional[int] = None) -> DracoStrategy:
+    """The strategy ``cfg`` asks for; ``num_classes`` (the data set's) fills an attack's ``num_classes: null``."""
     code, attack, aggregator = cfg.code, cfg.attack, cfg.aggregator
     adversary = None
     if with_adversary and attack.name != "none":
         ranks = attack.ranks if isinstance(attack.ranks, str) else list(attack.ranks)
-        adversary = Adversary(ranks=ranks, attack=attack.name, seed=attack.seed, count=attack.get("count"),
-                              **attack.options)
+        options = OmegaConf.to_container(attack.options, resolve=True)
+        if "num_classes" in options and options["num_classes"] is None:
+            options["num_classes"] = num_classes
+        adversary = Adversary(ranks=ranks, attack=attack.name, seed=attack.seed, count=attack.get("count"), **options)
     return DracoStrategy(
         aggregator=aggregator.name,
         aggregator_options={"num_byzantine": aggregator.num_byzantine, **aggregator.options},
@@ -154,8 +157,8 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     try:
-        strategy = build_strategy(cfg, with_adversary)
         data = instantiate(cfg.data)
+        strategy = build_strategy(cfg, with_adversary, num_classes=data.num_classes)
         net = instantiate(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
         model = Classifier(net, data.num_classes, **cfg.optimizer)
         record = RunRecord()
@@ -230,9 +233,15 @@ def report(cfg: DictConfig, summary: dict, run_dir: Path) -> str:
     caught = ", ".join(f"rank {r} at {n} steps" for r, n in summary["faulty_counts"].items()) or "nobody"
     liars = "no adversary" if cfg.attack.name == "none" else f"attack {cfg.attack.name!r} on ranks {cfg.attack.ranks}"
     accuracy = "n/a (no validation yet)" if summary["final_val_acc"] is None else f"{summary['final_val_acc']:.3f}"
+    if cfg.aggregator.name is None:
+        defence = f"code={cfg.code.name} s={cfg.code.num_adversaries}"
+    else:
+        pre = "".join(f"{p if isinstance(p, str) else p['name']} + " for p in (cfg.aggregator.get("pre") or []))
+        defence = (f"code={cfg.code.name}, aggregator {pre}{cfg.aggregator.name} (f={cfg.aggregator.num_byzantine},"
+                   f" over each {cfg.aggregator.over})")
     lines = [
         "",
-        f"DRACO code={cfg.code.name} s={cfg.code.num_adversaries} on {summary['world_size']} ranks, {liars}.",
+        f"DRACO {defence} on {summary['world_size']} ranks, {liars}.",
         f"  caught: {caught}; skipped steps: {summary['skipped_steps']}",
         f"  final validation accuracy {accuracy} after {summary['optimizer_steps']} steps ({summary['wall_seconds']:.1f} s)",
     ]

@@ -510,3 +510,65 @@ def test_the_auto_engine_on_cuda_is_the_network_up_to_64_rows_and_agrees_with_th
 def test_an_unknown_engine_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="aggregator 'median': engine must be one of auto, network, sort"):
         make_aggregator("median", 1, engine="heap")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("far", [1e20, 3e38])
+def test_the_geometric_median_ignores_one_finite_liar_however_far_out(far, dtype):
+    """Its breakdown point is 1/2: a liar's finite vector whose squared distance overflows the dtype moves it by nothing."""
+    honest = torch.randn(6, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.cat([honest, torch.full((1, 50), far, dtype=torch.float64)]).to(dtype)
+    got = make_aggregator("geometric_median", 1)(x)
+    assert bool(torch.isfinite(got).all())
+    # Within the honest points' spread: the liar's pull, at ~1e20 away, is below the dtype's resolution.
+    assert float((got.double() - honest.mean(0)).norm()) < float((honest - honest.mean(0)).norm(dim=1).max())
+
+
+def test_the_geometric_median_of_rows_all_with_nan_or_inf_is_nan():
+    x = torch.tensor([[math.nan, 1.0], [math.inf, 2.0], [3.0, -math.inf]])
+    assert bool(make_aggregator("geometric_median", 1)(x).isnan().all())
+
+
+@pytest.mark.parametrize("engine", coordinatewise.ENGINES)
+@pytest.mark.parametrize("name", ["median", "trimmed_mean", "meamed"])
+def test_half_precision_sums_of_finite_values_do_not_overflow(name, engine):
+    """float16's largest value is 65504: two or more kept values of 40000 sum past it."""
+    for n in (6, 7):
+        x = torch.full((n, 3), 40000.0, dtype=torch.float16)
+        x[0] = -1.0  # one liar the rule drops
+        assert make_aggregator(name, 1, engine=engine)(x).tolist() == [40000.0] * 3
+
+
+@given(st.lists(st.integers(-2**15, 2**15), min_size=3, max_size=9), st.integers(1, 4), st.integers(-8, 8))
+def test_meamed_in_bfloat16_keeps_the_values_it_keeps_in_float64(numerators, f, exponent):
+    """The distances to the median, computed in bfloat16, rounded unequal distances to a tie."""
+    column = [v * 2.0**exponent / 256 for v in numerators]  # exactly representable in bfloat16 (8-bit mantissa)
+    column = [float(torch.tensor(v).to(torch.bfloat16)) for v in column]
+    if 2 * f >= len(column):
+        return
+    x = torch.tensor(column, dtype=torch.float64)[:, None]
+    expected = make_aggregator("meamed", f)(x).to(torch.bfloat16)
+    got = make_aggregator("meamed", f)(x.to(torch.bfloat16))
+    torch.testing.assert_close(got, expected, rtol=2**-8, atol=0)  # one rounding of the mean apart at most
+
+
+@pytest.mark.parametrize(
+    "name, options, message",
+    [
+        ("median", {"bogus": 1}, r"aggregator 'median' has no option 'bogus': its options are engine\."),
+        ("krum", {"tau": 1}, r"aggregator 'krum' has no option 'tau': its options are none\."),
+        ("multi_krum", {"m": 2.5}, r"aggregator 'multi_krum': m must be None or an integer >= 1 \(got 2\.5\)"),
+        ("multi_krum", {"m": True}, r"aggregator 'multi_krum': m must be None or an integer >= 1 \(got True\)"),
+        ("centered_clipping", {"tau": "x"}, r"needs a number tau > 0 and an integer iterations >= 1 \(got tau='x'"),
+        ("centered_clipping", {"iterations": 1.5}, r"\(got tau=100\.0, iterations=1\.5\)"),
+        ("geometric_median", {"max_iter": 2.0}, r"an integer max_iter >= 1 \(got tol=1e-05, max_iter=2\.0, nu=1e-08\)"),
+    ],
+)
+def test_options_a_rule_does_not_take_or_of_the_wrong_type_are_refused_when_it_is_made(name, options, message):
+    with pytest.raises(ValueError, match=message):
+        make_aggregator(name, 1, **options)
+
+
+def test_pre_aggregator_options_are_checked_by_name_too():
+    with pytest.raises(ValueError, match=r"pre-aggregator 'bucketing' has no option 'size': its options are bucket_size, seed"):
+        make_aggregator("median", 1, pre_aggregators=[{"name": "bucketing", "size": 2}])

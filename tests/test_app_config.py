@@ -292,3 +292,20 @@ def test_a_setting_that_breaks_a_rule_ends_the_run_with_the_rule_before_training
         train.fit(compose_with(*overrides), tmp_path)
     assert str(ended.value).startswith("configuration error: ") and message in str(ended.value)
     assert not list(tmp_path.iterdir()), "nothing written before the refusal"
+
+
+def test_label_flipping_flips_within_the_data_sets_classes():
+    cfg = compose_with("attack=label_flip", "data=synthetic", "data.num_classes=3")
+    data = instantiate(cfg.data)
+    assert train.build_strategy(cfg, num_classes=data.num_classes).adversary.options == {"num_classes": 3}
+    # Set explicitly, it is kept.
+    cfg = compose_with("attack=label_flip", "attack.options.num_classes=5")
+    assert train.build_strategy(cfg, num_classes=10).adversary.options == {"num_classes": 5}
+
+
+def test_the_report_names_the_rule_and_the_f_it_tolerates():
+    summary = {"faulty_counts": {}, "final_val_acc": 0.5, "world_size": 6, "skipped_steps": 0, "optimizer_steps": 3,
+               "wall_seconds": 1.0}
+    krum = train.report(compose_with("code=none", "aggregator=krum", "aggregator.pre=[nnm]"), summary, Path("run"))
+    assert "DRACO code=none, aggregator nnm + krum (f=1, over each whole) on 6 ranks" in krum
+    assert "DRACO code=frc s=1 on 6 ranks" in train.report(compose_with(), summary, Path("run"))

@@ -59,3 +59,13 @@ def test_merge_replaces_the_rerun_runs_and_keeps_the_others(tmp_path):
     assert runs == {("frc", "none"): 2.0, ("frc", "alie"): 2.0, ("median", "none"): 2.0,
                     ("median", "alie"): 1.0, ("median", "reverse"): 3.0}
     assert command == "python benchmarks/compare.py --heterogeneity iid && python benchmarks/compare.py --merge"
+
+
+def test_runs_on_different_partitions_stay_apart_on_the_page(tmp_path):
+    row = dict(dataset="digits", attack="none", step=1, wall_seconds=0.1, loss=2.0, compute_seconds=0.1,
+               communication_seconds=0.0, decode_seconds=0.0)
+    records = [dict(row, method="median", partition="iid", accuracy=0.5),
+               dict(row, method="median", partition="dirichlet-0.5", accuracy=0.25)]
+    compare.save(tmp_path, "compare", records, "python benchmarks/compare.py")
+    page = (tmp_path / "benchmarks.md").read_text()
+    assert "| median (dirichlet-0.5) | none | - | 0.250 |" in page and "| median (iid) | none | - | 0.500 |" in page

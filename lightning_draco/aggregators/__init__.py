@@ -12,6 +12,7 @@ map the n vectors to m vectors before any rule: ``make_aggregator("krum", f, pre
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -43,7 +44,10 @@ def make_pre_aggregator(spec: PreAggregatorSpec, num_byzantine: int) -> PreAggre
         return PRE_AGGREGATORS.lookup(spec)(num_byzantine)
     if isinstance(spec, Mapping) and "name" in spec:
         options = {k: v for k, v in spec.items() if k != "name"}
-        return PRE_AGGREGATORS.lookup(spec["name"])(options.pop("num_byzantine", num_byzantine), **options)
+        cls = PRE_AGGREGATORS.lookup(spec["name"])
+        num_byzantine = options.pop("num_byzantine", num_byzantine)
+        _check_options(cls, options)
+        return cls(num_byzantine, **options)
     raise ValueError(
         "pre_aggregators entries must be a name, a dict with 'name' and options, or a PreAggregator"
         f" (got {spec!r})."
@@ -63,7 +67,21 @@ def make_aggregator(
 ) -> Aggregator:
     """The rule called ``name`` tolerating ``num_byzantine`` inputs, after ``pre_aggregators`` if any,
     or a ``ValueError`` listing the rules."""
-    return with_pre_aggregators(AGGREGATORS.lookup(name)(num_byzantine, **options), pre_aggregators or ())
+    cls = AGGREGATORS.lookup(name)
+    _check_options(cls, options)
+    return with_pre_aggregators(cls(num_byzantine, **options), pre_aggregators or ())
+
+
+def _check_options(cls: type, options: Mapping[str, Any]) -> None:
+    """Refuse an option the rule does not take, naming the ones it does."""
+    params = inspect.signature(cls.__init__).parameters
+    own = [k for k in params if k not in ("self", "num_byzantine")]
+    unknown = [k for k in options if k not in own]
+    if unknown:
+        raise ValueError(
+            f"{cls.kind} {cls.name!r} has no option {', '.join(map(repr, unknown))}: its options are"
+            f" {', '.join(own) if own else 'none'}."
+        )
 
 
 import_submodules(__name__, __path__, skip=("base",))

@@ -71,6 +71,16 @@ class _Rule:
             raise ValueError(f"{self.kind} {self.name!r} needs at least one input vector (got {num_inputs}).")
 
 
+def is_number(value: Any) -> bool:
+    """A real number given as one (not a bool, a string or a tensor)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_count(value: Any) -> bool:
+    """A whole number given as one (not a bool or a float)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class Aggregator(_Rule, ABC):
     """A rule mapping ``n`` received vectors, up to ``num_byzantine`` of them arbitrary, to one vector.
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator, finite_rows
+from lightning_draco.aggregators.base import Aggregator, finite_rows, is_count, is_number
 
 
 @register_aggregator
@@ -33,8 +33,11 @@ class CenteredClipping(Aggregator):
 
     def __init__(self, num_byzantine: int, tau: float = 100.0, iterations: int = 1):
         super().__init__(num_byzantine)
-        if tau <= 0 or iterations < 1:
-            raise ValueError("aggregator 'centered_clipping' needs tau > 0 and iterations >= 1.")
+        if not (is_number(tau) and tau > 0 and is_count(iterations) and iterations >= 1):
+            raise ValueError(
+                f"aggregator 'centered_clipping' needs a number tau > 0 and an integer iterations >= 1"
+                f" (got tau={tau!r}, iterations={iterations!r})."
+            )
         self.tau, self.iterations = float(tau), int(iterations)
         self.anchor: Optional[Tensor] = None
 

@@ -117,19 +117,21 @@ def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int, engine: str = "au
     """
     n, d = inputs.shape
     plan = _network_plan(inputs, engine)
+    # Half-precision values are added in float32: a sum of finite float16 values can overflow.
+    wide = torch.float32 if inputs.dtype in (torch.float16, torch.bfloat16) else inputs.dtype
     if plan is None or hi > len(plan[0]):
-        return inputs.sort(dim=0).values[lo:hi].mean(dim=0)
+        return inputs.sort(dim=0).values[lo:hi].to(wide).mean(dim=0).to(inputs.dtype)
     rows, _, finite = plan
     sequential = finite and n <= _SEQUENTIAL_MAX_ROWS
     out = torch.empty(d, dtype=inputs.dtype, device=inputs.device)
     for block, values in _network_blocks(inputs, rows, (lo, hi)):
         if sequential:
-            total = values[lo].clone() if hi - lo > 1 else values[lo]
+            total = values[lo].to(wide, copy=hi - lo > 1)
             for row in values[lo + 1 : hi]:
                 total += row
-            torch.div(total, hi - lo, out=out[block])
+            out[block] = total / (hi - lo)
         else:
-            torch.mean(torch.stack(values[lo:hi]), dim=0, out=out[block])
+            out[block] = torch.stack(values[lo:hi]).to(wide).mean(dim=0)
     return out
 
 
@@ -232,6 +234,10 @@ class Meamed(_OrderStatistics):
     def aggregate(self, inputs: Tensor) -> Tensor:
         n, f = inputs.shape[0], self.num_byzantine
         ordered = sorted_columns(inputs, self.engine)
+        if inputs.dtype in (torch.float16, torch.bfloat16):
+            # Distances to the median and the sum in float32: in bfloat16 two unequal distances can round
+            # to a tie and keep the wrong values; in float16 finite sums overflow.
+            ordered = ordered.float()
         median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
         lo = torch.zeros(inputs.shape[1], dtype=torch.long, device=inputs.device)
         hi = torch.full_like(lo, n - 1)
@@ -243,5 +249,5 @@ class Meamed(_OrderStatistics):
             lo = lo + (~drop_high).long()
         index = torch.arange(n, device=inputs.device)[:, None]
         window = (index >= lo) & (index <= hi)
-        zero = torch.zeros((), dtype=inputs.dtype, device=inputs.device)
-        return torch.where(window, ordered, zero).sum(dim=0) / (n - f)
+        zero = torch.zeros((), dtype=ordered.dtype, device=inputs.device)
+        return (torch.where(window, ordered, zero).sum(dim=0) / (n - f)).to(inputs.dtype)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator, Scratch, finite_rows
+from lightning_draco.aggregators.base import Aggregator, Scratch, finite_rows, is_count, is_number
 from lightning_draco.aggregators.coordinatewise import coordinate_median
 
 
@@ -93,6 +93,8 @@ class MultiKrum(Aggregator):
 
     def __init__(self, num_byzantine: int, m: int | None = None):
         super().__init__(num_byzantine)
+        if m is not None and not (is_count(m) and m >= 1):
+            raise ValueError(f"aggregator {self.name!r}: m must be None or an integer >= 1 (got {m!r}).")
         self.m = m
 
     def check(self, num_inputs: int) -> None:
@@ -169,8 +171,11 @@ class GeometricMedian(Aggregator):
 
     def __init__(self, num_byzantine: int, tol: float = 1e-5, max_iter: int = 100, nu: float = 1e-8):
         super().__init__(num_byzantine)
-        if tol <= 0 or max_iter < 1 or nu <= 0:
-            raise ValueError("aggregator 'geometric_median' needs tol > 0, max_iter >= 1 and nu > 0.")
+        if not (is_number(tol) and tol > 0 and is_count(max_iter) and max_iter >= 1 and is_number(nu) and nu > 0):
+            raise ValueError(
+                f"aggregator 'geometric_median' needs numbers tol > 0 and nu > 0 and an integer max_iter >= 1"
+                f" (got tol={tol!r}, max_iter={max_iter!r}, nu={nu!r})."
+            )
         self.tol, self.max_iter, self.nu = tol, max_iter, nu
         self.iterations = 0
 
@@ -183,13 +188,20 @@ class GeometricMedian(Aggregator):
         finite = finite_rows(x)
         if finite is not None:
             x = x[finite]
+        if x.shape[0] == 0:  # every row has NaN or Inf in it: no point to move towards
+            return torch.full_like(inputs[0], float("nan"))
         weights = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype, device=x.device)
         z = weights @ x
         for self.iterations in range(1, self.max_iter + 1):
-            weights = 1.0 / torch.cdist(x, z[None]).squeeze(1).clamp_min(self.nu)
+            distances = torch.cdist(x, z[None]).squeeze(1)
+            if not bool(torch.isfinite(distances).all()):
+                # A finite row far out (a liar's 1e20 in float32) overflows the squared distances; float64 holds them.
+                distances = torch.cdist(x.double(), z[None].double()).squeeze(1)
+            weights = (1.0 / distances.clamp_min(self.nu)).to(x.dtype)
             new = (weights @ x) / weights.sum()
-            moved = float(torch.linalg.vector_norm(new - z))
+            # Norms in float64, as the distances: a float32 norm of 1e19-sized entries overflows to inf <= inf.
+            moved = float(torch.linalg.vector_norm(new - z, dtype=torch.float64))
             z = new
-            if moved <= self.tol * float(torch.linalg.vector_norm(z)):
+            if moved <= self.tol * float(torch.linalg.vector_norm(z, dtype=torch.float64)):
                 break
         return z.to(inputs.dtype)

@@ -620,7 +620,14 @@ class DracoStrategy(DDPStrategy):
         error: Optional[Exception] = outcome.failure
         if isinstance(error, DracoDecodeError):
             error = explain_decode_failure(error)
-        if error is None and outcome.nonfinite:
+        if error is None and outcome.nonfinite and self.aggregator is not None:
+            # A rule guarantees no exact agreement: its output may be non-finite with liars present.
+            error = NonFiniteGradientError(
+                f"DRACO step {step}: aggregator {self.aggregator.name!r} returned a gradient with NaN or Inf in it:"
+                " more liars than it tolerates, or a model that has diverged (lower the learning rate, clip"
+                " gradients or check the loss)."
+            )
+        elif error is None and outcome.nonfinite:
             error = NonFiniteGradientError(
                 f"DRACO step {step}: the honest ranks agree on a gradient with NaN or Inf in it; no rank lied, the"
                 " model has diverged (lower the learning rate, clip gradients or check the loss)."
