@@ -1,7 +1,12 @@
 """Attacks and the adversary simulation, single-process."""
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,3 +303,15 @@ def test_the_options_an_attack_takes_are_accepted_and_a_catch_all_takes_any():
         return honest
 
     assert Adversary(ranks=[1], attack=anything, strength=3).options == {"strength": 3}
+
+
+@pytest.mark.distributed
+def test_the_omniscient_liars_learn_the_honest_spread_where_it_is_small_next_to_the_mean(dtype="bfloat16"):
+    """E[x^2] - mean^2 cancelled to 0 in bfloat16 wherever the mean was ~100 spreads; the squares about the mean do not."""
+    script = Path(__file__).parent / "exchange" / "knowledge_world.py"
+    job = subprocess.run([sys.executable, str(script), dtype], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
+    assert job.returncode == 0, job.stderr[-3000:]
+    learnt = json.loads(job.stdout.strip().splitlines()[-1])
+    assert learnt["spread"] > 0.5
+    assert learnt["mean_error"] < 1e-3 and learnt["std_error"] < 1e-4 * learnt["spread"]

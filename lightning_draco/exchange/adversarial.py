@@ -92,12 +92,17 @@ def _learn_honest(state: ExchangeState, adversary: Adversary, honest: Tensor) ->
         if adversary.wants("honest_mean") or adversary.wants("honest_std"):
             knowledge.update(honest_mean=vectors.mean(dim=0), honest_std=vectors.std(dim=0, unbiased=False))
     else:
-        total, squares = honest.clone(), honest * honest
+        # The mean, then the squares about it: E[x^2] - mean^2 cancels to 0 in bfloat16 (and loses most
+        # digits in float32) wherever the spread is small next to the mean. Half precision sums in float32.
+        wide = torch.float32 if honest.dtype in (torch.float16, torch.bfloat16) else honest.dtype
+        total = honest.to(wide, copy=True)
         with collectives.timed(state, "all-reduce (simulated omniscient liars)"):
             dist.all_reduce(total, group=setup.process_group)
-            dist.all_reduce(squares, group=setup.process_group)
         mean = total / setup.world_size
-        knowledge = {"honest_mean": mean, "honest_std": (squares / setup.world_size - mean * mean).clamp_min(0).sqrt()}
+        squares = (honest.to(wide) - mean).square_()
+        with collectives.timed(state, "all-reduce (simulated omniscient liars)"):
+            dist.all_reduce(squares, group=setup.process_group)
+        knowledge = {"honest_mean": mean, "honest_std": (squares / setup.world_size).sqrt_()}
     return knowledge
 
 
