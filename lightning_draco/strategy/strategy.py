@@ -546,8 +546,10 @@ class DracoStrategy(DDPStrategy):
     def _agree_on_first_step(self, refusal: Optional[Exception]) -> None:
         """Every rank, after the first step's forwards and before its backward: if any rank refused the
         step (what its graphs hold may depend on its data), every rank raises that refusal together."""
-        said: list[Any] = [None] * self.world_size
-        dist.all_gather_object(said, None if refusal is None else str(refusal))
+        said: list[Any] = [None if refusal is None else str(refusal)]
+        if dist.is_available() and dist.is_initialized():
+            said = [None] * self.world_size
+            dist.all_gather_object(said, None if refusal is None else str(refusal))
         refused = [rank for rank, text in enumerate(said) if text is not None]
         if refused:
             raise self._agreed(UnsupportedStepError(f"{said[refused[0]]} (found on ranks {refused})")) from None
