@@ -39,7 +39,8 @@ class FaultLedger:
                 self.first_caught[rank] = step
                 news.append(
                     f"DRACO: rank {rank} on host {self.hostname(rank)} sent a faulty gradient at step {step};"
-                    " the parameter server corrected it. Its count is logged as draco/times_caught/rank_"
+                    " its gradient was set aside and the step decoded without it. Its count is logged as"
+                    " draco/times_caught/rank_"
                     f"{rank}."
                 )
         return news

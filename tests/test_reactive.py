@@ -250,3 +250,23 @@ def test_a_detection_ballot_carries_its_status_and_exactly_its_pending_groups(nu
         assert int(ballot[0]) == 2 and pending_in(ballot) == pending
     every = list(range(num_groups))
     assert pending_in(detection_ballot(0, every, num_groups, torch.device("cpu"))) == every
+
+
+def test_noise_one_escalated_group_shows_spares_an_honest_copy_in_another():
+    """Two groups escalate under non-deterministic kernels: in group 0 the copies all differ a little; in
+    group 1 two copies happen to be bitwise equal and the third is off by the same noise. Voted alone,
+    group 1 would name its honest odd copy; voted together, group 0's noise spares it (as the one-shot
+    decode does)."""
+    code = ReactiveRepetitionCode(6, 1)
+    sums = _group_sums(code, dtype=torch.float32)
+    noisy = lambda g, k: sums[g] * (1 + 1e-7 * k)  # noqa: E731
+    group_0 = torch.stack([noisy(0, 0), noisy(0, 1), noisy(0, 2)])
+    group_1 = torch.stack([noisy(1, 0), noisy(1, 0), noisy(1, 2)])
+    assert not torch.equal(group_1[2], group_1[0])
+    alone = ReactiveRepetitionCode(6, 1)
+    assert alone.vote(group_1, alone.holders(1, 0))[1] != [], "the case voting alone gets wrong"
+    result = code.settle({2: sums[2]}, {0: group_0, 1: group_1}, 0)
+    assert result.faulty == []
+    # A liar beyond the noise is still named, in the group it lied in.
+    group_1[1] = sums[1] * 1.01
+    assert code.settle({2: sums[2]}, {0: group_0, 1: group_1}, 0).faulty == [code.holders(1, 0)[1]]

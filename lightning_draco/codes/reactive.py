@@ -68,11 +68,10 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         #: Whether votes update ``noise_floor``. Off where several decoders must reach the same verdict
         #: from their own copies of the code (sharded decoding): each would learn from its own shards.
         self.learn_floor = learn_floor
-        # One group of 2s+1 copies: the one-shot code's vote, reused as is.
-        s = self.num_adversaries
-        self._voter = FractionalRepetitionCode(
-            2 * s + 1, s, 2 * s + 1, tolerance=tolerance, chunk_size=chunk_size, batched=False, fused=False
-        )
+        # k escalated groups of 2s+1 copies each: the one-shot code's vote over k groups, reused as is
+        # (one voter per k, made when first needed).
+        self._voter_options = dict(tolerance=tolerance, chunk_size=chunk_size, batched=False, fused=False)
+        self._voters: dict[int, FractionalRepetitionCode] = {}
 
     @classmethod
     def default_redundancy(cls, num_adversaries: int) -> int:
@@ -190,47 +189,61 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
 
     # -- correction ---------------------------------------------------------------------------
     def vote(self, copies: Tensor, holders: list[int]) -> tuple[Tensor, list[int]]:
-        """The value of one escalated group from its ``2s+1`` copies (``(2s+1, d)``, rows by ``holders``).
+        """The value of one escalated group from its ``2s+1`` copies (``(2s+1, d)``, rows by ``holders``):
+        ``vote_groups`` of that group alone."""
+        values, faulty = self.vote_groups([copies], [holders])
+        return values[0], faulty
 
-        The one-shot code's vote of one group: a bitwise class of ``s+1`` copies wins; two such
-        classes, or none even within the noise-floor radius, raise ``DracoDecodeError``. Returns the
-        winning value (accumulation dtype) and the holders whose copy differs from it.
-        A tolerance vote's noise floor becomes ``noise_floor`` (replicas are not bitwise equal here).
+    def vote_groups(self, copies: list[Tensor], holders: list[list[int]]) -> tuple[list[Tensor], list[int]]:
+        """The values of a decode's escalated groups, each from its ``2s+1`` copies (rows by ``holders``).
+
+        The one-shot code's vote over these groups together: in each, a bitwise class of ``s+1``
+        copies wins; two such classes, or none even within the noise-floor radius, raise
+        ``DracoDecodeError``. Together, so that the noise one group's honest copies show spares an
+        honest copy that differs from another group's bitwise class (voted alone, that copy would be
+        named: nothing in its own group shows the noise). Returns each group's winning value
+        (accumulation dtype) and the holders whose copy differs from it. A tolerance vote's noise
+        floor becomes ``noise_floor`` (replicas are not bitwise equal here).
         """
         s = self.num_adversaries
-        if copies.shape[0] != 2 * s + 1 or len(holders) != 2 * s + 1:
-            raise ValueError(f"an escalated group is voted over 2s+1 = {2 * s + 1} copies (got {copies.shape[0]}).")
-        self._voter.measured_floor = None
+        width = 2 * s + 1
+        for group_copies, group_holders in zip(copies, holders):
+            if group_copies.shape[0] != width or len(group_holders) != width:
+                raise ValueError(f"an escalated group is voted over 2s+1 = {width} copies (got {group_copies.shape[0]}).")
+        voter = self._voters.get(len(copies))
+        if voter is None:
+            voter = self._voters[len(copies)] = FractionalRepetitionCode(
+                len(copies) * width, s, width, **self._voter_options)
+        voter.measured_floor = None
         try:
-            value, faulty = self._voter.parts(copies)
+            values, faulty = voter.parts(torch.cat(copies))
         except DracoDecodeError as error:
+            groups = sorted({i // width for i in error.suspects}) or list(range(len(copies)))
+            ranks = [holders[g] for g in groups]
             raise DracoDecodeError(
-                f"the 2s+1 = {2 * s + 1} copies of one group's sum from ranks {holders} (members, then the ranks"
+                f"the 2s+1 = {width} copies of one group's sum from ranks {ranks[0]} (members, then the ranks"
                 f" that recomputed it) hold no value sent by s+1 = {s + 1} of them: more than s={s} of these ranks"
                 " lied.",
-                holders,
+                sorted({rank for group in ranks for rank in group}),
             ) from error
-        floor = self._voter.measured_floor
+        floor = voter.measured_floor
         if self.learn_floor and floor is not None and 0 < floor < float("inf"):
             self.noise_floor = floor
-        return value[0], sorted(holders[i] for i in faulty)
+        return list(values), sorted({holders[i // width][i % width] for i in faulty})
 
     def settle(self, values: dict[int, Tensor], copies: dict[int, Tensor], step: int) -> DecodeResult:
-        """The total once the escalated groups are voted.
+        """The total once the escalated groups are voted (together: ``vote_groups``).
 
         ``values``: the agreeing groups' values; ``copies``: each escalated group's ``(2s+1, d)`` copies,
         its members' rows then its helpers' (``holders``). Returns the total and the ranks caught.
         """
-        faulty: list[int] = []
-        ordered = []
-        for g in range(self.num_groups):
-            if g in copies:
-                value, caught = self.vote(copies[g], self.holders(g, step))
-                faulty += caught
-                ordered.append(value)
-            else:
-                ordered.append(values[g])
-        return DecodeResult(self.total(ordered), sorted(set(faulty)))
+        escalated = sorted(copies)
+        if not escalated:
+            return DecodeResult(self.total([values[g] for g in range(self.num_groups)]), [])
+        voted, faulty = self.vote_groups([copies[g] for g in escalated], [self.holders(g, step) for g in escalated])
+        won = dict(zip(escalated, voted))
+        ordered = [won[g] if g in won else values[g] for g in range(self.num_groups)]
+        return DecodeResult(self.total(ordered), faulty)
 
     # -- what a resumed run must carry ----------------------------------------------------------
     def state_dict(self) -> dict:

@@ -239,6 +239,8 @@ class DracoStrategy(DDPStrategy):
         self._carried_stats: Optional[ExchangeStats] = None
         # Whether the current optimizer step's closure ran a backward (Lightning may skip it).
         self._backward_ran = False
+        # The ledger's steps when this fit started (a resumed fit's ledger holds the earlier ones).
+        self._steps_before_fit = 0
 
     # -- what the run was asked for ---------------------------------------------------------
     @property
@@ -780,13 +782,20 @@ class DracoStrategy(DDPStrategy):
 
     # -- the end of a run -------------------------------------------------------------------
     @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # After a resume the ledger holds the earlier fits' steps; the escalation counts are this fit's.
+        self._steps_before_fit = self.ledger.steps
+
+    @override
     def on_train_end(self) -> None:
         super().on_train_end()
         rank_zero_info(self.ledger.summary())
         if self._escalation is not None:
             quarantined = f"; quarantined ranks: {sorted(self.quarantined)}" if self.quarantined else ""
+            steps = self.ledger.steps - self._steps_before_fit
             rank_zero_info(
-                f"DRACO reactive mode: {self._escalation.steps} of {self.ledger.steps} steps escalated"
+                f"DRACO reactive mode: {self._escalation.steps} of this fit's {steps} steps escalated"
                 f" ({self._escalation.groups} group recomputations){quarantined}."
             )
 
