@@ -129,9 +129,9 @@ def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int, engine: str = "au
             total = values[lo].to(wide, copy=hi - lo > 1)
             for row in values[lo + 1 : hi]:
                 total += row
-            out[block] = total / (hi - lo)
+            torch.div(total, hi - lo, out=out[block])
         else:
-            out[block] = torch.stack(values[lo:hi]).to(wide).mean(dim=0)
+            torch.mean(torch.stack(values[lo:hi]).to(wide), dim=0, out=out[block])
     return out
 
 
