@@ -237,8 +237,8 @@ def report(cfg: DictConfig, summary: dict, run_dir: Path) -> str:
         defence = f"code={cfg.code.name} s={cfg.code.num_adversaries}"
     else:
         pre = "".join(f"{p if isinstance(p, str) else p['name']} + " for p in (cfg.aggregator.get("pre") or []))
-        defence = (f"code={cfg.code.name}, aggregator {pre}{cfg.aggregator.name} (f={cfg.aggregator.num_byzantine},"
-                   f" over each {cfg.aggregator.over})")
+        over = "each bucket" if cfg.aggregator.over == "bucket" else "the whole step"
+        defence = f"code={cfg.code.name}, aggregator {pre}{cfg.aggregator.name} (f={cfg.aggregator.num_byzantine}, over {over})"
     lines = [
         "",
         f"DRACO {defence} on {summary['world_size']} ranks, {liars}.",

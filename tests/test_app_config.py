@@ -307,5 +307,5 @@ def test_the_report_names_the_rule_and_the_f_it_tolerates():
     summary = {"faulty_counts": {}, "final_val_acc": 0.5, "world_size": 6, "skipped_steps": 0, "optimizer_steps": 3,
                "wall_seconds": 1.0}
     krum = train.report(compose_with("code=none", "aggregator=krum", "aggregator.pre=[nnm]"), summary, Path("run"))
-    assert "DRACO code=none, aggregator nnm + krum (f=1, over each whole) on 6 ranks" in krum
+    assert "DRACO code=none, aggregator nnm + krum (f=1, over the whole step) on 6 ranks" in krum
     assert "DRACO code=frc s=1 on 6 ranks" in train.report(compose_with(), summary, Path("run"))

@@ -90,7 +90,8 @@ def _learn_honest(state: ExchangeState, adversary: Adversary, honest: Tensor) ->
         vectors = torch.stack(gathered)
         knowledge = {"honest_vectors": vectors}
         if adversary.wants("honest_mean") or adversary.wants("honest_std"):
-            knowledge.update(honest_mean=vectors.mean(dim=0), honest_std=vectors.std(dim=0, unbiased=False))
+            wide = vectors.to(torch.float32) if vectors.dtype in (torch.float16, torch.bfloat16) else vectors
+            knowledge.update(honest_mean=wide.mean(dim=0), honest_std=wide.std(dim=0, unbiased=False))
     else:
         # The mean, then the squares about it: E[x^2] - mean^2 cancels to 0 in bfloat16 (and loses most
         # digits in float32) wherever the spread is small next to the mean. Half precision sums in float32.
