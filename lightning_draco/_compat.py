@@ -8,6 +8,7 @@ unregistered comm hook would leave DDP's plain all-reduce in place, unprotected)
 from __future__ import annotations
 
 import signal
+import time
 from datetime import timedelta
 from typing import Any, Callable, Optional
 
@@ -73,9 +74,16 @@ def desired_input_dtype(precision_plugin: Any) -> Optional[torch.dtype]:
     return None
 
 
-def kill_launched_processes(launcher: Any) -> None:
-    """End the ranks this process started, as torchrun and srun do with theirs (no-op for other launchers)."""
+def kill_launched_processes(launcher: Any, grace: float = 2.0) -> None:
+    """End the ranks this process started, as torchrun and srun do with theirs (no-op for other launchers).
+
+    They get ``grace`` seconds to end on their own first: a rank that failed at the same moment (its own
+    collective timeout) then says why in its one line instead of being killed before it prints it.
+    """
     if isinstance(launcher, _SubprocessScriptLauncher):
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(proc.poll() is None for proc in launcher.procs):
+            time.sleep(0.05)
         launcher.kill(signal.SIGKILL)
 
 
