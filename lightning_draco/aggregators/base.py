@@ -59,7 +59,7 @@ class _Rule:
     kind: ClassVar[str]
 
     def __init__(self, num_byzantine: int):
-        if not isinstance(num_byzantine, int) or isinstance(num_byzantine, bool) or num_byzantine < 0:
+        if not is_count(num_byzantine) or num_byzantine < 0:
             raise ValueError(f"{self.kind} {self.name!r}: num_byzantine must be an integer >= 0 (got {num_byzantine!r}).")
         self.num_byzantine = num_byzantine
         #: Reused temporaries (rules built on distances keep their centred inputs here).

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
 from lightning_draco.aggregators.base import Aggregator, finite_rows
+from lightning_draco.codes.base import accumulation_dtype
 
 
 # Sorting networks beat torch.sort on the CPU up to this many rows (sort also writes int64 indices).
@@ -118,7 +119,7 @@ def mean_of_order_statistics(inputs: Tensor, lo: int, hi: int, engine: str = "au
     n, d = inputs.shape
     plan = _network_plan(inputs, engine)
     # Half-precision values are added in float32: a sum of finite float16 values can overflow.
-    wide = torch.float32 if inputs.dtype in (torch.float16, torch.bfloat16) else inputs.dtype
+    wide = accumulation_dtype(inputs.dtype)
     if plan is None or hi > len(plan[0]):
         return inputs.sort(dim=0).values[lo:hi].to(wide).mean(dim=0).to(inputs.dtype)
     rows, _, finite = plan
@@ -234,10 +235,9 @@ class Meamed(_OrderStatistics):
     def aggregate(self, inputs: Tensor) -> Tensor:
         n, f = inputs.shape[0], self.num_byzantine
         ordered = sorted_columns(inputs, self.engine)
-        if inputs.dtype in (torch.float16, torch.bfloat16):
-            # Distances to the median and the sum in float32: in bfloat16 two unequal distances can round
-            # to a tie and keep the wrong values; in float16 finite sums overflow.
-            ordered = ordered.float()
+        # Distances to the median and the sum in float32 for half precision: in bfloat16 two unequal
+        # distances can round to a tie and keep the wrong values; in float16 finite sums overflow.
+        ordered = ordered.to(accumulation_dtype(inputs.dtype))
         median = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
         lo = torch.zeros(inputs.shape[1], dtype=torch.long, device=inputs.device)
         hi = torch.full_like(lo, n - 1)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_pre_aggregator
-from lightning_draco.aggregators.base import PreAggregator, finite_rows
+from lightning_draco.aggregators.base import PreAggregator, finite_rows, is_count
 from lightning_draco.aggregators.distance import pairwise_sq_distances
 
 
@@ -85,7 +85,7 @@ class Bucketing(PreAggregator):
 
     def __init__(self, num_byzantine: int, bucket_size: int = 2, seed: int = 0):
         super().__init__(num_byzantine)
-        if not isinstance(bucket_size, int) or isinstance(bucket_size, bool) or bucket_size < 1:
+        if not is_count(bucket_size) or bucket_size < 1:
             raise ValueError(f"pre-aggregator 'bucketing': bucket_size must be an integer >= 1 (got {bucket_size!r}).")
         self.bucket_size = bucket_size
         self._own = torch.Generator().manual_seed(int(seed))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator
+from lightning_draco.aggregators.base import Aggregator, is_count
 from lightning_draco.aggregators.distance import mean_of_rows, pairwise_sq_distances
 
 
@@ -83,7 +83,7 @@ class MoNNA(Aggregator):
 
     def __init__(self, num_byzantine: int, reference: int = 0):
         super().__init__(num_byzantine)
-        if not isinstance(reference, int) or isinstance(reference, bool) or reference < 0:
+        if not is_count(reference) or reference < 0:
             raise ValueError(f"aggregator 'monna': reference must be an integer >= 0 (got {reference!r}).")
         self.reference = reference
 

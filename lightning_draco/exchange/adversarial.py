@@ -15,6 +15,7 @@ from torch import Tensor
 from lightning_draco._seeding import generator
 from lightning_draco.adversary import Adversary
 from lightning_draco.codes import DracoDecodeError
+from lightning_draco.codes.base import accumulation_dtype
 from lightning_draco.exchange import collectives
 from lightning_draco.exchange.state import ExchangeState
 
@@ -90,12 +91,12 @@ def _learn_honest(state: ExchangeState, adversary: Adversary, honest: Tensor) ->
         vectors = torch.stack(gathered)
         knowledge = {"honest_vectors": vectors}
         if adversary.wants("honest_mean") or adversary.wants("honest_std"):
-            wide = vectors.to(torch.float32) if vectors.dtype in (torch.float16, torch.bfloat16) else vectors
+            wide = vectors.to(accumulation_dtype(vectors.dtype))
             knowledge.update(honest_mean=wide.mean(dim=0), honest_std=wide.std(dim=0, unbiased=False))
     else:
         # The mean, then the squares about it: E[x^2] - mean^2 cancels to 0 in bfloat16 (and loses most
         # digits in float32) wherever the spread is small next to the mean. Half precision sums in float32.
-        wide = torch.float32 if honest.dtype in (torch.float16, torch.bfloat16) else honest.dtype
+        wide = accumulation_dtype(honest.dtype)
         total = honest.to(wide, copy=True)
         with collectives.timed(state, "all-reduce (simulated omniscient liars)"):
             dist.all_reduce(total, group=setup.process_group)
