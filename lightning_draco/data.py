@@ -12,7 +12,7 @@ import copy
 from typing import Any, Iterator, NamedTuple
 
 from lightning.pytorch.trainer.states import RunningStage
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
 from lightning_draco._compat import update_dataloader, wrapped_sampler
 from lightning_draco._seeding import derive_seed, seeded_rng
@@ -119,6 +119,14 @@ class DracoDataLoader:
                 f" {type(dataloader.dataset).__name__}): the holders of a partition each load its batch, which"
                 " they find by index through a DistributedSampler. Give the DataLoader a Dataset with __getitem__"
                 " and __len__."
+            )
+        batch_sampler = dataloader.batch_sampler
+        if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+            raise ValueError(
+                f"DracoStrategy needs the training DataLoader to batch with batch_size (got the batch_sampler"
+                f" {type(batch_sampler).__name__}): each partition's holders draw its batches through a"
+                " DistributedSampler over the partitions, which a batch sampler of your own would not split. Pass"
+                " batch_size (and a sampler, if any) instead."
             )
         if not isinstance(sampler, DistributedSampler):
             raise ValueError(

@@ -43,3 +43,15 @@ def unroll_launches(monkeypatch):
     monkeypatch.setattr(frc_triton, "_compare_and_sum", seen["frc"])
     monkeypatch.setattr(crc_triton, "_certify", seen["crc"])
     return {name: spy.unrolled for name, spy in seen.items()}
+
+
+def _order(item) -> int:
+    """The launch tests first, then the multi-rank modules, then the single-process ones."""
+    return 0 if item.get_closest_marker("launch") else 1 if item.get_closest_marker("distributed") else 2
+
+
+def pytest_collection_modifyitems(config, items):
+    """``make test`` runs two workers (``-n 2 --dist loadfile --no-loadscope-reorder``), which take whole
+    modules (a module's tests share its multi-rank job or compiled kernels) in the order collected: the
+    longest start first, and the single-process modules fill in beside them."""
+    items.sort(key=_order)

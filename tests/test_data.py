@@ -134,3 +134,14 @@ class _Stream(torch.utils.data.IterableDataset):
 def test_an_iterable_dataset_is_refused_naming_what_to_give_instead():
     with pytest.raises(ValueError, match=r"needs a map-style training dataset \(got the IterableDataset _Stream\)"):
         DracoDataLoader(DataLoader(_Stream(), batch_size=2), [0], 3, seed=7)
+
+
+class _Buckets(torch.utils.data.BatchSampler):
+    """A batch sampler of the user's own (say, grouping samples by length)."""
+
+
+def test_a_batch_sampler_of_the_users_own_is_refused_naming_it():
+    dataset = torch.utils.data.TensorDataset(torch.arange(12.0))
+    loader = DataLoader(dataset, batch_sampler=_Buckets(DistributedSampler(dataset, 3, 0), 2, False))
+    with pytest.raises(ValueError, match=r"batch with batch_size \(got the batch_sampler _Buckets\)"):
+        DracoDataLoader(loader, [0], 3, seed=7)

@@ -23,6 +23,7 @@ __all__ = [
     "ps_state",
     "read_ps_state",
     "restore_ps_state",
+    "rewind_to_step_start",
     "write_then_rename",
 ]
 
@@ -41,6 +42,34 @@ def check_resumable(saved: dict[str, Any], conditions: dict[str, Any]) -> None:
                 f"the checkpoint was written with {key}={saved.get(key)!r} but this run has {key}={value!r};"
                 " DRACO resumes only under the same world size, code, num_adversaries and redundancy."
             )
+
+
+def rewind_to_step_start(checkpoint: dict[str, Any]) -> None:
+    """Move Lightning's batch count in ``checkpoint`` back to the start of the step it was taken in.
+
+    A checkpoint taken between the micro-batches of one step (``accumulate_grad_batches > 1``, a
+    validation inside the epoch) holds no gradient of the step's earlier micro-batches, and the training
+    loader resumes at the step's first batch (``DracoDataLoader.state_dict``). Lightning counts the
+    batches it has run, so it would resume later in the epoch than the loader: each later step would take
+    its micro-batches one window off and the epoch would end before its last batches. Counting from the
+    step's start puts both at the same batch.
+    """
+    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
+    positions = [s for s in loaders if isinstance(s, dict) and set(s) == {"epoch", "steps_trained"}]
+    progress = fit.get("epoch_loop.batch_progress")
+    epochs = fit.get("epoch_progress")
+    if len(positions) != 1 or progress is None or epochs is None:
+        return
+    # The loader's epoch is the one the checkpoint was taken in (started, not yet completed).
+    if positions[0]["epoch"] != epochs["current"]["completed"]:
+        return
+    behind = progress["current"]["processed"] - positions[0]["steps_trained"]
+    if behind <= 0:
+        return
+    for counts in (progress["current"], progress["total"]):
+        for key in ("ready", "started", "processed", "completed"):
+            counts[key] -= behind
 
 
 def ps_state(secret: int, code: Code) -> dict[str, Any]:

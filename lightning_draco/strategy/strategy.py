@@ -87,6 +87,12 @@ _UNUSED_PARAMETERS_MESSAGE = (
 )
 
 
+def _holds_partition_batch(batch: Any) -> bool:
+    """Whether Lightning combined several training loaders' batches, each a ``PartitionBatch``."""
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    return any(isinstance(value, PartitionBatch) for value in values)
+
+
 class DracoStrategy(DDPStrategy):
     """Byzantine-resilient data-parallel training: DDP with DRACO's coded gradients.
 
@@ -241,6 +247,8 @@ class DracoStrategy(DDPStrategy):
         self._backward_ran = False
         # The ledger's steps when this fit started (a resumed fit's ledger holds the earlier ones).
         self._steps_before_fit = 0
+        # Buckets exchanged when the last step ended: a step exchanges its buckets inside optimizer_step.
+        self._hook_calls_after_step = 0
 
     # -- what the run was asked for ---------------------------------------------------------
     @property
@@ -346,12 +354,7 @@ class DracoStrategy(DDPStrategy):
                 "DracoStrategy supports automatic optimization only: set automatic_optimization = True"
                 " in your LightningModule (manual optimizer steps bypass the decode-failure handling)."
             ))
-        if self.config.reactive and int(trainer.accumulate_grad_batches) > 1:
-            raise self._agreed(ValueError(
-                f"redundancy_mode='reactive' supports accumulate_grad_batches=1 only (got"
-                f" {trainer.accumulate_grad_batches}): a group recomputed after the step's last micro-batch would"
-                " need every earlier micro-batch again; use redundancy_mode='full' to accumulate gradients."
-            ))
+        self._refuse_reactive_accumulation(trainer)
         if self._ddp_kwargs.get("static_graph") and not self._one_backward():
             raise self._agreed(ValueError(
                 f"static_graph=True needs each step's gradient from one backward through DDP; code={self.config.code!r}"
@@ -373,6 +376,14 @@ class DracoStrategy(DDPStrategy):
                 self.code.check_wire_dtype(dtype)
             except ValueError as error:
                 raise self._agreed(error) from None
+
+    def _refuse_reactive_accumulation(self, trainer: "pl.Trainer") -> None:
+        if self.config.reactive and int(trainer.accumulate_grad_batches) > 1:
+            raise self._agreed(ValueError(
+                f"redundancy_mode='reactive' supports accumulate_grad_batches=1 only (got"
+                f" {trainer.accumulate_grad_batches}): a group recomputed after the step's last micro-batch would"
+                " need every earlier micro-batch again; use redundancy_mode='full' to accumulate gradients."
+            ))
 
     def _one_backward(self) -> bool:
         """Whether every rank takes its coded gradient in one backward through DDP (``CodedStep.summed``)."""
@@ -442,6 +453,12 @@ class DracoStrategy(DDPStrategy):
     @override
     def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
         if not isinstance(batch, PartitionBatch):
+            if _holds_partition_batch(batch):
+                raise self._agreed(ValueError(
+                    "DracoStrategy trains from one training DataLoader (got several, combined by Lightning into"
+                    f" a {type(batch).__name__} of batches): each step's partitions are drawn from one loader."
+                    " Combine the data sets into one Dataset and pass one DataLoader."
+                ))
             return super().batch_to_device(batch, device, dataloader_idx)
         if self._check_data:
             # Once per fit, before the first step: holders of a partition must have loaded the same data.
@@ -495,6 +512,8 @@ class DracoStrategy(DDPStrategy):
         batch = args[0] if args else kwargs.pop("batch")
         if not isinstance(batch, PartitionBatch):
             return super().training_step(*args, **kwargs)
+        # A callback (GradientAccumulationScheduler) may raise accumulate_grad_batches after setup's check.
+        self._refuse_reactive_accumulation(self.lightning_module.trainer)
         self._last_batch = batch
         rest = args[1:]
         poisoned = self.adversary is not None and self.adversary.acts_on_batch
@@ -598,6 +617,14 @@ class DracoStrategy(DDPStrategy):
         """Run the closure (forwards, backward, coded exchange), then step only if the decode succeeded."""
         trainer = self.lightning_module.trainer
         step = trainer.global_step
+        if self.hook_calls != self._hook_calls_after_step:
+            # The closure ran before optimizer.step: this step's gradients were exchanged but can no longer be
+            # decoded into a verdict (the outcome starts here), so a liar would go unnamed, or unrepaired.
+            raise self._agreed(RuntimeError(
+                f"DRACO step {step}: the step's backward ran before optimizer.step, outside DracoStrategy's check"
+                " of the decoded gradient (an optimizer_step override that calls optimizer_closure() itself?)."
+                " Pass the closure instead: optimizer.step(closure=optimizer_closure)."
+            ))
         if self._escalation is not None:
             self._quarantine()  # from the ledger, the same on every rank (also right after a resume)
         self._exchange.begin_step(step)
@@ -650,6 +677,7 @@ class DracoStrategy(DDPStrategy):
 
     def _finish_step(self, output: Any) -> Any:
         """After the optimizer step (taken or skipped): the PS's buffers, the loader's position, the requeue."""
+        self._hook_calls_after_step = self.hook_calls
         if self.config.broadcast_buffers:
             # Each rank ran its own partitions' forwards; the PS's running statistics are the model's.
             self._broadcast_from_ps(list(self.model.module.buffers()))
@@ -786,6 +814,7 @@ class DracoStrategy(DDPStrategy):
         super().on_train_start()
         # After a resume the ledger holds the earlier fits' steps; the escalation counts are this fit's.
         self._steps_before_fit = self.ledger.steps
+        self._hook_calls_after_step = self.hook_calls
 
     @override
     def on_train_end(self) -> None:
@@ -874,10 +903,16 @@ class DracoStrategy(DDPStrategy):
         saved = checkpoint.get(ckpt.CHECKPOINT_KEY)
         if saved is None:
             return checkpoint
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        fitting = trainer is None or trainer.state.fn == "fit"
         try:
             ckpt.check_resumable(saved, self.config.resume_conditions(self.world_size))
         except IncompatibleCheckpointError as error:
+            if not fitting:
+                return checkpoint  # validate, test and predict read the weights only: any code's will do
             raise self._agreed(error)  # every rank reads the same file
+        if fitting:
+            ckpt.rewind_to_step_start(checkpoint)
         self.ledger.load_state_dict(saved["ledger"])
         if self._exchange is not None and self.is_ps:
             secret = ckpt.restore_ps_state(ckpt.read_ps_state(saved, checkpoint_path), self.code)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -176,6 +177,8 @@ def run(name: str, scenario: Scenario) -> dict:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[L.pytorch.callbacks.GradientAccumulationScheduler(scenario.accumulation_schedule)]
+        if scenario.accumulation_schedule else None,
     )
     out = {"name": name}
     try:
@@ -231,7 +234,9 @@ def run_scenarios(path: str, names: list[str], rank: int) -> None:
     for name in names:
         if rank == 0:
             print(f"scenario {name}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         result = run(name, SCENARIOS[name])
+        result["seconds"] = round(time.perf_counter() - started, 3)
         if rank == 0:
             with open(path, "a") as f:
                 f.write(json.dumps(result) + "\n")

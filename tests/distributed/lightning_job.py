@@ -304,6 +304,88 @@ def logged(strategy_name: str) -> dict:
     return out
 
 
+class StepsAfterItsClosure(Net):
+    """Runs the optimizer closure itself, then steps without it: legal in PyTorch, and under DDP."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer_closure()
+        optimizer.step()
+
+
+def closure_before_step() -> dict:
+    model = StepsAfterItsClosure()
+    before = param_digest(model)
+    out: dict = {}
+    fit(out, trainer_for(draco(adversary=Adversary(ranks=[2], attack="reverse"))), model, data())
+    out["unchanged"] = param_digest(model) == before
+    return out
+
+
+def two_training_loaders() -> dict:
+    model = Net()
+    before = param_digest(model)
+    out: dict = {}
+    loaders = {"a": DataLoader(data(), batch_size=8), "b": DataLoader(data(1), batch_size=8)}
+    try:
+        trainer_for(draco()).fit(model, loaders)
+    except Exception as err:  # noqa: BLE001 - the test reads type and message
+        out["error"] = {"type": type(err).__name__, "message": str(err)}
+    out["unchanged"] = param_digest(model) == before
+    return out
+
+
+class SaveAtValidation(L.Callback):
+    """A checkpoint at the end of every validation, as ModelCheckpoint(monitor=...) writes one."""
+
+    def __init__(self, folder: str):
+        self.folder, self.paths = folder, []
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.paths.append(os.path.join(self.folder, f"validation{len(self.paths)}.ckpt"))
+            trainer.save_checkpoint(self.paths[-1])
+
+
+def mid_step_trainer(strategy, callbacks=()) -> L.Trainer:
+    """Three micro-batches per step, four batches per epoch, validation every two: inside a step."""
+    return L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=2, accumulate_grad_batches=3,
+        val_check_interval=2, limit_val_batches=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=list(callbacks),
+    )
+
+
+def resumed_inside_a_step() -> dict:
+    """Resume from a checkpoint taken between the micro-batches of a step; then validate another code's
+    run from it (validation reads the weights only)."""
+    liar = Adversary(ranks=[1], attack="reverse")
+    loader = lambda: DataLoader(data(), batch_size=8, shuffle=True)  # noqa: E731
+    saver = SaveAtValidation(os.path.join(os.getcwd(), "resumed_inside_a_step"))
+    L.seed_everything(7, verbose=False)
+    uninterrupted = Net()
+    trainer = mid_step_trainer(draco(adversary=liar), [saver])
+    trainer.fit(uninterrupted, loader(), DataLoader(data(1), batch_size=8))
+    first = torch.load(saver.paths[0], weights_only=False)["loops"]["fit_loop"]
+    L.seed_everything(7, verbose=False)
+    resumed = Net()
+    again = mid_step_trainer(draco(adversary=liar))
+    again.fit(resumed, loader(), DataLoader(data(1), batch_size=8), ckpt_path=saver.paths[0])
+    out = {
+        "saved_at": {"batches": first["epoch_loop.batch_progress"]["current"]["processed"],
+                     "loader": first["state_dict"]["combined_loader"]},
+        "steps": [trainer.global_step, again.global_step],
+        "same_model": param_digest(resumed) == param_digest(uninterrupted),
+        "faulty_counts": {str(k): v for k, v in again.strategy.faulty_counts.items()},
+    }
+    other = mid_step_trainer(draco(code="crc"))
+    try:
+        other.validate(Net(), DataLoader(data(1), batch_size=8), ckpt_path=saver.paths[0], verbose=False)
+        out["validated"] = True
+    except Exception as err:  # noqa: BLE001 - the test reads type and message
+        out["error"] = {"type": type(err).__name__, "message": str(err)}
+    return out
+
+
 SCENARIOS = {
     "logged_draco": lambda: logged("draco"),
     "logged_ddp": lambda: logged("ddp"),
@@ -323,6 +405,9 @@ SCENARIOS = {
     "branch_liar": lambda: branch("liar"),
     "averaged_ddp": lambda: averaged("ddp"),
     "averaged_draco": lambda: averaged("draco"),
+    "closure_before_step": closure_before_step,
+    "two_training_loaders": two_training_loaders,
+    "resumed_inside_a_step": resumed_inside_a_step,
 }
 
 

@@ -50,6 +50,8 @@ class Scenario:
     dropout: float = 0.2
     precision: str = "32-true"
     accumulate: int = 1
+    #: ``GradientAccumulationScheduler(scheduling=...)``: accumulation a callback sets after setup.
+    accumulation_schedule: Optional[dict[int, int]] = None
     csv_logger: bool = False
     #: fit uninterrupted, fit again stopped after half the steps, resume that from its last checkpoint.
     resume: bool = False
@@ -151,6 +153,9 @@ SCENARIOS.update({
     "reactive_two_liars_raise": Scenario(strategy=REACTIVE, liars=dict(ranks=[2, 3], attack="gaussian")),
     # s = 2: groups of three, two helpers each; liars in both groups, so a liar also recomputes the other's sum.
     "reactive_s2_reverse": Scenario(strategy=dict(REACTIVE, num_adversaries=2), liars=dict(ranks=[1, 3])),
+    # Accumulation, which reactive mode refuses, turned on by a callback after setup's check.
+    "reactive_accumulation_scheduled": Scenario(strategy=REACTIVE, liars=RANK_4("reverse"),
+                                                accumulation_schedule={0: 2}),
     "reactive_quarantine": Scenario(strategy=dict(REACTIVE, quarantine_after=1),
                                     liars=dict(ranks=[5], attack=lie_before_step_3)),
     # Resumed mid-epoch with the PS on rank 3: the quarantine (from the saved ledger) holds on.

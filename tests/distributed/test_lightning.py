@@ -17,7 +17,8 @@ pytestmark = pytest.mark.distributed
 
 SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_outvoted_skip", "rank_dependent", "inconsistent_data", "unused_true",
              "hook_not_registered", "unused_default", "reentrant_frc", "reentrant_crc", "branch_ddp", "branch_draco",
-             "branch_liar", "averaged_ddp", "averaged_draco", "reentrant_rank_1"]
+             "branch_liar", "averaged_ddp", "averaged_draco", "reentrant_rank_1", "closure_before_step",
+             "two_training_loaders", "resumed_inside_a_step"]
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,36 @@ def test_a_backward_that_bypassed_the_draco_hook_fails_on_every_rank_before_the_
     assert run["error"]["type"] == "RuntimeError" and "exchanged no bucket through DRACO's comm hook" in run["error"]["message"]
     assert all(r["error"] == run["error"] for r in run["ranks"]), "every rank raises, none is left waiting"
     assert run["unchanged"], "the unprotected all-reduce's gradient is never applied"
+
+
+def test_a_closure_run_before_optimizer_step_is_refused_before_its_unchecked_step(runs):
+    """An optimizer_step override that calls the closure, then optimizer.step(): the step's verdict would
+    be lost (a liar unnamed; in reactive mode, unrepaired), so the step is refused on every rank."""
+    run = runs["closure_before_step"]
+    for seen in run["ranks"]:
+        assert seen["error"]["type"] == "RuntimeError"
+        assert "the step's backward ran before optimizer.step" in seen["error"]["message"]
+        assert "optimizer.step(closure=optimizer_closure)" in seen["error"]["message"]
+    assert run["unchanged"]
+
+
+def test_several_training_loaders_are_refused_in_one_sentence(runs):
+    run = runs["two_training_loaders"]
+    for seen in run["ranks"]:
+        assert seen["error"]["type"] == "ValueError"
+        assert seen["error"]["message"].startswith("DracoStrategy trains from one training DataLoader (got several")
+    assert run["unchanged"]
+
+
+def test_a_checkpoint_taken_inside_a_step_resumes_to_the_uninterrupted_model(runs):
+    """Validation after two batches of a three-batch step: the checkpoint holds two batches' progress and
+    a loader position at the step's start. The resumed run restarts the step and ends bitwise equal."""
+    run = runs["resumed_inside_a_step"]
+    assert run["saved_at"] == {"batches": 2, "loader": [{"epoch": 0, "steps_trained": 0}]}
+    assert run["steps"][0] == run["steps"][1] == 4  # two steps per epoch: 3 batches, then the last one
+    assert run["same_model"]
+    assert run["faulty_counts"] == {"1": 4}
+    assert run.get("error") is None and run["validated"], "validating reads the weights of any code's checkpoint"
 
 
 def test_forked_ranks_hand_who_was_caught_back_to_the_main_process(tmp_path):

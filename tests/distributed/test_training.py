@@ -31,12 +31,12 @@ TRAINING = (
     + ["sharded_fixed_all", "sharded_fixed_label_flip", "sharded_gradient_reverse", "sharded_decoder_reverse"]
     + ["reactive_clean", "reactive_fixed_all", "reactive_random_all", "reactive_fixed_label_flip",
        "reactive_two_liars_raise", "reactive_s2_reverse", "reactive_quarantine", "reactive_sharded_fixed_all",
-       "reactive_sharded_random_all", "resume_reactive_ps3"]
+       "reactive_sharded_random_all", "resume_reactive_ps3", "reactive_accumulation_scheduled"]
 )
 # Those that end with one model on every rank: not the refused, failed or resumed runs, nor plain DDP.
 ONE_MODEL = [n for n in TRAINING if not SCENARIOS[n].resume and n not in (
     "frc_two_liars_raise", "sharded_two_liars_raise", "reactive_two_liars_raise", "manual_optimization",
-    "ddp_nodropout", "frc_diverge_raise")]
+    "ddp_nodropout", "frc_diverge_raise", "reactive_accumulation_scheduled")]
 
 
 @pytest.fixture(scope="module")
@@ -369,3 +369,15 @@ def test_a_quarantined_rank_has_its_group_voted_at_every_later_step(runs):
     assert run["quarantined"] == [5] and run["faulty_counts"] == {"5": 3}
     assert run["escalations"]["steps"] == STEPS, "caught twice by step 1, then forced at every step"
     assert run["sha"] == runs["reactive_clean"]["sha"]
+
+
+@scenarios("reactive_accumulation_scheduled")
+def test_reactive_mode_refuses_accumulation_a_callback_turns_on_before_any_step(runs):
+    """GradientAccumulationScheduler sets accumulate_grad_batches after setup's check: refused at the first
+    step as at setup, with a liar present and nobody named (not a vote failure blaming the honest)."""
+    run = runs["reactive_accumulation_scheduled"]
+    for seen in run["ranks"]:
+        assert seen["error"]["type"] == "ValueError"
+        assert seen["error"]["message"].startswith(
+            "redundancy_mode='reactive' supports accumulate_grad_batches=1 only (got 2)")
+    assert run["global_step"] == 0 and run["faulty_counts"] == {}

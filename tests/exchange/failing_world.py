@@ -4,13 +4,15 @@ exchange as it is (``plain``), with simulated omniscient liars (``omniscient``: 
 learning the honest mean in collectives of its own first) or on a communication thread (``overlap``).
 
 Started by tests/exchange/test_hooks.py as
-``python failing_world.py <out-dir> <stall|exit> <timeout-s> <plain|omniscient|overlap>``; ranks 0
-and 1 each write what the exchange raised to ``<out-dir>/rank<r>.pt``.
+``python failing_world.py <out-dir> <stall|exit> <timeout-s> <plain|omniscient|overlap>``, which forks
+ranks 1 and 2 after its imports (``tests/forked_ranks.py``); ranks 0 and 1 each write what the exchange
+raised to ``<out-dir>/rank<r>.pt``, and the process ends with rank 1, ending a stalled rank 2.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from datetime import timedelta
@@ -25,11 +27,13 @@ from lightning_draco.codes import FractionalRepetitionCode
 from lightning_draco.exchange import ExchangeSetup, ExchangeState, adversarial, overlapped, ps_hook
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from forked_ranks import fork_ranks  # noqa: E402
 from hook_world import Bucket  # noqa: E402
 
 
 def main(out: str, mode: str, timeout: float, wrapper: str) -> None:
-    rank = int(os.environ["RANK"])
+    rank, children = fork_ranks(3)
     dist.init_process_group("gloo", rank=rank, world_size=3, timeout=timedelta(seconds=timeout))
     dist.barrier()  # every rank connected before rank 2 fails
     if rank == 2:
@@ -60,7 +64,14 @@ def main(out: str, mode: str, timeout: float, wrapper: str) -> None:
         "recorded": state.failed is raised,
     }
     torch.save(seen, os.path.join(out, f"rank{rank}.pt"))
-    os._exit(0)  # not destroy_process_group: a peer is gone or stalled
+    status = 0
+    if children:  # rank 0: once rank 1 has written what it saw, rank 2 is of no more use
+        worker, failing = children
+        status = os.waitstatus_to_exitcode(os.waitpid(worker, 0)[1])
+        os.kill(failing, signal.SIGKILL)
+        os.waitpid(failing, 0)
+    sys.stdout.flush()
+    os._exit(status)  # not destroy_process_group: a peer is gone or stalled
 
 
 if __name__ == "__main__":

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
+from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "train.py"
 # 8 epochs of 8 steps on the 6-rank digits default; last.ckpt every 4 steps for the restart tests.
 BASE = ["trainer.enable_progress_bar=false", "trainer.max_epochs=8", "checkpoint.every_n_train_steps=4", "loggers=[csv]"]
-CRC = ["code=crc", "code.projection_secret=20180710"]
 
 
 def app_env(**extra: str) -> dict[str, str]:
@@ -75,17 +75,30 @@ def kill_all(pids: list[int]) -> None:
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
-    """Summaries of local single-launcher runs, computed once per session: ``reference("frc")``."""
-    cache: dict[str, dict] = {}
-    configs = {"frc": [], "crc": CRC}
+def demo(tmp_path_factory):
+    """The demo (``make demo``) on the launch tests' settings, run once per session: its output, its run
+    directory and its summary. Its model is the one every other launcher must train (the liar changes
+    nothing), so the torchrun and SLURM tests compare theirs with it.
 
-    def get(name: str) -> dict:
-        if name not in cache:
-            folder = tmp_path_factory.mktemp(f"reference_{name}")
-            proc = run_app([*BASE, *configs[name], f"hydra.run.dir={folder / 'run'}"], cwd=folder)
-            assert proc.returncode == 0, explain(proc)
-            cache[name] = read_summary(folder / "run")
-        return cache[name]
+    Under pytest-xdist the launch modules run on different workers: the first to ask runs the demo in
+    the session's shared folder, the others wait for it there.
+    """
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each worker's own
+    folder = shared / "demo"
+    with FileLock(str(shared / "demo.lock")):
+        said = folder / "said.json"
+        if not said.exists():
+            folder.mkdir()
+            proc = run_app([*BASE, "compare_clean=true", f"hydra.run.dir={folder / 'run'}"], cwd=folder)
+            said.write_text(json.dumps({"returncode": proc.returncode, "output": proc.stdout, "why": explain(proc)}))
+        run = json.loads(said.read_text())
+    assert run["returncode"] == 0, run["why"]
+    return run["output"], folder / "run", read_summary(folder / "run")
 
-    return get
+
+@pytest.fixture(scope="session")
+def reference(demo) -> dict:
+    """The summary of the single-launcher run of ``BASE`` (the default code, rank 4 lying)."""
+    return demo[2]

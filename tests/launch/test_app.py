@@ -9,26 +9,24 @@ from conftest import BASE, explain, processes_with, read_summary, run_app
 pytestmark = pytest.mark.launch
 
 
-def test_the_demo_catches_the_liar_and_ends_with_the_adversary_free_model(tmp_path):
-    proc = run_app([*BASE, "compare_clean=true", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
-    assert proc.returncode == 0, explain(proc)
-    summary = read_summary(tmp_path / "run")
+def test_the_demo_catches_the_liar_and_ends_with_the_adversary_free_model(demo, tmp_path):
+    output, run_dir, summary = demo
     assert summary["world_size"] == 6
     assert summary["faulty_counts"] == {"4": 64} and summary["optimizer_steps"] == 64
     assert summary["identical_to_clean"] and summary["param_sha256"] == summary["clean_param_sha256"]
     assert len(summary["val_acc_per_epoch"]) == 8 and summary["final_val_acc"] > 0.8
     assert summary["config"]["attack"]["name"] == "reverse" and summary["skipped_steps"] == 0
     # What the user reads at the end of the run.
-    assert "caught: rank 4 at 64 steps" in proc.stdout
-    assert "model IDENTICAL to the adversary-free run" in proc.stdout
-    assert (tmp_path / "run" / "logs" / "version_0" / "metrics.csv").is_file()
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert "caught: rank 4 at 64 steps" in output
+    assert "model IDENTICAL to the adversary-free run" in output
+    assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
 
     # The run directory's checkpoint cannot be resumed under another world size.
-    proc = run_app([*BASE, "trainer.devices=3", "attack.ranks=[2]", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    proc = run_app([*BASE, "trainer.devices=3", "attack.ranks=[2]", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode != 0
     assert "the checkpoint was written with world_size=6 but this run has world_size=3" in proc.stdout + proc.stderr
-    assert not processes_with(str(tmp_path / "run"))
+    assert not processes_with(str(run_dir))
 
 
 def test_a_sweep_runs_each_job_as_its_own_launch_in_its_own_directory(tmp_path):
