@@ -18,10 +18,10 @@ demo: $(VENV)/.installed  ## DRACO on digits: 6 CPU ranks, rank 4 lies every ste
 	PYTHONWARNINGS=ignore $(PY) examples/train.py compare_clean=true $(ARGS)
 
 test: $(VENV)/.installed  ## the whole suite: unit, property, six-rank gloo training, the app under torchrun and SLURM
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(ARGS)
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-fast: $(VENV)/.installed  ## single-process tests only
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not distributed and not launch" $(ARGS)
+	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not distributed and not launch" $(ARGS)
 
 fuzz: $(VENV)/.installed  ## long property-based run of the decoders
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_frc.py tests/test_crc.py -k decode $(ARGS)

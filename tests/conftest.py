@@ -51,7 +51,7 @@ def _order(item) -> int:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``make test`` runs two workers (``-n 2 --dist loadfile --no-loadscope-reorder``), which take whole
+    """``make test`` runs three workers (``-n 3 --dist loadfile --no-loadscope-reorder``), which take whole
     modules (a module's tests share its multi-rank job or compiled kernels) in the order collected: the
     longest start first, and the single-process modules fill in beside them."""
     items.sort(key=_order)

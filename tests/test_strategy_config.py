@@ -1,5 +1,6 @@
 """DracoStrategy refuses bad settings before any training, with one sentence naming the parameter."""
 
+import copy
 import multiprocessing
 import pickle
 import re
@@ -12,6 +13,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 import lightning_draco
 from lightning_draco import Adversary, DracoStrategy
 from lightning_draco.report import FaultLedger
+from lightning_draco.strategy import checkpoint as ckpt
 
 
 def test_import_registers_the_name_once():
@@ -349,3 +351,37 @@ def test_what_the_preflight_refuses_elsewhere_passes_where_it_trains():
     _checked(frc, _Tiny(), launching=True)
     # A frozen sparse embedding makes no gradient at all.
     _checked(frc, _FrozenSparseEmbedding(), launching=False)
+
+
+def _taken_at(processed: int, completed: int, loader_epoch: int, steps_trained: int, epoch: int = 0) -> dict:
+    """The parts of a Lightning checkpoint that say where in the epoch it was taken."""
+    counts = lambda: {"ready": processed, "started": processed, "processed": processed, "completed": completed}  # noqa: E731
+    return {"loops": {"fit_loop": {
+        "state_dict": {"combined_loader": [{"epoch": loader_epoch, "steps_trained": steps_trained}]},
+        "epoch_progress": {"current": {"ready": epoch + 1, "started": epoch + 1, "processed": epoch,
+                                       "completed": epoch}},
+        "epoch_loop.batch_progress": {"current": counts(), "total": counts(), "is_last_batch": False},
+    }}}
+
+
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_a_checkpoint_inside_a_step_counts_its_batches_from_the_steps_start(epoch):
+    # A validation after batch 5 of an epoch whose steps take 3 batches: the loader stands at batch 3.
+    checkpoint = _taken_at(processed=5, completed=5, loader_epoch=epoch, steps_trained=3, epoch=epoch)
+    ckpt.rewind_to_step_start(checkpoint)
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert progress["current"] == progress["total"] == {"ready": 3, "started": 3, "processed": 3, "completed": 3}
+
+
+@pytest.mark.parametrize("taken", [
+    # After a step's last batch (ModelCheckpoint(every_n_train_steps)): completed lags by the batch at hand.
+    dict(processed=6, completed=5, loader_epoch=0, steps_trained=6),
+    # At the end of an epoch, and a loader position from another epoch than the one under way.
+    dict(processed=8, completed=8, loader_epoch=0, steps_trained=8),
+    dict(processed=5, completed=5, loader_epoch=1, steps_trained=3),
+])
+def test_a_checkpoint_at_a_steps_end_keeps_lightnings_count(taken):
+    checkpoint = _taken_at(**taken)
+    before = copy.deepcopy(checkpoint)
+    ckpt.rewind_to_step_start(checkpoint)
+    assert checkpoint == before

@@ -512,8 +512,9 @@ class DracoStrategy(DDPStrategy):
         batch = args[0] if args else kwargs.pop("batch")
         if not isinstance(batch, PartitionBatch):
             return super().training_step(*args, **kwargs)
-        # A callback (GradientAccumulationScheduler) may raise accumulate_grad_batches after setup's check.
-        self._refuse_reactive_accumulation(self.lightning_module.trainer)
+        if self.config.reactive:
+            # A callback (GradientAccumulationScheduler) may raise accumulate_grad_batches after setup's check.
+            self._refuse_reactive_accumulation(self.lightning_module.trainer)
         self._last_batch = batch
         rest = args[1:]
         poisoned = self.adversary is not None and self.adversary.acts_on_batch
