@@ -224,6 +224,8 @@ class DracoDataLoader:
             if self._resume_at[0] == epoch:
                 skip = self._resume_at[1]
             self._resume_at = None
+        # A checkpoint taken before this epoch's first step ends is inside this epoch, not at the last one's end.
+        self._trained = (epoch, skip)
         index = 0
         while True:
             batches: list[Any] = []

@@ -361,6 +361,7 @@ def _taken_at(processed: int, completed: int, loader_epoch: int, steps_trained: 
         "epoch_progress": {"current": {"ready": epoch + 1, "started": epoch + 1, "processed": epoch,
                                        "completed": epoch}},
         "epoch_loop.batch_progress": {"current": counts(), "total": counts(), "is_last_batch": False},
+        "epoch_loop.state_dict": {"_batches_that_stepped": 7},
     }}}
 
 
@@ -369,8 +370,12 @@ def test_a_checkpoint_inside_a_step_counts_its_batches_from_the_steps_start(epoc
     # A validation after batch 5 of an epoch whose steps take 3 batches: the loader stands at batch 3.
     checkpoint = _taken_at(processed=5, completed=5, loader_epoch=epoch, steps_trained=3, epoch=epoch)
     ckpt.rewind_to_step_start(checkpoint)
-    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
-    assert progress["current"] == progress["total"] == {"ready": 3, "started": 3, "processed": 3, "completed": 3}
+    fit_loop = checkpoint["loops"]["fit_loop"]
+    progress = fit_loop["epoch_loop.batch_progress"]
+    # As Lightning writes one at the end of batch 3 (the last of the step before): that batch not yet
+    # completed, its step counted, which its restart counts once more.
+    assert progress["current"] == progress["total"] == {"ready": 3, "started": 3, "processed": 3, "completed": 2}
+    assert fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] == 6
 
 
 @pytest.mark.parametrize("taken", [
@@ -385,3 +390,11 @@ def test_a_checkpoint_at_a_steps_end_keeps_lightnings_count(taken):
     before = copy.deepcopy(checkpoint)
     ckpt.rewind_to_step_start(checkpoint)
     assert checkpoint == before
+
+
+def test_a_checkpoint_inside_an_epoch_is_told_from_one_at_its_end():
+    assert ckpt.inside_an_epoch(_taken_at(processed=5, completed=4, loader_epoch=0, steps_trained=5))
+    at_end = _taken_at(processed=8, completed=8, loader_epoch=0, steps_trained=8)
+    at_end["loops"]["fit_loop"]["epoch_loop.batch_progress"]["is_last_batch"] = True
+    assert not ckpt.inside_an_epoch(at_end)
+    assert not ckpt.inside_an_epoch({"state_dict": {}})

@@ -19,6 +19,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "IncompatibleCheckpointError",
     "check_resumable",
+    "inside_an_epoch",
     "ps_sidecar",
     "ps_state",
     "read_ps_state",
@@ -44,6 +45,13 @@ def check_resumable(saved: dict[str, Any], conditions: dict[str, Any]) -> None:
             )
 
 
+def inside_an_epoch(checkpoint: dict[str, Any]) -> bool:
+    """Whether Lightning wrote ``checkpoint`` after some of an epoch's batches and before its end."""
+    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    progress = fit.get("epoch_loop.batch_progress") or {}
+    return bool(progress.get("current", {}).get("processed")) and not progress.get("is_last_batch", False)
+
+
 def rewind_to_step_start(checkpoint: dict[str, Any]) -> None:
     """Move Lightning's batch count in ``checkpoint`` back to the start of the step it was taken in.
 
@@ -52,7 +60,8 @@ def rewind_to_step_start(checkpoint: dict[str, Any]) -> None:
     loader resumes at the step's first batch (``DracoDataLoader.state_dict``). Lightning counts the
     batches it has run, so it would resume later in the epoch than the loader: each later step would take
     its micro-batches one window off and the epoch would end before its last batches. Counting from the
-    step's start puts both at the same batch.
+    step's start puts both at the same batch; it is written as Lightning writes a checkpoint at the end of
+    the batch before (the last of a step), so Lightning's restart counts that step once, not twice.
     """
     fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
     loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
@@ -67,9 +76,15 @@ def rewind_to_step_start(checkpoint: dict[str, Any]) -> None:
     behind = progress["current"]["processed"] - positions[0]["steps_trained"]
     if behind <= 0:
         return
+    # There, ``completed`` lags by the batch at hand and the step is counted; the restart completes that
+    # batch, counts its step again (undone here) and goes on from the step's first batch.
     for counts in (progress["current"], progress["total"]):
-        for key in ("ready", "started", "processed", "completed"):
+        counts["completed"] = counts["processed"] - behind - 1
+        for key in ("ready", "started", "processed"):
             counts[key] -= behind
+    stepped = fit.get("epoch_loop.state_dict") or {}
+    if "_batches_that_stepped" in stepped:
+        stepped["_batches_that_stepped"] -= 1
 
 
 def ps_state(secret: int, code: Code) -> dict[str, Any]:

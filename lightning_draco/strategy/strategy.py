@@ -455,9 +455,9 @@ class DracoStrategy(DDPStrategy):
         if not isinstance(batch, PartitionBatch):
             if _holds_partition_batch(batch):
                 raise self._agreed(ValueError(
-                    "DracoStrategy trains from one training DataLoader (got several, combined by Lightning into"
-                    f" a {type(batch).__name__} of batches): each step's partitions are drawn from one loader."
-                    " Combine the data sets into one Dataset and pass one DataLoader."
+                    "DracoStrategy trains from one training DataLoader, passed as it is (got a"
+                    f" {type(batch).__name__} of loaders' batches, from Lightning's CombinedLoader): each step's"
+                    " partitions are drawn from one loader. Combine the data sets into one Dataset and pass one DataLoader."
                 ))
             return super().batch_to_device(batch, device, dataloader_idx)
         if self._check_data:
@@ -901,19 +901,25 @@ class DracoStrategy(DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and trainer.state.fn != "fit":
+            # Validate, test and predict read the weights only (of any code's run); what this strategy
+            # caught in its own fit stays.
+            return checkpoint
         saved = checkpoint.get(ckpt.CHECKPOINT_KEY)
         if saved is None:
+            if ckpt.inside_an_epoch(checkpoint):
+                rank_zero_warn(
+                    f"{checkpoint_path} was written without DracoStrategy, inside an epoch: DRACO's training loader"
+                    " starts that epoch from its first batch, so the resumed epoch repeats the batches before the"
+                    " checkpoint and drops as many at its end. Resume from a checkpoint taken at an epoch's end."
+                )
             return checkpoint
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        fitting = trainer is None or trainer.state.fn == "fit"
         try:
             ckpt.check_resumable(saved, self.config.resume_conditions(self.world_size))
         except IncompatibleCheckpointError as error:
-            if not fitting:
-                return checkpoint  # validate, test and predict read the weights only: any code's will do
             raise self._agreed(error)  # every rank reads the same file
-        if fitting:
-            ckpt.rewind_to_step_start(checkpoint)
+        ckpt.rewind_to_step_start(checkpoint)
         self.ledger.load_state_dict(saved["ledger"])
         if self._exchange is not None and self.is_ps:
             secret = ckpt.restore_ps_state(ckpt.read_ps_state(saved, checkpoint_path), self.code)

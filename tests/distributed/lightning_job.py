@@ -365,18 +365,21 @@ def resumed_inside_a_step() -> dict:
     uninterrupted = Net()
     trainer = mid_step_trainer(draco(adversary=liar), [saver])
     trainer.fit(uninterrupted, loader(), DataLoader(data(1), batch_size=8))
-    first = torch.load(saver.paths[0], weights_only=False)["loops"]["fit_loop"]
-    L.seed_everything(7, verbose=False)
-    resumed = Net()
-    again = mid_step_trainer(draco(adversary=liar))
-    again.fit(resumed, loader(), DataLoader(data(1), batch_size=8), ckpt_path=saver.paths[0])
-    out = {
-        "saved_at": {"batches": first["epoch_loop.batch_progress"]["current"]["processed"],
-                     "loader": first["state_dict"]["combined_loader"]},
-        "steps": [trainer.global_step, again.global_step],
-        "same_model": param_digest(resumed) == param_digest(uninterrupted),
-        "faulty_counts": {str(k): v for k, v in again.strategy.faulty_counts.items()},
-    }
+    out: dict = {"saved_at": [], "steps": [trainer.global_step], "same_model": [], "faulty_counts": []}
+    # Validations after batch 2 of each epoch are inside a step: epoch 0's, and epoch 1's (before its first step).
+    for path in (saver.paths[0], saver.paths[2]):
+        fit_loop = torch.load(path, weights_only=False)["loops"]["fit_loop"]
+        out["saved_at"].append({"batches": fit_loop["epoch_loop.batch_progress"]["current"]["processed"],
+                                "loader": fit_loop["state_dict"]["combined_loader"]})
+        L.seed_everything(7, verbose=False)
+        resumed = Net()
+        again = mid_step_trainer(draco(adversary=liar))
+        again.fit(resumed, loader(), DataLoader(data(1), batch_size=8), ckpt_path=path)
+        out["steps"].append(again.global_step)
+        out.setdefault("stepped", [trainer.fit_loop.epoch_loop._batches_that_stepped]).append(
+            again.fit_loop.epoch_loop._batches_that_stepped)
+        out["same_model"].append(param_digest(resumed) == param_digest(uninterrupted))
+        out["faulty_counts"].append({str(k): v for k, v in again.strategy.faulty_counts.items()})
     other = mid_step_trainer(draco(code="crc"))
     try:
         other.validate(Net(), DataLoader(data(1), batch_size=8), ckpt_path=saver.paths[0], verbose=False)

@@ -163,12 +163,14 @@ def test_several_training_loaders_are_refused_in_one_sentence(runs):
 
 def test_a_checkpoint_taken_inside_a_step_resumes_to_the_uninterrupted_model(runs):
     """Validation after two batches of a three-batch step: the checkpoint holds two batches' progress and
-    a loader position at the step's start. The resumed run restarts the step and ends bitwise equal."""
+    a loader position at the step's start. The resumed run restarts the step and ends bitwise equal, in the
+    first epoch and in the second (before its first step, the position is already the second epoch's)."""
     run = runs["resumed_inside_a_step"]
-    assert run["saved_at"] == {"batches": 2, "loader": [{"epoch": 0, "steps_trained": 0}]}
-    assert run["steps"][0] == run["steps"][1] == 4  # two steps per epoch: 3 batches, then the last one
-    assert run["same_model"]
-    assert run["faulty_counts"] == {"1": 4}
+    assert run["saved_at"] == [{"batches": 2, "loader": [{"epoch": epoch, "steps_trained": 0}]} for epoch in (0, 1)]
+    assert run["steps"] == [4, 4, 4]  # two steps per epoch: 3 batches, then the last one
+    assert run["same_model"] == [True, True]
+    assert run["stepped"] == [4, 4, 4], "the logger's step count is the uninterrupted run's"
+    assert run["faulty_counts"] == [{"1": 4}, {"1": 4}]  # the saved ledger's steps and the resumed fit's
     assert run.get("error") is None and run["validated"], "validating reads the weights of any code's checkpoint"
 
 

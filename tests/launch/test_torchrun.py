@@ -29,7 +29,7 @@ def test_two_node_agents_restart_after_a_killed_worker_then_a_killed_parameter_s
     """Two node agents (3 ranks each) run one job. It loses a worker (rank 3, on the second node) in its
     first attempt and the parameter server (rank 0, on the first) in its second; both nodes restart from
     the last checkpoint each time, and the job still ends with the single launcher's uninterrupted model."""
-    job = "kill"
+    job = f"kill-{os.getpid()}"  # the ranks are found by it: unique to this test session
     command = torchrun(job, nnodes=2, nproc=3, extra=("--max-restarts=3",)) + BASE
     command += ["trainer.devices=3", "trainer.num_nodes=2"]
     # A restart reuses the agent's store, where the first attempt's addresses linger (torch issue 135712).
