@@ -157,7 +157,8 @@ def test_several_training_loaders_are_refused_in_one_sentence(runs):
     run = runs["two_training_loaders"]
     for seen in run["ranks"]:
         assert seen["error"]["type"] == "ValueError"
-        assert seen["error"]["message"].startswith("DracoStrategy trains from one training DataLoader (got several")
+        assert seen["error"]["message"].startswith("DracoStrategy trains from one training DataLoader, passed as it is"
+                                                   " (got a dict of loaders' batches")
     assert run["unchanged"]
 
 
