@@ -45,10 +45,14 @@ def check_resumable(saved: dict[str, Any], conditions: dict[str, Any]) -> None:
             )
 
 
+def _fit_loop(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The state of Lightning's fit loop in ``checkpoint`` (empty where it has none)."""
+    return (checkpoint.get("loops") or {}).get("fit_loop") or {}
+
+
 def inside_an_epoch(checkpoint: dict[str, Any]) -> bool:
     """Whether Lightning wrote ``checkpoint`` after some of an epoch's batches and before its end."""
-    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
-    progress = fit.get("epoch_loop.batch_progress") or {}
+    progress = _fit_loop(checkpoint).get("epoch_loop.batch_progress") or {}
     return bool(progress.get("current", {}).get("processed")) and not progress.get("is_last_batch", False)
 
 
@@ -63,7 +67,7 @@ def rewind_to_step_start(checkpoint: dict[str, Any]) -> None:
     step's start puts both at the same batch; it is written as Lightning writes a checkpoint at the end of
     the batch before (the last of a step), so Lightning's restart counts that step once, not twice.
     """
-    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    fit = _fit_loop(checkpoint)
     loaders = (fit.get("state_dict") or {}).get("combined_loader") or []
     positions = [s for s in loaders if isinstance(s, dict) and set(s) == {"epoch", "steps_trained"}]
     progress = fit.get("epoch_loop.batch_progress")
