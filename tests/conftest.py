@@ -45,9 +45,20 @@ def unroll_launches(monkeypatch):
     return {name: spy.unrolled for name, spy in seen.items()}
 
 
-def _order(item) -> int:
-    """The launch tests first, then the multi-rank modules, then the single-process ones."""
-    return 0 if item.get_closest_marker("launch") else 1 if item.get_closest_marker("distributed") else 2
+# Seconds the longest modules took in a three-worker run on two cores (``--durations=0``, summed by module).
+# They start first, longest first, so that none of them starts last and runs alone at the end.
+LONGEST = {
+    "test_app.py": 480, "test_slurm.py": 440, "test_torchrun.py": 370, "test_training.py": 270,
+    "test_frc_fused.py": 185, "test_hooks.py": 100, "test_lightning.py": 100, "test_precision.py": 95,
+    "test_cyclic.py": 80, "test_app_config.py": 75, "test_crc.py": 70, "test_kernels_compile.py": 60,
+    "test_cli.py": 60, "test_sharded.py": 40,
+}
+
+
+def _order(item) -> tuple[int, int]:
+    """The longest modules first; then the launch tests, the multi-rank modules and the single-process ones."""
+    kind = 0 if item.get_closest_marker("launch") else 1 if item.get_closest_marker("distributed") else 2
+    return -LONGEST.get(item.path.name, 0), kind
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,8 +16,11 @@ from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = ROOT / "examples" / "train.py"
-# 8 epochs of 8 steps on the 6-rank digits default; last.ckpt every 4 steps for the restart tests.
-BASE = ["trainer.enable_progress_bar=false", "trainer.max_epochs=8", "checkpoint.every_n_train_steps=4", "loggers=[csv]"]
+# 4 epochs of 8 steps on the 6-rank digits default; last.ckpt every 4 steps for the restart tests.
+EPOCHS, STEPS_PER_EPOCH = 4, 8
+STEPS = EPOCHS * STEPS_PER_EPOCH
+BASE = ["trainer.enable_progress_bar=false", f"trainer.max_epochs={EPOCHS}", "checkpoint.every_n_train_steps=4",
+        "loggers=[csv]"]
 
 
 def app_env(**extra: str) -> dict[str, str]:

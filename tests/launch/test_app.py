@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import BASE, explain, processes_with, read_summary, run_app
+from conftest import BASE, EPOCHS, STEPS, explain, processes_with, read_summary, run_app
 
 pytestmark = pytest.mark.launch
 
@@ -12,12 +12,12 @@ pytestmark = pytest.mark.launch
 def test_the_demo_catches_the_liar_and_ends_with_the_adversary_free_model(demo, tmp_path):
     output, run_dir, summary = demo
     assert summary["world_size"] == 6
-    assert summary["faulty_counts"] == {"4": 64} and summary["optimizer_steps"] == 64
+    assert summary["faulty_counts"] == {"4": STEPS} and summary["optimizer_steps"] == STEPS
     assert summary["identical_to_clean"] and summary["param_sha256"] == summary["clean_param_sha256"]
-    assert len(summary["val_acc_per_epoch"]) == 8 and summary["final_val_acc"] > 0.8
+    assert len(summary["val_acc_per_epoch"]) == EPOCHS and summary["final_val_acc"] > 0.8
     assert summary["config"]["attack"]["name"] == "reverse" and summary["skipped_steps"] == 0
     # What the user reads at the end of the run.
-    assert "caught: rank 4 at 64 steps" in output
+    assert f"caught: rank 4 at {STEPS} steps" in output
     assert "model IDENTICAL to the adversary-free run" in output
     assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import APP, BASE, app_env, kill_all, processes_with, read_summary, wait_for
+from conftest import APP, BASE, STEPS, app_env, kill_all, processes_with, read_summary, wait_for
 from forked_ranks import free_port
 
 pytestmark = pytest.mark.launch
@@ -70,10 +70,10 @@ def test_two_node_agents_restart_after_a_killed_worker_then_a_killed_parameter_s
     summary = read_summary(run_dir)
     assert summary["world_size"] == 6 and summary["config"]["trainer"]["num_nodes"] == 2
     # Checkpoints every 4 steps: the last attempt resumed from one the second attempt wrote.
-    assert 8 <= summary["resumed_from_step"] < 64, "the last attempt resumed from the second attempt's checkpoint"
+    assert 8 <= summary["resumed_from_step"] < STEPS, "the last attempt resumed from the second attempt's checkpoint"
     assert summary["resumed_from"].endswith("last.ckpt")
     assert summary["param_sha256"] == reference["param_sha256"]
-    assert summary["faulty_counts"] == {"4": 64} and summary["optimizer_steps"] == 64
+    assert summary["faulty_counts"] == {"4": STEPS} and summary["optimizer_steps"] == STEPS
 
 
 def test_a_stalled_rank_fails_the_job_within_the_timeout_instead_of_hanging(tmp_path):
