@@ -90,7 +90,9 @@ def compare_digests(digests: list[dict[int, str]]) -> None:
             f"the first training batch differs between the ranks that hold the same partition: {'; '.join(mismatches)}."
             " DRACO needs every rank that holds a partition to load the same data. The usual cause is data drawn"
             " at random in each process: seed the split (e.g. random_split(..., generator=torch.Generator()"
-            ".manual_seed(0))) and call lightning.seed_everything(...) before building the data."
+            ".manual_seed(0))) and call lightning.seed_everything(...) before building the data. Another is a"
+            " DistributedSampler subclass that fixes its indices in __init__: DRACO sets `rank` on a copy of it"
+            " per partition, so it must compute them in __iter__."
         )
 
 

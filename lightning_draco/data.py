@@ -12,6 +12,7 @@ import copy
 from typing import Any, Iterator, NamedTuple
 
 from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
 
 from lightning_draco._compat import update_dataloader, wrapped_sampler
@@ -93,6 +94,32 @@ class _EpochOrder:
         return len(self._sampler)
 
 
+def _warn_if_rank_is_ignored(sampler: DistributedSampler, num_partitions: int) -> None:
+    """Warn when a ``DistributedSampler`` subclass yields the same indices whatever its ``rank``.
+
+    Each partition's loader iterates a copy of the sampler with ``rank`` set to the partition. A
+    subclass that fixes its indices in ``__init__`` (from the process's rank) gives every partition
+    of a rank that rank's indices, so the holders of a partition load different data and the first
+    step fails with ``InconsistentDataError``. Only a warning: a sampler that means every replica to
+    see the same indices trains (every partition on the same data).
+    """
+    if num_partitions < 2 or len(sampler.dataset) < num_partitions:  # fewer samples than partitions: padding repeats
+        return
+    drawn = []
+    for rank in (0, 1):
+        copied = copy.copy(sampler)
+        copied.rank = rank
+        drawn.append(list(iter(copied)))
+    if drawn[0] == drawn[1]:
+        rank_zero_warn(
+            f"the training sampler {type(sampler).__name__} yields the same indices for partitions 0 and 1:"
+            " DracoStrategy iterates a copy of it per partition with `rank` set to the partition, and this one"
+            " ignores that `rank`. If it computes its indices from the process's rank in __init__, the ranks"
+            " that hold a partition will load different data (InconsistentDataError at the first step): compute"
+            " them in __iter__ from self.rank, self.num_replicas and self.epoch."
+        )
+
+
 class DracoDataLoader:
     """Iterates the batches of several partitions in lockstep; resumable inside an epoch.
 
@@ -145,6 +172,8 @@ class DracoDataLoader:
         self.source = dataloader
         user_sampler = wrapped_sampler(sampler)
         self._order = None if user_sampler is None else _EpochOrder(user_sampler, seed)
+        if user_sampler is None and type(sampler) is not DistributedSampler:
+            _warn_if_rank_is_ignored(sampler, num_partitions)
         if self._order is not None:
             sampler = copy.copy(sampler)
             sampler.dataset = self._order

@@ -1,5 +1,7 @@
 """DracoDataLoader on its own: the batches of each held partition, and resuming inside an epoch."""
 
+import warnings
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
@@ -145,3 +147,35 @@ def test_a_batch_sampler_of_the_users_own_is_refused_naming_it():
     loader = DataLoader(dataset, batch_sampler=_Buckets(DistributedSampler(dataset, 3, 0), 2, False))
     with pytest.raises(ValueError, match=r"batch with batch_size \(got the batch_sampler _Buckets\)"):
         DracoDataLoader(loader, [0], 3, seed=7)
+
+
+class _IndicesFixedAtInit(DistributedSampler):
+    """Picks its indices once, from the rank it was made with: copies with another ``rank`` yield them too."""
+
+    def __init__(self, dataset, num_replicas, rank):
+        super().__init__(dataset, num_replicas, rank, shuffle=False)
+        self.indices = list(range(len(dataset)))[rank::num_replicas]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+class _EveryThird(DistributedSampler):
+    """A subclass that reads ``rank`` where it should, in ``__iter__``."""
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def test_a_sampler_that_fixes_its_indices_at_init_is_named_in_a_warning_and_a_sound_one_is_not():
+    dataset = TensorDataset(torch.arange(12.0))
+    with pytest.warns(UserWarning, match=r"_IndicesFixedAtInit yields the same indices for partitions 0 and 1"):
+        draco = DracoDataLoader(DataLoader(dataset, batch_size=2, sampler=_IndicesFixedAtInit(dataset, 3, 1)),
+                                [0, 1], 3, seed=7)
+    # What it warns of: rank 1's copies for partitions 0 and 1 both load rank 1's indices.
+    first = next(iter(draco))
+    assert first.batches[0][0].tolist() == first.batches[1][0].tolist() == [1.0, 4.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        draco = DracoDataLoader(DataLoader(dataset, batch_size=2, sampler=_EveryThird(dataset, 3, 1)), [0, 1], 3, 7)
+    assert [b[0].tolist() for b in next(iter(draco)).batches] == [[0.0, 3.0], [1.0, 4.0]]
