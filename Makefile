@@ -2,13 +2,15 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# A pip index to take torch from, e.g. PyTorch's CPU wheel index: on Linux, pip's default torch is the CUDA build.
+TORCH_INDEX ?=
 
 .PHONY: demo test test-fast fuzz bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q "torch==2.13.0" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[app,dev]"
 	# Triton, where torch's build did not bring one: the tests run the decode kernels in its interpreter
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "triton==3.6.0"
