@@ -1,4 +1,4 @@
-# Everything installs itself into .venv on first use: torch's CPU build first, then the project.
+# Everything installs itself into .venv on first use: torch first (from TORCH_INDEX where set), then the project.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

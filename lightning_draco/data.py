@@ -9,6 +9,7 @@ side by side and yields one ``PartitionBatch`` per step.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Iterator, NamedTuple
 
 from lightning.pytorch.trainer.states import RunningStage
@@ -101,15 +102,21 @@ def _warn_if_rank_is_ignored(sampler: DistributedSampler, num_partitions: int) -
     subclass that fixes its indices in ``__init__`` (from the process's rank) gives every partition
     of a rank that rank's indices, so the holders of a partition load different data and the first
     step fails with ``InconsistentDataError``. Only a warning: a sampler that means every replica to
-    see the same indices trains (every partition on the same data).
+    see the same indices trains (every partition on the same data). Partitions of a sound sampler
+    differ from their first index on, so a prefix is compared: a sampler that never ends, or a large
+    data set, costs no more than a few draws. A sampler this cannot draw from is left to the step's
+    own check.
     """
-    if num_partitions < 2 or len(sampler.dataset) < num_partitions:  # fewer samples than partitions: padding repeats
+    try:
+        if num_partitions < 2 or len(sampler.dataset) < num_partitions:  # fewer samples than partitions: padding repeats
+            return
+        drawn = []
+        for rank in (0, 1):
+            copied = copy.copy(sampler)
+            copied.rank = rank
+            drawn.append(list(itertools.islice(iter(copied), 64)))
+    except Exception:  # advisory only: the first step's digests catch what this could not look at
         return
-    drawn = []
-    for rank in (0, 1):
-        copied = copy.copy(sampler)
-        copied.rank = rank
-        drawn.append(list(iter(copied)))
     if drawn[0] == drawn[1]:
         rank_zero_warn(
             f"the training sampler {type(sampler).__name__} yields the same indices for partitions 0 and 1:"
