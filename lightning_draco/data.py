@@ -108,9 +108,11 @@ def _warn_if_rank_is_ignored(sampler: DistributedSampler, num_partitions: int) -
     own check.
     """
     try:
-        if num_partitions < 2 or len(sampler.dataset) < num_partitions:  # fewer samples than partitions: padding repeats
+        # With fewer samples than partitions, padding repeats indices across partitions.
+        if num_partitions < 2 or len(sampler.dataset) < num_partitions:
             return
         drawn = []
+        # Copies, not the partition loaders' own samplers: one that counts what it yielded (to resume) keeps its count.
         for rank in (0, 1):
             copied = copy.copy(sampler)
             copied.rank = rank

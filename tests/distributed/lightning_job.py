@@ -10,6 +10,7 @@ scenario recorded, with what every rank saw, to OUT.jsonl.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -104,13 +105,20 @@ def draco(**kw) -> DracoStrategy:
     return DracoStrategy(**kw)
 
 
-def fit(out: dict, trainer: L.Trainer, model: Net, dataset: TensorDataset) -> None:
+@contextlib.contextmanager
+def recorded(out: dict):
+    """Run the block; an exception it raises is written to ``out["error"]`` (the tests read type and message)."""
     try:
-        trainer.fit(model, DataLoader(dataset, batch_size=8, shuffle=True))
+        yield
     except DracoDecodeError as err:
         out["error"] = {"type": "DracoDecodeError", "step": err.step, "suspects": err.suspects, "message": str(err)}
     except Exception as err:  # noqa: BLE001 - the test reads type and message
         out["error"] = {"type": type(err).__name__, "message": str(err)}
+
+
+def fit(out: dict, trainer: L.Trainer, model: Net, dataset: TensorDataset) -> None:
+    with recorded(out):
+        trainer.fit(model, DataLoader(dataset, batch_size=8, shuffle=True))
 
 
 def stages() -> dict:
@@ -326,10 +334,8 @@ def two_training_loaders() -> dict:
     before = param_digest(model)
     out: dict = {}
     loaders = {"a": DataLoader(data(), batch_size=8), "b": DataLoader(data(1), batch_size=8)}
-    try:
+    with recorded(out):
         trainer_for(draco()).fit(model, loaders)
-    except Exception as err:  # noqa: BLE001 - the test reads type and message
-        out["error"] = {"type": type(err).__name__, "message": str(err)}
     out["unchanged"] = param_digest(model) == before
     return out
 
@@ -381,11 +387,9 @@ def resumed_inside_a_step() -> dict:
         out["same_model"].append(param_digest(resumed) == param_digest(uninterrupted))
         out["faulty_counts"].append({str(k): v for k, v in again.strategy.faulty_counts.items()})
     other = mid_step_trainer(draco(code="crc"))
-    try:
+    with recorded(out):
         other.validate(Net(), DataLoader(data(1), batch_size=8), ckpt_path=saver.paths[0], verbose=False)
         out["validated"] = True
-    except Exception as err:  # noqa: BLE001 - the test reads type and message
-        out["error"] = {"type": type(err).__name__, "message": str(err)}
     return out
 
 
