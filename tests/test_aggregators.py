@@ -572,3 +572,68 @@ def test_options_a_rule_does_not_take_or_of_the_wrong_type_are_refused_when_it_i
 def test_pre_aggregator_options_are_checked_by_name_too():
     with pytest.raises(ValueError, match=r"pre-aggregator 'bucketing' has no option 'size': its options are bucket_size, seed"):
         make_aggregator("median", 1, pre_aggregators=[{"name": "bucketing", "size": 2}])
+
+
+def _close_cloud(n, d, offset, seed):
+    """``n`` float32 points whose spread (about 1) is tiny next to their common ``offset``: honest gradients
+    that share most of their direction. The first point strays a little further."""
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.randn(d, generator=gen, dtype=torch.float64)
+    x = offset * common / common.norm() * math.sqrt(d) + torch.randn(n, d, generator=gen, dtype=torch.float64)
+    x[0] += 3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    return x.float()
+
+
+@given(st.integers(3, 70), st.integers(1, 200), st.sampled_from([0.0, 1e3, 3e3]), st.integers(0, 2**16))
+def test_rules_measuring_distances_to_one_point_keep_their_float64_result_for_any_number_of_inputs(n, d, offset, seed):
+    """The geometric median, centred clipping and MoNNA measure each input's distance to one point. In
+    float32 they must land where the same rule lands in float64 on the same inputs, to a small part of
+    the points' spread, however many inputs there are and however long the common part of the vectors.
+    (``torch.cdist``'s default expands ``|a - b|^2`` above 25 rows, which made all three land about a
+    whole spread away.)"""
+    x = _close_cloud(n, d, offset, seed)
+    exact = x.double()
+    centre = exact.median(dim=0).values
+    spread = float((exact - centre).norm(dim=1).median())
+    options = {"geometric_median": {"tol": 1e-12, "max_iter": 30}, "centered_clipping": {"tau": spread}, "monna": {}}
+    for name, kwargs in options.items():
+        single, double = (make_aggregator(name, (n - 1) // 2, **kwargs) for _ in range(2))
+        if name == "centered_clipping":  # anchored at the common part, as after a first step
+            single.anchor, double.anchor = centre.float(), centre.clone()
+        got, want = single(x).double(), double(exact)
+        error = float((got - want).norm())
+        assert error <= 1e-2 * spread + 1e-6 * float(want.norm()), (name, error, spread)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("far", [1e20, 3e38])
+def test_centred_clipping_keeps_the_pull_of_a_finite_liar_whose_squared_distance_overflows(far, dtype):
+    """The liar's clipped pull, tau / n towards it, is in the definition however far out it is; a float32
+    distance that overflowed to inf would clip it to nothing."""
+    honest = torch.randn(6, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.cat([honest, torch.full((1, 50), far, dtype=torch.float64)]).to(dtype)
+    want = make_aggregator("centered_clipping", 1, tau=1.0)(x.double())
+    got = make_aggregator("centered_clipping", 1, tau=1.0)(x).double()
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-3)
+    # The liar's pull is really there: a step of tau / n = 1/7 along the all-ones direction.
+    without = make_aggregator("centered_clipping", 1, tau=1.0)(x.double()[:6]) * 6 / 7
+    assert float((want - without).norm()) == pytest.approx(1 / 7, rel=1e-3)
+
+
+def test_the_geometric_median_reads_no_scalar_inside_its_iterations():
+    """On a GPU every scalar read is a host sync. Each iteration brings its three outcomes to the host in one
+    transfer (``tolist``, which the CPU does not dispatch); the one scalar read is ``finite_rows``' check."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ScalarReads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ScalarReads.count += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    x = _close_cloud(9, 40, 0.0, seed=1)
+    rule = make_aggregator("geometric_median", 2, tol=1e-12, max_iter=20)
+    with ScalarReads():
+        rule(x)
+    assert rule.iterations == 20 and ScalarReads.count == 1

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator, finite_rows, is_count, is_number
+from lightning_draco.aggregators.base import Aggregator, distances_to, finite_rows, is_count, is_number
 
 
 @register_aggregator
@@ -22,7 +22,9 @@ class CenteredClipping(Aggregator):
     3. v <- v + (1/n) sum_i c_i (x_i - v) = v (1 - sum_i c_i / n) + (sum_i c_i x_i) / n.
 
     Step 2 reads the inputs once without forming x_i - v (a distance to one point); step 3 is one
-    matrix-vector product: two passes and no (n, d) temporaries per iteration.
+    matrix-vector product: two passes and no (n, d) temporaries per iteration, and one small
+    transfer to the host (whether every distance held in the dtype; a finite liar far out is
+    measured again in float64, so that it keeps its pull of tau / n).
 
     The anchor is one vector of the full length: with whole-vector aggregation the PS lays the
     gradient out by parameter, not by DDP's buckets, so the anchor survives DDP's bucket rebuild
@@ -54,8 +56,12 @@ class CenteredClipping(Aggregator):
         if finite is not None:
             x = x[finite]
         for _ in range(self.iterations):
-            norms = torch.cdist(x, v[None]).squeeze(1)
-            scale = torch.clamp(self.tau / norms.clamp_min(1e-30), max=1.0)
+            norms = distances_to(x, v)
+            if not bool(torch.isfinite(norms).all()):
+                # A finite row far out (a liar's 1e20 in float32) overflows its squared distance. It
+                # still pulls by tau / n towards itself, so its distance is measured in float64.
+                norms = distances_to(x.double(), v.double())
+            scale = torch.clamp(self.tau / norms.clamp_min(1e-30), max=1.0).to(x.dtype)
             v = v * (1 - scale.sum() / n) + (scale @ x) / n
         v = v.to(inputs.dtype)
         self.anchor = v.detach().clone()

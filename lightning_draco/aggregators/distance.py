@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator, Scratch, finite_rows, is_count, is_number
+from lightning_draco.aggregators.base import Aggregator, Scratch, distances_to, finite_rows, is_count, is_number
 from lightning_draco.aggregators.coordinatewise import coordinate_median
 
 
@@ -164,7 +164,10 @@ class GeometricMedian(Aggregator):
 
     The minimiser does not depend on the start; the mean costs one pass where the coordinate-wise
     median cost a sort (about fifteen of these iterations). Each iteration reads the inputs twice
-    (the distances, then the weighted sum as one matrix-vector product) and copies nothing.
+    (the distances, then the weighted sum as one matrix-vector product), copies nothing, and
+    brings one small tensor to the host: whether every distance held in the dtype, and the
+    stopping test's two norms. A distance that did not hold (the square of a finite liar's 1e20
+    overflows float32) is measured again in float64, and that iteration redone with it.
     """
 
     name = "geometric_median"
@@ -193,15 +196,26 @@ class GeometricMedian(Aggregator):
         weights = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype, device=x.device)
         z = weights @ x
         for self.iterations in range(1, self.max_iter + 1):
-            distances = torch.cdist(x, z[None]).squeeze(1)
-            if not bool(torch.isfinite(distances).all()):
-                # A finite row far out (a liar's 1e20 in float32) overflows the squared distances; float64 holds them.
-                distances = torch.cdist(x.double(), z[None].double()).squeeze(1)
-            weights = (1.0 / distances.clamp_min(self.nu)).to(x.dtype)
-            new = (weights @ x) / weights.sum()
-            # Norms in float64, as the distances: a float32 norm of 1e19-sized entries overflows to inf <= inf.
-            moved = float(torch.linalg.vector_norm(new - z, dtype=torch.float64))
+            distances = distances_to(x, z)
+            new = self._weighted_mean(x, distances)
+            held, moved, size = self._outcome(new, z, torch.isfinite(distances).all())
+            if not held:
+                new = self._weighted_mean(x, distances_to(x.double(), z.double()))
+                _, moved, size = self._outcome(new, z, distances.new_ones((), dtype=torch.bool))
             z = new
-            if moved <= self.tol * float(torch.linalg.vector_norm(z, dtype=torch.float64)):
+            if moved <= self.tol * size:
                 break
         return z.to(inputs.dtype)
+
+    def _weighted_mean(self, x: Tensor, distances: Tensor) -> Tensor:
+        weights = (1.0 / distances.clamp_min(self.nu)).to(x.dtype)
+        return (weights @ x) / weights.sum()
+
+    @staticmethod
+    def _outcome(new: Tensor, z: Tensor, held: Tensor) -> tuple[bool, float, float]:
+        """(whether the distances held, ||new - z||, ||new||) in one transfer to the host. The norms are
+        taken in float64, as a float32 norm of 1e19-sized entries overflows to inf <= inf."""
+        moved = torch.linalg.vector_norm(new - z, dtype=torch.float64)
+        size = torch.linalg.vector_norm(new, dtype=torch.float64)
+        held, moved, size = torch.stack([held.double(), moved, size]).tolist()
+        return bool(held), moved, size

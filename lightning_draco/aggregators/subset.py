@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator, is_count
+from lightning_draco.aggregators.base import Aggregator, distances_to, is_count
 from lightning_draco.aggregators.distance import mean_of_rows, pairwise_sq_distances
 
 
@@ -94,7 +94,7 @@ class MoNNA(Aggregator):
 
     def aggregate(self, inputs: Tensor) -> Tensor:
         x = inputs if inputs.dtype == torch.float64 else inputs.float()
-        dist = torch.cdist(x, x[self.reference][None]).squeeze(1)
+        dist = distances_to(x, x[self.reference])
         dist = torch.nan_to_num(dist, nan=math.inf)
         dist[self.reference] = -1.0  # first even if the trusted vector repeats another
         chosen = torch.argsort(dist, stable=True)[: inputs.shape[0] - self.num_byzantine]
