@@ -74,6 +74,9 @@ ALL_ATTACKS = ATTACKS + ["optimal_alie"]
 METHODS = ["ddp", "mean", "median", "geometric_median", "krum", "frc", "crc1", "crc2"]
 RULES = ["median", "trimmed_mean", "geometric_median", "krum", "centered_clipping"]
 RULE_OPTIONS = {"centered_clipping": {"tau": 10.0}}
+# The PS's secret, fixed so that every run is reproducible (it draws the cyclic code's projections and
+# bucketing's permutation; unset, the PS draws a fresh one from OS entropy in each run).
+SECRET = 20181
 PRE_AGGREGATORS = ["nnm", "bucketing", "arc"]
 HETERO_METHODS = ["ddp", "frc", "crc1", *RULES, *(f"nnm+{rule}" for rule in RULES)]
 HETERO_ATTACKS = ["none", "reverse", "alie", "optimal_alie"]
@@ -149,7 +152,7 @@ def partition_label(partition: str, alpha: float) -> str:
 
 def strategy_for(method: str, attack: str):
     adversary = None if attack == "none" else Adversary(ranks=[LIAR], attack=attack)
-    common = dict(start_method="popen", adversary=adversary)
+    common = dict(start_method="popen", adversary=adversary, projection_secret=SECRET)
     if method == "ddp":
         return L.pytorch.strategies.DDPStrategy(start_method="popen")
     if method == "mean":
@@ -400,9 +403,9 @@ def write_report(records: list[dict], out: Path, command: str, notes: dict, draw
         " `alie` every rank also pays the simulation's two extra all-reduces per bucket (counted as"
         " communication). `ddp` is torch's all-reduce (its time is all 'compute' here); `mean` is plain"
         " averaging through DRACO's gather/broadcast exchange. Under `frc` a rank runs a forward per partition"
-        " it holds, so BatchNorm's running statistics move r times per step (docs/codes.md): with the same"
-        " parameters as `mean`, its test accuracy can differ slightly; the loss column of compare.csv is rank"
-        " 0's mean over the partitions it computes (r of them under `frc`, one otherwise).",
+        " it holds; BatchNorm's running statistics move in its own partition's only, once per step as under"
+        " DDP (docs/codes.md). The loss column of compare.csv is rank 0's mean over the partitions it"
+        " computes (r of them under `frc`, one otherwise).",
         "",
     ]
     for dataset in datasets:
@@ -537,7 +540,8 @@ def heterogeneity_report(records: list[dict], out: Path, command: str, notes: di
         " partitions and batches from the same initial weights. Robust rules run over the 6 received gradients"
         " with f=1; `nnm+rule` mixes each gradient with its n-f nearest neighbours first (Allouah et al. 2023);"
         f" centred clipping uses tau={RULE_OPTIONS['centered_clipping']['tau']:g}; `alie` sends mean + 1.5 std of"
-        " the honest gradients.",
+        " what the honest ranks send (their gradients; under `frc` and `crc` their coded sums); every method's PS"
+        f" secret (the cyclic code's projections, bucketing's permutation) is {SECRET}.",
         "",
         "Partitions, rank 0 to 5: samples (classes present, share of the largest class):",
         "",

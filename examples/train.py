@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -71,10 +72,12 @@ def param_sha256(module: torch.nn.Module) -> str:
 
 
 class RunRecord(Callback):
-    """Validation accuracy per epoch, and the step the fit started from (> 0 after a resume)."""
+    """Validation accuracy per epoch, the step of the last validation, and the step the fit started from
+    (> 0 after a resume)."""
 
     def __init__(self) -> None:
         self.val_acc: list[float] = []
+        self.validated_at: Optional[int] = None
         self.start_step = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -82,7 +85,9 @@ class RunRecord(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
-            self.val_acc.append(float(trainer.callback_metrics["val_acc"]))
+            self.validated_at = trainer.global_step
+            if trainer.state.fn == "fit":
+                self.val_acc.append(float(trainer.callback_metrics["val_acc"]))
 
     def state_dict(self) -> dict:
         return {"val_acc": list(self.val_acc)}
@@ -187,11 +192,19 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
             raise
         # Refused by the strategy before any process started (the model's gradient dtype, say).
         sys.exit(f"configuration error: {error}")
+    final = record.val_acc[-1] if record.val_acc else None
+    if record.validated_at != trainer.global_step and trainer.global_step > record.start_step:
+        # The run stopped between validations (max_steps inside an epoch, or max_faulty_steps): the final
+        # accuracy is the final model's, as param_sha256 is.
+        with warnings.catch_warnings():
+            # Validation inside fit shards the data the same way; Lightning warns of it only here.
+            warnings.filterwarnings("ignore", message="Using `DistributedSampler` with the dataloaders")
+            final = float(trainer.validate(model, data, verbose=False)[0]["val_acc"])
     return {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "val_acc_per_epoch": record.val_acc,
-        "final_val_acc": record.val_acc[-1] if record.val_acc else None,
+        "final_val_acc": final,
         "faulty_counts": {str(k): v for k, v in sorted(strategy.faulty_counts.items())},
         "optimizer_steps": trainer.global_step,
         "skipped_steps": strategy.skipped_steps,

@@ -112,20 +112,30 @@ class Adversary:
                     f"adversary ranks must be in [0, {world_size}) for a world of {world_size} ranks"
                     f" (got {list(self.ranks)})."
                 )
-            planned = len(self.ranks)
-        else:
-            planned = num_adversaries if self.count is None else self.count
-            if world_size is not None and planned > world_size - 1:
-                raise ValueError(
-                    f"adversary count must be at most world_size - 1 = {world_size - 1}: the parameter server"
-                    f" never lies (got {planned})."
-                )
+        planned = self.planned(num_adversaries)
+        if self.is_random and world_size is not None and planned > world_size - 1:
+            raise ValueError(
+                f"adversary count must be at most world_size - 1 = {world_size - 1}: the parameter server"
+                f" never lies (got {planned})."
+            )
+        if planned == 0:
+            drawn = (f"ranks='random' draws count={planned} ranks per step (count defaults to num_adversaries)"
+                     if self.is_random else "ranks=[] names no rank")
+            warnings.append(
+                f"the simulated adversary lies nowhere: {drawn}. Set ranks, or count, to the liars the run should face."
+            )
         if planned > num_adversaries:
             warnings.append(
                 f"{planned} simulated adversaries exceed num_adversaries={num_adversaries}: DRACO's guarantee"
                 " no longer holds, and decodes may fail or, when liars collude, go wrong unnoticed."
             )
         return warnings
+
+    def planned(self, num_adversaries: int) -> int:
+        """How many ranks lie at each step."""
+        if not self.is_random:
+            return len(self.ranks)
+        return num_adversaries if self.count is None else self.count
 
     def lying_ranks(self, step: int, world_size: int, ps_rank: int, num_adversaries: int) -> frozenset[int]:
         """The ranks that lie at ``step``; the same answer on every process."""

@@ -76,3 +76,59 @@ def test_reentrant_checkpoints_are_found_in_the_graph_and_nothing_else_is():
     assert uses_reentrant_checkpoint(checkpoint.checkpoint_sequential(net, 2, x, use_reentrant=True).sum() + net(x).sum())
     assert not uses_reentrant_checkpoint(checkpoint.checkpoint(net, x, use_reentrant=False).sum())
     assert not uses_reentrant_checkpoint(net(x).sum())
+
+
+def _norm_model(momentum):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3, momentum=momentum), torch.nn.Linear(3, 1)).double()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("code, rank", [(FractionalRepetitionCode(6, 1), 4), (CyclicRepetitionCode(5, 1), 2)])
+def test_batchnorm_running_statistics_move_once_per_step_with_the_ranks_own_partition(code, rank, momentum):
+    """As under DDP, where rank i's forward sees partition i alone: the running statistics are those of
+    one forward on partition ``rank``, the batch count moves by one, and the coded gradient is the same
+    bits as when every forward updates them (a holder that updates and one that does not agree)."""
+    batch = _batch(code.partitions(rank))
+    own = batch.partitions.index(rank)
+    sent = {}
+    for keep in (True, False):
+        model = _norm_model(momentum)
+        model.train()
+        step = CodedStep(code, rank, seed=3, device=torch.device("cpu"), module=model if keep else None)
+        forward = lambda x: model(x).square().mean()  # noqa: E731
+        model.zero_grad()
+        if step.summed:
+            loss = step.summed_step(batch, forward)
+        else:
+            loss = step.weighted_step(batch, forward, list(model.parameters()), no_sync=contextlib.nullcontext)
+            step.add_side_gradients()
+        loss.backward()
+        sent[keep] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if keep:
+            moved = model[1]
+    assert torch.equal(sent[True], sent[False])
+    alone = _norm_model(momentum).train()
+    alone(batch.batches[own])
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(moved, name), getattr(alone[1], name)), name
+    assert moved.momentum == momentum
+
+
+@pytest.mark.parametrize("code, rank", [(FractionalRepetitionCode(3, 1), 0), (CyclicRepetitionCode(5, 1), 2)])
+def test_a_parameter_reached_only_through_a_sum_trains(code, rank):
+    """``loss + 0 * p.sum()`` (a common way to give an unused parameter a gradient) makes autograd hand
+    back an expanded gradient, every element one memory location; the weighted step must not write into it."""
+    model = _model()
+    spare = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    params = list(model.parameters()) + [spare]
+    step = CodedStep(code, rank, seed=3, device=torch.device("cpu"))
+    forward = lambda x: model(x).square().mean() + 0.0 * spare.sum()  # noqa: E731
+    batch = _batch(code.partitions(rank))
+    if step.summed:
+        loss = step.summed_step(batch, forward)
+    else:
+        loss = step.weighted_step(batch, forward, params, no_sync=contextlib.nullcontext)
+        step.add_side_gradients()
+    loss.backward()
+    assert torch.equal(spare.grad, torch.zeros(4, dtype=torch.float64))

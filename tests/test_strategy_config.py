@@ -85,6 +85,29 @@ def test_more_simulated_adversaries_than_s_is_allowed_with_a_warning():
     assert any("exceed num_adversaries=1" in w for w in strategy.config.adversary_warnings())
 
 
+@pytest.mark.parametrize("adversary, drawn", [
+    (Adversary(ranks="random"), "ranks='random' draws count=0 ranks per step (count defaults to num_adversaries)"),
+    (Adversary(ranks=[]), "ranks=[] names no rank"),
+])
+def test_a_simulated_adversary_that_lies_nowhere_is_warned_of(adversary, drawn):
+    """A comparison of defences run with num_adversaries=0 (plain averaging, say) must not face no liar unnoticed."""
+    warnings = DracoStrategy(code="none", num_adversaries=0, adversary=adversary).config.adversary_warnings()
+    assert f"the simulated adversary lies nowhere: {drawn}. Set ranks, or count," in " ".join(warnings)
+    counted = DracoStrategy(code="none", num_adversaries=0, adversary=Adversary(ranks="random", count=1))
+    assert not [w for w in counted.config.adversary_warnings() if "lies nowhere" in w]
+
+
+def test_more_simulated_adversaries_than_the_rule_tolerates_is_warned_of():
+    strategy = DracoStrategy(code="none", num_adversaries=2, aggregator="median", aggregator_options={"num_byzantine": 1},
+                             adversary=Adversary(ranks=[1, 2]))
+    assert strategy.config.adversary_warnings() == [
+        "2 simulated adversaries exceed aggregator 'median''s num_byzantine=1: the rule is set to tolerate fewer"
+        " liars than the run has."
+    ]
+    matched = DracoStrategy(code="none", num_adversaries=2, aggregator="median", adversary=Adversary(ranks=[1, 2]))
+    assert matched.config.adversary_warnings() == []
+
+
 def test_zero_adversaries_is_valid():
     trainer = L.Trainer(accelerator="cpu", devices=4, strategy=DracoStrategy(num_adversaries=0), logger=False)
     assert trainer.strategy.redundancy == 1
@@ -278,6 +301,12 @@ class _SparseEmbedding(_Tiny):
         self.words = torch.nn.Embedding(10, 4, sparse=True)
 
 
+class _SyncedNorm(_Tiny):
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.SyncBatchNorm(2)
+
+
 PREFLIGHT = [
     (8, dict(code="crc", num_adversaries=2), {}, _Tiny(),
      "code='crc' with P=8, s=2 is too ill-conditioned for float32 gradients"),
@@ -287,11 +316,15 @@ PREFLIGHT = [
     (3, {}, {}, _SparseEmbedding(), "DracoStrategy codes dense gradients; 'words' makes sparse ones (sparse=True)"),
     (3, dict(code="crc", static_graph=True), {}, _Tiny(),
      "static_graph=True needs each step's gradient from one backward through DDP; code='crc' weights"),
+    (3, {}, dict(sync_batchnorm=True), _Tiny(),
+     "DracoStrategy cannot train with sync_batchnorm=True: SyncBatchNorm averages batch statistics over the ranks"),
+    (3, {}, {}, _SyncedNorm(), "DracoStrategy cannot train with SyncBatchNorm layers ('norm'): SyncBatchNorm averages"),
 ]
 
 
 @pytest.mark.parametrize("devices, strategy, trainer, module, message", PREFLIGHT,
-                         ids=["crc_float32", "reactive_accumulate", "manual", "sparse", "static_graph"])
+                         ids=["crc_float32", "reactive_accumulate", "manual", "sparse", "static_graph", "sync_batchnorm",
+                              "sync_batchnorm_layer"])
 @pytest.mark.parametrize("start_method", ["popen", "spawn"])
 def test_a_fit_every_rank_would_refuse_is_refused_before_any_process_starts(
         devices, strategy, trainer, module, message, start_method, tmp_path):

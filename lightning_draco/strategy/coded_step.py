@@ -1,18 +1,20 @@
 """The coded step: this rank's coded gradient ``sum_j W[i, j] g_j`` from one forward per partition."""
 
 
-from typing import Any, Callable, ContextManager, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import CheckpointFunction
 
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.codes import Code
 from lightning_draco.data import PartitionBatch, partition_seed
 
-__all__ = ["CodedStep", "UnsupportedStepError", "encoded", "uses_reentrant_checkpoint"]
+__all__ = ["CodedStep", "UnsupportedStepError", "encoded", "running_statistics_kept", "uses_reentrant_checkpoint"]
 
 #: The user's training step on one partition's batch; returns its output (a loss or a dict with one).
 Forward = Callable[[Any], Any]
@@ -30,9 +32,14 @@ class CodedStep:
         rank: this rank.
         seed: seeds each partition's randomness (dropout, augmentation), the same on every holder.
         device: where the partition's random streams live.
+        module: the trained model. Its BatchNorm layers' running statistics move in the forward of
+            this rank's own partition only (partition ``rank``, the batch DDP's rank ``rank`` would
+            get), once per step as under DDP, not once per partition held.
     """
 
-    def __init__(self, code: Code, rank: int, seed: int, device: torch.device):
+    def __init__(self, code: Code, rank: int, seed: int, device: torch.device, module: Optional[nn.Module] = None):
+        self.rank = rank
+        self.module = module
         self.weights = code.coefficients(rank)
         self.seed = seed
         self.device = device
@@ -60,8 +67,13 @@ class CodedStep:
     def _partition(self, batch: PartitionBatch, index: int, forward: Forward) -> tuple[Any, Tensor]:
         """The user's training step on one partition, under that partition's seeds; its output and loss."""
         partition = batch.partitions[index]
+        kept = running_statistics_kept(self.module) if partition != self.rank and self.module is not None else None
         with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.device):
-            output = forward(batch.batches[index])
+            if kept is None:
+                output = forward(batch.batches[index])
+            else:
+                with kept:
+                    output = forward(batch.batches[index])
         loss = loss_of(output)
         if loss is None:
             raise ValueError(
@@ -149,13 +161,37 @@ class CodedStep:
                     output, loss = self._partition(batch, index, forward)
                 inner = loss / accumulate if accumulate > 1 else loss
                 grads = torch.autograd.grad(scale_loss(inner), params, allow_unused=True)
-                side = list(grads) if side is None else [_add(s, g) for s, g in zip(side, grads)]
+                side = [_own(g) for g in grads] if side is None else [_add(s, g) for s, g in zip(side, grads)]
             losses.append(loss.detach())
         self._side = None if side is None else (params, side)
         self.scale = last_weight
         self.graph_checked = True
         mean = torch.stack(losses).mean()
         return with_loss(output, loss + (mean - loss).detach())
+
+
+@contextmanager
+def running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Forwards inside leave the running statistics of ``module``'s training BatchNorm layers as they were.
+
+    Their momentum is 0 for the while, so the running mean and variance are kept bitwise by the very
+    kernels that would update them: the forward's output, which uses the batch's statistics, is the
+    same bits as an updating forward's, which keeps the replicas of a partition's gradient equal
+    whichever holder updates. The batch count, which a cumulative average (momentum None) divides
+    by, is put back afterwards; BatchNorm never saves it for the backward.
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.running_mean is not None]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, count) in zip(norms, saved):
+            norm.momentum = momentum
+            if count is not None:
+                with torch.no_grad():
+                    norm.num_batches_tracked.copy_(count)
 
 
 def uses_reentrant_checkpoint(loss: Tensor) -> bool:
@@ -193,10 +229,16 @@ def _scale_grads(grads: list[Optional[Tensor]], factor: float) -> None:
         torch._foreach_mul_(present, factor)
 
 
+def _own(grad: Optional[Tensor]) -> Optional[Tensor]:
+    """A gradient the side buffer may scale and add to in place. ``autograd.grad`` can return an expanded
+    tensor (``p.sum()``'s gradient: every element one memory location), which in-place ops refuse."""
+    return grad if grad is None or grad.is_contiguous() else grad.contiguous()
+
+
 def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
     if term is None:
         return total
-    return term if total is None else total.add_(term)
+    return _own(term) if total is None else total.add_(term)
 
 
 def loss_of(output: Any) -> Optional[Tensor]:

@@ -183,7 +183,17 @@ class DracoConfig:
 
     def adversary_warnings(self) -> list[str]:
         """Warnings for a simulated adversary beyond what the code tolerates (raises for impossible ones)."""
-        return self.adversary.check(None, self.ps_rank, self.num_adversaries) if self.adversary else []
+        if self.adversary is None:
+            return []
+        warnings = self.adversary.check(None, self.ps_rank, self.num_adversaries)
+        planned = self.adversary.planned(self.num_adversaries)
+        rule = self.aggregator
+        if rule is not None and rule.num_byzantine < planned <= self.num_adversaries:
+            warnings.append(
+                f"{planned} simulated adversaries exceed aggregator {rule.name!r}'s num_byzantine={rule.num_byzantine}:"
+                " the rule is set to tolerate fewer liars than the run has."
+            )
+        return warnings
 
     def validate(self, world_size: int) -> None:
         """The checks that need the world size, other than the code's own (``build_code`` runs those)."""

@@ -326,7 +326,7 @@ class DracoStrategy(DDPStrategy):
                 timeout=self._timeout.total_seconds() if self._timeout is not None else None,
             )
         )
-        self._coded_step = CodedStep(self.code, rank, self.seed, self.root_device)
+        self._coded_step = CodedStep(self.code, rank, self.seed, self.root_device, self.lightning_module)
         if self.config.reactive:
             self._escalation = Escalation(self.code, self._coded_step)
         environment = self.cluster_environment
@@ -361,8 +361,14 @@ class DracoStrategy(DDPStrategy):
                 " weights its partitions, so each partition but the last gets a backward of its own, which a static"
                 " graph cannot record. Drop static_graph, or use code='frc'."
             ))
+        synced = "sync_batchnorm=True" if self._layer_sync is not None else None
         if launching and any(is_overridden(hook, module) for hook in ("setup", "configure_model")):
+            self._refuse_synced_batchnorm(synced)
             return  # the module may still build or convert its parameters: setup checks them
+        layers = [name for name, sub in module.named_modules() if isinstance(sub, torch.nn.SyncBatchNorm)]
+        if layers and synced is None:
+            synced = f"SyncBatchNorm layers ({', '.join(map(repr, layers))})"
+        self._refuse_synced_batchnorm(synced)
         sparse = [name for name, sub in module.named_modules()
                   if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and sub.sparse
                   and any(p.requires_grad for p in sub.parameters(recurse=False))]
@@ -376,6 +382,15 @@ class DracoStrategy(DDPStrategy):
                 self.code.check_wire_dtype(dtype)
             except ValueError as error:
                 raise self._agreed(error) from None
+
+    def _refuse_synced_batchnorm(self, source: Optional[str]) -> None:
+        if source is not None:
+            raise self._agreed(ValueError(
+                f"DracoStrategy cannot train with {source}: SyncBatchNorm averages batch statistics over the ranks"
+                " inside every forward, outside the decode, so one rank's lie would reach every rank's forward and"
+                " the gradients DRACO checks. Use BatchNorm: each partition's statistics are then its own, the same"
+                " on every rank that holds it."
+            ))
 
     def _refuse_reactive_accumulation(self, trainer: "pl.Trainer") -> None:
         if self.config.reactive and int(trainer.accumulate_grad_batches) > 1:

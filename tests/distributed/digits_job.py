@@ -195,6 +195,7 @@ def run(name: str, scenario: Scenario) -> dict:
     out.update(
         sha=param_digest(model),
         params=[p.detach().double().flatten().tolist() for p in model.parameters()],
+        running=[b.detach().double().flatten().tolist() for n, b in model.named_buffers() if "running" in n],
         finite=all(bool(torch.isfinite(p).all()) for p in model.parameters()),
         accuracy=acc,
         global_step=trainer.global_step,

@@ -98,9 +98,13 @@ def test_ps_on_another_rank(runs):
 
 @scenarios("frc_nodropout", "ddp_nodropout")
 def test_matches_plain_ddp_without_dropout(runs):
+    """The parameters, and BatchNorm's running statistics too: they move once per step, with the rank's own
+    partition (the batch DDP's rank would get), although each rank runs a forward per partition it holds."""
     draco, ddp = runs["frc_nodropout"], runs["ddp_nodropout"]
-    for a, b in zip(draco["params"], ddp["params"]):
+    assert len(draco["running"]) == len(ddp["running"]) == 2  # the MLP's BatchNorm: mean and variance
+    for a, b in zip(draco["params"] + draco["running"], ddp["params"] + ddp["running"]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-6, atol=1e-7)
+    assert draco["accuracy"] == ddp["accuracy"]
 
 
 @scenarios("none_clean", "none_{attack}")

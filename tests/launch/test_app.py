@@ -41,6 +41,8 @@ def test_a_sweep_runs_each_job_as_its_own_launch_in_its_own_directory(tmp_path):
     for summary in summaries:
         assert summary["world_size"] == 3 and summary["optimizer_steps"] == 8
         assert summary["faulty_counts"] == {"2": 8} and summary["skipped_steps"] == 0
+        # Eight steps end inside the first epoch: the final accuracy is the final model's, validated at the end.
+        assert summary["val_acc_per_epoch"] == [] and 0.1 < summary["final_val_acc"] <= 1.0
 
 
 # Each row: CLI overrides, and a piece of the one-line message the user gets. One row per layer that
