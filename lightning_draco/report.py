@@ -25,11 +25,16 @@ class FaultLedger:
         self.max_faulty_steps = max_faulty_steps
         self.times_caught: Counter[int] = Counter()
         self.first_caught: dict[int, int] = {}
+        #: Catches of a rank on a host that no longer runs it after a resume: ``(rank, host, times, first)``.
+        #: They are reported, but count towards neither ``max_faulty_steps`` nor quarantine: the rank's
+        #: count starts afresh on its new host.
+        self.earlier: list[tuple[int, str, int, int]] = []
         self.steps = 0
         self.skipped_steps = 0
 
-    def record(self, step: int, caught: set[int], skipped: bool) -> list[str]:
-        """Add one step's outcome; return the warnings it warrants (a rank caught for the first time)."""
+    def record(self, step: int, caught: set[int], skipped: bool, decoders: frozenset[int] = frozenset()) -> list[str]:
+        """Add one step's outcome; return the warnings it warrants (a rank caught for the first time).
+        ``decoders``: the caught ranks that were outvoted as decoders (sharded decoding)."""
         self.steps += 1
         self.skipped_steps += int(skipped)
         news = []
@@ -37,10 +42,11 @@ class FaultLedger:
             self.times_caught[rank] += 1
             if rank not in self.first_caught:
                 self.first_caught[rank] = step
+                what = ("was outvoted as a decoder (it passed on a decoded shard the other decoders did not), or sent"
+                        " a faulty gradient," if rank in decoders else "sent a faulty gradient")
                 news.append(
-                    f"DRACO: rank {rank} on host {self.hostname(rank)} sent a faulty gradient at step {step};"
-                    " its gradient was set aside and the step decoded without it. Its count is logged as"
-                    " draco/times_caught/rank_"
+                    f"DRACO: rank {rank} on host {self.hostname(rank)} {what} at step {step}; what it sent was set"
+                    " aside and the step decoded without it. Its count is logged as draco/times_caught/rank_"
                     f"{rank}."
                 )
         return news
@@ -85,22 +91,37 @@ class FaultLedger:
         if not self.times_caught:
             lines.append("No rank was caught sending a faulty gradient.")
             return "\n".join(lines)
-        width = max(len(self.hostname(r)) for r in self.times_caught)
+        rows = [(rank, self.hostname(rank), count, self.first_caught[rank], "")
+                for rank, count in sorted(self.times_caught.items())]
+        rows += [(rank, host, count, first, f"  (before a resume; rank {rank} now runs on {self.hostname(rank)})")
+                 for rank, host, count, first in self.earlier]
+        width = max(len(host) for _, host, _, _, _ in rows)
         lines.append(f"{'rank':>4}  {'host':<{width}}  times caught  first at step")
-        for rank, count in sorted(self.times_caught.items()):
-            lines.append(f"{rank:>4}  {self.hostname(rank):<{width}}  {count:>12}  {self.first_caught[rank]:>13}")
+        for rank, host, count, first, note in rows:
+            lines.append(f"{rank:>4}  {host:<{width}}  {count:>12}  {first:>13}{note}")
         return "\n".join(lines)
 
     def state_dict(self) -> dict:
         return {
             "times_caught": dict(self.times_caught),
             "first_caught": dict(self.first_caught),
+            "hostnames": list(self.hostnames),
+            "earlier": [list(entry) for entry in self.earlier],
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a saved ledger. A caught rank that now runs on another host than when it was saved (a
+        node replaced between a failure and the resume) keeps its catches under the old host, in
+        ``earlier``; its count starts afresh, so the replacement is neither stopped nor quarantined for them."""
         self.times_caught = Counter({int(k): int(v) for k, v in state["times_caught"].items()})
         self.first_caught = {int(k): int(v) for k, v in state["first_caught"].items()}
+        self.earlier = [(int(r), str(h), int(n), int(f)) for r, h, n, f in state.get("earlier", [])]
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
+        saved = state.get("hostnames", [])
+        for rank in sorted(self.times_caught):
+            before = saved[rank] if rank < len(saved) else None
+            if before is not None and rank < len(self.hostnames) and before != self.hostnames[rank]:
+                self.earlier.append((rank, before, self.times_caught.pop(rank), self.first_caught.pop(rank)))

@@ -51,3 +51,41 @@ def test_state_round_trips_through_a_checkpoint():
     restored.load_state_dict({k: ({str(r): n for r, n in v.items()} if isinstance(v, dict) else v)
                               for k, v in ledger.state_dict().items()})  # JSON-like keys
     assert restored.counts() == {1: 1} and restored.first_caught == {1: 2} and restored.skipped_steps == 1
+
+
+def test_a_rank_resumed_on_another_host_starts_its_count_afresh_and_keeps_its_history_in_the_report():
+    """A node that corrupted gradients is replaced and the job resumes: the replacement is not stopped by
+    max_faulty_steps (or quarantined) for what the old node did, and the report still names the old node."""
+    before = FaultLedger(["a", "b", "c"], max_faulty_steps=1)
+    before.record(0, {1}, skipped=False)
+    before.record(1, {1, 2}, skipped=False)
+    after = FaultLedger(["a", "fresh", "c"], max_faulty_steps=1)
+    after.load_state_dict(before.state_dict())
+    assert after.counts() == {2: 1} and after.stop_message() is None
+    assert after.earlier == [(1, "b", 2, 0)] and after.steps == 2
+    report = after.summary().splitlines()
+    assert report[2].split() == ["2", "c", "1", "1"]
+    assert report[3].split()[:4] == ["1", "b", "2", "0"] and "(before a resume; rank 1 now runs on fresh)" in report[3]
+    # Resumed again (on the same hosts): the history stays, once.
+    again = FaultLedger(["a", "fresh", "c"], max_faulty_steps=1)
+    again.load_state_dict(after.state_dict())
+    assert again.earlier == [(1, "b", 2, 0)] and again.counts() == {2: 1}
+    # On the same host, the count goes on: the node is the one that lied.
+    same = FaultLedger(["a", "b", "c"], max_faulty_steps=1)
+    same.load_state_dict(before.state_dict())
+    assert same.counts() == {1: 2, 2: 1} and same.earlier == [] and "[1]" in same.stop_message()
+
+
+def test_a_checkpoint_without_host_names_keeps_its_counts():
+    saved = FaultLedger(["a", "b"]).state_dict()
+    saved.update(times_caught={1: 3}, first_caught={1: 0})
+    del saved["hostnames"], saved["earlier"]
+    ledger = FaultLedger(["a", "z"])
+    ledger.load_state_dict(saved)
+    assert ledger.counts() == {1: 3} and ledger.earlier == []
+
+
+def test_a_rank_outvoted_as_a_decoder_is_not_said_to_have_sent_a_faulty_gradient_only():
+    ledger = FaultLedger(["a", "b", "c"])
+    [news] = ledger.record(3, {2}, skipped=False, decoders=frozenset({2}))
+    assert "rank 2 on host c was outvoted as a decoder" in news and "or sent a faulty gradient, at step 3" in news

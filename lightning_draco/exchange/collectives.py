@@ -26,7 +26,7 @@ from lightning_draco._errors import one_line
 from lightning_draco.exchange.state import ExchangeState
 
 __all__ = [
-    "CollectiveFailedError", "all_gather", "all_reduce_min", "broadcast", "broadcast_object", "count", "gather", "recv",
+    "CollectiveFailedError", "all_gather", "all_reduce_sum", "broadcast", "broadcast_object", "count", "gather", "recv",
     "send", "timed",
 ]
 
@@ -134,10 +134,10 @@ def count(state: ExchangeState, sent: int, received: int, like: Tensor) -> None:
     state.stats.received += received * like.element_size()
 
 
-def all_reduce_min(state: ExchangeState, tensor: Tensor) -> None:
-    """The element-wise minimum over ranks, in place; counted as the vector sent and received once."""
+def all_reduce_sum(state: ExchangeState, tensor: Tensor) -> None:
+    """The element-wise sum over ranks, in place; counted as the vector sent and received once."""
     with timed(state, "all-reduce"):
-        dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=state.setup.process_group)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=state.setup.process_group)
     state.stats.sent += _nbytes(tensor)
     state.stats.received += _nbytes(tensor)
 

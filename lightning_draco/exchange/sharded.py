@@ -59,7 +59,8 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
        when ``s+1`` decoders of a shard name it; a decoder whose copy lost is caught too.
     6. At the step's last bucket, one small all-reduce makes the step's outcome the same on every
        rank: any rank's failure fails the step everywhere (a liar can stop a run, not change it),
-       and a rank is reported caught only if every rank found it so (a liar cannot frame one).
+       and a rank is reported caught when at least ``s+1`` ranks found it so (a liar can neither
+       frame an honest rank nor keep its own name out).
 
     Returns a completed future of the voted mean, written into ``bucket.buffer()``.
     """
@@ -261,18 +262,24 @@ def record_failure(step, error: DracoDecodeError, index: int) -> None:
 
 
 def agree_on_step(state: ExchangeState, device: torch.device, index: int) -> None:
-    """One all-reduce (min) of ``[-failed, -nonfinite, caught flags...]``: any rank's failure fails
-    the step on every rank; a rank stays caught only if every rank caught it."""
+    """One all-reduce (sum) of ``[failed, nonfinite, caught flags..., outvoted flags...]``: any rank's
+    failure fails the step on every rank, and a rank is reported when at least s+1 ranks report it.
+
+    An honest rank reports only liars: it names a rank that s+1 decoders named (one of them honest),
+    and a decoder whose copy lost to s+1 equal copies (honest decoders compute the same bytes). So
+    s+1 reports include an honest rank's, and no one is framed; and a liar cannot keep its own name
+    out by withholding its report, as it could when every rank had to agree.
+    """
     setup, step = state.setup, state.outcome
-    world = setup.world_size
+    world, s = setup.world_size, setup.code.num_adversaries
     flags = torch.zeros(2 + 2 * world, dtype=torch.int32, device=device)
-    flags[0] = -int(step.failure is not None)
-    flags[1] = -int(step.nonfinite)
+    flags[0] = int(step.failure is not None)
+    flags[1] = int(step.nonfinite)
     for r in step.caught:
         flags[2 + r] = 1
     for r in step.decoders_outvoted:
         flags[2 + world + r] = 1
-    collectives.all_reduce_min(state, flags)
+    collectives.all_reduce_sum(state, flags)
     agreed = flags.tolist()
     if agreed[0] and step.failure is None:
         record_failure(step, DracoDecodeError(
@@ -280,6 +287,6 @@ def agree_on_step(state: ExchangeState, device: torch.device, index: int) -> Non
             " failure); every rank fails the step together.", [],
         ), index)
     step.nonfinite = bool(agreed[1])
-    step.caught = {r for r in range(world) if agreed[2 + r]}
-    step.decoders_outvoted = {r for r in range(world) if agreed[2 + world + r]}
+    step.caught = {r for r in range(world) if agreed[2 + r] >= s + 1}
+    step.decoders_outvoted = {r for r in range(world) if agreed[2 + world + r] >= s + 1}
     step.caught |= step.decoders_outvoted

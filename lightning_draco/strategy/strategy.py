@@ -681,7 +681,7 @@ class DracoStrategy(DDPStrategy):
             )
         skip = error is not None and self.config.on_decode_failure == "skip"
         self._skip.skipping = error is not None
-        self._record(trainer, step, outcome.caught, skipped=skip)
+        self._record(trainer, step, outcome.caught, skipped=skip, decoders=frozenset(outcome.decoders_outvoted))
         if error is not None and not skip:
             raise self._agreed(error)
         if error is not None:
@@ -733,8 +733,10 @@ class DracoStrategy(DDPStrategy):
                 )
         self._exchange.forced = frozenset(self.code.group_of(rank) for rank in self.quarantined)
 
-    def _record(self, trainer: "pl.Trainer", step: int, caught: set[int], skipped: bool) -> None:
-        for message in self.ledger.record(step, caught, skipped):
+    def _record(
+        self, trainer: "pl.Trainer", step: int, caught: set[int], skipped: bool, decoders: frozenset[int] = frozenset()
+    ) -> None:
+        for message in self.ledger.record(step, caught, skipped, decoders):
             rank_zero_warn(message)
         if self.global_rank == 0 and self.ledger.should_log(step, caught, skipped, trainer.log_every_n_steps):
             metrics = {**self.ledger.metrics(caught), **self._exchange_metrics()}

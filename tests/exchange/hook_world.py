@@ -222,6 +222,24 @@ def main(out: str, world: int, rank: int) -> None:
     dist.all_to_all_single = real
     seen["equivocation"] = (result, sorted(state.outcome.caught))
 
+    # 7b. A liar that reports itself clean and an honest rank caught, when the ranks agree on the step.
+    from lightning_draco.exchange import collectives
+
+    real_sum = collectives.all_reduce_sum
+
+    def lying_report(state, flags):
+        if rank == 4:
+            flags[2 + 4] = flags[2 + world + 4] = 0
+            flags[2 + 1] = flags[2 + world + 1] = 1
+        real_sum(state, flags)
+
+    collectives.all_reduce_sum = lying_report
+    state = ExchangeState(ExchangeSetup(code, rank, ps_rank=0))
+    state.begin_step(0)
+    adversarial(sharded_hook, Adversary(ranks=[4], attack="gaussian"))(state, Bucket(coded.clone()))
+    collectives.all_reduce_sum = real_sum
+    seen["lying_report"] = (sorted(state.outcome.caught), sorted(state.outcome.decoders_outvoted))
+
     # 8. The exchange on a communication thread: the same bytes, the future completed later.
     from concurrent.futures import ThreadPoolExecutor
 

@@ -68,6 +68,11 @@ def test_sharded_decoding_names_liars_in_each_role_and_no_one_else(seen):
         assert runs["decoder"][1:3] == ([4], [4]), "a liar only as a decoder is outvoted and named"
 
 
+def test_a_liar_can_neither_keep_its_name_out_of_the_sharded_verdict_nor_frame_an_honest_rank(seen):
+    """It withholds its own flags and raises an honest rank's when the ranks agree on the step."""
+    assert all(ranks_view["lying_report"] == ([4], [4]) for ranks_view in seen)
+
+
 def test_more_than_s_liars_fail_the_sharded_step_on_every_rank(seen):
     failures = [ranks_view["sharded"][1]["two"][3] for ranks_view in seen]
     assert all("more than s=1" in f or "lied" in f for f in failures), failures
