@@ -296,6 +296,23 @@ def test_an_option_the_attack_does_not_take_is_refused_when_the_adversary_is_mad
         DracoStrategy(adversary={"ranks": [1], "attack": attack, **options})
 
 
+@pytest.mark.parametrize("attack, options, message", [
+    ("alie", {"z": "abc"}, "attack 'alie': z must be a number (got 'abc')."),
+    ("reverse", {"scale": True}, "attack 'reverse': scale must be a number (got True)."),
+    ("bit_flip", {"num_flips": 0}, "attack 'bit_flip': num_flips must be an integer >= 1 (got 0)."),
+    ("bit_flip", {"num_flips": 1.5}, "attack 'bit_flip': num_flips must be an integer >= 1 (got 1.5)."),
+    ("sparse", {"pairs": 0}, "attack 'sparse': pairs must be an integer >= 1 (got 0)."),
+    ("label_flip", {"num_classes": 1}, "attack 'label_flip': num_classes must be an integer >= 2 (got 1)."),
+    ("optimal_alie", {"grid": 1}, "attack 'optimal_alie': grid must be an integer >= 2 (got 1)."),
+    ("optimal_ipm", {"eps_max": 0}, "attack 'optimal_ipm': eps_max must be a number > 0 (got 0)."),
+    ("mimic", {"target": -1}, "attack 'mimic': target must be a rank (an integer >= 0) or None (got -1)."),
+])
+def test_an_option_value_the_attack_cannot_use_is_refused_when_the_adversary_is_made(attack, options, message):
+    """Some would fail the first step on the liar alone; others (no bit flipped) would silently send no lie."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Adversary(ranks=[1], attack=attack, **options)
+
+
 def test_the_options_an_attack_takes_are_accepted_and_a_catch_all_takes_any():
     assert Adversary(ranks=[1], attack="gaussian", sigma=2.0).options == {"sigma": 2.0}
 

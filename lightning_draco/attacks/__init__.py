@@ -19,7 +19,7 @@ package imports every module, so a new attack is one file (plus its config and t
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from torch import Tensor
 
@@ -35,18 +35,47 @@ OMNISCIENT_KEYS = ("honest_mean", "honest_std", "honest_vectors")
 CONTEXT_KEYS = ("rank", "step", "bucket", "generator", "shared_generator", *OMNISCIENT_KEYS, "liars", "defence")
 
 
-def register_attack(name: str) -> Callable[[Attack], Attack]:
-    """Decorator: make the function available as ``Adversary(attack=name)``."""
-    return lambda fn: ATTACKS.add(name, fn)
+class Rule(NamedTuple):
+    """What an option's value must be: ``holds(value)``, said as ``text`` ("an integer >= 1")."""
+
+    holds: Callable[[Any], bool]
+    text: str
 
 
-def register_data_attack(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def at_least(low: int) -> Rule:
+    return Rule(lambda v: _is_int(v) and v >= low, f"an integer >= {low}")
+
+
+def positive() -> Rule:
+    return Rule(lambda v: _is_number(v) and v > 0, "a number > 0")
+
+
+def register_attack(name: str, **rules: Rule) -> Callable[[Attack], Attack]:
+    """Decorator: make the function available as ``Adversary(attack=name)``. ``rules``: what an option's
+    value must be, checked when the adversary is built (an option's type is taken from its default)."""
+
+    def add(fn: Attack) -> Attack:
+        fn.option_rules = rules
+        return ATTACKS.add(name, fn)
+
+    return add
+
+
+def register_data_attack(name: str, **rules: Rule) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator for an attack on the liar's data, ``attack(batch, **options) -> batch``: the liar
     then computes and sends an honest-looking gradient of the poisoned batch (``Adversary.poison``)."""
 
     def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         fn.acts_on = "batch"
-        return ATTACKS.add(name, fn)
+        return register_attack(name, **rules)(fn)
 
     return add
 
@@ -85,6 +114,22 @@ def check_options(attack: Attack, name: str, options: dict[str, Any]) -> None:
             f"attack {name!r} has no option {', '.join(map(repr, unknown))}: its options are"
             f" {', '.join(own) if own else 'none'}."
         )
+    rules = getattr(attack, "option_rules", {})
+    for key, value in options.items():
+        rule = rules.get(key) or _rule_of_default(params[key].default)
+        if rule is not None and not rule.holds(value):
+            raise ValueError(f"attack {name!r}: {key} must be {rule.text} (got {value!r}).")
+
+
+def _rule_of_default(default: Any) -> Any:
+    """An option's type, from its default: an integer where it is one, a number where it is a float."""
+    if isinstance(default, bool):
+        return Rule(lambda v: isinstance(v, bool), "True or False")
+    if _is_int(default):
+        return Rule(_is_int, "an integer")
+    if isinstance(default, float):
+        return Rule(_is_number, "a number")
+    return None
 
 
 def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context: dict[str, Any]) -> Tensor:
@@ -98,7 +143,8 @@ def call_attack(attack: Attack, honest: Tensor, options: dict[str, Any], context
 import_submodules(__name__, __path__)
 
 __all__ = [
-    "ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "acts_on_batch", "call_attack", "check_options",
+    "ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "Rule", "acts_on_batch", "at_least", "call_attack",
+    "check_options", "positive",
     "get_attack", "register_attack",
     "register_data_attack", "wants",
 ]

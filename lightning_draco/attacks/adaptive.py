@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from lightning_draco.attacks import register_attack
+from lightning_draco.attacks import Rule, at_least, positive, register_attack
 
 Defence = Callable[[Tensor], Optional[Tensor]]
 
@@ -72,7 +72,7 @@ def search_factor(objective: Callable[[float], float], high: float, grid: int, r
     return best_x
 
 
-@register_attack("optimal_alie")
+@register_attack("optimal_alie", z_max=positive(), grid=at_least(2), refine=at_least(0))
 def optimal_alie(
     honest: Tensor,
     *,
@@ -102,7 +102,7 @@ def optimal_alie(
     return (mu + z * sigma).to(honest.dtype)
 
 
-@register_attack("optimal_ipm")
+@register_attack("optimal_ipm", eps_max=positive(), grid=at_least(2), refine=at_least(0))
 def optimal_ipm(
     honest: Tensor,
     *,
@@ -129,7 +129,8 @@ def optimal_ipm(
     return (-eps * mu).to(honest.dtype)
 
 
-@register_attack("mimic")
+@register_attack("mimic", target=Rule(lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                                       "a rank (an integer >= 0) or None"))
 def mimic(honest: Tensor, *, target: Optional[int] = None, honest_vectors: Tensor, liars) -> Tensor:
     """Mimic (Karimireddy, He, Jaggi, ICLR 2022): every liar sends a copy of one honest worker's vector.
 

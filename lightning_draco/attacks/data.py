@@ -6,10 +6,11 @@ from typing import Any
 
 import torch
 
-from lightning_draco.attacks import register_data_attack
+from lightning_draco.attacks import Rule, at_least, register_data_attack
 
 
-@register_data_attack("label_flip")
+# None: the app fills in the data set's number of classes before the run.
+@register_data_attack("label_flip", num_classes=Rule(lambda v: v is None or at_least(2).holds(v), "an integer >= 2"))
 def label_flip(batch: Any, *, num_classes: int = 10, label_index: int = -1) -> Any:
     """Label flipping: every label y of the liar's batch becomes num_classes - 1 - y.
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from lightning_draco._bits import bits_dtype
-from lightning_draco.attacks import register_attack
+from lightning_draco.attacks import at_least, register_attack
 
 
 @register_attack("gaussian")
@@ -16,7 +16,7 @@ def gaussian(honest: Tensor, *, sigma: float = 1.0, generator: torch.Generator) 
     return (noise * sigma).to(device=honest.device, dtype=honest.dtype)
 
 
-@register_attack("bit_flip")
+@register_attack("bit_flip", num_flips=at_least(1))
 def bit_flip(honest: Tensor, *, num_flips: int = 1, generator: torch.Generator) -> Tensor:
     """Flip ``num_flips`` random bits of random entries, as a faulty GPU or memory would.
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_draco.attacks import register_attack
+from lightning_draco.attacks import at_least, register_attack
 
 
-@register_attack("sparse")
+@register_attack("sparse", pairs=at_least(1))
 def sparse(honest: Tensor, *, pairs: int = 1, scale: float = 100.0, generator: torch.Generator) -> Tensor:
     """Add ``+X`` at ``pairs`` random coordinates and ``-X`` at ``pairs`` others, ``X = scale * max|g|``.
 
