@@ -44,7 +44,7 @@ from lightning_draco._seeding import seeded_rng
 from lightning_draco.adversary import Adversary
 from lightning_draco.aggregators import Aggregator
 from lightning_draco.batch_view import BatchHookView
-from lightning_draco.codes import Code, DracoDecodeError, NonFiniteGradientError
+from lightning_draco.codes import Code, CyclicRepetitionCode, DracoDecodeError, NonFiniteGradientError
 from lightning_draco.consistency import InconsistentDataError, batch_digest, check_first_batch, explain_decode_failure
 from lightning_draco.data import DracoDataLoader, PartitionBatch, transfer_seed
 from lightning_draco.exchange import (
@@ -838,6 +838,11 @@ class DracoStrategy(DDPStrategy):
     def on_train_end(self) -> None:
         super().on_train_end()
         rank_zero_info(self.ledger.summary())
+        if self.ledger.times_caught and isinstance(self.code, CyclicRepetitionCode):
+            rank_zero_info(
+                "The cyclic code names a rank only when its lie exceeds what rounding explains (docs/codes.md);"
+                " smaller lies go unnamed, so these counts are a lower bound. code='frc' names every lie."
+            )
         if self._escalation is not None:
             quarantined = f"; quarantined ranks: {sorted(self.quarantined)}" if self.quarantined else ""
             steps = self.ledger.steps - self._steps_before_fit
