@@ -7,7 +7,8 @@ two of them ever agree and every step fails as if every rank lied. Two safeguard
 - before the first step, every rank digests the first batch of each partition it holds and
   the digests are compared across the holders (``check_first_batch``);
 - a decode that fails because no ``s + 1`` members of a group agree gets a hint that this looks
-  like inconsistent data or non-determinism rather than liars (``explain_decode_failure``).
+  like more than ``s`` liars in the group or, where no liar is expected, inconsistent data or
+  non-determinism (``explain_decode_failure``).
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def _describe(groups: list[list[int]]) -> str:
 _NO_MAJORITY = "no value is"
 
 _HINT = (
-    " No s+1 members of the group agree with each other: that looks like inconsistent data or non-determinism"
-    " rather than liars. Check that every rank loads the same data for a partition (seed the split, call"
+    " No s+1 members of the group agree with each other: either more than s of them lied, or, where no liar is"
+    " expected, that looks like inconsistent data or non-determinism. Check that every rank loads the same"
+    " data for a partition (seed the split, call"
     " seed_everything before building the data) and that the forward does not depend on the rank or on"
     " randomness outside the per-partition seed."
 )

@@ -136,7 +136,8 @@ def test_a_group_where_no_s_plus_1_members_agree_gets_the_data_hint(tolerance):
     error = _decode_error(FractionalRepetitionCode(3, 1, tolerance=tolerance), rows)
     hinted = explain_decode_failure(error)
     assert str(hinted).startswith(str(error))
-    assert "looks like inconsistent data or non-determinism rather than liars" in str(hinted)
+    assert ("either more than s of them lied, or, where no liar is expected, that looks like inconsistent data or"
+            " non-determinism") in str(hinted)
     assert (hinted.step, hinted.bucket, hinted.suspects) == (7, 2, error.suspects)
     assert explain_decode_failure(hinted) is hinted
 

@@ -63,7 +63,7 @@ def test_colluders_outvoting_the_ps_are_skipped_and_never_applied(runs):
 def test_replicas_that_never_agree_get_the_data_hint(runs):
     for seen in runs["rank_dependent"]["ranks"]:
         assert seen["error"]["type"] == "DracoDecodeError"
-        assert "looks like inconsistent data or non-determinism rather than liars" in seen["error"]["message"]
+        assert "where no liar is expected, that looks like inconsistent data or non-determinism" in seen["error"]["message"]
 
 
 def test_holders_of_a_partition_with_different_data_are_refused_before_the_first_step(runs):
