@@ -99,6 +99,10 @@ class RunRecord(Callback):
 def build_strategy(cfg: DictConfig, with_adversary: bool = True, num_classes: Optional[int] = None) -> DracoStrategy:
     """The strategy ``cfg`` asks for; ``num_classes`` (the data set's) fills an attack's ``num_classes: null``."""
     code, attack, aggregator = cfg.code, cfg.attack, cfg.aggregator
+    if not aggregator.name and aggregator.options:
+        raise ValueError(
+            f"aggregator.options ({', '.join(aggregator.options)}) need a rule: set aggregator=<name> (there is none)."
+        )
     adversary = None
     if with_adversary and attack.name != "none":
         ranks = attack.ranks if isinstance(attack.ranks, str) else list(attack.ranks)
@@ -108,7 +112,7 @@ def build_strategy(cfg: DictConfig, with_adversary: bool = True, num_classes: Op
         adversary = Adversary(ranks=ranks, attack=attack.name, seed=attack.seed, count=attack.get("count"), **options)
     return DracoStrategy(
         aggregator=aggregator.name,
-        aggregator_options={"num_byzantine": aggregator.num_byzantine, **aggregator.options},
+        aggregator_options={"num_byzantine": aggregator.num_byzantine, **aggregator.options} if aggregator.name else None,
         aggregate_over=aggregator.over,
         pre_aggregators=OmegaConf.to_container(aggregator.pre) if aggregator.get("pre") else None,
         code=code.name,

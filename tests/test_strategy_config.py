@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_draco
 from lightning_draco import Adversary, DracoStrategy
+from lightning_draco.aggregators import make_aggregator
 from lightning_draco.report import FaultLedger
 from lightning_draco.strategy import checkpoint as ckpt
 
@@ -106,6 +107,14 @@ def test_more_simulated_adversaries_than_the_rule_tolerates_is_warned_of():
     ]
     matched = DracoStrategy(code="none", num_adversaries=2, aggregator="median", adversary=Adversary(ranks=[1, 2]))
     assert matched.config.adversary_warnings() == []
+
+
+@pytest.mark.parametrize("aggregator", [None, "built"])
+def test_aggregator_options_without_a_rule_by_name_are_refused(aggregator):
+    rule = make_aggregator("centered_clipping", 1) if aggregator else None
+    with pytest.raises(ValueError, match=re.escape(
+            f"aggregator_options apply to an aggregator given by name (got aggregator={rule!r}): name the rule")):
+        DracoStrategy(code="none", aggregator=rule, aggregator_options={"tau": 10.0})
 
 
 def test_zero_adversaries_is_valid():

@@ -73,6 +73,11 @@ class DracoConfig:
         num_adversaries = fields.get("num_adversaries", cls.num_adversaries)
         if redundancy is None:
             redundancy = code_cls.default_redundancy(num_adversaries) if _is_int(num_adversaries) else 1
+        if aggregator_options and not isinstance(aggregator, str):
+            raise ValueError(
+                f"aggregator_options apply to an aggregator given by name (got aggregator={aggregator!r}): name the"
+                " rule, or pass the options to the Aggregator you built."
+            )
         if isinstance(aggregator, str):
             options = dict(aggregator_options or {})
             aggregator = make_aggregator(aggregator, options.pop("num_byzantine", num_adversaries), **options)
