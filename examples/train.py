@@ -112,7 +112,9 @@ def build_strategy(cfg: DictConfig, with_adversary: bool = True, num_classes: Op
         adversary = Adversary(ranks=ranks, attack=attack.name, seed=attack.seed, count=attack.get("count"), **options)
     return DracoStrategy(
         aggregator=aggregator.name,
-        aggregator_options={"num_byzantine": aggregator.num_byzantine, **aggregator.options} if aggregator.name else None,
+        aggregator_options=(
+            {"num_byzantine": aggregator.num_byzantine, **aggregator.options} if aggregator.name else None
+        ),
         aggregate_over=aggregator.over,
         pre_aggregators=OmegaConf.to_container(aggregator.pre) if aggregator.get("pre") else None,
         code=code.name,
