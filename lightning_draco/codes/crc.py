@@ -457,6 +457,8 @@ class CyclicRepetitionCode(Code):
                 f" {s} lied, or every replica agrees on NaN/Inf and the model diverged.",
                 erased,
             )
+        # Below the dtype's smallest normal number rounding is absolute: what the floors count as each row's size.
+        norms = _with_underflow(norms, received.dtype, length, s)
         floors = self._floors(theta, length)  # the rounding floor; above it, the noise measured in this decode
         if not erased:
             accepted = self._accept(first, hint, erased, norms, floors, length)
@@ -789,21 +791,20 @@ class CyclicRepetitionCode(Code):
         sketch = _in_order(sketches, p, device) if projections is not None else None
         per_block = misfits.tolist()  # a few numbers: plain Python from here, no tensor operations
         redo = _inexact(per_block)
-        # A check row that is all zeros (an erased suspect's miss) is zero by construction, not underflow.
-        vanished = [i for i, norms in enumerate(per_block) if any(v == 0 and w for v, w in zip(norms, applied.weighted))]
-        if vanished:  # every square underflowed, or the checks are exactly zero: tell them apart
-            spans = [blocks[i] for i in vanished]
-            tops = torch.stack([total[start:stop].abs().amax() if stop > start else total.new_zeros(())
-                                for start, stop in spans]).tolist()
-            redo = sorted(set(redo) | {i for i, top in zip(vanished, tops) if top > 0})
-        for i in redo:  # squares over- or underflowed: the misfits again, in float64
-            start, stop = blocks[i]
-            block = rows[:, start:stop].to(acc)
-            if bool(torch.isfinite(block).all()):  # else the product gives the same NaN or Inf again
-                checks = (mix @ block)[1:].double()
-                misfits[i] = torch.linalg.vector_norm(checks, dim=1).cpu()
+        # A check that is exactly zero in the accumulation dtype: either the block's checks are zero, or every
+        # product underflowed (honest rows of zeros, a lie of 1e-45 to 1e-29 on them: a float32 product of it
+        # and a weight rounds to zero or to a subnormal, its square to zero). Only float64 products tell them
+        # apart, so such a block is measured again whatever its total (on a zero bucket the total is zero too,
+        # and a lie on it is the only thing there is to see). A check row that is all zeros (an erased
+        # suspect's miss) is zero by construction, not underflow.
+        vanished = {i for i, norms in enumerate(per_block)
+                    if any(v == 0 and w for v, w in zip(norms, applied.weighted))}
+        for i in sorted(set(redo) | vanished):  # squares over- or underflowed: the misfits again, in float64
+            again = _exact_checks(rows, mix, blocks[i], grams is not None)
+            if again is not None:  # else the product gives the same NaN or Inf again
+                misfits[i] = again[0].to(misfits.device)
                 if grams is not None:
-                    grams[i] = checks @ checks.t()
+                    grams[i] = again[1]
         norms = row_norms.square().sum(dim=0).sqrt() if row_norms is not None else None
         return _Pass(total, misfits.square().sum(dim=0).sqrt(), grams.sum(dim=0).cpu() if grams is not None else None,
                      applied.checks, norms, sketch.cpu() if sketch is not None else None)
@@ -1072,12 +1073,68 @@ def _exact_norms(received: Tensor, norms: Tensor) -> Tensor:
         if math.isfinite(norm) and 1e-15 <= norm <= 1e15:
             continue
         row = received[i]
+        if norm == 0 and not bool(row.any()):  # a row of zeros (the float32 squares of tiny values also give 0)
+            continue
         if bool(torch.isfinite(row).all()):
             total = torch.zeros((), dtype=torch.float64, device=received.device)
             for start in range(0, row.numel(), 1 << 20):
                 total += row[start : start + (1 << 20)].double().square().sum()
             norms[i] = total.sqrt()
     return norms
+
+
+def _with_underflow(norms: Tensor, dtype: torch.dtype, length: int, s: int) -> Tensor:
+    """The rows' sizes the floors are taken of: each finite norm combined (root of the sum of squares) with
+    ``sqrt(length)`` times the smallest normal number of ``dtype``, where more than ``s`` rows are not zero.
+
+    Every floor is ``theta`` times rows' norms: rounding relative to the values, as it is down to the smallest
+    normal number ``tiny``. Below it rounding is absolute, a unit of ``tiny`` per operation (the subnormal
+    spacing), so honest rows of 1e-45 to 1e-38 (float32) miss the code by far more than ``theta`` of their
+    norms: counted as ``tiny`` per coordinate, they fit (for rows of normal values the term is nothing).
+
+    It is counted only where more than ``s`` rows have a non-zero (or non-finite) value: at most ``s`` liars
+    cannot grant it to themselves. On honest rows of zeros the floors stay zero, and a lie on them of any
+    size, 1e-45 included, is seen (the checks are then measured in float64: ``_exact_checks``).
+    """
+    values = norms.tolist()
+    sizes = sorted((math.inf if not math.isfinite(v) else 1.0 if v > 0 else 0.0 for v in values), reverse=True)
+    if s >= len(sizes) or not sizes[s] > 0:
+        return norms
+    floor = torch.finfo(dtype).tiny * math.sqrt(length)
+    sized = [math.hypot(v, floor) if math.isfinite(v) else v for v in values]
+    # Rows of normal values come back as they are (the term is below their last bit).
+    return norms if sized == values else torch.tensor(sized, dtype=torch.float64)
+
+
+# Coordinates per float64 product when a block's checks are measured again (``_exact_checks``): the one block
+# of the Triton pass is the whole bucket, whose float64 copy would double its memory at once.
+EXACT_SPAN = 1 << 20
+
+
+def _exact_checks(
+    rows: Tensor, mix: Tensor, span: tuple[int, int], gram: bool
+) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """The check rows' norms (and Gram matrix) over ``span``, from float64 products of the rows and the check
+    rows as applied (``mix[1:]``): float64 holds every product of float32 (or narrower) values and weights
+    exactly, with no underflow, so a lie of 1e-45 on a zero row shows. None where the rows are not finite."""
+    checks_mix = mix[1:].double()
+    squares = torch.zeros(checks_mix.shape[0], dtype=torch.float64, device=rows.device)
+    product = torch.zeros(checks_mix.shape[0], checks_mix.shape[0], dtype=torch.float64, device=rows.device)
+    start, stop = span
+    for first in range(start, stop, EXACT_SPAN):
+        part = rows[:, first : min(stop, first + EXACT_SPAN)]
+        # Rows of zeros add nothing: on a zero bucket only a liar's row (if any) is widened and multiplied.
+        present = part.ne(0).any(dim=1).nonzero().flatten()
+        if not len(present):
+            continue
+        part = part[present].double()
+        if not bool(torch.isfinite(part).all()):
+            return None
+        checks = checks_mix[:, present] @ part
+        squares += torch.linalg.vector_norm(checks, dim=1).square()
+        if gram:
+            product += checks @ checks.t()
+    return squares.sqrt().cpu(), product if gram else None
 
 
 @contextlib.contextmanager
