@@ -198,19 +198,11 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
             raise
         # Refused by the strategy before any process started (the model's gradient dtype, say).
         sys.exit(f"configuration error: {error}")
-    final = record.val_acc[-1] if record.val_acc else None
-    if record.validated_at != trainer.global_step and trainer.global_step > record.start_step:
-        # The run stopped between validations (max_steps inside an epoch, or max_faulty_steps): the final
-        # accuracy is the final model's, as param_sha256 is.
-        with warnings.catch_warnings():
-            # Validation inside fit shards the data the same way; Lightning warns of it only here.
-            warnings.filterwarnings("ignore", message="Using `DistributedSampler` with the dataloaders")
-            final = float(trainer.validate(model, data, verbose=False)[0]["val_acc"])
-    return {
+    result = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
         "val_acc_per_epoch": record.val_acc,
-        "final_val_acc": final,
+        "final_val_acc": record.val_acc[-1] if record.val_acc else None,
         "faulty_counts": {str(k): v for k, v in sorted(strategy.faulty_counts.items())},
         "optimizer_steps": trainer.global_step,
         "skipped_steps": strategy.skipped_steps,
@@ -221,6 +213,18 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
         "param_sha256": param_sha256(model),
         "_params": torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()]),
     }
+    stopped_between = record.validated_at != trainer.global_step and trainer.global_step > record.start_step
+    if stopped_between and trainer.limit_val_batches:
+        # The run stopped between validations (max_steps inside an epoch, or max_faulty_steps): the final
+        # accuracy is the final model's, as param_sha256 is. Validating sets the strategy up anew, so it
+        # comes after the strategy's counts are read.
+        with warnings.catch_warnings():
+            # Validation inside fit shards the data the same way; Lightning warns of it only here.
+            warnings.filterwarnings("ignore", message="Using `DistributedSampler` with the dataloaders")
+            validated = trainer.validate(model, data, verbose=False)
+        if validated and "val_acc" in validated[0]:
+            result["final_val_acc"] = float(validated[0]["val_acc"])
+    return result
 
 
 def train(cfg: DictConfig) -> float:

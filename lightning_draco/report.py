@@ -88,7 +88,7 @@ class FaultLedger:
     def summary(self) -> str:
         """The end-of-fit report: rank, host, times caught."""
         lines = [f"DRACO report: {self.steps} steps decoded, {self.skipped_steps} skipped."]
-        if not self.times_caught:
+        if not self.times_caught and not self.earlier:
             lines.append("No rank was caught sending a faulty gradient.")
             return "\n".join(lines)
         rows = [(rank, self.hostname(rank), count, self.first_caught[rank], "")

@@ -316,6 +316,11 @@ def test_an_option_value_the_attack_cannot_use_is_refused_when_the_adversary_is_
 def test_the_options_an_attack_takes_are_accepted_and_a_catch_all_takes_any():
     assert Adversary(ranks=[1], attack="gaussian", sigma=2.0).options == {"sigma": 2.0}
 
+    def shrink(honest, *, scale=1):  # an integer default still takes any number
+        return honest * scale
+
+    assert Adversary(ranks=[1], attack=shrink, scale=0.5).options == {"scale": 0.5}
+
     def anything(honest, **context):
         return honest
 

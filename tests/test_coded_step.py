@@ -80,10 +80,14 @@ def test_reentrant_checkpoints_are_found_in_the_graph_and_nothing_else_is():
 
 def _norm_model(momentum):
     torch.manual_seed(0)
+    if momentum == "instance":  # InstanceNorm tracking running statistics moves them too
+        norm = torch.nn.InstanceNorm1d(1, track_running_stats=True)
+        return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Unflatten(1, (1, 3)), norm, torch.nn.Flatten(),
+                                   torch.nn.Linear(3, 1)).double()
     return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3, momentum=momentum), torch.nn.Linear(3, 1)).double()
 
 
-@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("momentum", [0.1, None, "instance"])
 @pytest.mark.parametrize("code, rank", [(FractionalRepetitionCode(6, 1), 4), (CyclicRepetitionCode(5, 1), 2)])
 def test_batchnorm_running_statistics_move_once_per_step_with_the_ranks_own_partition(code, rank, momentum):
     """As under DDP, where rank i's forward sees partition i alone: the running statistics are those of
@@ -91,6 +95,7 @@ def test_batchnorm_running_statistics_move_once_per_step_with_the_ranks_own_part
     bits as when every forward updates them (a holder that updates and one that does not agree)."""
     batch = _batch(code.partitions(rank))
     own = batch.partitions.index(rank)
+    at = 2 if momentum == "instance" else 1  # the norm layer's index in the model
     sent = {}
     for keep in (True, False):
         model = _norm_model(momentum)
@@ -106,13 +111,35 @@ def test_batchnorm_running_statistics_move_once_per_step_with_the_ranks_own_part
         loss.backward()
         sent[keep] = torch.cat([p.grad.flatten() for p in model.parameters()])
         if keep:
-            moved = model[1]
+            moved = model[at]
     assert torch.equal(sent[True], sent[False])
     alone = _norm_model(momentum).train()
     alone(batch.batches[own])
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.equal(getattr(moved, name), getattr(alone[1], name)), name
-    assert moved.momentum == momentum
+        assert torch.equal(getattr(moved, name), getattr(alone[at], name)), name
+    assert not torch.equal(moved.running_mean, _norm_model(momentum)[at].running_mean), "they did move once"
+    assert moved.momentum == (0.1 if momentum == "instance" else momentum)
+
+
+def test_two_parameters_that_autograd_hands_one_gradient_each_get_the_weighted_sum():
+    """``f(a + b)``: autograd returns one tensor as both gradients; the cyclic code's side buffer, which
+    scales and adds in place, must not scale it twice nor make ``a.grad is b.grad``."""
+    code, rank = CyclicRepetitionCode(5, 1), 2
+    a, b = (torch.nn.Parameter(torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(i)))
+            for i in range(2))
+    forward = lambda x: (x @ (a + b)).square().mean()  # noqa: E731
+    step = CodedStep(code, rank, seed=3, device=torch.device("cpu"))
+    batch = _batch(code.partitions(rank))
+    loss = step.weighted_step(batch, forward, [a, b], no_sync=contextlib.nullcontext)
+    step.add_side_gradients()
+    loss.backward()
+    assert a.grad is not b.grad
+    expected = 0
+    for j, w in enumerate(step.weights):
+        if w:
+            expected = expected + w * torch.autograd.grad(forward(batch.batches[j]), a)[0]
+    torch.testing.assert_close(a.grad * step.scale, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("code, rank", [(FractionalRepetitionCode(3, 1), 0), (CyclicRepetitionCode(5, 1), 2)])

@@ -66,6 +66,10 @@ def test_a_rank_resumed_on_another_host_starts_its_count_afresh_and_keeps_its_hi
     report = after.summary().splitlines()
     assert report[2].split() == ["2", "c", "1", "1"]
     assert report[3].split()[:4] == ["1", "b", "2", "0"] and "(before a resume; rank 1 now runs on fresh)" in report[3]
+    # Nobody caught since: the old node is still in the report.
+    quiet = FaultLedger(["a", "fresh", "c"])
+    quiet.load_state_dict({**before.state_dict(), "times_caught": {1: 2}, "first_caught": {1: 0}})
+    assert quiet.counts() == {} and "rank 1 now runs on fresh" in quiet.summary()
     # Resumed again (on the same hosts): the history stays, once.
     again = FaultLedger(["a", "fresh", "c"], max_faulty_steps=1)
     again.load_state_dict(after.state_dict())

@@ -107,6 +107,10 @@ def test_more_simulated_adversaries_than_the_rule_tolerates_is_warned_of():
     ]
     matched = DracoStrategy(code="none", num_adversaries=2, aggregator="median", adversary=Adversary(ranks=[1, 2]))
     assert matched.config.adversary_warnings() == []
+    # After the repetition code's vote (DETOX) the rule sees group results: f = 0 is no mistake there.
+    detox = DracoStrategy(code="frc", aggregator="median", aggregator_options={"num_byzantine": 0},
+                          adversary=Adversary(ranks=[1]))
+    assert detox.config.adversary_warnings() == []
 
 
 @pytest.mark.parametrize("aggregator", [None, "built"])

@@ -24,7 +24,7 @@ class CenteredClipping(Aggregator):
     Step 2 reads the inputs once without forming x_i - v (a distance to one point); step 3 is one
     matrix-vector product: two passes and no (n, d) temporaries per iteration, and one small
     transfer to the host (whether every distance held in the dtype; a finite liar far out is
-    measured again in float64, so that it keeps its pull of tau / n).
+    measured again in float64, its row alone, so that it keeps its pull of tau / n).
 
     The anchor is one vector of the full length: with whole-vector aggregation the PS lays the
     gradient out by parameter, not by DDP's buckets, so the anchor survives DDP's bucket rebuild
@@ -57,10 +57,12 @@ class CenteredClipping(Aggregator):
             x = x[finite]
         for _ in range(self.iterations):
             norms = distances_to(x, v)
-            if not bool(torch.isfinite(norms).all()):
-                # A finite row far out (a liar's 1e20 in float32) overflows its squared distance. It
-                # still pulls by tau / n towards itself, so its distance is measured in float64.
-                norms = distances_to(x.double(), v.double())
+            far = ~torch.isfinite(norms)
+            if bool(far.any()):
+                # A finite row far out (a liar's 1e20 in float32) overflows its squared distance. It still
+                # pulls by tau / n towards itself, so its distance is measured again in float64 (its row only).
+                norms = norms.double()
+                norms[far] = distances_to(x[far].double(), v.double())
             scale = torch.clamp(self.tau / norms.clamp_min(1e-30), max=1.0).to(x.dtype)
             v = v * (1 - scale.sum() / n) + (scale @ x) / n
         v = v.to(inputs.dtype)

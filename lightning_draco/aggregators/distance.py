@@ -167,7 +167,7 @@ class GeometricMedian(Aggregator):
     (the distances, then the weighted sum as one matrix-vector product), copies nothing, and
     brings one small tensor to the host: whether every distance held in the dtype, and the
     stopping test's two norms. A distance that did not hold (the square of a finite liar's 1e20
-    overflows float32) is measured again in float64, and that iteration redone with it.
+    overflows float32) is measured again in float64, its row alone, and that iteration redone with it.
     """
 
     name = "geometric_median"
@@ -200,7 +200,10 @@ class GeometricMedian(Aggregator):
             new = self._weighted_mean(x, distances)
             held, moved, size = self._outcome(new, z, torch.isfinite(distances).all())
             if not held:
-                new = self._weighted_mean(x, distances_to(x.double(), z.double()))
+                far = ~torch.isfinite(distances)
+                distances = distances.double()
+                distances[far] = distances_to(x[far].double(), z.double())
+                new = self._weighted_mean(x, distances)
                 _, moved, size = self._outcome(new, z, distances.new_ones((), dtype=torch.bool))
             z = new
             if moved <= self.tol * size:

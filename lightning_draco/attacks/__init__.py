@@ -122,12 +122,11 @@ def check_options(attack: Attack, name: str, options: dict[str, Any]) -> None:
 
 
 def _rule_of_default(default: Any) -> Any:
-    """An option's type, from its default: an integer where it is one, a number where it is a float."""
+    """An option's kind, from its default: a number where it is one (an attack that needs an integer
+    declares a rule), True or False where it is a bool."""
     if isinstance(default, bool):
         return Rule(lambda v: isinstance(v, bool), "True or False")
-    if _is_int(default):
-        return Rule(_is_int, "an integer")
-    if isinstance(default, float):
+    if _is_number(default):
         return Rule(_is_number, "a number")
     return None
 

@@ -7,7 +7,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import CheckpointFunction
 
 from lightning_draco._seeding import seeded_rng
@@ -161,7 +161,7 @@ class CodedStep:
                     output, loss = self._partition(batch, index, forward)
                 inner = loss / accumulate if accumulate > 1 else loss
                 grads = torch.autograd.grad(scale_loss(inner), params, allow_unused=True)
-                side = [_own(g) for g in grads] if side is None else [_add(s, g) for s, g in zip(side, grads)]
+                side = _writable(list(grads) if side is None else [_add(s, g) for s, g in zip(side, grads)])
             losses.append(loss.detach())
         self._side = None if side is None else (params, side)
         self.scale = last_weight
@@ -172,15 +172,17 @@ class CodedStep:
 
 @contextmanager
 def running_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """Forwards inside leave the running statistics of ``module``'s training BatchNorm layers as they were.
+    """Forwards inside leave the running statistics of ``module``'s training norm layers (BatchNorm, and
+    InstanceNorm that tracks them) as they were.
 
     Their momentum is 0 for the while, so the running mean and variance are kept bitwise by the very
-    kernels that would update them: the forward's output, which uses the batch's statistics, is the
-    same bits as an updating forward's, which keeps the replicas of a partition's gradient equal
-    whichever holder updates. The batch count, which a cumulative average (momentum None) divides
-    by, is put back afterwards; BatchNorm never saves it for the backward.
+    kernels that would update them (for finite batch statistics: 0 x inf is NaN, as the step's
+    gradients then are too): the forward's output, which uses the batch's statistics, is the same bits
+    as an updating forward's, which keeps the replicas of a partition's gradient equal whichever holder
+    updates. The batch count, which a cumulative average (momentum None) divides by, is put back
+    afterwards; no norm layer saves it for the backward.
     """
-    norms = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.running_mean is not None]
+    norms = [m for m in module.modules() if isinstance(m, _NormBase) and m.training and m.running_mean is not None]
     saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
     for norm in norms:
         norm.momentum = 0.0
@@ -229,16 +231,26 @@ def _scale_grads(grads: list[Optional[Tensor]], factor: float) -> None:
         torch._foreach_mul_(present, factor)
 
 
-def _own(grad: Optional[Tensor]) -> Optional[Tensor]:
-    """A gradient the side buffer may scale and add to in place. ``autograd.grad`` can return an expanded
-    tensor (``p.sum()``'s gradient: every element one memory location), which in-place ops refuse."""
-    return grad if grad is None or grad.is_contiguous() else grad.contiguous()
+def _writable(side: list[Optional[Tensor]]) -> list[Optional[Tensor]]:
+    """The side buffer with every entry safe to scale and add to in place, once each. ``autograd.grad``
+    can return an expanded tensor (``p.sum()``'s gradient: every element one memory location), which
+    in-place ops refuse, and one tensor for two parameters (``f(a + b)``), which they would scale twice;
+    such entries are copied, in the parameter's own layout where it has one."""
+    seen: set[int] = set()
+    for i, grad in enumerate(side):
+        if grad is None:
+            continue
+        expanded = any(stride == 0 and size > 1 for stride, size in zip(grad.stride(), grad.shape))
+        if expanded or grad.data_ptr() in seen:
+            side[i] = grad = grad.clone()
+        seen.add(grad.data_ptr())
+    return side
 
 
 def _add(total: Optional[Tensor], term: Optional[Tensor]) -> Optional[Tensor]:
     if term is None:
         return total
-    return _own(term) if total is None else total.add_(term)
+    return term if total is None else total.add_(term)
 
 
 def loss_of(output: Any) -> Optional[Tensor]:

@@ -136,8 +136,8 @@ class DracoStrategy(DDPStrategy):
         max_faulty_steps: stop the run once a rank has been caught at more steps than this.
         seed: seeds per-partition randomness (dropout, augmentation, data-loader workers);
             defaults to ``PL_GLOBAL_SEED`` (set by ``seed_everything``) or 0.
-        projection_secret: the PS's secret for codes that project what they receive; drawn from
-            OS entropy when ``None``. Fix it only for reproducible tests.
+        projection_secret: the PS's secret: it draws the cyclic code's projections and the bucketing
+            pre-aggregator's permutation. Drawn from OS entropy when ``None``; fix it for reproducible runs.
         check_finite: treat a decoded gradient with NaN/Inf as a failed step (the honest ranks
             agree on it: the model diverged). Default: on, except for ``code="none"`` without an
             aggregator, which behaves as plain DDP does.
@@ -841,7 +841,8 @@ class DracoStrategy(DDPStrategy):
         if self.ledger.times_caught and isinstance(self.code, CyclicRepetitionCode):
             rank_zero_info(
                 "The cyclic code names a rank only when its lie exceeds what rounding explains (docs/codes.md);"
-                " smaller lies go unnamed, so these counts are a lower bound. code='frc' names every lie."
+                " smaller lies go unnamed, so these counts are a lower bound. code='frc' names any lie beyond the noise"
+                " its replicas show (every lie, with deterministic kernels)."
             )
         if self._escalation is not None:
             quarantined = f"; quarantined ranks: {sorted(self.quarantined)}" if self.quarantined else ""
