@@ -67,6 +67,11 @@ class Adversary:
         self.roles = roles
         if count is not None and (not isinstance(count, int) or count < 0):
             raise ValueError(f"adversary count must be an integer >= 0 (got {count!r}).")
+        if count is not None and self.ranks != "random":
+            raise ValueError(
+                f"adversary count applies to ranks='random' (got ranks={list(self.ranks)}, count={count}): fixed"
+                " ranks lie all of them; drop count, or draw the liars with ranks='random'."
+            )
         self.attack_fn: Attack = get_attack(attack) if isinstance(attack, str) else attack
         if not callable(self.attack_fn):
             raise ValueError(f"attack must be the name of a built-in attack or a callable (got {attack!r}).")

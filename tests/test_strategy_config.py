@@ -98,6 +98,11 @@ def test_a_simulated_adversary_that_lies_nowhere_is_warned_of(adversary, drawn):
     assert not [w for w in counted.config.adversary_warnings() if "lies nowhere" in w]
 
 
+def test_a_count_of_liars_with_fixed_ranks_is_refused():
+    with pytest.raises(ValueError, match=re.escape("adversary count applies to ranks='random' (got ranks=[1], count=2)")):
+        Adversary(ranks=[1], count=2)
+
+
 def test_more_simulated_adversaries_than_the_rule_tolerates_is_warned_of():
     strategy = DracoStrategy(code="none", num_adversaries=2, aggregator="median", aggregator_options={"num_byzantine": 1},
                              adversary=Adversary(ranks=[1, 2]))
