@@ -2,11 +2,9 @@
 we know (sparse cancelling, scaled, another row, codeword-shaped, contiguous blocks, huge next to small,
 a liar who knows the sketch) next to honest data at its edges (zero partitions, spikes, tiny, huge)."""
 
-import itertools
 import math
 import os
 import random
-from functools import lru_cache
 
 import pytest
 import torch
@@ -777,14 +775,13 @@ def test_more_rows_than_the_pass_unrolls_decode_as_the_torch_passes(monkeypatch,
         assert torch.equal(a, b)
 
 
-# -- buckets of zeros and of subnormal values: a lie on them is named, honest ones decode -------------------------
-# A bucket whose honest gradient is all zeros (a parameter that got no gradient) or subnormal: float32 products of
-# a lie of 1e-45..1e-29 and a weight round to zero or to a subnormal, their squares to zero. The checks are then
-# measured in float64, and the floors count rounding below the smallest normal number as absolute.
+# -- buckets of zeros: a lie on them is named, and the total stays zero ---------------------------------------------
+# A bucket whose honest gradient is all zeros (a parameter that got no gradient): float32 products of a lie of
+# 1e-45..1e-29 and a weight round to zero or to a subnormal, their squares to zero. Checks that come out exactly
+# zero are therefore measured again from float64 products.
 # Cells of each wire dtype with s = 1 and s = 2 (float32 accepts s = 2 up to P = 7, bfloat16 only at P = 5).
-TINY_CELLS = [(3, 1), (5, 1), (6, 1), (8, 1), (13, 1), (5, 2), (6, 2), (7, 2)]
+ZERO_BUCKET_CELLS = [(3, 1), (5, 1), (6, 1), (8, 1), (13, 1), (5, 2), (6, 2), (7, 2)]
 BITS = {torch.float32: (torch.int32, 32), torch.bfloat16: (torch.int16, 16), torch.float16: (torch.int16, 16)}
-MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}  # stored bits of each dtype's mantissa
 
 
 def _flip(row, coordinate, bit, negate, dtype):
@@ -798,64 +795,36 @@ def _flip(row, coordinate, bit, negate, dtype):
 
 
 @st.composite
-def lies_on_tiny_buckets(draw):
-    p, s = draw(st.sampled_from(TINY_CELLS))
+def lies_on_zero_buckets(draw):
+    p, s = draw(st.sampled_from(ZERO_BUCKET_CELLS))
     dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
     d = draw(st.sampled_from([64, 300, 2048]))
     width = BITS[dtype][1]
     liars = sorted(draw(st.lists(st.integers(0, p - 1), min_size=1, max_size=s, unique=True)))
     lies = [(draw(st.integers(0, d - 1)), draw(st.integers(0, width - 1)), draw(st.booleans())) for _ in liars]
-    # Honest gradients of zeros, or Gaussian at 2^-k of the smallest normal number (k = 0: about the smallest
-    # normal; k = the mantissa's width: about the smallest subnormal).
-    shift = draw(st.one_of(st.none(), st.integers(0, MANTISSA[dtype])))
-    return p, s, dtype, d, liars, lies, shift, draw(st.integers(0, 2**31))
-
-
-def _tiny_bucket(code, p, d, dtype, shift, seed):
-    gen = torch.Generator().manual_seed(seed)
-    if shift is None:
-        return torch.zeros(p, d, dtype=torch.float64), code.encode(torch.zeros(p, d, dtype=dtype))
-    scale = torch.finfo(dtype).tiny * 2.0**-shift
-    gradients = (torch.randn(p, d, dtype=torch.float64, generator=gen) * scale).to(dtype)
-    return gradients.double(), code.encode(gradients)
+    return p, s, dtype, d, liars, lies, draw(st.integers(0, 2**31))
 
 
 @settings(deadline=None)
-@given(lies_on_tiny_buckets())
-def test_a_lie_on_a_bucket_of_zeros_or_subnormal_values_is_named_and_the_total_is_the_honest_one(case):
-    """Liars flip one bit (any bit, either sign) of one coordinate of their row of a zero or subnormal bucket.
-    On zeros every lie is infinitely larger than the honest values: exactly the liars are named, and the total is
-    exactly zero. On subnormal values, rounding is absolute (a unit of the subnormal spacing per operation), so a
-    lie of a few units can hide under the floor like any lie under it: no honest rank is named, the total moves
-    no further than the floor allows, and a lie beyond 1000 floors of the bucket's rounding is named."""
-    p, s, dtype, d, liars, lies, shift, seed = case
+@given(lies_on_zero_buckets())
+def test_a_lie_on_a_bucket_of_zeros_is_named_and_the_total_stays_zero(case):
+    """Liars flip one bit (any bit, either sign) of one coordinate of their row of a zero bucket. Every lie is
+    infinitely larger than the honest values: exactly the liars are named, and the total is exactly zero."""
+    p, s, dtype, d, liars, lies, seed = case
     code = CyclicRepetitionCode(p, s)
     try:
         code.check_wire_dtype(dtype)
     except ValueError:
         assume(False)  # refused when the Trainer is built for this (P, s)
-    gradients, honest = _tiny_bucket(code, p, d, dtype, shift, seed)
+    honest = code.encode(torch.zeros(p, d, dtype=dtype))
     received = honest.clone()
     for liar, (coordinate, bit, negate) in zip(liars, lies):
         _flip(received[liar], coordinate, bit, negate, dtype)
     moved = {liar: float((received[liar].double() - honest[liar].double()).abs().max()) for liar in liars}
     lying = sorted(liar for liar in liars if moved[liar] != 0)  # -0.0 is 0.0: no lie
     result = code.decode(received, generator=projection(seed))
-    assert torch.isfinite(result.total).all()
-    if shift is None:
-        assert result.faulty == lying, (p, s, dtype, d, liars, lies, moved)
-        assert not bool(result.total.any()), "the decoded total of a zero bucket is not zero"
-        return
-    assert set(result.faulty) <= set(lying), "an honest worker was named"
-    tiny = torch.finfo(dtype).tiny * math.sqrt(d)  # the floor's scale on rows of subnormal values
-    big = {liar for liar in lying if not moved[liar] <= 1000 * code.floor(dtype) * tiny}
-    assert big <= set(result.faulty), (p, s, dtype, d, liars, lies, moved)
-    # hidden_error is relative to a sum of P partitions of the rows' size; the floor sizes a row of subnormal
-    # values as at least ``tiny``, so a lie under it moves the total as it would a sum of sqrt(P) * tiny.
-    truth = gradients.sum(0)
-    scale = max(float(truth.norm()), float(gradients.norm(dim=1).max()), math.sqrt(p) * tiny)
-    own = 4 * code.redundancy * code.growth * UNIT_ROUNDOFF[dtype]
-    assert float((result.total.double() - truth).norm()) <= (own + code.hidden_error(dtype)) * scale
+    assert result.faulty == lying, (p, s, dtype, d, liars, lies, moved)
+    assert not bool(result.total.any()), "the decoded total of a zero bucket is not zero"
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -875,76 +844,23 @@ def test_every_bit_flipped_on_a_zero_bucket_names_the_liar_and_keeps_the_total_z
         assert not bool(result.total.any()), bit
 
 
-def _decodable(cells, dtypes):
-    """The ``(p, s, dtype)`` of ``cells`` x ``dtypes`` that the code accepts (the others are refused up front)."""
-    found = []
-    for (p, s), dtype in itertools.product(cells, dtypes):
-        try:
-            CyclicRepetitionCode(p, s).check_wire_dtype(dtype)
-        except ValueError:
-            continue
-        found.append((p, s, dtype))
-    return found
-
-
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("p, s, dtype", _decodable([(5, 1), (7, 1), (6, 2), (7, 2), (8, 1), (15, 1)],
-                                                   [torch.float32, torch.bfloat16, torch.float16]))
-def test_honest_rows_of_subnormal_values_decode_and_nobody_is_named(p, s, dtype, kernel):
-    """Honest gradients from about the smallest normal number down to the smallest subnormal one: their rows
-    miss the code by a unit of the subnormal spacing per rounding, far more than the floor's fraction of their
-    norms (float32 rows around 1e-43 raised "more than s=1 workers are faulty"). Counted as absolute rounding,
-    they fit: nobody is named, and the total is the honest one to within that rounding."""
-    skip_unless_runs(kernel)
-    code = CyclicRepetitionCode(p, s, kernel=kernel)
-    d = 1000
-    tiny = torch.finfo(dtype).tiny
-    for shift in range(0, MANTISSA[dtype] + 1, 3 if kernel == "torch" else 8):
-        gradients, received = _tiny_bucket(code, p, d, dtype, shift, shift)
-        result = code.decode(received, generator=projection(shift))
-        assert result.faulty == [], shift
-        if kernel == "triton" and dtype == torch.bfloat16 and _interpreted_bfloat16_is_inexact():
-            continue  # the names come from float64 checks; the total from the interpreter's conversion
-        truth = gradients.sum(0)
-        scale = max(float(truth.norm()), float(gradients.norm(dim=1).max()), tiny * math.sqrt(d))
-        own = 4 * code.redundancy * code.growth * UNIT_ROUNDOFF[dtype]
-        assert float((result.total.double() - truth).norm()) <= own * scale, shift
-
-
-@lru_cache(maxsize=1)
-def _interpreted_bfloat16_is_inexact():
-    """Whether Triton's interpreter widens subnormal bfloat16 values wrongly (Triton 3.6's ``_convert_float``
-    turns 1.01e-39 into 4.41e-39; a GPU widens them exactly). Where it does, the Triton pass's total of
-    subnormal bfloat16 rows cannot be checked here; its names still can (the checks of such rows are measured
-    again in float64 from the rows themselves, outside the kernel)."""
-    value = torch.tensor([[1e-39]], dtype=torch.bfloat16)
-    widened = crc_triton.certify(value, torch.ones(1, 1), measure=False, keep_checks=False).total
-    return float(widened[0]) != float(value.float()[0, 0])
-
-
 @pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
 @settings(deadline=None, max_examples=1000 if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 20)
-@given(lies_on_tiny_buckets())
-def test_the_triton_pass_names_whom_the_torch_passes_name_on_zero_and_subnormal_buckets(case):
+@given(lies_on_zero_buckets())
+def test_the_triton_pass_names_whom_the_torch_passes_name_on_zero_buckets(case):
     """The same lies through the Triton pass: its float32 sums of squares underflow as the torch passes' do, and the
-    same blocks are measured again in float64, so it names the same workers, and its total is as close."""
+    same blocks are measured again in float64, so it names the same workers, and its total stays zero."""
     skip_unless_runs("triton")
-    p, s, dtype, d, liars, lies, shift, seed = case
+    p, s, dtype, d, liars, lies, seed = case
     reference = CyclicRepetitionCode(p, s, kernel="torch")
     try:
         reference.check_wire_dtype(dtype)
     except ValueError:
         assume(False)
-    gradients, received = _tiny_bucket(reference, p, d, dtype, shift, seed)
+    received = reference.encode(torch.zeros(p, d, dtype=dtype))
     for liar, (coordinate, bit, negate) in zip(liars, lies):
         _flip(received[liar], coordinate, bit, negate, dtype)
     expected = reference.decode(received, generator=projection(seed))
     result = CyclicRepetitionCode(p, s, kernel="triton").decode(received, generator=projection(seed))
-    assert result.faulty == expected.faulty, (p, s, dtype, d, liars, lies, shift)
-    if shift is None:
-        assert not bool(result.total.any())
-    elif not (dtype == torch.bfloat16 and _interpreted_bfloat16_is_inexact()):
-        tiny = torch.finfo(dtype).tiny * math.sqrt(d)
-        own = 4 * reference.redundancy * reference.growth * UNIT_ROUNDOFF[dtype]
-        bound = (own + reference.hidden_error(dtype)) * max(float(gradients.sum(0).norm()), math.sqrt(p) * tiny)
-        assert float((result.total.double() - expected.total.double()).norm()) <= 2 * bound
+    assert result.faulty == expected.faulty, (p, s, dtype, d, liars, lies)
+    assert not bool(result.total.any())

@@ -457,8 +457,6 @@ class CyclicRepetitionCode(Code):
                 f" {s} lied, or every replica agrees on NaN/Inf and the model diverged.",
                 erased,
             )
-        # Below the dtype's smallest normal number rounding is absolute: what the floors count as each row's size.
-        norms = _with_underflow(norms, received.dtype, length, s)
         floors = self._floors(theta, length)  # the rounding floor; above it, the noise measured in this decode
         if not erased:
             accepted = self._accept(first, hint, erased, norms, floors, length)
@@ -1081,29 +1079,6 @@ def _exact_norms(received: Tensor, norms: Tensor) -> Tensor:
                 total += row[start : start + (1 << 20)].double().square().sum()
             norms[i] = total.sqrt()
     return norms
-
-
-def _with_underflow(norms: Tensor, dtype: torch.dtype, length: int, s: int) -> Tensor:
-    """The rows' sizes the floors are taken of: each finite norm combined (root of the sum of squares) with
-    ``sqrt(length)`` times the smallest normal number of ``dtype``, where more than ``s`` rows are not zero.
-
-    Every floor is ``theta`` times rows' norms: rounding relative to the values, as it is down to the smallest
-    normal number ``tiny``. Below it rounding is absolute, a unit of ``tiny`` per operation (the subnormal
-    spacing), so honest rows of 1e-45 to 1e-38 (float32) miss the code by far more than ``theta`` of their
-    norms: counted as ``tiny`` per coordinate, they fit (for rows of normal values the term is nothing).
-
-    It is counted only where more than ``s`` rows have a non-zero (or non-finite) value: at most ``s`` liars
-    cannot grant it to themselves. On honest rows of zeros the floors stay zero, and a lie on them of any
-    size, 1e-45 included, is seen (the checks are then measured in float64: ``_exact_checks``).
-    """
-    values = norms.tolist()
-    sizes = sorted((math.inf if not math.isfinite(v) else 1.0 if v > 0 else 0.0 for v in values), reverse=True)
-    if s >= len(sizes) or not sizes[s] > 0:
-        return norms
-    floor = torch.finfo(dtype).tiny * math.sqrt(length)
-    sized = [math.hypot(v, floor) if math.isfinite(v) else v for v in values]
-    # Rows of normal values come back as they are (the term is below their last bit).
-    return norms if sized == values else torch.tensor(sized, dtype=torch.float64)
 
 
 # Coordinates per float64 product when a block's checks are measured again (``_exact_checks``): the one block
