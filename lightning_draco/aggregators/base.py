@@ -38,9 +38,18 @@ def distances_to(inputs: Tensor, point: Tensor) -> Tensor:
     share most of their direction: with 30 float32 rows it put the geometric median a whole spread
     of the honest points away from its float64 value, and it also copies the rows (12x slower at
     63 x 1M on the CPU). A distance whose square overflows the dtype is ``inf``: callers that need
-    it measure again in float64.
+    it measure again in float64 (``far_rows_in_float64``).
     """
     return torch.cdist(inputs, point[None], compute_mode="donot_use_mm_for_euclid_dist").squeeze(1)
+
+
+def far_rows_in_float64(distances: Tensor, inputs: Tensor, point: Tensor) -> Tensor:
+    """``distances`` (from ``distances_to``, of finite ``inputs``) in float64, each one that overflowed to
+    ``inf`` measured again in float64 (a finite liar's 1e20 in float32), from its row alone."""
+    far = ~torch.isfinite(distances)
+    distances = distances.double()
+    distances[far] = distances_to(inputs[far].double(), point.double())
+    return distances
 
 
 class Scratch:

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator, distances_to, finite_rows, is_count, is_number
+from lightning_draco.aggregators.base import (
+    Aggregator, distances_to, far_rows_in_float64, finite_rows, is_count, is_number,
+)
 
 
 @register_aggregator
@@ -57,12 +59,9 @@ class CenteredClipping(Aggregator):
             x = x[finite]
         for _ in range(self.iterations):
             norms = distances_to(x, v)
-            far = ~torch.isfinite(norms)
-            if bool(far.any()):
-                # A finite row far out (a liar's 1e20 in float32) overflows its squared distance. It still
-                # pulls by tau / n towards itself, so its distance is measured again in float64 (its row only).
-                norms = norms.double()
-                norms[far] = distances_to(x[far].double(), v.double())
+            if not bool(torch.isfinite(norms).all()):
+                # A finite row far out overflows its squared distance; it still pulls by tau / n towards itself.
+                norms = far_rows_in_float64(norms, x, v)
             scale = torch.clamp(self.tau / norms.clamp_min(1e-30), max=1.0).to(x.dtype)
             v = v * (1 - scale.sum() / n) + (scale @ x) / n
         v = v.to(inputs.dtype)

@@ -8,7 +8,9 @@ import torch
 from torch import Tensor
 
 from lightning_draco.aggregators import register_aggregator
-from lightning_draco.aggregators.base import Aggregator, Scratch, distances_to, finite_rows, is_count, is_number
+from lightning_draco.aggregators.base import (
+    Aggregator, Scratch, distances_to, far_rows_in_float64, finite_rows, is_count, is_number,
+)
 from lightning_draco.aggregators.coordinatewise import coordinate_median
 
 
@@ -200,9 +202,7 @@ class GeometricMedian(Aggregator):
             new = self._weighted_mean(x, distances)
             held, moved, size = self._outcome(new, z, torch.isfinite(distances).all())
             if not held:
-                far = ~torch.isfinite(distances)
-                distances = distances.double()
-                distances[far] = distances_to(x[far].double(), z.double())
+                distances = far_rows_in_float64(distances, x, z)
                 new = self._weighted_mean(x, distances)
                 _, moved, size = self._outcome(new, z, distances.new_ones((), dtype=torch.bool))
             z = new

@@ -129,8 +129,7 @@ def optimal_ipm(
     return (-eps * mu).to(honest.dtype)
 
 
-@register_attack("mimic", target=Rule(lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
-                                       "a rank (an integer >= 0) or None"))
+@register_attack("mimic", target=Rule(lambda v: v is None or at_least(0).holds(v), "a rank (an integer >= 0) or None"))
 def mimic(honest: Tensor, *, target: Optional[int] = None, honest_vectors: Tensor, liars) -> Tensor:
     """Mimic (Karimireddy, He, Jaggi, ICLR 2022): every liar sends a copy of one honest worker's vector.
 

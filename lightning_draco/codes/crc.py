@@ -1093,8 +1093,9 @@ def _exact_checks(
     rows as applied (``mix[1:]``): float64 holds every product of float32 (or narrower) values and weights
     exactly, with no underflow, so a lie of 1e-45 on a zero row shows. None where the rows are not finite."""
     checks_mix = mix[1:].double()
-    squares = torch.zeros(checks_mix.shape[0], dtype=torch.float64, device=rows.device)
-    product = torch.zeros(checks_mix.shape[0], checks_mix.shape[0], dtype=torch.float64, device=rows.device)
+    count = checks_mix.shape[0]
+    squares = torch.zeros(count, dtype=torch.float64, device=rows.device)
+    product = torch.zeros(count, count, dtype=torch.float64, device=rows.device) if gram else None
     start, stop = span
     for first in range(start, stop, EXACT_SPAN):
         part = rows[:, first : min(stop, first + EXACT_SPAN)]
@@ -1107,9 +1108,9 @@ def _exact_checks(
             return None
         checks = checks_mix[:, present] @ part
         squares += torch.linalg.vector_norm(checks, dim=1).square()
-        if gram:
+        if product is not None:
             product += checks @ checks.t()
-    return squares.sqrt().cpu(), product if gram else None
+    return squares.sqrt().cpu(), product
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """The coded step: this rank's coded gradient ``sum_j W[i, j] g_j`` from one forward per partition."""
 
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
@@ -67,13 +67,10 @@ class CodedStep:
     def _partition(self, batch: PartitionBatch, index: int, forward: Forward) -> tuple[Any, Tensor]:
         """The user's training step on one partition, under that partition's seeds; its output and loss."""
         partition = batch.partitions[index]
-        kept = running_statistics_kept(self.module) if partition != self.rank and self.module is not None else None
-        with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.device):
-            if kept is None:
-                output = forward(batch.batches[index])
-            else:
-                with kept:
-                    output = forward(batch.batches[index])
+        others = partition != self.rank and self.module is not None
+        kept = running_statistics_kept(self.module) if others else nullcontext()
+        with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.device), kept:
+            output = forward(batch.batches[index])
         loss = loss_of(output)
         if loss is None:
             raise ValueError(
