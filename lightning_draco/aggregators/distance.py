@@ -157,19 +157,35 @@ def mean_of_rows(inputs: Tensor, rows: Tensor) -> Tensor:
 
 @register_aggregator
 class GeometricMedian(Aggregator):
-    """argmin_z sum_i ||z - x_i|| (the geometric median), by Weiszfeld's iterations:
+    """argmin_z sum_i ||z - x_i|| (the geometric median), by Weiszfeld's iterations, modified where an
+    input coincides with the iterate (Vardi and Zhang, 2000):
 
     1. Drop non-finite inputs (infinitely far: weight 0), found with one cheap pass.
-    2. Start from the mean of the remaining inputs.
-    3. Repeat: b_i = max(||x_i - z||, nu), z' = sum_i(x_i / b_i) / sum_i(1 / b_i); stop when
-       ||z' - z|| <= tol * ||z'|| (tol = 1e-5) or after ``max_iter`` (100) iterations.
+    2. Start from their coordinate-wise median.
+    3. Repeat from z, with d_i = ||x_i - z||:
+       a. the inputs within ``max(tol, 8 eps) * ||z||`` of z coincide with it (eta of them);
+       b. T = sum_i(x_i / b_i) / sum_i(1 / b_i) over the others, b_i = max(d_i, nu), and
+          r = ||sum_i (x_i - z) / b_i||, the pull of the others (the resultant of their unit vectors);
+       c. z' = z + max(0, 1 - eta / r) (T - z): Weiszfeld's step where nothing coincides, a step
+          off a coinciding input that is not the minimiser, and no step where it is (r <= eta);
+       stop when ||z' - z|| <= tol * ||z'|| (tol = 1e-5) or after ``max_iter`` (100) iterations.
 
-    The minimiser does not depend on the start; the mean costs one pass where the coordinate-wise
-    median cost a sort (about fifteen of these iterations). Each iteration reads the inputs twice
-    (the distances, then the weighted sum as one matrix-vector product), copies nothing, and
-    brings one small tensor to the host: whether every distance held in the dtype, and the
-    stopping test's two norms. A distance that did not hold (the square of a finite liar's 1e20
-    overflows float32) is measured again in float64, its row alone, and that iteration redone with it.
+    The minimiser does not depend on the start, but how many iterations reach it does, and liars
+    choose the mean. Two of ten can put it on one of their own vectors, where plain Weiszfeld gives
+    that input the weight 1 / nu, barely moves, and stops on the liar. Far out, the iterate comes in
+    by a factor of about f / (n - f) per iteration (11/12 with 11 liars of 23), so liars 1e10 away
+    leave it 1e6 away after 100 iterations. The coordinate-wise median starts inside the honest
+    inputs' range on every coordinate whatever the liars send, and costs about 2 (15 rows) to 5
+    (63 rows) iterations on the CPU. Step (a) keeps an iterate from stalling on an input: one
+    within the stopping tolerance counts as reached and the pull of the others decides whether to
+    leave it; from one just outside, the iterate moves away by at least its distance, so the
+    stopping test does not fire there either.
+
+    Each iteration reads the inputs twice (the distances, then the weighted sum as one
+    matrix-vector product), copies nothing, and brings one small tensor to the host: whether every
+    distance held in the dtype, and the stopping test's two norms. A distance that did not hold
+    (the square of a finite liar's 1e20 overflows float32) is measured again in float64, its row
+    alone, and that iteration redone with it.
     """
 
     name = "geometric_median"
@@ -195,24 +211,32 @@ class GeometricMedian(Aggregator):
             x = x[finite]
         if x.shape[0] == 0:  # every row has NaN or Inf in it: no point to move towards
             return torch.full_like(inputs[0], float("nan"))
-        weights = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=x.dtype, device=x.device)
-        z = weights @ x
+        z = coordinate_median(x)
+        # Rounding alone puts a landed iterate a few units in the last place of ||z|| away from the input.
+        reached = max(self.tol, 8 * torch.finfo(x.dtype).eps)
         for self.iterations in range(1, self.max_iter + 1):
             distances = distances_to(x, z)
-            new = self._weighted_mean(x, distances)
+            new = self._step(x, z, distances, reached)
             held, moved, size = self._outcome(new, z, torch.isfinite(distances).all())
             if not held:
                 distances = far_rows_in_float64(distances, x, z)
-                new = self._weighted_mean(x, distances)
+                new = self._step(x, z, distances, reached)
                 _, moved, size = self._outcome(new, z, distances.new_ones((), dtype=torch.bool))
             z = new
             if moved <= self.tol * size:
                 break
         return z.to(inputs.dtype)
 
-    def _weighted_mean(self, x: Tensor, distances: Tensor) -> Tensor:
-        weights = (1.0 / distances.clamp_min(self.nu)).to(x.dtype)
-        return (weights @ x) / weights.sum()
+    def _step(self, x: Tensor, z: Tensor, distances: Tensor, within: float) -> Tensor:
+        """Step 3 from ``z``, on the device (no host sync): inputs within ``within * ||z||`` count as reached."""
+        reached = distances <= within * torch.linalg.vector_norm(z, dtype=torch.float64)
+        weights = torch.where(reached, 0.0, 1.0 / distances.clamp_min(self.nu)).to(x.dtype)
+        total = weights.sum()
+        tiny = torch.finfo(x.dtype).tiny
+        towards = (weights @ x) / total.clamp_min(tiny) - z
+        pull = total * torch.linalg.vector_norm(towards)
+        # No input reached: 1, Weiszfeld's step. All of them reached: total = pull = 0, and no step.
+        return z + (1 - reached.sum() / pull.clamp_min(tiny)).clamp_min(0) * towards
 
     @staticmethod
     def _outcome(new: Tensor, z: Tensor, held: Tensor) -> tuple[bool, float, float]:
