@@ -10,7 +10,8 @@ from torch import Tensor
 
 from lightning_draco._seeding import generator
 from lightning_draco.attacks import (
-    OMNISCIENT_KEYS, Attack, acts_on_batch, call_attack, check_options, get_attack, wants,
+    OMNISCIENT_KEYS, Attack, acts_on_batch, call_attack, check_options, check_options_in_world, get_attack,
+    wants,
 )
 
 __all__ = ["Adversary", "ROLES"]
@@ -117,6 +118,9 @@ class Adversary:
                     f"adversary ranks must be in [0, {world_size}) for a world of {world_size} ranks"
                     f" (got {list(self.ranks)})."
                 )
+        if world_size is not None:
+            liars = frozenset(() if self.is_random else self.ranks)
+            check_options_in_world(self.attack_fn, self.attack_name, self.options, world_size, liars)
         planned = self.planned(num_adversaries)
         if self.is_random and world_size is not None and planned > world_size - 1:
             raise ValueError(

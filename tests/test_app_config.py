@@ -273,6 +273,7 @@ REFUSED_AT_FIT = [
     (["attack=gaussian", "+attack.options.sgima=3"], "attack 'gaussian' has no option 'sgima': its options are sigma"),
     (["attack=bit_flip", "+attack.options.num_flips=0"], "attack 'bit_flip': num_flips must be an integer >= 1 (got 0)"),
     (["+aggregator.options.tau=10"], "aggregator.options (tau) need a rule: set aggregator=<name> (there is none)"),
+    (["attack=mimic", "+attack.options.target=6"], "attack 'mimic': target must be a rank in [0, 6) for a world of 6"),
     # Known once the model is: refused by the launcher, before the processes start (float64 would pass).
     (["code=crc", "code.num_adversaries=2", "trainer.devices=8"],
      "code='crc' with P=8, s=2 is too ill-conditioned for float32 gradients: a lie kept under the rounding floor"

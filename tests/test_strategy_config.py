@@ -62,6 +62,12 @@ def test_refused_at_construction(kwargs, message):
         (3, dict(ps_rank=3), r"ps_rank must be in \[0, 3\) for a world of 3 ranks \(got 3\)"),
         (3, dict(adversary=Adversary(ranks=[5])), r"adversary ranks must be in \[0, 3\)"),
         (3, dict(adversary=Adversary(ranks="random", count=3)), r"adversary count must be at most world_size - 1 = 2"),
+        # Mimic's target: beyond the world, it failed the first step on the liar alone; a liar's own rank sent no lie.
+        (6, dict(adversary=Adversary(ranks=[4], attack="mimic", target=6)),
+         r"attack 'mimic': target must be a rank in \[0, 6\) for a world of 6 ranks \(got 6\)"),
+        (6, dict(adversary=Adversary(ranks=[4], attack="mimic", target=4)),
+         r"attack 'mimic': target must be an honest rank: rank 4 is one of the liars \[4\], and it would send its own"),
+        (6, dict(adversary=Adversary(ranks="random", attack="mimic", target=9)), r"target must be a rank in \[0, 6\)"),
         (4, dict(code="crc", num_adversaries=2), r"code='crc' needs at least 2 \* num_adversaries \+ 1 = 5 workers"),
         (6, dict(code="none", aggregator="bulyan"), r"aggregator 'bulyan' needs n >= 4 \* num_byzantine \+ 3 \(got n=6"),
         (6, dict(code="frc", aggregator="median"), r"aggregator 'median' needs 2 \* num_byzantine < n \(got n=2"),

@@ -19,7 +19,7 @@ package imports every module, so a new attack is one file (plus its config and t
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 from torch import Tensor
 
@@ -36,10 +36,13 @@ CONTEXT_KEYS = ("rank", "step", "bucket", "generator", "shared_generator", *OMNI
 
 
 class Rule(NamedTuple):
-    """What an option's value must be: ``holds(value)``, said as ``text`` ("an integer >= 1")."""
+    """What an option's value must be: ``holds(value)``, said as ``text`` ("an integer >= 1"); and, for a
+    value that names ranks, ``in_world(value, world_size, liars)``: what it must be in that world, or
+    None where it fits (``liars``: the fixed lying ranks, empty where they are drawn each step)."""
 
     holds: Callable[[Any], bool]
     text: str
+    in_world: Optional[Callable[[Any, int, frozenset], Optional[str]]] = None
 
 
 def _is_int(value: Any) -> bool:
@@ -121,6 +124,18 @@ def check_options(attack: Attack, name: str, options: dict[str, Any]) -> None:
             raise ValueError(f"attack {name!r}: {key} must be {rule.text} (got {value!r}).")
 
 
+def check_options_in_world(attack: Attack, name: str, options: dict[str, Any], world_size: int,
+                           liars: frozenset) -> None:
+    """Refuse option values that name ranks this world does not have, or that no lie comes of, at launch
+    rather than at the first step on the liar alone."""
+    rules = getattr(attack, "option_rules", {})
+    for key, value in options.items():
+        rule = rules.get(key)
+        problem = rule.in_world(value, world_size, liars) if rule is not None and rule.in_world else None
+        if problem is not None:
+            raise ValueError(f"attack {name!r}: {key} must be {problem} (got {value!r}).")
+
+
 def _rule_of_default(default: Any) -> Any:
     """An option's kind, from its default: a number where it is one (an attack that needs an integer
     declares a rule), True or False where it is a bool."""
@@ -143,7 +158,7 @@ import_submodules(__name__, __path__)
 
 __all__ = [
     "ATTACKS", "CONTEXT_KEYS", "OMNISCIENT_KEYS", "Attack", "Rule", "acts_on_batch", "at_least", "call_attack",
-    "check_options", "positive",
+    "check_options", "check_options_in_world", "positive",
     "get_attack", "register_attack",
     "register_data_attack", "wants",
 ]

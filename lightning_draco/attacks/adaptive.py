@@ -129,7 +129,17 @@ def optimal_ipm(
     return (-eps * mu).to(honest.dtype)
 
 
-@register_attack("mimic", target=Rule(lambda v: v is None or at_least(0).holds(v), "a rank (an integer >= 0) or None"))
+def _honest_rank(target: Optional[int], world_size: int, liars: frozenset) -> Optional[str]:
+    if target is not None and target >= world_size:
+        return f"a rank in [0, {world_size}) for a world of {world_size} ranks"
+    if target in liars:  # a copy of the liar's own honest vector is no lie
+        return f"an honest rank: rank {target} is one of the liars {sorted(liars)}, and it would send its own gradient"
+    return None
+
+
+@register_attack(
+    "mimic", target=Rule(lambda v: v is None or at_least(0).holds(v), "a rank (an integer >= 0) or None", _honest_rank)
+)
 def mimic(honest: Tensor, *, target: Optional[int] = None, honest_vectors: Tensor, liars) -> Tensor:
     """Mimic (Karimireddy, He, Jaggi, ICLR 2022): every liar sends a copy of one honest worker's vector.
 
