@@ -39,7 +39,8 @@ class Adversary:
             applied to them). Default: both.
         **options: keyword options of the attack (``scale=``, ``sigma=``, ``num_flips=`` ...).
 
-    The parameter server is trusted: it never lies, and naming it is an error.
+    The parameter server is trusted: it never lies, and naming it is an error. Without one
+    (``decode="sharded"``, where no rank is trusted) every rank may lie, rank 0 included.
     """
 
     def __init__(
@@ -105,11 +106,14 @@ class Adversary:
     def is_random(self) -> bool:
         return self.ranks == "random"
 
-    def check(self, world_size: Optional[int], ps_rank: int, num_adversaries: int) -> list[str]:
-        """Raise ``ValueError`` for ranks that cannot lie; return warnings for a guarantee that no longer holds."""
+    def check(self, world_size: Optional[int], ps_rank: Optional[int], num_adversaries: int) -> list[str]:
+        """Raise ``ValueError`` for ranks that cannot lie; return warnings for a guarantee that no longer holds.
+
+        ``ps_rank``: the trusted rank, which never lies; ``None`` where no rank is trusted (sharded decoding).
+        """
         warnings = []
         if not self.is_random:
-            if ps_rank in self.ranks:
+            if ps_rank is not None and ps_rank in self.ranks:
                 raise ValueError(
                     f"adversary ranks must not include ps_rank={ps_rank}: the parameter server is trusted."
                 )
@@ -122,11 +126,14 @@ class Adversary:
             liars = frozenset(() if self.is_random else self.ranks)
             check_options_in_world(self.attack_fn, self.attack_name, self.options, world_size, liars)
         planned = self.planned(num_adversaries)
-        if self.is_random and world_size is not None and planned > world_size - 1:
-            raise ValueError(
-                f"adversary count must be at most world_size - 1 = {world_size - 1}: the parameter server"
-                f" never lies (got {planned})."
-            )
+        if self.is_random and world_size is not None:
+            if ps_rank is not None and planned > world_size - 1:
+                raise ValueError(
+                    f"adversary count must be at most world_size - 1 = {world_size - 1}: the parameter server"
+                    f" never lies (got {planned})."
+                )
+            if planned > world_size:
+                raise ValueError(f"adversary count must be at most world_size = {world_size} (got {planned}).")
         if planned == 0:
             drawn = (f"ranks='random' draws count={planned} ranks per step (count defaults to num_adversaries)"
                      if self.is_random else "ranks=[] names no rank")
@@ -146,12 +153,15 @@ class Adversary:
             return len(self.ranks)
         return num_adversaries if self.count is None else self.count
 
-    def lying_ranks(self, step: int, world_size: int, ps_rank: int, num_adversaries: int) -> frozenset[int]:
-        """The ranks that lie at ``step``; the same answer on every process."""
+    def lying_ranks(self, step: int, world_size: int, ps_rank: Optional[int], num_adversaries: int) -> frozenset[int]:
+        """The ranks that lie at ``step``; the same answer on every process.
+
+        A random draw never picks ``ps_rank`` (the trusted rank); ``None``: every rank may be drawn.
+        """
         if not self.is_random:
             return frozenset(self.ranks)
         count = num_adversaries if self.count is None else self.count
-        candidates = torch.tensor([r for r in range(world_size) if r != ps_rank])
+        candidates = torch.tensor([r for r in range(world_size) if r != ps_rank])  # every rank if None
         order = torch.randperm(len(candidates), generator=generator(self.seed, step, 0x5EED))
         return frozenset(int(r) for r in candidates[order[:count]])
 

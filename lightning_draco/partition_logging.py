@@ -3,15 +3,23 @@
 A DRACO rank runs the user's ``training_step`` once per partition it holds. Left alone, each
 ``self.log("loss", ...)`` call overwrites the previous one, so a per-step value would be the last
 partition's. While the partitions run, ``log`` calls are collected instead and replayed once per
-name with the mean of the partitions' values (tensors and numbers); torchmetrics ``Metric``
+name with the partitions' values (tensors and numbers) combined by the call's ``reduce_fx``: their
+maximum for ``"max"``, their minimum for ``"min"``, their mean otherwise; torchmetrics ``Metric``
 objects pass straight through, since they accumulate their own state across calls.
+
+With ``sync_dist=True`` this logs what DDP logs, where DDP's rank ``i`` trains on partition ``i``.
+Every partition is held by the same number ``r`` of ranks, so across the ranks the per-rank maxima
+(minima) reach the largest (smallest) partition's value, and the per-rank means add up to
+``(1/r) * r * (sum over partitions)``: the sum DDP's ``reduce_fx="sum"`` gives, and, over the
+``P`` ranks, the mean its ``"mean"`` gives. (Summing over a rank's partitions instead would make
+the sum ``r`` times too large.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -19,7 +27,8 @@ import torch
 
 @contextlib.contextmanager
 def mean_over_partitions(module: Any) -> Iterator[None]:
-    """Within the block, ``module.log`` collects; on leaving it, each name is logged once, averaged."""
+    """Within the block, ``module.log`` collects; on leaving it, each name is logged once, its values
+    combined over the partitions by ``over_partitions(reduce_fx)`` (the mean unless it asks for max or min)."""
     if module is None or "log" in module.__dict__:
         yield
         return
@@ -40,7 +49,25 @@ def mean_over_partitions(module: Any) -> Iterator[None]:
     finally:
         del module.__dict__["log"]
     for name, (values, kwargs) in calls.items():
-        original(name, torch.stack([v.float().reshape(()) for v in values]).mean(), **kwargs)
+        combine = over_partitions(kwargs.get("reduce_fx", "mean"))
+        original(name, combine(torch.stack([v.float().reshape(()) for v in values])), **kwargs)
+
+
+def over_partitions(reduce_fx: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How a rank combines its partitions' values of one name, for ``self.log(..., reduce_fx=...)``.
+
+    Lightning accepts ``"max"``, ``"min"``, ``"mean"``, ``"avg"`` and ``"sum"`` (any case), and
+    ``torch.max``, ``max``, ``torch.min``, ``min``, ``torch.mean``, ``torch.sum`` and ``sum``. The
+    maximum and minimum are kept as they are; anything else is averaged (see the module's docstring
+    for why the mean is also right for a sum). Lightning itself refuses other reductions when the
+    value is logged.
+    """
+    name = reduce_fx.lower() if isinstance(reduce_fx, str) else None
+    if name == "max" or any(reduce_fx is fx for fx in (torch.max, max)):
+        return torch.amax
+    if name == "min" or any(reduce_fx is fx for fx in (torch.min, min)):
+        return torch.amin
+    return torch.mean
 
 
 @contextlib.contextmanager

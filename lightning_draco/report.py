@@ -71,7 +71,7 @@ class FaultLedger:
             return None
         return (
             f"DRACO: ranks {over} were caught at more than max_faulty_steps={self.max_faulty_steps} steps;"
-            " stopping the run."
+            " the trainer stops after this step (once min_steps and min_epochs, where set, are met)."
         )
 
     def metrics(self, caught: set[int]) -> dict[str, float]:

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,6 +76,20 @@ def test_random_ranks_are_fresh_reproducible_and_never_the_ps():
     assert all(len(p) == 2 and 0 not in p for p in picks)
     assert len(set(picks)) > 5
     assert picks == [adversary.lying_ranks(step, 7, 0, 2) for step in range(50)]
+    # Pinned: a run with a random liar draws the same ranks as in earlier versions, whichever rank is the PS.
+    assert [sorted(p) for p in picks[:6]] == [[3, 4], [2, 5], [4, 5], [2, 5], [2, 4], [4, 5]]
+    assert [sorted(adversary.lying_ranks(step, 7, 3, 2)) for step in range(6)] == [
+        [2, 4], [1, 5], [4, 5], [1, 5], [1, 4], [4, 5]]
+
+
+def test_without_a_trusted_rank_every_rank_is_named_or_drawn():
+    """Sharded decoding has no parameter server: ps_rank=None, and rank 0 lies like any other rank."""
+    assert Adversary(ranks=[0]).check(6, None, 1) == []
+    assert Adversary(ranks="random", count=6).check(6, None, 6) == []
+    adversary = Adversary(ranks="random", seed=11)
+    picks = [adversary.lying_ranks(step, 7, None, 2) for step in range(50)]
+    assert all(len(p) == 2 for p in picks) and set().union(*picks) == set(range(7))
+    assert Adversary(ranks="random", count=7).lying_ranks(0, 7, None, 1) == frozenset(range(7))
 
 
 @pytest.mark.parametrize(
@@ -269,6 +284,8 @@ def test_strategy_poisons_the_liars_batches_only(monkeypatch):
 
     monkeypatch.setattr(DDPStrategy, "training_step", record)
     monkeypatch.setattr(DracoStrategy, "root_device", property(lambda self: torch.device("cpu")))
+    module = SimpleNamespace(trainer=SimpleNamespace(global_step=0), log=lambda *args, **kwargs: None)
+    monkeypatch.setattr(DracoStrategy, "lightning_module", property(lambda self: module))
     strategy = DracoStrategy(code="frc", num_adversaries=1, adversary=dict(ranks=[1], attack="label_flip", num_classes=3))
     strategy.code = FractionalRepetitionCode(3, 1)
     strategy.seed = 0

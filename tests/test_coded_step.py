@@ -159,3 +159,28 @@ def test_a_parameter_reached_only_through_a_sum_trains(code, rank):
         step.add_side_gradients()
     loss.backward()
     assert torch.equal(spare.grad, torch.zeros(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("code, rank", [(FractionalRepetitionCode(3, 1), 0), (CyclicRepetitionCode(5, 1), 2)])
+def test_the_output_is_the_first_partitions_whose_batch_the_hooks_get(code, rank):
+    """``on_train_batch_end(outputs, batch)`` receives the first partition's batch: the rest of the output
+    (predictions for a training metric) must come from that partition's forward, not the last one's. The
+    loss's value stays the mean partition loss, its gradient the coded one."""
+    model = _model()
+    step = CodedStep(code, rank, seed=3, device=torch.device("cpu"))
+    batch = _batch(code.partitions(rank))
+
+    def forward(x):
+        loss = model(x).square().mean()
+        return {"loss": loss, "inputs": x, "value": loss.detach()}
+
+    if step.summed:
+        output = step.summed_step(batch, forward)
+    else:
+        output = step.weighted_step(batch, forward, list(model.parameters()), no_sync=contextlib.nullcontext)
+    assert output["inputs"] is batch.batches[0]
+    alone = CodedStep(code, rank, seed=3, device=torch.device("cpu"))  # each partition's loss under its seeds
+    values = [alone.summed_step(PartitionBatch([x], [p], 0, 0), lambda x: model(x).square().mean()).detach()
+              for x, p in zip(batch.batches, batch.partitions)]
+    torch.testing.assert_close(output["loss"].detach(), torch.stack(values).mean(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(output["value"], values[0], rtol=1e-12, atol=1e-12)

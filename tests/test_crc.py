@@ -333,13 +333,25 @@ def test_more_than_s_liars_are_detected_not_absorbed():
         code.decode(received, generator=projection(0))
 
 
-def test_non_finite_rows_beyond_s_raise():
-    code = CyclicRepetitionCode(7, 1)
-    received = code.encode(torch.randn(7, 10, dtype=torch.float64), torch.float32)
-    received[1] = math.nan
-    received[3] = math.inf
-    with pytest.raises(DracoDecodeError, match=r"2 workers \(\[1, 3\]\) sent non-finite values, more than s=1"):
-        code.decode(received, generator=projection(0))
+@pytest.mark.parametrize("wire", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_non_finite_partition_gives_a_nan_total_naming_nobody(wire):
+    """An honest partition that overflowed (float16 under a GradScaler) makes every row holding it non-finite:
+    more than s rows, of which at most s can be liars'. No finite sum exists and no row can be singled out, so
+    the total is NaN and nobody is named; the strategy then skips the step (GradScaler) or stops the run."""
+    p, s = 7, 1
+    code = CyclicRepetitionCode(p, s)
+    partitions = torch.randn(p, 10, dtype=torch.float64)
+    partitions[3, 4] = math.inf
+    received = code.encode(partitions, wire)
+    holders = [w for w in range(p) if not bool(received[w].isfinite().all())]
+    assert len(holders) == 2 * s + 1
+    received[0] *= -100  # a liar among them changes nothing
+    result = code.decode(received, generator=projection(0))
+    assert result.faulty == [] and bool(result.total.isnan().all())
+    # Non-finite rows of liars alone (at most s) are named and the sum recovered.
+    clean = code.encode(torch.randn(p, 10, dtype=torch.float64), torch.float32)
+    clean[2] = math.nan
+    assert code.decode(clean, generator=projection(0)).faulty == [2]
 
 
 def test_a_decode_does_not_depend_on_the_previous_one():

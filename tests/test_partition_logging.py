@@ -1,4 +1,4 @@
-"""Values logged in training_step are averaged over a rank's partitions, once per name and step."""
+"""Values logged in training_step are combined over a rank's partitions, once per name and step."""
 
 import pytest
 import torch
@@ -31,6 +31,59 @@ def test_each_name_is_logged_once_with_the_partitions_mean():
     assert float(loss[1]) == 2.5 and not loss[1].requires_grad
     assert loss[2] == {"prog_bar": True, "batch_size": 16}
     assert float(module.logged[1][1]) == 0.5
+
+
+PARTITIONS = [1.5, 4.0, -2.0, 0.5]  # one rank's four partitions' values of one name
+
+
+def logged_over_partitions(**kwargs):
+    """What one rank logs for ``self.log("x", value, **kwargs)`` run once per partition."""
+    module = Module()
+    with mean_over_partitions(module):
+        for value in PARTITIONS:
+            module.log("x", torch.tensor(value), sync_dist=True, **kwargs)
+    [(name, value, options)] = module.logged
+    assert name == "x" and options == {"sync_dist": True, **kwargs}  # Lightning still sees the user's reduce_fx
+    return float(value)
+
+
+@pytest.mark.parametrize("reduce_fx", ["max", "MAX", "Max", torch.max, max])
+def test_a_max_is_the_largest_partitions_value(reduce_fx):
+    assert logged_over_partitions(reduce_fx=reduce_fx) == 4.0
+
+
+@pytest.mark.parametrize("reduce_fx", ["min", "Min", torch.min, min])
+def test_a_min_is_the_smallest_partitions_value(reduce_fx):
+    assert logged_over_partitions(reduce_fx=reduce_fx) == -2.0
+
+
+@pytest.mark.parametrize("reduce_fx", [None, "mean", "avg", "Mean", torch.mean, "sum", torch.sum, sum])
+def test_a_mean_or_a_sum_is_the_partitions_mean(reduce_fx):
+    """A sum too: each partition is held by r ranks, so DDP's sum over ranks of the per-rank means is
+    the sum over partitions (summing here would log r times DDP's value)."""
+    kwargs = {} if reduce_fx is None else {"reduce_fx": reduce_fx}
+    assert logged_over_partitions(**kwargs) == sum(PARTITIONS) / len(PARTITIONS)
+
+
+@pytest.mark.parametrize("code, world, s", [("frc", 6, 1), ("crc", 6, 1), ("crc", 7, 3), ("none", 4, 0)])
+@pytest.mark.parametrize("reduce_fx", ["max", "min", "mean", "sum"])
+def test_synced_across_ranks_the_value_is_what_ddp_logs(code, world, s, reduce_fx):
+    """DDP's rank i logs partition i's value; with sync_dist Lightning reduces the ranks' values with
+    reduce_fx. Each DRACO rank logs its combination of the partitions it holds, reduced the same way."""
+    from lightning_draco.codes import make_code
+
+    held = [make_code(code, world, s, None).partitions(rank) for rank in range(world)]
+    value = torch.randn(world, generator=torch.Generator().manual_seed(world))  # partition p's value
+    across_ranks = {"max": torch.max, "min": torch.min, "mean": torch.mean, "sum": torch.sum}[reduce_fx]
+    per_rank = []
+    for partitions in held:
+        module = Module()
+        with mean_over_partitions(module):
+            for p in partitions:
+                module.log("x", value[p], sync_dist=True, reduce_fx=reduce_fx)
+        per_rank.append(module.logged[0][1])
+    draco, ddp = across_ranks(torch.stack(per_rank)), across_ranks(value)
+    assert torch.allclose(draco, ddp, atol=1e-6), (draco, ddp)
 
 
 def test_metrics_pass_straight_through_and_the_module_is_restored():

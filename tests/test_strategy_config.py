@@ -78,6 +78,27 @@ def test_refused_when_the_trainer_is_built(devices, kwargs, message):
         L.Trainer(accelerator="cpu", devices=devices, strategy=DracoStrategy(**kwargs), logger=False)
 
 
+@pytest.mark.parametrize("ps_rank", [0, 3])
+def test_without_a_parameter_server_any_rank_may_lie_the_ps_rank_included(ps_rank):
+    """decode='sharded' trusts no rank: ps_rank can be named, and counted in a random draw, where the PS
+    modes refuse it (``test_refused_at_construction``, ``test_refused_when_the_trainer_is_built``)."""
+    named = DracoStrategy(decode="sharded", ps_rank=ps_rank, adversary=Adversary(ranks=[ps_rank]))
+    assert named.config.adversary_warnings() == []
+    L.Trainer(accelerator="cpu", devices=6, strategy=named, logger=False)
+    assert named.adversary.ranks == (ps_rank,)
+    everyone = DracoStrategy(decode="sharded", ps_rank=ps_rank, adversary=Adversary(ranks="random", count=6))
+    L.Trainer(accelerator="cpu", devices=6, strategy=everyone, logger=False)  # with a warning: 6 > s
+    with pytest.raises(ValueError, match=re.escape("adversary count must be at most world_size = 6 (got 7).")):
+        L.Trainer(accelerator="cpu", devices=6, logger=False,
+                  strategy=DracoStrategy(decode="sharded", adversary=Adversary(ranks="random", count=7)))
+    with pytest.raises(ValueError, match=re.escape(f"adversary ranks must not include ps_rank={ps_rank}: the parameter"
+                                                   " server is trusted.")):
+        DracoStrategy(decode="ps", ps_rank=ps_rank, adversary=Adversary(ranks=[ps_rank]))
+    with pytest.raises(ValueError, match=re.escape("adversary count must be at most world_size - 1 = 5")):
+        L.Trainer(accelerator="cpu", devices=6, logger=False,
+                  strategy=DracoStrategy(ps_rank=ps_rank, adversary=Adversary(ranks="random", count=6)))
+
+
 def test_a_wire_dtype_the_code_cannot_decode_is_refused_when_the_trainer_is_built():
     with pytest.raises(ValueError, match=r"code='crc' with P=64, s=2 is too ill-conditioned for bfloat16 gradients"):
         L.Trainer(accelerator="cpu", devices=64, precision="bf16-true", strategy=DracoStrategy(code="crc", num_adversaries=2),

@@ -175,7 +175,7 @@ class GeometricMedian(Aggregator):
     that input the weight 1 / nu, barely moves, and stops on the liar. Far out, the iterate comes in
     by a factor of about f / (n - f) per iteration (11/12 with 11 liars of 23), so liars 1e10 away
     leave it 1e6 away after 100 iterations. The coordinate-wise median starts inside the honest
-    inputs' range on every coordinate whatever the liars send, and costs about 2 (15 rows) to 5
+    inputs' range on every coordinate whatever the liars send, and costs about 1.5 (15 rows) to 5
     (63 rows) iterations on the CPU. Step (a) keeps an iterate from stalling on an input: one
     within the stopping tolerance counts as reached and the pull of the others decides whether to
     leave it; from one just outside, the iterate moves away by at least its distance, so the

@@ -452,11 +452,14 @@ class CyclicRepetitionCode(Code):
         norms = _exact_norms(received, first.norms)  # redone in float64 where squares over- or underflowed
         erased = [i for i, norm in enumerate(norms.tolist()) if not math.isfinite(norm)]
         if len(erased) > s:
-            raise DracoDecodeError(
-                f"{len(erased)} workers ({erased}) sent non-finite values, more than s={s}: either more than"
-                f" {s} lied, or every replica agrees on NaN/Inf and the model diverged.",
-                erased,
-            )
+            # At most s of these rows are liars', so an honest rank's gradient is non-finite: a partition
+            # that overflowed (float16 under a GradScaler) or a model that diverged, which makes every
+            # combination holding that partition non-finite. There is no finite sum to recover and no way
+            # to tell which of these rows lied: the total is NaN and nobody is named, as when the
+            # repetition code's honest replicas agree on NaN; the strategy skips the step (GradScaler)
+            # or stops the run.
+            return DecodeResult(torch.full((length,), math.nan, dtype=accumulation_dtype(received.dtype),
+                                           device=received.device), [])
         floors = self._floors(theta, length)  # the rounding floor; above it, the noise measured in this decode
         if not erased:
             accepted = self._accept(first, hint, erased, norms, floors, length)

@@ -24,10 +24,11 @@ __all__ = ["adversarial", "liars_at"]
 Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 
-def liars_at(adversary: Adversary, state: ExchangeState) -> frozenset[int]:
-    """The ranks that lie at the state's current step (the same on every rank)."""
+def liars_at(adversary: Adversary, state: ExchangeState, step: Optional[int] = None) -> frozenset[int]:
+    """The ranks that lie at ``step`` (default: the state's current step), the same on every rank."""
     setup = state.setup
-    return adversary.lying_ranks(state.outcome.step, setup.world_size, setup.ps_rank, setup.code.num_adversaries)
+    step = state.outcome.step if step is None else step
+    return adversary.lying_ranks(step, setup.world_size, setup.ps_rank, setup.code.num_adversaries)
 
 
 def adversarial(hook: Hook, adversary: Adversary) -> Hook:

@@ -35,7 +35,7 @@ class ExchangeSetup:
         self,
         code: Code,
         rank: int,
-        ps_rank: int,
+        ps_rank: Optional[int],
         process_group: Optional[dist.ProcessGroup] = None,
         check_finite: bool = True,
         secret: int = 0,
@@ -48,7 +48,8 @@ class ExchangeSetup:
         #: This process's rank, and the number of ranks (= the code's number of workers).
         self.rank = rank
         self.world_size = code.num_workers
-        #: The trusted rank that decodes in the parameter-server exchanges; it is also a worker.
+        #: The trusted rank that decodes in the parameter-server exchanges; it is also a worker. ``None``
+        #: under sharded decoding, where no rank is trusted (any may be drawn to lie).
         self.ps_rank = ps_rank
         #: Whether a decoded gradient with NaN/Inf makes the step fail as ``StepOutcome.nonfinite``.
         self.check_finite = check_finite

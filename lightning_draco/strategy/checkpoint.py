@@ -8,10 +8,12 @@ checkpoint when the PS is rank 0, and otherwise into ``<checkpoint>.ps``, writte
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Optional
 
 import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from lightning_draco.codes import Code
 
@@ -29,6 +31,8 @@ __all__ = [
 ]
 
 CHECKPOINT_KEY = "draco"
+
+_log = logging.getLogger(__name__)
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -102,10 +106,27 @@ def ps_state(secret: int, code: Code) -> dict[str, Any]:
 
 
 def read_ps_state(saved: dict[str, Any], checkpoint_path: Any) -> dict[str, Any]:
-    """The PS's state from the checkpoint's DRACO entry, or from the sidecar the PS wrote beside it."""
-    sidecar = ps_sidecar(checkpoint_path)
-    if "projection_secret" not in saved and os.path.exists(sidecar):
-        return torch.load(sidecar, weights_only=True)
+    """The PS's state from the checkpoint's DRACO entry, or from the sidecar the PS wrote beside it.
+
+    The sidecar is looked for beside the path given and beside the file it links to: Lightning's
+    ``save_last="link"`` makes ``last.ckpt`` a link to a checkpoint whose sidecar has the target's name.
+    Where there is none, the PS resumes without its state, and says so: a stateful rule (centred
+    clipping's anchor) then trains another model than the uninterrupted run.
+    """
+    if "projection_secret" in saved:
+        return saved
+    path = os.fspath(checkpoint_path)
+    candidates = [ps_sidecar(path)] if "://" in path else [ps_sidecar(path), ps_sidecar(os.path.realpath(path))]
+    for sidecar in candidates:
+        filesystem = get_filesystem(sidecar)
+        if filesystem.exists(sidecar):
+            with filesystem.open(sidecar, "rb") as f:
+                return torch.load(f, weights_only=True)
+    _log.warning(
+        f"DRACO: {ps_sidecar(path)}, the parameter server's state written beside {path}, is missing: the PS"
+        " resumes with a fresh secret and its rule's and decoder's state reset, so a stateful rule (centred"
+        " clipping) does not continue the interrupted run exactly. Copy the .ps file with the checkpoint."
+    )
     return saved
 
 

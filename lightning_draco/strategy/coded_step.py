@@ -1,7 +1,7 @@
 """The coded step: this rank's coded gradient ``sum_j W[i, j] g_j`` from one forward per partition."""
 
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
@@ -14,7 +14,7 @@ from lightning_draco._seeding import seeded_rng
 from lightning_draco.codes import Code
 from lightning_draco.data import PartitionBatch, partition_seed
 
-__all__ = ["CodedStep", "UnsupportedStepError", "encoded", "running_statistics_kept", "uses_reentrant_checkpoint"]
+__all__ = ["CodedStep", "UnsupportedStepError", "encoded", "uses_reentrant_checkpoint"]
 
 #: The user's training step on one partition's batch; returns its output (a loss or a dict with one).
 Forward = Callable[[Any], Any]
@@ -32,14 +32,38 @@ class CodedStep:
         rank: this rank.
         seed: seeds each partition's randomness (dropout, augmentation), the same on every holder.
         device: where the partition's random streams live.
-        module: the trained model. Its BatchNorm layers' running statistics move in the forward of
-            this rank's own partition only (partition ``rank``, the batch DDP's rank ``rank`` would
-            get), once per step as under DDP, not once per partition held.
+        module: the trained model. Its buffers (BatchNorm's running statistics, spectral
+            normalisation's power-iteration vectors, a quantization observer's range ...) keep what
+            the forward of this rank's own partition left (partition ``rank``, the batch DDP's rank
+            ``rank`` would get): once per step, as under DDP, not once per partition held. Every
+            other partition's forward runs on copies (``_buffers_for``).
+        broadcast_buffers: whether the PS's buffers are copied to every rank after each optimizer
+            step (``DracoStrategy(broadcast_buffers=)``); ``None``: read from the trainer's strategy
+            (``module.trainer.strategy.config``), or ``True`` without one.
+
+    Buffers a forward both moves and reads. Each partition ``j``'s forward starts from the buffers
+    DDP's rank ``j`` would hold: the same values on every holder of ``j``, whatever else that holder
+    ran before it, so the replicas of ``g_j`` agree. Right after the PS's buffers were copied to every
+    rank (the first step, and every step with ``broadcast_buffers``) that is the buffers as this step
+    began; between the copies (gradient accumulation's micro-batches, or ``broadcast_buffers=False``)
+    it is what partition ``j``'s forward left the step before, which every holder keeps.
     """
 
-    def __init__(self, code: Code, rank: int, seed: int, device: torch.device, module: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        code: Code,
+        rank: int,
+        seed: int,
+        device: torch.device,
+        module: Optional[nn.Module] = None,
+        broadcast_buffers: Optional[bool] = None,
+    ):
         self.rank = rank
         self.module = module
+        self.broadcast_buffers = broadcast_buffers
+        #: Set when other ranks recompute this rank's partitions from the step's start (reactive
+        #: mode's helpers, ``Escalation``): that needs the buffers alike on every rank as each step begins.
+        self.recomputed = False
         self.weights = code.coefficients(rank)
         self.seed = seed
         self.device = device
@@ -54,6 +78,94 @@ class CodedStep:
         self.scale = 1.0
         # The weighted partitions' gradients, added to ``.grad`` by ``add_side_gradients``.
         self._side: Optional[tuple[list[Tensor], list[Optional[Tensor]]]] = None
+        # The model's buffers by place (module, name, qualified name), as the step began.
+        self._slots: list[tuple[nn.Module, str, str]] = []
+        # Their values as the step (or micro-batch) began: a partition's forward without a state of
+        # its own starts from copies of them, and so does a helper's recomputation.
+        self._start: list[Tensor] = []
+        # Partition j (not this rank's) -> the buffers its forward left, the values DDP's rank j holds
+        # until the PS's are copied to every rank again.
+        self._states: dict[int, list[Tensor]] = {}
+        # Whether the exchange ran (so an optimizer step, after which the PS's buffers are copied)
+        # since the last step began; set by ``encoded``.
+        self._exchanged = False
+        self._replaying = False
+
+    def _begin(self) -> None:
+        """As a step (or micro-batch) begins: where each partition's forward starts (see the class docs)."""
+        if self.module is None or self._replaying:
+            return
+        slots = _buffer_slots(self.module)
+        places = [(id(m), name) for m, name, _ in slots]
+        if (self._exchanged and self._buffers_broadcast()) or places != [(id(m), n) for m, n, _ in self._slots]:
+            self._states.clear()
+        self._exchanged = False
+        self._slots = slots
+        self._start = _copies([m._buffers[name] for m, name, _ in slots])
+
+    def _buffers_broadcast(self) -> bool:
+        if self.broadcast_buffers is not None:
+            return self.broadcast_buffers
+        trainer = getattr(self.module, "_trainer", None)
+        config = getattr(getattr(trainer, "strategy", None), "config", None)
+        return bool(getattr(config, "broadcast_buffers", True))
+
+    @contextmanager
+    def _buffers_for(self, partition: int) -> Iterator[None]:
+        """The forward of ``partition`` inside runs on its own copies of the model's buffers (none for
+        this rank's own partition outside a recomputation): those it starts from are its state, or the
+        step's start; what it leaves becomes its state; the model's buffers are put back after it.
+
+        The buffer objects are swapped (``module._buffers``), never written into: a tensor an earlier
+        forward's graph saved for its backward keeps its values, and a buffer a forward resizes (a
+        quantization observer's) may take any shape in the copy."""
+        if self.module is None or (partition == self.rank and not self._replaying):
+            yield
+            return
+        slots = self._slots
+        kept = [m._buffers.get(name) for m, name, _ in slots]
+        state = None if self._replaying else self._states.pop(partition, None)
+        for (module, name, _), value in zip(slots, state if state is not None else _copies(self._start)):
+            module._buffers[name] = value
+        try:
+            yield
+        finally:
+            left = [m._buffers.get(name) for m, name, _ in slots]
+            for (module, name, _), value in zip(slots, kept):
+                module._buffers[name] = value
+        if self._replaying:
+            return
+        self._states[partition] = left
+        if not self.graph_checked and self.recomputed and not self._buffers_broadcast():
+            moved = [qualified for (module, name, qualified), before, after in zip(slots, self._start, left)
+                     if not _running_statistic(module, name) and _changed(before, after)]
+            if moved:
+                raise UnsupportedStepError(
+                    f"redundancy_mode='reactive' with broadcast_buffers=False cannot recompute a group whose"
+                    f" training forward moves buffers other than BatchNorm's running statistics ({moved}): a helper"
+                    " recomputes the group's partitions from its own buffers, which without the PS's copy each"
+                    " step differ from the members' (as DDP's ranks' do), so honest replicas could disagree. Pass"
+                    " broadcast_buffers=True (the default), or use redundancy_mode='full'."
+                )
+
+    @contextmanager
+    def replaying(self, module: Optional[nn.Module] = None) -> Iterator[None]:
+        """Inside: the steps recompute other ranks' partitions (a helper's recomputation): every
+        forward starts from copies of the buffers this rank's step began with, as the partition's
+        holders' did, and the model's buffers and the partitions' states are left as they were.
+
+        ``module``: the model, where the coded step was made without one (its buffers as they are now
+        stand for the step's start)."""
+        saved = self.module, self._slots, self._start
+        if self.module is None and module is not None:
+            self.module, self._slots = module, _buffer_slots(module)
+            self._start = _copies([m._buffers[name] for m, name, _ in self._slots])
+        self._replaying = True
+        try:
+            yield
+        finally:
+            self._replaying = False
+            self.module, self._slots, self._start = saved
 
     def add_side_gradients(self) -> None:
         """Before the syncing backward, after Lightning zeroed the gradients: add the weighted partitions' share."""
@@ -67,10 +179,9 @@ class CodedStep:
     def _partition(self, batch: PartitionBatch, index: int, forward: Forward) -> tuple[Any, Tensor]:
         """The user's training step on one partition, under that partition's seeds; its output and loss."""
         partition = batch.partitions[index]
-        others = partition != self.rank and self.module is not None
-        kept = running_statistics_kept(self.module) if others else nullcontext()
-        with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.device), kept:
-            output = forward(batch.batches[index])
+        with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.device):
+            with self._buffers_for(partition):
+                output = forward(batch.batches[index])
         loss = loss_of(output)
         if loss is None:
             raise ValueError(
@@ -95,18 +206,21 @@ class CodedStep:
         Every holder of the group runs the same graphs in the same order, so the replicas of the
         coded gradient are bitwise equal, whatever the precision.
         """
+        self._begin()
         coded: Optional[Tensor] = None
         losses = []
-        output: Any = None
+        first: Any = None
         for index in range(len(batch.partitions)):
             output, loss = self._partition(batch, index, forward)
+            first = output if index == 0 else first
             coded = loss if coded is None else coded + loss
             losses.append(loss.detach())
         self.scale = 1.0
         self.graph_checked = True
         # The value is the mean partition loss (what the progress bar shows); the gradient is the coded one.
+        # The rest of the output is the first partition's, whose batch the batch hooks receive.
         mean = torch.stack(losses).mean()
-        return with_loss(output, coded + (mean - coded).detach())
+        return with_loss(first, coded + (mean - coded).detach())
 
     def weighted_step(
         self,
@@ -140,12 +254,13 @@ class CodedStep:
         Every backward sees Lightning's loss normalisation (gradient accumulation) and scaling.
         The partitions' graphs live one at a time, not all at once.
         """
+        self._begin()
         held = [(index, weight) for index, weight in enumerate(self.weights) if weight != 0.0]
         last_weight = held[-1][1]
         side: Optional[list[Optional[Tensor]]] = None
         losses = []
         previous = last_weight
-        output: Any = None
+        first: Any = None
         loss: Optional[Tensor] = None
         for position, (index, weight) in enumerate(held):
             if side is not None:
@@ -159,38 +274,14 @@ class CodedStep:
                 inner = loss / accumulate if accumulate > 1 else loss
                 grads = torch.autograd.grad(scale_loss(inner), params, allow_unused=True)
                 side = _writable(list(grads) if side is None else [_add(s, g) for s, g in zip(side, grads)])
+            first = output if position == 0 else first
             losses.append(loss.detach())
         self._side = None if side is None else (params, side)
         self.scale = last_weight
         self.graph_checked = True
         mean = torch.stack(losses).mean()
-        return with_loss(output, loss + (mean - loss).detach())
-
-
-@contextmanager
-def running_statistics_kept(module: nn.Module) -> Iterator[None]:
-    """Forwards inside leave the running statistics of ``module``'s training norm layers (BatchNorm, and
-    InstanceNorm that tracks them) as they were.
-
-    Their momentum is 0 for the while, so the running mean and variance are kept bitwise by the very
-    kernels that would update them (for finite batch statistics: 0 x inf is NaN, as the step's
-    gradients then are too): the forward's output, which uses the batch's statistics, is the same bits
-    as an updating forward's, which keeps the replicas of a partition's gradient equal whichever holder
-    updates. The batch count, which a cumulative average (momentum None) divides by, is put back
-    afterwards; no norm layer saves it for the backward.
-    """
-    norms = [m for m in module.modules() if isinstance(m, _NormBase) and m.training and m.running_mean is not None]
-    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
-    for norm in norms:
-        norm.momentum = 0.0
-    try:
-        yield
-    finally:
-        for norm, (momentum, count) in zip(norms, saved):
-            norm.momentum = momentum
-            if count is not None:
-                with torch.no_grad():
-                    norm.num_batches_tracked.copy_(count)
+        # The rest of the output is the first partition's (the batch hooks' batch), as in ``summed_step``.
+        return with_loss(first, loss + (mean - loss).detach())
 
 
 def uses_reentrant_checkpoint(loss: Tensor) -> bool:
@@ -214,6 +305,7 @@ def encoded(hook: Callable, coded_step: CodedStep) -> Callable:
     as the gradient leaves (see ``CodedStep.weighted_step``)."""
 
     def encoded_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        coded_step._exchanged = True  # an optimizer step follows, then the PS's buffers are copied
         if coded_step.scale != 1.0:
             bucket.set_buffer(bucket.buffer() * coded_step.scale)
         return hook(state, bucket)
@@ -262,3 +354,35 @@ def with_loss(output: Any, loss: Tensor) -> Any:
     if isinstance(output, dict):
         return {**output, "loss": loss}
     return loss
+
+
+def _buffer_slots(module: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """Every place a buffer is registered in ``module``: (submodule, name, qualified name)."""
+    return [
+        (sub, name, f"{prefix}.{name}" if prefix else name)
+        for prefix, sub in module.named_modules()
+        for name, buffer in sub._buffers.items()
+        if buffer is not None
+    ]
+
+
+def _copies(values: list[Tensor]) -> list[Tensor]:
+    """Detached copies; a tensor registered in two places gets one copy, registered in both."""
+    copied: dict[int, Tensor] = {}
+    with torch.no_grad():
+        for value in values:
+            if id(value) not in copied:
+                copied[id(value)] = value.detach().clone()
+    return [copied[id(value)] for value in values]
+
+
+def _running_statistic(module: nn.Module, name: str) -> bool:
+    """A training norm layer's running statistics: moved by its training forward, never read by it."""
+    return isinstance(module, _NormBase) and module.training and name in ("running_mean", "running_var",
+                                                                          "num_batches_tracked")
+
+
+def _changed(before: Tensor, after: Optional[Tensor]) -> bool:
+    if after is None or before.shape != after.shape or before.dtype != after.dtype:
+        return True
+    return not torch.equal(before, after.to(before.device))

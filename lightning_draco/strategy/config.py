@@ -186,11 +186,17 @@ class DracoConfig:
         """Whether the PS decodes each step's whole gradient (rules such as Krum are defined on whole vectors)."""
         return self.aggregator is not None and self.aggregate_over == "whole"
 
+    @property
+    def trusted_rank(self) -> Optional[int]:
+        """The rank that never lies: the parameter server (``ps_rank``), or ``None`` with ``decode="sharded"``,
+        where every shard is decoded by ``2s + 1`` ranks and any rank, ``ps_rank`` included, may lie."""
+        return None if self.decode == "sharded" else self.ps_rank
+
     def adversary_warnings(self) -> list[str]:
         """Warnings for a simulated adversary beyond what the code tolerates (raises for impossible ones)."""
         if self.adversary is None:
             return []
-        warnings = self.adversary.check(None, self.ps_rank, self.num_adversaries)
+        warnings = self.adversary.check(None, self.trusted_rank, self.num_adversaries)
         planned = self.adversary.planned(self.num_adversaries)
         rule = self.aggregator
         # Over the workers' own vectors only: after the repetition code's vote (DETOX) a rule sees group
@@ -209,7 +215,7 @@ class DracoConfig:
                 f"ps_rank must be in [0, {world_size}) for a world of {world_size} ranks (got {self.ps_rank})."
             )
         if self.adversary is not None:
-            self.adversary.check(world_size, self.ps_rank, self.num_adversaries)
+            self.adversary.check(world_size, self.trusted_rank, self.num_adversaries)
 
     def build_code(self, world_size: int) -> Code:
         """The code for ``world_size`` ranks (checked by its constructor first: the world size must suit

@@ -8,9 +8,10 @@ on every rank, inside the same optimizer step:
    computes the group's sum of partition gradients exactly as its members did: the same training
    step per partition under the same per-partition seeds, losses added in the same order, one
    backward (``torch.autograd.grad``, so DDP's hooks do not fire and ``.grad`` is untouched);
-   honest copies are therefore bitwise equal to the members' honest ones. Buffers (BatchNorm's
-   running statistics) and torchmetrics states are restored after these forwards, and nothing is
-   logged, so the model and its metrics are as if they never ran;
+   honest copies are therefore bitwise equal to the members' honest ones. These forwards run on
+   copies of the buffers the step began with (as the members' did: ``CodedStep.replaying``), the
+   model's buffers and torchmetrics states are left as they were, and nothing is logged, so the
+   model and its metrics are as if they never ran;
 2. ``exchange.settle`` sends the copies to the decoder, which votes the ``2s+1`` copies and
    returns each pending bucket's corrected mean;
 3. every rank writes the corrected mean into the ``.grad`` of the bucket's parameters, before the
@@ -20,7 +21,7 @@ on every rank, inside the same optimizer step:
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -48,13 +49,15 @@ class Escalation:
     - ``seconds``: this rank's wall time in the escalation, recomputing and exchanging.
     """
 
-    def __init__(self, code: ReactiveRepetitionCode, coded_step: CodedStep):
+    def __init__(self, code: ReactiveRepetitionCode, coded_step: CodedStep, counts: Optional[dict] = None):
         self.code = code
         self.coded_step = coded_step
-        self.steps = 0
-        self.groups = 0
-        self.partitions = 0
-        self.seconds = 0.0
+        coded_step.recomputed = True
+        counts = counts or {}
+        self.steps = int(counts.get("steps", 0))
+        self.groups = int(counts.get("groups", 0))
+        self.partitions = int(counts.get("partitions", 0))
+        self.seconds = float(counts.get("seconds", 0.0))
 
     def run(
         self,
@@ -70,7 +73,7 @@ class Escalation:
         """Settle the step's pending groups (every rank calls this after the backward; a no-op without them).
 
         ``forward``: the user's training step on one partition's batch (not through DDP); ``module``:
-        the LightningModule (its buffers are restored after recomputing); ``params``: the trained
+        the LightningModule (its buffers are left as they were); ``params``: the trained
         parameters; ``scale_loss``: the precision plugin's loss scaling, as the members' backward saw it.
         """
         pending = state.outcome.pending
@@ -102,17 +105,17 @@ class Escalation:
         params: list[Tensor],
         scale_loss: Callable[[Tensor], Tensor],
     ) -> dict[int, Tensor]:
-        """The group's coded gradient by parameter (``id`` -> gradient), the model's buffers left as they were."""
-        saved = [b.detach().clone() for b in module.buffers()]
-        try:
-            with torch.enable_grad(), silenced_logging(module), unchanged_metrics(module):
-                # The members' own path (CodedStep.summed_step): the same graph, so the same bits.
-                loss = loss_of(self.coded_step.summed_step(batch, forward))
-                grads = torch.autograd.grad(scale_loss(loss), params, allow_unused=True)
-        finally:
-            with torch.no_grad():
-                for buffer, value in zip(module.buffers(), saved):
-                    buffer.copy_(value)
+        """The group's coded gradient by parameter (``id`` -> gradient), the model's buffers left as they were.
+
+        Every partition's forward runs on copies of the buffers this rank's step began with (the PS's,
+        copied to every rank after the last step), as it did on the group's members: the same graph
+        from the same buffers, so the same bits, even for a forward that reads buffers it moves.
+        """
+        replaying = self.coded_step.replaying(module)
+        with torch.enable_grad(), silenced_logging(module), unchanged_metrics(module), replaying:
+            # The members' own path (CodedStep.summed_step).
+            loss = loss_of(self.coded_step.summed_step(batch, forward))
+            grads = torch.autograd.grad(scale_loss(loss), params, allow_unused=True)
         return {id(p): g for p, g in zip(params, grads) if g is not None}
 
 

@@ -27,6 +27,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.plugins.precision import DoublePrecision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
@@ -249,6 +250,8 @@ class DracoStrategy(DDPStrategy):
         self._steps_before_fit = 0
         # Buckets exchanged when the last step ended: a step exchanges its buckets inside optimizer_step.
         self._hook_calls_after_step = 0
+        # The parameters DDP was wrapped with (``requires_grad`` then): the ones whose gradients are decoded.
+        self._trained_ids: set[int] = set()
 
     # -- what the run was asked for ---------------------------------------------------------
     @property
@@ -317,18 +320,28 @@ class DracoStrategy(DDPStrategy):
             )
         if self.seed is None:
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        # A later stage on the same Trainer (validate, test, predict, another fit) goes on with this process's
+        # secret and counts; rank 0 of a spawned stage, with what its main process carried back.
+        earlier = self._exchange if self._exchange is not None and self._exchange.setup.rank == rank else None
         secret = self.config.projection_secret
-        if secret is None:
+        if earlier is not None:
+            secret = earlier.setup.secret
+        elif secret is None:
             secret = int.from_bytes(os.urandom(8), "little") >> 1 if rank == self.ps_rank else 0
         self._exchange = ExchangeState(
             ExchangeSetup(
-                self.code, rank, self.ps_rank, check_finite=self.config.finite_check, secret=secret,
+                self.code, rank, self.config.trusted_rank, check_finite=self.config.finite_check, secret=secret,
                 timeout=self._timeout.total_seconds() if self._timeout is not None else None,
             )
         )
+        if earlier is not None:
+            self._exchange.stats = earlier.stats
+        elif rank == 0 and self._carried_stats is not None:
+            self._exchange.stats = self._carried_stats
         self._coded_step = CodedStep(self.code, rank, self.seed, self.root_device, self.lightning_module)
         if self.config.reactive:
-            self._escalation = Escalation(self.code, self._coded_step)
+            counts = self.escalation_stats if earlier is not None or rank == 0 else None
+            self._escalation = Escalation(self.code, self._coded_step, counts)
         environment = self.cluster_environment
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
             # Replaces Lightning's handler, which checkpoints from inside the signal (see requeue.py).
@@ -418,6 +431,8 @@ class DracoStrategy(DDPStrategy):
         self.refuse_unsupported_fit(trainer)
         if fitting:
             trained = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
+            # DDP puts these, and only these, into its buckets: a parameter unfrozen later never reaches the hook.
+            self._trained_ids = {id(p) for p in trained}
             if self.config.whole_step:
                 self._exchange.assembly = WholeStepAssembly(trained)
         super().setup(trainer)
@@ -532,19 +547,22 @@ class DracoStrategy(DDPStrategy):
             self._refuse_reactive_accumulation(self.lightning_module.trainer)
         self._last_batch = batch
         rest = args[1:]
+        # The optimizer step this batch belongs to: with accumulate_grad_batches > 1 its first micro-batches
+        # run before optimizer_step starts the step's outcome.
+        step = self.lightning_module.trainer.global_step
         poisoned = self.adversary is not None and self.adversary.acts_on_batch
-        poisoned = poisoned and self.global_rank in liars_at(self.adversary, self._exchange)
+        poisoned = poisoned and self.global_rank in liars_at(self.adversary, self._exchange, step)
 
         def forward(part: Any) -> Any:
             if poisoned:
-                part = self.adversary.poison(part, rank=self.global_rank, step=self._exchange.outcome.step)
+                part = self.adversary.poison(part, rank=self.global_rank, step=step)
             return super(DracoStrategy, self).training_step(part, *rest, **kwargs)
 
         def recompute_forward(part: Any) -> Any:
             # As ``forward`` but not through DDP's forward, which only the syncing step may run (it can
             # rebuild buckets with a collective); the gradient is the same.
             if poisoned:
-                part = self.adversary.poison(part, rank=self.global_rank, step=self._exchange.outcome.step)
+                part = self.adversary.poison(part, rank=self.global_rank, step=step)
             with self.precision_plugin.train_step_context():
                 return self.lightning_module.training_step(part, *rest, **kwargs)
 
@@ -653,7 +671,7 @@ class DracoStrategy(DDPStrategy):
             # Lightning skipped the backward on every rank (StochasticWeightAveraging's last epoch only
             # recomputes BatchNorm statistics): no gradient was made or exchanged, as under DDP.
             self._skip.skipping = False
-            return self._finish_step(super().optimizer_step(optimizer, lambda: result, model, **kwargs))
+            return self._finish_step(super().optimizer_step(optimizer, self._evaluated(result, step), model, **kwargs))
         if outcome.buckets == 0:
             # Every rank sees the same. A parameter the loss never reached keeps its DDP bucket from
             # ever being ready; otherwise the backward ran without DRACO's hook, i.e. with plain all-reduce.
@@ -664,10 +682,15 @@ class DracoStrategy(DDPStrategy):
                 " the gradients unprotected. The hook is registered by overriding DDPStrategy._register_ddp_hooks;"
                 " this Lightning version may no longer call it. Use a Lightning version pyproject.toml admits."
             ))
+        self._refuse_undecoded_gradients(step)
         error: Optional[Exception] = outcome.failure
         if isinstance(error, DracoDecodeError):
             error = explain_decode_failure(error)
-        if error is None and outcome.nonfinite and self.aggregator is not None:
+        if error is None and outcome.nonfinite and self._scaling_loss():
+            # Under float16 a GradScaler expects overflowing steps: the honest gradient is non-finite, and the
+            # scaler's optimizer step skips it and lowers the scale, as under DDP.
+            pass
+        elif error is None and outcome.nonfinite and self.aggregator is not None:
             # A rule guarantees no exact agreement: its output may be non-finite with liars present.
             error = NonFiniteGradientError(
                 f"DRACO step {step}: aggregator {self.aggregator.name!r} returned a gradient with NaN or Inf in it:"
@@ -676,8 +699,9 @@ class DracoStrategy(DDPStrategy):
             )
         elif error is None and outcome.nonfinite:
             error = NonFiniteGradientError(
-                f"DRACO step {step}: the honest ranks agree on a gradient with NaN or Inf in it; no rank lied, the"
-                " model has diverged (lower the learning rate, clip gradients or check the loss)."
+                f"DRACO step {step}: the honest ranks agree on a gradient with NaN or Inf in it (more ranks sent"
+                f" one than s={self.num_adversaries} liars could be); the model has diverged (lower the learning"
+                " rate, clip gradients or check the loss)."
             )
         skip = error is not None and self.config.on_decode_failure == "skip"
         self._skip.skipping = error is not None
@@ -688,8 +712,43 @@ class DracoStrategy(DDPStrategy):
             rank_zero_warn(f"{error} The optimizer and scheduler step are skipped (on_decode_failure='skip').")
             output = result
         else:
-            output = super().optimizer_step(optimizer, lambda: result, model, **kwargs)
+            output = super().optimizer_step(optimizer, self._evaluated(result, step), model, **kwargs)
         return self._finish_step(output)
+
+    def _refuse_undecoded_gradients(self, step: int) -> None:
+        """Refuse a gradient DRACO did not decode: a parameter unfrozen after DDP wrapped the model is in no
+        bucket, so each rank would apply its own coded gradient to it (every rank sees the same)."""
+        outside = [name for name, p in self.lightning_module.named_parameters()
+                   if p.grad is not None and p.requires_grad and id(p) not in self._trained_ids]
+        if outside:
+            raise self._agreed(RuntimeError(
+                f"DRACO step {step}: parameters {outside[:5]}{' ...' if len(outside) > 5 else ''} got gradients"
+                " but had requires_grad=False when training started, so DDP put them in no bucket and DRACO"
+                " decodes none of their gradients. Unfreeze them before fit (and zero their learning rate until"
+                " they should train), or start a new fit once they are unfrozen."
+            ))
+
+    def _evaluated(self, result: Any, step: int) -> Callable[[], Any]:
+        """The closure handed to the optimizer: this step's forwards, backward and decode already ran, once."""
+        calls = 0
+
+        def closure() -> Any:
+            nonlocal calls
+            calls += 1
+            if calls > 1:  # every rank's optimizer asks alike
+                raise self._agreed(RuntimeError(
+                    f"DRACO step {step}: the optimizer evaluated its closure a second time (LBFGS does): each"
+                    " evaluation is a new gradient, which would need its own coded exchange and decode, and"
+                    " DracoStrategy decodes one per step. Use an optimizer that evaluates the closure once."
+                ))
+            return result
+
+        return closure
+
+    def _scaling_loss(self) -> bool:
+        """Whether a GradScaler scales the loss (``precision="16-mixed"``): it skips overflowing steps itself."""
+        scaler = getattr(self.precision_plugin, "scaler", None)
+        return scaler is not None and scaler.is_enabled()
 
     def _finish_step(self, output: Any) -> Any:
         """After the optimizer step (taken or skipped): the PS's buffers, the loader's position, the requeue."""
@@ -794,12 +853,14 @@ class DracoStrategy(DDPStrategy):
 
     @property
     def exchange_seconds(self) -> dict[str, float]:
-        """Seconds this rank spent in the exchange's collectives and decoding (since setup)."""
+        """Seconds this rank spent in the exchange's collectives and decoding, over every stage of this Trainer
+        in this process (a resumed run counts from its resume)."""
         return dict(self._stats.seconds) if self._stats is not None else {"communication": 0.0, "decode": 0.0}
 
     @property
     def exchange_bytes(self) -> dict[str, int]:
-        """Payload bytes this rank sent and received through DRACO's collectives since setup."""
+        """Payload bytes this rank sent and received through DRACO's collectives, over every stage of this
+        Trainer in this process (a resumed run counts from its resume)."""
         stats = self._stats
         return {"sent": stats.sent if stats else 0, "received": stats.received if stats else 0}
 
@@ -912,14 +973,22 @@ class DracoStrategy(DDPStrategy):
                 checkpoint[ckpt.CHECKPOINT_KEY].update(ps_state)
             else:
                 sidecar = ckpt.ps_sidecar(filepath)
-                # Rank 0 creates the checkpoint's folder when it writes; the PS may get here first.
-                os.makedirs(os.path.dirname(sidecar) or ".", exist_ok=True)
-                ckpt.write_then_rename(sidecar, lambda path: torch.save(ps_state, path))
-        if not self.is_global_zero or "://" in os.fspath(filepath):
+                if self._writes_local_files(filepath):
+                    # Rank 0 creates the checkpoint's folder when it writes; the PS may get here first.
+                    os.makedirs(os.path.dirname(sidecar) or ".", exist_ok=True)
+                    ckpt.write_then_rename(sidecar, lambda path: torch.save(ps_state, path))
+                else:
+                    self.checkpoint_io.save_checkpoint(ps_state, sidecar)
+        if not self.is_global_zero or not self._writes_local_files(filepath):
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         write = super(DracoStrategy, self).save_checkpoint
         ckpt.write_then_rename(filepath, lambda path: write(checkpoint, path, storage_options))
+
+    def _writes_local_files(self, filepath: Any) -> bool:
+        """Whether this rank writes ``filepath`` itself, before ``save_checkpoint`` returns: a local path and
+        Lightning's plain ``TorchCheckpointIO`` (an asynchronous or remote one writes on its own terms)."""
+        return "://" not in os.fspath(filepath) and type(self.checkpoint_io) is TorchCheckpointIO
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -959,7 +1028,7 @@ class DracoStrategy(DDPStrategy):
         super().remove_checkpoint(filepath)
         if self._exchange is not None and self.is_ps and self.global_rank != 0:
             sidecar = ckpt.ps_sidecar(filepath)
-            if os.path.exists(sidecar):
+            if "://" not in sidecar and os.path.exists(sidecar):
                 os.remove(sidecar)
 
     # -- helpers --------------------------------------------------------------------------

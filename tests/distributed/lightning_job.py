@@ -128,15 +128,16 @@ def stages() -> dict:
     model = Net()
     out: dict = {}
     fit(out, trainer, model, data())
-    counts = {"fit": dict(trainer.strategy.faulty_counts)}
+    strategy = trainer.strategy
+    counts = {"fit": dict(strategy.faulty_counts)}
+    traffic = {"fit": [strategy.hook_calls, strategy.exchange_bytes]}
     loader = DataLoader(data(1), batch_size=8)
-    trainer.validate(model, loader, verbose=False)
-    counts["validate"] = dict(trainer.strategy.faulty_counts)
-    trainer.test(model, loader, verbose=False)
-    counts["test"] = dict(trainer.strategy.faulty_counts)
-    trainer.predict(model, loader)
-    counts["predict"] = dict(trainer.strategy.faulty_counts)
+    for stage, run in (("validate", trainer.validate), ("test", trainer.test), ("predict", trainer.predict)):
+        run(model, loader, **({} if stage == "predict" else {"verbose": False}))
+        counts[stage] = dict(strategy.faulty_counts)
+        traffic[stage] = [strategy.hook_calls, strategy.exchange_bytes]
     out["counts"] = {stage: {str(k): v for k, v in c.items()} for stage, c in counts.items()}
+    out["traffic"] = traffic
     out["module_hooks"] = model.hook_batches
     out["callback_hooks"] = callback.seen
     out["after_fit_partition_batch"] = trainer.strategy.partition_batch is not None
@@ -393,7 +394,116 @@ def resumed_inside_a_step() -> dict:
     return out
 
 
+class HalfPrecisionNet(Net):
+    """Large enough a loss scale overflows float16 at first: the GradScaler must skip those steps."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        pass  # also runs under plain DDP
+
+
+def float16_scaled(strategy_name: str) -> dict:
+    """precision="16-mixed" (on the CPU: the plugin with a GradScaler) starting at a scale that overflows."""
+    if strategy_name == "ddp":
+        strategy = L.pytorch.strategies.DDPStrategy(start_method="popen")
+    else:
+        strategy = draco(code=strategy_name, adversary=Adversary(ranks=[2], attack="reverse"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**19, growth_interval=1000)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=strategy, max_steps=8, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        plugins=[L.pytorch.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+    )
+    model = HalfPrecisionNet()
+    out: dict = {}
+    fit(out, trainer, model, data())
+    out.update(global_step=trainer.global_step, scale=float(scaler.get_scale()),
+               params=[p.detach().double().flatten().tolist() for p in model.parameters()],
+               faulty_counts={str(k): v for k, v in getattr(trainer.strategy, "faulty_counts", {}).items()})
+    return out
+
+
+def accumulated_poisoning(liars: bool) -> dict:
+    """Random liars poisoning their batches, two micro-batches per step: each step's drawn liar lies in both."""
+    adversary = Adversary(ranks="random", count=1, attack="label_flip", num_classes=2, seed=5) if liars else None
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=draco(adversary=adversary), max_steps=STEPS, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accumulate_grad_batches=2,
+    )
+    model = Net()
+    out: dict = {}
+    fit(out, trainer, model, data())
+    planned = [sorted(adversary.lying_ranks(step, WORLD, 0, 1)) for step in range(STEPS)] if liars else []
+    out.update(global_step=trainer.global_step, sha=param_digest(model), planned=planned,
+               faulty_counts={str(k): v for k, v in trainer.strategy.faulty_counts.items()})
+    return out
+
+
+class UnfrozenLater(Net):
+    """Its first layer starts frozen and is unfrozen at the second epoch, after DDP wrapped the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.net[0].requires_grad_(False)
+
+    def on_train_epoch_start(self):
+        if self.current_epoch == 1:
+            self.net[0].requires_grad_(True)
+
+
+def unfrozen_later() -> dict:
+    model = UnfrozenLater()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=draco(), max_epochs=2, limit_train_batches=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    out: dict = {}
+    fit(out, trainer, model, data())
+    out["global_step"] = trainer.global_step
+    return out
+
+
+class SecondOrder(Net):
+    def configure_optimizers(self):
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+
+def re_evaluating_optimizer() -> dict:
+    model = SecondOrder()
+    before = param_digest(model)
+    out: dict = {}
+    fit(out, trainer_for(draco()), model, data())
+    out["unchanged"] = param_digest(model) == before
+    return out
+
+
+def asynchronous_checkpoints() -> dict:
+    """Lightning's AsyncCheckpointIO writes on a thread: the checkpoint exists only once that write ends."""
+    folder = os.path.join(os.getcwd(), "asynchronous_checkpoints")
+    saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=draco(ps_rank=1), max_steps=STEPS, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[saver],
+        plugins=[L.pytorch.plugins.io.AsyncCheckpointIO()],
+    )
+    out: dict = {}
+    fit(out, trainer, Net(), data())
+    dist.barrier()
+    out["files"] = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    out["steps_saved"] = [torch.load(os.path.join(folder, f), weights_only=False)["global_step"]
+                          for f in out["files"] if f.endswith(".ckpt")]
+    return out
+
+
 SCENARIOS = {
+    "float16_ddp": lambda: float16_scaled("ddp"),
+    "float16_frc": lambda: float16_scaled("frc"),
+    "float16_crc": lambda: float16_scaled("crc"),
+    "accumulated_clean": lambda: accumulated_poisoning(False),
+    "accumulated_poisoning": lambda: accumulated_poisoning(True),
+    "unfrozen_later": unfrozen_later,
+    "re_evaluating_optimizer": re_evaluating_optimizer,
+    "asynchronous_checkpoints": asynchronous_checkpoints,
     "logged_draco": lambda: logged("draco"),
     "logged_ddp": lambda: logged("ddp"),
     "stages": stages,

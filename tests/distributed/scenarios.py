@@ -132,6 +132,8 @@ SCENARIOS.update({
     "sharded9_decoder_reverse": Scenario(world=9, steps=8, strategy=SHARDED,
                                          liars=dict(ranks=[4], attack="reverse", roles=["decoder"])),
     "sharded9_fixed_alie": Scenario(world=9, steps=8, strategy=SHARDED, liars=RANK_4("alie")),
+    # No parameter server, so rank 0 (ps_rank) is a worker like any other, and may lie.
+    "sharded9_rank0_reverse": Scenario(world=9, steps=8, strategy=SHARDED, liars=dict(ranks=[0], attack="reverse")),
 })
 
 # Reactive redundancy: groups of s+1 detect, disagreeing groups are recomputed and voted.

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.distributed
 SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_outvoted_skip", "rank_dependent", "inconsistent_data", "unused_true",
              "hook_not_registered", "unused_default", "reentrant_frc", "reentrant_crc", "branch_ddp", "branch_draco",
              "branch_liar", "averaged_ddp", "averaged_draco", "reentrant_rank_1", "closure_before_step",
-             "two_training_loaders", "resumed_inside_a_step"]
+             "two_training_loaders", "resumed_inside_a_step", "float16_ddp", "float16_frc", "float16_crc",
+             "accumulated_clean", "accumulated_poisoning", "unfrozen_later", "re_evaluating_optimizer",
+             "asynchronous_checkpoints"]
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,61 @@ def test_faulty_counts_survive_validate_test_and_predict_on_the_same_trainer(run
     assert run["global_step"] == 4
     for seen in run["ranks"]:
         assert seen["counts"] == {stage: {"2": 4} for stage in ("fit", "validate", "test", "predict")}
+
+
+def test_traffic_counts_survive_validate_test_and_predict_on_the_same_trainer(runs):
+    traffic = runs["stages"]["traffic"]
+    calls, moved = traffic["fit"]
+    assert calls == 4 and moved["sent"] > 0 and moved["received"] > 0
+    assert all(seen == traffic["fit"] for seen in traffic.values())
+
+
+def test_float16_with_a_grad_scaler_skips_overflowing_steps_and_trains_the_ddp_model(runs):
+    """The scale starts where float16 overflows: the first steps' honest gradients are Inf on every replica.
+    The scaler skips them and halves the scale, as under DDP; the liar changes nothing."""
+    ddp = runs["float16_ddp"]
+    assert ddp.get("error") is None and ddp["scale"] < 2.0**19, "the scale started too low to overflow"
+    flat = lambda run: [x for p in run["params"] for x in p]  # noqa: E731
+    for code in ("frc", "crc"):
+        run = runs[f"float16_{code}"]
+        assert run.get("error") is None and run["global_step"] == 8 and run["scale"] == ddp["scale"]
+        assert flat(run) == pytest.approx(flat(ddp), rel=1e-5, abs=1e-7)
+        # Named wherever a finite sum was decoded; at an overflowing step the cyclic code names nobody.
+        assert set(run["faulty_counts"]) == {"2"}
+
+
+def test_random_liars_poisoning_their_batches_lie_in_every_micro_batch_of_their_step(runs):
+    run, clean = runs["accumulated_poisoning"], runs["accumulated_clean"]
+    assert run.get("error") is None and run["global_step"] == 4
+    planned: dict[str, int] = {}
+    for liars in run["planned"]:
+        for rank in liars:
+            planned[str(rank)] = planned.get(str(rank), 0) + 1
+    assert len(planned) > 1, "the draw should move the liar between steps"
+    assert run["faulty_counts"] == planned and run["sha"] == clean["sha"]
+
+
+def test_a_parameter_unfrozen_after_fit_started_is_refused_on_every_rank(runs):
+    run = runs["unfrozen_later"]
+    assert run["global_step"] == 2
+    for seen in run["ranks"]:
+        assert seen["error"]["type"] == "RuntimeError"
+        assert ("parameters ['net.0.weight', 'net.0.bias'] got gradients but had requires_grad=False when training"
+                " started" in seen["error"]["message"])
+
+
+def test_an_optimizer_that_evaluates_its_closure_again_is_refused_on_every_rank(runs):
+    run = runs["re_evaluating_optimizer"]
+    for seen in run["ranks"]:
+        assert "the optimizer evaluated its closure a second time (LBFGS does)" in seen["error"]["message"]
+
+
+def test_asynchronous_checkpoint_io_writes_every_checkpoint_and_the_parameter_servers_state(runs):
+    run = runs["asynchronous_checkpoints"]
+    assert run.get("error") is None
+    assert run["files"] == ["epoch=0-step=2.ckpt", "epoch=0-step=2.ckpt.ps", "epoch=0-step=4.ckpt",
+                            "epoch=0-step=4.ckpt.ps"]
+    assert run["steps_saved"] == [2, 4]
 
 
 def test_batch_hooks_get_the_first_partitions_plain_batch(runs):

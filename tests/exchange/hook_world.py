@@ -193,6 +193,7 @@ def main(out: str, world: int, rank: int) -> None:
         ("gradient", Adversary(ranks=[4], attack="reverse", roles=["gradient"])),
         ("decoder", Adversary(ranks=[4], attack="gaussian", roles=["decoder"])),
         ("two", Adversary(ranks=[1, 2], attack="collude")),
+        ("rank0", Adversary(ranks=[0], attack="reverse")),  # no PS: rank 0 is a worker and decoder like any other
     ]:
         state = ExchangeState(ExchangeSetup(code, rank, ps_rank=0))
         state.begin_step(2)

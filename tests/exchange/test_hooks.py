@@ -55,7 +55,7 @@ def test_a_liar_wrapped_around_the_exchange_is_corrected_and_caught_on_every_ran
 def test_sharded_decoding_gives_bitwise_the_parameter_servers_result_whoever_lies(seen):
     for ranks_view in seen:
         reference, runs = ranks_view["sharded"]
-        for name in ("clean", "both", "gradient", "decoder"):
+        for name in ("clean", "both", "gradient", "decoder", "rank0"):
             assert torch.equal(runs[name][0], reference), name
 
 
@@ -66,6 +66,7 @@ def test_sharded_decoding_names_liars_in_each_role_and_no_one_else(seen):
         assert runs["both"][1:3] == ([4], [4])
         assert runs["gradient"][1:3] == ([4], []), "a liar only about its gradient decodes honestly"
         assert runs["decoder"][1:3] == ([4], [4]), "a liar only as a decoder is outvoted and named"
+        assert runs["rank0"][1:3] == ([0], [0]), "rank 0 is no parameter server here: outvoted and named"
 
 
 def test_a_liar_can_neither_keep_its_name_out_of_the_sharded_verdict_nor_frame_an_honest_rank(seen):
