@@ -512,31 +512,6 @@ def test_an_unknown_engine_is_refused_with_the_choices():
         make_aggregator("median", 1, engine="heap")
 
 
-@given(st.integers(5, 40), st.integers(1, 300), st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-       st.floats(1.0, 1e12), st.integers(0, 2**16))
-def test_liars_far_out_cannot_hold_the_geometric_median_away_from_the_honest_inputs(n, d, dtype, distance, seed):
-    """f liars steer the mean at will: here one sends a target far out, the others what puts the mean on it.
-    Plain Weiszfeld started from the mean weighs that input 1 / nu and stops on the liar's vector; from far
-    out it also comes in by only f / (n - f) per iteration, so liars far enough away outlast ``max_iter``.
-    Whatever they send, the rule keeps the geometric median's guarantee: for f < n / 2,
-    ||GM - m|| <= 2 (n - f) / (n - 2 f) * max_honest ||x_i - m|| about the honest mean m."""
-    f = (n - 1) // 2
-    gen = torch.Generator().manual_seed(seed)
-    honest = torch.randn(n - f, d, generator=gen, dtype=torch.float64)
-    m = honest.mean(0)
-    target = m + distance * torch.nn.functional.normalize(torch.randn(d, generator=gen, dtype=torch.float64), dim=0)
-    balance = (n * target - honest.sum(0) - target) / (f - 1) if f > 1 else target
-    x = torch.cat([honest, target[None], balance.expand(f - 1, d)]).to(dtype)
-    rule = make_aggregator("geometric_median", f)
-    got = rule(x).double()
-    honest = x[: n - f].double()  # as rounded into the dtype
-    m = honest.mean(0)
-    bound = 2 * (n - f) / (n - 2 * f) * float((honest - m).norm(dim=1).max())
-    # The rule stops within tol (1e-5) of its iterate's norm; bfloat16's answer is rounded back to 8 bits.
-    slack = (1e-5 if dtype != torch.bfloat16 else 2 ** -7) * 2 * float(got.norm())
-    assert float((got - m).norm()) <= bound + slack, (float((got - target.to(dtype).double()).norm()), bound)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("far", [1e20, 3e38])
 def test_the_geometric_median_ignores_one_finite_liar_however_far_out(far, dtype):
