@@ -12,7 +12,7 @@ from torch import nn
 from lightning_draco.codes import CyclicRepetitionCode, FractionalRepetitionCode
 from lightning_draco.codes.reactive import ReactiveRepetitionCode
 from lightning_draco.data import PartitionBatch
-from lightning_draco.strategy.coded_step import CodedStep, UnsupportedStepError, encoded
+from lightning_draco.strategy.coded_step import CodedStep, UnsupportedStepError
 from lightning_draco.strategy.escalation import Escalation
 
 SEED = 3
@@ -103,19 +103,6 @@ def _sent(step, model, batch):
     return torch.cat([p.grad.flatten() for p in model.parameters()]) * step.scale
 
 
-def _exchange(step):
-    """The syncing backward's bucket leaving through the coded step's hook (what precedes an optimizer step)."""
-
-    class Bucket:
-        def buffer(self):
-            return torch.zeros(1)
-
-        def set_buffer(self, tensor):
-            pass
-
-    encoded(lambda state, bucket: None, step)(None, Bucket())
-
-
 def _assert_buffers_equal(model, expected):
     for (name, mine), (_, theirs) in zip(model.named_buffers(), expected.named_buffers()):
         assert mine.shape == theirs.shape and torch.equal(mine, theirs), name
@@ -159,10 +146,9 @@ def test_micro_batches_carry_each_partitions_buffers_until_the_ps_copies_its_own
     partitions = code.partitions(rank)
     ranks = {j: copy.deepcopy(start) for j in partitions}  # DDP's rank j, one per partition held
     for index in range(3):
-        if index == 2:
-            _exchange(step)  # an optimizer step: the PS's buffers reach every rank, here this rank's own
-            if broadcast:
-                ranks = {j: copy.deepcopy(ranks[rank]) for j in partitions}
+        if index == 2 and broadcast:  # an optimizer step, after which the PS's buffers reach every rank
+            step.buffers_copied()  # (here this rank's own)
+            ranks = {j: copy.deepcopy(ranks[rank]) for j in partitions}
         batch = _batch(partitions, kind, index)
         sent = _sent(step, model, batch)
         expected = 0

@@ -345,7 +345,8 @@ def test_a_non_finite_partition_gives_a_nan_total_naming_nobody(wire):
     received = code.encode(partitions, wire)
     holders = [w for w in range(p) if not bool(received[w].isfinite().all())]
     assert len(holders) == 2 * s + 1
-    received[0] *= -100  # a liar among them changes nothing
+    liar = next(w for w in range(p) if w not in holders)
+    received[liar] *= -100  # a liar beside them changes nothing: it cannot be told from them
     result = code.decode(received, generator=projection(0))
     assert result.faulty == [] and bool(result.total.isnan().all())
     # Non-finite rows of liars alone (at most s) are named and the sum recovered.

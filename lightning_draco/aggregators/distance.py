@@ -161,25 +161,30 @@ class GeometricMedian(Aggregator):
     input coincides with the iterate (Vardi and Zhang, 2000):
 
     1. Drop non-finite inputs (infinitely far: weight 0), found with one cheap pass.
-    2. Start from their coordinate-wise median.
+    2. Start from their mean.
     3. Repeat from z, with d_i = ||x_i - z||:
        a. the inputs within ``max(tol, 8 eps) * ||z||`` of z coincide with it (eta of them);
        b. T = sum_i(x_i / b_i) / sum_i(1 / b_i) over the others, b_i = max(d_i, nu), and
           r = ||sum_i (x_i - z) / b_i||, the pull of the others (the resultant of their unit vectors);
        c. z' = z + max(0, 1 - eta / r) (T - z): Weiszfeld's step where nothing coincides, a step
           off a coinciding input that is not the minimiser, and no step where it is (r <= eta);
-       stop when ||z' - z|| <= tol * ||z'|| (tol = 1e-5) or after ``max_iter`` (100) iterations.
+       stop when ||z' - z|| <= tol * ||z'|| (tol = 1e-5).
+    4. If ``max_iter`` (100) iterations did not stop, start again from the coordinate-wise median,
+       for up to ``max_iter`` more.
 
-    The minimiser does not depend on the start, but how many iterations reach it does, and liars
-    choose the mean. Two of ten can put it on one of their own vectors, where plain Weiszfeld gives
-    that input the weight 1 / nu, barely moves, and stops on the liar. Far out, the iterate comes in
-    by a factor of about f / (n - f) per iteration (11/12 with 11 liars of 23), so liars 1e10 away
-    leave it 1e6 away after 100 iterations. The coordinate-wise median starts inside the honest
-    inputs' range on every coordinate whatever the liars send, and costs about 1.5 (15 rows) to 5
-    (63 rows) iterations on the CPU. Step (a) keeps an iterate from stalling on an input: one
-    within the stopping tolerance counts as reached and the pull of the others decides whether to
-    leave it; from one just outside, the iterate moves away by at least its distance, so the
-    stopping test does not fire there either.
+    The minimiser does not depend on the start, but liars choose the mean. Two of ten can put it on
+    one of their own vectors, where plain Weiszfeld gives that input the weight 1 / nu, barely
+    moves, and stops on the liar: step (a) is what makes the iterate leave an input that is not the
+    minimiser (and from one just outside the tolerance, the iterate moves away by at least its
+    distance, so the stopping test does not fire there either). Liars far out are the other way to
+    the start: the iterate then comes in by a factor of about f / (n - f) per iteration (11/12 with
+    11 liars of 23), so liars 1e10 away left it 1e6 away after 100 iterations. The coordinate-wise
+    median starts inside the honest inputs' range on every coordinate whatever the liars send; it is
+    step 4 and not the start because it costs 1.5 (15 rows) to 25 (63 rows) times an iteration on
+    the CPU, while from the mean honest inputs take a few iterations. The price: liars far out can
+    make every decode run both, up to 2 * ``max_iter`` iterations. Where the minimiser is an input
+    (duplicated honest rows), Weiszfeld's iterate approaches it slowly, and may stop short of it
+    by more than the tolerance when ``max_iter`` runs out.
 
     Each iteration reads the inputs twice (the distances, then the weighted sum as one
     matrix-vector product), copies nothing, and brings one small tensor to the host: whether every
@@ -211,10 +216,18 @@ class GeometricMedian(Aggregator):
             x = x[finite]
         if x.shape[0] == 0:  # every row has NaN or Inf in it: no point to move towards
             return torch.full_like(inputs[0], float("nan"))
-        z = coordinate_median(x)
+        self.iterations = 0
+        z, stopped = self._iterate(x, x.mean(dim=0))
+        if not stopped:
+            z, _ = self._iterate(x, coordinate_median(x))
+        return z.to(inputs.dtype)
+
+    def _iterate(self, x: Tensor, z: Tensor) -> tuple[Tensor, bool]:
+        """Step 3 from ``z`` for up to ``max_iter`` iterations: the last iterate, and whether the test stopped them."""
         # Rounding alone puts a landed iterate a few units in the last place of ||z|| away from the input.
         reached = max(self.tol, 8 * torch.finfo(x.dtype).eps)
-        for self.iterations in range(1, self.max_iter + 1):
+        for _ in range(self.max_iter):
+            self.iterations += 1
             distances = distances_to(x, z)
             new = self._step(x, z, distances, reached)
             held, moved, size = self._outcome(new, z, torch.isfinite(distances).all())
@@ -224,8 +237,8 @@ class GeometricMedian(Aggregator):
                 _, moved, size = self._outcome(new, z, distances.new_ones((), dtype=torch.bool))
             z = new
             if moved <= self.tol * size:
-                break
-        return z.to(inputs.dtype)
+                return z, True
+        return z, False
 
     def _step(self, x: Tensor, z: Tensor, distances: Tensor, within: float) -> Tensor:
         """Step 3 from ``z``, on the device (no host sync): inputs within ``within * ||z||`` count as reached."""

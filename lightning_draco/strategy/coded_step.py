@@ -46,7 +46,8 @@ class CodedStep:
     ran before it, so the replicas of ``g_j`` agree. Right after the PS's buffers were copied to every
     rank (the first step, and every step with ``broadcast_buffers``) that is the buffers as this step
     began; between the copies (gradient accumulation's micro-batches, or ``broadcast_buffers=False``)
-    it is what partition ``j``'s forward left the step before, which every holder keeps.
+    it is what partition ``j``'s forward left the step before, which every holder keeps. The strategy
+    says when the copies happen (``buffers_copied``).
     """
 
     def __init__(
@@ -86,9 +87,6 @@ class CodedStep:
         # Partition j (not this rank's) -> the buffers its forward left, the values DDP's rank j holds
         # until the PS's are copied to every rank again.
         self._states: dict[int, list[Tensor]] = {}
-        # Whether the exchange ran (so an optimizer step, after which the PS's buffers are copied)
-        # since the last step began; set by ``encoded``.
-        self._exchanged = False
         self._replaying = False
 
     def _begin(self) -> None:
@@ -97,11 +95,15 @@ class CodedStep:
             return
         slots = _buffer_slots(self.module)
         places = [(id(m), name) for m, name, _ in slots]
-        if (self._exchanged and self._buffers_broadcast()) or places != [(id(m), n) for m, n, _ in self._slots]:
+        if places != [(id(m), n) for m, n, _ in self._slots]:
             self._states.clear()
-        self._exchanged = False
         self._slots = slots
         self._start = _copies([m._buffers[name] for m, name, _ in slots])
+
+    def buffers_copied(self) -> None:
+        """The PS's buffers were just copied to every rank (after an optimizer step, ``broadcast_buffers``):
+        every partition's next forward starts from them, as DDP's ranks' would after such a copy."""
+        self._states.clear()
 
     def _buffers_broadcast(self) -> bool:
         if self.broadcast_buffers is not None:
@@ -305,7 +307,6 @@ def encoded(hook: Callable, coded_step: CodedStep) -> Callable:
     as the gradient leaves (see ``CodedStep.weighted_step``)."""
 
     def encoded_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-        coded_step._exchanged = True  # an optimizer step follows, then the PS's buffers are copied
         if coded_step.scale != 1.0:
             bucket.set_buffer(bucket.buffer() * coded_step.scale)
         return hook(state, bucket)

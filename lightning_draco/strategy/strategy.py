@@ -246,8 +246,10 @@ class DracoStrategy(DDPStrategy):
         self._carried_stats: Optional[ExchangeStats] = None
         # Whether the current optimizer step's closure ran a backward (Lightning may skip it).
         self._backward_ran = False
-        # The ledger's steps when this fit started (a resumed fit's ledger holds the earlier ones).
+        # The ledger's steps when this fit started (a resumed fit's ledger holds the earlier ones), and the
+        # escalated steps and groups then (an earlier fit on this Trainer counted its own).
         self._steps_before_fit = 0
+        self._escalations_before_fit = (0, 0)
         # Buckets exchanged when the last step ended: a step exchanges its buckets inside optimizer_step.
         self._hook_calls_after_step = 0
         # The parameters DDP was wrapped with (``requires_grad`` then): the ones whose gradients are decoded.
@@ -338,7 +340,9 @@ class DracoStrategy(DDPStrategy):
             self._exchange.stats = earlier.stats
         elif rank == 0 and self._carried_stats is not None:
             self._exchange.stats = self._carried_stats
-        self._coded_step = CodedStep(self.code, rank, self.seed, self.root_device, self.lightning_module)
+        self._coded_step = CodedStep(
+            self.code, rank, self.seed, self.root_device, self.lightning_module, self.config.broadcast_buffers
+        )
         if self.config.reactive:
             counts = self.escalation_stats if earlier is not None or rank == 0 else None
             self._escalation = Escalation(self.code, self._coded_step, counts)
@@ -430,7 +434,9 @@ class DracoStrategy(DDPStrategy):
         fitting = trainer.state.fn == "fit"
         self.refuse_unsupported_fit(trainer)
         if fitting:
-            trained = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
+            ignored = set(getattr(trainer.lightning_module, "_ddp_params_and_buffers_to_ignore", ()))
+            trained = [p for name, p in trainer.lightning_module.named_parameters()
+                       if p.requires_grad and name not in ignored]
             # DDP puts these, and only these, into its buckets: a parameter unfrozen later never reaches the hook.
             self._trained_ids = {id(p) for p in trained}
             if self.config.whole_step:
@@ -686,9 +692,10 @@ class DracoStrategy(DDPStrategy):
         error: Optional[Exception] = outcome.failure
         if isinstance(error, DracoDecodeError):
             error = explain_decode_failure(error)
-        if error is None and outcome.nonfinite and self._scaling_loss():
-            # Under float16 a GradScaler expects overflowing steps: the honest gradient is non-finite, and the
-            # scaler's optimizer step skips it and lowers the scale, as under DDP.
+        if error is None and outcome.nonfinite and self.aggregator is None and self._scaling_loss():
+            # Under float16 a GradScaler expects overflowing steps: more ranks sent a non-finite gradient than s
+            # liars could be, so an honest one overflowed; the scaler's optimizer step skips it and lowers the
+            # scale, as under DDP. (A rule's non-finite output may be the liars' doing: that still fails below.)
             pass
         elif error is None and outcome.nonfinite and self.aggregator is not None:
             # A rule guarantees no exact agreement: its output may be non-finite with liars present.
@@ -723,9 +730,10 @@ class DracoStrategy(DDPStrategy):
         if outside:
             raise self._agreed(RuntimeError(
                 f"DRACO step {step}: parameters {outside[:5]}{' ...' if len(outside) > 5 else ''} got gradients"
-                " but had requires_grad=False when training started, so DDP put them in no bucket and DRACO"
-                " decodes none of their gradients. Unfreeze them before fit (and zero their learning rate until"
-                " they should train), or start a new fit once they are unfrozen."
+                " but were not trained when fit started (requires_grad=False then, made later, or listed in"
+                " _ddp_params_and_buffers_to_ignore), so DDP put them in no bucket and DRACO decodes none of"
+                " their gradients. Make and unfreeze them before fit (with a zero learning rate until they should"
+                " train), or start a new fit once they are."
             ))
 
     def _evaluated(self, result: Any, step: int) -> Callable[[], Any]:
@@ -756,6 +764,7 @@ class DracoStrategy(DDPStrategy):
         if self.config.broadcast_buffers:
             # Each rank ran its own partitions' forwards; the PS's running statistics are the model's.
             self._broadcast_from_ps(list(self.model.module.buffers()))
+            self._coded_step.buffers_copied()
         if self._train_loader is not None and self._last_batch is not None:
             self._train_loader.note_trained(self._last_batch)
         if self._requeue is not None:
@@ -891,8 +900,10 @@ class DracoStrategy(DDPStrategy):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
-        # After a resume the ledger holds the earlier fits' steps; the escalation counts are this fit's.
+        # After a resume the ledger holds the earlier fits' steps, and after an earlier fit on this Trainer the
+        # escalation counts hold its escalations too: the end-of-fit line counts this fit's.
         self._steps_before_fit = self.ledger.steps
+        self._escalations_before_fit = (self._escalation.steps, self._escalation.groups) if self._escalation else (0, 0)
         self._hook_calls_after_step = self.hook_calls
 
     @override
@@ -908,9 +919,11 @@ class DracoStrategy(DDPStrategy):
         if self._escalation is not None:
             quarantined = f"; quarantined ranks: {sorted(self.quarantined)}" if self.quarantined else ""
             steps = self.ledger.steps - self._steps_before_fit
+            escalated, groups = (now - before for now, before in zip(
+                (self._escalation.steps, self._escalation.groups), self._escalations_before_fit))
             rank_zero_info(
-                f"DRACO reactive mode: {self._escalation.steps} of this fit's {steps} steps escalated"
-                f" ({self._escalation.groups} group recomputations){quarantined}."
+                f"DRACO reactive mode: {escalated} of this fit's {steps} steps escalated"
+                f" ({groups} group recomputations){quarantined}."
             )
 
     @override
@@ -1028,7 +1041,9 @@ class DracoStrategy(DDPStrategy):
         super().remove_checkpoint(filepath)
         if self._exchange is not None and self.is_ps and self.global_rank != 0:
             sidecar = ckpt.ps_sidecar(filepath)
-            if "://" not in sidecar and os.path.exists(sidecar):
+            if not self._writes_local_files(filepath):
+                self.checkpoint_io.remove_checkpoint(sidecar)
+            elif os.path.exists(sidecar):
                 os.remove(sidecar)
 
     # -- helpers --------------------------------------------------------------------------
