@@ -72,8 +72,8 @@ def test_a_parameter_unfrozen_after_fit_started_is_refused_on_every_rank(runs):
     assert run["global_step"] == 2
     for seen in run["ranks"]:
         assert seen["error"]["type"] == "RuntimeError"
-        assert ("parameters ['net.0.weight', 'net.0.bias'] got gradients but had requires_grad=False when training"
-                " started" in seen["error"]["message"])
+        assert ("parameters ['net.0.weight', 'net.0.bias'] got gradients but were not trained when fit started"
+                " (requires_grad=False then" in seen["error"]["message"])
 
 
 def test_an_optimizer_that_evaluates_its_closure_again_is_refused_on_every_rank(runs):
