@@ -94,6 +94,13 @@ def _holds_partition_batch(batch: Any) -> bool:
     return any(isinstance(value, PartitionBatch) for value in values)
 
 
+_RE_EVALUATED = (
+    "DRACO step {step}: the optimizer {optimizer} evaluates its closure more than once per step: each evaluation"
+    " is a new gradient, which would need its own coded exchange and decode, and DracoStrategy decodes one per"
+    " step. Use an optimizer that evaluates the closure once."
+)
+
+
 class DracoStrategy(DDPStrategy):
     """Byzantine-resilient data-parallel training: DDP with DRACO's coded gradients.
 
@@ -443,6 +450,9 @@ class DracoStrategy(DDPStrategy):
                 self._exchange.assembly = WholeStepAssembly(trained)
         super().setup(trainer)
         if fitting:
+            re_evaluating = [type(o).__name__ for o in self.optimizers if isinstance(o, torch.optim.LBFGS)]
+            if re_evaluating:  # before its first step, which would move the parameters before the refusal below
+                raise self._agreed(ValueError(_RE_EVALUATED.format(step=0, optimizer=re_evaluating[0])))
             self._skip.install(trainer.lightning_module)
             if self._requeue is not None and self._requeue not in trainer.callbacks:
                 trainer.callbacks.append(self._requeue)
@@ -677,7 +687,8 @@ class DracoStrategy(DDPStrategy):
             # Lightning skipped the backward on every rank (StochasticWeightAveraging's last epoch only
             # recomputes BatchNorm statistics): no gradient was made or exchanged, as under DDP.
             self._skip.skipping = False
-            return self._finish_step(super().optimizer_step(optimizer, self._evaluated(result, step), model, **kwargs))
+            closure = self._evaluated(result, step, type(optimizer).__name__)
+            return self._finish_step(super().optimizer_step(optimizer, closure, model, **kwargs))
         if outcome.buckets == 0:
             # Every rank sees the same. A parameter the loss never reached keeps its DDP bucket from
             # ever being ready; otherwise the backward ran without DRACO's hook, i.e. with plain all-reduce.
@@ -719,7 +730,8 @@ class DracoStrategy(DDPStrategy):
             rank_zero_warn(f"{error} The optimizer and scheduler step are skipped (on_decode_failure='skip').")
             output = result
         else:
-            output = super().optimizer_step(optimizer, self._evaluated(result, step), model, **kwargs)
+            closure = self._evaluated(result, step, type(optimizer).__name__)
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
         return self._finish_step(output)
 
     def _refuse_undecoded_gradients(self, step: int) -> None:
@@ -736,7 +748,7 @@ class DracoStrategy(DDPStrategy):
                 " train), or start a new fit once they are."
             ))
 
-    def _evaluated(self, result: Any, step: int) -> Callable[[], Any]:
+    def _evaluated(self, result: Any, step: int, name: str) -> Callable[[], Any]:
         """The closure handed to the optimizer: this step's forwards, backward and decode already ran, once."""
         calls = 0
 
@@ -744,11 +756,7 @@ class DracoStrategy(DDPStrategy):
             nonlocal calls
             calls += 1
             if calls > 1:  # every rank's optimizer asks alike
-                raise self._agreed(RuntimeError(
-                    f"DRACO step {step}: the optimizer evaluated its closure a second time (LBFGS does): each"
-                    " evaluation is a new gradient, which would need its own coded exchange and decode, and"
-                    " DracoStrategy decodes one per step. Use an optimizer that evaluates the closure once."
-                ))
+                raise self._agreed(RuntimeError(_RE_EVALUATED.format(step=step, optimizer=name)))
             return result
 
         return closure
