@@ -26,7 +26,7 @@ import torch
 
 
 @contextlib.contextmanager
-def mean_over_partitions(module: Any) -> Iterator[None]:
+def combined_over_partitions(module: Any) -> Iterator[None]:
     """Within the block, ``module.log`` collects; on leaving it, each name is logged once, its values
     combined over the partitions by ``over_partitions(reduce_fx)`` (the mean unless it asks for max or min)."""
     if module is None or "log" in module.__dict__:

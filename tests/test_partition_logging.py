@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lightning_draco.partition_logging import mean_over_partitions, unchanged_metrics
+from lightning_draco.partition_logging import combined_over_partitions, unchanged_metrics
 
 
 class Module:
@@ -20,7 +20,7 @@ class Metric:
 
 def test_each_name_is_logged_once_with_the_partitions_mean():
     module = Module()
-    with mean_over_partitions(module):
+    with combined_over_partitions(module):
         for loss, acc in [(1.0, 0.5), (2.0, 0.25), (4.5, 0.75)]:
             module.log("train_loss", torch.tensor(loss, requires_grad=True) * 1, prog_bar=True, batch_size=16)
             module.log("acc", acc)
@@ -39,7 +39,7 @@ PARTITIONS = [1.5, 4.0, -2.0, 0.5]  # one rank's four partitions' values of one 
 def logged_over_partitions(**kwargs):
     """What one rank logs for ``self.log("x", value, **kwargs)`` run once per partition."""
     module = Module()
-    with mean_over_partitions(module):
+    with combined_over_partitions(module):
         for value in PARTITIONS:
             module.log("x", torch.tensor(value), sync_dist=True, **kwargs)
     [(name, value, options)] = module.logged
@@ -78,7 +78,7 @@ def test_synced_across_ranks_the_value_is_what_ddp_logs(code, world, s, reduce_f
     per_rank = []
     for partitions in held:
         module = Module()
-        with mean_over_partitions(module):
+        with combined_over_partitions(module):
             for p in partitions:
                 module.log("x", value[p], sync_dist=True, reduce_fx=reduce_fx)
         per_rank.append(module.logged[0][1])
@@ -89,7 +89,7 @@ def test_synced_across_ranks_the_value_is_what_ddp_logs(code, world, s, reduce_f
 def test_metrics_pass_straight_through_and_the_module_is_restored():
     module = Module()
     metric = Metric()
-    with mean_over_partitions(module):
+    with combined_over_partitions(module):
         module.log("metric", metric)
         module.log("metric", metric)
     assert [value for _, value, _ in module.logged] == [metric, metric]

@@ -225,15 +225,15 @@ class GeometricMedian(Aggregator):
     def _iterate(self, x: Tensor, z: Tensor) -> tuple[Tensor, bool]:
         """Step 3 from ``z`` for up to ``max_iter`` iterations: the last iterate, and whether the test stopped them."""
         # Rounding alone puts a landed iterate a few units in the last place of ||z|| away from the input.
-        reached = max(self.tol, 8 * torch.finfo(x.dtype).eps)
+        within = max(self.tol, 8 * torch.finfo(x.dtype).eps)
         for _ in range(self.max_iter):
             self.iterations += 1
             distances = distances_to(x, z)
-            new = self._step(x, z, distances, reached)
+            new = self._step(x, z, distances, within)
             held, moved, size = self._outcome(new, z, torch.isfinite(distances).all())
             if not held:
                 distances = far_rows_in_float64(distances, x, z)
-                new = self._step(x, z, distances, reached)
+                new = self._step(x, z, distances, within)
                 _, moved, size = self._outcome(new, z, distances.new_ones((), dtype=torch.bool))
             z = new
             if moved <= self.tol * size:

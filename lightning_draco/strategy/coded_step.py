@@ -38,8 +38,7 @@ class CodedStep:
             ``rank`` would get): once per step, as under DDP, not once per partition held. Every
             other partition's forward runs on copies (``_buffers_for``).
         broadcast_buffers: whether the PS's buffers are copied to every rank after each optimizer
-            step (``DracoStrategy(broadcast_buffers=)``); ``None``: read from the trainer's strategy
-            (``module.trainer.strategy.config``), or ``True`` without one.
+            step (``DracoStrategy(broadcast_buffers=)``).
 
     Buffers a forward both moves and reads. Each partition ``j``'s forward starts from the buffers
     DDP's rank ``j`` would hold: the same values on every holder of ``j``, whatever else that holder
@@ -57,7 +56,7 @@ class CodedStep:
         seed: int,
         device: torch.device,
         module: Optional[nn.Module] = None,
-        broadcast_buffers: Optional[bool] = None,
+        broadcast_buffers: bool = True,
     ):
         self.rank = rank
         self.module = module
@@ -105,13 +104,6 @@ class CodedStep:
         every partition's next forward starts from them, as DDP's ranks' would after such a copy."""
         self._states.clear()
 
-    def _buffers_broadcast(self) -> bool:
-        if self.broadcast_buffers is not None:
-            return self.broadcast_buffers
-        trainer = getattr(self.module, "_trainer", None)
-        config = getattr(getattr(trainer, "strategy", None), "config", None)
-        return bool(getattr(config, "broadcast_buffers", True))
-
     @contextmanager
     def _buffers_for(self, partition: int) -> Iterator[None]:
         """The forward of ``partition`` inside runs on its own copies of the model's buffers (none for
@@ -138,7 +130,7 @@ class CodedStep:
         if self._replaying:
             return
         self._states[partition] = left
-        if not self.graph_checked and self.recomputed and not self._buffers_broadcast():
+        if not self.graph_checked and self.recomputed and not self.broadcast_buffers:
             moved = [qualified for (module, name, qualified), before, after in zip(slots, self._start, left)
                      if not _running_statistic(module, name) and _changed(before, after)]
             if moved:

@@ -63,7 +63,7 @@ from lightning_draco.exchange import (
 from lightning_draco.exchange.adversarial import liars_at
 from lightning_draco.exchange.collectives import CollectiveFailedError
 from lightning_draco.exchange.state import ExchangeStats
-from lightning_draco.partition_logging import mean_over_partitions
+from lightning_draco.partition_logging import combined_over_partitions
 from lightning_draco.report import FaultLedger
 from lightning_draco.requeue import SlurmRequeue
 from lightning_draco.strategy import checkpoint as ckpt
@@ -254,9 +254,9 @@ class DracoStrategy(DDPStrategy):
         # Whether the current optimizer step's closure ran a backward (Lightning may skip it).
         self._backward_ran = False
         # The ledger's steps when this fit started (a resumed fit's ledger holds the earlier ones), and the
-        # escalated steps and groups then (an earlier fit on this Trainer counted its own).
+        # escalation counts then (an earlier fit on this Trainer counted its own).
         self._steps_before_fit = 0
-        self._escalations_before_fit = (0, 0)
+        self._escalations_before_fit = self.escalation_stats
         # Buckets exchanged when the last step ended: a step exchanges its buckets inside optimizer_step.
         self._hook_calls_after_step = 0
         # The parameters DDP was wrapped with (``requires_grad`` then): the ones whose gradients are decoded.
@@ -586,7 +586,7 @@ class DracoStrategy(DDPStrategy):
 
         first = not self._coded_step.graph_checked
         try:
-            with mean_over_partitions(self.lightning_module):
+            with combined_over_partitions(self.lightning_module):
                 if self._coded_step.summed and self._ddp_kwargs.get("find_unused_parameters"):
                     # DDP finds a step's unused parameters from the output of the forward it syncs: one
                     # forward for all partitions, or a parameter only an earlier partition reached would be
@@ -703,19 +703,17 @@ class DracoStrategy(DDPStrategy):
         error: Optional[Exception] = outcome.failure
         if isinstance(error, DracoDecodeError):
             error = explain_decode_failure(error)
-        if error is None and outcome.nonfinite and self.aggregator is None and self._scaling_loss():
-            # Under float16 a GradScaler expects overflowing steps: more ranks sent a non-finite gradient than s
-            # liars could be, so an honest one overflowed; the scaler's optimizer step skips it and lowers the
-            # scale, as under DDP. (A rule's non-finite output may be the liars' doing: that still fails below.)
-            pass
-        elif error is None and outcome.nonfinite and self.aggregator is not None:
+        if error is None and outcome.nonfinite and self.aggregator is not None:
             # A rule guarantees no exact agreement: its output may be non-finite with liars present.
             error = NonFiniteGradientError(
                 f"DRACO step {step}: aggregator {self.aggregator.name!r} returned a gradient with NaN or Inf in it:"
                 " more liars than it tolerates, or a model that has diverged (lower the learning rate, clip"
                 " gradients or check the loss)."
             )
-        elif error is None and outcome.nonfinite:
+        elif error is None and outcome.nonfinite and not self._scaling_loss():
+            # Under float16 a GradScaler expects such steps instead (an honest partition overflowed): its optimizer
+            # step skips them and lowers the scale, as under DDP. A rule's non-finite output, above, may be the
+            # liars' doing, so it fails the step whatever the precision.
             error = NonFiniteGradientError(
                 f"DRACO step {step}: the honest ranks agree on a gradient with NaN or Inf in it (more ranks sent"
                 f" one than s={self.num_adversaries} liars could be); the model has diverged (lower the learning"
@@ -911,7 +909,7 @@ class DracoStrategy(DDPStrategy):
         # After a resume the ledger holds the earlier fits' steps, and after an earlier fit on this Trainer the
         # escalation counts hold its escalations too: the end-of-fit line counts this fit's.
         self._steps_before_fit = self.ledger.steps
-        self._escalations_before_fit = (self._escalation.steps, self._escalation.groups) if self._escalation else (0, 0)
+        self._escalations_before_fit = self.escalation_stats
         self._hook_calls_after_step = self.hook_calls
 
     @override
@@ -927,8 +925,8 @@ class DracoStrategy(DDPStrategy):
         if self._escalation is not None:
             quarantined = f"; quarantined ranks: {sorted(self.quarantined)}" if self.quarantined else ""
             steps = self.ledger.steps - self._steps_before_fit
-            escalated, groups = (now - before for now, before in zip(
-                (self._escalation.steps, self._escalation.groups), self._escalations_before_fit))
+            before = self._escalations_before_fit
+            escalated, groups = self._escalation.steps - before["steps"], self._escalation.groups - before["groups"]
             rank_zero_info(
                 f"DRACO reactive mode: {escalated} of this fit's {steps} steps escalated"
                 f" ({groups} group recomputations){quarantined}."

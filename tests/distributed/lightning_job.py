@@ -71,6 +71,17 @@ class Net(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class UnderDDP(Net):
+    """A ``Net`` that also runs under plain DDP, which has no ``partition_batch`` to record."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        pass
+
+
+def plain_ddp(**kw) -> L.pytorch.strategies.DDPStrategy:
+    return L.pytorch.strategies.DDPStrategy(start_method="popen", **kw)
+
+
 class SeeBatches(L.Callback):
     def __init__(self):
         self.seen: list = []
@@ -204,7 +215,7 @@ def reentrant(code: str, on_rank: int | None = None) -> dict:
     return out
 
 
-class BranchNet(Net):
+class BranchNet(UnderDDP):
     """A head that only batches whose first label is 1 reach (as an expert no token was routed to)."""
 
     def __init__(self):
@@ -220,14 +231,11 @@ class BranchNet(Net):
             out = out + self.head(x)
         return nn.functional.cross_entropy(out, y)
 
-    def on_train_batch_start(self, batch, batch_idx):
-        pass  # also runs under plain DDP
-
 
 def branch(strategy_name: str) -> dict:
     """A data-dependent branch under find_unused_parameters: plain DDP, DRACO, DRACO with a liar on rank 1."""
     if strategy_name == "ddp":
-        strategy = L.pytorch.strategies.DDPStrategy(start_method="popen", find_unused_parameters=True)
+        strategy = plain_ddp(find_unused_parameters=True)
     else:
         adversary = Adversary(ranks=[1], attack="reverse") if strategy_name == "liar" else None
         strategy = draco(find_unused_parameters=True, adversary=adversary)
@@ -241,19 +249,16 @@ def branch(strategy_name: str) -> dict:
     return out
 
 
-class BatchNormNet(Net):
+class BatchNormNet(UnderDDP):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
-
-    def on_train_batch_start(self, batch, batch_idx):
-        pass  # also runs under plain DDP
 
 
 def averaged(strategy_name: str) -> dict:
     """Lightning's StochasticWeightAveraging, whose last epoch recomputes BatchNorm statistics without a backward."""
     if strategy_name == "ddp":
-        strategy = L.pytorch.strategies.DDPStrategy(start_method="popen")
+        strategy = plain_ddp()
     else:
         strategy = draco()
     model = BatchNormNet()
@@ -269,14 +274,11 @@ def averaged(strategy_name: str) -> dict:
     return out
 
 
-class LoggingNet(Net):
+class LoggingNet(UnderDDP):
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
         self.log("train_loss", loss, on_step=True, sync_dist=True)
         return loss
-
-    def on_train_batch_start(self, batch, batch_idx):
-        pass  # also runs under plain DDP, which has no partition_batch
 
 
 class SeeLogged(L.Callback):
@@ -306,7 +308,7 @@ def hook_not_registered() -> dict:
 def logged(strategy_name: str) -> dict:
     """``self.log(..., sync_dist=True)`` per step under DRACO and under plain DDP, same data and model."""
     seen = SeeLogged()
-    strategy = draco() if strategy_name == "draco" else L.pytorch.strategies.DDPStrategy(start_method="popen")
+    strategy = draco() if strategy_name == "draco" else plain_ddp()
     out: dict = {}
     fit(out, trainer_for(strategy, [seen]), LoggingNet(), data())
     out["values"] = seen.values
@@ -394,17 +396,10 @@ def resumed_inside_a_step() -> dict:
     return out
 
 
-class HalfPrecisionNet(Net):
-    """Large enough a loss scale overflows float16 at first: the GradScaler must skip those steps."""
-
-    def on_train_batch_start(self, batch, batch_idx):
-        pass  # also runs under plain DDP
-
-
 def float16_scaled(strategy_name: str) -> dict:
     """precision="16-mixed" (on the CPU: the plugin with a GradScaler) starting at a scale that overflows."""
     if strategy_name == "ddp":
-        strategy = L.pytorch.strategies.DDPStrategy(start_method="popen")
+        strategy = plain_ddp()
     else:
         strategy = draco(code=strategy_name, adversary=Adversary(ranks=[2], attack="reverse"))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**19, growth_interval=1000)
@@ -413,7 +408,7 @@ def float16_scaled(strategy_name: str) -> dict:
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         plugins=[L.pytorch.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)],
     )
-    model = HalfPrecisionNet()
+    model = UnderDDP()
     out: dict = {}
     fit(out, trainer, model, data())
     out.update(global_step=trainer.global_step, scale=float(scaler.get_scale()),
