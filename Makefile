@@ -25,8 +25,11 @@ test: $(VENV)/.installed  ## the whole suite: unit, property, six-rank gloo trai
 test-fast: $(VENV)/.installed  ## single-process tests only
 	$(PY) -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder -m "not distributed and not launch" $(ARGS)
 
-fuzz: $(VENV)/.installed  ## long property-based run of the decoders
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_frc.py tests/test_crc.py -k decode $(ARGS)
+# What make fuzz searches: the decoders' properties by default; e.g. FUZZ_TESTS=tests/test_aggregators.py
+FUZZ_TESTS ?= tests/test_frc.py tests/test_crc.py -k decode
+
+fuzz: $(VENV)/.installed  ## long property-based search with fresh random cases (the suite's are fixed per test)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q $(FUZZ_TESTS) $(ARGS)
 
 bench: $(VENV)/.installed  ## decode speed: plain mean vs each decoder
 	$(PY) benchmarks/decode.py $(ARGS)

@@ -4,7 +4,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("default", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The suite's cases are drawn from a seed fixed per test (derandomize), so a failure in CI reproduces on any
+# machine with the same command and cannot come and go between runs of one commit. The search for new
+# failures is the fuzz profile's job: fresh random cases, many more of them (``make fuzz``).
+settings.register_profile(
+    "default", max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.register_profile(
     "fuzz", max_examples=20_000, deadline=None, suppress_health_check=list(HealthCheck), print_blob=True
 )

@@ -607,7 +607,9 @@ def test_rules_measuring_distances_to_one_point_keep_their_float64_result_for_an
     the points' spread, however many inputs there are and however long the common part of the vectors.
     (``torch.cdist``'s default expands ``|a - b|^2`` above 25 rows, which made all three land about a
     whole spread away.) On a line the minimiser is often an input, which Weiszfeld reaches only in the limit:
-    the modified step reaches it, in both dtypes, within the 100 iterations given."""
+    the modified step reaches it, in both dtypes, within the 100 iterations given. On a line with an even
+    number of inputs every point between the two middle ones is a minimiser, so there the float32 result
+    must lie in that interval rather than on the float64 run's point of it."""
     x = _close_cloud(n, d, offset, seed)
     exact = x.double()
     centre = exact.median(dim=0).values
@@ -618,8 +620,13 @@ def test_rules_measuring_distances_to_one_point_keep_their_float64_result_for_an
         if name == "centered_clipping":  # anchored at the common part, as after a first step
             single.anchor, double.anchor = centre.float(), centre.clone()
         got, want = single(x).double(), double(exact)
+        slack = 1e-2 * spread + 1e-6 * float(want.norm())
+        if name == "geometric_median" and d == 1 and n % 2 == 0:
+            middle = exact[:, 0].sort().values[n // 2 - 1 : n // 2 + 1]
+            assert middle[0] - slack <= got[0] <= middle[1] + slack, (name, float(got[0]), middle.tolist())
+            continue
         error = float((got - want).norm())
-        assert error <= 1e-2 * spread + 1e-6 * float(want.norm()), (name, error, spread)
+        assert error <= slack, (name, error, spread)
 
 
 @given(st.integers(5, 40), st.integers(1, 300), st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
