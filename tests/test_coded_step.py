@@ -8,7 +8,7 @@ import torch.utils.checkpoint
 
 from lightning_draco.codes import CyclicRepetitionCode, FractionalRepetitionCode
 from lightning_draco.data import PartitionBatch
-from lightning_draco.strategy.coded_step import CodedStep, uses_reentrant_checkpoint
+from lightning_draco.strategy.coded_step import CodedStep, UnsupportedStepError, uses_reentrant_checkpoint
 
 
 def _model():
@@ -184,3 +184,28 @@ def test_the_output_is_the_first_partitions_whose_batch_the_hooks_get(code, rank
               for x, p in zip(batch.batches, batch.partitions)]
     torch.testing.assert_close(output["loss"].detach(), torch.stack(values).mean(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(output["value"], values[0], rtol=1e-12, atol=1e-12)
+
+
+def test_a_collective_inside_training_step_is_warned_about_once_and_refused_where_helpers_recompute():
+    """Inside a partition's forward a collective meets other partitions' calls on other ranks and is
+    never decoded: a warning, once per collective. Where other ranks recompute partitions (reactive
+    mode) a helper's call would wait for ranks that never join it: refused, naming the collective."""
+    model = _model()
+    step = CodedStep(FractionalRepetitionCode(3, 1), 0, seed=0, device=torch.device("cpu"))
+    called = []
+
+    def forward(x):
+        step.collective("all_gather")
+        called.append(step.running)
+        return model(x).square().mean()
+
+    step.collective("reduce")  # between forwards (Lightning syncing logged values): nothing to say
+    with pytest.warns(UserWarning, match=r"training_step calls the strategy's all_gather .* not decoded") as seen:
+        step.summed_step(_batch([0, 1, 2]), forward)
+        step.summed_step(_batch([0, 1, 2]), forward)
+    assert len(seen) == 1 and called == [0, 1, 2] * 2 and step.running is None
+    step.recomputed = True
+    with pytest.raises(UnsupportedStepError, match=r"called the strategy's all_gather \(in partition 0's forward\)"
+                       r".*redundancy_mode='reactive' cannot run"):
+        step.summed_step(_batch([0, 1, 2]), forward)
+    assert step.running is None

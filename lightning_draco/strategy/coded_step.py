@@ -6,6 +6,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.utils.checkpoint import CheckpointFunction
@@ -87,6 +88,10 @@ class CodedStep:
         # until the PS's are copied to every rank again.
         self._states: dict[int, list[Tensor]] = {}
         self._replaying = False
+        #: The partition whose forward (the user's ``training_step``) is running; None between them.
+        self.running: Optional[int] = None
+        # The collectives already warned about (``collective``): once each per run.
+        self._warned: set[str] = set()
 
     def _begin(self) -> None:
         """As a step (or micro-batch) begins: where each partition's forward starts (see the class docs)."""
@@ -161,6 +166,36 @@ class CodedStep:
             self._replaying = False
             self.module, self._slots, self._start = saved
 
+    def collective(self, name: str) -> None:
+        """The strategy's collective ``name`` (``all_gather``, ``reduce``, ``broadcast``, ``barrier``) is about
+        to run. Called from inside a partition's forward, it is outside what DRACO decodes: refused where
+        other ranks recompute partitions (reactive mode), warned about once otherwise.
+
+        Every rank runs ``training_step`` once per partition it holds, so its k-th call of a collective
+        meets the other ranks' k-th calls, made for other partitions: what it returns is not what DDP's
+        would return, and what a liar sends through it reaches every rank unchecked. A recomputation runs
+        ``training_step`` on a group's helpers only, so there the collective would wait, until the
+        collective timeout, for ranks that never join it: at the very step a liar was caught."""
+        if self.running is None:
+            return
+        if self.recomputed:
+            raise UnsupportedStepError(
+                f"training_step called the strategy's {name} (in partition {self.running}'s forward), which"
+                " redundancy_mode='reactive' cannot run: when a group's replicas disagree, its helpers run training_step"
+                " again on their own, and a collective inside it would wait for ranks that never join it until the"
+                " collective timeout. Compute cross-rank values outside training_step (in a callback, on the decoded"
+                " model), or use redundancy_mode='full'."
+            )
+        if name not in self._warned:
+            self._warned.add(name)
+            rank_zero_warn(
+                f"training_step calls the strategy's {name} (self.all_gather, self.trainer.strategy.reduce, ...)."
+                " DracoStrategy runs training_step once per partition a rank holds, so each call exchanges"
+                " different partitions' values on different ranks (the model is not DDP's), and what a rank sends"
+                " through it is not decoded: a liar can send anything there. DRACO checks the gradients only;"
+                " compute cross-rank values outside training_step (in a callback, on the decoded model)."
+            )
+
     def add_side_gradients(self) -> None:
         """Before the syncing backward, after Lightning zeroed the gradients: add the weighted partitions' share."""
         side, self._side = self._side, None
@@ -175,7 +210,11 @@ class CodedStep:
         partition = batch.partitions[index]
         with seeded_rng(partition_seed(self.seed, batch.epoch, batch.index, partition), self.device):
             with self._buffers_for(partition):
-                output = forward(batch.batches[index])
+                self.running = partition
+                try:
+                    output = forward(batch.batches[index])
+                finally:
+                    self.running = None
         loss = loss_of(output)
         if loss is None:
             raise ValueError(

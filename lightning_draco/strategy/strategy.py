@@ -1052,6 +1052,32 @@ class DracoStrategy(DDPStrategy):
             elif os.path.exists(sidecar):
                 os.remove(sidecar)
 
+    # -- collectives a training_step may call ---------------------------------------------
+    # Inside a partition's forward they are outside the decode (``CodedStep.collective``).
+    @override
+    def all_gather(self, tensor: Tensor, group: Optional[Any] = None, sync_grads: bool = False) -> Tensor:
+        self._collective("all_gather")
+        return super().all_gather(tensor, group=group, sync_grads=sync_grads)
+
+    @override
+    def reduce(self, tensor: Any, group: Optional[Any] = None, reduce_op: Optional[Any] = "mean") -> Any:
+        self._collective("reduce")
+        return super().reduce(tensor, group=group, reduce_op=reduce_op)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        self._collective("broadcast")
+        return super().broadcast(obj, src)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        self._collective("barrier")
+        super().barrier(*args, **kwargs)
+
+    def _collective(self, name: str) -> None:
+        if self._coded_step is not None:
+            self._coded_step.collective(name)
+
     # -- helpers --------------------------------------------------------------------------
     def _broadcast_from_ps(self, tensors: Iterable[Tensor]) -> None:
         groups: dict[tuple, list[Tensor]] = defaultdict(list)

@@ -71,8 +71,16 @@ class KernelNoise(Classifier):
         return super().training_step(batch, batch_idx) * (1 + 2e-5 * (self.global_rank + 1))
 
 
+class Gathering(Classifier):
+    """Gathers every rank's loss inside training_step (a cross-rank statistic, as contrastive losses gather)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss + 0 * self.all_gather(loss.detach()).sum()
+
+
 MODULES = {"plain": Classifier, "scheduled": Scheduled, "diverging": Diverging, "manual": Manual,
-           "kernel_noise": KernelNoise}
+           "kernel_noise": KernelNoise, "gathering": Gathering}
 
 
 def classifier(scenario: Scenario) -> Classifier:
@@ -182,7 +190,10 @@ def run(name: str, scenario: Scenario) -> dict:
     )
     out = {"name": name}
     try:
-        trainer.fit(model, DataLoader(train, batch_size=16, shuffle=True))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, DataLoader(train, batch_size=16, shuffle=True))
+        out["warned"] = sorted({str(w.message)[:300] for w in caught})
     except DracoDecodeError as err:
         out["error"] = {"type": "DracoDecodeError", "step": err.step, "bucket": err.bucket, "suspects": err.suspects,
                         "message": str(err)}

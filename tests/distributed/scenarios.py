@@ -45,7 +45,8 @@ class Scenario:
     by_name: Optional[str] = None
     #: the module: "plain" (examples/models.py's Classifier), "scheduled" (with a per-step StepLR,
     #: gamma 0.5), "diverging" (NaN loss from step 3), "manual" (manual optimization), "kernel_noise"
-    #: (every rank's gradients off by its own factor, as with non-deterministic kernels).
+    #: (every rank's gradients off by its own factor, as with non-deterministic kernels), "gathering"
+    #: (``self.all_gather`` inside ``training_step``).
     module: str = "plain"
     dropout: float = 0.2
     precision: str = "32-true"
@@ -158,6 +159,9 @@ SCENARIOS.update({
     # Accumulation, which reactive mode refuses, turned on by a callback after setup's check.
     "reactive_accumulation_scheduled": Scenario(strategy=REACTIVE, liars=RANK_4("reverse"),
                                                 accumulation_schedule={0: 2}),
+    # A collective inside training_step: warned about in full mode, refused where helpers recompute.
+    "frc_gathering": Scenario(steps=2, module="gathering", liars=RANK_4()),
+    "reactive_gathering": Scenario(steps=2, module="gathering", strategy=REACTIVE, liars=RANK_4()),
     "reactive_quarantine": Scenario(strategy=dict(REACTIVE, quarantine_after=1),
                                     liars=dict(ranks=[5], attack=lie_before_step_3)),
     # Resumed mid-epoch with the PS on rank 3: the quarantine (from the saved ledger) holds on.

@@ -35,11 +35,12 @@ TRAINING = (
     + ["reactive_clean", "reactive_fixed_all", "reactive_random_all", "reactive_fixed_label_flip",
        "reactive_two_liars_raise", "reactive_s2_reverse", "reactive_quarantine", "reactive_sharded_fixed_all",
        "reactive_sharded_random_all", "resume_reactive_ps3", "reactive_accumulation_scheduled"]
+    + ["frc_gathering", "reactive_gathering"]
 )
 # Those that end with one model on every rank: not the refused, failed or resumed runs, nor plain DDP.
 ONE_MODEL = [n for n in TRAINING if not SCENARIOS[n].resume and n not in (
     "frc_two_liars_raise", "sharded_two_liars_raise", "reactive_two_liars_raise", "manual_optimization",
-    "ddp_nodropout", "frc_diverge_raise", "reactive_accumulation_scheduled")]
+    "ddp_nodropout", "frc_diverge_raise", "reactive_accumulation_scheduled", "reactive_gathering")]
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,21 @@ def test_manual_optimization_is_refused(runs):
     for seen in runs["manual_optimization"]["ranks"]:
         assert seen["error"]["type"] == "ValueError"
         assert "DracoStrategy supports automatic optimization only" in seen["error"]["message"]
+
+
+@scenarios("frc_gathering", "reactive_gathering")
+def test_a_collective_inside_training_step_is_warned_about_and_refused_in_reactive_mode(runs):
+    """Full mode trains (the liar named at both steps) and says the collective is outside the defence;
+    reactive mode refuses at the first step on every rank, before a helper could wait in it."""
+    full, reactive = runs["frc_gathering"], runs["reactive_gathering"]
+    assert full.get("error") is None and full["global_step"] == 2 and full["faulty_counts"] == {"4": 2}
+    assert any("training_step calls the strategy's all_gather" in w for w in full["warned"])
+    assert reactive["global_step"] == 0
+    for seen in reactive["ranks"]:
+        assert seen["error"]["type"] == "UnsupportedStepError"
+        assert "called the strategy's all_gather (in partition" in seen["error"]["message"]
+        assert "redundancy_mode='reactive' cannot run" in seen["error"]["message"]
+        assert "(found on ranks [0, 1, 2, 3, 4, 5])" in seen["error"]["message"]
 
 
 @scenarios("frc_threshold_logged")
