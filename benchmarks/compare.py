@@ -32,6 +32,8 @@ heterogeneity.csv and heterogeneity_<dataset>.png (accuracy against training sec
 steps, one column per partition, one row per attack) instead of compare.csv and its plots; the
 page benchmarks.md is redrawn from both CSVs that exist. ``--merge`` keeps the CSV's rows of the
 runs a command does not redo: a sweep can be extended by attacks or methods without rerunning it.
+It refuses, before training, a command whose ``--steps``, ``--batch`` or ``--eval-every`` differ from
+those that made the CSV (rows of another budget would sit beside them as if comparable).
 
 Data sets: scikit-learn's digits (the examples' MLP, 128 wide, without dropout), and synthetic CIFAR-sized images (3x32x32,
 ten classes, class means plus noise) with a CNN of 2.1M parameters, where aggregation costs show.
@@ -269,6 +271,10 @@ def main(argv=None) -> None:
     partitions = args.heterogeneity or [(args.partition, args.alpha)]
     methods = args.methods or (HETERO_METHODS if args.heterogeneity else METHODS)
     attacks = args.attacks or (HETERO_ATTACKS if args.heterogeneity else ATTACKS)
+    command = " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]] if argv is None else
+                       ["python", "benchmarks/compare.py", *argv])
+    if args.merge and merge_conflict(out, kind, command):
+        parser.error(merge_conflict(out, kind, command))  # before hours of training, not after
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
 
@@ -287,18 +293,54 @@ def main(argv=None) -> None:
             for dataset, method, attack, label, recorder in results
             for row in recorder.rows
         ]
-        command = " ".join(["python", "benchmarks/compare.py", *sys.argv[1:]])
         if args.merge:
             records, command = merged(out, kind, records, command)
         save(out, kind, records, command)
 
 
+# What every run of one table must share: rows trained for other steps, on other batch sizes, or evaluated at
+# other intervals (time to target is read at the evaluations) would sit side by side as if comparable.
+BUDGET_OPTIONS = ("steps", "batch", "eval_every")
+
+
+def _budget(command: str) -> dict | None:
+    try:
+        options = build_parser().parse_args(command.split()[2:])
+    except SystemExit:  # not a command of this script's options: nothing to compare
+        return None
+    return {name: getattr(options, name) for name in BUDGET_OPTIONS}
+
+
+def merge_conflict(out: Path, kind: str, command: str) -> str | None:
+    """Why ``command``'s runs cannot be merged into OUT's CSV (None: they can)."""
+    page = out / "benchmarks.md"
+    if not (out / CSV_FILES[kind]).exists() or not page.exists():
+        return None
+    if not any(line.startswith(COMMAND_PREFIXES[kind]) for line in page.read_text().splitlines()):
+        return None  # the CSV's commands are not recorded: nothing to compare with
+    now = _budget(command)
+    for earlier in _command_line(out, kind).split("&&"):
+        before = _budget(earlier.strip())
+        if now is None or before is None:
+            continue
+        changed = [f"--{name.replace('_', '-')} {before[name]} there, {now[name]} now"
+                   for name in BUDGET_OPTIONS if before[name] != now[name]]
+        if changed:
+            return (f"--merge would put this command's runs beside runs of another budget in {out / CSV_FILES[kind]}"
+                    f" ({'; '.join(changed)}; made by `{earlier.strip()}`): use the same --steps, --batch and"
+                    " --eval-every, or another --out.")
+    return None
+
+
 def merged(out: Path, kind: str, records: list[dict], command: str) -> tuple[list[dict], str]:
     """``records`` added to the rows of OUT's CSV from other runs (a rerun run replaces its rows), and the
-    commands that made them all, joined by ``&&``."""
+    commands that made them all, joined by ``&&``. Runs of another budget (``BUDGET_OPTIONS``) are refused."""
     path = out / CSV_FILES[kind]
     if not path.exists():
         return records, command
+    conflict = merge_conflict(out, kind, command)
+    if conflict:
+        raise ValueError(conflict)
     runs = {(r["dataset"], r["method"], r["attack"], r["partition"]) for r in records}
     with open(path) as f:
         kept = [row for row in map(_typed, csv.DictReader(f))

@@ -48,7 +48,18 @@ class _TensorData(L.LightningDataModule):
         return DataLoader(self.train, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val, batch_size=256, num_workers=self.num_workers)
+        # Each sample on exactly one rank. Left to Lightning, its DistributedSampler pads the split to a multiple
+        # of the world size with repeated samples, and val_acc (summed over the ranks) then counts those twice:
+        # 71/360 where the model gets 71 of digits' 359 right, and a different padding for each world size.
+        sampler = None
+        trainer = self.trainer
+        # With fewer samples than ranks, a rank without any would log no val_acc and leave the others waiting.
+        if trainer is not None and 1 < trainer.world_size <= len(self.val):
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(self.val, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                                   shuffle=False)
+        return DataLoader(self.val, batch_size=256, sampler=sampler, num_workers=self.num_workers)
 
 
 class DigitsData(_TensorData):
@@ -170,8 +181,8 @@ class CIFAR10Folder(_TensorData):
     _FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 
     def __init__(self, root: str, batch_size: int = 32, augment: bool = True, num_workers: int = 0,
-                 partition: str = "iid", alpha: float = 1.0):
-        super().__init__(batch_size, num_workers, partition, alpha)
+                 partition: str = "iid", alpha: float = 1.0, seed: int = 0):
+        super().__init__(batch_size, num_workers, partition, alpha, seed)
         folder = Path(root).expanduser()
         if (folder / "cifar-10-batches-py").is_dir():
             folder = folder / "cifar-10-batches-py"

@@ -5,7 +5,8 @@ under ``srun`` (``examples/slurm/train.sbatch``); ``-m`` sweeps run each job as 
 
 Every run writes ``summary.json`` into its run directory: the resolved config, the world size,
 validation accuracy per epoch, who was caught, steps, skipped steps, reactive mode's escalations
-(steps and groups recomputed and voted; 0 in full mode), wall seconds and
+(steps and groups recomputed and voted; 0 in full mode), wall seconds (from the launch) and training seconds
+(the fit loop alone: compare defences on these), and
 ``param_sha256`` (SHA-256 of the floating-point ``state_dict`` entries, in order, as float32
 little-endian bytes), so two runs can be compared for identity from the shell.
 """
@@ -59,6 +60,22 @@ def draco_run_id() -> str:
     return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def unshared_run_id(run_dir: Path) -> Optional[str]:
+    """Why ``run_dir`` cannot be this job's own (None: it can).
+
+    torchrun without ``--rdzv-id`` and without ``--standalone`` (a static rendezvous at ``--master-addr``/
+    ``--master-port``) gives every job the run id ``none``: every such job would find the directory
+    ``outputs/torchrun-none`` and, with ``resume=auto``, continue the previous job's checkpoint.
+    """
+    if os.environ.get("TORCHELASTIC_RUN_ID") == "none" and run_dir.name == "torchrun-none":
+        return (
+            "torchrun gave this job no id of its own (its default --rdzv-id=none), so every such job would share the"
+            f" run directory {run_dir} and resume=auto would continue an earlier job's checkpoint there: pass"
+            " --rdzv-id=<a name for this job> to torchrun, or hydra.run.dir=<a directory for this job>."
+        )
+    return None
+
+
 # Cached: Lightning's launcher reads hydra.run.dir again later, and must see the same directory.
 OmegaConf.register_new_resolver("draco_run_id", draco_run_id, use_cache=True, replace=True)
 
@@ -71,17 +88,90 @@ def param_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class RunRecord(Callback):
-    """Validation accuracy per epoch, the step of the last validation, and the step the fit started from
-    (> 0 after a resume)."""
+# What one experiment is: a run directory's checkpoint is resumed only under the same values of these
+# (the library itself checks only the world size, the code, s and r). max_steps, max_epochs, loggers,
+# timeouts and the like may change between a run and its resume.
+EXPERIMENT_KEYS = ("seed", "code", "attack", "aggregator", "model", "data", "optimizer", "decode", "overlap",
+                   "trainer.precision", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes")
+# Another world size is refused by the library itself, in its own sentence, once the ranks have started.
+WORLD_KEYS = ("trainer.devices", "trainer.num_nodes")
+NOT_EXPERIMENT = ("data.num_workers",)
 
-    def __init__(self) -> None:
+
+def experiment(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved values of EXPERIMENT_KEYS, flattened to dotted keys (``aggregator.name``: ``'krum'``)."""
+    flat: dict[str, Any] = {}
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for name, item in value.items():
+                walk(f"{key}.{name}", item)
+        elif key not in NOT_EXPERIMENT:
+            flat[key] = value
+
+    for key in EXPERIMENT_KEYS:
+        node = OmegaConf.select(cfg, key, default=None)
+        walk(key, OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node)
+    return flat
+
+
+def saved_experiment(checkpoint: str) -> Optional[dict[str, Any]]:
+    """The experiment a checkpoint of this app was trained under (None: unreadable, or written before it was kept)."""
+    try:
+        try:
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError:  # not a zip archive: mmap needs one
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception:
+        return None
+    state = (saved.get("callbacks") or {}).get(RunRecord.__qualname__) if isinstance(saved, dict) else None
+    return state.get("experiment") if isinstance(state, dict) else None
+
+
+def model_values(module: torch.nn.Module) -> torch.Tensor:
+    """The floating-point ``state_dict`` entries that ``param_sha256`` hashes (parameters and buffers), as one
+    float64 vector: exact for float64 and every narrower dtype, where ``param_sha256``'s float32 is not."""
+    values = [value.detach().cpu().to(torch.float64).flatten()
+              for value in module.state_dict().values() if value.is_floating_point()]
+    return torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+
+
+def compared_to_clean(values: torch.Tensor, clean: torch.Tensor) -> dict[str, Any]:
+    """``identical_to_clean`` (bit for bit, in the model's own dtype) and ``relative_distance_to_clean``.
+
+    Not from ``param_sha256``: it hashes float32 values, and a float64 model 4e-17 away from the clean one
+    hashes the same.
+    """
+    if values.shape != clean.shape:
+        return {"identical_to_clean": False, "relative_distance_to_clean": float("nan")}
+    return {
+        "identical_to_clean": torch.equal(values.view(torch.int64), clean.view(torch.int64)),
+        "relative_distance_to_clean": float((values - clean).norm() / clean.norm().clamp_min(1e-300)),
+    }
+
+
+class RunRecord(Callback):
+    """Validation accuracy per epoch, the step of the last validation, the step the fit started from
+    (> 0 after a resume), and, in checkpoints, the experiment (``experiment(cfg)``) they belong to."""
+
+    def __init__(self, experiment: Optional[dict[str, Any]] = None) -> None:
         self.val_acc: list[float] = []
         self.validated_at: Optional[int] = None
-        self.start_step = 0
+        # None until training starts: a fit resumed at its end (max_steps already reached) trains nothing,
+        # and Lightning then calls no on_train_start.
+        self.start_step: Optional[int] = None
+        self.experiment = experiment
+        self.train_seconds = 0.0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.start_step = trainer.global_step
+        self._started: Optional[float] = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # The fit loop only: wall_seconds also counts starting the ranks, the rendezvous and the sanity check,
+        # which on a few short steps can be most of it and vary from run to run.
+        started = getattr(self, "_started", None)
+        self.train_seconds = time.perf_counter() - started if started is not None else 0.0
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and "val_acc" in trainer.callback_metrics:
@@ -90,10 +180,16 @@ class RunRecord(Callback):
                 self.val_acc.append(float(trainer.callback_metrics["val_acc"]))
 
     def state_dict(self) -> dict:
-        return {"val_acc": list(self.val_acc)}
+        return {"val_acc": list(self.val_acc), "experiment": self.experiment}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.val_acc = list(state_dict["val_acc"])
+
+
+def started_at(record: RunRecord, trainer: L.Trainer) -> int:
+    """The step a fit started from; a fit resumed at its end trains nothing and calls no on_train_start, so
+    it started where it ended."""
+    return trainer.global_step if record.start_step is None else record.start_step
 
 
 def build_strategy(cfg: DictConfig, with_adversary: bool = True, num_classes: Optional[int] = None) -> DracoStrategy:
@@ -158,7 +254,24 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[str]:
     if cfg.resume != "auto":
         raise ValueError(f"resume must be 'auto' or 'never' (got {cfg.resume!r}).")
     found = glob.glob(str(run_dir / "hpc_ckpt_*.ckpt")) + glob.glob(str(run_dir / "checkpoints" / "last.ckpt"))
-    return max(found, key=os.path.getmtime) if found else None
+    if not found:
+        return None
+    newest = max(found, key=os.path.getmtime)
+    saved = saved_experiment(newest)
+    if saved is not None:
+        now = experiment(cfg)
+        changed = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+        if changed and not any(key in WORLD_KEYS for key in changed):
+            # Resumed, it would report the other experiment's model under this one's name.
+            differences = "; ".join(f"{key}={saved.get(key)!r} there, {now.get(key)!r} now" for key in changed[:4])
+            more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+            raise ValueError(
+                f"resume=auto would continue {newest}, a checkpoint of another experiment: {differences}{more}."
+                " A run directory is resumed only under the same seed, code, attack, aggregator, model, data,"
+                " optimizer and precision; set resume=never to start afresh there, or use another run directory"
+                " (hydra.run.dir=...)."
+            )
+    return newest
 
 
 def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison: bool = False) -> dict[str, Any]:
@@ -172,7 +285,7 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
         strategy = build_strategy(cfg, with_adversary, num_classes=data.num_classes)
         net = instantiate(cfg.model, input_shape=data.input_shape, num_classes=data.num_classes)
         model = Classifier(net, data.num_classes, **cfg.optimizer)
-        record = RunRecord()
+        record = RunRecord(experiment(cfg))
         options = OmegaConf.to_container(cfg.trainer, resolve=True)
         callbacks: list[Callback] = [record]
         if comparison:
@@ -198,6 +311,7 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
             raise
         # Refused by the strategy before any process started (the model's gradient dtype, say).
         sys.exit(f"configuration error: {error}")
+    start_step = started_at(record, trainer)
     result = {
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
@@ -207,13 +321,15 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
         "optimizer_steps": trainer.global_step,
         "skipped_steps": strategy.skipped_steps,
         "escalations": {k: v for k, v in strategy.escalation_stats.items() if k in ("steps", "groups")},
-        "resumed_from_step": record.start_step,
+        "resumed_from_step": start_step,
         "resumed_from": ckpt_path,
         "wall_seconds": round(time.perf_counter() - start, 3),
+        "train_seconds": round(record.train_seconds, 3),
         "param_sha256": param_sha256(model),
-        "_params": torch.cat([p.detach().double().flatten().cpu() for p in model.parameters()]),
+        "_values": model_values(model),
     }
-    stopped_between = record.validated_at != trainer.global_step and trainer.global_step > record.start_step
+    # Also after a fit resumed at its end, which validated nothing: its final accuracy is still the final model's.
+    stopped_between = record.validated_at != trainer.global_step and trainer.global_step > 0
     if stopped_between and trainer.limit_val_batches:
         # The run stopped between validations (max_steps inside an epoch, or max_faulty_steps): the final
         # accuracy is the final model's, as param_sha256 is. Validating sets the strategy up anew, so it
@@ -233,13 +349,11 @@ def train(cfg: DictConfig) -> float:
         use_tf32(bool(cfg.tf32))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = fit(cfg, run_dir)
-    params = result.pop("_params")
+    values = result.pop("_values")
     if cfg.compare_clean:
         clean = fit(cfg, run_dir / "clean", with_adversary=False, comparison=True)
         result["clean_param_sha256"] = clean["param_sha256"]
-        result["identical_to_clean"] = clean["param_sha256"] == result["param_sha256"]
-        reference = clean.pop("_params")
-        result["relative_distance_to_clean"] = float((params - reference).norm() / reference.norm().clamp_min(1e-300))
+        result.update(compared_to_clean(values, clean.pop("_values")))
     if result.pop("rank") == 0:
         summary = {"config": OmegaConf.to_container(cfg, resolve=True), **result}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -266,16 +380,43 @@ def report(cfg: DictConfig, summary: dict, run_dir: Path) -> str:
         "",
         f"DRACO {defence} on {summary['world_size']} ranks, {liars}.",
         f"  caught: {caught}; skipped steps: {summary['skipped_steps']}",
-        f"  final validation accuracy {accuracy} after {summary['optimizer_steps']} steps ({summary['wall_seconds']:.1f} s)",
+        f"  final validation accuracy {accuracy} after {summary['optimizer_steps']} steps"
+        f" ({summary['wall_seconds']:.1f} s"
+        + (f", of which {summary['train_seconds']:.1f} s training)" if "train_seconds" in summary else ")")
+        + (f"; resumed at step {summary['resumed_from_step']}" if summary.get("resumed_from_step") else ""),
     ]
     if "identical_to_clean" in summary:
         if summary["identical_to_clean"]:
             verdict = "IDENTICAL to"
         else:
             verdict = f"DIFFERENT (relative distance {summary['relative_distance_to_clean']:.1e}) from"
-        lines.append(f"  model {verdict} the adversary-free run (param_sha256 {summary['param_sha256'][:16]}...)")
+        same_hash = ", the clean run's too: it hashes float32 values" if (
+            not summary["identical_to_clean"] and summary.get("clean_param_sha256") == summary["param_sha256"]) else ""
+        lines.append(
+            f"  model {verdict} the adversary-free run (param_sha256 {summary['param_sha256'][:16]}...{same_hash})"
+        )
     lines.append(f"  summary: {run_dir / 'summary.json'}")
     return "\n".join(lines)
+
+
+def sweep_command(hydra_cfg: DictConfig) -> list[str]:
+    """The single run of one sweep job: its overrides, and where its configs come from.
+
+    The config directories go along (``--config-path``, ``--config-dir``, ``hydra.searchpath``): without them
+    the job composed its config from ``conf/`` alone, and an option found only in the user's directory
+    (``model=tiny`` from ``--config-dir``) failed in the sweep although the same single run worked.
+    """
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sources = hydra_cfg.runtime.get("config_sources") or []
+    paths = [f"--config-path={source.path}" for source in sources
+             if source.provider == "main" and source.schema == "file"]
+    dirs = [f"--config-dir={source.path}" for source in sources
+            if source.provider == "command-line" and source.schema == "file"]
+    searchpath = [o for o in hydra_cfg.overrides.get("hydra") or [] if o.lstrip("+~").startswith("hydra.searchpath")]
+    return [
+        sys.executable, str(Path(__file__).resolve()), *paths[:1], *dirs, f"--config-name={hydra_cfg.job.config_name}",
+        *hydra_cfg.overrides.task, *searchpath, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null",
+    ]
 
 
 def sweep_job(cfg: DictConfig) -> float:
@@ -286,11 +427,7 @@ def sweep_job(cfg: DictConfig) -> float:
     """
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    command = [
-        sys.executable, str(Path(__file__).resolve()), f"--config-name={hydra_cfg.job.config_name}",
-        *hydra_cfg.overrides.task, f"hydra.run.dir={run_dir}", "hydra.output_subdir=null",
-    ]
-    done = subprocess.run(command, cwd=hydra.utils.get_original_cwd())
+    done = subprocess.run(sweep_command(hydra_cfg), cwd=hydra.utils.get_original_cwd())
     if done.returncode != 0:
         raise RuntimeError(
             f"sweep job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}) exited with {done.returncode}"
@@ -309,6 +446,9 @@ def main(cfg: DictConfig) -> float:
         sys.exit(f"configuration error: missing mandatory value: {', '.join(missing)} (set it: {missing[0]}=...)")
     if HydraConfig.get().mode == RunMode.MULTIRUN and not launched_externally():
         return sweep_job(cfg)
+    problem = unshared_run_id(Path(HydraConfig.get().runtime.output_dir))
+    if problem:
+        sys.exit(f"configuration error: {problem}")
     return train(cfg)
 
 

@@ -186,6 +186,12 @@ def test_the_config_builds_the_code_with_its_options_and_the_rule_on_top():
     assert isinstance(detox, AggregatedCode) and detox.aggregator.name == "median"
     with pytest.raises(ValueError, match=r"ps_rank must be in \[0, 6\)"):
         DracoConfig.from_arguments(ps_rank=7).build_code(6)
+    # Under DETOX the rule's n is the number of group sums, which its own sentence does not say.
+    with pytest.raises(ValueError, match=r"needs 2 \* num_byzantine < n \(got n=2, num_byzantine=1\)\. With code='frc'"
+                       r" the rule runs over the 2 group sums \(n = P / r = 6 / 3: DETOX\), not over the 6 ranks"):
+        DracoConfig.from_arguments(code="frc", aggregator="median").build_code(6)
+    with pytest.raises(ValueError, match=r"needs 2 \* num_byzantine < n \(got n=2, num_byzantine=1\)\.$"):
+        DracoConfig.from_arguments(code="none", aggregator="median").build_code(2)
 
 
 def test_tolerance_on_a_code_that_takes_none_is_refused():

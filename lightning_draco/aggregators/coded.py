@@ -31,7 +31,17 @@ class AggregatedCode(Code):
         self.aggregator = aggregator
         self.num_workers, self.num_adversaries, self.redundancy = code.num_workers, code.num_adversaries, code.redundancy
         parts = code.num_workers // code.redundancy
-        aggregator.check(parts)
+        try:
+            aggregator.check(parts)
+        except ValueError as err:
+            if parts == code.num_workers:
+                raise
+            # n is not the world size here, which the rule's own sentence would leave the reader to assume.
+            raise ValueError(
+                f"{err} With code={code.name!r} the rule runs over the {parts} group sums (n = P / r ="
+                f" {code.num_workers} / {code.redundancy}: DETOX), not over the {code.num_workers} ranks: use more"
+                " ranks, a smaller r, or code='none' to aggregate over the ranks."
+            ) from None
 
     def partitions(self, worker: int) -> list[int]:
         return self.inner.partitions(worker)
