@@ -73,6 +73,9 @@ def test_every_attack_builds_its_adversary(attack):
     else:
         assert strategy.adversary.attack_name == cfg.attack.name and strategy.adversary.ranks == (4,)
         assert attack.startswith(cfg.attack.name)
+        # The liars and the noise follow the run's seed: a study over seeds varies them, one seed's defences share them.
+        assert strategy.adversary.seed == cfg.seed == 1234
+        assert train.build_strategy(compose_with(f"attack={attack}", "seed=7")).adversary.seed == 7
     strategy.config.build_code(6)
 
 
