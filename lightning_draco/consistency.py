@@ -13,6 +13,7 @@ two of them ever agree and every step fails as if every rank lied. Two safeguard
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping
 from typing import Any, Optional
@@ -61,6 +62,12 @@ def _feed(digest: Any, value: Any) -> None:
     elif isinstance(value, numpy.ndarray):
         digest.update(f"A{value.dtype}{value.shape}".encode())
         digest.update(numpy.ascontiguousarray(value).tobytes())
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A batch of the user's own collate_fn: its fields are the data.
+        digest.update(f"D{type(value).__qualname__}".encode())
+        for field in dataclasses.fields(value):
+            _feed(digest, field.name)
+            _feed(digest, getattr(value, field.name))
     else:
         # Other objects' repr may hold a memory address, which differs between processes
         # holding equal data: only their type takes part.
@@ -93,7 +100,9 @@ def compare_digests(digests: list[dict[int, str]]) -> None:
             " at random in each process: seed the split (e.g. random_split(..., generator=torch.Generator()"
             ".manual_seed(0))) and call lightning.seed_everything(...) before building the data. Another is a"
             " DistributedSampler subclass that fixes its indices in __init__: DRACO sets `rank` on a copy of it"
-            " per partition, so it must compute them in __iter__."
+            " per partition, so it must compute them in __iter__. With loader workers (num_workers > 0), a"
+            " worker_init_fn that seeds from the process's rank (Lightning's pl_worker_init_function) is a third:"
+            " leave it unset, DRACO seeds each partition's workers alike on every holder."
         )
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, NamedTuple
 
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from lightning_draco._compat import update_dataloader, wrapped_sampler
 from lightning_draco._seeding import derive_seed, seeded_rng
@@ -95,6 +95,72 @@ class _EpochOrder:
         return len(self._sampler)
 
 
+def _copied(sampler: DistributedSampler) -> DistributedSampler:
+    """A copy of ``sampler`` that draws on its own: its generator and other state copied, its dataset shared.
+
+    A shallow copy would share a generator the sampler made for itself, and drawing from the copy would
+    move the sampler's own. A sampler that cannot be deep-copied (one holding a lock, say) is copied shallowly.
+    """
+    try:
+        return copy.deepcopy(sampler, memo={id(sampler.dataset): sampler.dataset})
+    except Exception:  # noqa: BLE001 - any failure to deep-copy: the shallow copy is the best left
+        return copy.copy(sampler)
+
+
+class _SharedDraw:
+    """A ``DistributedSampler`` subclass of the user's, drawn for every partition from one state per epoch.
+
+    A subclass may shuffle in ``__iter__`` with torch's global random stream, or with a generator of its
+    own that each draw moves on. DDP's ranks, seeded alike, each draw one such permutation and slice it
+    by ``rank``. Iterated once per partition, each time under that partition's seed and from wherever the
+    previous partition left its generator, the partitions would slice different permutations: samples
+    repeated or left out within an epoch. Here every partition draws from a copy of the sampler as the
+    epoch began, under a seed of the run and the epoch, and the sampler itself is drawn once per epoch,
+    as a DDP rank's is, so that the next epoch begins where DDP's would.
+    """
+
+    def __init__(self, sampler: DistributedSampler, seed: int):
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch: int | None = None
+        self._start: DistributedSampler | None = None
+        self._indices: dict[int, list[Any]] = {}
+
+    def indices(self, partition: int, epoch: int) -> list[Any]:
+        """Partition ``partition``'s indices in ``epoch``: the sampler's with ``rank = partition``."""
+        if epoch != self.epoch:
+            self.sampler.set_epoch(epoch)
+            self._start = _copied(self.sampler)
+            with seeded_rng(derive_seed(_ORDER, self.seed, epoch)):
+                for _ in self.sampler:  # the epoch's one draw, which moves the sampler's own state on
+                    pass
+            self.epoch, self._indices = epoch, {}
+        if partition not in self._indices:
+            copied = _copied(self._start)
+            copied.rank = partition
+            with seeded_rng(derive_seed(_ORDER, self.seed, epoch)):
+                self._indices[partition] = list(copied)
+        return self._indices[partition]
+
+
+class _PartitionOfDraw(Sampler):
+    """Partition ``partition``'s sampler over a ``_SharedDraw``: what its loader iterates."""
+
+    def __init__(self, draw: _SharedDraw, partition: int):
+        self.draw = draw
+        self.partition = partition
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.draw.indices(self.partition, self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.draw.sampler)
+
+
 def _warn_if_rank_is_ignored(sampler: DistributedSampler, num_partitions: int) -> None:
     """Warn when a ``DistributedSampler`` subclass yields the same indices whatever its ``rank``.
 
@@ -112,9 +178,10 @@ def _warn_if_rank_is_ignored(sampler: DistributedSampler, num_partitions: int) -
         if num_partitions < 2 or len(sampler.dataset) < num_partitions:
             return
         drawn = []
-        # Copies, not the partition loaders' own samplers: one that counts what it yielded (to resume) keeps its count.
+        # Copies, not the partition loaders' own samplers: one that counts what it yielded (to resume) keeps its
+        # count, and one with a generator of its own keeps the generator where the first epoch draws from it.
         for rank in (0, 1):
-            copied = copy.copy(sampler)
+            copied = _copied(sampler)
             copied.rank = rank
             drawn.append(list(itertools.islice(iter(copied), 64)))
     except Exception:  # advisory only: the first step's digests catch what this could not look at
@@ -181,17 +248,28 @@ class DracoDataLoader:
         self.source = dataloader
         user_sampler = wrapped_sampler(sampler)
         self._order = None if user_sampler is None else _EpochOrder(user_sampler, seed)
+        self._draw: _SharedDraw | None = None
         if user_sampler is None and type(sampler) is not DistributedSampler:
             _warn_if_rank_is_ignored(sampler, num_partitions)
+            self._draw = _SharedDraw(sampler, seed)
         if self._order is not None:
             sampler = copy.copy(sampler)
             sampler.dataset = self._order
-        samplers, loaders = [], []
+        samplers: list[Any] = []
+        loaders = []
         for partition in self.partitions:
-            partition_sampler = copy.copy(sampler)
-            partition_sampler.rank = partition
+            if self._draw is not None:
+                partition_sampler: Any = _PartitionOfDraw(self._draw, partition)
+            else:
+                partition_sampler = copy.copy(sampler)
+                partition_sampler.rank = partition
             samplers.append(partition_sampler)
-            loaders.append(update_dataloader(dataloader, partition_sampler, mode=RunningStage.TRAINING))
+            loader = update_dataloader(dataloader, partition_sampler, mode=RunningStage.TRAINING)
+            # Worker seeds are drawn from the loader's generator where it has one: shared by the partition loaders
+            # of a rank, it would give a partition's holders, which hold their partitions in different orders
+            # (the cyclic code), different worker seeds. Without it they come from the partition's seed (__iter__).
+            loader.generator = None
+            loaders.append(loader)
         self.loaders = loaders
         self.sampler = _EpochFanout(samplers)
         self._template = sampler
@@ -217,7 +295,9 @@ class DracoDataLoader:
             )
         key = (partition, epoch)
         indices = self._replay_indices.get(key)
-        if indices is None:
+        if indices is None and self._draw is not None:
+            indices = self._draw.indices(partition, epoch)
+        elif indices is None:
             if self._order is not None:
                 self._order.draw(epoch)
             sampler = copy.copy(self._template)
@@ -231,6 +311,15 @@ class DracoDataLoader:
         collate = self.source.collate_fn
         with seeded_rng(derive_seed(_LOAD, self.seed, epoch, index, partition)):
             return collate([self.dataset[i] for i in chosen])
+
+    def shutdown_workers(self) -> None:
+        """End the partition loaders' persistent workers (``persistent_workers=True``), as Lightning ends a
+        plain loader's when its stage ends: it finds them through the loader's iterator, which this has not."""
+        for loader in self.loaders:
+            iterator = getattr(loader, "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
+            loader._iterator = None
 
     def note_trained(self, batch: PartitionBatch) -> None:
         """Record that the step of ``batch`` is done (its optimizer step taken or skipped)."""

@@ -182,3 +182,93 @@ def test_a_sampler_that_fixes_its_indices_at_init_is_named_in_a_warning_and_a_so
         warnings.simplefilter("error")
         draco = DracoDataLoader(DataLoader(dataset, batch_size=2, sampler=_EveryThird(dataset, 3, 1)), [0, 1], 3, 7)
     assert [b[0].tolist() for b in next(iter(draco)).batches] == [[0.0, 3.0], [1.0, 4.0]]
+
+
+class _GlobalRngShuffle(DistributedSampler):
+    """Shuffles in ``__iter__`` with torch's global RNG: DDP's ranks, seeded alike, slice one permutation."""
+
+    def __iter__(self):
+        order = torch.randperm(len(self.dataset)).tolist()
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+class _OwnGeneratorShuffle(DistributedSampler):
+    """Shuffles with a generator made in ``__init__``, which each epoch's draw moves on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gen = torch.Generator().manual_seed(11)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.dataset), generator=self.gen).tolist()
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+@pytest.mark.parametrize("sampler_class", [_GlobalRngShuffle, _OwnGeneratorShuffle])
+def test_a_distributed_sampler_subclass_that_shuffles_is_split_whole_and_alike_on_every_holder(sampler_class):
+    """Each partition's loader used to draw its own permutation (under its own seed, or from where the previous
+    partition left the shared generator): samples repeated and left out within an epoch, and under the cyclic
+    code the holders of a partition, holding it in another order, loaded different batches."""
+    data = TensorDataset(torch.arange(60).float(), torch.arange(60))
+
+    def rank(held, epochs):
+        draco = DracoDataLoader(DataLoader(data, batch_size=4, sampler=sampler_class(data, 3, held[0], shuffle=False)),
+                                held, 3, seed=7)
+        out = []
+        for epoch in epochs:
+            draco.sampler.set_epoch(epoch)
+            out.append(dict(zip(held, zip(*labels(list(draco))))))
+        return out, draco
+
+    for held in ([0, 1, 2], [2, 0], [1]):
+        (first, second), draco = rank(held, (0, 1))
+        if held == [0, 1, 2]:
+            reference = (first, second)
+            for by_partition in (first, second):
+                seen = sorted(i for batches in by_partition.values() for batch in batches for i in batch)
+                assert seen == list(range(60)), "each sample once per epoch"
+            assert first != second, "a new order each epoch"
+            if sampler_class is _OwnGeneratorShuffle:  # DDP's rank draws the generator once per epoch
+                ddp = _OwnGeneratorShuffle(data, 3, 1, shuffle=False)
+                ddp_epochs = [list(ddp), list(ddp)]
+                assert [[i for batch in e[1] for i in batch] for e in (first, second)] == ddp_epochs
+        for partition in held:
+            assert first[partition] == reference[0][partition] and second[partition] == reference[1][partition]
+        assert draco.replay(held[0], 1, 2)[1].tolist() == list(second[held[0]][2])
+
+
+class _AugmentedInWorkers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return torch.tensor(float(i)) + torch.rand(())
+
+
+def test_a_loader_generator_does_not_set_the_worker_seeds_of_a_partitions_holders_apart():
+    """Worker seeds come from the loader's generator where it has one; shared by a rank's partition loaders,
+    it seeded a partition's workers by the order the rank holds it in (the cyclic code's orders differ)."""
+    data = _AugmentedInWorkers()
+
+    def batches(held):
+        sampler = DistributedSampler(data, 3, held[0], shuffle=True, seed=1)
+        loader = DataLoader(data, batch_size=4, sampler=sampler, num_workers=1,
+                            generator=torch.Generator().manual_seed(5))
+        draco = DracoDataLoader(loader, held, 3, seed=7)
+        return {partition: batch for partition, batch in zip(held, next(iter(draco)).batches)}
+
+    one, other = batches([0, 1]), batches([1, 0])
+    assert all(torch.equal(one[p], other[p]) for p in (0, 1))
+
+
+def test_persistent_loader_workers_end_with_the_loader():
+    import multiprocessing
+
+    data = TensorDataset(torch.arange(24).float())
+    loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 3, 0), num_workers=1,
+                        persistent_workers=True)
+    draco = DracoDataLoader(loader, [0, 1], 3, seed=7)
+    list(draco)
+    assert len(multiprocessing.active_children()) >= 2
+    draco.shutdown_workers()
+    assert multiprocessing.active_children() == []

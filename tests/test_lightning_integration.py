@@ -110,6 +110,22 @@ def test_digest_follows_the_data():
     assert batch_digest(one) != batch_digest(two)
 
 
+def test_digest_follows_the_fields_of_a_dataclass_batch():
+    """A collate_fn of the user's own may return a dataclass: it was digested by its type alone, so holders
+    that loaded different data passed the check and the honest one was named as a liar at every step."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    x = torch.arange(6.0)
+    assert batch_digest(Batch(x, x.long())) == batch_digest(Batch(x.clone(), x.long()))
+    assert batch_digest(Batch(x, x.long())) != batch_digest(Batch(x + 1, x.long()))
+    assert batch_digest(Batch(x, x.long())) != batch_digest((x, x.long()))
+
+
 def test_holders_that_agree_pass_and_the_first_mismatch_names_partition_and_ranks():
     compare_digests([{0: "a", 1: "b"}, {1: "b", 2: "c"}, {2: "c", 0: "a"}])
     with pytest.raises(InconsistentDataError) as caught:

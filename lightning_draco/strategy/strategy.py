@@ -494,6 +494,9 @@ class DracoStrategy(DDPStrategy):
         if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
         self._train_loader = DracoDataLoader(dataloader, self.code.partitions(self.global_rank), self.world_size, self.seed)
+        # Checked before its first step, as the first loader is: a reloaded one (reload_dataloaders_every_n_epochs)
+        # may load other data on some rank, whose honest gradients would then be named as lies.
+        self._check_data = True
         return self._train_loader
 
     @override
@@ -507,9 +510,12 @@ class DracoStrategy(DDPStrategy):
                 ))
             return super().batch_to_device(batch, device, dataloader_idx)
         if self._check_data:
-            # Once per fit, before the first step: holders of a partition must have loaded the same data.
+            # Before the first step of each loader: holders of a partition must have loaded the same data.
             self._check_data = False
-            check_first_batch(batch, self.world_size)
+            try:
+                check_first_batch(batch, self.world_size)
+            except InconsistentDataError as error:  # every rank compared the same digests: every rank raises
+                raise self._agreed(error)
             if self.config.reactive:
                 self._check_replay(batch)
         moved = [
@@ -942,6 +948,8 @@ class DracoStrategy(DDPStrategy):
             self._comm_thread = None
         self.partition_batch = None
         self._check_data = False
+        if self._train_loader is not None:
+            self._train_loader.shutdown_workers()
         if self._requeue is not None:
             self._requeue.uninstall()
             if module is not None and module._trainer is not None and self._requeue in module.trainer.callbacks:

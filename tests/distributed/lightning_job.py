@@ -11,6 +11,7 @@ scenario recorded, with what every rank saw, to OUT.jsonl.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import os
@@ -181,7 +182,10 @@ def rank_dependent() -> dict:
 def inconsistent_data() -> dict:
     out: dict = {}
     rank = int(os.environ.get("LOCAL_RANK", "0"))
-    fit(out, trainer_for(draco()), Net(), data(seed=rank))  # each process draws its own data set
+    trainer = trainer_for(draco())
+    fit(out, trainer, Net(), data(seed=rank))  # each process draws its own data set
+    # Raised by every rank together: if this fit launched the ranks, an unagreed failure would end them.
+    out["agreed"] = trainer.strategy._agreed_failure is not None
     return out
 
 
@@ -490,6 +494,71 @@ def asynchronous_checkpoints() -> dict:
     return out
 
 
+# -- data assignment across loaders and stages ----------------------------------------------------------------------
+
+
+class Indexed(UnderDDP):
+    """Batches ``(x, y, index)``; records the indices each step's partitions trained on."""
+
+    def __init__(self, loader):
+        super().__init__()
+        self.loader, self.seen = loader, []
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def on_train_batch_start(self, batch, batch_idx):
+        whole = self.trainer.strategy.partition_batch
+        self.seen.append([self.current_epoch, [part[2].tolist() for part in whole.batches]])
+
+    def train_dataloader(self):
+        return self.loader(self)
+
+
+def indexed(n: int = 24, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=gen)
+    return TensorDataset(x, (x.sum(1) > 0).long(), torch.arange(n))
+
+
+def epochs_trainer(strategy, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=kw.pop("max_epochs", 2), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, **kw,
+    )
+
+
+def reloaded_inconsistent() -> dict:
+    """reload_dataloaders_every_n_epochs=1; from the second epoch rank 1 builds its data set differently."""
+    def loader(model):
+        odd = model.current_epoch == 1 and model.global_rank == 1
+        return DataLoader(indexed(seed=99 if odd else 0), batch_size=4, shuffle=True)
+
+    model = Indexed(loader)
+    trainer = epochs_trainer(draco(), reload_dataloaders_every_n_epochs=1)
+    out: dict = {}
+    with recorded(out):
+        trainer.fit(model)
+    out.update(global_step=trainer.global_step, faulty_counts={str(k): v for k, v in trainer.strategy.faulty_counts.items()})
+    return out
+
+
+def persistent_workers_after_fit() -> dict:
+    """Loader workers with persistent_workers=True: DDP's are shut down when fit ends (Lightning's teardown),
+    while the Trainer is still held (validate, test, a look at its state)."""
+    import multiprocessing
+
+    model = Indexed(lambda m: DataLoader(indexed(), batch_size=4, shuffle=True, num_workers=1, persistent_workers=True))
+    trainer = epochs_trainer(draco(), max_epochs=1)
+    out: dict = {}
+    with recorded(out):
+        trainer.fit(model)
+    gc.collect()
+    out.update(global_step=trainer.global_step, workers_alive=len(multiprocessing.active_children()))
+    return out
+
+
 SCENARIOS = {
     "float16_ddp": lambda: float16_scaled("ddp"),
     "float16_frc": lambda: float16_scaled("frc"),
@@ -520,6 +589,8 @@ SCENARIOS = {
     "closure_before_step": closure_before_step,
     "two_training_loaders": two_training_loaders,
     "resumed_inside_a_step": resumed_inside_a_step,
+    "persistent_workers_after_fit": persistent_workers_after_fit,
+    "reloaded_inconsistent": reloaded_inconsistent,
 }
 
 

@@ -20,7 +20,7 @@ SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_ou
              "branch_liar", "averaged_ddp", "averaged_draco", "reentrant_rank_1", "closure_before_step",
              "two_training_loaders", "resumed_inside_a_step", "float16_ddp", "float16_frc", "float16_crc",
              "accumulated_clean", "accumulated_poisoning", "unfrozen_later", "re_evaluating_optimizer",
-             "asynchronous_checkpoints"]
+             "asynchronous_checkpoints", "persistent_workers_after_fit", "reloaded_inconsistent"]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,9 @@ def test_holders_of_a_partition_with_different_data_are_refused_before_the_first
         assert seen["error"]["type"] == "InconsistentDataError"
         assert "partition 0 (rank [0] loaded one batch, rank [1] loaded another, rank [2] loaded another)" in message
         assert "seed_everything" in message
+    # Agreed: a script's first fit, which launched the ranks, would otherwise end them, and a caller that caught
+    # the error could not fit again.
+    assert runs["inconsistent_data"]["agreed"]
 
 
 def test_unused_parameters_train_under_the_find_unused_name(runs):
@@ -248,3 +251,22 @@ def test_forked_ranks_hand_who_was_caught_back_to_the_main_process(tmp_path):
     assert full["exchange_bytes"]["sent"] > 0 and full["weights_trained"]
     assert reactive["faulty_counts"] == {"3": 4} and reactive["quarantined"] == [3]
     assert reactive["escalations"]["steps"] == 4 and reactive["escalations"]["groups"] >= 4
+
+
+# -- data assignment across loaders and stages --------------------------------------------------------------------
+
+
+def test_persistent_loader_workers_are_shut_down_when_fit_ends(runs):
+    run = runs["persistent_workers_after_fit"]
+    assert run.get("error") is None and run["global_step"] == 2
+    assert run["workers_alive"] == 0, "DDP's are shut down by Lightning's teardown"
+
+
+def test_a_reloaded_loader_is_checked_for_consistency_before_its_first_step(runs):
+    """reload_dataloaders_every_n_epochs=1: rank 1's second-epoch data differ. Unchecked, rank 1 was named as a
+    liar at every step of that epoch (and, where the PS's data differed, the PS said it was outvoted)."""
+    run = runs["reloaded_inconsistent"]
+    assert run["global_step"] == 2 and run["faulty_counts"] == {}
+    for seen in run["ranks"]:
+        assert seen["error"]["type"] == "InconsistentDataError"
+        assert "partition 0 (ranks [0, 2] loaded one batch, rank [1] loaded another)" in seen["error"]["message"]
