@@ -367,7 +367,9 @@ def train(cfg: DictConfig) -> float:
 
 
 def report(cfg: DictConfig, summary: dict, run_dir: Path) -> str:
-    caught = ", ".join(f"rank {r} at {n} steps" for r, n in summary["faulty_counts"].items()) or "nobody"
+    caught = ", ".join(f"rank {r} at {n} steps" for r, n in summary["faulty_counts"].items())
+    # Without a code no vote takes place: plain averaging and robust rules name no one, liars or not.
+    caught = caught or ("nobody" if cfg.code.name != "none" else "no one can be (code=none names no liar)")
     liars = "no adversary" if cfg.attack.name == "none" else f"attack {cfg.attack.name!r} on ranks {cfg.attack.ranks}"
     accuracy = "n/a (no validation yet)" if summary["final_val_acc"] is None else f"{summary['final_val_acc']:.3f}"
     if cfg.aggregator.name is None:

@@ -109,3 +109,11 @@ def test_the_summary_times_the_training_apart_from_the_start_of_the_ranks(tmp_pa
     summary = {"faulty_counts": {}, "final_val_acc": 0.5, "world_size": 6, "skipped_steps": 0, "optimizer_steps": 3,
                "wall_seconds": 12.0, "train_seconds": 2.0}
     assert "after 3 steps (12.0 s, of which 2.0 s training)" in train.report(compose_with(), summary, Path("run"))
+
+
+def test_the_report_says_nobody_was_caught_only_where_someone_could_be():
+    summary = {"faulty_counts": {}, "final_val_acc": 0.5, "world_size": 6, "skipped_steps": 0, "optimizer_steps": 3,
+               "wall_seconds": 12.0}
+    assert "caught: nobody;" in train.report(compose_with(), summary, Path("run"))
+    robust = train.report(compose_with("code=none", "aggregator=median"), summary, Path("run"))
+    assert "caught: no one can be (code=none names no liar);" in robust
