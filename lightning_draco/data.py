@@ -337,6 +337,15 @@ class DracoDataLoader:
     def __len__(self) -> int:
         return len(self.loaders[0])
 
+    # What callbacks read off ``trainer.train_dataloader``, as the user's loader set it. Not ``worker_init_fn``:
+    # Lightning would attach its rank-seeded one where it finds that attribute unset, and the holders of a
+    # partition would then seed their workers apart.
+    num_workers = property(lambda self: self.source.num_workers)
+    collate_fn = property(lambda self: self.source.collate_fn)
+    drop_last = property(lambda self: self.source.drop_last)
+    pin_memory = property(lambda self: self.source.pin_memory)
+    persistent_workers = property(lambda self: self.source.persistent_workers)
+
     def __iter__(self) -> Iterator[PartitionBatch]:
         epoch = self.sampler.epoch
         if self._order is not None:

@@ -272,3 +272,14 @@ def test_persistent_loader_workers_end_with_the_loader():
     assert len(multiprocessing.active_children()) >= 2
     draco.shutdown_workers()
     assert multiprocessing.active_children() == []
+
+
+def test_the_loader_settings_callbacks_read_are_the_users():
+    data = TensorDataset(torch.arange(24).float())
+    collate = torch.utils.data.default_collate
+    loader = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 3, 0), num_workers=0, collate_fn=collate,
+                        drop_last=True, pin_memory=False)
+    draco = DracoDataLoader(loader, [0, 1], 3, seed=7)
+    assert (draco.num_workers, draco.collate_fn, draco.drop_last, draco.pin_memory, draco.persistent_workers) == (
+        0, collate, True, False, False)
+    assert not hasattr(draco, "worker_init_fn")  # Lightning would set its rank-seeded one where it finds it unset
