@@ -141,7 +141,12 @@ def test_krum_and_multi_krum_match_their_definitions(rows, f):
     scores = ref_krum_scores(rows, f)
     chosen = [i for i in range(n) if torch.equal(x[i], krum)]
     assert chosen and min(scores[i] for i in chosen) == pytest.approx(min(scores), rel=1e-9, abs=1e-9)
-    if len(set(scores)) == n:
+    # The order of the scores decides the outputs only where no two are equal to rounding: scores equal in
+    # exact arithmetic (32.02 for two rows of [[3.3, -3.3], [0, 6.5], [0, 3.3], [3.3, 0], [0, -6.5]]) come
+    # out of the transcription's sums and the rule's centred Gram matrix a unit in the last place apart, in
+    # either order. On integers the sums are exact and the condition is that the scores are distinct.
+    ranked = sorted(scores)
+    if all(b - a > 1e-9 * ranked[-1] for a, b in zip(ranked, ranked[1:])):
         torch.testing.assert_close(krum, torch.tensor(ref_krum(rows, f), dtype=torch.float64))
         m = n - f
         torch.testing.assert_close(make_aggregator("multi_krum", f)(x), torch.tensor(ref_multi_krum(rows, f, m), dtype=torch.float64))
@@ -295,19 +300,83 @@ def ref_meamed(column, f):
     return sum(kept) / len(kept)
 
 
+def _rounding_slack(xs):
+    """How far apart two squared distances between ``xs`` may be and still be computed in either order: the
+    rules' distances (a Gram matrix of rows centred on one of them, or sums of squared differences) carry
+    rounding of about eps times the largest squared distance."""
+    return 1e-9 * max(sqdist(a, b) for a in xs for b in xs)
+
+
+def mda_subsets(xs, f):
+    """Every subset of n - f inputs whose diameter is the smallest, to rounding."""
+    import itertools as it
+
+    diameters = {
+        subset: max((sqdist(xs[i], xs[j]) for i, j in it.combinations(subset, 2)), default=0.0)
+        for subset in it.combinations(range(len(xs)), len(xs) - f)
+    }
+    least = min(diameters.values())
+    return [subset for subset, diameter in diameters.items() if diameter <= least + _rounding_slack(xs)]
+
+
+def monna_sets(xs, f, reference):
+    """Every set of n - f inputs that are x_r and the n - f - 1 others nearest to it, to rounding."""
+    import itertools as it
+
+    k = len(xs) - f
+    others = sorted((sqdist(xs[j], xs[reference]), j) for j in range(len(xs)) if j != reference)
+    if k == 1:
+        return [(reference,)]
+    bound, slack = others[k - 2][0], _rounding_slack(xs)
+    sure = [j for v, j in others if v < bound - slack]
+    tied = [j for v, j in others if abs(v - bound) <= slack]
+    return [(reference, *sure, *chosen) for chosen in it.combinations(tied, k - 1 - len(sure))]
+
+
+def assert_mean_of_one_of(got, xs, subsets):
+    means = [torch.tensor([sum(xs[i][c] for i in s) / len(s) for c in range(len(xs[0]))], dtype=torch.float64)
+             for s in subsets]
+    assert any(torch.allclose(got, mean, rtol=1e-7, atol=1e-7) for mean in means), (got.tolist(), subsets)
+
+
 @given(inputs(min_n=1), st.integers(0, 3), st.data())
 def test_mda_monna_meamed_match_their_definitions(rows, f, data):
+    """MDA and MoNNA average a subset chosen by distances, ties to the lower indices. On integers the rules'
+    distances are exact and so are their tie-breaks: the outputs are the transcriptions'. Otherwise distances
+    equal in exact arithmetic (0 is as far from 0.9 as from -0.9) may be computed a unit in the last place
+    apart, in either order: the output must be the mean of one of the subsets that are the rule's choice
+    when such near-equal distances are taken as equal."""
     n = len(rows)
     if 2 * f >= n:
         return
     x = as_tensor(rows)
-    torch.testing.assert_close(make_aggregator("mda", f)(x), torch.tensor(ref_mda(rows, f), dtype=torch.float64))
+    exact = all(float(v).is_integer() for row in rows for v in row)
     reference = data.draw(st.integers(0, n - 1))
-    torch.testing.assert_close(
-        make_aggregator("monna", f, reference=reference)(x), torch.tensor(ref_monna(rows, f, reference), dtype=torch.float64)
-    )
+    mda = make_aggregator("mda", f)(x)
+    monna = make_aggregator("monna", f, reference=reference)(x)
+    if exact:
+        torch.testing.assert_close(mda, torch.tensor(ref_mda(rows, f), dtype=torch.float64))
+        torch.testing.assert_close(monna, torch.tensor(ref_monna(rows, f, reference), dtype=torch.float64))
+    else:
+        assert_mean_of_one_of(mda, rows, mda_subsets(rows, f))
+        assert_mean_of_one_of(monna, rows, monna_sets(rows, f, reference))
     columns = list(zip(*rows))
     torch.testing.assert_close(make_aggregator("meamed", f)(x), torch.tensor([ref_meamed(c, f) for c in columns], dtype=torch.float64))
+
+
+def test_mda_and_krum_on_ties_of_real_distances_take_one_of_the_tied_choices():
+    """Ties in exact arithmetic that rounding splits either way. MDA, n=4, f=1: {5.6, -3.8, 3.8} and
+    {-5.6, -3.8, 3.8} both have diameter 9.4, and the rule took the second while the transcription's
+    lexicographic tie-break takes the first. Krum, f=1: rows 0 and 2 both score 32.02 exactly, which the
+    transcription sums to 32.02 and 32.019999999999996."""
+    rows = [[5.6], [-5.6], [-3.8], [3.8]]
+    assert mda_subsets(rows, 1) == [(0, 2, 3), (1, 2, 3)]
+    assert_mean_of_one_of(make_aggregator("mda", 1)(as_tensor(rows)), rows, mda_subsets(rows, 1))
+    rows = [[3.3, -3.3], [0.0, 6.5], [0.0, 3.3], [3.3, 0.0], [0.0, -6.5]]
+    scores = ref_krum_scores(rows, 1)
+    assert scores[0] == pytest.approx(scores[2], rel=1e-15) and min(scores) in (scores[0], scores[2])
+    krum = make_aggregator("krum", 1)(as_tensor(rows))
+    assert torch.equal(krum, as_tensor(rows[0])) or torch.equal(krum, as_tensor(rows[2]))
 
 
 def test_new_rules_on_the_smallest_inputs_and_ties():

@@ -1,6 +1,7 @@
 """Pre-aggregators (NNM, bucketing, static clipping, ARC) against transcriptions of their definitions,
 and their composition with every rule, over workers and over DETOX's group sums."""
 
+import itertools
 import math
 
 import pytest
@@ -60,11 +61,47 @@ def t(rows):
     return torch.tensor(rows, dtype=torch.float64)
 
 
+def nearest_sets(xs, i, k):
+    """Every set of ``k`` inputs that are x_i and the k - 1 others nearest to it, where distances within
+    rounding of the (k - 1)-th nearest one count as equal (any of them may be the one taken)."""
+    others = sorted((sqdist(xs[j], xs[i]), j) for j in range(len(xs)) if j != i)
+    if k == 1:
+        return [(i,)]
+    bound = others[k - 2][0]
+    # The rule's distances (a Gram matrix of rows centred on one of them) carry rounding of about eps times
+    # the largest squared distance: only distances that close to the boundary can be taken in either order.
+    slack = 1e-9 * max(v for v, _ in others)
+    sure = [j for v, j in others if v < bound - slack]
+    tied = [j for v, j in others if abs(v - bound) <= slack]
+    return [(i, *sure, *chosen) for chosen in itertools.combinations(tied, k - 1 - len(sure))]
+
+
 @given(inputs(), st.integers(0, 4))
 def test_nnm_matches_its_definition(rows, f):
+    """Each row becomes the mean of its n - f nearest inputs (itself first), ties to the lower index. On
+    integers the rule's distances are exact and so is its tie-break: the output is the transcription's.
+    Otherwise two distances equal in exact arithmetic (0 is as far from 0.9 as from -0.9) may be computed a
+    unit in the last place apart, in either order, so a row may average either set of nearest inputs: it
+    must be the mean of one of the sets whose distances are all at most every distance left out."""
     if f >= len(rows):
         return
-    torch.testing.assert_close(make_pre_aggregator("nnm", f)(t(rows)), t(ref_nnm(rows, f)))
+    got = make_pre_aggregator("nnm", f)(t(rows))
+    if all(float(v).is_integer() for row in rows for v in row):
+        torch.testing.assert_close(got, t(ref_nnm(rows, f)))
+        return
+    for i, row in enumerate(got):
+        means = [t(mean_rows([rows[j] for j in chosen])) for chosen in nearest_sets(rows, i, len(rows) - f)]
+        assert any(torch.allclose(row, mean, rtol=1e-7, atol=1e-7) for mean in means), (i, row.tolist(), means)
+
+
+def test_nnm_on_a_tie_of_real_distances_averages_one_of_the_nearest_sets():
+    """0 is exactly as far from 0.9 as from -0.9 (twice): any two of the three are its nearest others. The
+    rule's centred Gram matrix computes one 0.81 a unit in the last place larger than the others and averages
+    rows 1 and 3 with it (-0.6), the transcription's tie-break rows 0 and 1 (0.0); both are NNM's output."""
+    rows = [[0.9], [-0.9], [0.0], [-0.9]]
+    assert nearest_sets(rows, 2, 3) == [(2, 0, 1), (2, 0, 3), (2, 1, 3)]
+    got = make_pre_aggregator("nnm", 1)(t(rows))
+    assert any(torch.allclose(got[2], t(mean_rows([rows[j] for j in chosen]))) for chosen in nearest_sets(rows, 2, 3))
 
 
 @given(inputs(), st.integers(1, 4), st.integers(0, 2**31 - 1))

@@ -74,7 +74,10 @@ def krum_scores(sq_dist: Tensor, num_byzantine: int) -> Tensor:
 
 @register_aggregator
 class Krum(Aggregator):
-    """The input with the smallest Krum score (Blanchard et al., 2017); ties go to the lowest index."""
+    """The input with the smallest Krum score (Blanchard et al., 2017); ties go to the lowest index.
+
+    Ties are of the scores as computed: scores equal in exact arithmetic (sums of squared distances
+    from a Gram matrix) may come out a unit in the last place apart, in either order."""
 
     name = "krum"
 

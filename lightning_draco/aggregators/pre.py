@@ -45,7 +45,8 @@ class NearestNeighbourMixing(PreAggregator):
     "Fixing by mixing: a recipe for optimal Byzantine ML under heterogeneity", AISTATS 2023):
 
     1. For each input x_i, order all inputs by ||x_j - x_i|| (x_i itself first, other ties:
-       lower index first).
+       lower index first; ties of the distances as computed, which for distances equal in exact
+       arithmetic may differ by a unit in the last place, in either order).
     2. Replace x_i by the mean of the first n - f.
 
     A non-finite input is infinitely far from every other, so it enters no finite input's mix

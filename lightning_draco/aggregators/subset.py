@@ -19,7 +19,8 @@ class MinimumDiameterAveraging(Aggregator):
     distributed Byzantine machine learning", PODC 2020):
 
     1. Among all subsets S of n - f inputs, find one of smallest diameter
-       max_{i, j in S} ||x_i - x_j|| (ties: the first subset in lexicographic order of indices).
+       max_{i, j in S} ||x_i - x_j|| (ties: the first subset in lexicographic order of indices; ties
+       of the diameters as computed, which may split diameters equal in exact arithmetic either way).
     2. Return the mean of the inputs in S.
 
     The search visits every one of C(n, f) subsets; ``max_subsets`` (default 10^6) bounds it and
@@ -73,7 +74,8 @@ class MoNNA(Aggregator):
 
     1. Take the trusted vector x_r, r = ``reference`` (default 0: the PS's own row when
        ``ps_rank=0``; over DETOX's group sums, the PS's group).
-    2. Order the inputs by ||x_i - x_r|| (ties: lower index first); x_r itself comes first.
+    2. Order the inputs by ||x_i - x_r|| (ties: lower index first, of the distances as computed);
+       x_r itself comes first.
     3. Return the mean of the first n - f.
 
     A non-finite input is infinitely far from x_r.
