@@ -49,7 +49,9 @@ table of time to a target accuracy and final accuracy. Hand-written text between
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import os
 import re
 import sys
@@ -305,7 +307,8 @@ BUDGET_OPTIONS = ("steps", "batch", "eval_every")
 
 def _budget(command: str) -> dict | None:
     try:
-        options = build_parser().parse_args(command.split()[2:])
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage error is not the user's to read
+            options = build_parser().parse_args(command.split()[2:])
     except SystemExit:  # not a command of this script's options: nothing to compare
         return None
     return {name: getattr(options, name) for name in BUDGET_OPTIONS}

@@ -93,9 +93,12 @@ def param_sha256(module: torch.nn.Module) -> str:
 # timeouts and the like may change between a run and its resume.
 EXPERIMENT_KEYS = ("seed", "code", "attack", "aggregator", "model", "data", "optimizer", "decode", "overlap",
                    "trainer.precision", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes")
-# Another world size is refused by the library itself, in its own sentence, once the ranks have started.
+# Another world size is refused by the library itself, in its own sentence, once the ranks have started (and the same
+# world may be spelled differently: devices=6, or devices=3 on num_nodes=2).
 WORLD_KEYS = ("trainer.devices", "trainer.num_nodes")
-NOT_EXPERIMENT = ("data.num_workers",)
+# What a run does about the liars it catches, and how it loads data: a resume may change them (a run stopped by
+# max_faulty_steps goes on under a higher limit).
+NOT_EXPERIMENT = ("data.num_workers", "code.max_faulty_steps", "code.on_decode_failure", "code.quarantine_after")
 
 
 def experiment(cfg: DictConfig) -> dict[str, Any]:
@@ -260,8 +263,9 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[str]:
     saved = saved_experiment(newest)
     if saved is not None:
         now = experiment(cfg)
-        changed = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
-        if changed and not any(key in WORLD_KEYS for key in changed):
+        # A key only one side has is a version's difference, not the user's.
+        changed = [key for key in sorted(saved.keys() & now.keys()) if saved[key] != now[key] and key not in WORLD_KEYS]
+        if changed:
             # Resumed, it would report the other experiment's model under this one's name.
             differences = "; ".join(f"{key}={saved.get(key)!r} there, {now.get(key)!r} now" for key in changed[:4])
             more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""

@@ -66,8 +66,9 @@ def _feed(digest: Any, value: Any) -> None:
         # A batch of the user's own collate_fn: its fields are the data.
         digest.update(f"D{type(value).__qualname__}".encode())
         for field in dataclasses.fields(value):
-            _feed(digest, field.name)
-            _feed(digest, getattr(value, field.name))
+            if field.compare:  # a field left out of equality is no part of the data (a per-process handle, say)
+                _feed(digest, field.name)
+                _feed(digest, getattr(value, field.name, None))
     else:
         # Other objects' repr may hold a memory address, which differs between processes
         # holding equal data: only their type takes part.

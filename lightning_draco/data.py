@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import copy
 import itertools
+import random
 from typing import Any, Iterator, NamedTuple
 
+import numpy
+import torch
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, Sampler
@@ -95,52 +98,76 @@ class _EpochOrder:
         return len(self._sampler)
 
 
+_RANDOM_STATES = (torch.Generator, random.Random, numpy.random.Generator, numpy.random.RandomState)
+
+
 def _copied(sampler: DistributedSampler) -> DistributedSampler:
     """A copy of ``sampler`` that draws on its own: its generator and other state copied, its dataset shared.
 
     A shallow copy would share a generator the sampler made for itself, and drawing from the copy would
-    move the sampler's own. A sampler that cannot be deep-copied (one holding a lock, say) is copied shallowly.
+    move the sampler's own. A sampler that cannot be deep-copied (one holding a lock or a file handle) is
+    copied shallowly, with copies of the random generators among its attributes.
     """
     try:
         return copy.deepcopy(sampler, memo={id(sampler.dataset): sampler.dataset})
-    except Exception:  # noqa: BLE001 - any failure to deep-copy: the shallow copy is the best left
-        return copy.copy(sampler)
+    except Exception:  # noqa: BLE001 - any failure to deep-copy: shallowly, then the generators
+        copied = copy.copy(sampler)
+        for name, value in list(vars(copied).items()):
+            if isinstance(value, _RANDOM_STATES):
+                setattr(copied, name, copy.deepcopy(value))
+        return copied
 
 
 class _SharedDraw:
-    """A ``DistributedSampler`` subclass of the user's, drawn for every partition from one state per epoch.
+    """A ``DistributedSampler`` subclass of the user's, drawn for each partition as DDP's rank of that
+    partition would draw it.
 
     A subclass may shuffle in ``__iter__`` with torch's global random stream, or with a generator of its
-    own that each draw moves on. DDP's ranks, seeded alike, each draw one such permutation and slice it
-    by ``rank``. Iterated once per partition, each time under that partition's seed and from wherever the
-    previous partition left its generator, the partitions would slice different permutations: samples
-    repeated or left out within an epoch. Here every partition draws from a copy of the sampler as the
-    epoch began, under a seed of the run and the epoch, and the sampler itself is drawn once per epoch,
-    as a DDP rank's is, so that the next epoch begins where DDP's would.
+    own that each draw moves on (by an amount that may depend on ``rank``). DDP's rank ``j``, seeded like
+    the others, draws its sampler once per epoch. Iterated once per partition, each time under that
+    partition's seed and from wherever the previous partition left a shared generator, the partitions
+    would slice different permutations: samples repeated or left out within an epoch, and holders of a
+    partition (holding it in different orders) loading different batches. Here each partition has a copy
+    of its own, made from the sampler as this loader began and given ``rank`` = the partition, drawn
+    once per epoch from the loader's first epoch on, under a seed of the run and the epoch: the same on
+    every holder, and DDP's order where the sampler draws only from a generator of its own.
     """
 
     def __init__(self, sampler: DistributedSampler, seed: int):
         self.sampler = sampler
         self.seed = seed
-        self.epoch: int | None = None
-        self._start: DistributedSampler | None = None
-        self._indices: dict[int, list[Any]] = {}
+        self._initial = _copied(sampler)  # as this loader began
+        self._first_epoch: int | None = None
+        # Partition -> (the next epoch its copy draws, the copy).
+        self._copies: dict[int, tuple[int, DistributedSampler]] = {}
+        # (partition, epoch) -> the indices drawn, for the latest epoch drawn.
+        self._drawn: dict[tuple[int, int], list[Any]] = {}
 
     def indices(self, partition: int, epoch: int) -> list[Any]:
-        """Partition ``partition``'s indices in ``epoch``: the sampler's with ``rank = partition``."""
-        if epoch != self.epoch:
-            self.sampler.set_epoch(epoch)
-            self._start = _copied(self.sampler)
-            with seeded_rng(derive_seed(_ORDER, self.seed, epoch)):
-                for _ in self.sampler:  # the epoch's one draw, which moves the sampler's own state on
-                    pass
-            self.epoch, self._indices = epoch, {}
-        if partition not in self._indices:
-            copied = _copied(self._start)
-            copied.rank = partition
-            with seeded_rng(derive_seed(_ORDER, self.seed, epoch)):
-                self._indices[partition] = list(copied)
-        return self._indices[partition]
+        """Partition ``partition``'s indices in ``epoch``."""
+        drawn = self._drawn.get((partition, epoch))
+        if drawn is not None:
+            return drawn
+        if self._first_epoch is None:
+            self._first_epoch = epoch
+        following, sampler = self._copies.get(partition, (None, None))
+        if sampler is None or following > epoch:  # a partition first seen now, or an epoch drawn again
+            sampler = _copied(self._initial)
+            sampler.rank = partition
+            following = min(self._first_epoch, epoch)
+        for skipped in range(following, epoch):  # epochs its DDP rank drew and this loader did not need
+            self._draw(sampler, skipped)
+        drawn = self._draw(sampler, epoch)
+        self._copies[partition] = (epoch + 1, sampler)
+        self._drawn = {key: value for key, value in self._drawn.items() if key[1] >= epoch}
+        self._drawn[(partition, epoch)] = drawn
+        return drawn
+
+    def _draw(self, sampler: DistributedSampler, epoch: int) -> list[Any]:
+        sampler.set_epoch(epoch)
+        with seeded_rng(derive_seed(_ORDER, self.seed, epoch)):
+            # As many as the sampler says it yields (one that never ends yields what a loader's epoch takes).
+            return list(itertools.islice(iter(sampler), len(sampler)))
 
 
 class _PartitionOfDraw(Sampler):
@@ -203,7 +230,9 @@ class DracoDataLoader:
     ``note_trained`` after each optimizer step), so Lightning's checkpoints carry the position
     and a resumed run goes on from the next batch, loading exactly what the uninterrupted run
     would have: the batches before it are drawn and dropped, keeping every per-batch seed and
-    any loader-worker randomness where it was.
+    any loader-worker randomness where it was. (A sampler of the user's whose order comes from a
+    generator of its own starts afresh in the resumed process, as under DDP: the resumed epoch's
+    order is then the one its initial state draws.)
 
     Args:
         dataloader: the training loader as Lightning prepared it for this rank, with a

@@ -20,15 +20,21 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
 
 @contextlib.contextmanager
-def combined_over_partitions(module: Any) -> Iterator[None]:
+def combined_over_partitions(
+    module: Any, passed_on: Callable[[], ContextManager] = contextlib.nullcontext
+) -> Iterator[None]:
     """Within the block, ``module.log`` collects; on leaving it, each name is logged once, its values
-    combined over the partitions by ``over_partitions(reduce_fx)`` (the mean unless it asks for max or min)."""
+    combined over the partitions by ``over_partitions(reduce_fx)`` (the mean unless it asks for max or min).
+
+    A call it cannot combine (a ``Metric``, another kind of value, options passed by position) goes to
+    Lightning at once, inside ``passed_on()``: Lightning may reduce it across the ranks there
+    (``sync_dist=True``), which is its own collective, not one the user's step made."""
     if module is None or "log" in module.__dict__:
         yield
         return
@@ -37,7 +43,8 @@ def combined_over_partitions(module: Any) -> Iterator[None]:
 
     def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         if args or not isinstance(value, (torch.Tensor, int, float)):
-            original(name, value, *args, **kwargs)  # a Metric (or positional options): as the user wrote it
+            with passed_on():  # a Metric (or positional options): as the user wrote it
+                original(name, value, *args, **kwargs)
             return
         values, _ = calls.setdefault(name, ([], kwargs))
         values.append(value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value)))

@@ -209,3 +209,33 @@ def test_a_collective_inside_training_step_is_warned_about_once_and_refused_wher
                        r".*redundancy_mode='reactive' cannot run"):
         step.summed_step(_batch([0, 1, 2]), forward)
     assert step.running is None
+
+
+def test_lightning_syncing_a_value_logged_as_it_is_is_not_taken_for_the_steps_collective():
+    """``self.log`` of a value the partitions' logging cannot combine (a NumPy number, options by position) goes
+    to Lightning at once, which with ``sync_dist=True`` reduces it across the ranks there: Lightning's
+    collective, not the step's, so reactive mode must not refuse it."""
+    import numpy
+
+    from lightning_draco.partition_logging import combined_over_partitions
+
+    step = CodedStep(FractionalRepetitionCode(3, 1), 0, seed=0, device=torch.device("cpu"))
+    step.recomputed = True
+    model = _model()
+
+    class Module:
+        logged = []
+
+        def log(self, name, value, *args, **kwargs):  # what Lightning's does with sync_dist=True, on step
+            step.collective("reduce")
+            self.logged.append((name, float(value)))
+
+    module = Module()
+
+    def forward(x):
+        module.log("scale", numpy.float32(2.0), sync_dist=True)
+        return model(x).square().mean()
+
+    with combined_over_partitions(module, step.outside_forward):
+        step.summed_step(_batch([0, 1, 2]), forward)
+    assert module.logged == [("scale", 2.0)] * 3

@@ -1,5 +1,7 @@
 """DracoDataLoader on its own: the batches of each held partition, and resuming inside an epoch."""
 
+import itertools
+import threading
 import warnings
 
 import pytest
@@ -204,37 +206,74 @@ class _OwnGeneratorShuffle(DistributedSampler):
         return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
-@pytest.mark.parametrize("sampler_class", [_GlobalRngShuffle, _OwnGeneratorShuffle])
-def test_a_distributed_sampler_subclass_that_shuffles_is_split_whole_and_alike_on_every_holder(sampler_class):
+class _RankDependentDraws(_OwnGeneratorShuffle):
+    """Moves its generator on by an amount that depends on ``rank`` (per-rank buckets, say)."""
+
+    def __iter__(self):
+        order = super().__iter__()
+        torch.rand(self.rank, generator=self.gen)
+        return order
+
+
+class _HoldingALock(_OwnGeneratorShuffle):
+    """Holds what cannot be deep-copied (a lock, a file handle) besides its generator."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lock = threading.Lock()
+
+
+class _NeverEnding(_OwnGeneratorShuffle):
+    """Yields its slice of a fresh permutation again and again: its length is what an epoch takes."""
+
+    def __iter__(self):
+        while True:
+            yield from super().__iter__()
+
+
+@pytest.mark.parametrize("sampler_class", [_GlobalRngShuffle, _OwnGeneratorShuffle, _RankDependentDraws, _HoldingALock,
+                                           _NeverEnding])
+def test_a_distributed_sampler_subclass_that_shuffles_is_drawn_per_partition_as_ddp_draws_it(sampler_class):
     """Each partition's loader used to draw its own permutation (under its own seed, or from where the previous
     partition left the shared generator): samples repeated and left out within an epoch, and under the cyclic
-    code the holders of a partition, holding it in another order, loaded different batches."""
+    code the holders of a partition, holding it in another order, loaded different batches. Now each partition
+    draws as DDP's rank of that partition draws: with a generator of the sampler's own, exactly DDP's order."""
     data = TensorDataset(torch.arange(60).float(), torch.arange(60))
+    epochs = (0, 1, 2)
 
-    def rank(held, epochs):
+    def rank(held):
         draco = DracoDataLoader(DataLoader(data, batch_size=4, sampler=sampler_class(data, 3, held[0], shuffle=False)),
                                 held, 3, seed=7)
         out = []
         for epoch in epochs:
             draco.sampler.set_epoch(epoch)
-            out.append(dict(zip(held, zip(*labels(list(draco))))))
+            steps = labels(list(draco))
+            out.append({p: [i for step in steps for i in step[position]] for position, p in enumerate(held)})
         return out, draco
 
-    for held in ([0, 1, 2], [2, 0], [1]):
-        (first, second), draco = rank(held, (0, 1))
-        if held == [0, 1, 2]:
-            reference = (first, second)
-            for by_partition in (first, second):
-                seen = sorted(i for batches in by_partition.values() for batch in batches for i in batch)
-                assert seen == list(range(60)), "each sample once per epoch"
-            assert first != second, "a new order each epoch"
-            if sampler_class is _OwnGeneratorShuffle:  # DDP's rank draws the generator once per epoch
-                ddp = _OwnGeneratorShuffle(data, 3, 1, shuffle=False)
-                ddp_epochs = [list(ddp), list(ddp)]
-                assert [[i for batch in e[1] for i in batch] for e in (first, second)] == ddp_epochs
-        for partition in held:
-            assert first[partition] == reference[0][partition] and second[partition] == reference[1][partition]
-        assert draco.replay(held[0], 1, 2)[1].tolist() == list(second[held[0]][2])
+    reference, draco = rank([0, 1, 2])
+    for held in ([2, 0], [1]):
+        assert rank(held)[0] == [{p: by_partition[p] for p in held} for by_partition in reference]
+    if sampler_class is _GlobalRngShuffle:  # DDP's order comes from each rank's global RNG: each sample once
+        for by_partition in reference:
+            assert sorted(i for indices in by_partition.values() for i in indices) == list(range(60))
+    else:
+        for partition in range(3):
+            ddp = sampler_class(data, 3, partition, shuffle=False)
+            ddp_epochs = []
+            for epoch in epochs:
+                ddp.set_epoch(epoch)
+                ddp_epochs.append(list(itertools.islice(iter(ddp), len(ddp))))
+            assert [by_partition[partition] for by_partition in reference] == ddp_epochs
+    assert reference[0] != reference[1], "a new order each epoch"
+    # A helper replays any partition of the current epoch as its holders loaded it, also one this rank never drew.
+    helper = DracoDataLoader(DataLoader(data, batch_size=4, sampler=sampler_class(data, 3, 0, shuffle=False)),
+                             [0], 3, seed=7)
+    for epoch in epochs:
+        helper.sampler.set_epoch(epoch)
+        list(helper)
+    assert helper.replay(2, 2, 1)[1].tolist() == reference[2][2][4:8]
+    assert draco.replay(1, 2, 0)[1].tolist() == reference[2][1][:4]
 
 
 class _AugmentedInWorkers(torch.utils.data.Dataset):

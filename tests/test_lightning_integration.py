@@ -125,6 +125,13 @@ def test_digest_follows_the_fields_of_a_dataclass_batch():
     assert batch_digest(Batch(x, x.long())) != batch_digest(Batch(x + 1, x.long()))
     assert batch_digest(Batch(x, x.long())) != batch_digest((x, x.long()))
 
+    @dataclasses.dataclass
+    class WithHandle:
+        x: torch.Tensor
+        handle: object = dataclasses.field(default=None, compare=False)  # per process: no part of the data
+
+    assert batch_digest(WithHandle(x, handle=object())) == batch_digest(WithHandle(x.clone(), handle=1))
+
 
 def test_holders_that_agree_pass_and_the_first_mismatch_names_partition_and_ranks():
     compare_digests([{0: "a", 1: "b"}, {1: "b", 2: "c"}, {2: "c", 0: "a"}])

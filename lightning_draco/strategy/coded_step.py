@@ -166,6 +166,15 @@ class CodedStep:
             self._replaying = False
             self.module, self._slots, self._start = saved
 
+    @contextmanager
+    def outside_forward(self) -> Iterator[None]:
+        """Inside: collectives are not the user's step's (Lightning syncing a value logged as it is)."""
+        running, self.running = self.running, None
+        try:
+            yield
+        finally:
+            self.running = running
+
     def collective(self, name: str) -> None:
         """The strategy's collective ``name`` (``all_gather``, ``reduce``, ``broadcast``, ``barrier``) is about
         to run. Called from inside a partition's forward, it is outside what DRACO decodes: refused where

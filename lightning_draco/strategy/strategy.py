@@ -493,6 +493,8 @@ class DracoStrategy(DDPStrategy):
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         if trainer is None or not trainer.training or not isinstance(dataloader, DataLoader):
             return dataloader
+        if self._train_loader is not None:  # a reload: the loader it replaces keeps no workers
+            self._train_loader.shutdown_workers()
         self._train_loader = DracoDataLoader(dataloader, self.code.partitions(self.global_rank), self.world_size, self.seed)
         # Checked before its first step, as the first loader is: a reloaded one (reload_dataloaders_every_n_epochs)
         # may load other data on some rank, whose honest gradients would then be named as lies.
@@ -592,7 +594,7 @@ class DracoStrategy(DDPStrategy):
 
         first = not self._coded_step.graph_checked
         try:
-            with combined_over_partitions(self.lightning_module):
+            with combined_over_partitions(self.lightning_module, self._coded_step.outside_forward):
                 if self._coded_step.summed and self._ddp_kwargs.get("find_unused_parameters"):
                     # DDP finds a step's unused parameters from the output of the forward it syncs: one
                     # forward for all partitions, or a parameter only an earlier partition reached would be
