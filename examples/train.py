@@ -93,8 +93,8 @@ def param_sha256(module: torch.nn.Module) -> str:
 # timeouts and the like may change between a run and its resume.
 EXPERIMENT_KEYS = ("seed", "code", "attack", "aggregator", "model", "data", "optimizer", "decode", "overlap",
                    "trainer.precision", "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes")
-# Another world size is refused by the library itself, in its own sentence, once the ranks have started (and the same
-# world may be spelled differently: devices=6, or devices=3 on num_nodes=2).
+# Another world size is refused by the library itself, in its own sentence, once the ranks have started (``world_of``);
+# the same world may be spelled differently (devices=6, or devices=3 on num_nodes=2).
 WORLD_KEYS = ("trainer.devices", "trainer.num_nodes")
 # What a run does about the liars it catches, and how it loads data: a resume may change them (a run stopped by
 # max_faulty_steps goes on under a higher limit).
@@ -116,6 +116,12 @@ def experiment(cfg: DictConfig) -> dict[str, Any]:
         node = OmegaConf.select(cfg, key, default=None)
         walk(key, OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node)
     return flat
+
+
+def world_of(values: dict[str, Any]) -> Optional[int]:
+    """The world size ``experiment`` values give, where they spell it as numbers (not ``devices=auto``)."""
+    devices, nodes = values.get("trainer.devices"), values.get("trainer.num_nodes", 1)
+    return devices * nodes if isinstance(devices, int) and isinstance(nodes, int) else None
 
 
 def saved_experiment(checkpoint: str) -> Optional[dict[str, Any]]:
@@ -261,6 +267,8 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[str]:
         return None
     newest = max(found, key=os.path.getmtime)
     saved = saved_experiment(newest)
+    if saved is not None and world_of(saved) is not None and world_of(saved) != world_of(experiment(cfg)):
+        saved = None  # another world size: the library refuses it, in its own sentence, once the ranks start
     if saved is not None:
         now = experiment(cfg)
         # A key only one side has is a version's difference, not the user's.

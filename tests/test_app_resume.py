@@ -60,12 +60,13 @@ def test_a_run_directory_is_resumed_only_by_the_experiment_that_wrote_it(tmp_pat
         with pytest.raises(SystemExit, match=r"^configuration error: resume=auto would continue"):
             train.fit(cfg, tmp_path)
     assert train.resume_path(compose_with("code=none", "aggregator=mean", "resume=never"), tmp_path) is None
-    # Another world size is left to the library, which refuses it in its own sentence (tests/launch/test_app.py);
-    # whatever else changed with it is still refused (the same world may be spelled devices=3 num_nodes=2).
-    other_world = compose_with("code=none", "aggregator=median", "trainer.devices=6", "attack.ranks=[2]")
-    assert train.resume_path(other_world, tmp_path) == path
+    # Another world size is left to the library, which refuses it in its own sentence (tests/launch/test_app.py),
+    # whatever else changed with it; the same world spelled otherwise (one rank on each of three nodes) is compared.
+    for other_world in (["trainer.devices=6"], ["trainer.devices=3", "trainer.num_nodes=2"]):
+        moved = compose_with("code=none", "aggregator=mean", "attack.ranks=[4]", *other_world)
+        assert train.resume_path(moved, tmp_path) == path
     with pytest.raises(ValueError, match=r"aggregator.name='median' there, 'mean' now"):
-        train.resume_path(compose_with("code=none", "aggregator=mean", "trainer.devices=3", "trainer.num_nodes=2",
+        train.resume_path(compose_with("code=none", "aggregator=mean", "trainer.devices=1", "trainer.num_nodes=3",
                                        "attack.ranks=[2]"), tmp_path)
     # What to do about caught liars may change: a run stopped by max_faulty_steps goes on under a higher limit.
     policy = compose_with("code=none", "aggregator=median", "trainer.devices=3", "attack.ranks=[2]",
