@@ -266,11 +266,9 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[str]:
     if not found:
         return None
     newest = max(found, key=os.path.getmtime)
-    saved = saved_experiment(newest)
-    if saved is not None and world_of(saved) is not None and world_of(saved) != world_of(experiment(cfg)):
-        saved = None  # another world size: the library refuses it, in its own sentence, once the ranks start
-    if saved is not None:
-        now = experiment(cfg)
+    saved, now = saved_experiment(newest), experiment(cfg)
+    # Another world size is left to the library, which refuses it in its own sentence once the ranks start.
+    if saved is not None and world_of(saved) in (None, world_of(now)):
         # A key only one side has is a version's difference, not the user's.
         changed = [key for key in sorted(saved.keys() & now.keys()) if saved[key] != now[key] and key not in WORLD_KEYS]
         if changed:
