@@ -755,11 +755,13 @@ def test_the_geometric_median_reads_no_scalar_inside_its_iterations():
             return func(*args, **(kwargs or {}))
 
     x = _close_cloud(9, 40, 0.0, seed=1)
-    reads = {}
     for iterations in (2, 20):
         rule = make_aggregator("geometric_median", 2, tol=1e-12, max_iter=iterations)
         with ScalarReads() as counted:
             rule(x)
-        assert rule.iterations == 2 * iterations  # tol 1e-12 does not stop them: from the mean, then the median
-        reads[iterations] = counted.count
-    assert reads == {2: 2, 20: 2}
+        # tol 1e-12 stops them only where the float32 iterate stops moving at all, which the CPU's matmul
+        # kernels decide (after 13 iterations on one machine, not within 20 on another); a read inside the
+        # iterations would count at least one per iteration.
+        assert rule.iterations >= min(iterations, 10)
+        restarted_from_the_median = rule.iterations > iterations
+        assert counted.count == 1 + restarted_from_the_median, (rule.iterations, counted.count)
