@@ -328,6 +328,9 @@ def fit(cfg: DictConfig, run_dir: Path, with_adversary: bool = True, comparison:
         "val_acc_per_epoch": record.val_acc,
         "final_val_acc": record.val_acc[-1] if record.val_acc else None,
         "faulty_counts": {str(k): v for k, v in sorted(strategy.faulty_counts.items())},
+        # With hosts, and kept across a requeue onto other nodes (where faulty_counts drops the node that lied).
+        "caught": strategy.ledger.caught(),
+        "quarantined": sorted(strategy.quarantined),
         "optimizer_steps": trainer.global_step,
         "skipped_steps": strategy.skipped_steps,
         "escalations": {k: v for k, v in strategy.escalation_stats.items() if k in ("steps", "groups")},
@@ -376,8 +379,15 @@ def train(cfg: DictConfig) -> float:
     return result["final_val_acc"] or 0.0
 
 
+def caught_line(row: dict) -> str:
+    """One caught rank of the summary, with the host it lied on (the node to check for a hardware fault)."""
+    where = f" on host {row['host']}" + (" before a resume" if row["before_resume"] else "")
+    return f"rank {row['rank']}{where} at {row['times_caught']} steps"
+
+
 def report(cfg: DictConfig, summary: dict, run_dir: Path) -> str:
-    caught = ", ".join(f"rank {r} at {n} steps" for r, n in summary["faulty_counts"].items())
+    caught = ", ".join(caught_line(row) for row in summary["caught"]) if "caught" in summary else ", ".join(
+        f"rank {r} at {n} steps" for r, n in summary["faulty_counts"].items())
     # Without a code no vote takes place: plain averaging and robust rules name no one, liars or not.
     caught = caught or ("nobody" if cfg.code.name != "none" else "no one can be (code=none names no liar)")
     liars = "no adversary" if cfg.attack.name == "none" else f"attack {cfg.attack.name!r} on ranks {cfg.attack.ranks}"
@@ -391,7 +401,8 @@ def report(cfg: DictConfig, summary: dict, run_dir: Path) -> str:
     lines = [
         "",
         f"DRACO {defence} on {summary['world_size']} ranks, {liars}.",
-        f"  caught: {caught}; skipped steps: {summary['skipped_steps']}",
+        f"  caught: {caught}; skipped steps: {summary['skipped_steps']}"
+        + (f"; quarantined: ranks {summary['quarantined']}" if summary.get("quarantined") else ""),
         f"  final validation accuracy {accuracy} after {summary['optimizer_steps']} steps"
         f" ({summary['wall_seconds']:.1f} s"
         + (f", of which {summary['train_seconds']:.1f} s training)" if "train_seconds" in summary else ")")

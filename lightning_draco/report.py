@@ -31,12 +31,18 @@ class FaultLedger:
         self.earlier: list[tuple[int, str, int, int]] = []
         self.steps = 0
         self.skipped_steps = 0
+        #: Steps that failed and raised (``on_decode_failure="raise"``): the fit stopped there.
+        self.failed_steps = 0
 
-    def record(self, step: int, caught: set[int], skipped: bool, decoders: frozenset[int] = frozenset()) -> list[str]:
+    def record(
+        self, step: int, caught: set[int], skipped: bool, decoders: frozenset[int] = frozenset(), failed: bool = False
+    ) -> list[str]:
         """Add one step's outcome; return the warnings it warrants (a rank caught for the first time).
-        ``decoders``: the caught ranks that were outvoted as decoders (sharded decoding)."""
+        ``decoders``: the caught ranks that were outvoted as decoders (sharded decoding); ``failed``: the step
+        failed and the fit stops with its error."""
         self.steps += 1
         self.skipped_steps += int(skipped)
+        self.failed_steps += int(failed)
         news = []
         for rank in sorted(caught):
             self.times_caught[rank] += 1
@@ -44,10 +50,10 @@ class FaultLedger:
                 self.first_caught[rank] = step
                 what = ("was outvoted as a decoder (it passed on a decoded shard the other decoders did not), or sent"
                         " a faulty gradient," if rank in decoders else "sent a faulty gradient")
+                then = "the step was skipped" if skipped else "the step failed" if failed else "the step decoded without it"
                 news.append(
                     f"DRACO: rank {rank} on host {self.hostname(rank)} {what} at step {step}; what it sent was set"
-                    " aside and the step decoded without it. Its count is logged as draco/times_caught/rank_"
-                    f"{rank}."
+                    f" aside and {then}. Its count is logged as draco/times_caught/rank_{rank}."
                 )
         return news
 
@@ -87,19 +93,34 @@ class FaultLedger:
 
     def summary(self) -> str:
         """The end-of-fit report: rank, host, times caught."""
-        lines = [f"DRACO report: {self.steps} steps decoded, {self.skipped_steps} skipped."]
-        if not self.times_caught and not self.earlier:
+        # ``steps`` counts the skipped and failed steps too: their decode failed (or gave a non-finite gradient).
+        decoded = self.steps - self.skipped_steps - self.failed_steps
+        failed = f", {self.failed_steps} failed" if self.failed_steps else ""
+        lines = [f"DRACO report: {decoded} steps decoded, {self.skipped_steps} skipped{failed}."]
+        rows = self.caught()
+        if not rows:
             lines.append("No rank was caught sending a faulty gradient.")
             return "\n".join(lines)
-        rows = [(rank, self.hostname(rank), count, self.first_caught[rank], "")
-                for rank, count in sorted(self.times_caught.items())]
-        rows += [(rank, host, count, first, f"  (before a resume; rank {rank} now runs on {self.hostname(rank)})")
-                 for rank, host, count, first in self.earlier]
-        width = max(len(host) for _, host, _, _, _ in rows)
+        width = max(len("host"), *(len(row["host"]) for row in rows))
         lines.append(f"{'rank':>4}  {'host':<{width}}  times caught  first at step")
-        for rank, host, count, first, note in rows:
-            lines.append(f"{rank:>4}  {host:<{width}}  {count:>12}  {first:>13}{note}")
+        for row in rows:
+            rank = row["rank"]
+            note = f"  (before a resume; rank {rank} now runs on {self.hostname(rank)})" if row["before_resume"] else ""
+            count, first = row["times_caught"], row["first_at_step"]
+            lines.append(f"{rank:>4}  {row['host']:<{width}}  {count:>12}  {first:>13}{note}")
         return "\n".join(lines)
+
+    def caught(self) -> list[dict]:
+        """Every rank caught, with the host it ran on: ``rank``, ``host``, ``times_caught``, ``first_at_step`` and
+        ``before_resume`` (caught on a host the rank no longer runs on, which ``counts`` leaves out). What a
+        run's summary should record: after a requeue onto other nodes, ``counts`` alone forgets the node that lied.
+        """
+        rows = [{"rank": rank, "host": self.hostname(rank), "times_caught": count,
+                 "first_at_step": self.first_caught[rank], "before_resume": False}
+                for rank, count in sorted(self.times_caught.items())]
+        rows += [{"rank": rank, "host": host, "times_caught": count, "first_at_step": first, "before_resume": True}
+                 for rank, host, count, first in self.earlier]
+        return rows
 
     def state_dict(self) -> dict:
         return {
@@ -109,6 +130,7 @@ class FaultLedger:
             "earlier": [list(entry) for entry in self.earlier],
             "steps": self.steps,
             "skipped_steps": self.skipped_steps,
+            "failed_steps": self.failed_steps,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -120,6 +142,7 @@ class FaultLedger:
         self.earlier = [(int(r), str(h), int(n), int(f)) for r, h, n, f in state.get("earlier", [])]
         self.steps = int(state["steps"])
         self.skipped_steps = int(state["skipped_steps"])
+        self.failed_steps = int(state.get("failed_steps", 0))  # absent from checkpoints of earlier versions
         saved = state.get("hostnames", [])
         for rank in sorted(self.times_caught):
             before = saved[rank] if rank < len(saved) else None

@@ -9,7 +9,7 @@ records the signal:
 2. After every optimizer step the PS broadcasts its flag: every rank acts at the same step, and
    no worker can trigger (or veto) a requeue.
 3. At the end of that batch (where Lightning's step checkpoints are taken, so resume is exact)
-   every rank writes ``hpc_ckpt_<n>.ckpt`` into ``default_root_dir``, rank 0 runs
+   every rank saves ``hpc_ckpt_<n>.ckpt`` into ``default_root_dir`` (``n`` as rank 0 found it), rank 0 runs
    ``scontrol requeue``, and the processes exit. The requeued job finds the checkpoint (Lightning
    resumes from the newest ``hpc_ckpt`` when ``ckpt_path`` is None under SLURM).
 """
@@ -64,17 +64,21 @@ class SlurmRequeue(Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self.agreed:
             return
-        path = hpc_save_path(trainer)
+        # Rank 0 writes the checkpoint, and names it from the files it sees; a PS on another rank writes its
+        # state beside it (``<checkpoint>.ps``) and must use the same name, though rank 0's file may already
+        # be there when it looks (the next number, a sidecar the resumed PS never finds).
+        path = trainer.strategy.broadcast(hpc_save_path(trainer), src=0)
         rank_zero_info(f"DRACO: SLURM asked to stop; saving {path} at step {trainer.global_step} and requeueing.")
         for logger in trainer.loggers:
             logger.finalize("requeued")
         trainer.save_checkpoint(path)  # returns on every rank once the file is complete
-        if trainer.is_global_zero:
-            _requeue()
+        # Not requeued (a job submitted with --no-requeue, a cluster with JobRequeue=0): the job stops here
+        # unfinished, so rank 0 exits with an error, which SLURM reports as FAILED, not COMPLETED.
+        not_requeued = trainer.is_global_zero and _requeue() != 0
         sys.stdout.flush()
         sys.stderr.flush()
-        # The job is requeued: SLURM will kill these processes; leave now, at a clean point.
-        os._exit(0)
+        # Leave now, at a clean point: a requeued job's processes are killed by SLURM anyway.
+        os._exit(1 if not_requeued else 0)
 
 
 def _requeue() -> Optional[int]:
@@ -82,5 +86,9 @@ def _requeue() -> Optional[int]:
     job = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array_job else os.environ["SLURM_JOB_ID"]
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
-        rank_zero_warn(f"DRACO: `scontrol requeue {job}` failed ({done.returncode}): {done.stderr.strip()}")
+        rank_zero_warn(
+            f"DRACO: `scontrol requeue {job}` failed ({done.returncode}): {done.stderr.strip()}. The job stops"
+            " unfinished, with exit status 1; its hpc_ckpt checkpoint is saved in the run directory (a job submitted"
+            " again resumes from it when given that directory: hydra.run.dir=...)."
+        )
     return done.returncode

@@ -128,9 +128,11 @@ stop() {
         pid=${proc#/proc/}
         [ "$pid" = $$ ] && continue
         local environ
-        environ=$(tr '\0' '\n' <"$proc/environ" 2>/dev/null) || continue
+        # Grouped, so that 2>/dev/null also covers the input redirection: a kernel thread's or a process of
+        # another user's environ opens but fails to read, and bash would print that for every such process.
+        environ=$( { tr '\0' '\n' <"$proc/environ"; } 2>/dev/null) || continue
         grep -qx "SLURM_CONF=$dir/slurm.conf" <<<"$environ" || continue
-        if grep -q "^SLURM_JOB_ID=" <<<"$environ" || [[ "$(tr '\0' ' ' <"$proc/cmdline" 2>/dev/null)" == slurmstepd* ]]; then
+        if grep -q "^SLURM_JOB_ID=" <<<"$environ" || [[ "$( { tr '\0' ' ' <"$proc/cmdline"; } 2>/dev/null)" == slurmstepd* ]]; then
             kill -9 "$pid" 2>/dev/null || true
         fi
     done

@@ -315,3 +315,15 @@ def test_the_report_names_the_rule_and_the_f_it_tolerates():
     krum = train.report(compose_with("code=none", "aggregator=krum", "aggregator.pre=[nnm]"), summary, Path("run"))
     assert "DRACO code=none, aggregator nnm + krum (f=1, over the whole step) on 6 ranks" in krum
     assert "DRACO code=frc s=1 on 6 ranks" in train.report(compose_with(), summary, Path("run"))
+
+
+def test_the_report_names_each_caught_ranks_host_and_keeps_a_node_that_lied_before_a_requeue():
+    summary = {
+        "faulty_counts": {"4": 3}, "final_val_acc": 0.5, "world_size": 6, "skipped_steps": 0, "optimizer_steps": 9,
+        "wall_seconds": 1.0, "quarantined": [4],
+        "caught": [{"rank": 4, "host": "node-b", "times_caught": 3, "first_at_step": 6, "before_resume": False},
+                   {"rank": 4, "host": "node-a", "times_caught": 5, "first_at_step": 0, "before_resume": True}],
+    }
+    text = train.report(compose_with(), summary, Path("run"))
+    assert ("caught: rank 4 on host node-b at 3 steps, rank 4 on host node-a before a resume at 5 steps;"
+            " skipped steps: 0; quarantined: ranks [4]") in text

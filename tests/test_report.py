@@ -40,8 +40,21 @@ def test_the_report_tabulates_rank_host_count_and_first_step():
     ledger.record(3, {1}, skipped=False)
     ledger.record(4, {1}, skipped=True)
     lines = ledger.summary().splitlines()
-    assert lines[0] == "DRACO report: 2 steps decoded, 1 skipped."
+    assert lines[0] == "DRACO report: 1 steps decoded, 1 skipped.", "a skipped step was not decoded"
     assert lines[-1].split() == ["1", "node-b", "2", "3"]
+
+
+def test_the_report_columns_line_up_under_their_headings_whatever_the_host_names_length():
+    for host in ["vm", "a-much-longer-host-name"]:
+        ledger = FaultLedger(["n0", host])
+        for step in range(12):
+            ledger.record(step, {1}, skipped=False)
+        heading, row = ledger.summary().splitlines()[1:]
+        for title, value in [("host", host), ("times caught", "12"), ("first at step", "0")]:
+            # Host names align left under their heading; the numbers end where their heading ends.
+            column = heading.index(title)
+            at = row.index(value, column - len(value) if title != "host" else 0)
+            assert (at == column) if title == "host" else (at + len(value) == column + len(title)), (heading, row)
 
 
 def test_state_round_trips_through_a_checkpoint():
@@ -93,3 +106,40 @@ def test_a_rank_outvoted_as_a_decoder_is_not_said_to_have_sent_a_faulty_gradient
     ledger = FaultLedger(["a", "b", "c"])
     [news] = ledger.record(3, {2}, skipped=False, decoders=frozenset({2}))
     assert "rank 2 on host c was outvoted as a decoder" in news and "or sent a faulty gradient, at step 3" in news
+
+
+def test_the_caught_list_keeps_the_node_that_lied_before_a_requeue_onto_other_nodes():
+    """What a run's summary records: the job was requeued and rank 1 now runs elsewhere, so ``counts`` (what
+    max_faulty_steps and quarantine see) forgets it, but the node that lied is still listed, with its host."""
+    before = FaultLedger(["a", "b", "c"])
+    before.record(0, {1}, skipped=False)
+    before.record(1, {1}, skipped=False)
+    after = FaultLedger(["a", "d", "c"])
+    after.load_state_dict(before.state_dict())
+    after.record(2, {2}, skipped=False)
+    assert after.counts() == {2: 1}
+    assert after.caught() == [
+        {"rank": 2, "host": "c", "times_caught": 1, "first_at_step": 2, "before_resume": False},
+        {"rank": 1, "host": "b", "times_caught": 2, "first_at_step": 0, "before_resume": True},
+    ]
+    assert FaultLedger(["a"]).caught() == []
+
+
+def test_a_catch_at_a_skipped_step_does_not_say_the_step_decoded():
+    """Without a parameter server a liar can both lie and report a failure: the step is skipped (skip mode),
+    and the liar, which every honest rank caught, is named."""
+    [news] = FaultLedger(["a", "b"]).record(6, {1}, skipped=True)
+    assert "rank 1 on host b sent a faulty gradient at step 6" in news and "the step was skipped" in news
+    assert "decoded without it" not in news
+
+
+def test_a_step_that_failed_and_stopped_the_fit_is_counted_as_failed_not_decoded():
+    ledger = FaultLedger(["a", "b", "c"])
+    ledger.record(0, set(), skipped=False)
+    ledger.record(1, set(), skipped=True)
+    (news,) = ledger.record(2, {1}, skipped=False, failed=True)
+    assert "set aside and the step failed." in news
+    assert ledger.summary().splitlines()[0] == "DRACO report: 1 steps decoded, 1 skipped, 1 failed."
+    resumed = FaultLedger(["a", "b", "c"])
+    resumed.load_state_dict(ledger.state_dict())
+    assert resumed.failed_steps == 1

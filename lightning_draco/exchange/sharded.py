@@ -57,10 +57,10 @@ def sharded_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futures
        and the at most ``s`` ranks it caught: ``1 + s`` integers per shard, whatever ``P``).
     5. Per shard, keep the copy that at least ``s+1`` decoders sent bit for bit; a rank is caught
        when ``s+1`` decoders of a shard name it; a decoder whose copy lost is caught too.
-    6. At the step's last bucket, one small all-reduce makes the step's outcome the same on every
-       rank: any rank's failure fails the step everywhere (a liar can stop a run, not change it),
-       and a rank is reported caught when at least ``s+1`` ranks found it so (a liar can neither
-       frame an honest rank nor keep its own name out).
+    6. At the step's last bucket, one small all-reduce: any rank's failure fails the step everywhere
+       (a liar can stop a run, not change it). Who was caught and whether the gradient is finite, every
+       honest rank already found alike in step 5 (it voted the same copies), so a liar's report can
+       neither frame an honest rank nor keep its own name out (``agree_on_step``).
 
     Returns a completed future of the voted mean, written into ``bucket.buffer()``.
     """
@@ -262,16 +262,22 @@ def record_failure(step, error: DracoDecodeError, index: int) -> None:
 
 
 def agree_on_step(state: ExchangeState, device: torch.device, index: int) -> None:
-    """One all-reduce (sum) of ``[failed, nonfinite, caught flags..., outvoted flags...]``: any rank's
-    failure fails the step on every rank, and a rank is reported when at least s+1 ranks report it.
+    """One all-reduce (sum) of ``[failed, nonfinite, caught flags..., outvoted flags...]``, after which any
+    rank's failure fails the step on every rank: a liar can stop a run, not change it.
 
-    An honest rank reports only liars: it names a rank that s+1 decoders named (one of them honest),
-    and a decoder whose copy lost to s+1 equal copies (honest decoders compute the same bytes). So
-    s+1 reports include an honest rank's, and no one is framed; and a liar cannot keep its own name
-    out by withholding its report, as it could when every rank had to agree.
+    Who was caught, and whether the gradient is finite, each rank takes from its own votes. Every rank voted
+    every shard from the same gathered copies, so each honest rank found exactly what the other honest ranks
+    (at least ``P - s >= s + 1`` of them) found, and only liars: a rank named by s+1 decoders of a shard (one
+    of them honest), a decoder whose copy lost to s+1 equal copies (honest decoders compute the same bytes).
+    The sum's other entries are not read (they are still sent: the traffic formulas count them): a liar may
+    add any integer to them, 2 to frame an honest rank at s = 1, or a negative count to keep its own name out
+    or to hide a NaN the honest ranks found.
+
+    A step this rank found failed (more than s liars) names nobody: colluders that won one shard's vote name
+    the honest member they outvoted, as through the parameter server.
     """
     setup, step = state.setup, state.outcome
-    world, s = setup.world_size, setup.code.num_adversaries
+    world = setup.world_size
     flags = torch.zeros(2 + 2 * world, dtype=torch.int32, device=device)
     flags[0] = int(step.failure is not None)
     flags[1] = int(step.nonfinite)
@@ -280,13 +286,12 @@ def agree_on_step(state: ExchangeState, device: torch.device, index: int) -> Non
     for r in step.decoders_outvoted:
         flags[2 + world + r] = 1
     collectives.all_reduce_sum(state, flags)
-    agreed = flags.tolist()
-    if agreed[0] and step.failure is None:
+    if step.failure is not None:
+        step.caught, step.decoders_outvoted = set(), set()
+        return
+    if int(flags[0]) != 0:
         record_failure(step, DracoDecodeError(
             "another rank found this step's decode failed (more than s ranks lied, or a liar reported a"
             " failure); every rank fails the step together.", [],
         ), index)
-    step.nonfinite = bool(agreed[1])
-    step.caught = {r for r in range(world) if agreed[2 + r] >= s + 1}
-    step.decoders_outvoted = {r for r in range(world) if agreed[2 + world + r] >= s + 1}
     step.caught |= step.decoders_outvoted

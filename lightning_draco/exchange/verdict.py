@@ -83,14 +83,20 @@ def judge(
 
 
 def record(state: ExchangeState, outcome: Tensor, error: Optional[DracoDecodeError], bucket: int) -> None:
-    """Add a bucket's agreed outcome to the step's: who was caught, a failure, a non-finite gradient."""
+    """Add a bucket's agreed outcome to the step's: who was caught, a failure, a non-finite gradient.
+
+    A step with a failed bucket names nobody: its failure shows more than ``s`` liars, and then another
+    bucket's vote may have been won by colluders, naming the honest member they outvoted."""
     flags = outcome.tolist()
     step = state.outcome
-    step.caught.update(r for r, flag in enumerate(flags[1:]) if flag == CAUGHT)
     if flags[0] == DecodeStatus.FAILED and step.failure is None:
         step.failure = error.at(step.step, bucket)
     elif flags[0] == DecodeStatus.NONFINITE:
         step.nonfinite = True
+    if step.failure is not None:
+        step.caught.clear()
+    else:
+        step.caught.update(r for r, flag in enumerate(flags[1:]) if flag == CAUGHT)
 
 
 def check_verdict(code: Code, faulty: list[int], trusted: Optional[int]) -> None:

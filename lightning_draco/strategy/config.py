@@ -134,6 +134,12 @@ class DracoConfig:
                 f"code={self.code!r} cannot decode sharded: its decode draws projections from the parameter server's"
                 " secret, which no other rank may hold; use decode='ps', or code='frc'."
             )
+        if self.decode == "sharded" and self.tolerance:
+            raise ValueError(
+                f"decode='sharded' needs tolerance None or 0 (got {self.tolerance!r}): its decoders' copies are voted"
+                " bit for bit, and a liar within the tolerance that sends each decoder another vector makes honest"
+                " decoders' copies differ, so an honest decoder is outvoted and named; use decode='ps'."
+            )
         if self.decode == "sharded" and self.aggregator is not None:
             raise ValueError(
                 "decode='sharded' cannot run an aggregator: robust rules need whole vectors on one rank; use"

@@ -16,8 +16,12 @@ def test_the_demo_catches_the_liar_and_ends_with_the_adversary_free_model(demo, 
     assert summary["identical_to_clean"] and summary["param_sha256"] == summary["clean_param_sha256"]
     assert len(summary["val_acc_per_epoch"]) == EPOCHS and summary["final_val_acc"] > 0.8
     assert summary["config"]["attack"]["name"] == "reverse" and summary["skipped_steps"] == 0
-    # What the user reads at the end of the run.
-    assert f"caught: rank 4 at {STEPS} steps" in output
+    host = summary["caught"][0]["host"]
+    assert summary["caught"] == [
+        {"rank": 4, "host": host, "times_caught": STEPS, "first_at_step": 0, "before_resume": False}]
+    assert summary["quarantined"] == []
+    # What the user reads at the end of the run: the rank, and the node to check.
+    assert f"caught: rank 4 on host {host} at {STEPS} steps" in output
     assert "model IDENTICAL to the adversary-free run" in output
     assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,10 +50,11 @@ def finished(env: dict, job: str) -> bool:
     return job_field(env, job, "JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
 
 
-def test_sbatch_on_two_nodes_requeued_mid_epoch_trains_the_model_of_the_local_run(slurm, tmp_path, reference):
-    """One job covers both paths a user's sbatch takes: the first run on two nodes, and the run after a
-    requeue (the time limit's signal) that resumes inside an epoch; each wait names the stage it got stuck in."""
-    job = submit(slurm, tmp_path, *BASE)
+def requeued_job(slurm: dict, tmp_path, *overrides: str) -> tuple[str, Path]:
+    """Submit the sbatch script, send it the time limit's signal once it has checkpointed, wait until the
+    requeued job has ended, COMPLETED; return the job id and its run directory. Each wait names the stage it
+    got stuck in."""
+    job = submit(slurm, tmp_path, *BASE, *overrides)
     run_dir = tmp_path / "outputs" / f"slurm-{job}"
     assert wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), timeout=300), "training never started"
     # What SLURM sends --signal=SIGUSR1@90 before the time limit.
@@ -66,6 +68,13 @@ def test_sbatch_on_two_nodes_requeued_mid_epoch_trains_the_model_of_the_local_ru
     slurm_cmd(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now+2")
     assert wait_for(lambda: finished(slurm, job), timeout=400, every=1)
     assert job_field(slurm, job, "JobState") == "COMPLETED", (tmp_path / f"job-{job}.out").read_text()[-5000:]
+    return job, run_dir
+
+
+def test_sbatch_on_two_nodes_requeued_mid_epoch_trains_the_model_of_the_local_run(slurm, tmp_path, reference):
+    """One job covers both paths a user's sbatch takes: the first run on two nodes, and the run after a
+    requeue (the time limit's signal) that resumes inside an epoch."""
+    job, run_dir = requeued_job(slurm, tmp_path)
     summary = read_summary(run_dir)
     assert summary["world_size"] == 6 and summary["config"]["trainer"]["num_nodes"] == 2
     assert summary["resumed_from"] == str(run_dir / "hpc_ckpt_1.ckpt")
@@ -73,6 +82,21 @@ def test_sbatch_on_two_nodes_requeued_mid_epoch_trains_the_model_of_the_local_ru
     assert 0 < step < STEPS and step % STEPS_PER_EPOCH != 0, "resumed inside an epoch"
     assert summary["param_sha256"] == reference["param_sha256"]
     assert summary["faulty_counts"] == {"4": STEPS} and len(summary["val_acc_per_epoch"]) == EPOCHS
+
+
+def test_a_requeue_with_the_parameter_server_on_the_second_node_resumes_with_its_state(slurm, tmp_path):
+    """The PS on rank 3 (node2) writes its secret beside rank 0's requeue checkpoint, under the same name, and
+    the requeued job reads it back there: no "is missing" warning, and the model of the uninterrupted local
+    run with the PS on rank 3 (whose buffers, copied to every rank, are the model's)."""
+    job, run_dir = requeued_job(slurm, tmp_path, "code.ps_rank=3")
+    summary = read_summary(run_dir)
+    assert summary["resumed_from"] == str(run_dir / "hpc_ckpt_1.ckpt")
+    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*")) == ["hpc_ckpt_1.ckpt", "hpc_ckpt_1.ckpt.ps"]
+    assert "is missing" not in (tmp_path / f"job-{job}.out").read_text()
+    local = run_app([*BASE, "code.ps_rank=3", f"hydra.run.dir={tmp_path / 'local'}"], cwd=tmp_path)
+    assert local.returncode == 0, explain(local)
+    assert summary["param_sha256"] == read_summary(tmp_path / "local")["param_sha256"]
+    assert summary["faulty_counts"] == {"4": STEPS}
 
 
 def test_a_sweep_through_the_submitit_launcher(slurm, tmp_path, reference):
