@@ -71,3 +71,12 @@ def pytest_collection_modifyitems(config, items):
     modules (a module's tests share its multi-rank job or compiled kernels) in the order collected: the
     longest start first, and the single-process modules fill in beside them."""
     items.sort(key=_order)
+
+
+@pytest.fixture
+def no_process_group_left():
+    """For tests that fit on one rank in the test's own process: Lightning leaves the process group it made, and
+    a later test in the same worker would find one (and take it for a launch that did not end)."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -2,9 +2,12 @@
 
 import logging
 import os
+import struct
+import zipfile
 
 import torch
 
+from lightning_draco.codes import make_code
 from lightning_draco.strategy import checkpoint as ckpt
 
 
@@ -39,4 +42,47 @@ def test_the_ps_state_inside_rank_zeros_checkpoint_needs_no_sidecar(tmp_path, ca
     saved = {"projection_secret": 7, "aggregator": {}, "decoder": {}}
     with caplog.at_level(logging.WARNING):
         assert ckpt.read_ps_state(saved, tmp_path / "nowhere.ckpt") is saved
+    assert caplog.text == ""
+
+
+def _as_written_on_gpu(path, device=b"cuda:7"):
+    """Rewrite a ``torch.save`` file so that its tensors say they were saved from ``device``: a sidecar that a PS
+    on a GPU wrote, made without one (the storage location is a string in the archive's pickle)."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [(item, archive.read(item.filename)) for item in archive.infolist()]
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for item, data in entries:
+            if item.filename.endswith("data.pkl"):
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X" + struct.pack("<I", len(device)) + device)
+            archive.writestr(item, data)
+
+
+def test_a_sidecar_written_on_a_gpu_resumes_where_that_gpu_is_not(tmp_path):
+    """Before: torch.load failed on the PS ("Attempting to deserialize object on a CUDA device ...") when the PS
+    resumed on a machine without the GPU the sidecar was written from (fewer GPUs per node, another ps_rank).
+    Rank 0's checkpoint is loaded onto the CPU by Lightning; the sidecar is too, and the rule moves its state."""
+    path = tmp_path / "epoch=0-step=4.ckpt"
+    torch.save({"state_dict": {}}, path)
+    anchor = torch.arange(3.0)
+    torch.save({"projection_secret": 1234, "aggregator": {"anchor": anchor}, "decoder": {}}, ckpt.ps_sidecar(path))
+    _as_written_on_gpu(ckpt.ps_sidecar(path))
+    state = ckpt.read_ps_state({}, path)
+    assert state["projection_secret"] == 1234
+    assert state["aggregator"]["anchor"].device.type == "cpu" and torch.equal(state["aggregator"]["anchor"], anchor)
+
+
+def test_a_sidecar_written_at_another_step_than_its_checkpoint_is_not_loaded_and_says_so(tmp_path, caplog):
+    """The PS writes its sidecar apart from rank 0's checkpoint: a process killed between the two writes leaves a
+    checkpoint of step 5 beside the state of step 4, which loaded silently would put centred clipping's anchor one
+    step behind the model."""
+    code = make_code("frc", 3, 1)
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "global_step": 5}, path)
+    torch.save(ckpt.ps_state(1234, code, global_step=4), ckpt.ps_sidecar(path))
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.read_ps_state({}, path, global_step=5) == {}
+    assert f"{path}.ps, the parameter server's state, was written at step 4, but {path} at step 5" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.read_ps_state({}, path, global_step=4)["projection_secret"] == 1234
     assert caplog.text == ""

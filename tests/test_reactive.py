@@ -270,3 +270,56 @@ def test_noise_one_escalated_group_shows_spares_an_honest_copy_in_another():
     # A liar beyond the noise is still named, in the group it lied in.
     group_1[1] = sums[1] * 1.01
     assert code.settle({2: sums[2]}, {0: group_0, 1: group_1}, 0).faulty == [code.holders(1, 0)[1]]
+
+
+# -- an honest overflow (float16 under a GradScaler) ------------------------------------------------
+def _overflowed(value, k, where=5):
+    """An honest replica under non-deterministic kernels (off by ``1e-7 k``) that overflowed at ``where``."""
+    replica = value * (1 + 1e-7 * k)
+    replica[where] = float("inf")
+    return replica
+
+
+def test_noisy_replicas_that_all_overflowed_agree_without_a_vote_and_the_total_is_not_finite():
+    """Before: with a learned noise floor, a group whose honest replicas all overflowed (non-finite, not bitwise
+    equal) escalated, and its vote raised DracoDecodeError naming the group and its helper, honest all three,
+    where a GradScaler would have skipped the step."""
+    code = ReactiveRepetitionCode(6, 1)
+    code.noise_floor = 1e-7
+    received = _group_sums(code)
+    received[0], received[1] = _overflowed(received[0], 0), _overflowed(received[1], 1)
+    assert code.detect(received) == [True, True, True]
+    assert not bool(torch.isfinite(code.decode(received).total).all())
+
+
+@pytest.mark.parametrize("third", ["overflowed", "finite", "liar"])
+def test_a_group_with_s_plus_1_noisy_overflowed_copies_is_not_finite_and_names_nobody(third):
+    """Before: its vote raised DracoDecodeError naming the group's three holders (step 0 of a float16 run whose
+    first scale overflows, with replicas that are not bitwise equal). An honest one of the s+1 non-finite copies
+    makes the group's value non-finite: the step is not applied, whatever the third copy says."""
+    code = ReactiveRepetitionCode(6, 1)
+    sums = _group_sums(code)
+    third_copy = {"overflowed": _overflowed(sums[0], 2), "finite": sums[0] * (1 + 2e-7), "liar": -100 * sums[0]}
+    copies = torch.stack([_overflowed(sums[0], 0), _overflowed(sums[0], 1), third_copy[third]])
+    result = code.settle({1: sums[2], 2: sums[4]}, {0: copies}, 0)
+    assert result.faulty == []
+    assert not bool(torch.isfinite(result.total).all())
+
+
+def test_an_overflowed_group_beside_a_voted_one_leaves_that_groups_liar_named():
+    code = ReactiveRepetitionCode(6, 1)
+    sums = _group_sums(code)
+    overflowed = torch.stack([_overflowed(sums[0], 0), _overflowed(sums[0], 1), _overflowed(sums[0], 2)])
+    lied, _ = _copies(code, sums, 1, 0, {3: -100 * sums[2]})
+    assert code.settle({2: sums[4]}, {0: overflowed, 1: lied}, 0).faulty == [3]
+
+
+def test_bitwise_equal_overflowed_copies_still_win_the_vote_and_name_the_liar():
+    """Replicas that overflowed alike (the CPU's, bit for bit) are a bitwise class: the vote names the liar."""
+    code = ReactiveRepetitionCode(6, 1)
+    sums = _group_sums(code)
+    honest = _overflowed(sums[0], 0)
+    copies, _ = _copies(code, sums, 0, 0, {h: honest for h in code.holders(0, 0)} | {1: -honest})
+    result = code.settle({1: sums[2], 2: sums[4]}, {0: copies}, 0)
+    assert result.faulty == [1]
+    assert not bool(torch.isfinite(result.total).all())

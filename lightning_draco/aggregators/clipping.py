@@ -19,7 +19,10 @@ class CenteredClipping(Aggregator):
     (zero at the first call); ``tau`` defaults to 100:
 
     1. Find the non-finite inputs with one cheap pass; they contribute nothing (as if clipped
-       to zero length), and only then are the finite rows copied out.
+       to zero length), and only then are the finite rows copied out. With no finite input the
+       result is NaN and the anchor stays (as the geometric median's): the previous step's
+       result again would be applied as this step's gradient, where the step must fail
+       (``NonFiniteGradientError``, or skipped with ``on_decode_failure="skip"``).
     2. c_i = min(1, tau / ||x_i - v||) for each input.
     3. v <- v + (1/n) sum_i c_i (x_i - v) = v (1 - sum_i c_i / n) + (sum_i c_i x_i) / n.
 
@@ -56,6 +59,8 @@ class CenteredClipping(Aggregator):
         v = v.to(x.dtype)
         finite = finite_rows(x)
         if finite is not None:
+            if not bool(finite.any()):
+                return torch.full_like(inputs[0], float("nan"))
             x = x[finite]
         for _ in range(self.iterations):
             norms = distances_to(x, v)

@@ -147,8 +147,9 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         """Per group, whether its members' vectors agree (``received``: ``(P, d)``).
 
         Bit for bit first (one comparison of each member with the first); a group that differs
-        agrees only if every pair is finite and within ``detection_radius``. An agreeing group's
-        value is its first member's vector.
+        agrees only if every pair is finite and within ``detection_radius``, or, within a radius, if no
+        member is finite: its honest member's value is then not finite either (an overflow that a
+        GradScaler skips), and no vote could say more. An agreeing group's value is its first member's.
         """
         self._check_received(received)
         r = self.redundancy
@@ -163,7 +164,7 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
             for g in range(self.num_groups):
                 if not agree[g]:
                     relative, finite = relative_distances(rows[g], self.chunk_size)
-                    agree[g] = bool(finite.all()) and bool((relative <= radius).all())
+                    agree[g] = bool(finite.all()) and bool((relative <= radius).all()) or not bool(finite.any())
         return agree
 
     def total(self, values: list[Tensor]) -> Tensor:
@@ -204,12 +205,52 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         named: nothing in its own group shows the noise). Returns each group's winning value
         (accumulation dtype) and the holders whose copy differs from it. A tolerance vote's noise
         floor becomes ``noise_floor`` (replicas are not bitwise equal here).
+
+        A group with ``s+1`` non-finite copies and no bitwise class is not voted: one of those copies is
+        honest, so the group's value is not finite (an overflow that a GradScaler skips, or a diverged
+        model), whatever the others sent. Its first non-finite copy is its value and nobody in it is
+        named: honest copies that overflowed apart hold no common value to vote, and the step is not
+        applied.
         """
         s = self.num_adversaries
         width = 2 * s + 1
         for group_copies, group_holders in zip(copies, holders):
             if group_copies.shape[0] != width or len(group_holders) != width:
                 raise ValueError(f"an escalated group is voted over 2s+1 = {width} copies (got {group_copies.shape[0]}).")
+        values: list[Optional[Tensor]] = [self._overflowed_value(group_copies) for group_copies in copies]
+        voted = [i for i, value in enumerate(values) if value is None]
+        faulty: list[int] = []
+        if voted:
+            won, faulty = self._vote_together([copies[i] for i in voted], [holders[i] for i in voted])
+            for i, value in zip(voted, won):
+                values[i] = value
+        return values, faulty
+
+    def _overflowed_value(self, copies: Tensor) -> Optional[Tensor]:
+        """The value of a group whose ``2s+1`` copies hold ``s+1`` non-finite ones and no bitwise class of ``s+1``
+        (its first non-finite copy, in the accumulation dtype); ``None`` for a group the vote settles."""
+        need = self.num_adversaries + 1
+        # A finite row sum proves its row finite (one cheap pass); only the others are checked entry by entry.
+        suspects = (~torch.isfinite(copies.sum(dim=1))).nonzero().flatten().tolist()
+        nonfinite = [m for m in suspects if not bool(torch.isfinite(copies[m]).all())]
+        if len(nonfinite) < need:
+            return None
+        bits = copies.view(bits_dtype(copies))
+        classes: list[list[int]] = []
+        for m in range(copies.shape[0]):
+            same = next((members for members in classes if same_bytes(bits[m], bits[members[0]])), None)
+            if same is None:
+                classes.append([m])
+            else:
+                same.append(m)
+        if any(len(members) >= need for members in classes):
+            return None
+        return copies[nonfinite[0]].to(accumulation_dtype(copies.dtype))
+
+    def _vote_together(self, copies: list[Tensor], holders: list[list[int]]) -> tuple[list[Tensor], list[int]]:
+        """``vote_groups`` of groups that the vote settles: the one-shot code's vote over them together."""
+        s = self.num_adversaries
+        width = 2 * s + 1
         voter = self._voters.get(len(copies))
         if voter is None:
             voter = self._voters[len(copies)] = FractionalRepetitionCode(

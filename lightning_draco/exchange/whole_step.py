@@ -48,7 +48,9 @@ def whole_step_hook(state: ExchangeState, bucket: dist.GradBucket) -> torch.futu
     if setup.is_ps:
         order = assembly.order(coded.device)
         whole = assembly.received(setup.world_size, coded)[:, : assembly.offset].index_select(1, order)
-        secret = setup.projection_generator(state.outcome.step, index, coded.device)
+        # Keyed by the step alone: the step's last bucket index changes when DDP rebuilds its buckets after a
+        # process's first step, and a resumed fit's first step would then draw other randomness.
+        secret = setup.projection_generator(state.outcome.step, 0, coded.device)
         verdict = decode(state, whole, index, trusted=setup.ps_rank, generator=secret)
         if verdict.mean is not None:
             verdict = verdict._replace(mean=torch.empty_like(verdict.mean).index_copy_(0, order, verdict.mean))
