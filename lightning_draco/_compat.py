@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 import lightning
 import torch
 import torch.distributed as dist
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loops import _FitLoop
 from lightning.pytorch.plugins.precision import HalfPrecision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
@@ -32,6 +34,7 @@ __all__ = [
     "hpc_save_path",
     "kill_launched_processes",
     "set_process_group_timeout",
+    "skips_backward",
     "unflatten_dense_tensors",
     "update_dataloader",
     "wrapped_sampler",
@@ -54,6 +57,9 @@ _require(_SubprocessScriptLauncher, "kill", "a rank that fails alone ends the ra
 for _hook in ("get_extra_results", "update_main_process_results"):
     _require(_MultiProcessingLauncher, _hook, "spawned or forked ranks hand DRACO's results to the main process")
 _require(_CheckpointConnector, "hpc_save_path", "the SLURM requeue names its checkpoint with it")
+_require(LightningModule, "_on_before_batch_transfer", "DRACO runs on_before_batch_transfer once per partition")
+_require(_FitLoop, "_skip_backward", "reactive mode lets an epoch without backward (StochasticWeightAveraging's) raise"
+         " accumulate_grad_batches")
 
 if not hasattr(DistributedSamplerWrapper([0], num_replicas=1, rank=0).dataset, "_sampler"):
     raise ImportError(
@@ -85,6 +91,12 @@ def kill_launched_processes(launcher: Any, grace: float = 2.0) -> None:
         while time.monotonic() < deadline and any(proc.poll() is None for proc in launcher.procs):
             time.sleep(0.05)
         launcher.kill(signal.SIGKILL)
+
+
+def skips_backward(trainer: Any) -> bool:
+    """Whether the fit loop runs its training steps without a backward (StochasticWeightAveraging's last epoch,
+    which recomputes BatchNorm statistics, sets it with an ``accumulate_grad_batches`` of the epoch's length)."""
+    return bool(trainer.fit_loop._skip_backward)
 
 
 def hpc_save_path(trainer: Any) -> str:

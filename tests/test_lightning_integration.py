@@ -208,6 +208,26 @@ def test_hooks_get_the_first_partitions_batch_while_installed():
         module.on_train_batch_start(batch, 0)  # unwrapped: four fields do not unpack into two
 
 
+class _DataModule(L.LightningDataModule):
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x + 1, y
+
+
+def test_on_before_batch_transfer_lets_the_partition_batch_through_for_the_strategy_to_run_per_partition():
+    module, data = _Module(), _DataModule()
+    view = BatchHookView()
+    view.install(SimpleNamespace(lightning_module=module, callbacks=[], datamodule=data))
+    batch = PartitionBatch([(torch.zeros(2), torch.ones(2))], [0], 0, 0)
+    # Lightning's hook selector still finds the datamodule's override, not the module's default.
+    assert is_overridden("on_before_batch_transfer", data) and not is_overridden("on_before_batch_transfer", module)
+    assert data.on_before_batch_transfer(batch, 0) is batch and module.on_before_batch_transfer(batch, 0) is batch
+    x, y = data.on_before_batch_transfer(batch.batches[0], 0)  # what the strategy passes: one partition's batch
+    assert torch.equal(x, torch.ones(2)) and torch.equal(y, torch.ones(2))
+    view.uninstall()
+    assert "on_before_batch_transfer" not in vars(data) and "on_before_batch_transfer" not in vars(module)
+
+
 def test_uninstall_restores_a_hook_set_on_the_instance():
     module = _Module()
     own = lambda batch, batch_idx: ("own", batch)  # noqa: E731

@@ -1,6 +1,7 @@
 """DracoStrategy refuses bad settings before any training, with one sentence naming the parameter."""
 
 import copy
+import logging
 import multiprocessing
 import pickle
 import re
@@ -45,6 +46,7 @@ def test_import_registers_the_name_once():
         (dict(code="none", aggregator="average"), r"aggregator must be one of bulyan, centered_clipping"),
         (dict(code="none", aggregator="krum", aggregate_over="layer"), r"aggregate_over must be one of whole, bucket"),
         (dict(timeout=0), r"timeout must be a positive number of seconds or a timedelta \(got 0\)"),
+        (dict(decode="sharded", tolerance=1e-3), r"decode='sharded' needs tolerance None or 0 \(got 0.001\)"),
         (dict(overlap=True, find_unused_parameters=True),
          r"overlap=True cannot be combined with find_unused_parameters=True: DDP all-reduces"),
     ],
@@ -232,6 +234,22 @@ def test_an_error_on_one_rank_ends_the_launched_ranks_but_an_agreed_one_does_not
     assert len(killed) == 1
 
 
+def test_a_fit_ended_by_a_failed_decode_still_prints_who_was_caught_before_it(caplog):
+    from lightning_draco import DracoDecodeError
+
+    strategy = DracoStrategy()
+    strategy.ledger = FaultLedger(["node-a", "node-b", "node-c"])
+    for step in range(3):
+        strategy.ledger.record(step, {2}, skipped=False)
+    with caplog.at_level(logging.INFO):
+        strategy.on_exception(strategy._agreed(DracoDecodeError("more than s ranks lied", [])))
+    assert "   2  node-c" in caplog.text and "The fit stopped with the error below." in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        strategy.on_exception(strategy._agreed(ValueError("a refused setting")))
+    assert "DRACO report" not in caplog.text
+
+
 def test_a_rank_that_stops_says_why_in_one_line_before_it_ends_the_ranks_it_launched(monkeypatch, caplog):
     from lightning.fabric.plugins.environments import LightningEnvironment
 
@@ -262,8 +280,8 @@ def test_a_rank_that_stops_says_why_in_one_line_before_it_ends_the_ranks_it_laun
     assert not caplog.records
 
 
-def test_a_collective_failure_on_the_communication_thread_reaches_lightning_as_itself(monkeypatch):
-    from lightning.pytorch.strategies import DDPStrategy
+def test_a_collective_failure_on_the_communication_thread_reaches_lightning_as_itself():
+    from lightning.pytorch.plugins.precision import Precision
 
     from lightning_draco import CollectiveFailedError
 
@@ -273,11 +291,15 @@ def test_a_collective_failure_on_the_communication_thread_reaches_lightning_as_i
     strategy._coded_step = type("NoSideGradients", (), {"add_side_gradients": lambda self: None})()
     strategy._exchange = type("Exchange", (), {"failed": None})()
 
-    def backward(self, *args, **kwargs):
-        # What DDP raises when a hook's future was failed on another thread.
-        raise RuntimeError(f"Unable to cast {failure} to Tensor")
+    class FailedBackward(Precision):
+        def pre_backward(self, tensor, module):
+            return tensor
 
-    monkeypatch.setattr(DDPStrategy, "backward", backward)
+        def backward(self, *args, **kwargs):
+            # What DDP raises when a hook's future was failed on another thread.
+            raise RuntimeError(f"Unable to cast {failure} to Tensor")
+
+    strategy.precision_plugin = FailedBackward()
     with pytest.raises(RuntimeError, match="^Unable to cast"):  # no failure recorded: DDP's error as it is
         strategy.backward(None, None)
     strategy._exchange.failed = failure

@@ -417,7 +417,8 @@ class DracoStrategy(DDPStrategy):
             ))
 
     def _refuse_reactive_accumulation(self, trainer: "pl.Trainer") -> None:
-        if self.config.reactive and int(trainer.accumulate_grad_batches) > 1:
+        # Steps without a backward (StochasticWeightAveraging's last epoch) accumulate no gradient to recompute.
+        if self.config.reactive and int(trainer.accumulate_grad_batches) > 1 and not _compat.skips_backward(trainer):
             raise self._agreed(ValueError(
                 f"redundancy_mode='reactive' supports accumulate_grad_batches=1 only (got"
                 f" {trainer.accumulate_grad_batches}): a group recomputed after the step's last micro-batch would"
@@ -531,9 +532,16 @@ class DracoStrategy(DDPStrategy):
         self, part: Any, partition: int, epoch: int, index: int, device: Optional[torch.device] = None,
         dataloader_idx: int = 0,
     ) -> Any:
-        """One partition's batch through Lightning's transfer hooks, under that partition's transfer seed."""
+        """One partition's batch through Lightning's batch hooks (``on_before_batch_transfer``, which let the
+        ``PartitionBatch`` through, then the transfer hooks), under that partition's transfer seed."""
         with seeded_rng(transfer_seed(self.seed, epoch, index, partition), self.root_device):
+            part = self.lightning_module._on_before_batch_transfer(part, dataloader_idx)
             return super().batch_to_device(part, device, dataloader_idx)
+
+    def _replay_to_device(self, part: Any, partition: int, epoch: int, index: int) -> Any:
+        """A partition's batch loaded by index (reactive mode's replay) as Lightning's loop treats a loaded
+        batch before ``batch_to_device``: the precision's input conversion (``*-true``, ``64-true``) first."""
+        return self._partition_to_device(self.precision_plugin.convert_input(part), partition, epoch, index)
 
     def _check_replay(self, batch: PartitionBatch) -> None:
         """Reactive mode: helpers load a partition's batch by index; it must be the batch its holders loaded.
@@ -546,7 +554,8 @@ class DracoStrategy(DDPStrategy):
                 replayed = self._train_loader.replay(partition, batch.epoch, batch.index)
             except ValueError as error:  # the same loader on every rank: every rank raises it here
                 raise self._agreed(error)
-            if batch_digest(replayed) != batch_digest(part):
+            # ``part`` went through the precision's input conversion, as every loaded batch does.
+            if batch_digest(self.precision_plugin.convert_input(replayed)) != batch_digest(part):
                 mismatched.append(partition)
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, mismatched)
@@ -652,10 +661,16 @@ class DracoStrategy(DDPStrategy):
 
     @override
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        """``Strategy.backward``, with reactive mode's disagreeing groups settled between the backward and
+        the precision plugin's ``post_backward``: ``on_after_backward`` (module and callbacks) sees, and may
+        change, the step's decoded gradient, as under DDP, not one the settling then overwrites."""
         self._backward_ran = True
         self._coded_step.add_side_gradients()
+        module = self.lightning_module
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
         try:
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
+            self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
         except RuntimeError as error:
             failed = self._exchange.failed if self._exchange is not None else None
             if failed is None or failed is error:
@@ -663,6 +678,11 @@ class DracoStrategy(DDPStrategy):
             # On the communication thread (overlap) the failure reached DDP through a future, which DDP
             # reads back as a plain RuntimeError ("Unable to cast ... to Tensor"): raise the exchange's own.
             raise failed from failed.__cause__
+        if self._escalation is not None and self._exchange.outcome.buckets:
+            self._settle_escalations()
+        closure_loss = self.precision_plugin.post_backward(closure_loss, module)
+        self.post_backward(closure_loss)
+        return closure_loss
 
     @override
     def optimizer_step(
@@ -687,9 +707,7 @@ class DracoStrategy(DDPStrategy):
             self._quarantine()  # from the ledger, the same on every rank (also right after a resume)
         self._exchange.begin_step(step)
         self._backward_ran = False
-        result = closure()
-        if self._escalation is not None and self._exchange.outcome.buckets:
-            self._settle_escalations()
+        result = closure()  # reactive mode settles its escalations in backward
         outcome = self._exchange.outcome
         if not self._backward_ran:
             # Lightning skipped the backward on every rank (StochasticWeightAveraging's last epoch only
@@ -729,7 +747,8 @@ class DracoStrategy(DDPStrategy):
             )
         skip = error is not None and self.config.on_decode_failure == "skip"
         self._skip.skipping = error is not None
-        self._record(trainer, step, outcome.caught, skipped=skip, decoders=frozenset(outcome.decoders_outvoted))
+        self._record(trainer, step, outcome.caught, skipped=skip, decoders=frozenset(outcome.decoders_outvoted),
+                     failed=error is not None and not skip)
         if error is not None and not skip:
             raise self._agreed(error)
         if error is not None:
@@ -792,7 +811,7 @@ class DracoStrategy(DDPStrategy):
             self._exchange,
             self._last_batch,
             self._train_loader,
-            self._partition_to_device,
+            self._replay_to_device,
             self._recompute_forward,
             self.lightning_module,
             [p for p in self.lightning_module.parameters() if p.requires_grad],
@@ -816,9 +835,10 @@ class DracoStrategy(DDPStrategy):
         self._exchange.forced = frozenset(self.code.group_of(rank) for rank in self.quarantined)
 
     def _record(
-        self, trainer: "pl.Trainer", step: int, caught: set[int], skipped: bool, decoders: frozenset[int] = frozenset()
+        self, trainer: "pl.Trainer", step: int, caught: set[int], skipped: bool, decoders: frozenset[int] = frozenset(),
+        failed: bool = False,
     ) -> None:
-        for message in self.ledger.record(step, caught, skipped, decoders):
+        for message in self.ledger.record(step, caught, skipped, decoders, failed):
             rank_zero_warn(message)
         if self.global_rank == 0 and self.ledger.should_log(step, caught, skipped, trainer.log_every_n_steps):
             metrics = {**self.ledger.metrics(caught), **self._exchange_metrics()}
@@ -973,6 +993,9 @@ class DracoStrategy(DDPStrategy):
             for arg in exception.args
         )
         super().on_exception(exception)
+        if exception is self._agreed_failure and isinstance(exception, (DracoDecodeError, NonFiniteGradientError)):
+            # The fit ends here, without on_train_end: who was caught before the failing step still matters.
+            rank_zero_info(f"{self.ledger.summary()}\nThe fit stopped with the error below.")
         if exception is self._agreed_failure:
             return
         if self.world_size > 1 and not isinstance(exception, CollectiveFailedError):  # that one is logged already
@@ -996,8 +1019,11 @@ class DracoStrategy(DDPStrategy):
         (rank 0's checkpoint when the PS is rank 0, else ``<checkpoint>.ps``: see checkpoint.py)."""
         conditions = self.config.resume_conditions(self.world_size)
         checkpoint[ckpt.CHECKPOINT_KEY] = {**conditions, "ledger": self.ledger.state_dict()}
+        if self._escalation is not None:  # the same on every rank; as the ledger's counts, they go on after a resume
+            checkpoint[ckpt.CHECKPOINT_KEY]["escalations"] = {
+                "steps": self._escalation.steps, "groups": self._escalation.groups}
         if self._exchange is not None and self.is_ps:
-            ps_state = ckpt.ps_state(self._exchange.setup.secret, self.code)
+            ps_state = ckpt.ps_state(self._exchange.setup.secret, self.code, checkpoint.get("global_step"))
             if self.global_rank == 0:
                 checkpoint[ckpt.CHECKPOINT_KEY].update(ps_state)
             else:
@@ -1029,6 +1055,7 @@ class DracoStrategy(DDPStrategy):
             return checkpoint
         saved = checkpoint.get(ckpt.CHECKPOINT_KEY)
         if saved is None:
+            ckpt.start_the_next_epoch(checkpoint)  # Lightning's own counts, which a DDP checkpoint has too
             if ckpt.inside_an_epoch(checkpoint):
                 rank_zero_warn(
                     f"{checkpoint_path} was written without DracoStrategy, inside an epoch: DRACO's training loader"
@@ -1042,8 +1069,12 @@ class DracoStrategy(DDPStrategy):
             raise self._agreed(error)  # every rank reads the same file
         ckpt.rewind_to_step_start(checkpoint)
         self.ledger.load_state_dict(saved["ledger"])
+        if self._escalation is not None and "escalations" in saved:
+            self._escalation.steps = int(saved["escalations"]["steps"])
+            self._escalation.groups = int(saved["escalations"]["groups"])
         if self._exchange is not None and self.is_ps:
-            secret = ckpt.restore_ps_state(ckpt.read_ps_state(saved, checkpoint_path), self.code)
+            state = ckpt.read_ps_state(saved, checkpoint_path, checkpoint.get("global_step"))
+            secret = ckpt.restore_ps_state(state, self.code)
             if secret is not None and self.config.projection_secret is None:
                 self._exchange.setup.secret = secret
         return checkpoint

@@ -5,7 +5,8 @@ Usage: python lightning_job.py OUT.jsonl SCENARIO [SCENARIO ...]
 Unlike ``digits_job.py``, which forks its ranks, this job starts as users' scripts do: Lightning's
 popen launcher re-runs it for ranks 1 and 2. Every rank runs the scenarios in order (FRC, s=1,
 r=3, P=3: every rank holds every partition; the PS is rank 0), and rank 0 appends what each
-scenario recorded, with what every rank saw, to OUT.jsonl.
+scenario recorded, with what every rank saw, to OUT.jsonl. ``LIGHTNING_JOB_WORLD=4`` runs it on four
+ranks instead, for the ``reactive_*`` scenarios (reactive mode needs groups of s+1 = 2 and P >= 2s+1).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_draco  # noqa: F401  (registers the names)
 from lightning_draco import Adversary, DracoDecodeError, DracoStrategy
 
-WORLD = 3
+WORLD = int(os.environ.get("LIGHTNING_JOB_WORLD", "3"))
 STEPS = 4
 
 
@@ -259,12 +260,12 @@ class BatchNormNet(UnderDDP):
         self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
 
 
-def averaged(strategy_name: str) -> dict:
+def averaged(strategy_name: str, **options) -> dict:
     """Lightning's StochasticWeightAveraging, whose last epoch recomputes BatchNorm statistics without a backward."""
     if strategy_name == "ddp":
         strategy = plain_ddp()
     else:
-        strategy = draco()
+        strategy = draco(**options)
     model = BatchNormNet()
     trainer = L.Trainer(
         accelerator="cpu", devices=WORLD, strategy=strategy, max_epochs=3, limit_train_batches=2, logger=False,
@@ -274,7 +275,8 @@ def averaged(strategy_name: str) -> dict:
     out: dict = {}
     fit(out, trainer, model, data())
     out.update(global_step=trainer.global_step, params=[p.detach().double().flatten().tolist() for p in model.parameters()],
-               steps_decoded=getattr(trainer.strategy, "ledger", None) and trainer.strategy.ledger.steps)
+               steps_decoded=getattr(trainer.strategy, "ledger", None) and trainer.strategy.ledger.steps,
+               faulty_counts={str(k): v for k, v in getattr(trainer.strategy, "faulty_counts", {}).items()})
     return out
 
 
@@ -559,7 +561,85 @@ def persistent_workers_after_fit() -> dict:
     return out
 
 
+class AugmentedBeforeTransfer(Net):
+    """Random augmentation in ``on_before_batch_transfer``, written for a plain ``(x, y)`` batch, each rank
+    with an augmentation stream of its own (as DDP users seed it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.before_transfer: list = []
+
+    def on_train_epoch_start(self):
+        torch.manual_seed(100 + self.global_rank)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        if self.trainer.training:
+            self.before_transfer.append([type(batch).__name__, list(x.shape)])
+        return x + 0.1 * torch.randn_like(x), y
+
+
+def augmented_before_transfer(liar: bool, code: str = "frc") -> dict:
+    adversary = Adversary(ranks=[2], attack="reverse") if liar else None
+    model = AugmentedBeforeTransfer()
+    out: dict = {}
+    trainer = trainer_for(draco(code=code, adversary=adversary))
+    fit(out, trainer, model, data())
+    out.update(global_step=trainer.global_step, sha=param_digest(model), before_transfer=model.before_transfer,
+               params=[p.detach().double().flatten().tolist() for p in model.parameters()],
+               faulty_counts={str(k): v for k, v in trainer.strategy.faulty_counts.items()})
+    return out
+
+
+class HalvedAfterBackward(L.Callback):
+    """Records the gradient's norm after the backward, then halves the gradient (a user's own clipping there)."""
+
+    def __init__(self):
+        self.norms: list = []
+
+    def on_after_backward(self, trainer, pl_module):
+        grads = [p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(float(torch.cat(grads).norm()))
+        for grad in grads:
+            grad.mul_(0.5)
+
+
+def reactive(liar: bool, precision: str = "32-true", module: type = Net, callbacks=()) -> dict:
+    """Reactive mode (four ranks: groups {0, 1} and {2, 3}); a liar on rank 2 makes every step recompute its
+    group on a helper, from the batches loaded again by index."""
+    adversary = Adversary(ranks=[2], attack="reverse") if liar else None
+    model = module()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=draco(redundancy_mode="reactive", adversary=adversary),
+        max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, precision=precision, callbacks=list(callbacks),
+    )
+    out: dict = {}
+    fit(out, trainer, model, data())
+    out.update(global_step=trainer.global_step, sha=param_digest(model), escalations=trainer.strategy.escalations,
+               faulty_counts={str(k): v for k, v in trainer.strategy.faulty_counts.items()})
+    return out
+
+
+def reactive_after_backward(liar: bool) -> dict:
+    callback = HalvedAfterBackward()
+    return {**reactive(liar, callbacks=[callback]), "norms": callback.norms}
+
+
 SCENARIOS = {
+    "before_transfer_clean": lambda: augmented_before_transfer(False),
+    "before_transfer_liar": lambda: augmented_before_transfer(True),
+    "before_transfer_crc_clean": lambda: augmented_before_transfer(False, "crc"),
+    "before_transfer_crc_liar": lambda: augmented_before_transfer(True, "crc"),
+    "reactive_64_clean": lambda: reactive(False, "64-true"),
+    "reactive_64_liar": lambda: reactive(True, "64-true"),
+    "reactive_before_transfer_clean": lambda: reactive(False, module=AugmentedBeforeTransfer),
+    "reactive_before_transfer_liar": lambda: reactive(True, module=AugmentedBeforeTransfer),
+    "reactive_after_backward_clean": lambda: reactive_after_backward(False),
+    "reactive_after_backward_liar": lambda: reactive_after_backward(True),
+    "reactive_averaged_ddp": lambda: averaged("ddp"),
+    "reactive_averaged_liar": lambda: averaged("draco", redundancy_mode="reactive",
+                                               adversary=Adversary(ranks=[2], attack="reverse")),
     "float16_ddp": lambda: float16_scaled("ddp"),
     "float16_frc": lambda: float16_scaled("frc"),
     "float16_crc": lambda: float16_scaled("crc"),

@@ -1,7 +1,8 @@
 """Three ranks over gloo (FRC, s=1, r=3, PS on rank 0): DracoStrategy inside a Lightning run.
 
 All scenarios run in one job (``lightning_job.py``), started once for the module; every
-failure here is agreed by all ranks, so the job goes on to the next scenario.
+failure here is agreed by all ranks, so the job goes on to the next scenario. Reactive mode's
+scenarios run in a second job on four ranks (``REACTIVE_SCENARIOS``).
 """
 
 import json
@@ -20,12 +21,24 @@ SCENARIOS = ["logged_draco", "logged_ddp", "stages", "ps_outvoted_raise", "ps_ou
              "branch_liar", "averaged_ddp", "averaged_draco", "reentrant_rank_1", "closure_before_step",
              "two_training_loaders", "resumed_inside_a_step", "float16_ddp", "float16_frc", "float16_crc",
              "accumulated_clean", "accumulated_poisoning", "unfrozen_later", "re_evaluating_optimizer",
-             "asynchronous_checkpoints", "persistent_workers_after_fit", "reloaded_inconsistent"]
+             "asynchronous_checkpoints", "persistent_workers_after_fit", "reloaded_inconsistent",
+             "before_transfer_clean", "before_transfer_liar", "before_transfer_crc_clean", "before_transfer_crc_liar"]
+#: Run on four ranks (reactive mode needs groups of s+1 = 2 ranks and a helper outside each).
+REACTIVE_SCENARIOS = ["reactive_64_clean", "reactive_64_liar", "reactive_before_transfer_clean",
+                      "reactive_before_transfer_liar", "reactive_after_backward_clean", "reactive_after_backward_liar",
+                      "reactive_averaged_ddp", "reactive_averaged_liar"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     return run_job("lightning_job.py", tmp_path_factory.mktemp("lightning"), SCENARIOS)
+
+
+@pytest.fixture(scope="module")
+def reactive_runs(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LIGHTNING_JOB_WORLD", "4")
+        return run_job("lightning_job.py", tmp_path_factory.mktemp("lightning_reactive"), REACTIVE_SCENARIOS)
 
 
 def test_faulty_counts_survive_validate_test_and_predict_on_the_same_trainer(runs):
@@ -270,3 +283,58 @@ def test_a_reloaded_loader_is_checked_for_consistency_before_its_first_step(runs
     for seen in run["ranks"]:
         assert seen["error"]["type"] == "InconsistentDataError"
         assert "partition 0 (ranks [0, 2] loaded one batch, rank [1] loaded another)" in seen["error"]["message"]
+
+
+# -- the batch hooks Lightning runs before batch_to_device ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", ["frc", "crc"])
+def test_on_before_batch_transfer_augments_each_partitions_plain_batch_alike_on_every_holder(runs, code):
+    """The hook unpacks ``x, y = batch`` and adds noise, each rank seeding its own stream. Run once on the
+    PartitionBatch it failed to unpack it; run per partition under the rank's own stream, holders of a
+    partition trained on different data and the vote failed."""
+    suffix = "" if code == "frc" else "_crc"
+    clean, liar = runs[f"before_transfer{suffix}_clean"], runs[f"before_transfer{suffix}_liar"]
+    for run in (clean, liar):
+        assert all(seen["error"] is None for seen in run["ranks"]) and run["global_step"] == 4
+        assert run["before_transfer"] == [["list", [8, 4]]] * 12, "once per partition and step, a plain batch"
+    assert clean["faulty_counts"] == {} and liar["faulty_counts"] == {"2": 4}
+    if code == "frc":
+        assert liar["sha"] == clean["sha"]
+    else:
+        assert _largest_difference(liar, clean) < 1e-6
+
+
+@pytest.mark.parametrize("case", ["64", "before_transfer"])
+def test_reactive_recomputation_loads_batches_as_the_training_loop_does(reactive_runs, case):
+    """A helper recomputes a group from its batches loaded by index. They must go through what Lightning
+    does to a loaded batch before batch_to_device: precision="64-true"'s conversion to float64, the
+    module's on_before_batch_transfer. Without them every fit was refused at its first step, blaming
+    randomness in loader workers."""
+    clean, liar = reactive_runs[f"reactive_{case}_clean"], reactive_runs[f"reactive_{case}_liar"]
+    for run in (clean, liar):
+        assert all(seen["error"] is None for seen in run["ranks"]) and run["global_step"] == 4
+    assert clean["escalations"] == 0 and liar["escalations"] == 4
+    assert clean["faulty_counts"] == {} and liar["faulty_counts"] == {"2": 4}
+    assert liar["sha"] == clean["sha"]
+
+
+def test_on_after_backward_sees_and_changes_the_decoded_gradient_in_reactive_mode(reactive_runs):
+    """A callback reads the gradient's norm in on_after_backward and halves it. With a liar every step is
+    escalated; the recomputed group's gradient used to be settled after the hook, which saw a provisional
+    gradient (more than twice the clean norm here) and whose change was overwritten: the model was not the clean run's."""
+    clean, liar = reactive_runs["reactive_after_backward_clean"], reactive_runs["reactive_after_backward_liar"]
+    assert all(seen["error"] is None for seen in clean["ranks"] + liar["ranks"])
+    assert liar["escalations"] == 4 and liar["faulty_counts"] == {"2": 4}
+    assert liar["norms"] == clean["norms"] and len(clean["norms"]) == 4
+    assert liar["sha"] == clean["sha"]
+
+
+def test_stochastic_weight_averaging_runs_its_epoch_without_backward_in_reactive_mode(reactive_runs):
+    """The callback's last epoch raises accumulate_grad_batches to run forwards only; reactive mode, which
+    refuses accumulation, refused that epoch after the whole fit had trained."""
+    ddp, liar = reactive_runs["reactive_averaged_ddp"], reactive_runs["reactive_averaged_liar"]
+    assert all(seen["error"] is None for seen in ddp["ranks"] + liar["ranks"])
+    assert liar["global_step"] == ddp["global_step"] == 7
+    assert liar["steps_decoded"] == 6 and liar["faulty_counts"] == {"2": 6}
+    assert _largest_difference(liar, ddp) < 1e-6
