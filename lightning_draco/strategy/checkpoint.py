@@ -129,9 +129,9 @@ def _start_the_next_epoch(fit: dict[str, Any]) -> None:
     ahead of it.
     """
     progress, epochs = fit.get("epoch_loop.batch_progress"), fit.get("epoch_progress")
-    if progress is None or epochs is None:
-        return
     kinds = ("total", "current")
+    if progress is None or epochs is None or any(kind not in epochs for kind in kinds):
+        return
     # At the epoch's end: processed, not yet completed (a checkpoint inside the last batch has processed
     # lagging, and Lightning resumes it right).
     at_the_end = all(epochs[k]["processed"] == epochs[k]["completed"] + 1 for k in kinds)
