@@ -27,7 +27,7 @@ class Adversary:
         ranks: the lying ranks, fixed for the whole run, or ``"random"``: a fresh set of
             ``count`` ranks every step, drawn reproducibly from ``seed`` and the step.
         attack: the name of a built-in attack (``reverse``, ``constant``, ``gaussian``,
-            ``sign_flip``, ``bit_flip``, ``nan``, ``inf``, ``collude``, the omniscient
+            ``sign_flip``, ``bit_flip``, ``nan``, ``inf``, ``sparse``, ``collude``, the omniscient
             ``alie``, ``ipm``, ``optimal_alie``, ``optimal_ipm`` and ``mimic``, and
             ``label_flip``, which poisons the liar's batch instead) or a callable
             ``attack(honest, **context) -> Tensor`` (see ``lightning_draco.attacks``).

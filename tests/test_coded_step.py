@@ -52,6 +52,28 @@ def test_the_gradient_that_leaves_is_the_weighted_sum_of_the_partition_gradients
     torch.testing.assert_close(sent, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("p", [10, 15])
+def test_a_float16_coded_gradient_near_the_top_of_the_range_does_not_overflow_on_the_way(p):
+    """Horner's rule rescales the running sum by ``w_before / w_next``: in the partitions' own order those reach 2.9
+    (P = 10) and 1.96 (P = 15), and a float16 gradient with entries of 3e4 (of 65504) overflowed on one rank
+    alone, honest, whose row the cyclic code then took for a lie. In increasing |w| no rescaling exceeds 1."""
+    code = CyclicRepetitionCode(p, 1)
+    for rank in range(p):
+        step = CodedStep(code, rank, seed=3, device=torch.device("cpu"))
+        weight = torch.nn.Parameter(torch.zeros(8, dtype=torch.float16))
+        batch = PartitionBatch(batches=list(range(len(step.weights))), partitions=code.partitions(rank), epoch=0,
+                               index=0)
+        # Partition j's gradient: 3e4 / (1 + j) in every entry, the largest a finite row still holds here.
+        forward = lambda j: (weight * (3e4 / (1 + j))).sum()  # noqa: E731
+        loss = step.weighted_step(batch, forward, [weight], no_sync=contextlib.nullcontext)
+        step.add_side_gradients()
+        loss.backward()
+        assert bool(torch.isfinite(weight.grad).all()), f"rank {rank}: the coded gradient overflowed on the way"
+        sent = (weight.grad.float() * step.scale)
+        expected = sum(w * 3e4 / (1 + j) for j, w in enumerate(step.weights))
+        torch.testing.assert_close(sent, torch.full_like(sent, expected), rtol=5e-3, atol=0.0)
+
+
 def test_a_partition_that_returns_no_loss_is_named():
     step = CodedStep(FractionalRepetitionCode(3, 1), 0, seed=0, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"returned None for partition 1"):

@@ -56,7 +56,8 @@ def search_factor(objective: Callable[[float], float], high: float, grid: int, r
     lo, hi = points[max(best - 1, 0)], points[min(best + 1, len(points) - 1)]
     ratio = (math.sqrt(5) - 1) / 2
     a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = (objective(a), objective(b)) if refine >= 2 else (-math.inf, -math.inf)
+    fa = objective(a) if refine >= 1 else -math.inf
+    fb = objective(b) if refine >= 2 else -math.inf
     for _ in range(max(refine - 2, 0)):
         if fa >= fb:
             hi, b, fb = b, a, fa
@@ -90,8 +91,10 @@ def optimal_alie(
        mu + z sigma) - defence(honest vectors)|| (``search_factor``: a grid, then golden section).
     3. Send mu + z* sigma.
 
-    ALIE's fixed z (Baruch et al., 2019) is tuned to pass median-style filters; the searched one
-    is the largest move the PS's actual rule lets through.
+    Baruch et al. (2019) set z from the world alone (``alie_z``: the largest z that a majority
+    filter is expected to let through); the searched one is the largest move the PS's actual
+    rule lets through. The reference is the defence's result on the honest vectors (ByzFL's
+    Optimal ALIE measures from their mean instead; on an exact DRACO decode the two coincide).
     """
     x = honest_vectors.float() if honest_vectors.dtype in (torch.float16, torch.bfloat16) else honest_vectors
     mu, sigma = x.mean(dim=0), x.std(dim=0, unbiased=False)

@@ -1,4 +1,4 @@
-"""Colluding adversaries: every Byzantine worker sends the same plausible wrong vector."""
+"""Colluding adversaries: liars that hold the same vector (one repetition group) send the same plausible wrong one."""
 
 from __future__ import annotations
 

@@ -10,7 +10,11 @@ from lightning_draco.attacks import Rule, at_least, register_data_attack
 
 
 # None: the app fills in the data set's number of classes before the run.
-@register_data_attack("label_flip", num_classes=Rule(lambda v: v is None or at_least(2).holds(v), "an integer >= 2"))
+@register_data_attack(
+    "label_flip",
+    num_classes=Rule(lambda v: v is None or at_least(2).holds(v), "an integer >= 2"),
+    label_index=Rule(lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+)
 def label_flip(batch: Any, *, num_classes: int = 10, label_index: int = -1) -> Any:
     """Label flipping: every label y of the liar's batch becomes num_classes - 1 - y.
 

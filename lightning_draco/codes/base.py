@@ -209,7 +209,11 @@ class Code(ABC):
         grads = gradients.to(dtype)
         rows = []
         for worker in range(self.num_workers):
-            held = [(w, j) for w, j in zip(self.coefficients(worker), self.partitions(worker)) if w != 0.0]
+            # The coded step's order (``horner_order``): increasing |w|, so no rescaling scales the sum up.
+            held = sorted(
+                ((w, j) for w, j in zip(self.coefficients(worker), self.partitions(worker)) if w != 0.0),
+                key=lambda pair: abs(pair[0]),
+            )
             row = grads[held[0][1]].clone()
             for (before, _), (weight, partition) in zip(held, held[1:]):
                 row.mul_(before / weight).add_(grads[partition])

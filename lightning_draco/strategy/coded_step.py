@@ -282,7 +282,9 @@ class CodedStep:
         A weight inside the backward (``sum_j W[i, j] loss_j``) would scale the upstream gradient
         inside reduced-precision kernels (bf16 autocast, TF32), so each holder's copy of ``g_j`` would
         round differently. Instead each partition gets its own unweighted backward, and the weights
-        are applied afterwards, in the parameters' dtype (Horner's rule, dividing by ``w_last``):
+        are applied afterwards, in the parameters' dtype (Horner's rule, dividing by ``w_last``), the
+        partitions taken in increasing ``|w|`` (the repetition code's equal weights: in their order), so
+        that no step scales the running sum up (a float16 row would overflow on one rank alone, honest):
 
         1. Partitions ``0 .. k-1`` (non-zero weights only) run forward under ``no_sync`` and backward
            with ``torch.autograd.grad`` into a side buffer ``S``: before adding ``g_k``, ``S`` is
@@ -297,10 +299,10 @@ class CodedStep:
         The partitions' graphs live one at a time, not all at once.
         """
         self._begin()
-        held = [(index, weight) for index, weight in enumerate(self.weights) if weight != 0.0]
+        held = horner_order([(index, weight) for index, weight in enumerate(self.weights) if weight != 0.0])
         last_weight = held[-1][1]
         side: Optional[list[Optional[Tensor]]] = None
-        losses = []
+        losses: dict[int, Tensor] = {}
         previous = last_weight
         first: Any = None
         loss: Optional[Tensor] = None
@@ -316,14 +318,20 @@ class CodedStep:
                 inner = loss / accumulate if accumulate > 1 else loss
                 grads = torch.autograd.grad(scale_loss(inner), params, allow_unused=True)
                 side = _writable(list(grads) if side is None else [_add(s, g) for s, g in zip(side, grads)])
-            first = output if position == 0 else first
-            losses.append(loss.detach())
+            first = output if index == min(i for i, _ in held) else first
+            losses[index] = loss.detach()
         self._side = None if side is None else (params, side)
         self.scale = last_weight
         self.graph_checked = True
-        mean = torch.stack(losses).mean()
+        mean = torch.stack([losses[i] for i in sorted(losses)]).mean()
         # The rest of the output is the first partition's (the batch hooks' batch), as in ``summed_step``.
         return with_loss(first, loss + (mean - loss).detach())
+
+
+def horner_order(held: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The order a coded row's ``(partition, weight)`` pairs are summed in by Horner's rule: increasing ``|weight|``
+    (ties in their given order), so each rescaling of the running sum, ``w_before / w_next``, is at most 1 in size."""
+    return sorted(held, key=lambda pair: abs(pair[1]))
 
 
 def uses_reentrant_checkpoint(loss: Tensor) -> bool:
