@@ -76,7 +76,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def no_process_group_left():
     """For tests that fit on one rank in the test's own process: Lightning leaves the process group it made, and
-    a later test in the same worker would find one (and take it for a launch that did not end)."""
+    the launcher's variables (MASTER_PORT, LOCAL_RANK, ...) in the environment; a later test in the same worker
+    would find them (and take them for a launch that did not end, or hand them to the processes it starts)."""
+    environment = dict(os.environ)
     yield
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)

@@ -23,8 +23,15 @@ BASE = ["trainer.enable_progress_bar=false", f"trainer.max_epochs={EPOCHS}", "ch
         "loggers=[csv]"]
 
 
+#: What a launcher sets in the processes it runs. A single-rank fit run inside this pytest worker by an earlier test
+#: leaves them in its environment; a launch that inherited LOCAL_RANK would take its ranks for started elsewhere.
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE", "GROUP_RANK",
+                      "LOCAL_WORLD_SIZE")
+
+
 def app_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
+    inherited = {key: value for key, value in os.environ.items() if key not in LAUNCHER_VARIABLES}
+    return {**inherited, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **extra}
 
 
 def run_app(args: list[str], cwd: Path, timeout: float = 300, prefix: Optional[list[str]] = None, **env: str):
