@@ -21,6 +21,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -242,29 +243,32 @@ def run(name: str, scenario: Scenario) -> dict:
     return out
 
 
-def run_scenarios(path: str, names: list[str], rank: int) -> None:
+def run_scenarios(path: str, names: list[str], rank: int, scenarios: dict, run_one: Callable[[str, Any], dict]) -> None:
     for name in names:
         if rank == 0:
             print(f"scenario {name}", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        result = run(name, SCENARIOS[name])
+        result = run_one(name, scenarios[name])
         result["seconds"] = round(time.perf_counter() - started, 3)
         if rank == 0:
             with open(path, "a") as f:
                 f.write(json.dumps(result) + "\n")
 
 
-def main() -> None:
+def main(scenarios: Optional[dict] = None, run_one: Optional[Callable[[str, Any], dict]] = None) -> None:
+    """Fork the ranks of one world and run the scenarios named on the command line (by default this job's own;
+    ``state_job.py`` passes its scenarios and its ``run``)."""
+    scenarios, run_one = scenarios or SCENARIOS, run_one or run
     warnings.filterwarnings("ignore")
     path, names = sys.argv[1], sys.argv[2:]
-    worlds = {SCENARIOS[name].world for name in names}
+    worlds = {scenarios[name].world for name in names}
     if len(worlds) != 1:
         raise SystemExit(f"one job runs on one world size; these scenarios ask for {sorted(worlds)}")
     rank, children = fork_ranks(worlds.pop())
     # What Lightning's popen launcher sets: every fit then finds its processes started.
     os.environ.update(NODE_RANK="0", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    run_ranks(rank, children, lambda: run_scenarios(path, names, rank))
+    run_ranks(rank, children, lambda: run_scenarios(path, names, rank, scenarios, run_one))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,10 @@ of the ranks per job, as there):
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
-import time
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,33 +29,24 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from digits_job import classifier, digits, param_digest, strategy_for  # noqa: E402
-from forked_ranks import fork_ranks, run_ranks  # noqa: E402
+from digits_job import classifier, digits, main, param_digest, strategy_for  # noqa: E402
+from scenarios import RESUMED, Scenario  # noqa: E402
 
 from lightning_draco import DracoDecodeError, NonFiniteGradientError  # noqa: E402
 
 
 @dataclass(frozen=True)
-class StateScenario:
-    """What one fit (or one uninterrupted fit, one stopped and one resumed) needs; read by ``digits_job``'s
-    ``classifier`` and ``strategy_for`` (``module``, ``dropout``, ``strategy``, ``liars``, ``by_name``)."""
+class StateScenario(Scenario):
+    """A digits-job scenario (read by ``digits_job``'s ``classifier`` and ``strategy_for``) with what this job adds:
+    the stopped fit's length, its checkpoints, and the GradScaler's first scale."""
 
-    steps: int = 20
+    steps: int = RESUMED
     #: resume: the interrupted fit's steps (16 batches make an epoch on six ranks)
-    stop: int = 10
+    stop: int = RESUMED // 2
     #: resume: "steps" (a checkpoint after every step) or "epochs" (one at each epoch's end)
     checkpoint: str = "steps"
-    resume: bool = False
-    world: int = 6
-    strategy: dict[str, Any] = field(default_factory=dict)
-    liars: Optional[dict[str, Any]] = None
-    by_name: Optional[str] = None
-    module: str = "plain"
-    dropout: float = 0.2
-    precision: str = "32-true"
     #: precision "16-mixed": the GradScaler's first scale (2**19 overflows this classifier's first steps)
     init_scale: float = 2.0**16
-    accumulate: int = 1
 
 
 def lie_from_step_12(honest, *, step):
@@ -172,29 +160,5 @@ def run(name: str, scenario: StateScenario) -> dict:
     return {"name": name, "uninterrupted": uninterrupted, "stopped": stopped, "resumed": resumed}
 
 
-def run_scenarios(path: str, names: list[str], rank: int) -> None:
-    for name in names:
-        if rank == 0:
-            print(f"scenario {name}", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        result = run(name, SCENARIOS[name])
-        result["seconds"] = round(time.perf_counter() - started, 3)
-        if rank == 0:
-            with open(path, "a") as f:
-                f.write(json.dumps(result) + "\n")
-
-
-def main() -> None:
-    warnings.filterwarnings("ignore")
-    path, names = sys.argv[1], sys.argv[2:]
-    worlds = {SCENARIOS[name].world for name in names}
-    if len(worlds) != 1:
-        raise SystemExit(f"one job runs on one world size; these scenarios ask for {sorted(worlds)}")
-    rank, children = fork_ranks(worlds.pop())
-    os.environ.update(NODE_RANK="0", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    run_ranks(rank, children, lambda: run_scenarios(path, names, rank))
-
-
 if __name__ == "__main__":
-    main()
+    main(SCENARIOS, run)
