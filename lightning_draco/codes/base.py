@@ -23,7 +23,10 @@ from typing import Callable, ClassVar, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["Code", "DecodeResult", "DracoDecodeError", "NonFiniteGradientError", "accumulation_dtype", "each_block"]
+__all__ = [
+    "Code", "DecodeResult", "DracoDecodeError", "NonFiniteGradientError", "accumulation_dtype", "each_block",
+    "horner_order",
+]
 
 
 class DracoDecodeError(RuntimeError):
@@ -119,6 +122,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def horner_order(held: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The order a coded row's ``(partition, weight)`` pairs are summed in by Horner's rule (the coded step's, and
+    ``Code.encode``'s): increasing ``|weight|``, ties in their given order (the repetition code's equal weights keep
+    theirs), so each rescaling of the running sum, ``w_before / w_next``, is at most 1 in size: none scales the sum up
+    (in float16, rescalings up to 2.9 overflowed rows whose partition gradients fit the dtype)."""
+    return sorted(held, key=lambda pair: abs(pair[1]))
+
+
 class Code(ABC):
     """A gradient code for ``num_workers`` workers tolerating ``num_adversaries`` Byzantine ones.
 
@@ -209,15 +220,13 @@ class Code(ABC):
         grads = gradients.to(dtype)
         rows = []
         for worker in range(self.num_workers):
-            # The coded step's order (``horner_order``): increasing |w|, so no rescaling scales the sum up.
-            held = sorted(
-                ((w, j) for w, j in zip(self.coefficients(worker), self.partitions(worker)) if w != 0.0),
-                key=lambda pair: abs(pair[0]),
+            held = horner_order(
+                [(j, w) for w, j in zip(self.coefficients(worker), self.partitions(worker)) if w != 0.0]
             )
-            row = grads[held[0][1]].clone()
-            for (before, _), (weight, partition) in zip(held, held[1:]):
+            row = grads[held[0][0]].clone()
+            for (_, before), (partition, weight) in zip(held, held[1:]):
                 row.mul_(before / weight).add_(grads[partition])
-            rows.append(row.mul_(held[-1][0]) if held[-1][0] != 1.0 else row)
+            rows.append(row.mul_(held[-1][1]) if held[-1][1] != 1.0 else row)
         return torch.stack(rows)
 
     def parts(self, received: Tensor, *, generator: Optional[torch.Generator] = None) -> tuple[Tensor, list[int]]:

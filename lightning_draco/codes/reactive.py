@@ -235,26 +235,25 @@ class ReactiveRepetitionCode(FractionalRepetitionCode):
         nonfinite = [m for m in suspects if not bool(torch.isfinite(copies[m]).all())]
         if len(nonfinite) < need:
             return None
-        bits = copies.view(bits_dtype(copies))
-        classes: list[list[int]] = []
-        for m in range(copies.shape[0]):
-            same = next((members for members in classes if same_bytes(bits[m], bits[members[0]])), None)
-            if same is None:
-                classes.append([m])
-            else:
-                same.append(m)
-        if any(len(members) >= need for members in classes):
+        # Of 2s+1 copies at most one class of s+1 can be bitwise equal: the one-shot code's bitwise vote finds it.
+        if self._voter(1)._vote(copies) is not None:
             return None
         return copies[nonfinite[0]].to(accumulation_dtype(copies.dtype))
+
+    def _voter(self, groups: int) -> FractionalRepetitionCode:
+        """The one-shot code that votes ``groups`` escalated groups together, each over its ``2s+1`` copies."""
+        voter = self._voters.get(groups)
+        if voter is None:
+            width = 2 * self.num_adversaries + 1
+            voter = self._voters[groups] = FractionalRepetitionCode(
+                groups * width, self.num_adversaries, width, **self._voter_options)
+        return voter
 
     def _vote_together(self, copies: list[Tensor], holders: list[list[int]]) -> tuple[list[Tensor], list[int]]:
         """``vote_groups`` of groups that the vote settles: the one-shot code's vote over them together."""
         s = self.num_adversaries
         width = 2 * s + 1
-        voter = self._voters.get(len(copies))
-        if voter is None:
-            voter = self._voters[len(copies)] = FractionalRepetitionCode(
-                len(copies) * width, s, width, **self._voter_options)
+        voter = self._voter(len(copies))
         voter.measured_floor = None
         try:
             values, faulty = voter.parts(torch.cat(copies))

@@ -13,6 +13,7 @@ from torch.utils.checkpoint import CheckpointFunction
 
 from lightning_draco._seeding import seeded_rng
 from lightning_draco.codes import Code
+from lightning_draco.codes.base import horner_order
 from lightning_draco.data import PartitionBatch, partition_seed
 
 __all__ = ["CodedStep", "UnsupportedStepError", "encoded", "uses_reentrant_checkpoint"]
@@ -301,6 +302,7 @@ class CodedStep:
         self._begin()
         held = horner_order([(index, weight) for index, weight in enumerate(self.weights) if weight != 0.0])
         last_weight = held[-1][1]
+        lowest = min(index for index, _ in held)  # the rank's first partition: its output is the step's
         side: Optional[list[Optional[Tensor]]] = None
         losses: dict[int, Tensor] = {}
         previous = last_weight
@@ -318,7 +320,7 @@ class CodedStep:
                 inner = loss / accumulate if accumulate > 1 else loss
                 grads = torch.autograd.grad(scale_loss(inner), params, allow_unused=True)
                 side = _writable(list(grads) if side is None else [_add(s, g) for s, g in zip(side, grads)])
-            first = output if index == min(i for i, _ in held) else first
+            first = output if index == lowest else first
             losses[index] = loss.detach()
         self._side = None if side is None else (params, side)
         self.scale = last_weight
@@ -326,12 +328,6 @@ class CodedStep:
         mean = torch.stack([losses[i] for i in sorted(losses)]).mean()
         # The rest of the output is the first partition's (the batch hooks' batch), as in ``summed_step``.
         return with_loss(first, loss + (mean - loss).detach())
-
-
-def horner_order(held: list[tuple[int, float]]) -> list[tuple[int, float]]:
-    """The order a coded row's ``(partition, weight)`` pairs are summed in by Horner's rule: increasing ``|weight|``
-    (ties in their given order), so each rescaling of the running sum, ``w_before / w_next``, is at most 1 in size."""
-    return sorted(held, key=lambda pair: abs(pair[1]))
 
 
 def uses_reentrant_checkpoint(loss: Tensor) -> bool:
